@@ -7,3 +7,6 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod codec;
+pub mod container;
+pub mod model;
+pub mod cli;

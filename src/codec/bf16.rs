@@ -78,14 +78,16 @@ pub fn entropy_bits(histogram: &[u64; 256]) -> f64 {
         return 0.0;
     }
     let total = total as f64;
-    histogram
+    let h: f64 = histogram
         .iter()
         .filter(|&&c| c > 0)
         .map(|&c| {
             let p = c as f64 / total;
             -p * p.log2()
         })
-        .sum()
+        .sum();
+    // A single-symbol histogram sums to -0.0; report it as 0.
+    h.max(0.0)
 }
 
 /// The lossless size floor for `n` BF16 values whose exponents carry `exponent_entropy` bits:

