@@ -51,8 +51,23 @@ pub fn enc_symbols(table: &FreqTable) -> [EncSymbol; 256] {
     out
 }
 
+/// Encodes one symbol into a lane state: writes the state's low word to `buf[*wp]` and advances
+/// `*wp` when renormalisation is due (the write is unconditional, only the advance is not).
+#[inline(always)]
+pub(crate) fn encode_one(x: u32, sym: &EncSymbol, prob_bits: u32, buf: &mut [u16], wp: &mut usize) -> u32 {
+    debug_assert!(sym.freq > 0, "exponent missing from the table");
+    let emit = x as u64 >= sym.x_max;
+    buf[*wp] = x as u16;
+    *wp += emit as usize;
+    let x = if emit { x >> 16 } else { x };
+    let q = ((x as u128 * sym.rcp as u128) >> sym.rcp_shift) as u32;
+    (q << prob_bits) + (x - q * sym.freq) + sym.cum
+}
+
 /// Encodes the exponents of one chunk. Returns the lanes' final states (the decoder's initial
 /// states) and appends the chunk's words, in decoding order, to `words`.
+///
+/// This is the reference encoder; [`ChunkEncoder`] is the fast path and must match it exactly.
 pub fn encode_chunk(exponents: &[u8], syms: &[EncSymbol; 256], prob_bits: u32, words: &mut Vec<u16>) -> [u32; LANES] {
     let mut states = [STATE_LOW; LANES];
     let n = exponents.len();
@@ -66,15 +81,8 @@ pub fn encode_chunk(exponents: &[u8], syms: &[EncSymbol; 256], prob_bits: u32, w
         let base = step * LANES;
         let width = (n - base).min(LANES);
         for lane in (0..width).rev() {
-            let sym = syms[exponents[base + lane] as usize];
-            debug_assert!(sym.freq > 0, "exponent missing from the table");
-            let mut x = states[lane];
-            let emit = x as u64 >= sym.x_max;
-            buf[wp] = x as u16;
-            wp += emit as usize;
-            x = if emit { x >> 16 } else { x };
-            let q = ((x as u128 * sym.rcp as u128) >> sym.rcp_shift) as u32;
-            states[lane] = (q << prob_bits) + (x - q * sym.freq) + sym.cum;
+            let sym = &syms[exponents[base + lane] as usize];
+            states[lane] = encode_one(states[lane], sym, prob_bits, buf, &mut wp);
         }
     }
     buf[..wp].reverse();
@@ -82,16 +90,85 @@ pub fn encode_chunk(exponents: &[u8], syms: &[EncSymbol; 256], prob_bits: u32, w
     states
 }
 
-/// A decoding table: per slot the symbol, and `freq << 16 | (slot - cum)` for the state update.
+/// The encoder of one code table for whole chunks of BF16 data: splits each element into its
+/// sign+mantissa byte and exponent and codes the exponents, in one pass, with the AVX-512 kernel
+/// when the CPU has it and a scalar loop otherwise. Both give exactly [`encode_chunk`]'s output.
+#[derive(Clone, Debug)]
+pub struct ChunkEncoder {
+    prob_bits: u32,
+    syms: [EncSymbol; 256],
+    packed: Box<[u32; 512]>,
+    simd: bool,
+}
+
+impl ChunkEncoder {
+    /// The encoder of a table, using SIMD when this CPU supports it.
+    pub fn new(table: &FreqTable) -> Self {
+        Self {
+            prob_bits: table.prob_bits(),
+            syms: enc_symbols(table),
+            packed: super::simd::pack_encode_table(|s| table.freq(s), |s| table.cum(s)),
+            simd: super::simd::available(),
+        }
+    }
+
+    /// The same encoder restricted to the portable scalar loop.
+    pub fn without_simd(mut self) -> Self {
+        self.simd = false;
+        self
+    }
+
+    /// Encodes one chunk of little-endian BF16 bytes (`bf16.len() == 2 × sign_mantissa.len()`):
+    /// writes its sign+mantissa bytes to `sign_mantissa` and returns the lanes' final states and
+    /// the chunk's words in decoding order, which live in `scratch` (reused between chunks, so
+    /// a thread allocates it once).
+    pub fn encode_bf16<'s>(
+        &self,
+        bf16: &[u8],
+        sign_mantissa: &mut [u8],
+        scratch: &'s mut Vec<u16>,
+    ) -> ([u32; LANES], &'s [u16]) {
+        let n = sign_mantissa.len();
+        assert_eq!(bf16.len(), 2 * n, "a chunk of {n} elements needs {} bytes", 2 * n);
+        // At most one word per symbol, plus room for the SIMD kernel's full-width stores.
+        if scratch.len() < n + 32 {
+            scratch.resize(n + 32, 0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: `simd` is only set when `simd::available()` found the kernel's features.
+            let (states, count) = unsafe {
+                super::simd::encode_chunk(bf16, &self.syms, &self.packed, self.prob_bits, sign_mantissa, scratch)
+            };
+            return (states, &scratch[..count]);
+        }
+        let mut states = [STATE_LOW; LANES];
+        let mut wp = 0usize;
+        for i in (0..n).rev() {
+            let bits = u16::from_le_bytes([bf16[2 * i], bf16[2 * i + 1]]);
+            sign_mantissa[i] = super::bf16::sign_mantissa(bits);
+            let sym = &self.syms[super::bf16::exponent(bits) as usize];
+            states[i % LANES] = encode_one(states[i % LANES], sym, self.prob_bits, scratch, &mut wp);
+        }
+        scratch[..wp].reverse();
+        (states, &scratch[..wp])
+    }
+}
+
+/// A decoding table: per slot the symbol, and `freq << 16 | (slot - cum)` for the state update;
+/// for `prob_bits <= 12` also the SIMD decoder's packed form of both.
 #[derive(Clone, Debug)]
 pub struct DecodeTable {
     prob_bits: u32,
     symbol: Vec<u8>,
     update: Vec<u32>,
+    packed: Vec<u32>,
+    simd: bool,
 }
 
 impl DecodeTable {
-    /// Builds the decoding table of a code table.
+    /// Builds the decoding table of a code table, for the SIMD decoder when this CPU supports it
+    /// and the precision fits its packed entries.
     pub fn new(table: &FreqTable) -> Self {
         let pb = table.prob_bits();
         let mut symbol = Vec::with_capacity(1 << pb);
@@ -103,7 +180,25 @@ impl DecodeTable {
                 update.push(f << 16 | (slot - c));
             }
         }
-        Self { prob_bits: pb, symbol, update }
+        let simd = super::simd::available() && pb <= super::simd::MAX_SIMD_DECODE_PROB_BITS;
+        let packed = if simd { super::simd::pack_decode_table(&symbol, &update) } else { Vec::new() };
+        Self { prob_bits: pb, symbol, update, packed, simd }
+    }
+
+    /// The same table restricted to the portable scalar decoder.
+    pub fn without_simd(mut self) -> Self {
+        self.simd = false;
+        self
+    }
+
+    /// Precision of the table, in bits.
+    pub fn prob_bits(&self) -> u32 {
+        self.prob_bits
+    }
+
+    /// The SIMD decoder's packed entries (empty when it does not apply).
+    pub(crate) fn packed(&self) -> &[u32] {
+        &self.packed
     }
 }
 
@@ -114,6 +209,8 @@ impl DecodeTable {
 /// `words` must hold the chunk's words followed by at least one padding word: renormalisation
 /// reads are unconditional (no unpredictable branch) and clamp to the padding, so corrupt data
 /// can never read past the slice.
+///
+/// This is the reference decoder; [`decode_chunk_bytes`] is the fast path.
 pub fn decode_chunk(
     states: &[u32; LANES],
     words: &[u16],
@@ -121,29 +218,107 @@ pub fn decode_chunk(
     sign_mantissa: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    debug_assert_eq!(out.len(), 2 * sign_mantissa.len());
     let n_words = words.len() - 1;
+    decode_scalar(states, |p| words[p.min(n_words)], n_words, table, sign_mantissa, out)
+}
+
+/// Bytes that must follow a chunk's words in the slice given to [`decode_chunk_bytes`].
+pub const WORD_PAD_BYTES: usize = super::simd::WORD_PAD_BYTES;
+
+/// Decodes one chunk, like [`decode_chunk`], straight from the stored little-endian word bytes:
+/// `words[..2 × n_words]` are the chunk's words, and at least [`WORD_PAD_BYTES`] more bytes of
+/// any content must follow (the next chunk's words, or zero padding after the last chunk), so
+/// that the SIMD decoder's wide loads stay inside the slice even on corrupt data. Uses the
+/// AVX-512 decoder when the table allows it, the scalar one otherwise; both give the same
+/// output on valid data and an error on data the other rejects.
+pub fn decode_chunk_bytes(
+    states: &[u32; LANES],
+    words: &[u8],
+    n_words: usize,
+    table: &DecodeTable,
+    sign_mantissa: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    if words.len() < 2 * n_words + WORD_PAD_BYTES {
+        return Err(CodecError::Invalid(format!(
+            "{} word bytes cannot hold {n_words} words and {WORD_PAD_BYTES} bytes of padding",
+            words.len()
+        )));
+    }
+    if out.len() != 2 * sign_mantissa.len() {
+        return Err(CodecError::Invalid(format!(
+            "output of {} bytes for {} elements",
+            out.len(),
+            sign_mantissa.len()
+        )));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if table.simd {
+        // SAFETY: `simd` is only set when `simd::available()` found the kernel's features (and
+        // the table has its packed form); the slice lengths were checked above.
+        return unsafe { super::simd::decode_chunk(states, words, n_words, table, sign_mantissa, out) };
+    }
+    decode_scalar(states, |p| le_word(words, p.min(n_words)), n_words, table, sign_mantissa, out)
+}
+
+/// Word `i` of little-endian word bytes.
+#[inline(always)]
+pub(crate) fn le_word(bytes: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])
+}
+
+/// The scalar decoder over any word source; `word(p)` must clamp `p` to the padding.
+fn decode_scalar(
+    states: &[u32; LANES],
+    word: impl Fn(usize) -> u16,
+    n_words: usize,
+    table: &DecodeTable,
+    sign_mantissa: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    debug_assert_eq!(out.len(), 2 * sign_mantissa.len());
     let mut x = *states;
     if let Some(bad) = x.iter().find(|&&s| s < STATE_LOW) {
         return Err(CodecError::Corrupt(format!("lane state {bad:#x} is below the normalised range")));
     }
+    let mut pos = 0usize;
+    let full = sign_mantissa.len() / LANES * LANES;
+    let (sm_full, sm_rest) = sign_mantissa.split_at(full);
+    let (out_full, out_rest) = out.split_at_mut(2 * full);
+    for (sm, o) in sm_full.chunks_exact(LANES).zip(out_full.chunks_exact_mut(2 * LANES)) {
+        decode_tail(&mut x, &mut pos, &word, table, sm, o);
+    }
+    decode_tail(&mut x, &mut pos, &word, table, sm_rest, out_rest);
+    check_end(&x, pos, n_words)
+}
+
+/// Decodes one step of up to 32 lanes (lanes `0..sign_mantissa.len()`) with scalar code.
+#[inline(always)]
+pub(crate) fn decode_tail(
+    x: &mut [u32; LANES],
+    pos: &mut usize,
+    word: impl Fn(usize) -> u16,
+    table: &DecodeTable,
+    sign_mantissa: &[u8],
+    out: &mut [u8],
+) {
     let pb = table.prob_bits;
     let mask = (1u32 << pb) - 1;
     let (sym_t, upd_t) = (&table.symbol[..], &table.update[..]);
-    let mut pos = 0usize;
-    let mut sm_steps = sign_mantissa.chunks_exact(LANES);
-    let mut out_steps = out.chunks_exact_mut(2 * LANES);
-    for (sm, o) in (&mut sm_steps).zip(&mut out_steps) {
-        let sm: &[u8; LANES] = sm.try_into().unwrap();
-        let o: &mut [u8; 2 * LANES] = o.try_into().unwrap();
-        for lane in 0..LANES {
-            x[lane] = decode_one(x[lane], &mut pos, words, n_words, sym_t, upd_t, pb, mask, sm[lane], &mut o[2 * lane..2 * lane + 2]);
-        }
+    for ((xs, &sm), o) in x.iter_mut().zip(sign_mantissa).zip(out.chunks_exact_mut(2)) {
+        let slot = (*xs & mask) as usize;
+        let e = upd_t[slot];
+        o.copy_from_slice(&super::bf16::join(sym_t[slot], sm).to_le_bytes());
+        let y = (e >> 16) * (*xs >> pb) + (e & 0xffff);
+        let need = y < STATE_LOW;
+        let w = word(*pos) as u32;
+        *pos += need as usize;
+        *xs = if need { (y << 16) | w } else { y };
     }
-    let sm = sm_steps.remainder();
-    for (lane, o) in out_steps.into_remainder().chunks_exact_mut(2).enumerate() {
-        x[lane] = decode_one(x[lane], &mut pos, words, n_words, sym_t, upd_t, pb, mask, sm[lane], o);
-    }
+}
+
+/// The end-of-chunk checks: every word consumed, every lane back at its start state.
+pub(crate) fn check_end(x: &[u32; LANES], pos: usize, n_words: usize) -> Result<(), CodecError> {
     if pos != n_words {
         return Err(CodecError::Corrupt(format!("chunk decoding wanted {pos} words but the chunk stores {n_words}")));
     }
@@ -151,35 +326,6 @@ pub fn decode_chunk(
         return Err(CodecError::Corrupt("chunk did not decode back to the initial rANS state".into()));
     }
     Ok(())
-}
-
-/// Decodes one symbol of one lane: writes its BF16 value and returns the lane's next state.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn decode_one(
-    xs: u32,
-    pos: &mut usize,
-    words: &[u16],
-    n_words: usize,
-    sym_t: &[u8],
-    upd_t: &[u32],
-    pb: u32,
-    mask: u32,
-    sm: u8,
-    out: &mut [u8],
-) -> u32 {
-    let slot = (xs & mask) as usize;
-    let e = upd_t[slot];
-    out.copy_from_slice(&super::bf16::join(sym_t[slot], sm).to_le_bytes());
-    let y = (e >> 16) * (xs >> pb) + (e & 0xffff);
-    let need = y < STATE_LOW;
-    let w = words[(*pos).min(n_words)] as u32;
-    *pos += need as usize;
-    if need {
-        (y << 16) | w
-    } else {
-        y
-    }
 }
 
 #[cfg(test)]

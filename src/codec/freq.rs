@@ -6,10 +6,12 @@
 //! (each unit of probability goes where it saves the most bits), which keeps the loss against
 //! the exponent entropy to a few thousandths of a bit per weight at 12 bits of precision.
 //!
-//! Serialised form (the `freq` part of a compressed tensor): 256 little-endian `u16`, the
-//! frequency of exponent value 0..=255. A table is valid when the frequencies sum to exactly
-//! `2^prob_bits`; [`FreqTable::from_bytes`] checks that, so a corrupted table is an error and
-//! never a decoder that reads out of bounds.
+//! Serialised form (sparse, since ~40 of 256 exponents occur): one byte `k - 1` where `k` is the
+//! number of exponents with a non-zero frequency, then those `k` exponent values in strictly
+//! ascending order, then their `k` frequencies as little-endian `u16`: `1 + 3k` bytes. A table is
+//! valid when the frequencies are non-zero and sum to exactly `2^prob_bits`;
+//! [`FreqTable::from_bytes`] checks that, so a corrupted table is an error and never a decoder
+//! that reads out of bounds.
 
 use super::CodecError;
 
@@ -105,24 +107,38 @@ impl FreqTable {
         Ok(Self { prob_bits, freq, cum })
     }
 
-    /// Parses the serialised form (256 little-endian u16).
+    /// Parses the serialised (sparse) form.
     pub fn from_bytes(bytes: &[u8], prob_bits: u32) -> Result<Self, CodecError> {
-        if bytes.len() != 512 {
-            return Err(CodecError::Corrupt(format!(
-                "exponent frequency table is {} bytes, expected 512",
-                bytes.len()
-            )));
+        let corrupt = |m: String| CodecError::Corrupt(format!("exponent code table: {m}"));
+        let k = 1 + *bytes.first().ok_or_else(|| corrupt("empty".into()))? as usize;
+        if bytes.len() != 1 + 3 * k {
+            return Err(corrupt(format!("{} bytes for {k} symbols, expected {}", bytes.len(), 1 + 3 * k)));
+        }
+        let symbols = &bytes[1..1 + k];
+        if symbols.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(corrupt("symbols are not strictly ascending".into()));
         }
         let mut freq = [0u32; 256];
-        for (f, b) in freq.iter_mut().zip(bytes.chunks_exact(2)) {
-            *f = u16::from_le_bytes([b[0], b[1]]) as u32;
+        for (&s, f) in symbols.iter().zip(bytes[1 + k..].chunks_exact(2)) {
+            let f = u16::from_le_bytes([f[0], f[1]]) as u32;
+            if f == 0 {
+                return Err(corrupt(format!("exponent {s} is listed with frequency 0")));
+            }
+            freq[s as usize] = f;
         }
         Self::from_freqs(freq, prob_bits)
     }
 
-    /// The serialised form: 256 little-endian u16 (every frequency fits, see [`MAX_PROB_BITS`]).
+    /// The serialised (sparse) form. Every frequency fits a `u16` (see [`MAX_PROB_BITS`]).
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.freq.iter().flat_map(|&f| (f as u16).to_le_bytes()).collect()
+        let present: Vec<u8> = (0..=255u8).filter(|&s| self.freq[s as usize] > 0).collect();
+        let mut out = Vec::with_capacity(1 + 3 * present.len());
+        out.push((present.len() - 1) as u8);
+        out.extend_from_slice(&present);
+        for &s in &present {
+            out.extend_from_slice(&(self.freq[s as usize] as u16).to_le_bytes());
+        }
+        out
     }
 
     /// Precision of the probabilities, in bits.
@@ -206,8 +222,14 @@ mod tests {
         let t = FreqTable::from_histogram(&h, 12).unwrap();
         let mut bytes = t.to_bytes();
         assert_eq!(FreqTable::from_bytes(&bytes, 12).unwrap(), t);
-        bytes[7] ^= 1;
-        assert!(FreqTable::from_bytes(&bytes, 12).is_err());
-        assert!(FreqTable::from_bytes(&bytes[..510], 12).is_err());
+        assert_eq!(bytes.len(), 7, "two symbols: 1 + 3 * 2 bytes");
+        let mut bad = bytes.clone();
+        bad[5] ^= 1;
+        assert!(FreqTable::from_bytes(&bad, 12).is_err(), "frequencies no longer sum to 4096");
+        let mut bad = bytes.clone();
+        bad[1] = bad[2];
+        assert!(FreqTable::from_bytes(&bad, 12).is_err(), "symbols not ascending");
+        assert!(FreqTable::from_bytes(&bytes[..6], 12).is_err());
+        assert!(FreqTable::from_bytes(&[], 12).is_err());
     }
 }

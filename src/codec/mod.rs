@@ -6,6 +6,7 @@
 pub mod ans;
 pub mod bf16;
 pub mod freq;
+pub mod simd;
 pub mod tensor;
 
 pub use tensor::{decode, decode_into, encode, EncodedTensor, EncodedView, Params, Parts};

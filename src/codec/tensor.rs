@@ -82,7 +82,7 @@ impl EncodedTensor {
 
     /// Bytes the stored parts occupy (sign+mantissa, words, offsets, states, table).
     pub fn stored_bytes(&self) -> usize {
-        self.sign_mantissa.len() + 2 * self.exp_words.len() + 4 * self.offsets.len() + 4 * self.states.len() + 512
+        self.sign_mantissa.len() + 2 * self.exp_words.len() + 4 * self.offsets.len() + 4 * self.states.len() + self.table.to_bytes().len()
     }
 }
 
@@ -98,25 +98,19 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
         return Err(CodecError::Invalid(format!("BF16 data has an odd byte length {}", bytes.len())));
     }
     let len = bytes.len() / 2;
-    let histogram = bf16::exponent_histogram(bytes);
+    let histogram = exponent_histogram(bytes);
     let table = FreqTable::from_histogram(&histogram, params.prob_bits)?;
-    let syms = ans::enc_symbols(&table);
+    let encoder = ans::ChunkEncoder::new(&table);
     let chunk_bytes = 2 * params.chunk_elems;
     let mut sign_mantissa = vec![0u8; len];
+    // One pass per chunk splits the BF16 values and codes the exponents; each worker reuses one
+    // scratch buffer and keeps only an exactly sized copy of every chunk's words.
     let pieces: Vec<(Vec<u16>, [u32; LANES])> = bytes
         .par_chunks(chunk_bytes)
         .zip(sign_mantissa.par_chunks_mut(params.chunk_elems))
-        .map(|(src, sm)| {
-            let mut exps = vec![0u8; sm.len()];
-            for ((o, e), pair) in sm.iter_mut().zip(exps.iter_mut()).zip(src.chunks_exact(2)) {
-                let bits = u16::from_le_bytes([pair[0], pair[1]]);
-                *o = bf16::sign_mantissa(bits);
-                *e = bf16::exponent(bits);
-            }
-            let mut words = Vec::with_capacity(exps.len() + 1);
-            let states = ans::encode_chunk(&exps, &syms, params.prob_bits, &mut words);
-            words.shrink_to_fit();
-            (words, states)
+        .map_init(Vec::new, |scratch, (src, sm)| {
+            let (states, words) = encoder.encode_bf16(src, sm, scratch);
+            (words.to_vec(), states)
         })
         .collect();
     let total_words: usize = pieces.iter().map(|(w, _)| w.len()).sum();
@@ -125,15 +119,23 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
             "tensor of {len} elements needs {total_words} words, more than 32-bit offsets address"
         )));
     }
-    let mut exp_words = Vec::with_capacity(total_words);
     let mut offsets = Vec::with_capacity(pieces.len() + 1);
     let mut states = Vec::with_capacity(pieces.len() * LANES);
     offsets.push(0);
-    for (words, st) in pieces {
-        exp_words.extend_from_slice(&words);
-        offsets.push(exp_words.len() as u32);
-        states.extend_from_slice(&st);
+    for (words, st) in &pieces {
+        offsets.push(offsets[offsets.len() - 1] + words.len() as u32);
+        states.extend_from_slice(st);
     }
+    // Concatenate in parallel: the stream is a third of the input, too much for one thread.
+    let mut exp_words = vec![0u16; total_words];
+    let mut dsts = Vec::with_capacity(pieces.len());
+    let mut rest = &mut exp_words[..];
+    for (words, _) in &pieces {
+        let (dst, tail) = rest.split_at_mut(words.len());
+        dsts.push(dst);
+        rest = tail;
+    }
+    dsts.into_par_iter().zip(&pieces).for_each(|(dst, (words, _))| dst.copy_from_slice(words));
     Ok(EncodedTensor { len, params, histogram, sign_mantissa, table, exp_words, offsets, states })
 }
 
@@ -246,15 +248,54 @@ pub fn decode_into(view: &EncodedView<'_>, out: &mut [u8]) -> Result<(), CodecEr
             for (l, s) in st.iter_mut().enumerate() {
                 *s = read_u32(view.states, c * LANES + l);
             }
-            // The chunk's words plus the padding word the branch-free decoder reads past the end.
-            let raw = &view.exp_words[2 * bounds[c]..2 * bounds[c + 1]];
-            let mut words: Vec<u16> = raw.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
-            words.push(0);
-            ans::decode_chunk(&st, &words, &lut, sm, dst).map_err(|e| match e {
+            // The decoder reads the stored bytes in place; it needs `WORD_PAD_BYTES` readable
+            // bytes after the chunk's words, which only the last chunks lack: they get a
+            // zero-padded copy.
+            let (start, n) = (2 * bounds[c], bounds[c + 1] - bounds[c]);
+            let padded;
+            let words = if start + 2 * n + ans::WORD_PAD_BYTES <= view.exp_words.len() {
+                &view.exp_words[start..]
+            } else {
+                let mut v = vec![0u8; 2 * n + ans::WORD_PAD_BYTES];
+                v[..2 * n].copy_from_slice(&view.exp_words[start..start + 2 * n]);
+                padded = v;
+                &padded[..]
+            };
+            ans::decode_chunk_bytes(&st, words, n, &lut, sm, dst).map_err(|e| match e {
                 CodecError::Corrupt(m) => CodecError::Corrupt(format!("chunk {c}: {m}")),
                 other => other,
             })
         })
+}
+
+/// Exponent histogram of little-endian BF16 bytes, in parallel over large inputs because it is
+/// the first full pass of every compression (the AVX-512 version extracts 32 exponents per
+/// instruction pair; the counting itself stays scalar).
+fn exponent_histogram(bytes: &[u8]) -> [u64; 256] {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::available() {
+        const PIECE: usize = 1 << 20;
+        return bytes
+            .par_chunks(PIECE)
+            .fold(
+                || [0u64; 256],
+                |mut h, piece| {
+                    // SAFETY: `simd::available()` found the kernel's features.
+                    unsafe { super::simd::histogram(piece, &mut h) };
+                    h
+                },
+            )
+            .reduce(
+                || [0u64; 256],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b.iter()) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+    }
+    bf16::exponent_histogram(bytes)
 }
 
 /// Decodes stored parts into a new buffer of little-endian BF16 bytes.

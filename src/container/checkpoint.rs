@@ -204,14 +204,25 @@ impl Checkpoint {
                         "stored parts checksum {got} does not match the recorded {} (the file is damaged)", r.parts_checksum
                     )));
                 }
+                let len = entry.numel();
+                let chunks = len.div_ceil(r.chunk_elems);
+                let (offsets_len, states_len) = (4 * (chunks + 1), 4 * codec::ans::LANES * chunks);
+                let index = parts[2];
+                if index.len() <= offsets_len + states_len {
+                    return Err(ContainerError::corrupt(path, name, format!(
+                        "index part is {} bytes, too short for {chunks} chunks", index.len()
+                    )));
+                }
+                let (offsets, rest) = index.split_at(offsets_len);
+                let (states, table) = rest.split_at(states_len);
                 let view = EncodedView {
-                    len: entry.numel(),
+                    len,
                     params: Params { chunk_elems: r.chunk_elems, prob_bits: r.prob_bits },
                     sign_mantissa: parts[0],
                     exp_words: parts[1],
-                    offsets: parts[2],
-                    states: parts[3],
-                    table: parts[4],
+                    offsets,
+                    states,
+                    table,
                 };
                 let bytes = codec::decode(&view).map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
                 check(path, name, "decoded bytes", &m.checksum, &bytes)?;

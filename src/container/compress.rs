@@ -165,10 +165,14 @@ fn compress_tensor(
             let enc = codec::encode(bytes, params).map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
             m.exponent_entropy_bits = Some(bf16::entropy_bits(&enc.histogram));
             let exp: Vec<u8> = enc.exp_words.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let offsets: Vec<u8> = enc.offsets.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let states: Vec<u8> = enc.states.iter().flat_map(|w| w.to_le_bytes()).collect();
-            let table = enc.table.to_bytes();
-            let parts: [&[u8]; 5] = [&enc.sign_mantissa, &exp, &offsets, &states, &table];
+            let index: Vec<u8> = enc
+                .offsets
+                .iter()
+                .chain(&enc.states)
+                .flat_map(|w| w.to_le_bytes())
+                .chain(enc.table.to_bytes())
+                .collect();
+            let parts: [&[u8]; 3] = [&enc.sign_mantissa, &exp, &index];
             let stored: usize = parts.iter().map(|p| p.len()).sum();
             if stored < bytes.len() {
                 m.encoding = Encoding::ExpRans;

@@ -3,8 +3,9 @@
 //! dtype and shape, its encoding, its checksums and its encoding parameters.
 //!
 //! Logical tensors are what the original checkpoint held. A `raw` tensor is stored unchanged
-//! under its own name; an `exp-rans` tensor is stored as the five U8 parts named by
-//! [`part_name`]. `docs/format.md` is the normative description.
+//! under its own name; an `exp-rans` tensor is stored as the three U8 parts named by
+//! [`part_name`]: `sm` (sign+mantissa bytes), `exp` (rANS words) and `index` (chunk offsets,
+//! lane states and the code table, concatenated). `docs/format.md` is the normative description.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +17,7 @@ pub const META_KEY: &str = "unweight";
 pub const FORMAT_NAME: &str = "unweight";
 
 /// The suffixes of the stored parts of an `exp-rans` tensor, in the order their checksum covers.
-pub const PARTS: [&str; 5] = ["sm", "exp", "offsets", "states", "table"];
+pub const PARTS: [&str; 3] = ["sm", "exp", "index"];
 
 /// The safetensors name of one stored part of a compressed tensor.
 pub fn part_name(tensor: &str, part: &str) -> String {

@@ -1,0 +1,33 @@
+# The two commands of the README, plus the codec benchmark. Each installs what it needs first
+# (scripts/setup is idempotent and quick when everything is in place).
+
+CARGO ?= cargo
+export NVCC ?= $(shell cat .cuda/NVCC_PATH 2>/dev/null)
+
+.PHONY: demo test setup bench-codec lint
+
+setup:
+	@scripts/setup
+
+# The main job: a Llama-shaped checkpoint, compressed, verified bit for bit, reported.
+demo: setup
+	$(CARGO) build --release --locked
+	scripts/demo
+
+# Everything CI checks: formatting, lints, unit + integration + property tests.
+test: setup lint
+	$(CARGO) test --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+# Codec ratio and throughput next to ZipNN on the same bytes, same thread count; writes
+# bench/results/codec.json (commit it with the README table when it changes).
+bench-codec: setup
+	$(CARGO) build --release --locked
+	scripts/fetch-minilm .cache/minilm
+	target/release/unweight bench codec \
+		--zipnn-python "$$(scripts/bench-env)" \
+		--minilm .cache/minilm/model.safetensors \
+		--out bench/results/codec.json
