@@ -66,7 +66,7 @@ pub fn compress_dir(input: &Path, output: &Path, opts: &CompressOptions) -> Resu
     if ck.is_compressed() {
         return Err(ContainerError::checkpoint(input, "is already an unweight-compressed checkpoint"));
     }
-    let out = OutputDir::create(output, opts.force)?;
+    let out = OutputDir::create(Some(input), output, opts.force)?;
     let total: u64 = ck.entries().iter().map(|e| e.original_bytes() as u64).sum();
     let bar = progress_bar(opts.progress, total);
     let mut report = CompressReport {

@@ -18,7 +18,7 @@ pub fn decompress_dir(input: &Path, output: &Path, force: bool, progress: bool) 
     if !ck.is_compressed() {
         return Err(ContainerError::checkpoint(input, "is not an unweight-compressed checkpoint (no unweight metadata)"));
     }
-    let out = OutputDir::create(output, force)?;
+    let out = OutputDir::create(Some(input), output, force)?;
     let total: u64 = ck.entries().iter().map(|e| e.original_bytes() as u64).sum();
     let bar = progress_bar(progress, total);
     let mut report = CompressReport {

@@ -112,8 +112,17 @@ pub struct OutputDir {
 }
 
 impl OutputDir {
-    /// Prepares to write `target`. An existing non-empty `target` is an error unless `replace`.
-    pub fn create(target: &Path, replace: bool) -> Result<Self, ContainerError> {
+    /// Prepares to write `target`, made from the data in `source` if any. An existing non-empty
+    /// `target` is an error unless `replace`; a `target` that is `source` or one of its
+    /// ancestors is always an error, since replacing it would destroy the input.
+    pub fn create(source: Option<&Path>, target: &Path, replace: bool) -> Result<Self, ContainerError> {
+        if let (Some(Ok(src)), Ok(dst)) = (source.map(fs::canonicalize), fs::canonicalize(target)) {
+            if src.starts_with(&dst) {
+                return Err(ContainerError::checkpoint(target, format!(
+                    "output directory would replace the input {} (choose another --out)", src.display()
+                )));
+            }
+        }
         if let Ok(mut entries) = fs::read_dir(target) {
             if entries.next().is_some() && !replace {
                 return Err(ContainerError::checkpoint(target, "output directory exists and is not empty (pass --force to replace it)"));

@@ -53,7 +53,7 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 
 /// Writes a synthetic checkpoint of `shape` into the new directory `out`.
 pub fn synth_checkpoint(shape: &LlamaShape, out: &Path, opts: &SynthOptions) -> Result<PathBuf, ContainerError> {
-    let dir = OutputDir::create(out, opts.force)?;
+    let dir = OutputDir::create(None, out, opts.force)?;
     let tensors = shape.tensors();
     // Group tensors into shards of at most shard_bytes (a tensor never straddles shards).
     let mut shards: Vec<Vec<usize>> = vec![Vec::new()];
