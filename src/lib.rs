@@ -8,5 +8,8 @@
 
 pub mod codec;
 pub mod container;
+pub mod device;
+pub mod engine;
+pub mod gguf;
 pub mod model;
 pub mod cli;

@@ -41,6 +41,8 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Decode tokens/s of a model, plain vs compressed (decoded at load and on the fly).
+    Decode(super::bench_decode::DecodeArgs),
 }
 
 /// Runs a benchmark subcommand.
@@ -49,6 +51,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Codec { size_mib, repeats, zipnn_python, minilm, out } => {
             codec_bench(size_mib, repeats.max(1), zipnn_python.as_deref(), minilm.as_deref(), out.as_deref())
         }
+        BenchCommand::Decode(args) => super::bench_decode::run(args),
     }
 }
 
@@ -196,19 +199,19 @@ fn measure_zipnn(python: &Path, bytes: &[u8], threads: usize, repeats: usize) ->
     serde_json::from_slice(&output.stdout).context("parsing the zipnn benchmark's JSON")
 }
 
-fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
+pub(super) fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn git_commit() -> Option<String> {
+pub(super) fn git_commit() -> Option<String> {
     let dir = env!("CARGO_MANIFEST_DIR");
     let head = command_line("git", &["-C", dir, "rev-parse", "HEAD"])?;
     let dirty = command_line("git", &["-C", dir, "status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     Some(if dirty { format!("{head}-dirty") } else { head })
 }
 
-fn machine(threads: usize) -> Value {
+pub(super) fn machine(threads: usize) -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string());
     json!({

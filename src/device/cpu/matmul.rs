@@ -1,0 +1,259 @@
+//! Matrix products `y = x · Wᵀ` over the two weight forms, parallel over output rows.
+//!
+//! Plain BF16 weights are read in place. Compressed weights are decoded chunk by chunk inside
+//! the product: each worker owns a range of chunks, decodes them one at a time into a small
+//! rolling buffer, and runs the row kernel on every row that lies whole in its range; the (at
+//! most two) rows cut by its range boundaries are returned as fragments, joined afterwards and
+//! run through the same kernel. Every row's dot product therefore sees one contiguous BF16 row,
+//! exactly as with decoded weights, and the results are bit-identical (see [`super::kernel`]).
+
+use rayon::prelude::*;
+
+use super::kernel::KernelKind;
+use crate::device::DeviceError;
+use crate::model::weights::{CompressedMatrix, Matrix, MatrixData, WeightError};
+
+/// Work items per thread: enough to balance uneven progress, few enough that each decodes many
+/// chunks in a row.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Weight bytes of the smallest task over plain BF16 rows.
+const MIN_TASK_BYTES: usize = 1 << 16;
+
+/// `out (n × rows) = x (n × cols) · Wᵀ`.
+pub fn matmul(
+    kind: KernelKind,
+    w: &Matrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), DeviceError> {
+    assert_eq!(x.len(), n * w.cols, "{}: input is not n × cols", w.name);
+    assert_eq!(out.len(), n * w.rows, "{}: output is not n × rows", w.name);
+    // Products are computed row-major by weight row (`yt`, rows × n), then transposed.
+    let mut yt = vec![0f32; w.rows * n];
+    match &w.data {
+        MatrixData::Bf16(bytes) => {
+            let threads = rayon::current_num_threads();
+            let row_bytes = 2 * w.cols;
+            // Tasks of at least MIN_TASK_BYTES of weights: below that, scheduling costs more
+            // than it spreads.
+            let rows_per_task = w
+                .rows
+                .div_ceil(threads * TASKS_PER_THREAD)
+                .max(MIN_TASK_BYTES / row_bytes)
+                .max(1);
+            yt.par_chunks_mut(rows_per_task * n)
+                .enumerate()
+                .for_each(|(i, ys)| {
+                    let r0 = i * rows_per_task;
+                    for (j, y) in ys.chunks_mut(n).enumerate() {
+                        let r = r0 + j;
+                        kind.dot_row(&bytes[r * row_bytes..(r + 1) * row_bytes], x, w.cols, y);
+                    }
+                });
+        }
+        MatrixData::Compressed(m) => on_the_fly(kind, w, m, x, n, &mut yt)?,
+    }
+    for (r, ys) in yt.chunks(n).enumerate() {
+        for (t, &v) in ys.iter().enumerate() {
+            out[t * w.rows + r] = v;
+        }
+    }
+    Ok(())
+}
+
+/// A piece of a row cut by a task's chunk range: row, first element within the row, BF16 bytes.
+type Fragment = (usize, usize, Vec<u8>);
+
+/// What one task of [`on_the_fly`] produced.
+struct TaskOut {
+    /// First row computed whole.
+    first_row: usize,
+    /// Products of the whole rows, `rows × n`.
+    yt: Vec<f32>,
+    /// Pieces of rows that cross the task's boundaries, in element order.
+    fragments: Vec<Fragment>,
+}
+
+fn on_the_fly(
+    kind: KernelKind,
+    w: &Matrix,
+    m: &CompressedMatrix,
+    x: &[f32],
+    n: usize,
+    yt: &mut [f32],
+) -> Result<(), DeviceError> {
+    let chunks = m.chunks();
+    let tasks = (rayon::current_num_threads() * TASKS_PER_THREAD).clamp(1, chunks.max(1));
+    let outs: Vec<TaskOut> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            run_task(
+                kind,
+                w,
+                m,
+                x,
+                n,
+                t * chunks / tasks,
+                (t + 1) * chunks / tasks,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    let mut pending: Option<(usize, Vec<u8>)> = None;
+    let row_bytes = 2 * w.cols;
+    for out in outs {
+        yt[out.first_row * n..out.first_row * n + out.yt.len()].copy_from_slice(&out.yt);
+        for (row, offset, bytes) in out.fragments {
+            let joined = match pending.take() {
+                None if offset == 0 => (row, bytes),
+                Some((r, mut buf)) if r == row && buf.len() == 2 * offset => {
+                    buf.extend_from_slice(&bytes);
+                    (r, buf)
+                }
+                _ => return Err(broken(w, row)),
+            };
+            if joined.1.len() == row_bytes {
+                kind.dot_row(&joined.1, x, w.cols, &mut yt[row * n..(row + 1) * n]);
+            } else {
+                pending = Some(joined);
+            }
+        }
+    }
+    match pending {
+        Some((row, _)) => Err(broken(w, row)),
+        None => Ok(()),
+    }
+}
+
+fn broken(w: &Matrix, row: usize) -> DeviceError {
+    DeviceError::Invalid(format!(
+        "{}: row {row} was not assembled from its chunks",
+        w.name
+    ))
+}
+
+/// Decodes chunks `c0..c1` one by one and multiplies every row lying whole inside them.
+fn run_task(
+    kind: KernelKind,
+    w: &Matrix,
+    m: &CompressedMatrix,
+    x: &[f32],
+    n: usize,
+    c0: usize,
+    c1: usize,
+) -> Result<TaskOut, DeviceError> {
+    let k = w.cols;
+    let e0 = m.chunk_range(c0).start;
+    let e1 = if c1 > c0 {
+        m.chunk_range(c1 - 1).end
+    } else {
+        e0
+    };
+    let first_row = e0.div_ceil(k);
+    let whole_rows = (e1 / k).saturating_sub(first_row);
+    let mut out = TaskOut {
+        first_row,
+        yt: vec![0f32; whole_rows * n],
+        fragments: Vec::new(),
+    };
+    // The buffer holds decoded elements [bs, be) of the matrix.
+    let mut buf: Vec<u8> = Vec::with_capacity(2 * (m.chunk_elems + k));
+    let mut bs = e0;
+    let head_end = (first_row * k).min(e1);
+    for c in c0..c1 {
+        let rg = m.chunk_range(c);
+        let at = buf.len();
+        buf.resize(at + 2 * rg.len(), 0);
+        m.decode_chunk(c, &mut buf[at..])
+            .map_err(|source| WeightError::Codec {
+                tensor: w.name.clone(),
+                source,
+            })?;
+        let be = rg.end;
+        let mut used = 0; // bytes of `buf` consumed
+        if bs < head_end {
+            // The end of a row that started before this task.
+            let end = head_end.min(be);
+            out.fragments
+                .push((bs / k, bs % k, buf[..2 * (end - bs)].to_vec()));
+            used = 2 * (end - bs);
+            bs = end;
+        }
+        while bs >= head_end && bs + k <= be {
+            let r = bs / k;
+            let y = &mut out.yt[(r - first_row) * n..(r - first_row + 1) * n];
+            kind.dot_row(&buf[used..used + 2 * k], x, k, y);
+            used += 2 * k;
+            bs += k;
+        }
+        buf.drain(..used);
+    }
+    if bs < e1 {
+        // The start of a row that ends after this task.
+        out.fragments.push((bs / k, bs % k, buf));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{self, Params};
+    use crate::model::weights::CompressedMatrix;
+    use rand::{Rng, SeedableRng};
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+        (0..rows * cols)
+            .flat_map(|_| {
+                crate::model::synth::f32_to_bf16(rng.gen_range(-0.1f32..0.1)).to_le_bytes()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn on_the_fly_equals_decoded_bitwise_for_awkward_shapes() {
+        // Rows longer than a chunk, rows that straddle chunk and task boundaries, one chunk.
+        for (rows, cols, chunk) in [
+            (37, 100, 96),
+            (5, 700, 256),
+            (64, 33, 1024),
+            (3, 5, 32),
+            (40, 40, 32),
+        ] {
+            let bytes = matrix(rows, cols, (rows * cols) as u64);
+            let params = Params {
+                chunk_elems: chunk,
+                prob_bits: 12,
+            };
+            let enc = codec::encode(&bytes, params).unwrap();
+            let cm = CompressedMatrix::from_encoded(&enc);
+            let plain = Matrix {
+                name: "w".into(),
+                rows,
+                cols,
+                data: MatrixData::Bf16(bytes),
+            };
+            let comp = Matrix {
+                name: "w".into(),
+                rows,
+                cols,
+                data: MatrixData::Compressed(cm),
+            };
+            let n = 6;
+            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(1);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            for kind in [KernelKind::Portable, KernelKind::detect()] {
+                let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+                matmul(kind, &plain, &x, n, &mut a).unwrap();
+                matmul(kind, &comp, &x, n, &mut b).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{rows}x{cols} chunk {chunk} {kind:?}");
+                for r in [0, rows - 1] {
+                    assert_eq!(comp.row(r).unwrap(), plain.row(r).unwrap());
+                }
+            }
+        }
+    }
+}

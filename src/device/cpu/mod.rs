@@ -1,0 +1,316 @@
+//! The CPU reference backend: a straightforward f32 Llama forward pass over BF16 weights,
+//! multi-threaded with rayon.
+//!
+//! Embedding, RMSNorm, RoPE (Hugging Face rotate_half, Llama 3 frequency scaling), grouped-query
+//! attention over an f32 KV cache, SwiGLU MLP, residuals, final norm and `lm_head` (the embedding
+//! when tied). Matrix products run over output rows in parallel ([`matmul`]) on weights decoded
+//! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs over (token,
+//! head) pairs in parallel. A prompt goes through as one `tokens × hidden` matrix; a decode step
+//! takes one token from each of several sequences at their own positions.
+//!
+//! Invariant: a token's logits are a function of its sequence's tokens alone, bit for bit: the
+//! batch it shares, the grouping of a prompt into prefill calls and the weight mode never change
+//! the arithmetic (see [`kernel`] and [`ops`]).
+
+mod kernel;
+mod kv;
+mod matmul;
+mod ops;
+mod simd;
+
+use std::path::Path;
+
+pub use kernel::KernelKind;
+
+use self::kv::KvCache;
+use self::ops::AttnQuery;
+use super::{Backend, DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
+use crate::container::Checkpoint;
+use crate::model::weights::{bf16_to_f32, LlamaWeights, WeightError, WeightMode};
+use crate::model::LlamaConfig;
+
+/// Settings of a [`CpuBackend`].
+#[derive(Clone, Debug)]
+pub struct CpuOptions {
+    /// Sequences live at once (KV-cache slots).
+    pub max_sequences: usize,
+    /// Tokens per sequence; `None` for the model's `max_position_embeddings`.
+    pub max_context: Option<usize>,
+    /// Force a kernel implementation (tests); `None` picks the fastest this CPU runs.
+    pub kernel: Option<KernelKind>,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        Self {
+            max_sequences: 64,
+            max_context: None,
+            kernel: None,
+        }
+    }
+}
+
+/// The CPU backend.
+pub struct CpuBackend {
+    cfg: LlamaConfig,
+    weights: LlamaWeights,
+    kv: KvCache,
+    kernel: KernelKind,
+    inv_freq: Vec<f64>,
+}
+
+/// One token going through the model.
+#[derive(Clone, Copy)]
+struct Item {
+    seq: SeqId,
+    token: u32,
+    pos: usize,
+}
+
+impl CpuBackend {
+    /// A backend over loaded weights.
+    pub fn new(cfg: LlamaConfig, weights: LlamaWeights, opts: &CpuOptions) -> Self {
+        let max_context = opts
+            .max_context
+            .unwrap_or(cfg.max_position_embeddings)
+            .min(cfg.max_position_embeddings);
+        let kv = KvCache::new(
+            cfg.num_hidden_layers,
+            cfg.kv_dim(),
+            opts.max_sequences.max(1),
+            max_context,
+        );
+        let inv_freq = cfg.rope_inv_freq();
+        Self {
+            kernel: opts.kernel.unwrap_or_else(KernelKind::detect),
+            cfg,
+            weights,
+            kv,
+            inv_freq,
+        }
+    }
+
+    /// Reads `config.json` and the weights of a checkpoint directory (plain or compressed).
+    pub fn load(dir: &Path, mode: WeightMode, opts: &CpuOptions) -> Result<Self, DeviceError> {
+        let cfg = LlamaConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir).map_err(WeightError::from)?;
+        let weights = LlamaWeights::load(&ckpt, &cfg, mode)?;
+        Ok(Self::new(cfg, weights, opts))
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &LlamaWeights {
+        &self.weights
+    }
+
+    /// The kernel implementation in use.
+    pub fn kernel(&self) -> KernelKind {
+        self.kernel
+    }
+
+    fn check_token(&self, token: u32) -> Result<(), DeviceError> {
+        if token as usize >= self.cfg.vocab_size {
+            return Err(DeviceError::BadToken {
+                token,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, seq: SeqId, want: usize) -> Result<(), DeviceError> {
+        if want > self.kv.max_context {
+            return Err(DeviceError::ContextFull {
+                seq,
+                want,
+                max: self.kv.max_context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `items` through the model, appending their keys and values, and returns the logits
+    /// of the items listed in `want`. On error every touched sequence is rolled back.
+    fn forward(&mut self, items: &[Item], want: &[usize]) -> Result<Vec<f32>, DeviceError> {
+        let before: Vec<(SeqId, usize)> = items.iter().map(|it| (it.seq, it.pos)).collect();
+        let result = self.forward_inner(items, want);
+        match &result {
+            Ok(_) => {
+                for it in items {
+                    let s = self.kv.get_mut(it.seq)?;
+                    s.len = s.len.max(it.pos + 1);
+                }
+            }
+            Err(_) => {
+                for &(seq, pos) in &before {
+                    self.kv.truncate(seq, pos);
+                }
+            }
+        }
+        result
+    }
+
+    fn forward_inner(&mut self, items: &[Item], want: &[usize]) -> Result<Vec<f32>, DeviceError> {
+        let c = &self.cfg;
+        let (n, h, im) = (items.len(), c.hidden_size, c.intermediate_size);
+        let (heads, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (qd, kvd, eps) = (c.q_dim(), c.kv_dim(), c.rms_norm_eps);
+        let kind = self.kernel;
+        let w = &self.weights;
+        let mut x = vec![0f32; n * h];
+        for (it, xr) in items.iter().zip(x.chunks_exact_mut(h)) {
+            let row = w.embed_tokens.row(it.token as usize)?;
+            for (o, b) in xr.iter_mut().zip(row.chunks_exact(2)) {
+                *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            }
+        }
+        let ropes: Vec<(Vec<f32>, Vec<f32>)> = items
+            .iter()
+            .map(|it| ops::rope_table(&self.inv_freq, it.pos))
+            .collect();
+        let (mut xn, mut o) = (vec![0f32; n * h], vec![0f32; n * h]);
+        let (mut q, mut att) = (vec![0f32; n * qd], vec![0f32; n * qd]);
+        let (mut k, mut v) = (vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let (mut gate, mut up) = (vec![0f32; n * im], vec![0f32; n * im]);
+        for (l, lw) in w.layers.iter().enumerate() {
+            ops::rmsnorm(&x, &lw.input_norm, eps, &mut xn);
+            matmul::matmul(kind, &lw.q_proj, &xn, n, &mut q)?;
+            matmul::matmul(kind, &lw.k_proj, &xn, n, &mut k)?;
+            matmul::matmul(kind, &lw.v_proj, &xn, n, &mut v)?;
+            for (i, (cos, sin)) in ropes.iter().enumerate() {
+                ops::rope(&mut q[i * qd..(i + 1) * qd], hd, cos, sin);
+                ops::rope(&mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
+            }
+            for (i, it) in items.iter().enumerate() {
+                let s = self.kv.get_mut(it.seq)?;
+                debug_assert_eq!(
+                    s.keys[l].len(),
+                    it.pos * kvd,
+                    "positions are appended in order"
+                );
+                s.keys[l].extend_from_slice(&k[i * kvd..(i + 1) * kvd]);
+                s.values[l].extend_from_slice(&v[i * kvd..(i + 1) * kvd]);
+            }
+            let queries = items
+                .iter()
+                .map(|it| {
+                    let s = self.kv.get(it.seq)?;
+                    let end = (it.pos + 1) * kvd;
+                    Ok(AttnQuery {
+                        keys: &s.keys[l][..end],
+                        values: &s.values[l][..end],
+                    })
+                })
+                .collect::<Result<Vec<_>, DeviceError>>()?;
+            ops::attention(&q, &queries, heads, kvh, hd, &mut att);
+            matmul::matmul(kind, &lw.o_proj, &att, n, &mut o)?;
+            ops::add(&mut x, &o);
+            ops::rmsnorm(&x, &lw.post_attention_norm, eps, &mut xn);
+            matmul::matmul(kind, &lw.gate_proj, &xn, n, &mut gate)?;
+            matmul::matmul(kind, &lw.up_proj, &xn, n, &mut up)?;
+            ops::silu_mul(&mut gate, &up);
+            matmul::matmul(kind, &lw.down_proj, &gate, n, &mut o)?;
+            ops::add(&mut x, &o);
+        }
+        let m = want.len();
+        let mut sel = Vec::with_capacity(m * h);
+        for &i in want {
+            sel.extend_from_slice(&x[i * h..(i + 1) * h]);
+        }
+        let mut normed = vec![0f32; m * h];
+        ops::rmsnorm(&sel, &w.norm, eps, &mut normed);
+        let mut logits = vec![0f32; m * c.vocab_size];
+        matmul::matmul(kind, w.output(), &normed, m, &mut logits)?;
+        Ok(logits)
+    }
+}
+
+impl Backend for CpuBackend {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn kv_capacity(&self) -> KvCapacity {
+        KvCapacity {
+            max_sequences: self.kv.max_sequences,
+            max_context: self.kv.max_context,
+        }
+    }
+
+    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
+        self.kv.alloc()
+    }
+
+    fn free_sequence(&mut self, seq: SeqId) {
+        self.kv.free(seq)
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
+        Ok(self.kv.get(seq)?.len)
+    }
+
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        if tokens.is_empty() {
+            return Err(DeviceError::Invalid(
+                "prefill of an empty token list".into(),
+            ));
+        }
+        let len = self.kv.get(seq)?.len;
+        self.check_room(seq, len + tokens.len())?;
+        for &t in tokens {
+            self.check_token(t)?;
+        }
+        let items: Vec<Item> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| Item {
+                seq,
+                token,
+                pos: len + i,
+            })
+            .collect();
+        self.forward(&items, &[items.len() - 1])
+    }
+
+    fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
+        let vocab = self.cfg.vocab_size;
+        let mut seen = std::collections::HashSet::new();
+        for it in batch {
+            if !seen.insert(it.seq) {
+                return Err(DeviceError::Invalid(format!(
+                    "sequence {:?} appears twice in one decode batch",
+                    it.seq
+                )));
+            }
+            let len = self.kv.get(it.seq)?.len;
+            if it.pos != len {
+                return Err(DeviceError::BadPosition {
+                    seq: it.seq,
+                    len,
+                    pos: it.pos,
+                });
+            }
+            self.check_room(it.seq, len + 1)?;
+            self.check_token(it.token)?;
+        }
+        if batch.is_empty() {
+            return Ok(Logits {
+                vocab,
+                data: Vec::new(),
+            });
+        }
+        let items: Vec<Item> = batch
+            .iter()
+            .map(|d| Item {
+                seq: d.seq,
+                token: d.token,
+                pos: d.pos,
+            })
+            .collect();
+        let want: Vec<usize> = (0..items.len()).collect();
+        Ok(Logits {
+            vocab,
+            data: self.forward(&items, &want)?,
+        })
+    }
+}

@@ -1,0 +1,201 @@
+//! The element-wise and attention operations of the CPU forward pass, in f32.
+//!
+//! Every reduction has a fixed order that depends only on the vector length, never on the batch,
+//! so a token's result does not depend on which other tokens share its step.
+
+use rayon::prelude::*;
+
+/// Sum of `a[i] · b[i]` with eight interleaved partial sums (a fixed order that vectorises).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 8 * 8;
+    let mut acc = [0f32; 8];
+    for k in (0..full).step_by(8) {
+        for i in 0..8 {
+            acc[i] += a[k + i] * b[k + i];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for k in full..n {
+        s += a[k] * b[k];
+    }
+    s
+}
+
+/// RMSNorm of every `width`-wide row of `x` into `out`: `x / sqrt(mean(x²) + eps) · weight`.
+pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f64, out: &mut [f32]) {
+    let width = weight.len();
+    for (xr, or) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let mean = dot(xr, xr) / width as f32;
+        let inv = 1.0 / (mean + eps as f32).sqrt();
+        for ((o, &v), &w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * inv * w;
+        }
+    }
+}
+
+/// The cosines and sines of one position: `head_dim / 2` of each.
+pub fn rope_table(inv_freq: &[f64], pos: usize) -> (Vec<f32>, Vec<f32>) {
+    inv_freq
+        .iter()
+        .map(|&f| {
+            let a = pos as f64 * f;
+            (a.cos() as f32, a.sin() as f32)
+        })
+        .unzip()
+}
+
+/// Rotates every `head_dim`-wide head of one token's projection in place, with the
+/// "rotate_half" pairing of Hugging Face Llama (element `i` with `i + head_dim / 2`).
+pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/// `gate ← silu(gate) · up`, SwiGLU's gating.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// `x += y`.
+pub fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// One query token's view of the KV cache for a layer.
+pub struct AttnQuery<'a> {
+    /// Keys of positions `0..=pos`, `[pos][kv_heads × head_dim]`.
+    pub keys: &'a [f32],
+    /// Values, laid out like the keys.
+    pub values: &'a [f32],
+}
+
+/// Causal grouped-query attention for a set of query tokens: `q` is `n × heads × head_dim`
+/// (already rotated), `out` the same shape. Query head `h` reads key/value head `h / group`.
+/// Parallel over (token, head).
+pub fn attention(
+    q: &[f32],
+    queries: &[AttnQuery<'_>],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let group = heads / kv_heads;
+    let kv_dim = kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let one = |(idx, o): (usize, &mut [f32])| {
+        let (t, h) = (idx / heads, idx % heads);
+        let qa = &q[idx * head_dim..(idx + 1) * head_dim];
+        let AttnQuery { keys, values } = &queries[t];
+        let off = (h / group) * head_dim;
+        let positions = keys.len() / kv_dim;
+        let mut scores: Vec<f32> = (0..positions)
+            .map(|j| dot(qa, &keys[j * kv_dim + off..j * kv_dim + off + head_dim]) * scale)
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0f32;
+        for s in &mut scores {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            let p = p / sum;
+            let v = &values[j * kv_dim + off..j * kv_dim + off + head_dim];
+            for (a, &b) in o.iter_mut().zip(v) {
+                *a += p * b;
+            }
+        }
+    };
+    // Threads only pay off past a few hundred thousand multiply-adds (long prompts, big
+    // batches); a decode step of a short sequence runs inline.
+    let work: usize = queries.iter().map(|qr| qr.keys.len()).sum::<usize>() * group;
+    if work < 1 << 18 {
+        out.chunks_mut(head_dim).enumerate().for_each(one);
+    } else {
+        out.par_chunks_mut(head_dim).enumerate().for_each(one);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_normalises() {
+        let x = [3.0f32, 4.0, 0.0, 0.0];
+        let mut out = [0f32; 4];
+        rmsnorm(&x, &[1.0, 2.0, 1.0, 1.0], 0.0, &mut out);
+        // mean(x²) = 25/4, rms = 2.5.
+        assert_eq!(out, [1.2, 3.2, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_apart() {
+        let inv = [1.0f64, 0.5];
+        let (c, s) = rope_table(&inv, 2);
+        let mut x = [1.0f32, 0.0, 0.0, 1.0];
+        rope(&mut x, 4, &c, &s);
+        // Pair (x0, x2) = (1, 0) rotated by 2 rad; pair (x1, x3) = (0, 1) rotated by 1 rad.
+        let close = |a: f32, b: f64| (a as f64 - b).abs() < 1e-6;
+        assert!(close(x[0], 2f64.cos()) && close(x[2], 2f64.sin()), "{x:?}");
+        assert!(
+            close(x[1], -(1f64.sin())) && close(x[3], 1f64.cos()),
+            "{x:?}"
+        );
+    }
+
+    #[test]
+    fn attention_over_one_position_returns_its_value() {
+        // 2 query heads share 1 kv head; a single cached position: softmax weight 1.
+        let keys = [0.3f32, -0.2];
+        let values = [5.0f32, 7.0];
+        let q = [1.0f32, 2.0, -1.0, 0.5];
+        let mut out = [0f32; 4];
+        attention(
+            &q,
+            &[AttnQuery {
+                keys: &keys,
+                values: &values,
+            }],
+            2,
+            1,
+            2,
+            &mut out,
+        );
+        assert_eq!(out, [5.0, 7.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn attention_weights_by_softmax() {
+        // Scores q·k / sqrt(1): 0 and ln 3, so weights 1/4 and 3/4.
+        let keys = [0.0f32, 3f32.ln()];
+        let values = [4.0f32, 8.0];
+        let mut out = [0f32; 1];
+        attention(
+            &[1.0],
+            &[AttnQuery {
+                keys: &keys,
+                values: &values,
+            }],
+            1,
+            1,
+            1,
+            &mut out,
+        );
+        assert!((out[0] - 7.0).abs() < 1e-5, "{}", out[0]);
+    }
+}

@@ -1,0 +1,162 @@
+//! Where the model runs: the [`Backend`] trait the engine drives, and its implementations
+//! ([`cpu::CpuBackend`], the reference; a CUDA backend later).
+//!
+//! The trait works at the granularity of whole model steps (prefill one prompt, decode one token
+//! for each of a batch of sequences), not of single operations, so that a GPU backend can capture
+//! a whole step as one graph and keep its KV cache and weights where they live. Sequences are
+//! opaque slot handles ([`SeqId`]) owned by the backend's KV-cache manager; the engine holds
+//! handles, never tensors.
+//!
+//! Invariants every backend keeps: a sequence's positions are consecutive from 0 (a decode item
+//! must give the sequence's current length as its position); logits for a sequence depend only
+//! on its own tokens, never on what else is in the batch; a failed step leaves every sequence as
+//! it was before the step.
+
+pub mod cpu;
+
+use crate::model::weights::WeightError;
+use crate::model::LlamaConfig;
+
+/// A KV-cache slot handed out by [`Backend::new_sequence`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(pub u32);
+
+/// One sequence's part in a batched decode step: feed `token` at position `pos`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeItem {
+    /// The sequence.
+    pub seq: SeqId,
+    /// The token to append.
+    pub token: u32,
+    /// Its position: must equal the number of tokens the sequence holds so far.
+    pub pos: usize,
+}
+
+/// Logits of a step: one row of `vocab` f32 values per sequence, in request order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logits {
+    /// Values per row.
+    pub vocab: usize,
+    /// `rows × vocab` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
+    }
+
+    /// Row `i`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+/// How much the KV cache can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCapacity {
+    /// Sequences that can be live at once.
+    pub max_sequences: usize,
+    /// Tokens (prompt and generated) one sequence can hold.
+    pub max_context: usize,
+}
+
+/// What can go wrong running the model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// The model's config.json is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::model::config::ConfigError),
+    /// Loading or decoding weights failed.
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    /// Every KV-cache slot is taken.
+    #[error("KV cache is full: all {0} sequence slots are in use")]
+    NoFreeSlot(usize),
+    /// A handle that is not (or no longer) a live sequence.
+    #[error("sequence {0:?} does not exist")]
+    UnknownSequence(SeqId),
+    /// A sequence would outgrow its context.
+    #[error("sequence {seq:?} would hold {want} tokens, more than the context of {max}")]
+    ContextFull {
+        /// The sequence.
+        seq: SeqId,
+        /// Tokens it would hold.
+        want: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    BadToken {
+        /// The id.
+        token: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// A decode item whose position is not the sequence's length.
+    #[error("sequence {seq:?} holds {len} tokens, so its next position is {len}, not {pos}")]
+    BadPosition {
+        /// The sequence.
+        seq: SeqId,
+        /// Tokens it holds.
+        len: usize,
+        /// The position asked for.
+        pos: usize,
+    },
+    /// A malformed request to the backend (empty prompt, a sequence twice in one batch).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A device that runs a Llama model step by step over KV-cached sequences.
+pub trait Backend: Send {
+    /// The model's configuration.
+    fn config(&self) -> &LlamaConfig;
+
+    /// What the KV cache can hold.
+    fn kv_capacity(&self) -> KvCapacity;
+
+    /// Takes a free KV-cache slot for a new, empty sequence.
+    fn new_sequence(&mut self) -> Result<SeqId, DeviceError>;
+
+    /// Releases a sequence's slot (unknown handles are ignored).
+    fn free_sequence(&mut self, seq: SeqId);
+
+    /// Tokens the sequence holds.
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError>;
+
+    /// Appends `tokens` to the sequence (a whole prompt, or a continuation of one), running them
+    /// through the model together, and returns the logits after the last of them.
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError>;
+
+    /// Appends one token to each of several distinct sequences in one step and returns one row of
+    /// logits per item, in order.
+    fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError>;
+}
+
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn config(&self) -> &LlamaConfig {
+        (**self).config()
+    }
+    fn kv_capacity(&self) -> KvCapacity {
+        (**self).kv_capacity()
+    }
+    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
+        (**self).new_sequence()
+    }
+    fn free_sequence(&mut self, seq: SeqId) {
+        (**self).free_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
+        (**self).sequence_len(seq)
+    }
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        (**self).prefill(seq, tokens)
+    }
+    fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
+        (**self).decode(batch)
+    }
+}

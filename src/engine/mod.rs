@@ -1,0 +1,359 @@
+//! The serving engine: requests in, token and text events out, one iteration at a time.
+//!
+//! [`Engine`] owns a [`Backend`] and every request's [`Sequence`]. A caller (the CLI, later the
+//! Triton engine thread) adds requests at any time, cancels them, and calls [`Engine::step`],
+//! which prefills the requests admitted this step, decodes every other running sequence as one
+//! batch, and returns what happened as [`Event`]s. Requests join and leave between steps
+//! (continuous batching).
+//!
+//! The engine never touches device memory or Triton types: sequences hold KV-cache handles, the
+//! backend holds the cache. Invariant: every request that was added yields exactly one
+//! [`Event::Finished`], after all of its [`Event::Token`]s; concatenating the `text_delta`s of
+//! its events gives its whole output text.
+
+pub mod detok;
+pub mod request;
+pub mod sampler;
+pub mod scheduler;
+pub mod sequence;
+pub mod text;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+pub use detok::Detokenizer;
+pub use request::{Request, RequestId};
+pub use sampler::{Sampler, SamplingParams};
+pub use sequence::{Sequence, SequenceState, StopReason};
+
+use crate::device::{Backend, DecodeItem, DeviceError};
+use crate::model::LlamaConfig;
+
+/// What can go wrong in the engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The device failed a step.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// A request the engine cannot serve (bad parameters, prompt too long, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Tokenizing, detokenizing or templating failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Something that happened to a request during a step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it released (possibly empty: held back until a character
+    /// is complete or a possible stop string is decided).
+    Token {
+        /// The request.
+        id: RequestId,
+        /// The token id.
+        token: u32,
+        /// New output text.
+        text_delta: String,
+    },
+    /// The request ended; it produces nothing more.
+    Finished {
+        /// The request.
+        id: RequestId,
+        /// Why.
+        reason: StopReason,
+        /// Output text released only at the end (held-back text at an end-of-sequence token).
+        text_delta: String,
+    },
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Tokens that end a sequence.
+    pub eos_token_ids: Vec<u32>,
+    /// Sequences decoded together at most (also bounded by the KV-cache slots).
+    pub max_batch: usize,
+    /// Prompt tokens prefilled per step (the first admitted prompt always is).
+    pub max_prefill_tokens: usize,
+}
+
+impl EngineOptions {
+    /// Defaults for a model: its config's end-of-sequence tokens, batches of up to 32.
+    pub fn for_config(cfg: &LlamaConfig) -> Self {
+        Self {
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            max_batch: 32,
+            max_prefill_tokens: 4096,
+        }
+    }
+}
+
+/// Counters since the engine started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Calls of [`Engine::step`] that did work.
+    pub steps: u64,
+    /// Prompt tokens prefilled.
+    pub prefill_tokens: u64,
+    /// Sequences advanced by decode steps (one token each).
+    pub decode_tokens: u64,
+    /// Tokens emitted as output.
+    pub generated_tokens: u64,
+}
+
+/// The iteration-level engine.
+pub struct Engine<B: Backend> {
+    backend: B,
+    detok: Option<Arc<dyn Detokenizer>>,
+    opts: EngineOptions,
+    next_id: u64,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    pending: Vec<Event>,
+    stats: Stats,
+}
+
+impl<B: Backend> Engine<B> {
+    /// An engine over a backend; without a detokenizer events carry no text and stop strings
+    /// are refused.
+    pub fn new(backend: B, detok: Option<Arc<dyn Detokenizer>>, opts: EngineOptions) -> Self {
+        Self {
+            backend,
+            detok,
+            opts,
+            next_id: 0,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            pending: Vec::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Whether a step would do anything.
+    pub fn has_work(&self) -> bool {
+        !(self.waiting.is_empty() && self.running.is_empty() && self.pending.is_empty())
+    }
+
+    /// Requests waiting and running.
+    pub fn load(&self) -> (usize, usize) {
+        (self.waiting.len(), self.running.len())
+    }
+
+    fn context(&self) -> usize {
+        self.backend
+            .kv_capacity()
+            .max_context
+            .min(self.backend.config().max_position_embeddings)
+    }
+
+    /// Queues a request after validating it; it starts at a later step.
+    pub fn add(&mut self, request: Request) -> Result<RequestId, EngineError> {
+        request.validate(
+            self.backend.config().vocab_size,
+            self.context(),
+            self.detok.is_some(),
+        )?;
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.waiting.push_back(Sequence::new(id, request));
+        Ok(id)
+    }
+
+    /// Cancels a request; its `Finished { reason: Cancelled }` comes with the next step. Returns
+    /// false for a request that is unknown or already finished.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            let mut s = self.waiting.remove(i).expect("index found above");
+            s.state = SequenceState::Finished(StopReason::Cancelled);
+            self.pending.push(Event::Finished {
+                id,
+                reason: StopReason::Cancelled,
+                text_delta: String::new(),
+            });
+            return true;
+        }
+        match self
+            .running
+            .iter_mut()
+            .find(|s| s.id == id && !s.cancel_requested)
+        {
+            Some(s) => {
+                s.cancel_requested = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs one iteration: retires cancelled requests, prefills newly admitted ones (each yields
+    /// its first token), and decodes all other running ones in one batch (one token each).
+    ///
+    /// A device error is returned as is; the requests of the failed part of the step are
+    /// dropped with their KV-cache slots freed, the others keep running.
+    pub fn step(&mut self) -> Result<Vec<Event>, EngineError> {
+        let mut events = std::mem::take(&mut self.pending);
+        let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) =
+            std::mem::take(&mut self.running)
+                .into_iter()
+                .partition(|s| s.cancel_requested);
+        self.running = running;
+        for mut s in cancelled {
+            self.finish(&mut s, StopReason::Cancelled, String::new(), &mut events);
+        }
+        if self.waiting.is_empty() && self.running.is_empty() {
+            return Ok(events);
+        }
+        self.stats.steps += 1;
+        let cap = self.backend.kv_capacity();
+        let limits = scheduler::Limits {
+            max_running: self.opts.max_batch.min(cap.max_sequences).max(1),
+            max_prefill_tokens: self.opts.max_prefill_tokens,
+        };
+        let waiting: Vec<(RequestId, usize)> = self
+            .waiting
+            .iter()
+            .map(|s| (s.id, s.request.prompt.len()))
+            .collect();
+        let running: Vec<RequestId> = self.running.iter().map(|s| s.id).collect();
+        let plan = scheduler::plan(&waiting, &running, limits);
+
+        let mut admitted = Vec::with_capacity(plan.prefill.len());
+        for _ in &plan.prefill {
+            let mut s = self
+                .waiting
+                .pop_front()
+                .expect("the plan admits waiting requests in order");
+            let result = self.backend.new_sequence().and_then(|seq| {
+                s.state = SequenceState::Running(seq);
+                self.backend.prefill(seq, &s.request.prompt)
+            });
+            let result = result.map_err(EngineError::from).and_then(|logits| {
+                self.stats.prefill_tokens += s.request.prompt.len() as u64;
+                let token = s.sampler.sample(&logits);
+                self.accept(&mut s, token, &mut events)
+            });
+            match result {
+                Ok(true) => admitted.push(s),
+                Ok(false) => {}
+                Err(e) => {
+                    // Drop this request; the ones admitted before it run from the next step.
+                    if let Some(seq) = s.seq_id() {
+                        self.backend.free_sequence(seq);
+                    }
+                    self.running.extend(admitted);
+                    return Err(e);
+                }
+            }
+        }
+
+        if !self.running.is_empty() {
+            let batch: Vec<DecodeItem> = self
+                .running
+                .iter()
+                .map(|s| DecodeItem {
+                    seq: s.seq_id().expect("running sequences hold a slot"),
+                    token: *s
+                        .output
+                        .last()
+                        .expect("a running sequence has sampled a token"),
+                    pos: s.total_len() - 1,
+                })
+                .collect();
+            let logits = match self.backend.decode(&batch) {
+                Ok(l) => l,
+                Err(e) => {
+                    for s in std::mem::take(&mut self.running) {
+                        self.backend.free_sequence(s.seq_id().expect("running"));
+                    }
+                    self.running = admitted;
+                    return Err(e.into());
+                }
+            };
+            self.stats.decode_tokens += batch.len() as u64;
+            let mut still = Vec::with_capacity(self.running.len());
+            let mut failure = None;
+            for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
+                let token = s.sampler.sample(logits.row(i));
+                match self.accept(&mut s, token, &mut events) {
+                    Ok(true) => still.push(s),
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.backend.free_sequence(s.seq_id().expect("running"));
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            self.running = still;
+            if let Some(e) = failure {
+                self.running.extend(admitted);
+                return Err(e);
+            }
+        }
+        self.running.extend(admitted);
+        Ok(events)
+    }
+
+    /// Takes a sampled token for a running sequence; returns whether it keeps running.
+    fn accept(
+        &mut self,
+        s: &mut Sequence,
+        token: u32,
+        events: &mut Vec<Event>,
+    ) -> Result<bool, EngineError> {
+        let context = self.context();
+        let acc = s
+            .accept(
+                token,
+                &self.opts.eos_token_ids,
+                self.detok.as_deref(),
+                context,
+            )
+            .map_err(EngineError::Tokenizer)?;
+        let mut tail = acc.text_delta;
+        if acc.emitted {
+            self.stats.generated_tokens += 1;
+            events.push(Event::Token {
+                id: s.id,
+                token,
+                text_delta: std::mem::take(&mut tail),
+            });
+        }
+        match acc.stop {
+            Some(reason) => {
+                self.finish(s, reason, tail, events);
+                Ok(false)
+            }
+            None => Ok(true),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        s: &mut Sequence,
+        reason: StopReason,
+        text_delta: String,
+        events: &mut Vec<Event>,
+    ) {
+        if let Some(seq) = s.seq_id() {
+            self.backend.free_sequence(seq);
+        }
+        s.state = SequenceState::Finished(reason);
+        events.push(Event::Finished {
+            id: s.id,
+            reason,
+            text_delta,
+        });
+    }
+}

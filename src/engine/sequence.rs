@@ -1,0 +1,182 @@
+//! One request's life in the engine: its state machine, its generated tokens and text, and the
+//! reasons it can end.
+//!
+//! `Waiting → Running → Finished(reason)`, or `Waiting → Finished(Cancelled)`. A sequence holds
+//! a KV-cache handle ([`SeqId`]) only while `Running`; the engine frees it on the transition to
+//! `Finished`.
+
+use std::fmt;
+
+use super::detok::{Detokenizer, Filtered, IncrementalText, StopFilter};
+use super::request::{Request, RequestId};
+use super::sampler::Sampler;
+use crate::device::SeqId;
+
+/// Why a sequence stopped. Rendered to text only by [`StopReason::as_str`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence token (not part of the output).
+    Eos,
+    /// The text reached one of the request's stop strings (cut before it).
+    StopString,
+    /// `max_tokens` tokens were generated.
+    MaxTokens,
+    /// The sequence filled the model's (or the KV cache's) context.
+    ContextFull,
+    /// The client cancelled the request.
+    Cancelled,
+}
+
+impl StopReason {
+    /// The one textual rendering, used in events, JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::StopString => "stop_string",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a sequence is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SequenceState {
+    /// Admitted to the queue, no KV cache yet.
+    Waiting,
+    /// Holding a KV-cache slot; produces one token per step.
+    Running(SeqId),
+    /// Done; holds nothing.
+    Finished(StopReason),
+}
+
+/// The outcome of accepting one token.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// Whether the token is part of the output (an end-of-sequence token is not).
+    pub emitted: bool,
+    /// Text released by this token.
+    pub text_delta: String,
+    /// Set when the sequence must stop after this token.
+    pub stop: Option<StopReason>,
+}
+
+/// A request being served.
+pub struct Sequence {
+    /// Its id.
+    pub id: RequestId,
+    /// What was asked.
+    pub request: Request,
+    /// Its state.
+    pub state: SequenceState,
+    /// Its sampler (parameters and RNG).
+    pub sampler: Sampler,
+    /// Generated tokens, in order (no end-of-sequence token).
+    pub output: Vec<u32>,
+    /// Set by a cancellation; acted on at the next step.
+    pub cancel_requested: bool,
+    text: IncrementalText,
+    stops: StopFilter,
+}
+
+impl Sequence {
+    /// A new waiting sequence.
+    pub fn new(id: RequestId, request: Request) -> Self {
+        let sampler = Sampler::new(request.sampling.clone());
+        let stops = StopFilter::new(&request.stop);
+        Self {
+            id,
+            request,
+            state: SequenceState::Waiting,
+            sampler,
+            output: Vec::new(),
+            cancel_requested: false,
+            text: IncrementalText::default(),
+            stops,
+        }
+    }
+
+    /// The KV-cache handle while running.
+    pub fn seq_id(&self) -> Option<SeqId> {
+        match self.state {
+            SequenceState::Running(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Tokens in the KV cache once the last sampled token is fed back: prompt + output.
+    pub fn total_len(&self) -> usize {
+        self.request.prompt.len() + self.output.len()
+    }
+
+    /// Takes a sampled token: checks end-of-sequence, decodes text, applies stop strings and
+    /// the token limit. `context` is the most tokens the sequence may hold.
+    pub fn accept(
+        &mut self,
+        token: u32,
+        eos: &[u32],
+        detok: Option<&dyn Detokenizer>,
+        context: usize,
+    ) -> Result<Accepted, String> {
+        if !self.request.ignore_eos && eos.contains(&token) {
+            let text_delta = self.finish_text(detok)?;
+            return Ok(Accepted {
+                emitted: false,
+                text_delta,
+                stop: Some(StopReason::Eos),
+            });
+        }
+        self.output.push(token);
+        let mut stop = None;
+        let raw = match detok {
+            Some(d) => self.text.push(d, token)?,
+            None => String::new(),
+        };
+        let mut text_delta = match self.stops.push(&raw) {
+            Filtered::Text(t) => t,
+            Filtered::Stop(t) => {
+                stop = Some(StopReason::StopString);
+                t
+            }
+        };
+        if stop.is_none() {
+            if self.output.len() >= self.request.max_tokens {
+                stop = Some(StopReason::MaxTokens);
+            } else if self.total_len() > context {
+                // Feeding this token back would need position `context`, one past the end.
+                stop = Some(StopReason::ContextFull);
+            }
+            if stop.is_some() {
+                text_delta.push_str(&self.finish_text(detok)?);
+            }
+        }
+        Ok(Accepted {
+            emitted: true,
+            text_delta,
+            stop,
+        })
+    }
+
+    /// Releases all text still held (pending characters and possible stop-string prefixes), at
+    /// the end of a sequence that did not stop on a stop string.
+    pub fn finish_text(&mut self, detok: Option<&dyn Detokenizer>) -> Result<String, String> {
+        let tail = match detok {
+            Some(d) => self.text.finish(d)?,
+            None => String::new(),
+        };
+        Ok(match self.stops.push(&tail) {
+            Filtered::Text(mut t) => {
+                t.push_str(&self.stops.finish());
+                t
+            }
+            Filtered::Stop(t) => t,
+        })
+    }
+}

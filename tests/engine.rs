@@ -1,0 +1,773 @@
+//! Tests of the CPU backend and the engine on synthetic tiny checkpoints (written and compressed
+//! here), plus end-to-end checks on the real SmolLM2 test model when it has been fetched.
+//!
+//! Logits are compared bit for bit (`f32::to_bits`): the CPU backend promises that the weight
+//! form (plain, compressed and decoded at load, compressed and decoded on the fly), the batch a
+//! sequence shares and the way a prompt is split never change a single bit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use serde_json::Value;
+use triton_unweight::container::{self, Checkpoint, CompressOptions};
+use triton_unweight::device::cpu::{CpuBackend, CpuOptions};
+use triton_unweight::device::{Backend, DecodeItem, DeviceError, SeqId};
+use triton_unweight::engine::{
+    Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams, StopReason,
+};
+use triton_unweight::model::synth::{synth_checkpoint, SynthOptions};
+use triton_unweight::model::weights::{LlamaWeights, MatrixData, WeightMode};
+use triton_unweight::model::{LlamaConfig, LlamaShape};
+
+const BIN: &str = env!("CARGO_BIN_EXE_unweight");
+
+/// A tiny synthetic checkpoint and its compressed form, written once per test run under Cargo's
+/// scratch directory. σ = 0.5 spreads the logits so that greedy choices are not near-ties.
+fn tiny() -> (&'static Path, &'static Path) {
+    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    let d = DIRS.get_or_init(|| {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("engine-tiny");
+        let (plain, comp) = (root.join("tiny"), root.join("tiny-c"));
+        let opts = SynthOptions {
+            seed: 7,
+            sigma: 0.5,
+            force: true,
+            ..SynthOptions::default()
+        };
+        synth_checkpoint(&LlamaShape::preset("tiny").unwrap(), &plain, &opts).unwrap();
+        let copts = CompressOptions {
+            progress: false,
+            force: true,
+            ..CompressOptions::default()
+        };
+        container::compress_dir(&plain, &comp, &copts).unwrap();
+        (plain, comp)
+    });
+    (&d.0, &d.1)
+}
+
+fn backend(dir: &Path, mode: WeightMode) -> CpuBackend {
+    CpuBackend::load(
+        dir,
+        mode,
+        &CpuOptions {
+            max_sequences: 8,
+            ..CpuOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    triton_unweight::engine::sampler::argmax(v)
+}
+
+/// Prefills `prompt`, then decodes greedily `steps` times; returns every logits row and token.
+fn greedy_run(b: &mut CpuBackend, prompt: &[u32], steps: usize) -> (Vec<Vec<u32>>, Vec<u32>) {
+    let s = b.new_sequence().unwrap();
+    let mut logits = b.prefill(s, prompt).unwrap();
+    let (mut rows, mut tokens) = (vec![bits(&logits)], Vec::new());
+    for i in 0..steps {
+        let t = argmax(&logits);
+        tokens.push(t);
+        let item = DecodeItem {
+            seq: s,
+            token: t,
+            pos: prompt.len() + i,
+        };
+        logits = b.decode(&[item]).unwrap().data;
+        rows.push(bits(&logits));
+    }
+    b.free_sequence(s);
+    (rows, tokens)
+}
+
+const PROMPT: [u32; 9] = [1, 17, 300, 5, 999, 42, 42, 7, 512];
+
+/// Asserts two logits rows are bit-identical, naming the first difference (rows are too long to
+/// print whole).
+fn same_bits(a: &[u32], b: &[u32], what: &str) {
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+        let (x, y) = (f32::from_bits(a[i]), f32::from_bits(b[i]));
+        panic!("{what}: logit {i}: {x} ({:#x}) vs {y} ({:#x})", a[i], b[i]);
+    }
+    assert_eq!(a.len(), b.len(), "{what}: row lengths");
+}
+
+/// Asserts two greedy runs are identical, step by step.
+fn same_run(a: &(Vec<Vec<u32>>, Vec<u32>), b: &(Vec<Vec<u32>>, Vec<u32>), what: &str) {
+    for (step, (ra, rb)) in a.0.iter().zip(&b.0).enumerate() {
+        same_bits(ra, rb, &format!("{what}, step {step}"));
+    }
+    assert_eq!((a.0.len(), &a.1), (b.0.len(), &b.1), "{what}: tokens");
+}
+
+#[test]
+fn compressed_and_plain_checkpoints_give_bit_identical_logits() {
+    let (plain, comp) = tiny();
+    assert!(Checkpoint::open(comp).unwrap().is_compressed());
+    let mut a = backend(plain, WeightMode::Decoded);
+    let mut b = backend(comp, WeightMode::Decoded);
+    let mut c = backend(comp, WeightMode::OnTheFly);
+    // The on-the-fly backend really holds compressed matrices (down_proj rows straddle chunks).
+    assert!(matches!(
+        c.weights().layers[0].down_proj.data,
+        MatrixData::Compressed(_)
+    ));
+    assert!(c.weights().resident_bytes() < a.weights().resident_bytes() * 9 / 10);
+    let ra = greedy_run(&mut a, &PROMPT, 12);
+    same_run(
+        &ra,
+        &greedy_run(&mut b, &PROMPT, 12),
+        "compressed, decoded at load",
+    );
+    same_run(
+        &ra,
+        &greedy_run(&mut c, &PROMPT, 12),
+        "compressed, on the fly",
+    );
+    // Not a degenerate model: the logits vary and the greedy tokens are not all one.
+    assert!(ra.1.iter().any(|&t| t != ra.1[0]), "{:?}", ra.1);
+}
+
+#[test]
+fn on_the_fly_needs_a_compressed_checkpoint() {
+    let (plain, _) = tiny();
+    let err = CpuBackend::load(plain, WeightMode::OnTheFly, &CpuOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("needs a compressed checkpoint"),
+        "{err}"
+    );
+}
+
+#[test]
+fn batched_decode_equals_decoding_each_alone() {
+    let (_, comp) = tiny();
+    for mode in [WeightMode::Decoded, WeightMode::OnTheFly] {
+        let prompts: [&[u32]; 3] = [&PROMPT[..3], &PROMPT, &PROMPT[2..7]];
+        let alone: Vec<_> = prompts
+            .iter()
+            .map(|p| greedy_run(&mut backend(comp, mode), p, 6))
+            .collect();
+        let mut b = backend(comp, mode);
+        let seqs: Vec<SeqId> = prompts.iter().map(|_| b.new_sequence().unwrap()).collect();
+        let mut last: Vec<Vec<f32>> = seqs
+            .iter()
+            .zip(prompts)
+            .map(|(&s, p)| b.prefill(s, p).unwrap())
+            .collect();
+        for step in 0..6 {
+            let batch: Vec<DecodeItem> = seqs
+                .iter()
+                .zip(prompts)
+                .zip(&last)
+                .map(|((&seq, p), l)| DecodeItem {
+                    seq,
+                    token: argmax(l),
+                    pos: p.len() + step,
+                })
+                .collect();
+            let out = b.decode(&batch).unwrap();
+            assert_eq!(out.rows(), 3);
+            for (i, a) in alone.iter().enumerate() {
+                same_bits(
+                    &bits(out.row(i)),
+                    &a.0[step + 1],
+                    &format!("{mode:?}: sequence {i}, step {step}"),
+                );
+                last[i] = out.row(i).to_vec();
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_cache_reuse_matches_a_whole_prompt() {
+    let (plain, _) = tiny();
+    let mut b = backend(plain, WeightMode::Decoded);
+    let whole = {
+        let s = b.new_sequence().unwrap();
+        let l = b.prefill(s, &PROMPT).unwrap();
+        b.free_sequence(s);
+        bits(&l)
+    };
+    // In two prefills (the cache from the first is reused by the second).
+    let s = b.new_sequence().unwrap();
+    b.prefill(s, &PROMPT[..4]).unwrap();
+    assert_eq!(b.sequence_len(s).unwrap(), 4);
+    same_bits(
+        &bits(&b.prefill(s, &PROMPT[4..]).unwrap()),
+        &whole,
+        "two prefills",
+    );
+    b.free_sequence(s);
+    // One token at a time through decode steps; the freed slot is reused with a clean cache.
+    let s2 = b.new_sequence().unwrap();
+    assert_eq!(s2, s, "the freed slot is handed out again");
+    let mut l = b.prefill(s2, &PROMPT[..1]).unwrap();
+    for (pos, &t) in PROMPT.iter().enumerate().skip(1) {
+        l = b
+            .decode(&[DecodeItem {
+                seq: s2,
+                token: t,
+                pos,
+            }])
+            .unwrap()
+            .data;
+    }
+    same_bits(&bits(&l), &whole, "token by token");
+    assert_eq!(b.sequence_len(s2).unwrap(), PROMPT.len());
+}
+
+#[test]
+fn backend_rejects_bad_steps_without_changing_state() {
+    let (plain, _) = tiny();
+    let opts = CpuOptions {
+        max_sequences: 2,
+        max_context: Some(12),
+        kernel: None,
+    };
+    let mut b = CpuBackend::load(plain, WeightMode::Decoded, &opts).unwrap();
+    let s = b.new_sequence().unwrap();
+    b.prefill(s, &PROMPT[..3]).unwrap();
+    let err = b
+        .decode(&[DecodeItem {
+            seq: s,
+            token: 5,
+            pos: 7,
+        }])
+        .unwrap_err();
+    assert!(
+        matches!(err, DeviceError::BadPosition { len: 3, pos: 7, .. }),
+        "{err}"
+    );
+    assert!(matches!(
+        b.decode(&[DecodeItem {
+            seq: s,
+            token: 5000,
+            pos: 3
+        }]),
+        Err(DeviceError::BadToken { .. })
+    ));
+    assert!(matches!(
+        b.prefill(SeqId(9), &[1]),
+        Err(DeviceError::UnknownSequence(_))
+    ));
+    assert!(matches!(
+        b.prefill(s, &[1; 10]),
+        Err(DeviceError::ContextFull {
+            want: 13,
+            max: 12,
+            ..
+        })
+    ));
+    let twice = [
+        DecodeItem {
+            seq: s,
+            token: 1,
+            pos: 3,
+        },
+        DecodeItem {
+            seq: s,
+            token: 1,
+            pos: 3,
+        },
+    ];
+    assert!(b.decode(&twice).unwrap_err().to_string().contains("twice"));
+    assert_eq!(
+        b.sequence_len(s).unwrap(),
+        3,
+        "failed steps leave the sequence as it was"
+    );
+    b.new_sequence().unwrap();
+    assert!(matches!(b.new_sequence(), Err(DeviceError::NoFreeSlot(2))));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Engine.
+
+/// Token `i` reads `<i>`.
+struct Angle;
+impl Detokenizer for Angle {
+    fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        Ok(ids.iter().map(|i| format!("<{i}>")).collect())
+    }
+}
+
+fn engine(detok: bool) -> Engine<CpuBackend> {
+    let b = backend(tiny().0, WeightMode::Decoded);
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    };
+    Engine::new(
+        b,
+        detok.then(|| Arc::new(Angle) as Arc<dyn Detokenizer>),
+        opts,
+    )
+}
+
+/// Runs until idle; returns per request its tokens, its text and its stop reason.
+fn run_all(e: &mut Engine<CpuBackend>) -> Vec<(RequestId, Vec<u32>, String, StopReason)> {
+    let mut out: Vec<(RequestId, Vec<u32>, String, Option<StopReason>)> = Vec::new();
+    let slot = |out: &mut Vec<(RequestId, Vec<u32>, String, Option<StopReason>)>, id: RequestId| {
+        if let Some(i) = out.iter().position(|o| o.0 == id) {
+            i
+        } else {
+            out.push((id, Vec::new(), String::new(), None));
+            out.len() - 1
+        }
+    };
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            match ev {
+                Event::Token {
+                    id,
+                    token,
+                    text_delta,
+                } => {
+                    let i = slot(&mut out, id);
+                    assert!(out[i].3.is_none(), "token after Finished");
+                    out[i].1.push(token);
+                    out[i].2.push_str(&text_delta);
+                }
+                Event::Finished {
+                    id,
+                    reason,
+                    text_delta,
+                } => {
+                    let i = slot(&mut out, id);
+                    assert!(out[i].3.is_none(), "two Finished events");
+                    out[i].2.push_str(&text_delta);
+                    out[i].3 = Some(reason);
+                }
+            }
+        }
+    }
+    out.sort_by_key(|o| o.0);
+    out.into_iter()
+        .map(|(id, t, s, r)| (id, t, s, r.expect("every request finishes")))
+        .collect()
+}
+
+#[test]
+fn engine_greedy_matches_the_backend_and_stops_at_max_tokens() {
+    let want = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 7).1;
+    let mut e = engine(true);
+    e.add(Request::greedy(PROMPT.to_vec(), 8)).unwrap();
+    let r = run_all(&mut e);
+    assert_eq!(r[0].1.len(), 8);
+    assert_eq!(r[0].1[..7], want[..]);
+    assert_eq!(r[0].3, StopReason::MaxTokens);
+    let text: String = r[0].1.iter().map(|t| format!("<{t}>")).collect();
+    assert_eq!(r[0].2, text);
+}
+
+#[test]
+fn requests_joining_between_steps_generate_what_they_would_alone() {
+    let prompts = [PROMPT.to_vec(), PROMPT[..4].to_vec(), PROMPT[3..].to_vec()];
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let mut e = engine(false);
+            e.add(Request::greedy(p.clone(), 6)).unwrap();
+            run_all(&mut e).remove(0).1
+        })
+        .collect();
+    let mut e = engine(false);
+    let mut got = vec![Vec::new(); 3];
+    let mut ids = vec![e.add(Request::greedy(prompts[0].clone(), 6)).unwrap()];
+    for step in 0..20 {
+        if step == 2 || step == 3 {
+            ids.push(
+                e.add(Request::greedy(prompts[ids.len()].clone(), 6))
+                    .unwrap(),
+            );
+        }
+        for ev in e.step().unwrap() {
+            if let Event::Token { id, token, .. } = ev {
+                got[ids.iter().position(|&i| i == id).unwrap()].push(token);
+            }
+        }
+    }
+    assert_eq!(got, alone);
+    assert!(!e.has_work());
+    assert_eq!(e.stats().generated_tokens, 18);
+}
+
+#[test]
+fn sampling_is_deterministic_for_a_seed() {
+    let run = |seed| {
+        let mut e = engine(false);
+        let sampling = SamplingParams {
+            temperature: 1.5,
+            top_k: 50,
+            top_p: 0.95,
+            seed,
+        };
+        e.add(Request {
+            sampling,
+            ..Request::greedy(PROMPT.to_vec(), 24)
+        })
+        .unwrap();
+        run_all(&mut e).remove(0).1
+    };
+    assert_eq!(run(1), run(1));
+    assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn eos_stops_and_is_not_emitted() {
+    let greedy = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 6).1;
+    let eos = greedy[3];
+    let first = greedy.iter().position(|&t| t == eos).unwrap();
+    let b = backend(tiny().0, WeightMode::Decoded);
+    let opts = EngineOptions {
+        eos_token_ids: vec![eos],
+        ..EngineOptions::for_config(b.config())
+    };
+    let mut e = Engine::new(b, Some(Arc::new(Angle) as Arc<dyn Detokenizer>), opts);
+    e.add(Request::greedy(PROMPT.to_vec(), 50)).unwrap();
+    let mut ignoring = Request::greedy(PROMPT.to_vec(), 6);
+    ignoring.ignore_eos = true;
+    e.add(ignoring).unwrap();
+    let r = run_all(&mut e);
+    assert_eq!(
+        (r[0].1.clone(), r[0].3),
+        (greedy[..first].to_vec(), StopReason::Eos)
+    );
+    assert!(!r[0].2.contains(&format!("<{eos}>")));
+    assert_eq!(
+        (r[1].1.clone(), r[1].3),
+        (greedy[..6].to_vec(), StopReason::MaxTokens)
+    );
+}
+
+#[test]
+fn stop_strings_cut_the_text() {
+    let greedy = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 6).1;
+    let mut e = engine(true);
+    // The stop string spans the end of token 2's text and the start of token 3's.
+    let t2 = format!("<{}>", greedy[2]);
+    let stop = format!("{}<{}", &t2[t2.len() - 2..], greedy[3]);
+    let req = Request {
+        stop: vec![stop.clone(), "never".into()],
+        ..Request::greedy(PROMPT.to_vec(), 50)
+    };
+    e.add(req).unwrap();
+    let r = run_all(&mut e);
+    assert_eq!(r[0].3, StopReason::StopString);
+    assert_eq!(r[0].1, greedy[..4].to_vec());
+    let full: String = greedy[..4].iter().map(|t| format!("<{t}>")).collect();
+    assert_eq!(r[0].2, full[..full.find(&stop).unwrap()]);
+}
+
+#[test]
+fn cancellation_of_waiting_and_running_requests() {
+    let mut e = engine(false);
+    let a = e.add(Request::greedy(PROMPT.to_vec(), 50)).unwrap();
+    let first = e.step().unwrap();
+    assert!(matches!(first[..], [Event::Token { id, .. }] if id == a));
+    let b = e.add(Request::greedy(PROMPT.to_vec(), 50)).unwrap();
+    assert!(e.cancel(b), "waiting request");
+    assert!(e.cancel(a), "running request");
+    assert!(!e.cancel(a), "already cancelling");
+    assert!(!e.cancel(RequestId(99)));
+    let mut ev = e.step().unwrap();
+    ev.sort_by_key(|e| match e {
+        Event::Finished { id, .. } | Event::Token { id, .. } => *id,
+    });
+    assert_eq!(
+        ev,
+        vec![
+            Event::Finished {
+                id: a,
+                reason: StopReason::Cancelled,
+                text_delta: String::new()
+            },
+            Event::Finished {
+                id: b,
+                reason: StopReason::Cancelled,
+                text_delta: String::new()
+            },
+        ]
+    );
+    assert!(!e.has_work());
+    assert_eq!(e.backend().kv_capacity().max_sequences, 8);
+}
+
+#[test]
+fn context_full_stops_a_sequence() {
+    let b = CpuBackend::load(
+        tiny().0,
+        WeightMode::Decoded,
+        &CpuOptions {
+            max_context: Some(12),
+            ..CpuOptions::default()
+        },
+    )
+    .unwrap();
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    };
+    let mut e = Engine::new(b, None, opts);
+    e.add(Request::greedy(PROMPT.to_vec(), 50)).unwrap();
+    let r = run_all(&mut e);
+    // 9 prompt tokens + 3 fed back fill 12 positions; the 4th token needs no position.
+    assert_eq!((r[0].1.len(), r[0].3), (4, StopReason::ContextFull));
+    assert!(e
+        .add(Request::greedy(vec![1; 12], 5))
+        .unwrap_err()
+        .to_string()
+        .contains("no room"));
+}
+
+#[test]
+fn invalid_requests_are_refused_with_reasons() {
+    fn e_add_err(e: &mut Engine<CpuBackend>, r: Request) -> String {
+        e.add(r).unwrap_err().to_string()
+    }
+    let mut e2 = engine(false);
+    assert!(e_add_err(&mut e2, Request::greedy(vec![], 4)).contains("prompt is empty"));
+    assert!(e_add_err(&mut e2, Request::greedy(vec![5000], 4)).contains("outside the vocabulary"));
+    assert!(e_add_err(&mut e2, Request::greedy(vec![1], 0)).contains("max_tokens"));
+    let hot = SamplingParams {
+        temperature: -0.5,
+        ..SamplingParams::default()
+    };
+    assert!(e_add_err(
+        &mut e2,
+        Request {
+            sampling: hot,
+            ..Request::greedy(vec![1], 4)
+        }
+    )
+    .contains("temperature"));
+    let stop = Request {
+        stop: vec!["x".into()],
+        ..Request::greedy(vec![1], 4)
+    };
+    assert!(e_add_err(&mut e2, stop).contains("tokenizer"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config and weights against the checkpoint.
+
+/// A copy of the tiny checkpoint with its config.json edited.
+fn with_config(edit: impl FnOnce(&mut Value)) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    for f in ["model.safetensors", "config.json"] {
+        std::fs::copy(tiny().0.join(f), dir.join(f)).unwrap();
+    }
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    (tmp, dir)
+}
+
+fn load_err(dir: &Path) -> String {
+    CpuBackend::load(dir, WeightMode::Decoded, &CpuOptions::default())
+        .err()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let (_t, d) = with_config(|v| v["attention_bias"] = true.into());
+    assert!(load_err(&d).contains("`attention_bias` = true is not supported"));
+    let (_t, d) = with_config(|v| {
+        v["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0})
+    });
+    assert!(load_err(&d).contains("`rope_scaling.rope_type` = \"dynamic\""));
+    let (_t, d) = with_config(|v| v["hidden_act"] = "relu".into());
+    assert!(load_err(&d).contains("`hidden_act`"));
+}
+
+#[test]
+fn weight_shape_mismatch_names_tensor_and_shapes() {
+    let (_t, d) = with_config(|v| v["intermediate_size"] = 700.into());
+    let e = load_err(&d);
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight")
+            && e.contains("[688, 256]")
+            && e.contains("[700, 256]"),
+        "{e}"
+    );
+    let (_t, d) = with_config(|v| v["tie_word_embeddings"] = true.into());
+    // Tied: lm_head is simply unused; the model still loads.
+    assert!(CpuBackend::load(&d, WeightMode::Decoded, &CpuOptions::default()).is_ok());
+    let (_t, d) = with_config(|v| v["num_hidden_layers"] = 3.into());
+    assert!(load_err(&d).contains("`model.layers.2.input_layernorm.weight` is missing"));
+    let cfg = LlamaConfig::from_dir(tiny().0).unwrap();
+    let ck = Checkpoint::open(tiny().1).unwrap();
+    let w = LlamaWeights::load(&ck, &cfg, WeightMode::OnTheFly).unwrap();
+    assert_eq!(w.layers.len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The CLI.
+
+fn unweight(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn generate_rejects_invalid_sampling_parameters() {
+    let dir = tiny().0.to_str().unwrap();
+    for (flag, value, msg) in [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "0", "top_p"),
+        ("--top-p", "1.5", "top_p"),
+    ] {
+        let (code, _, err) = unweight(&["generate", "--model", dir, "--prompt", "hi", flag, value]);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.starts_with("unweight: error:") && err.contains(msg),
+            "{err}"
+        );
+    }
+    let (code, _, err) = unweight(&[
+        "generate",
+        "--model",
+        dir,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "0",
+    ]);
+    assert!(code == 2 && err.contains("--max-tokens"), "{err}");
+    let (code, _, err) = unweight(&["generate", "--model", dir, "--prompt", "hi"]);
+    assert!(code == 2 && err.contains("no tokenizer.json"), "{err}");
+}
+
+#[test]
+fn bench_decode_compares_the_three_weight_forms() {
+    let (plain, comp) = tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("decode.json");
+    let (code, stdout, err) = unweight(&[
+        "bench",
+        "decode",
+        "--model",
+        plain.to_str().unwrap(),
+        "--compressed",
+        comp.to_str().unwrap(),
+        "--batch",
+        "1,3",
+        "--tokens",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(
+        stdout.contains("all configurations generated identical tokens"),
+        "{stdout}"
+    );
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    let rows = doc["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 6);
+    assert!(rows
+        .iter()
+        .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real model (SmolLM2-135M-Instruct from `unweight fetch-test-model`), when present.
+
+fn smollm2() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/smollm2");
+    if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
+        Some(dir)
+    } else {
+        println!("skipped: test model not fetched (run `unweight fetch-test-model`)");
+        None
+    }
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france() {
+    let Some(dir) = smollm2() else { return };
+    let (code, out, err) = unweight(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "40",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    // ChatML with the template's default system message, as rendered by minijinja.
+    let prompt: Vec<u64> = v["prompt_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap())
+        .collect();
+    assert_eq!(prompt[0], 1, "starts with <|im_start|>");
+    assert_eq!(
+        prompt.iter().filter(|&&t| t == 2).count(),
+        2,
+        "two <|im_end|>: system and user turns"
+    );
+    assert_eq!(v["finish_reason"], "eos");
+}
+
+#[test]
+fn smollm2_compressed_on_the_fly_generates_the_same_tokens() {
+    let Some(dir) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let comp = tmp.path().join("c");
+    container::compress_dir(
+        &dir,
+        &comp,
+        &CompressOptions {
+            progress: false,
+            ..CompressOptions::default()
+        },
+    )
+    .unwrap();
+    let run = |d: &Path, weights: &str| {
+        let (code, out, err) = unweight(&[
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "The three primary colors are",
+            "--max-tokens",
+            "12",
+            "--json",
+            "--weights",
+            weights,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        (v["output_tokens"].clone(), v["text"].clone())
+    };
+    let a = run(&dir, "decoded");
+    assert_eq!(a, run(&comp, "on-the-fly"));
+    assert_eq!(a, run(&comp, "decoded"));
+}
