@@ -6,10 +6,10 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod cli;
 pub mod codec;
 pub mod container;
 pub mod device;
 pub mod engine;
 pub mod gguf;
 pub mod model;
-pub mod cli;

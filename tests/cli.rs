@@ -312,7 +312,7 @@ fn rewrite_header(path: &Path, header: &Map<String, Value>) {
     let buf = fs::read(path).unwrap();
     let (_, data_start) = read_header(path);
     let mut text = serde_json::to_vec(header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
@@ -899,12 +899,26 @@ fn output_directories_are_never_clobbered_without_force() {
     // --force never replaces the input itself or a directory that contains it.
     let before = listing(&orig);
     for target in [orig.clone(), tmp.path().to_path_buf()] {
-        uw!("compress", &orig, "--out", &target, "--force", "--no-progress")
-            .error_mentions(&["would replace the input"]);
+        uw!(
+            "compress",
+            &orig,
+            "--out",
+            &target,
+            "--force",
+            "--no-progress"
+        )
+        .error_mentions(&["would replace the input"]);
         assert_eq!(listing(&orig), before);
     }
-    uw!("decompress", &comp, "--out", &comp, "--force", "--no-progress")
-        .error_mentions(&["would replace the input"]);
+    uw!(
+        "decompress",
+        &comp,
+        "--out",
+        &comp,
+        "--force",
+        "--no-progress"
+    )
+    .error_mentions(&["would replace the input"]);
     uw!("verify", &orig, &comp, "--no-progress").ok();
 }
 

@@ -21,13 +21,26 @@ fn roundtrip(bytes: &[u8], params: Params) -> EncodedTensor {
 }
 
 fn small_params() -> impl Strategy<Value = Params> {
-    (1usize..=64, 8u32..=15).prop_map(|(c, pb)| Params { chunk_elems: 32 * c, prob_bits: pb })
+    (1usize..=64, 8u32..=15).prop_map(|(c, pb)| Params {
+        chunk_elems: 32 * c,
+        prob_bits: pb,
+    })
 }
 
 #[test]
 fn every_bf16_bit_pattern_roundtrips() {
     let all: Vec<u16> = (0..=u16::MAX).collect();
-    for params in [Params::default(), Params { chunk_elems: 1024, prob_bits: 8 }, Params { chunk_elems: 32, prob_bits: 15 }] {
+    for params in [
+        Params::default(),
+        Params {
+            chunk_elems: 1024,
+            prob_bits: 8,
+        },
+        Params {
+            chunk_elems: 32,
+            prob_bits: 15,
+        },
+    ] {
         roundtrip(&to_bytes(&all), params);
         // Reversed and interleaved orders put every pattern in every lane position.
         let rev: Vec<u16> = all.iter().rev().copied().collect();
@@ -50,14 +63,22 @@ fn special_values_roundtrip() {
     for n in [1, 2, 31, 32, 33, 1000, 70_000] {
         let v: Vec<u16> = (0..n).map(|i| specials[i % specials.len()]).collect();
         roundtrip(&to_bytes(&v), Params::default());
-        roundtrip(&to_bytes(&v), Params { chunk_elems: 64, prob_bits: 8 });
+        roundtrip(
+            &to_bytes(&v),
+            Params {
+                chunk_elems: 64,
+                prob_bits: 8,
+            },
+        );
     }
 }
 
 #[test]
 fn empty_and_tiny_tensors_roundtrip() {
     for n in 0usize..=70 {
-        let v: Vec<u16> = (0..n).map(|i| 0x3c00u16.wrapping_add((i * 977) as u16)).collect();
+        let v: Vec<u16> = (0..n)
+            .map(|i| 0x3c00u16.wrapping_add((i * 977) as u16))
+            .collect();
         let enc = roundtrip(&to_bytes(&v), Params::default());
         assert_eq!(enc.chunks(), n.div_ceil(Params::default().chunk_elems));
     }
@@ -126,7 +147,9 @@ proptest! {
 fn flipped_exponent_words_are_detected() {
     let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(7);
     let normal = Normal::new(0.0f32, 0.02).unwrap();
-    let v: Vec<u16> = (0..100_000).map(|_| f32_to_bf16(normal.sample(&mut rng))).collect();
+    let v: Vec<u16> = (0..100_000)
+        .map(|_| f32_to_bf16(normal.sample(&mut rng)))
+        .collect();
     let bytes = to_bytes(&v);
     let params = Params::default();
     let enc = codec::encode(&bytes, params).unwrap();
@@ -140,7 +163,10 @@ fn flipped_exponent_words_are_detected() {
             Ok(out) => assert_ne!(out, bytes, "a flipped word cannot decode to the original"),
         }
     }
-    assert!(detected >= 45, "only {detected} of 50 flipped words were detected by the decoder itself");
+    assert!(
+        detected >= 45,
+        "only {detected} of 50 flipped words were detected by the decoder itself"
+    );
 }
 
 /// Total stored bytes (parts plus the tensor's metadata) against the floor n × (8 + H) / 8.
@@ -161,11 +187,29 @@ fn size_is_within_half_a_percent_of_the_floor_on_large_tensors() {
     let mut cases: Vec<(&str, Vec<u16>)> = Vec::new();
     for (name, sigma) in [("N(0,0.02)", 0.02f32), ("N(0,1)", 1.0), ("N(0,1e-4)", 1e-4)] {
         let normal = Normal::new(0.0f32, sigma).unwrap();
-        cases.push((name, (0..n).map(|_| f32_to_bf16(normal.sample(&mut rng))).collect()));
+        cases.push((
+            name,
+            (0..n)
+                .map(|_| f32_to_bf16(normal.sample(&mut rng)))
+                .collect(),
+        ));
     }
-    cases.push(("uniform bit patterns (H=8)", (0..n).map(|_| rng.gen::<u16>()).collect()));
-    cases.push(("constant exponent (H=0)", (0..n).map(|_| 0x3f80 | (rng.gen::<u16>() & 0x807f)).collect()));
-    cases.push(("two exponents", (0..n).map(|i| if i % 3 == 0 { 0x3f80 } else { 0x3f00 } | (rng.gen::<u16>() & 0x807f)).collect()));
+    cases.push((
+        "uniform bit patterns (H=8)",
+        (0..n).map(|_| rng.gen::<u16>()).collect(),
+    ));
+    cases.push((
+        "constant exponent (H=0)",
+        (0..n)
+            .map(|_| 0x3f80 | (rng.gen::<u16>() & 0x807f))
+            .collect(),
+    ));
+    cases.push((
+        "two exponents",
+        (0..n)
+            .map(|i| if i % 3 == 0 { 0x3f80 } else { 0x3f00 } | (rng.gen::<u16>() & 0x807f))
+            .collect(),
+    ));
     let laplace: Vec<u16> = (0..n)
         .map(|_| {
             let u: f32 = rng.gen_range(-0.5..0.5);
@@ -175,7 +219,14 @@ fn size_is_within_half_a_percent_of_the_floor_on_large_tensors() {
     cases.push(("Laplace(0.01)", laplace));
     for (name, v) in &cases {
         let over = overhead_vs_floor(v);
-        assert!(over < 0.005, "{name}: stored size is {:.3}% over the floor", over * 100.0);
-        assert!(over > -1e-9, "{name}: below the entropy floor is impossible ({over})");
+        assert!(
+            over < 0.005,
+            "{name}: stored size is {:.3}% over the floor",
+            over * 100.0
+        );
+        assert!(
+            over > -1e-9,
+            "{name}: below the entropy floor is impossible ({over})"
+        );
     }
 }

@@ -695,11 +695,16 @@ fn bench_decode_compares_the_three_weight_forms() {
 fn smollm2() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/smollm2");
     if dir.join("model.safetensors").is_file() && dir.join("tokenizer.json").is_file() {
-        Some(dir)
-    } else {
-        println!("skipped: test model not fetched (run `unweight fetch-test-model`)");
-        None
+        return Some(dir);
     }
+    if std::env::var_os("UNWEIGHT_REQUIRE_TEST_MODEL").is_some_and(|v| v == "1") {
+        panic!(
+            "the test model is required (UNWEIGHT_REQUIRE_TEST_MODEL=1) but {} is missing",
+            dir.display()
+        );
+    }
+    println!("*** skipped: test model not fetched (run `unweight fetch-test-model`) ***");
+    None
 }
 
 #[test]

@@ -28,7 +28,10 @@ fn model_dir() -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var_os("UNWEIGHT_REQUIRE_TEST_MODEL").is_some_and(|v| v == "1") {
-        panic!("the test model is required (UNWEIGHT_REQUIRE_TEST_MODEL=1) but {} is missing", dir.display());
+        panic!(
+            "the test model is required (UNWEIGHT_REQUIRE_TEST_MODEL=1) but {} is missing",
+            dir.display()
+        );
     }
     println!("*** skipped: test model not fetched (run `unweight fetch-test-model --out .cache/smollm2`) ***");
     None
@@ -40,7 +43,11 @@ fn fixture() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -50,19 +57,38 @@ fn tokenizer_matches_transformers() {
     for case in fixture()["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let text = if case["chat"].as_bool().unwrap() {
-            tok.apply_chat_template(&[ChatMessage::user(prompt)], true).unwrap()
+            tok.apply_chat_template(&[ChatMessage::user(prompt)], true)
+                .unwrap()
         } else {
             prompt.to_string()
         };
-        assert_eq!(text, case["prompt_text"].as_str().unwrap(), "{}: rendered prompt", case["name"]);
-        assert_eq!(tok.encode(&text, false).unwrap(), ids(&case["prompt_ids"]), "{}: prompt ids", case["name"]);
+        assert_eq!(
+            text,
+            case["prompt_text"].as_str().unwrap(),
+            "{}: rendered prompt",
+            case["name"]
+        );
+        assert_eq!(
+            tok.encode(&text, false).unwrap(),
+            ids(&case["prompt_ids"]),
+            "{}: prompt ids",
+            case["name"]
+        );
     }
 }
 
 /// Greedy decoding with the engine's backend, teacher-forced on the reference's tokens so that
 /// every position's logits can be compared even after a divergence.
 fn check_against_reference(mode: WeightMode, dir: &Path) {
-    let mut backend = CpuBackend::load(dir, mode, &CpuOptions { max_sequences: 1, ..CpuOptions::default() }).unwrap();
+    let mut backend = CpuBackend::load(
+        dir,
+        mode,
+        &CpuOptions {
+            max_sequences: 1,
+            ..CpuOptions::default()
+        },
+    )
+    .unwrap();
     let mut worst = 0.0f64;
     for case in fixture()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
@@ -73,7 +99,10 @@ fn check_against_reference(mode: WeightMode, dir: &Path) {
         let mut logits = backend.prefill(seq, &prompt).unwrap();
         let mut ours = Vec::new();
         for (i, step) in steps.iter().enumerate() {
-            for (id, want) in ids(&step["top_ids"]).iter().zip(step["top_logits"].as_array().unwrap()) {
+            for (id, want) in ids(&step["top_ids"])
+                .iter()
+                .zip(step["top_logits"].as_array().unwrap())
+            {
                 let want = want.as_f64().unwrap();
                 let got = logits[*id as usize] as f64;
                 let rel = (got - want).abs() / want.abs().max(1.0);
@@ -83,16 +112,31 @@ fn check_against_reference(mode: WeightMode, dir: &Path) {
             ours.push(argmax(&logits));
             let next = reference[i];
             if i + 1 < steps.len() {
-                let out = backend.decode(&[DecodeItem { seq, token: next, pos: prompt.len() + i }]).unwrap();
+                let out = backend
+                    .decode(&[DecodeItem {
+                        seq,
+                        token: next,
+                        pos: prompt.len() + i,
+                    }])
+                    .unwrap();
                 logits = out.row(0).to_vec();
             }
         }
         backend.free_sequence(seq);
         let ended_on_eos = reference.last() == Some(&2);
-        assert!(reference.len() >= MIN_GREEDY || ended_on_eos, "{name}: fixture too short");
-        assert_eq!(ours, reference, "{name}: greedy tokens differ from transformers");
+        assert!(
+            reference.len() >= MIN_GREEDY || ended_on_eos,
+            "{name}: fixture too short"
+        );
+        assert_eq!(
+            ours, reference,
+            "{name}: greedy tokens differ from transformers"
+        );
     }
-    println!("{}: worst relative logit difference {worst:.2e}", mode.as_str());
+    println!(
+        "{}: worst relative logit difference {worst:.2e}",
+        mode.as_str()
+    );
 }
 
 #[test]
@@ -106,7 +150,10 @@ fn compressed_checkpoint_matches_transformers_too() {
     let Some(dir) = model_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let comp = tmp.path().join("c");
-    let opts = triton_unweight::container::CompressOptions { progress: false, ..Default::default() };
+    let opts = triton_unweight::container::CompressOptions {
+        progress: false,
+        ..Default::default()
+    };
     triton_unweight::container::compress_dir(&dir, &comp, &opts).unwrap();
     check_against_reference(WeightMode::OnTheFly, &comp);
 }

@@ -48,18 +48,40 @@ pub enum BenchCommand {
 /// Runs a benchmark subcommand.
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
-        BenchCommand::Codec { size_mib, repeats, zipnn_python, minilm, out } => {
-            codec_bench(size_mib, repeats.max(1), zipnn_python.as_deref(), minilm.as_deref(), out.as_deref())
-        }
+        BenchCommand::Codec {
+            size_mib,
+            repeats,
+            zipnn_python,
+            minilm,
+            out,
+        } => codec_bench(
+            size_mib,
+            repeats.max(1),
+            zipnn_python.as_deref(),
+            minilm.as_deref(),
+            out.as_deref(),
+        ),
         BenchCommand::Decode(args) => super::bench_decode::run(args),
     }
 }
 
-fn codec_bench(size_mib: usize, repeats: usize, zipnn: Option<&Path>, minilm: Option<&Path>, out: Option<&Path>) -> Result<()> {
+fn codec_bench(
+    size_mib: usize,
+    repeats: usize,
+    zipnn: Option<&Path>,
+    minilm: Option<&Path>,
+    out: Option<&Path>,
+) -> Result<()> {
     let threads = rayon::current_num_threads();
-    let mut datasets: Vec<(String, Vec<u8>)> = vec![(format!("synthetic N(0,0.02) bf16, {size_mib} MiB"), synthetic(size_mib))];
+    let mut datasets: Vec<(String, Vec<u8>)> = vec![(
+        format!("synthetic N(0,0.02) bf16, {size_mib} MiB"),
+        synthetic(size_mib),
+    )];
     match minilm {
-        Some(p) => datasets.push(("all-MiniLM-L6-v2 (BERT) fp32 rounded to bf16".into(), minilm_bf16(p)?)),
+        Some(p) => datasets.push((
+            "all-MiniLM-L6-v2 (BERT) fp32 rounded to bf16".into(),
+            minilm_bf16(p)?,
+        )),
         None => eprintln!("bench: no --minilm given: the real-weights data set is NOT measured"),
     }
     if zipnn.is_none() {
@@ -84,9 +106,14 @@ fn codec_bench(size_mib: usize, repeats: usize, zipnn: Option<&Path>, minilm: Op
         let mut row = json!({"dataset": name, "bytes": bytes.len(), "unweight": ours});
         if let Some(t) = theirs {
             row["zipnn"] = t.clone();
-            row["compress_speedup_vs_zipnn"] = json!(ours["compress_gbps"].as_f64().unwrap() / t["compress_gbps"].as_f64().unwrap());
-            row["decompress_speedup_vs_zipnn"] = json!(ours["decompress_gbps"].as_f64().unwrap() / t["decompress_gbps"].as_f64().unwrap());
-            row["ratio_vs_zipnn"] = json!(ours["ratio"].as_f64().unwrap() / t["ratio"].as_f64().unwrap());
+            row["compress_speedup_vs_zipnn"] = json!(
+                ours["compress_gbps"].as_f64().unwrap() / t["compress_gbps"].as_f64().unwrap()
+            );
+            row["decompress_speedup_vs_zipnn"] = json!(
+                ours["decompress_gbps"].as_f64().unwrap() / t["decompress_gbps"].as_f64().unwrap()
+            );
+            row["ratio_vs_zipnn"] =
+                json!(ours["ratio"].as_f64().unwrap() / t["ratio"].as_f64().unwrap());
         }
         results.push(row);
     }
@@ -102,7 +129,8 @@ fn codec_bench(size_mib: usize, repeats: usize, zipnn: Option<&Path>, minilm: Op
         if let Some(dir) = out.parent() {
             std::fs::create_dir_all(dir).ok();
         }
-        std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n").with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", out.display()))?;
         println!("results written to {}", out.display());
     }
     Ok(())
@@ -131,7 +159,9 @@ fn synthetic(size_mib: usize) -> Vec<u8> {
             let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(p as u64);
             let normal = Normal::new(0.0f32, 0.02).unwrap();
             let len = (1usize << 20).min(n - (p << 20));
-            (0..len).flat_map(move |_| f32_to_bf16(normal.sample(&mut rng)).to_le_bytes()).collect::<Vec<_>>()
+            (0..len)
+                .flat_map(move |_| f32_to_bf16(normal.sample(&mut rng)).to_le_bytes())
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -140,13 +170,19 @@ fn synthetic(size_mib: usize) -> Vec<u8> {
 fn minilm_bf16(path: &Path) -> Result<Vec<u8>> {
     let f = SafetensorsFile::open(path)?;
     let mut out = Vec::new();
-    let names: Vec<String> = f.tensors().filter(|(_, d, _)| *d == safetensors::Dtype::F32).map(|(n, _, _)| n.to_string()).collect();
+    let names: Vec<String> = f
+        .tensors()
+        .filter(|(_, d, _)| *d == safetensors::Dtype::F32)
+        .map(|(n, _, _)| n.to_string())
+        .collect();
     if names.is_empty() {
         bail!("{}: no F32 tensors", path.display());
     }
     for n in names {
         for c in f.bytes(&n).expect("listed tensor").chunks_exact(4) {
-            out.extend_from_slice(&f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes());
+            out.extend_from_slice(
+                &f32_to_bf16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes(),
+            );
         }
     }
     Ok(out)
@@ -188,32 +224,53 @@ fn measure_zipnn(python: &Path, bytes: &[u8], threads: usize, repeats: usize) ->
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     let output = Command::new(python)
         .arg(&script)
-        .args(["--input", &tmp.to_string_lossy(), "--threads", &threads.to_string(), "--repeats", &repeats.to_string()])
+        .args([
+            "--input",
+            &tmp.to_string_lossy(),
+            "--threads",
+            &threads.to_string(),
+            "--repeats",
+            &repeats.to_string(),
+        ])
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()));
     let _ = std::fs::remove_file(&tmp);
     let output = output?;
     if !output.status.success() {
-        bail!("zipnn benchmark failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "zipnn benchmark failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     serde_json::from_slice(&output.stdout).context("parsing the zipnn benchmark's JSON")
 }
 
 pub(super) fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub(super) fn git_commit() -> Option<String> {
     let dir = env!("CARGO_MANIFEST_DIR");
     let head = command_line("git", &["-C", dir, "rev-parse", "HEAD"])?;
-    let dirty = command_line("git", &["-C", dir, "status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let dirty = command_line(
+        "git",
+        &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
+    )
+    .is_some_and(|s| !s.is_empty());
     Some(if dirty { format!("{head}-dirty") } else { head })
 }
 
 pub(super) fn machine(threads: usize) -> Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string());
+    let cpu = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string());
     json!({
         "cpu": cpu,
         "logical_cores": std::thread::available_parallelism().map(|n| n.get()).ok(),

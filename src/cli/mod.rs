@@ -116,16 +116,33 @@ pub fn run() -> Result<ExitCode> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("configuring the thread pool")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("configuring the thread pool")?;
     }
     match cli.command {
-        Command::Compress { input, out, force, no_progress } => {
-            let opts = CompressOptions { params: Params::default(), force, progress: !no_progress };
+        Command::Compress {
+            input,
+            out,
+            force,
+            no_progress,
+        } => {
+            let opts = CompressOptions {
+                params: Params::default(),
+                force,
+                progress: !no_progress,
+            };
             let r = container::compress_dir(&input, &out, &opts)
                 .with_context(|| format!("compressing {}", input.display()))?;
             report::print_compress(&r);
         }
-        Command::Decompress { input, out, force, no_progress } => {
+        Command::Decompress {
+            input,
+            out,
+            force,
+            no_progress,
+        } => {
             let r = container::decompress_dir(&input, &out, force, !no_progress)
                 .with_context(|| format!("decompressing {}", input.display()))?;
             let bytes: u64 = r.stored_bytes.iter().sum();
@@ -137,16 +154,28 @@ pub fn run() -> Result<ExitCode> {
                 r.elapsed.as_secs_f64()
             );
         }
-        Command::Verify { original, compressed, no_progress } => {
+        Command::Verify {
+            original,
+            compressed,
+            no_progress,
+        } => {
             let r = container::verify_dirs(&original, &compressed, !no_progress)?;
             for m in &r.mismatches {
                 println!("MISMATCH {}: {}", m.name, m.reason);
             }
             if !r.ok() {
-                println!("verify: {} tensors differ, {} identical", r.mismatches.len(), r.identical);
+                println!(
+                    "verify: {} tensors differ, {} identical",
+                    r.mismatches.len(),
+                    r.identical
+                );
                 return Ok(ExitCode::from(1));
             }
-            println!("verify: all {} tensors identical ({})", r.identical, report::human_bytes(r.identical_bytes));
+            println!(
+                "verify: all {} tensors identical ({})",
+                r.identical,
+                report::human_bytes(r.identical_bytes)
+            );
         }
         Command::Inspect { dir, json } => {
             let r = container::inspect_dir(&dir)?;
@@ -156,12 +185,24 @@ pub fn run() -> Result<ExitCode> {
                 report::print_inspect(&r);
             }
         }
-        Command::Synth { shape, out, seed, sigma, shard_size, force } => {
+        Command::Synth {
+            shape,
+            out,
+            seed,
+            sigma,
+            shard_size,
+            force,
+        } => {
             if !(sigma.is_finite() && sigma > 0.0) {
                 bail!("--sigma must be a positive number, got {sigma}");
             }
             let shape = LlamaShape::preset(&shape).expect("clap restricts the shape to presets");
-            let opts = SynthOptions { seed, sigma, shard_bytes: shard_size.max(1), force };
+            let opts = SynthOptions {
+                seed,
+                sigma,
+                shard_bytes: shard_size.max(1),
+                force,
+            };
             let dir = synth_checkpoint(&shape, &out, &opts)?;
             println!(
                 "wrote synthetic {} ({} parameters, BF16 N(0, {sigma})) to {}",

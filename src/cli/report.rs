@@ -57,10 +57,21 @@ fn table(rows: impl Iterator<Item = (String, u64, u64, Option<f64>, usize)>) {
             g.floor += floor;
         }
     }
-    println!("{:<20} {:>7} {:>12} {:>12} {:>7} {:>7}", "group", "tensors", "original", "stored", "ratio", "floor");
+    println!(
+        "{:<20} {:>7} {:>12} {:>12} {:>7} {:>7}",
+        "group", "tensors", "original", "stored", "ratio", "floor"
+    );
     let line = |name: &str, g: &Group| {
-        let ratio = if g.original == 0 { 1.0 } else { g.stored as f64 / g.original as f64 };
-        let floor = if g.original == 0 { 1.0 } else { g.floor / g.original as f64 };
+        let ratio = if g.original == 0 {
+            1.0
+        } else {
+            g.stored as f64 / g.original as f64
+        };
+        let floor = if g.original == 0 {
+            1.0
+        } else {
+            g.floor / g.original as f64
+        };
         println!(
             "{:<20} {:>7} {:>12} {:>12} {:>7.4} {:>7.4}",
             name,
@@ -81,7 +92,13 @@ fn table(rows: impl Iterator<Item = (String, u64, u64, Option<f64>, usize)>) {
 pub fn print_compress(r: &CompressReport) {
     table(r.tensors.iter().zip(&r.stored_bytes).map(|(m, &s)| {
         let numel = m.shape.iter().product();
-        (m.name.clone(), m.original_bytes, s, m.exponent_entropy_bits, numel)
+        (
+            m.name.clone(),
+            m.original_bytes,
+            s,
+            m.exponent_entropy_bits,
+            numel,
+        )
     }));
     let original: u64 = r.tensors.iter().map(|m| m.original_bytes).sum();
     println!(
@@ -114,13 +131,20 @@ pub fn print_inspect(r: &InspectReport) {
             t.encoding,
             t.original_bytes,
             t.stored_bytes,
-            t.exponent_entropy_bits.map_or("-".into(), |h| format!("{h:.3}")),
+            t.exponent_entropy_bits
+                .map_or("-".into(), |h| format!("{h:.3}")),
             t.floor_bytes.map_or("-".into(), |f| format!("{f:.0}"))
         );
     }
     println!();
     table(r.tensors.iter().map(|t| {
         let numel = t.shape.iter().product();
-        (t.name.clone(), t.original_bytes, t.stored_bytes, t.exponent_entropy_bits, numel)
+        (
+            t.name.clone(),
+            t.original_bytes,
+            t.stored_bytes,
+            t.exponent_entropy_bits,
+            numel,
+        )
     }));
 }

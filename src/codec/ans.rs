@@ -120,6 +120,7 @@ pub fn encode_chunk(
 /// sign+mantissa byte and exponent and codes the exponents, in one pass, with the AVX-512 kernel
 /// when the CPU has it and a scalar loop otherwise. Both give exactly [`encode_chunk`]'s output.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the SIMD parts are x86-64 only
 pub struct ChunkEncoder {
     prob_bits: u32,
     syms: [EncSymbol; 256],
@@ -197,6 +198,7 @@ impl ChunkEncoder {
 /// A decoding table: per slot the symbol, and `freq << 16 | (slot - cum)` for the state update;
 /// for `prob_bits <= 12` also the SIMD decoder's packed form of both.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the SIMD parts are x86-64 only
 pub struct DecodeTable {
     prob_bits: u32,
     symbol: Vec<u8>,
@@ -246,6 +248,7 @@ impl DecodeTable {
     }
 
     /// The SIMD decoder's packed entries (empty when it does not apply).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn packed(&self) -> &[u32] {
         &self.packed
     }

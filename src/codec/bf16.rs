@@ -21,7 +21,9 @@ pub fn sign_mantissa(bits: u16) -> u8 {
 /// Rebuilds the BF16 bit pattern from its exponent byte and its sign+mantissa byte.
 #[inline(always)]
 pub fn join(exponent: u8, sign_mantissa: u8) -> u16 {
-    (((sign_mantissa as u16) & 0x80) << 8) | ((exponent as u16) << 7) | ((sign_mantissa as u16) & 0x7f)
+    (((sign_mantissa as u16) & 0x80) << 8)
+        | ((exponent as u16) << 7)
+        | ((sign_mantissa as u16) & 0x7f)
 }
 
 /// Reads the `i`-th little-endian BF16 value of a byte slice.
@@ -35,7 +37,7 @@ pub fn load(bytes: &[u8], i: usize) -> u16 {
 /// Runs in parallel over large inputs because it is the first full pass of every compression.
 pub fn exponent_histogram(bytes: &[u8]) -> [u64; 256] {
     use rayon::prelude::*;
-    debug_assert!(bytes.len() % 2 == 0);
+    debug_assert!(bytes.len().is_multiple_of(2));
     const PIECE: usize = 1 << 20;
     bytes
         .par_chunks(PIECE)
@@ -44,10 +46,10 @@ pub fn exponent_histogram(bytes: &[u8]) -> [u64; 256] {
             let mut h = [[0u32; 256]; 4];
             let mut quads = piece.chunks_exact(8);
             for q in &mut quads {
-                h[0][q[1] as usize * 2 % 256 | (q[0] >> 7) as usize] += 1;
-                h[1][q[3] as usize * 2 % 256 | (q[2] >> 7) as usize] += 1;
-                h[2][q[5] as usize * 2 % 256 | (q[4] >> 7) as usize] += 1;
-                h[3][q[7] as usize * 2 % 256 | (q[6] >> 7) as usize] += 1;
+                h[0][exponent(u16::from_le_bytes([q[0], q[1]])) as usize] += 1;
+                h[1][exponent(u16::from_le_bytes([q[2], q[3]])) as usize] += 1;
+                h[2][exponent(u16::from_le_bytes([q[4], q[5]])) as usize] += 1;
+                h[3][exponent(u16::from_le_bytes([q[6], q[7]])) as usize] += 1;
             }
             for pair in quads.remainder().chunks_exact(2) {
                 h[0][exponent(u16::from_le_bytes([pair[0], pair[1]])) as usize] += 1;
@@ -103,13 +105,19 @@ mod tests {
     #[test]
     fn split_and_join_are_inverse_for_every_pattern() {
         for bits in 0..=u16::MAX {
-            assert_eq!(join(exponent(bits), sign_mantissa(bits)), bits, "{bits:#06x}");
+            assert_eq!(
+                join(exponent(bits), sign_mantissa(bits)),
+                bits,
+                "{bits:#06x}"
+            );
         }
     }
 
     #[test]
     fn histogram_matches_a_naive_count() {
-        let bytes: Vec<u8> = (0..10_007u32).flat_map(|i| (i.wrapping_mul(2654435761) as u16).to_le_bytes()).collect();
+        let bytes: Vec<u8> = (0..10_007u32)
+            .flat_map(|i| (i.wrapping_mul(2654435761) as u16).to_le_bytes())
+            .collect();
         let mut naive = [0u64; 256];
         for i in 0..bytes.len() / 2 {
             naive[exponent(load(&bytes, i)) as usize] += 1;

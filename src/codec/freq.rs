@@ -72,7 +72,7 @@ impl FreqTable {
                 } else {
                     continue;
                 };
-                if best.map_or(true, |(b, _)| delta > b) {
+                if best.is_none_or(|(b, _)| delta > b) {
                     best = Some((delta, s));
                 }
             }
@@ -104,7 +104,11 @@ impl FreqTable {
             cum[s] = acc;
             acc += freq[s];
         }
-        Ok(Self { prob_bits, freq, cum })
+        Ok(Self {
+            prob_bits,
+            freq,
+            cum,
+        })
     }
 
     /// Parses the serialised (sparse) form.
@@ -112,7 +116,11 @@ impl FreqTable {
         let corrupt = |m: String| CodecError::Corrupt(format!("exponent code table: {m}"));
         let k = 1 + *bytes.first().ok_or_else(|| corrupt("empty".into()))? as usize;
         if bytes.len() != 1 + 3 * k {
-            return Err(corrupt(format!("{} bytes for {k} symbols, expected {}", bytes.len(), 1 + 3 * k)));
+            return Err(corrupt(format!(
+                "{} bytes for {k} symbols, expected {}",
+                bytes.len(),
+                1 + 3 * k
+            )));
         }
         let symbols = &bytes[1..1 + k];
         if symbols.windows(2).any(|w| w[0] >= w[1]) {
@@ -156,23 +164,6 @@ impl FreqTable {
     #[inline(always)]
     pub fn cum(&self, s: u8) -> u32 {
         self.cum[s as usize]
-    }
-
-    /// Expected coded size, in bits per symbol, of data with this histogram under this table
-    /// (the entropy plus the quantisation loss).
-    pub fn cost_bits(&self, histogram: &[u64; 256]) -> f64 {
-        let total: u64 = histogram.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let scale = (1u64 << self.prob_bits) as f64;
-        let mut bits = 0.0;
-        for s in 0..256 {
-            if histogram[s] > 0 {
-                bits += histogram[s] as f64 * (scale / self.freq[s] as f64).log2();
-            }
-        }
-        bits / total as f64
     }
 }
 
@@ -220,15 +211,21 @@ mod tests {
         h[126] = 10;
         h[127] = 30;
         let t = FreqTable::from_histogram(&h, 12).unwrap();
-        let mut bytes = t.to_bytes();
+        let bytes = t.to_bytes();
         assert_eq!(FreqTable::from_bytes(&bytes, 12).unwrap(), t);
         assert_eq!(bytes.len(), 7, "two symbols: 1 + 3 * 2 bytes");
         let mut bad = bytes.clone();
         bad[5] ^= 1;
-        assert!(FreqTable::from_bytes(&bad, 12).is_err(), "frequencies no longer sum to 4096");
+        assert!(
+            FreqTable::from_bytes(&bad, 12).is_err(),
+            "frequencies no longer sum to 4096"
+        );
         let mut bad = bytes.clone();
         bad[1] = bad[2];
-        assert!(FreqTable::from_bytes(&bad, 12).is_err(), "symbols not ascending");
+        assert!(
+            FreqTable::from_bytes(&bad, 12).is_err(),
+            "symbols not ascending"
+        );
         assert!(FreqTable::from_bytes(&bytes[..6], 12).is_err());
         assert!(FreqTable::from_bytes(&[], 12).is_err());
     }

@@ -86,6 +86,7 @@ pub(crate) fn pack_decode_table(symbol: &[u8], update: &[u32]) -> Vec<u32> {
 /// registers and looks up with one permute. Exponents outside that window (rare in weights) fall
 /// back to a gather from the full table.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the SIMD parts are x86-64 only
 pub(crate) struct EncodeTable {
     entries: [u32; 256],
     base: usize,

@@ -308,9 +308,9 @@ pub fn decode_into(view: &EncodedView<'_>, out: &mut [u8]) -> Result<(), CodecEr
                     for (l, s) in states.iter_mut().enumerate() {
                         *s = read_u32(view.states, c * LANES + l);
                     }
-                    // The decoder reads the stored bytes in place; it needs `WORD_PAD_BYTES` readable
-                    // bytes after the chunk's words, which only the last chunks lack: they get a
-                    // zero-padded copy.
+                    // The decoder reads the stored bytes in place; it needs `WORD_PAD_BYTES`
+                    // readable bytes after the chunk's words, which only the last chunks lack:
+                    // they get a zero-padded copy.
                     let (start, n_words) = (2 * bounds[c], bounds[c + 1] - bounds[c]);
                     let words = if start + 2 * n_words + ans::WORD_PAD_BYTES <= view.exp_words.len()
                     {

@@ -65,38 +65,62 @@ impl Checkpoint {
     /// checkpoints) checks that the metadata and the stored parts agree.
     pub fn open(dir: &Path) -> Result<Self, ContainerError> {
         if !dir.is_dir() {
-            return Err(ContainerError::checkpoint(dir, "not a directory (expected a checkpoint directory)"));
+            return Err(ContainerError::checkpoint(
+                dir,
+                "not a directory (expected a checkpoint directory)",
+            ));
         }
         let index_path = dir.join(INDEX_FILE);
         let (file_names, weight_map, sharded) = if index_path.exists() {
-            let text = fs::read_to_string(&index_path).map_err(|e| ContainerError::io(&index_path, e))?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ContainerError::checkpoint(&index_path, format!("invalid JSON: {e}")))?;
-            let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-                ContainerError::checkpoint(&index_path, "has no \"weight_map\" object")
+            let text =
+                fs::read_to_string(&index_path).map_err(|e| ContainerError::io(&index_path, e))?;
+            let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                ContainerError::checkpoint(&index_path, format!("invalid JSON: {e}"))
             })?;
+            let map = value
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    ContainerError::checkpoint(&index_path, "has no \"weight_map\" object")
+                })?;
             let mut weight_map = HashMap::new();
             for (name, file) in map {
                 let file = file.as_str().ok_or_else(|| {
-                    ContainerError::checkpoint(&index_path, format!("weight_map entry `{name}` is not a file name"))
+                    ContainerError::checkpoint(
+                        &index_path,
+                        format!("weight_map entry `{name}` is not a file name"),
+                    )
                 })?;
                 if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                    return Err(ContainerError::checkpoint(&index_path, format!("shard name `{file}` is not a plain file name")));
+                    return Err(ContainerError::checkpoint(
+                        &index_path,
+                        format!("shard name `{file}` is not a plain file name"),
+                    ));
                 }
                 weight_map.insert(name.clone(), file.to_string());
             }
             let names: BTreeSet<String> = weight_map.values().cloned().collect();
-            (names.into_iter().collect::<Vec<_>>(), Some(weight_map), true)
+            (
+                names.into_iter().collect::<Vec<_>>(),
+                Some(weight_map),
+                true,
+            )
         } else if dir.join(SINGLE_FILE).exists() {
             (vec![SINGLE_FILE.to_string()], None, false)
         } else {
-            return Err(ContainerError::checkpoint(dir, format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory")));
+            return Err(ContainerError::checkpoint(
+                dir,
+                format!("no {SINGLE_FILE} or {INDEX_FILE} in this directory"),
+            ));
         };
         let mut files = Vec::with_capacity(file_names.len());
         for name in &file_names {
             let path = dir.join(name);
             if !path.exists() {
-                return Err(ContainerError::checkpoint(&path, "shard listed in the index is missing"));
+                return Err(ContainerError::checkpoint(
+                    &path,
+                    "shard listed in the index is missing",
+                ));
             }
             files.push(SafetensorsFile::open(&path)?);
         }
@@ -104,7 +128,10 @@ impl Checkpoint {
         let mut entries = Vec::new();
         for (fi, file) in files.iter().enumerate() {
             if file.unweight().is_some() != compressed {
-                return Err(ContainerError::checkpoint(file.path(), "mixes compressed and plain shards"));
+                return Err(ContainerError::checkpoint(
+                    file.path(),
+                    "mixes compressed and plain shards",
+                ));
             }
             match file.unweight() {
                 Some(fm) => entries.extend(compressed_entries(file, fi, &fm.tensors)?),
@@ -120,7 +147,10 @@ impl Checkpoint {
         let mut by_name = HashMap::new();
         for (i, e) in entries.iter().enumerate() {
             if by_name.insert(e.name.clone(), i).is_some() {
-                return Err(ContainerError::checkpoint(dir, format!("tensor `{}` is stored twice", e.name)));
+                return Err(ContainerError::checkpoint(
+                    dir,
+                    format!("tensor `{}` is stored twice", e.name),
+                ));
             }
         }
         if let Some(wm) = &weight_map {
@@ -128,15 +158,32 @@ impl Checkpoint {
                 match by_name.get(name) {
                     Some(&i) if &file_names[entries[i].file] == file => {}
                     Some(&i) => {
-                        return Err(ContainerError::checkpoint(&index_path, format!(
-                            "index puts `{name}` in {file} but it is in {}", file_names[entries[i].file]
-                        )))
+                        return Err(ContainerError::checkpoint(
+                            &index_path,
+                            format!(
+                                "index puts `{name}` in {file} but it is in {}",
+                                file_names[entries[i].file]
+                            ),
+                        ))
                     }
-                    None => return Err(ContainerError::checkpoint(dir.join(file), format!("tensor `{name}` listed in the index is missing"))),
+                    None => {
+                        return Err(ContainerError::checkpoint(
+                            dir.join(file),
+                            format!("tensor `{name}` listed in the index is missing"),
+                        ))
+                    }
                 }
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), files, file_names, entries, by_name, sharded, compressed })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            file_names,
+            entries,
+            by_name,
+            sharded,
+            compressed,
+        })
     }
 
     /// The directory.
@@ -176,7 +223,12 @@ impl Checkpoint {
 
     /// The original bytes of a tensor, decoded and checksum-verified when compressed.
     pub fn load(&self, name: &str) -> Result<Cow<'_, [u8]>, ContainerError> {
-        let entry = self.entry(name).ok_or_else(|| ContainerError::NoSuchTensor { path: self.dir.clone(), tensor: name.to_string() })?;
+        let entry = self
+            .entry(name)
+            .ok_or_else(|| ContainerError::NoSuchTensor {
+                path: self.dir.clone(),
+                tensor: name.to_string(),
+            })?;
         self.load_entry(entry)
     }
 
@@ -186,7 +238,10 @@ impl Checkpoint {
         let path = file.path();
         let name = entry.name.as_str();
         let Some(m) = &entry.meta else {
-            return Ok(Cow::Borrowed(file.bytes(name).expect("entry of a plain file names a stored tensor")));
+            return Ok(Cow::Borrowed(
+                file.bytes(name)
+                    .expect("entry of a plain file names a stored tensor"),
+            ));
         };
         match m.encoding {
             Encoding::Raw => {
@@ -209,22 +264,31 @@ impl Checkpoint {
                 let (offsets_len, states_len) = (4 * (chunks + 1), 4 * codec::ans::LANES * chunks);
                 let index = parts[2];
                 if index.len() <= offsets_len + states_len {
-                    return Err(ContainerError::corrupt(path, name, format!(
-                        "index part is {} bytes, too short for {chunks} chunks", index.len()
-                    )));
+                    return Err(ContainerError::corrupt(
+                        path,
+                        name,
+                        format!(
+                            "index part is {} bytes, too short for {chunks} chunks",
+                            index.len()
+                        ),
+                    ));
                 }
                 let (offsets, rest) = index.split_at(offsets_len);
                 let (states, table) = rest.split_at(states_len);
                 let view = EncodedView {
                     len,
-                    params: Params { chunk_elems: r.chunk_elems, prob_bits: r.prob_bits },
+                    params: Params {
+                        chunk_elems: r.chunk_elems,
+                        prob_bits: r.prob_bits,
+                    },
                     sign_mantissa: parts[0],
                     exp_words: parts[1],
                     offsets,
                     states,
                     table,
                 };
-                let bytes = codec::decode(&view).map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
+                let bytes = codec::decode(&view)
+                    .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
                 check(path, name, "decoded bytes", &m.checksum, &bytes)?;
                 Ok(Cow::Owned(bytes))
             }
@@ -250,25 +314,45 @@ impl Checkpoint {
     pub fn stored_bytes(&self, entry: &TensorEntry) -> usize {
         let file = &self.files[entry.file];
         match entry.meta.as_ref().map(|m| m.encoding) {
-            Some(Encoding::ExpRans) => PARTS.iter().filter_map(|p| file.range(&part_name(&entry.name, p))).map(|(a, b)| b - a).sum(),
+            Some(Encoding::ExpRans) => PARTS
+                .iter()
+                .filter_map(|p| file.range(&part_name(&entry.name, p)))
+                .map(|(a, b)| b - a)
+                .sum(),
             _ => file.range(&entry.name).map_or(0, |(a, b)| b - a),
         }
     }
 }
 
-fn check(path: &Path, name: &str, what: &str, want: &str, bytes: &[u8]) -> Result<(), ContainerError> {
+fn check(
+    path: &Path,
+    name: &str,
+    what: &str,
+    want: &str,
+    bytes: &[u8],
+) -> Result<(), ContainerError> {
     let got = meta::checksum_of(bytes);
     if got == want {
         Ok(())
     } else {
-        Err(ContainerError::corrupt(path, name, format!("{what} checksum {got} does not match the recorded {want} (the file is damaged)")))
+        Err(ContainerError::corrupt(
+            path,
+            name,
+            format!(
+                "{what} checksum {got} does not match the recorded {want} (the file is damaged)"
+            ),
+        ))
     }
 }
 
 /// Builds the logical entries of a compressed file from its metadata, checking that every
 /// stored tensor the metadata refers to exists with the right dtype and size, and that nothing
 /// else is stored.
-fn compressed_entries(file: &SafetensorsFile, fi: usize, metas: &[TensorMeta]) -> Result<Vec<TensorEntry>, ContainerError> {
+fn compressed_entries(
+    file: &SafetensorsFile,
+    fi: usize,
+    metas: &[TensorMeta],
+) -> Result<Vec<TensorEntry>, ContainerError> {
     let path = file.path();
     let mut referenced = BTreeSet::new();
     let mut out = Vec::with_capacity(metas.len());
@@ -278,53 +362,107 @@ fn compressed_entries(file: &SafetensorsFile, fi: usize, metas: &[TensorMeta]) -
             tensor: m.name.clone(),
             dtype: m.dtype.clone(),
         })?;
-        let numel = m.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
-            ContainerError::corrupt(path, &m.name, format!("shape {:?} overflows", m.shape))
-        })?;
+        let numel = m
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                ContainerError::corrupt(path, &m.name, format!("shape {:?} overflows", m.shape))
+            })?;
         if numel.checked_mul(dtype.size()) != Some(m.original_bytes as usize) {
-            return Err(ContainerError::corrupt(path, &m.name, format!(
-                "recorded size {} bytes does not match shape {:?} of {}", m.original_bytes, m.shape, m.dtype
-            )));
+            return Err(ContainerError::corrupt(
+                path,
+                &m.name,
+                format!(
+                    "recorded size {} bytes does not match shape {:?} of {}",
+                    m.original_bytes, m.shape, m.dtype
+                ),
+            ));
         }
         match m.encoding {
             Encoding::Raw => {
                 match file.info(&m.name) {
                     Some((d, s)) if d == dtype && s == m.shape.as_slice() => {}
                     Some((d, s)) => {
-                        return Err(ContainerError::corrupt(path, &m.name, format!(
-                            "stored as {d:?} {s:?} but metadata says {} {:?}", m.dtype, m.shape
-                        )))
+                        return Err(ContainerError::corrupt(
+                            path,
+                            &m.name,
+                            format!(
+                                "stored as {d:?} {s:?} but metadata says {} {:?}",
+                                m.dtype, m.shape
+                            ),
+                        ))
                     }
-                    None => return Err(ContainerError::corrupt(path, &m.name, "stored tensor is missing")),
+                    None => {
+                        return Err(ContainerError::corrupt(
+                            path,
+                            &m.name,
+                            "stored tensor is missing",
+                        ))
+                    }
                 }
                 referenced.insert(m.name.clone());
             }
             Encoding::ExpRans => {
                 if dtype != Dtype::BF16 {
-                    return Err(ContainerError::UnsupportedDtype { path: path.to_path_buf(), tensor: m.name.clone(), dtype: m.dtype.clone() });
+                    return Err(ContainerError::UnsupportedDtype {
+                        path: path.to_path_buf(),
+                        tensor: m.name.clone(),
+                        dtype: m.dtype.clone(),
+                    });
                 }
-                let r = m.rans.as_ref().ok_or_else(|| ContainerError::corrupt(path, &m.name, "exp-rans tensor has no rans parameters"))?;
+                let r = m.rans.as_ref().ok_or_else(|| {
+                    ContainerError::corrupt(path, &m.name, "exp-rans tensor has no rans parameters")
+                })?;
                 if r.lanes != codec::ans::LANES {
-                    return Err(ContainerError::corrupt(path, &m.name, format!("{} lanes (only {} are defined)", r.lanes, codec::ans::LANES)));
+                    return Err(ContainerError::corrupt(
+                        path,
+                        &m.name,
+                        format!("{} lanes (only {} are defined)", r.lanes, codec::ans::LANES),
+                    ));
                 }
-                Params { chunk_elems: r.chunk_elems, prob_bits: r.prob_bits }
-                    .validate()
-                    .map_err(|e| ContainerError::corrupt(path, &m.name, e.to_string()))?;
+                Params {
+                    chunk_elems: r.chunk_elems,
+                    prob_bits: r.prob_bits,
+                }
+                .validate()
+                .map_err(|e| ContainerError::corrupt(path, &m.name, e.to_string()))?;
                 for p in PARTS {
                     let pn = part_name(&m.name, p);
                     match file.info(&pn) {
                         Some((Dtype::U8, s)) if s.len() == 1 => {}
-                        Some(_) => return Err(ContainerError::corrupt(path, &m.name, format!("part `{pn}` is not a 1-D U8 tensor"))),
-                        None => return Err(ContainerError::corrupt(path, &m.name, format!("part `{pn}` is missing"))),
+                        Some(_) => {
+                            return Err(ContainerError::corrupt(
+                                path,
+                                &m.name,
+                                format!("part `{pn}` is not a 1-D U8 tensor"),
+                            ))
+                        }
+                        None => {
+                            return Err(ContainerError::corrupt(
+                                path,
+                                &m.name,
+                                format!("part `{pn}` is missing"),
+                            ))
+                        }
                     }
                     referenced.insert(pn);
                 }
             }
         }
-        out.push(TensorEntry { name: m.name.clone(), file: fi, dtype, shape: m.shape.clone(), meta: Some(m.clone()) });
+        out.push(TensorEntry {
+            name: m.name.clone(),
+            file: fi,
+            dtype,
+            shape: m.shape.clone(),
+            meta: Some(m.clone()),
+        });
     }
     if let Some((stray, _, _)) = file.tensors().find(|(n, _, _)| !referenced.contains(*n)) {
-        return Err(ContainerError::checkpoint(path, format!("stored tensor `{stray}` is not described by the unweight metadata")));
+        return Err(ContainerError::checkpoint(
+            path,
+            format!("stored tensor `{stray}` is not described by the unweight metadata"),
+        ));
     }
     Ok(out)
 }

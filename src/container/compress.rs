@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use safetensors::Dtype;
 
 use super::checkpoint::{Checkpoint, INDEX_FILE};
-use super::meta::{self, part_name, Encoding, FileMeta, RansMeta, TensorMeta, FORMAT_NAME, FORMAT_VERSION, META_KEY};
+use super::meta::{
+    self, part_name, Encoding, FileMeta, RansMeta, TensorMeta, FORMAT_NAME, FORMAT_VERSION,
+    META_KEY,
+};
 use super::reader::dtype_name;
 use super::writer::{OutputDir, SafetensorsWriter};
 use super::ContainerError;
@@ -34,7 +37,11 @@ pub struct CompressOptions {
 
 impl Default for CompressOptions {
     fn default() -> Self {
-        Self { params: Params::default(), force: false, progress: true }
+        Self {
+            params: Params::default(),
+            force: false,
+            progress: true,
+        }
     }
 }
 
@@ -56,15 +63,33 @@ pub struct CompressReport {
 }
 
 /// File name endings of weight formats that are never copied as auxiliary files.
-const WEIGHT_SUFFIXES: [&str; 8] = [".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack"];
+const WEIGHT_SUFFIXES: [&str; 8] = [
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".gguf",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+];
 
 /// Compresses the checkpoint in `input` into a new directory `output`.
-pub fn compress_dir(input: &Path, output: &Path, opts: &CompressOptions) -> Result<CompressReport, ContainerError> {
+pub fn compress_dir(
+    input: &Path,
+    output: &Path,
+    opts: &CompressOptions,
+) -> Result<CompressReport, ContainerError> {
     let start = Instant::now();
-    opts.params.validate().map_err(|e| ContainerError::checkpoint(input, e.to_string()))?;
+    opts.params
+        .validate()
+        .map_err(|e| ContainerError::checkpoint(input, e.to_string()))?;
     let ck = Checkpoint::open(input)?;
     if ck.is_compressed() {
-        return Err(ContainerError::checkpoint(input, "is already an unweight-compressed checkpoint"));
+        return Err(ContainerError::checkpoint(
+            input,
+            "is already an unweight-compressed checkpoint",
+        ));
     }
     let out = OutputDir::create(Some(input), output, opts.force)?;
     let total: u64 = ck.entries().iter().map(|e| e.original_bytes() as u64).sum();
@@ -84,7 +109,15 @@ pub fn compress_dir(input: &Path, output: &Path, opts: &CompressOptions) -> Resu
         for entry in ck.entries().iter().filter(|e| e.file == fi) {
             bar.set_message(entry.name.clone());
             let bytes = ck.load_entry(entry)?;
-            let (m, stored) = compress_tensor(&mut writer, file.path(), &entry.name, entry.dtype, &entry.shape, &bytes, opts.params)?;
+            let (m, stored) = compress_tensor(
+                &mut writer,
+                file.path(),
+                &entry.name,
+                entry.dtype,
+                &entry.shape,
+                &bytes,
+                opts.params,
+            )?;
             drop(bytes);
             ck.release(entry);
             bar.inc(m.original_bytes);
@@ -94,8 +127,15 @@ pub fn compress_dir(input: &Path, output: &Path, opts: &CompressOptions) -> Resu
             metas.push(m);
         }
         let mut user_meta = file.user_meta().clone();
-        let fm = FileMeta { format: FORMAT_NAME.into(), version: FORMAT_VERSION, tensors: metas };
-        user_meta.insert(META_KEY.into(), serde_json::to_string(&fm).expect("metadata serialises"));
+        let fm = FileMeta {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            tensors: metas,
+        };
+        user_meta.insert(
+            META_KEY.into(),
+            serde_json::to_string(&fm).expect("metadata serialises"),
+        );
         writer.finish(&user_meta)?;
     }
     bar.finish_and_clear();
@@ -110,15 +150,24 @@ pub fn compress_dir(input: &Path, output: &Path, opts: &CompressOptions) -> Resu
 }
 
 /// Writes a sharded checkpoint's index: logical tensor names to shard files.
-pub(super) fn write_index(path: &Path, total_size: u64, weight_map: &BTreeMap<String, String>) -> Result<(), ContainerError> {
-    let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+pub(super) fn write_index(
+    path: &Path,
+    total_size: u64,
+    weight_map: &BTreeMap<String, String>,
+) -> Result<(), ContainerError> {
+    let index =
+        serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
     let text = serde_json::to_string_pretty(&index).expect("index serialises");
     fs::write(path, text + "\n").map_err(|e| ContainerError::io(path, e))
 }
 
 /// Copies the top-level non-weight files (config, tokenizer, generation config, README, ...)
 /// and records what was left out.
-pub(super) fn copy_aux_files(input: &Path, output: &Path, report: &mut CompressReport) -> Result<(), ContainerError> {
+pub(super) fn copy_aux_files(
+    input: &Path,
+    output: &Path,
+    report: &mut CompressReport,
+) -> Result<(), ContainerError> {
     let mut names: Vec<_> = fs::read_dir(input)
         .map_err(|e| ContainerError::io(input, e))?
         .filter_map(|e| e.ok())
@@ -162,7 +211,8 @@ fn compress_tensor(
         let numel = bytes.len() / 2;
         let encode = shape.len() >= 2 && numel > 0;
         let histogram = if encode {
-            let enc = codec::encode(bytes, params).map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
+            let enc = codec::encode(bytes, params)
+                .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
             m.exponent_entropy_bits = Some(bf16::entropy_bits(&enc.histogram));
             let exp: Vec<u8> = enc.exp_words.iter().flat_map(|w| w.to_le_bytes()).collect();
             let index: Vec<u8> = enc
@@ -206,8 +256,10 @@ pub(super) fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar 
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {wide_msg}",
+        )
+        .expect("valid template"),
     );
     bar
 }

@@ -12,11 +12,19 @@ use super::writer::{OutputDir, SafetensorsWriter};
 use super::ContainerError;
 
 /// Decompresses the compressed checkpoint in `input` into a new plain checkpoint `output`.
-pub fn decompress_dir(input: &Path, output: &Path, force: bool, progress: bool) -> Result<CompressReport, ContainerError> {
+pub fn decompress_dir(
+    input: &Path,
+    output: &Path,
+    force: bool,
+    progress: bool,
+) -> Result<CompressReport, ContainerError> {
     let start = Instant::now();
     let ck = Checkpoint::open(input)?;
     if !ck.is_compressed() {
-        return Err(ContainerError::checkpoint(input, "is not an unweight-compressed checkpoint (no unweight metadata)"));
+        return Err(ContainerError::checkpoint(
+            input,
+            "is not an unweight-compressed checkpoint (no unweight metadata)",
+        ));
     }
     let out = OutputDir::create(Some(input), output, force)?;
     let total: u64 = ck.entries().iter().map(|e| e.original_bytes() as u64).sum();
@@ -41,7 +49,12 @@ pub fn decompress_dir(input: &Path, output: &Path, force: bool, progress: bool) 
             bar.inc(entry.original_bytes() as u64);
             weight_map.insert(entry.name.clone(), fname.clone());
             report.stored_bytes.push(entry.original_bytes() as u64);
-            report.tensors.push(entry.meta.clone().expect("compressed entries carry metadata"));
+            report.tensors.push(
+                entry
+                    .meta
+                    .clone()
+                    .expect("compressed entries carry metadata"),
+            );
         }
         let mut user_meta = file.user_meta().clone();
         user_meta.remove(META_KEY);

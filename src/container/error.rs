@@ -74,16 +74,26 @@ pub enum ContainerError {
 impl ContainerError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A checkpoint-level error.
     pub fn checkpoint(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Self::Checkpoint { path: path.into(), msg: msg.into() }
+        Self::Checkpoint {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 
     /// A corrupt-tensor error.
     pub fn corrupt(path: impl Into<PathBuf>, tensor: &str, msg: impl Into<String>) -> Self {
-        Self::Corrupt { path: path.into(), tensor: tensor.to_string(), msg: msg.into() }
+        Self::Corrupt {
+            path: path.into(),
+            tensor: tensor.to_string(),
+            msg: msg.into(),
+        }
     }
 }

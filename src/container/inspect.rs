@@ -61,7 +61,9 @@ pub fn inspect_dir(dir: &Path) -> Result<InspectReport, ContainerError> {
             Some(m) => (m.encoding.as_str().to_string(), m.exponent_entropy_bits),
             None => {
                 let h = (e.dtype == Dtype::BF16).then(|| {
-                    let bytes = ck.load_entry(e).expect("plain tensors load without decoding");
+                    let bytes = ck
+                        .load_entry(e)
+                        .expect("plain tensors load without decoding");
                     bf16::entropy_bits(&bf16::exponent_histogram(&bytes))
                 });
                 ck.release(e);
@@ -82,5 +84,8 @@ pub fn inspect_dir(dir: &Path) -> Result<InspectReport, ContainerError> {
         total.stored_bytes += row.stored_bytes;
         rows.push(row);
     }
-    Ok(InspectReport { tensors: rows, total })
+    Ok(InspectReport {
+        tensors: rows,
+        total,
+    })
 }

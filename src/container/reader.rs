@@ -33,7 +33,10 @@ impl SafetensorsFile {
         // while mapped. A concurrent writer from another process is outside our contract (as for
         // every mmap-based safetensors loader).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ContainerError::io(path, e))?;
-        let bad = |msg: String| ContainerError::Safetensors { path: path.to_path_buf(), msg };
+        let bad = |msg: String| ContainerError::Safetensors {
+            path: path.to_path_buf(),
+            msg,
+        };
         let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
             bad(match e {
                 safetensors::SafeTensorError::MetadataIncompleteBuffer => {
@@ -45,16 +48,31 @@ impl SafetensorsFile {
                 other => format!("{other:?}"),
             })
         })?;
-        let mut tensors: Vec<(String, TensorInfo)> =
-            metadata.tensors().into_iter().map(|(n, i)| (n, i.clone())).collect();
+        let mut tensors: Vec<(String, TensorInfo)> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(n, i)| (n, i.clone()))
+            .collect();
         tensors.sort_by_key(|(_, i)| i.data_offsets.0);
-        let index = tensors.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
         let user_meta = metadata.metadata().clone().unwrap_or_default();
         let unweight = match user_meta.get(META_KEY) {
             None => None,
             Some(json) => Some(parse_file_meta(path, json)?),
         };
-        Ok(Self { path: path.to_path_buf(), mmap, data_start: 8 + header_len, tensors, index, user_meta, unweight })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+            index,
+            user_meta,
+            unweight,
+        })
     }
 
     /// The file's path.
@@ -64,12 +82,16 @@ impl SafetensorsFile {
 
     /// Stored tensors in storage order: name, dtype, shape.
     pub fn tensors(&self) -> impl Iterator<Item = (&str, Dtype, &[usize])> {
-        self.tensors.iter().map(|(n, i)| (n.as_str(), i.dtype, i.shape.as_slice()))
+        self.tensors
+            .iter()
+            .map(|(n, i)| (n.as_str(), i.dtype, i.shape.as_slice()))
     }
 
     /// Dtype and shape of a stored tensor.
     pub fn info(&self, name: &str) -> Option<(Dtype, &[usize])> {
-        self.index.get(name).map(|&i| (self.tensors[i].1.dtype, self.tensors[i].1.shape.as_slice()))
+        self.index
+            .get(name)
+            .map(|&i| (self.tensors[i].1.dtype, self.tensors[i].1.shape.as_slice()))
     }
 
     /// The bytes of a stored tensor.
@@ -102,7 +124,13 @@ impl SafetensorsFile {
             // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only drops clean
             // page-cache references; a later read of the range faults the same bytes back in
             // from the file. No Rust reference observes a change in content.
-            let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
         }
     }
 }
@@ -111,23 +139,31 @@ fn parse_file_meta(path: &Path, json: &str) -> Result<FileMeta, ContainerError> 
     // Read the version before the full structure, so a future version with a different layout
     // gets the version error rather than a parse error.
     let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
-        ContainerError::checkpoint(path, format!("`{META_KEY}` metadata is not valid JSON: {e}"))
+        ContainerError::checkpoint(
+            path,
+            format!("`{META_KEY}` metadata is not valid JSON: {e}"),
+        )
     })?;
     if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
-        return Err(ContainerError::checkpoint(path, format!("`{META_KEY}` metadata does not declare format \"{FORMAT_NAME}\"")));
+        return Err(ContainerError::checkpoint(
+            path,
+            format!("`{META_KEY}` metadata does not declare format \"{FORMAT_NAME}\""),
+        ));
     }
     match value.get("version").and_then(|v| v.as_u64()) {
         Some(v) if v == FORMAT_VERSION as u64 => {}
         other => {
             return Err(ContainerError::UnsupportedVersion {
                 path: path.to_path_buf(),
-                found: other.map_or_else(|| format!("{:?}", value.get("version")), |v| v.to_string()),
+                found: other
+                    .map_or_else(|| format!("{:?}", value.get("version")), |v| v.to_string()),
                 supported: FORMAT_VERSION,
             })
         }
     }
-    serde_json::from_value(value)
-        .map_err(|e| ContainerError::checkpoint(path, format!("`{META_KEY}` metadata is malformed: {e}")))
+    serde_json::from_value(value).map_err(|e| {
+        ContainerError::checkpoint(path, format!("`{META_KEY}` metadata is malformed: {e}"))
+    })
 }
 
 /// The safetensors name of a dtype ("BF16", "F32", ...).

@@ -37,16 +37,28 @@ impl VerifyReport {
 }
 
 /// Compares every tensor of `original` (a plain checkpoint) with `compressed`.
-pub fn verify_dirs(original: &Path, compressed: &Path, progress: bool) -> Result<VerifyReport, ContainerError> {
+pub fn verify_dirs(
+    original: &Path,
+    compressed: &Path,
+    progress: bool,
+) -> Result<VerifyReport, ContainerError> {
     let orig = Checkpoint::open(original)?;
     let comp = Checkpoint::open(compressed)?;
     if !comp.is_compressed() {
-        return Err(ContainerError::checkpoint(compressed, "is not an unweight-compressed checkpoint (no unweight metadata)"));
+        return Err(ContainerError::checkpoint(
+            compressed,
+            "is not an unweight-compressed checkpoint (no unweight metadata)",
+        ));
     }
-    let total: u64 = orig.entries().iter().map(|e| e.original_bytes() as u64).sum();
+    let total: u64 = orig
+        .entries()
+        .iter()
+        .map(|e| e.original_bytes() as u64)
+        .sum();
     let bar = progress_bar(progress, total);
     let mut report = VerifyReport::default();
-    let mut miss = |name: &str, reason: String| report_mismatch(&mut report.mismatches, name, reason);
+    let mut miss =
+        |name: &str, reason: String| report_mismatch(&mut report.mismatches, name, reason);
     let mut identical = (0usize, 0u64);
     for e in orig.entries() {
         bar.set_message(e.name.clone());
@@ -56,7 +68,13 @@ pub fn verify_dirs(original: &Path, compressed: &Path, progress: bool) -> Result
             continue;
         };
         if c.dtype != e.dtype || c.shape != e.shape {
-            miss(&e.name, format!("is {:?} {:?} in the compressed checkpoint, {:?} {:?} in the original", c.dtype, c.shape, e.dtype, e.shape));
+            miss(
+                &e.name,
+                format!(
+                    "is {:?} {:?} in the compressed checkpoint, {:?} {:?} in the original",
+                    c.dtype, c.shape, e.dtype, e.shape
+                ),
+            );
             continue;
         }
         let want = orig.load_entry(e)?;
@@ -67,7 +85,10 @@ pub fn verify_dirs(original: &Path, compressed: &Path, progress: bool) -> Result
                     identical.0 += 1;
                     identical.1 += want.len() as u64;
                 }
-                Some((at, count)) => miss(&e.name, format!("{count} of {} bytes differ, first at byte {at}", want.len())),
+                Some((at, count)) => miss(
+                    &e.name,
+                    format!("{count} of {} bytes differ, first at byte {at}", want.len()),
+                ),
             },
         }
         orig.release(e);
@@ -76,7 +97,10 @@ pub fn verify_dirs(original: &Path, compressed: &Path, progress: bool) -> Result
     let names: BTreeSet<&str> = orig.entries().iter().map(|e| e.name.as_str()).collect();
     for c in comp.entries() {
         if !names.contains(c.name.as_str()) {
-            miss(&c.name, "is in the compressed checkpoint but not in the original".into());
+            miss(
+                &c.name,
+                "is in the compressed checkpoint but not in the original".into(),
+            );
         }
     }
     bar.finish_and_clear();
@@ -86,7 +110,10 @@ pub fn verify_dirs(original: &Path, compressed: &Path, progress: bool) -> Result
 }
 
 fn report_mismatch(list: &mut Vec<Mismatch>, name: &str, reason: String) {
-    list.push(Mismatch { name: name.to_string(), reason });
+    list.push(Mismatch {
+        name: name.to_string(),
+        reason,
+    });
 }
 
 /// Position of the first differing byte and the number of differing bytes, or `None` if equal.

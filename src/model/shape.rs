@@ -108,10 +108,22 @@ impl LlamaShape {
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            out.push((format!("{p}.self_attn.q_proj.weight"), vec![self.heads * d, h]));
-            out.push((format!("{p}.self_attn.k_proj.weight"), vec![self.kv_heads * d, h]));
-            out.push((format!("{p}.self_attn.v_proj.weight"), vec![self.kv_heads * d, h]));
-            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, self.heads * d]));
+            out.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![self.heads * d, h],
+            ));
+            out.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![self.kv_heads * d, h],
+            ));
+            out.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![self.kv_heads * d, h],
+            ));
+            out.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, self.heads * d],
+            ));
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
             out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
             out.push((format!("{p}.mlp.up_proj.weight"), vec![i, h]));
@@ -126,7 +138,10 @@ impl LlamaShape {
 
     /// Total parameters.
     pub fn parameters(&self) -> usize {
-        self.tensors().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// The Hugging Face `config.json` of this shape (BF16 weights).
@@ -174,7 +189,10 @@ mod tests {
     #[test]
     fn llama_8b_preset_has_8_billion_parameters() {
         let p = LlamaShape::preset("llama-3.1-8b").unwrap().parameters();
-        assert_eq!(p, 8_030_261_248, "Llama-3.1-8B has 8,030,261,248 parameters");
+        assert_eq!(
+            p, 8_030_261_248,
+            "Llama-3.1-8B has 8,030,261,248 parameters"
+        );
     }
 
     #[test]

@@ -38,7 +38,12 @@ pub struct SynthOptions {
 
 impl Default for SynthOptions {
     fn default() -> Self {
-        Self { seed: 0, sigma: 0.02, shard_bytes: 5_000_000_000, force: false }
+        Self {
+            seed: 0,
+            sigma: 0.02,
+            shard_bytes: 5_000_000_000,
+            force: false,
+        }
     }
 }
 
@@ -52,7 +57,11 @@ pub fn f32_to_bf16(x: f32) -> u16 {
 }
 
 /// Writes a synthetic checkpoint of `shape` into the new directory `out`.
-pub fn synth_checkpoint(shape: &LlamaShape, out: &Path, opts: &SynthOptions) -> Result<PathBuf, ContainerError> {
+pub fn synth_checkpoint(
+    shape: &LlamaShape,
+    out: &Path,
+    opts: &SynthOptions,
+) -> Result<PathBuf, ContainerError> {
     let dir = OutputDir::create(None, out, opts.force)?;
     let tensors = shape.tensors();
     // Group tensors into shards of at most shard_bytes (a tensor never straddles shards).
@@ -70,7 +79,11 @@ pub fn synth_checkpoint(shape: &LlamaShape, out: &Path, opts: &SynthOptions) -> 
     let n = shards.len();
     let mut weight_map = serde_json::Map::new();
     for (si, members) in shards.iter().enumerate() {
-        let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", si + 1) };
+        let fname = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", si + 1)
+        };
         let path = dir.path().join(&fname);
         let mut layout = Vec::new();
         let mut off = 0usize;
@@ -82,8 +95,12 @@ pub fn synth_checkpoint(shape: &LlamaShape, out: &Path, opts: &SynthOptions) -> 
             weight_map.insert(name.clone(), fname.clone().into());
         }
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        let mut w = BufWriter::with_capacity(1 << 22, File::create(&path).map_err(|e| ContainerError::io(&path, e))?);
-        w.write_all(&header_bytes(&layout, &meta)).map_err(|e| ContainerError::io(&path, e))?;
+        let mut w = BufWriter::with_capacity(
+            1 << 22,
+            File::create(&path).map_err(|e| ContainerError::io(&path, e))?,
+        );
+        w.write_all(&header_bytes(&layout, &meta))
+            .map_err(|e| ContainerError::io(&path, e))?;
         for &i in members {
             let s = &tensors[i].1;
             let numel: usize = s.iter().product();
@@ -98,21 +115,38 @@ pub fn synth_checkpoint(shape: &LlamaShape, out: &Path, opts: &SynthOptions) -> 
                         piece(opts, i, p / PIECE, len, is_norm)
                     })
                     .collect();
-                w.write_all(&buf).map_err(|e| ContainerError::io(&path, e))?;
+                w.write_all(&buf)
+                    .map_err(|e| ContainerError::io(&path, e))?;
             }
         }
-        w.into_inner().map_err(|e| ContainerError::io(&path, e.into_error()))?.sync_all().map_err(|e| ContainerError::io(&path, e))?;
+        w.into_inner()
+            .map_err(|e| ContainerError::io(&path, e.into_error()))?
+            .sync_all()
+            .map_err(|e| ContainerError::io(&path, e))?;
     }
     let config = dir.path().join("config.json");
-    fs::write(&config, serde_json::to_string_pretty(&shape.config_json()).unwrap() + "\n").map_err(|e| ContainerError::io(&config, e))?;
+    fs::write(
+        &config,
+        serde_json::to_string_pretty(&shape.config_json()).unwrap() + "\n",
+    )
+    .map_err(|e| ContainerError::io(&config, e))?;
     let gen = dir.path().join("generation_config.json");
     let gen_json = serde_json::json!({"bos_token_id": shape.bos, "eos_token_id": shape.eos});
-    fs::write(&gen, serde_json::to_string_pretty(&gen_json).unwrap() + "\n").map_err(|e| ContainerError::io(&gen, e))?;
+    fs::write(
+        &gen,
+        serde_json::to_string_pretty(&gen_json).unwrap() + "\n",
+    )
+    .map_err(|e| ContainerError::io(&gen, e))?;
     if n > 1 {
-        let total: u64 = tensors.iter().map(|(_, s)| 2 * s.iter().product::<usize>() as u64).sum();
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let total: u64 = tensors
+            .iter()
+            .map(|(_, s)| 2 * s.iter().product::<usize>() as u64)
+            .sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let path = dir.path().join("model.safetensors.index.json");
-        fs::write(&path, serde_json::to_string_pretty(&index).unwrap() + "\n").map_err(|e| ContainerError::io(&path, e))?;
+        fs::write(&path, serde_json::to_string_pretty(&index).unwrap() + "\n")
+            .map_err(|e| ContainerError::io(&path, e))?;
     }
     dir.commit()
 }
@@ -122,7 +156,9 @@ fn piece(opts: &SynthOptions, t: usize, p: usize, len: usize, is_norm: bool) -> 
     if is_norm {
         return f32_to_bf16(1.0).to_le_bytes().repeat(len);
     }
-    let seed = opts.seed ^ (t as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let seed = opts.seed
+        ^ (t as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (p as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let normal = Normal::new(0.0f32, opts.sigma).expect("sigma is positive and finite");
     let mut out = Vec::with_capacity(2 * len);
