@@ -6,7 +6,7 @@
 //! the same name. Every 2-D-or-more BF16 tensor (all linear weights, embeddings, lm_head) is
 //! encoded; vectors (norms), non-BF16 tensors and tensors that would not shrink are stored raw.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use super::meta::{
     META_KEY,
 };
 use super::reader::dtype_name;
-use super::writer::{OutputDir, SafetensorsWriter};
+use super::writer::{header_reserve, OutputDir, SafetensorsWriter};
 use super::ContainerError;
 use crate::codec::{self, bf16, Params};
 
@@ -104,7 +104,8 @@ pub fn compress_dir(
     };
     let mut weight_map = BTreeMap::new();
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
-        let mut writer = SafetensorsWriter::create(&out.path().join(fname))?;
+        let reserve = header_bound(&ck, fi, file.user_meta());
+        let mut writer = SafetensorsWriter::create(&out.path().join(fname), reserve)?;
         let mut metas = Vec::new();
         for entry in ck.entries().iter().filter(|e| e.file == fi) {
             bar.set_message(entry.name.clone());
@@ -187,6 +188,62 @@ pub(super) fn copy_aux_files(
     Ok(())
 }
 
+/// Whether a tensor is a candidate for `exp-rans` (see the module docs).
+fn is_candidate(dtype: Dtype, shape: &[usize]) -> bool {
+    dtype == Dtype::BF16 && shape.len() >= 2 && shape.iter().all(|&d| d > 0)
+}
+
+/// An upper bound of the header of output file `fi`: every candidate tensor as three parts of
+/// the widest size, every metadata number at its widest.
+fn header_bound(ck: &Checkpoint, fi: usize, user_meta: &HashMap<String, String>) -> usize {
+    let widest = "x".repeat(meta::checksum_of(&[]).len());
+    let mut names = Vec::new();
+    let mut metas = Vec::new();
+    for e in ck.entries().iter().filter(|e| e.file == fi) {
+        let candidate = is_candidate(e.dtype, &e.shape);
+        if candidate {
+            names.extend(
+                meta::PARTS
+                    .iter()
+                    .map(|p| (part_name(&e.name, p), Dtype::U8, vec![usize::MAX])),
+            );
+        } else {
+            names.push((e.name.clone(), e.dtype, e.shape.clone()));
+        }
+        metas.push(TensorMeta {
+            name: e.name.clone(),
+            dtype: dtype_name(e.dtype),
+            shape: e.shape.clone(),
+            encoding: Encoding::ExpRans,
+            original_bytes: u64::MAX,
+            checksum: widest.clone(),
+            // The longest text an f64 can print as.
+            exponent_entropy_bits: Some(-2.2250738585072014e-308),
+            rans: candidate.then(|| RansMeta {
+                chunk_elems: usize::MAX,
+                prob_bits: u32::MAX,
+                lanes: usize::MAX,
+                parts_checksum: widest.clone(),
+            }),
+        });
+    }
+    let mut meta = user_meta.clone();
+    let fm = FileMeta {
+        format: FORMAT_NAME.into(),
+        version: u32::MAX,
+        tensors: metas,
+    };
+    meta.insert(
+        META_KEY.into(),
+        serde_json::to_string(&fm).expect("metadata serialises"),
+    );
+    let tensors: Vec<_> = names
+        .iter()
+        .map(|(n, d, s)| (n.as_str(), *d, s.as_slice()))
+        .collect();
+    header_reserve(&tensors, &meta)
+}
+
 /// Encodes (or stores raw) one tensor into `writer`; returns its metadata and stored bytes.
 fn compress_tensor(
     writer: &mut SafetensorsWriter,
@@ -208,8 +265,7 @@ fn compress_tensor(
         rans: None,
     };
     if dtype == Dtype::BF16 {
-        let numel = bytes.len() / 2;
-        let encode = shape.len() >= 2 && numel > 0;
+        let encode = is_candidate(dtype, shape);
         let histogram = if encode {
             let enc = codec::encode(bytes, params)
                 .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;

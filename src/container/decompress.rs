@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::checkpoint::{Checkpoint, INDEX_FILE};
 use super::compress::{copy_aux_files, progress_bar, write_index, CompressReport};
 use super::meta::META_KEY;
-use super::writer::{OutputDir, SafetensorsWriter};
+use super::writer::{header_bytes, OutputDir, SafetensorsWriter};
 use super::ContainerError;
 
 /// Decompresses the compressed checkpoint in `input` into a new plain checkpoint `output`.
@@ -39,7 +39,27 @@ pub fn decompress_dir(
     };
     let mut weight_map = BTreeMap::new();
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
-        let mut writer = SafetensorsWriter::create(&out.path().join(fname))?;
+        let mut user_meta = file.user_meta().clone();
+        user_meta.remove(META_KEY);
+        // Every size is known, so the header is exactly the one a one-shot writer would produce.
+        let mut offset = 0;
+        let layout: Vec<_> = ck
+            .entries()
+            .iter()
+            .filter(|e| e.file == fi)
+            .map(|e| {
+                offset += e.original_bytes();
+                (
+                    e.name.as_str(),
+                    e.dtype,
+                    e.shape.as_slice(),
+                    offset - e.original_bytes(),
+                    offset,
+                )
+            })
+            .collect();
+        let reserve = header_bytes(&layout, &user_meta).len() - 8;
+        let mut writer = SafetensorsWriter::create(&out.path().join(fname), reserve)?;
         for entry in ck.entries().iter().filter(|e| e.file == fi) {
             bar.set_message(entry.name.clone());
             let bytes = ck.load_entry(entry)?;
@@ -56,8 +76,6 @@ pub fn decompress_dir(
                     .expect("compressed entries carry metadata"),
             );
         }
-        let mut user_meta = file.user_meta().clone();
-        user_meta.remove(META_KEY);
         writer.finish(&user_meta)?;
     }
     bar.finish_and_clear();

@@ -27,4 +27,4 @@ pub use inspect::{inspect_dir, InspectReport, InspectRow};
 pub use meta::{Encoding, TensorMeta, FORMAT_VERSION};
 pub use reader::SafetensorsFile;
 pub use verify::{verify_dirs, Mismatch, VerifyReport};
-pub use writer::{header_bytes, OutputDir, SafetensorsWriter};
+pub use writer::{header_bytes, header_reserve, OutputDir, SafetensorsWriter};

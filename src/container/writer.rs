@@ -1,10 +1,11 @@
 //! Writing: a streaming safetensors writer (tensor data goes to disk as it is produced, the header
-//! is written at the end) and a staging directory that appears under its final name only when
+//! is written last into room reserved for it) and a staging directory that appears under its final name only when
 //! complete, so an interrupted or failed run never leaves a partial output that looks finished.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
@@ -13,25 +14,31 @@ use serde_json::{json, Value};
 use super::reader::dtype_name;
 use super::ContainerError;
 
-/// A safetensors file being written. Tensor bytes are appended to a side file as they come; the
-/// header (which must list every offset) and the data are joined in [`SafetensorsWriter::finish`].
+/// A safetensors file being written in one pass. The header must list every offset, so it comes
+/// last: the writer leaves room for it at the front (an upper bound the caller computes with
+/// [`header_reserve`]), streams tensor data straight into the file behind that room, and writes
+/// the header into it in [`SafetensorsWriter::finish`], padded with spaces as the format allows.
+/// No data is written twice.
 pub struct SafetensorsWriter {
     path: PathBuf,
-    data_path: PathBuf,
-    data: BufWriter<File>,
+    file: BufWriter<File>,
+    reserve: usize,
     entries: Vec<(String, Dtype, Vec<usize>, usize, usize)>,
     offset: usize,
 }
 
 impl SafetensorsWriter {
-    /// Starts a file at `path` (inside a staging directory).
-    pub fn create(path: &Path) -> Result<Self, ContainerError> {
-        let data_path = path.with_extension("data-partial");
-        let data = File::create(&data_path).map_err(|e| ContainerError::io(&data_path, e))?;
+    /// Starts a file at `path` (inside a staging directory) whose header will take at most
+    /// `reserve` bytes after the 8-byte length prefix (see [`header_reserve`]).
+    pub fn create(path: &Path, reserve: usize) -> Result<Self, ContainerError> {
+        let reserve = reserve.next_multiple_of(8);
+        let mut file = File::create(path).map_err(|e| ContainerError::io(path, e))?;
+        file.seek(SeekFrom::Start(8 + reserve as u64))
+            .map_err(|e| ContainerError::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            data_path,
-            data: BufWriter::with_capacity(1 << 22, data),
+            file: BufWriter::with_capacity(1 << 22, file),
+            reserve,
             entries: Vec::new(),
             offset: 0,
         })
@@ -56,9 +63,9 @@ impl SafetensorsWriter {
                 ),
             ));
         }
-        self.data
+        self.file
             .write_all(bytes)
-            .map_err(|e| ContainerError::io(&self.data_path, e))?;
+            .map_err(|e| ContainerError::io(&self.path, e))?;
         let end = self.offset + bytes.len();
         self.entries
             .push((name.to_string(), dtype, shape.to_vec(), self.offset, end));
@@ -76,41 +83,62 @@ impl SafetensorsWriter {
         self.offset
     }
 
-    /// Writes the header and the data into the final file and removes the side file.
+    /// Writes the header into the room reserved for it. Fails (leaving the staging directory to
+    /// be removed) if the header outgrew the reservation, which a correct bound never allows.
+    ///
+    /// The file is not fsynced: a crash can at worst leave a torn file inside the staging
+    /// directory, or (after the rename) one whose checksums fail on load; the input is never
+    /// touched.
     pub fn finish(self, user_meta: &HashMap<String, String>) -> Result<(), ContainerError> {
         let Self {
             path,
-            data_path,
-            data,
+            file,
+            reserve,
             entries,
             ..
         } = self;
-        data.into_inner()
-            .map_err(|e| ContainerError::io(&data_path, e.into_error()))?
-            .sync_all()
-            .map_err(|e| ContainerError::io(&data_path, e))?;
         let layout: Vec<_> = entries
             .iter()
             .map(|(n, d, s, a, b)| (n.as_str(), *d, s.as_slice(), *a, *b))
             .collect();
-        let text = header_bytes(&layout, user_meta);
-        let mut out =
-            BufWriter::new(File::create(&path).map_err(|e| ContainerError::io(&path, e))?);
-        let write = |out: &mut BufWriter<File>| -> std::io::Result<()> {
-            out.write_all(&text)?;
-            out.flush()?;
-            let mut src = File::open(&data_path)?;
-            std::io::copy(&mut src, out.get_mut())?;
-            out.get_mut().sync_all()
-        };
-        write(&mut out).map_err(|e| ContainerError::io(&path, e))?;
-        fs::remove_file(&data_path).map_err(|e| ContainerError::io(&data_path, e))
+        let json = header_json(&layout, user_meta);
+        if json.len() > reserve {
+            return Err(ContainerError::checkpoint(
+                &path,
+                format!(
+                    "header of {} bytes outgrew the {reserve} bytes reserved for it",
+                    json.len()
+                ),
+            ));
+        }
+        let mut header = (reserve as u64).to_le_bytes().to_vec();
+        header.extend_from_slice(&json);
+        header.resize(8 + reserve, b' ');
+        let file = file
+            .into_inner()
+            .map_err(|e| ContainerError::io(&path, e.into_error()))?;
+        file.write_all_at(&header, 0)
+            .map_err(|e| ContainerError::io(&path, e))
     }
 }
 
-/// The complete safetensors header (length prefix, JSON padded with spaces to a multiple of 8)
-/// for tensors laid out as `(name, dtype, shape, begin, end)` data offsets.
-pub fn header_bytes(
+/// An upper bound of the header size of a file holding `tensors` (name, dtype, shape) and
+/// `user_meta`, for [`SafetensorsWriter::create`]: the header with every offset at its widest.
+/// Callers that only know sizes later pass their widest values (e.g. `usize::MAX` in shapes and
+/// metadata); JSON numbers never get longer than those.
+pub fn header_reserve(
+    tensors: &[(&str, Dtype, &[usize])],
+    user_meta: &HashMap<String, String>,
+) -> usize {
+    let layout: Vec<_> = tensors
+        .iter()
+        .map(|&(n, d, s)| (n, d, s, usize::MAX, usize::MAX))
+        .collect();
+    header_json(&layout, user_meta).len()
+}
+
+/// The header JSON for tensors laid out as `(name, dtype, shape, begin, end)` data offsets.
+fn header_json(
     entries: &[(&str, Dtype, &[usize], usize, usize)],
     user_meta: &HashMap<String, String>,
 ) -> Vec<u8> {
@@ -125,7 +153,16 @@ pub fn header_bytes(
             json!({"dtype": dtype_name(*dtype), "shape": shape, "data_offsets": [a, b]}),
         );
     }
-    let mut text = serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers");
+    serde_json::to_vec(&Value::Object(header)).expect("JSON of strings and numbers")
+}
+
+/// The complete safetensors header (length prefix, JSON padded with spaces to a multiple of 8)
+/// for tensors laid out as `(name, dtype, shape, begin, end)` data offsets.
+pub fn header_bytes(
+    entries: &[(&str, Dtype, &[usize], usize, usize)],
+    user_meta: &HashMap<String, String>,
+) -> Vec<u8> {
+    let mut text = header_json(entries, user_meta);
     while !(8 + text.len()).is_multiple_of(8) {
         text.push(b' ');
     }
@@ -225,5 +262,35 @@ impl Drop for OutputDir {
         if !self.committed {
             let _ = fs::remove_dir_all(&self.staging);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_fills_its_reservation_and_a_too_small_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        let shape = [2usize, 3];
+        let reserve = header_reserve(&[("t", Dtype::F32, &shape)], &meta);
+        let path = dir.path().join("a.safetensors");
+        let mut w = SafetensorsWriter::create(&path, reserve).unwrap();
+        w.add("t", Dtype::F32, &shape, &[7u8; 24]).unwrap();
+        w.finish(&meta).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("t").unwrap().data(), &[7u8; 24]);
+        assert_eq!(
+            (8 + reserve.next_multiple_of(8)) as u64,
+            bytes.len() as u64 - 24
+        );
+
+        let path = dir.path().join("b.safetensors");
+        let mut w = SafetensorsWriter::create(&path, 8).unwrap();
+        w.add("t", Dtype::F32, &shape, &[7u8; 24]).unwrap();
+        let err = w.finish(&meta).unwrap_err().to_string();
+        assert!(err.contains("outgrew"), "{err}");
     }
 }

@@ -16,7 +16,7 @@ use safetensors::Dtype;
 use serde_json::{json, Value};
 
 use super::{tokenizer, FetchError, CONVERTER_VERSION, STAMP_FILE};
-use crate::container::{OutputDir, SafetensorsWriter};
+use crate::container::{header_reserve, OutputDir, SafetensorsWriter};
 use crate::gguf::{GgmlType, GgufFile};
 use crate::model::synth::f32_to_bf16;
 use crate::model::LlamaShape;
@@ -126,7 +126,12 @@ pub fn convert_gguf(
     let dir = OutputDir::create(None, out, replace)?;
 
     let st_path = dir.path().join("model.safetensors");
-    let mut writer = SafetensorsWriter::create(&st_path)?;
+    let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let layout: Vec<_> = plan
+        .iter()
+        .map(|t| (t.name.as_str(), Dtype::BF16, t.shape.as_slice()))
+        .collect();
+    let mut writer = SafetensorsWriter::create(&st_path, header_reserve(&layout, &st_meta))?;
     let mut tensors = Vec::with_capacity(plan.len());
     for mut t in plan {
         let (name, gname) = (&t.name, &t.gguf_name);
@@ -155,7 +160,6 @@ pub fn convert_gguf(
         t.rounded = rounded as u64;
         tensors.push(t);
     }
-    let st_meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     writer.finish(&st_meta)?;
     let safetensors_bytes = std::fs::metadata(&st_path)
         .map_err(|e| FetchError::io(&st_path, e))?
