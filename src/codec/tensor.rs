@@ -36,13 +36,14 @@ pub struct Params {
 }
 
 impl Default for Params {
-    /// 32 Ki elements per chunk: the 128 bytes of lane states plus the 4-byte offset cost 0.3% at
-    /// 10.6 bits per weight, and an 8B model still has ~250k chunks to spread over GPU warps.
+    /// 64 Ki elements per chunk: the 128 bytes of lane states plus the 4-byte offset cost 0.15%
+    /// at 10.6 bits per weight, and an 8B model still has ~120k chunks (~3.4k per layer) to
+    /// spread over GPU warps (see docs/format.md for the trade-off).
     /// 12-bit probabilities: a 4 KiB decode table that fits L1 or shared memory, and a
     /// quantisation loss of a few thousandths of a bit per weight.
     fn default() -> Self {
         Self {
-            chunk_elems: 1 << 15,
+            chunk_elems: 1 << 16,
             prob_bits: 12,
         }
     }
