@@ -123,21 +123,24 @@ fn codec_bench(
         results.push(row);
     }
     if let Some(out) = out {
-        let doc = json!({
-            "benchmark": "codec",
-            "date": command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-            "commit": git_commit(),
-            "machine": machine(threads),
-            "repeats": repeats,
-            "results": results,
-        });
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir).ok();
-        }
-        std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", out.display()))?;
-        println!("results written to {}", out.display());
+        let doc = json!({"benchmark": "codec", "repeats": repeats, "results": results});
+        write_results(out, doc, threads)?;
     }
+    Ok(())
+}
+
+/// Writes a benchmark's JSON results to `out`, stamped with the date, the git commit and the
+/// machine, which every committed result must carry.
+pub(super) fn write_results(out: &Path, mut doc: Value, threads: usize) -> Result<()> {
+    doc["date"] = json!(command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]));
+    doc["commit"] = json!(git_commit());
+    doc["machine"] = machine(threads);
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("results written to {}", out.display());
     Ok(())
 }
 

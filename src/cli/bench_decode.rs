@@ -77,19 +77,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             "benchmark": "decode",
             "device": a.device,
             "model": a.model.display().to_string(),
-            "date": super::bench::command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
-            "commit": super::bench::git_commit(),
-            "machine": super::bench::machine(rayon::current_num_threads()),
             "tokens": a.tokens,
             "prompt_len": a.prompt_len,
             "results": rows,
         });
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir).ok();
-        }
-        std::fs::write(out, serde_json::to_string_pretty(&doc)? + "\n")
-            .with_context(|| format!("writing {}", out.display()))?;
-        println!("results written to {}", out.display());
+        super::bench::write_results(out, doc, rayon::current_num_threads())?;
     }
     Ok(())
 }
