@@ -2,7 +2,8 @@
 //! layers) a Triton Inference Server backend that serves from the compressed weights.
 //!
 //! Dependencies point one way: [`codec`] (pure bit manipulation) ← [`container`] (safetensors
-//! files and checkpoints) ← [`model`] ← the CLI in `src/main.rs`.
+//! files and checkpoints) ← [`model`] ← [`device`] ← [`engine`] ← the CLI in `src/main.rs` and
+//! the Triton backend in [`triton`] (the C ABI that `libtriton_unweight.so` exports).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -13,3 +14,4 @@ pub mod device;
 pub mod engine;
 pub mod gguf;
 pub mod model;
+pub mod triton;

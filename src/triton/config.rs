@@ -1,0 +1,538 @@
+//! The model configuration: Triton's `config.pbtxt`, as the JSON that `TRITONBACKEND_ModelConfig`
+//! returns, parsed into a validated [`ModelConfig`].
+//!
+//! Triton prints the protobuf with its field names and defaults; parameters arrive as
+//! `"parameters": {"key": {"string_value": "..."}}` and instance kinds as `"KIND_GPU"`. Fields this
+//! backend does not read are ignored; unknown *parameters* are errors (a typo must not silently
+//! fall back to a default). Every error names the field by its JSON path. No FFI here: the parser
+//! is tested on JSON fixtures.
+//!
+//! Parameters (all optional):
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `weights_dir` | checkpoint directory (plain or compressed); relative paths are taken from the version folder | the version folder |
+//! | `max_concurrent_sequences` | sequences decoded together per instance (KV-cache slots) | 64 |
+//! | `max_sequence_length` | tokens per sequence, prompt included | the model's `max_position_embeddings` |
+//! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | no limit beyond the above |
+//! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::error::TritonError;
+
+/// Default of `max_concurrent_sequences`.
+pub const DEFAULT_MAX_CONCURRENT_SEQUENCES: usize = 64;
+
+/// Where an instance runs, as the instance group says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstanceKind {
+    /// `KIND_AUTO`: Triton picks GPU when there is one.
+    Auto,
+    /// `KIND_CPU`: the CPU engine.
+    Cpu,
+    /// `KIND_GPU`: the CUDA engine on the instance's device.
+    Gpu,
+}
+
+/// The `device` parameter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// Follow the instance group's kind.
+    Auto,
+    /// Always the CPU engine.
+    Cpu,
+    /// Always the CUDA engine.
+    Gpu,
+}
+
+/// One `instance_group` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceGroup {
+    /// Its kind.
+    pub kind: InstanceKind,
+    /// Instances of this group (per GPU listed, for `KIND_GPU`).
+    pub count: u32,
+    /// GPU ids; empty means all (Triton's rule).
+    pub gpus: Vec<i32>,
+}
+
+/// A validated model configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// The model's name.
+    pub name: String,
+    /// `max_batch_size` (0 or more; inputs are `[[x]]`-shaped when ≥ 1).
+    pub max_batch_size: u32,
+    /// The checkpoint directory, resolved.
+    pub weights_dir: PathBuf,
+    /// Sequences decoded together per instance.
+    pub max_concurrent_sequences: usize,
+    /// Tokens per sequence; `None` for the model's own limit.
+    pub max_sequence_length: Option<usize>,
+    /// KV-cache budget per instance in bytes; `None` for no extra limit.
+    pub kv_cache_bytes: Option<u64>,
+    /// The `device` parameter.
+    pub device: DeviceChoice,
+    /// The instance groups.
+    pub instance_groups: Vec<InstanceGroup>,
+}
+
+const KNOWN_PARAMETERS: [&str; 5] = [
+    "weights_dir",
+    "max_concurrent_sequences",
+    "max_sequence_length",
+    "kv_cache_bytes",
+    "device",
+];
+
+impl ModelConfig {
+    /// Parses and validates Triton's model configuration JSON. `version_dir` is the model's
+    /// version folder (`<repository>/<model>/<version>`), the default and the base of a
+    /// relative `weights_dir`.
+    pub fn from_json(json: &str, version_dir: &Path) -> Result<Self, TritonError> {
+        let root: Value = serde_json::from_str(json)
+            .map_err(|e| TritonError::config("(root)", format!("not valid JSON: {e}")))?;
+        let obj = root
+            .as_object()
+            .ok_or_else(|| TritonError::config("(root)", "not a JSON object"))?;
+
+        let name = match obj.get("name") {
+            None => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(TritonError::config("name", "expected a string")),
+        };
+        let max_batch_size = match obj.get("max_batch_size") {
+            None => 0,
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    TritonError::config("max_batch_size", format!("expected 0 or more, got {v}"))
+                })?,
+        };
+        let decoupled = obj
+            .get("model_transaction_policy")
+            .and_then(|p| p.get("decoupled"))
+            .map(|d| {
+                d.as_bool().ok_or_else(|| {
+                    TritonError::config(
+                        "model_transaction_policy.decoupled",
+                        format!("expected a boolean, got {d}"),
+                    )
+                })
+            })
+            .transpose()?
+            .unwrap_or(false);
+        if !decoupled {
+            return Err(TritonError::config(
+                "model_transaction_policy.decoupled",
+                "must be true: this backend streams tokens (model_transaction_policy { decoupled: true })",
+            ));
+        }
+
+        let params = parameters(obj.get("parameters"))?;
+        let weights_dir = match params.get("weights_dir") {
+            None => version_dir.to_path_buf(),
+            Some(s) if s.trim().is_empty() => {
+                return Err(TritonError::config(
+                    "parameters.weights_dir",
+                    "empty; leave it out to use the version folder",
+                ))
+            }
+            Some(s) => version_dir.join(s),
+        };
+        let max_concurrent_sequences = match params.get("max_concurrent_sequences") {
+            None => DEFAULT_MAX_CONCURRENT_SEQUENCES,
+            Some(s) => positive("parameters.max_concurrent_sequences", s)?,
+        };
+        let max_sequence_length = params
+            .get("max_sequence_length")
+            .map(|s| positive("parameters.max_sequence_length", s))
+            .transpose()?;
+        let kv_cache_bytes = params
+            .get("kv_cache_bytes")
+            .map(|s| bytes("parameters.kv_cache_bytes", s))
+            .transpose()?;
+        let device = match params.get("device").map(|s| s.trim().to_ascii_lowercase()) {
+            None => DeviceChoice::Auto,
+            Some(s) => match s.as_str() {
+                "auto" => DeviceChoice::Auto,
+                "cpu" => DeviceChoice::Cpu,
+                "gpu" | "cuda" => DeviceChoice::Gpu,
+                _ => {
+                    return Err(TritonError::config(
+                        "parameters.device",
+                        format!("expected auto, cpu or gpu, got {s:?}"),
+                    ))
+                }
+            },
+        };
+
+        let instance_groups = instance_groups(obj.get("instance_group"))?;
+        for (i, g) in instance_groups.iter().enumerate() {
+            let clash = matches!(
+                (device, g.kind),
+                (DeviceChoice::Cpu, InstanceKind::Gpu) | (DeviceChoice::Gpu, InstanceKind::Cpu)
+            );
+            if clash {
+                return Err(TritonError::config(
+                    format!("instance_group[{i}].kind"),
+                    format!("{:?} contradicts parameters.device = {device:?}", g.kind),
+                ));
+            }
+        }
+
+        Ok(ModelConfig {
+            name,
+            max_batch_size,
+            weights_dir,
+            max_concurrent_sequences,
+            max_sequence_length,
+            kv_cache_bytes,
+            device,
+            instance_groups,
+        })
+    }
+}
+
+/// `parameters` as key → string value; unknown keys and non-string values are errors.
+fn parameters(v: Option<&Value>) -> Result<BTreeMap<String, String>, TritonError> {
+    let mut out = BTreeMap::new();
+    let Some(v) = v else { return Ok(out) };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| TritonError::config("parameters", "expected an object"))?;
+    for (key, value) in obj {
+        let field = format!("parameters.{key}");
+        if !KNOWN_PARAMETERS.contains(&key.as_str()) {
+            return Err(TritonError::config(
+                field,
+                format!("unknown parameter; known: {}", KNOWN_PARAMETERS.join(", ")),
+            ));
+        }
+        let s = value
+            .get("string_value")
+            .and_then(Value::as_str)
+            .ok_or_else(|| TritonError::config(&field, "expected { string_value: \"...\" }"))?;
+        out.insert(key.clone(), s.to_string());
+    }
+    Ok(out)
+}
+
+fn positive(field: &str, s: &str) -> Result<usize, TritonError> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(TritonError::config(
+            field,
+            format!("expected a positive integer, got {s:?}"),
+        )),
+    }
+}
+
+/// A byte count with an optional decimal (K, M, G) or binary (Ki, Mi, Gi) suffix.
+fn bytes(field: &str, s: &str) -> Result<u64, TritonError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let mult: u64 = match suffix.trim() {
+        "" => 1,
+        "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => 0,
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|_| mult > 0)
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            TritonError::config(
+                field,
+                format!("expected a positive byte count such as 8Gi, got {s:?}"),
+            )
+        })
+}
+
+fn instance_groups(v: Option<&Value>) -> Result<Vec<InstanceGroup>, TritonError> {
+    let Some(v) = v else { return Ok(Vec::new()) };
+    let arr = v
+        .as_array()
+        .ok_or_else(|| TritonError::config("instance_group", "expected a list"))?;
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, g) in arr.iter().enumerate() {
+        let kind = match g.get("kind") {
+            None => InstanceKind::Auto,
+            Some(k) => match k.as_str() {
+                Some("KIND_AUTO") => InstanceKind::Auto,
+                Some("KIND_CPU") => InstanceKind::Cpu,
+                Some("KIND_GPU") => InstanceKind::Gpu,
+                _ => {
+                    return Err(TritonError::config(
+                        format!("instance_group[{i}].kind"),
+                        format!("expected KIND_GPU, KIND_CPU or KIND_AUTO, got {k}"),
+                    ))
+                }
+            },
+        };
+        let count = match g.get("count") {
+            None => 1,
+            Some(c) => c
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| {
+                    TritonError::config(
+                        format!("instance_group[{i}].count"),
+                        format!("expected a positive integer, got {c}"),
+                    )
+                })?,
+        };
+        let gpus = match g.get("gpus") {
+            None => Vec::new(),
+            Some(list) => {
+                let field = format!("instance_group[{i}].gpus");
+                let items = list
+                    .as_array()
+                    .ok_or_else(|| TritonError::config(&field, "expected a list"))?;
+                items
+                    .iter()
+                    .map(|x| {
+                        x.as_i64()
+                            .and_then(|n| i32::try_from(n).ok())
+                            .filter(|&n| n >= 0)
+                            .ok_or_else(|| {
+                                TritonError::config(
+                                    &field,
+                                    format!("expected GPU ids (0 or more), got {x}"),
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        out.push(InstanceGroup { kind, count, gpus });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape Triton prints for `model_repository/unweight_llama/config.pbtxt` (trimmed of
+    /// fields this backend ignores, plus a few it prints and we must ignore).
+    const FULL: &str = r#"{
+        "name": "unweight_llama", "platform": "", "backend": "unweight", "runtime": "",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": 1,
+        "input": [{"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]}],
+        "output": [{"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]}],
+        "instance_group": [{"name": "unweight_llama_0", "kind": "KIND_GPU", "count": 1,
+                            "gpus": [0], "secondary_devices": [], "profile": [],
+                            "passive": false, "host_policy": ""}],
+        "model_transaction_policy": {"decoupled": true},
+        "parameters": {
+            "weights_dir": {"string_value": "compressed"},
+            "max_concurrent_sequences": {"string_value": "32"},
+            "max_sequence_length": {"string_value": "4096"},
+            "kv_cache_bytes": {"string_value": "8Gi"},
+            "device": {"string_value": "auto"}
+        }
+    }"#;
+
+    const MINIMAL: &str = r#"{"name": "m", "model_transaction_policy": {"decoupled": true}}"#;
+
+    fn parse(json: &str) -> Result<ModelConfig, TritonError> {
+        ModelConfig::from_json(json, Path::new("/models/m/1"))
+    }
+
+    /// The field an error names.
+    fn field(json: &str) -> String {
+        match parse(json) {
+            Err(TritonError::Config { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    /// MINIMAL with `parameters` set to one string parameter.
+    fn with_param(key: &str, value: &str) -> String {
+        format!(
+            r#"{{"model_transaction_policy": {{"decoupled": true}},
+                "parameters": {{"{key}": {{"string_value": "{value}"}}}}}}"#
+        )
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.name, "unweight_llama");
+        assert_eq!(c.max_batch_size, 1);
+        assert_eq!(c.weights_dir, Path::new("/models/m/1/compressed"));
+        assert_eq!(c.max_concurrent_sequences, 32);
+        assert_eq!(c.max_sequence_length, Some(4096));
+        assert_eq!(c.kv_cache_bytes, Some(8 << 30));
+        assert_eq!(c.device, DeviceChoice::Auto);
+        assert_eq!(
+            c.instance_groups,
+            vec![InstanceGroup {
+                kind: InstanceKind::Gpu,
+                count: 1,
+                gpus: vec![0]
+            }]
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.weights_dir, Path::new("/models/m/1"));
+        assert_eq!(c.max_concurrent_sequences, DEFAULT_MAX_CONCURRENT_SEQUENCES);
+        assert_eq!(c.max_sequence_length, None);
+        assert_eq!(c.kv_cache_bytes, None);
+        assert_eq!(c.device, DeviceChoice::Auto);
+        assert!(c.instance_groups.is_empty());
+        assert_eq!(c.max_batch_size, 0);
+    }
+
+    #[test]
+    fn absolute_weights_dir_is_kept() {
+        let c = parse(&with_param("weights_dir", "/data/llama")).unwrap();
+        assert_eq!(c.weights_dir, Path::new("/data/llama"));
+    }
+
+    #[test]
+    fn cpu_group_and_device() {
+        let json = r#"{"model_transaction_policy": {"decoupled": true},
+            "instance_group": [{"kind": "KIND_CPU", "count": 2}],
+            "parameters": {"device": {"string_value": "CPU"}}}"#;
+        let c = parse(json).unwrap();
+        assert_eq!(c.device, DeviceChoice::Cpu);
+        assert_eq!(c.instance_groups[0].kind, InstanceKind::Cpu);
+        assert_eq!(c.instance_groups[0].count, 2);
+    }
+
+    #[test]
+    fn byte_suffixes() {
+        for (s, n) in [
+            ("1024", 1024u64),
+            ("2K", 2_000),
+            ("3M", 3_000_000),
+            ("1G", 1_000_000_000),
+            ("4Ki", 4096),
+            ("5Mi", 5 << 20),
+            ("6 Gi", 6 << 30),
+        ] {
+            assert_eq!(bytes("f", s).unwrap(), n, "{s}");
+        }
+        for s in ["", "0", "-1", "1T", "Gi", "1.5Gi", "99999999999999999999"] {
+            assert!(bytes("f", s).is_err(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(String, &str)> = vec![
+            ("not json".into(), "(root)"),
+            ("[1]".into(), "(root)"),
+            (
+                r#"{"name": "m"}"#.into(),
+                "model_transaction_policy.decoupled",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": false}}"#.into(),
+                "model_transaction_policy.decoupled",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": "yes"}}"#.into(),
+                "model_transaction_policy.decoupled",
+            ),
+            (
+                r#"{"name": 3, "model_transaction_policy": {"decoupled": true}}"#.into(),
+                "name",
+            ),
+            (
+                r#"{"max_batch_size": -1, "model_transaction_policy": {"decoupled": true}}"#.into(),
+                "max_batch_size",
+            ),
+            (
+                with_param("max_concurrent_sequences", "0"),
+                "parameters.max_concurrent_sequences",
+            ),
+            (
+                with_param("max_concurrent_sequences", "many"),
+                "parameters.max_concurrent_sequences",
+            ),
+            (
+                with_param("max_sequence_length", "-5"),
+                "parameters.max_sequence_length",
+            ),
+            (
+                with_param("kv_cache_bytes", "lots"),
+                "parameters.kv_cache_bytes",
+            ),
+            (with_param("device", "tpu"), "parameters.device"),
+            (with_param("weights_dir", " "), "parameters.weights_dir"),
+            (with_param("max_seq_len", "5"), "parameters.max_seq_len"),
+            (
+                r#"{"model_transaction_policy": {"decoupled": true},
+                    "parameters": {"device": {"int_value": 1}}}"#
+                    .into(),
+                "parameters.device",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": true}, "parameters": []}"#.into(),
+                "parameters",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": true},
+                    "instance_group": [{"kind": "KIND_MODEL"}]}"#
+                    .into(),
+                "instance_group[0].kind",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": true},
+                    "instance_group": [{"kind": "KIND_CPU"}, {"count": 0}]}"#
+                    .into(),
+                "instance_group[1].count",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": true},
+                    "instance_group": [{"gpus": [0, -1]}]}"#
+                    .into(),
+                "instance_group[0].gpus",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": true},
+                    "instance_group": {"kind": "KIND_GPU"}}"#
+                    .into(),
+                "instance_group",
+            ),
+            (
+                r#"{"model_transaction_policy": {"decoupled": true},
+                    "instance_group": [{"kind": "KIND_GPU"}],
+                    "parameters": {"device": {"string_value": "cpu"}}}"#
+                    .into(),
+                "instance_group[0].kind",
+            ),
+        ];
+        for (json, want) in cases {
+            assert_eq!(field(&json), want, "{json}");
+        }
+    }
+
+    #[test]
+    fn error_message_names_field_and_value() {
+        let err = parse(&with_param("device", "tpu")).unwrap_err();
+        let msg = err.chain();
+        assert!(msg.contains("parameters.device"), "{msg}");
+        assert!(msg.contains("\"tpu\""), "{msg}");
+    }
+}

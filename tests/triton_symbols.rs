@@ -1,0 +1,139 @@
+//! The shared object Triton loads: what it exports and what it leaves for the server to bind.
+//!
+//! `libtriton_unweight.so` must define exactly the `TRITONBACKEND_*` entry points (the linker
+//! version script `src/triton/exports.map` hides everything else), leave every Triton server
+//! function undefined with no recorded dependency on `libtritonserver.so` (the `tritonserver`
+//! executable binds them at `dlopen`; docs/triton.md), and be loadable so that `dlsym` finds the
+//! entry points.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The entry points the backend implements (`TRITONBACKEND_ISPEC` in tritonbackend.h).
+const EXPECTED_EXPORTS: [&str; 7] = [
+    "TRITONBACKEND_Finalize",
+    "TRITONBACKEND_Initialize",
+    "TRITONBACKEND_ModelFinalize",
+    "TRITONBACKEND_ModelInitialize",
+    "TRITONBACKEND_ModelInstanceExecute",
+    "TRITONBACKEND_ModelInstanceFinalize",
+    "TRITONBACKEND_ModelInstanceInitialize",
+];
+
+/// The cdylib cargo built next to this test (same profile directory).
+fn shared_object() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps directory");
+    for dir in [deps, deps.parent().expect("profile directory")] {
+        let so = dir.join("libtriton_unweight.so");
+        if so.is_file() {
+            return so;
+        }
+    }
+    panic!(
+        "libtriton_unweight.so not found next to {} (cargo builds it with the library)",
+        exe.display()
+    );
+}
+
+fn nm(args: &[&str]) -> Vec<(String, String)> {
+    let so = shared_object();
+    let out = Command::new("nm")
+        .args(args)
+        .arg(&so)
+        .output()
+        .expect("running nm (binutils)");
+    assert!(
+        out.status.success(),
+        "nm {args:?} {}: {}",
+        so.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("nm output is UTF-8")
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace().rev();
+            let name = f.next()?.split('@').next()?.to_string();
+            let kind = f.next()?.to_string();
+            Some((kind, name))
+        })
+        .collect()
+}
+
+#[test]
+fn exports_exactly_the_entry_points() {
+    let mut defined: Vec<String> = nm(&["-D", "--defined-only"])
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect();
+    defined.sort();
+    assert_eq!(
+        defined, EXPECTED_EXPORTS,
+        "dynamic symbols defined by the backend"
+    );
+    for (kind, name) in nm(&["-D", "--defined-only"]) {
+        assert_eq!(kind, "T", "{name} must be a function in .text");
+    }
+}
+
+#[test]
+fn server_functions_stay_undefined_and_unlinked() {
+    let undefined: Vec<String> = nm(&["-D", "--undefined-only"])
+        .into_iter()
+        .map(|(_, name)| name)
+        .filter(|n| n.starts_with("TRITON"))
+        .collect();
+    for must in [
+        "TRITONBACKEND_ApiVersion",
+        "TRITONBACKEND_ModelConfig",
+        "TRITONSERVER_ErrorNew",
+        "TRITONSERVER_ErrorDelete",
+        "TRITONSERVER_MessageDelete",
+    ] {
+        assert!(
+            undefined.iter().any(|n| n == must),
+            "{must} is not imported: {undefined:?}"
+        );
+    }
+    let so = shared_object();
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(&so)
+        .output()
+        .expect("running readelf (binutils)");
+    assert!(out.status.success());
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !dynamic.contains("libtritonserver"),
+        "no DT_NEEDED on libtritonserver.so expected:\n{dynamic}"
+    );
+    assert!(
+        dynamic.contains("Library soname: [libtriton_unweight.so]"),
+        "{dynamic}"
+    );
+}
+
+/// How Triton loads it (`RTLD_NOW | RTLD_LOCAL`) fails in a process that provides no server
+/// functions, naming one: the documented consequence of leaving them undefined (and of the full
+/// RELRO / `BIND_NOW` that rustc links with, so `RTLD_LAZY` fails the same way). Inside
+/// `tritonserver` the executable provides them.
+#[test]
+fn dlopen_needs_the_server_functions_from_the_host() {
+    use std::ffi::{CStr, CString};
+    let so = CString::new(shared_object().to_str().expect("UTF-8 path")).unwrap();
+    for flags in [
+        libc::RTLD_NOW | libc::RTLD_LOCAL,
+        libc::RTLD_LAZY | libc::RTLD_LOCAL,
+    ] {
+        // SAFETY: a valid path string and plain dlopen flags; the load fails before any code of
+        // the library runs.
+        let handle = unsafe { libc::dlopen(so.as_ptr(), flags) };
+        assert!(handle.is_null(), "dlopen must fail without a Triton host");
+        // SAFETY: dlerror returns this thread's message about the failed dlopen.
+        let msg = unsafe { CStr::from_ptr(libc::dlerror()) }
+            .to_string_lossy()
+            .into_owned();
+        assert!(msg.contains("undefined symbol: TRITON"), "{msg}");
+    }
+}
