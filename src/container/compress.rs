@@ -62,6 +62,20 @@ pub struct CompressReport {
     pub elapsed: Duration,
 }
 
+impl CompressReport {
+    /// An empty report for a run writing `output`.
+    pub(super) fn new(output: &Path) -> Self {
+        Self {
+            output: output.to_path_buf(),
+            tensors: Vec::new(),
+            stored_bytes: Vec::new(),
+            copied: Vec::new(),
+            skipped: Vec::new(),
+            elapsed: Duration::ZERO,
+        }
+    }
+}
+
 /// File name endings of weight formats that are never copied as auxiliary files.
 const WEIGHT_SUFFIXES: [&str; 8] = [
     ".safetensors",
@@ -94,14 +108,7 @@ pub fn compress_dir(
     let out = OutputDir::create(Some(input), output, opts.force)?;
     let total: u64 = ck.entries().iter().map(|e| e.original_bytes() as u64).sum();
     let bar = progress_bar(opts.progress, total);
-    let mut report = CompressReport {
-        output: output.to_path_buf(),
-        tensors: Vec::new(),
-        stored_bytes: Vec::new(),
-        copied: Vec::new(),
-        skipped: Vec::new(),
-        elapsed: Duration::ZERO,
-    };
+    let mut report = CompressReport::new(output);
     let mut weight_map = BTreeMap::new();
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let reserve = header_bound(&ck, fi, file.user_meta());

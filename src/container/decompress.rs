@@ -29,14 +29,7 @@ pub fn decompress_dir(
     let out = OutputDir::create(Some(input), output, force)?;
     let total: u64 = ck.entries().iter().map(|e| e.original_bytes() as u64).sum();
     let bar = progress_bar(progress, total);
-    let mut report = CompressReport {
-        output: output.to_path_buf(),
-        tensors: Vec::new(),
-        stored_bytes: Vec::new(),
-        copied: Vec::new(),
-        skipped: Vec::new(),
-        elapsed: Default::default(),
-    };
+    let mut report = CompressReport::new(output);
     let mut weight_map = BTreeMap::new();
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let mut user_meta = file.user_meta().clone();
