@@ -110,15 +110,17 @@ fn codec_bench(
         };
         let mut row = json!({"dataset": name, "bytes": bytes.len(), "unweight": ours});
         if let Some(t) = theirs {
-            row["zipnn"] = t.clone();
-            row["compress_speedup_vs_zipnn"] = json!(
-                ours["compress_gbps"].as_f64().unwrap() / t["compress_gbps"].as_f64().unwrap()
-            );
-            row["decompress_speedup_vs_zipnn"] = json!(
-                ours["decompress_gbps"].as_f64().unwrap() / t["decompress_gbps"].as_f64().unwrap()
-            );
-            row["ratio_vs_zipnn"] =
-                json!(ours["ratio"].as_f64().unwrap() / t["ratio"].as_f64().unwrap());
+            for (key, field) in [
+                ("compress_speedup_vs_zipnn", "compress_gbps"),
+                ("decompress_speedup_vs_zipnn", "decompress_gbps"),
+                ("ratio_vs_zipnn", "ratio"),
+            ] {
+                let theirs = t[field].as_f64().with_context(|| {
+                    format!("the zipnn benchmark's JSON has no number `{field}`: {t}")
+                })?;
+                row[key] = json!(ours[field].as_f64().expect("our own result") / theirs);
+            }
+            row["zipnn"] = t;
         }
         results.push(row);
     }
