@@ -716,6 +716,17 @@ fn corruption_in_any_stored_part_is_detected_and_named() {
     }
 }
 
+/// Cuts the last `n` bytes off a file.
+fn truncate_by(f: &Path, n: u64) {
+    let len = fs::metadata(f).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(f)
+        .unwrap()
+        .set_len(len - n)
+        .unwrap();
+}
+
 #[test]
 fn truncated_garbage_and_missing_inputs_are_errors_naming_the_culprit() {
     let tmp = tempdir();
@@ -726,13 +737,7 @@ fn truncated_garbage_and_missing_inputs_are_errors_naming_the_culprit() {
     let trunc = tmp.path().join("trunc");
     copy_dir(&orig, &trunc);
     let f = trunc.join(SINGLE);
-    let len = fs::metadata(&f).unwrap().len();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    truncate_by(&f, 100);
     let fs_ = s(&f);
     uw!("compress", &trunc, "--out", &out, "--no-progress").error_mentions(&[&fs_]);
     assert_no_output(&out);
@@ -743,13 +748,7 @@ fn truncated_garbage_and_missing_inputs_are_errors_naming_the_culprit() {
     let ctrunc = tmp.path().join("ctrunc");
     copy_dir(&comp, &ctrunc);
     let f = ctrunc.join(SINGLE);
-    let len = fs::metadata(&f).unwrap().len();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(len - 100)
-        .unwrap();
+    truncate_by(&f, 100);
     let cfs = s(&f);
     uw!("verify", &orig, &ctrunc, "--no-progress").error_mentions(&[&cfs]);
     uw!("inspect", &ctrunc).error_mentions(&[&cfs]);
