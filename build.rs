@@ -30,6 +30,11 @@ fn main() {
         map.display()
     );
 
+    // The test host defines the server side of Triton's C API; its symbols must be in the
+    // executable's dynamic symbol table so the backend's undefined references bind to them at
+    // dlopen, as they bind to tritonserver's.
+    println!("cargo:rustc-link-arg-bin=unweight-triton-host=-rdynamic");
+
     let include = find_triton_include(&manifest);
     generate_bindings(&include);
 }
