@@ -776,3 +776,116 @@ fn smollm2_compressed_on_the_fly_generates_the_same_tokens() {
     assert_eq!(a, run(&comp, "on-the-fly"));
     assert_eq!(a, run(&comp, "decoded"));
 }
+
+#[test]
+fn min_tokens_masks_eos_until_reached() {
+    let greedy = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 6).1;
+    let eos = greedy[3];
+    let first = greedy.iter().position(|&t| t == eos).unwrap();
+    let b = backend(tiny().0, WeightMode::Decoded);
+    let opts = EngineOptions {
+        eos_token_ids: vec![eos],
+        ..EngineOptions::for_config(b.config())
+    };
+    let mut e = Engine::new(b, Some(Arc::new(Angle) as Arc<dyn Detokenizer>), opts);
+    let min = first + 3;
+    e.add(Request {
+        min_tokens: min,
+        ..Request::greedy(PROMPT.to_vec(), 12)
+    })
+    .unwrap();
+    let r = run_all(&mut e);
+    let out = &r[0].1;
+    assert!(out.len() >= min, "{} tokens, min_tokens {min}", out.len());
+    assert!(!out.contains(&eos), "an end-of-sequence token was emitted");
+    // Up to the first masked position the output is the plain greedy one.
+    assert_eq!(out[..first], greedy[..first]);
+    let err = e
+        .add(Request {
+            min_tokens: 5,
+            ..Request::greedy(vec![1], 4)
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("min_tokens"), "{err}");
+}
+
+/// A CPU backend whose `n`-th decode call fails.
+struct FailingDecode {
+    inner: CpuBackend,
+    fail_at: usize,
+    decodes: usize,
+}
+
+impl Backend for FailingDecode {
+    fn config(&self) -> &LlamaConfig {
+        self.inner.config()
+    }
+    fn kv_capacity(&self) -> triton_unweight::device::KvCapacity {
+        self.inner.kv_capacity()
+    }
+    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
+        self.inner.new_sequence()
+    }
+    fn free_sequence(&mut self, seq: SeqId) {
+        self.inner.free_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
+        self.inner.sequence_len(seq)
+    }
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.inner.prefill(seq, tokens)
+    }
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.decodes += 1;
+        if self.decodes == self.fail_at {
+            return Err(DeviceError::Invalid("injected failure".into()));
+        }
+        self.inner.decode(batch)
+    }
+}
+
+#[test]
+fn a_failed_step_names_its_requests_and_loses_no_events() {
+    let alone = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 8).1;
+    let b = FailingDecode {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        fail_at: 1,
+        decodes: 0,
+    };
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    };
+    let mut e = Engine::new(b, None, opts);
+    let a = e.add(Request::greedy(PROMPT.to_vec(), 8)).unwrap();
+    let first = e.step().unwrap();
+    assert!(matches!(first[..], [Event::Token { id, .. }] if id == a));
+    // Step 2 prefills B (a token event), then the decode of A fails.
+    let b_id = e.add(Request::greedy(PROMPT.to_vec(), 8)).unwrap();
+    let err = e.step().unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(e.take_failed(), vec![a]);
+    assert!(e.take_failed().is_empty());
+    // B goes on from where it was, its first token included.
+    let mut b_tokens = Vec::new();
+    let mut finished = false;
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            match ev {
+                Event::Token { id, token, .. } => {
+                    assert_eq!(id, b_id);
+                    b_tokens.push(token);
+                }
+                Event::Finished { id, .. } => {
+                    assert_eq!(id, b_id);
+                    finished = true;
+                }
+            }
+        }
+    }
+    assert!(finished);
+    assert_eq!(b_tokens, alone);
+}

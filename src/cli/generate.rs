@@ -2,15 +2,15 @@
 //! CPU backend, streaming the text to stdout as it is produced.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::device::cpu::{CpuBackend, CpuOptions};
-use crate::engine::text::{ChatMessage, TextTokenizer};
+use crate::engine::text::{model_eos_tokens, ChatMessage, TextTokenizer};
 use crate::engine::{Engine, EngineOptions, Event, Request, SamplingParams, StopReason};
 use crate::model::weights::WeightMode;
 
@@ -107,9 +107,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let backend = CpuBackend::load(&a.model, a.weights.into(), &opts)
         .with_context(|| format!("loading {}", a.model.display()))?;
-    let mut eos = backend_eos(&backend, &a.model, &tokenizer)?;
-    eos.sort_unstable();
-    eos.dedup();
+    let eos = model_eos_tokens(
+        &crate::device::Backend::config(&backend).eos_token_ids,
+        &a.model,
+        &tokenizer,
+    )?;
     let mut eopts = EngineOptions::for_config(crate::device::Backend::config(&backend));
     eopts.eos_token_ids = eos;
     let mut engine = Engine::new(backend, Some(Arc::new(tokenizer)), eopts);
@@ -119,6 +121,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
         ignore_eos: false,
+        min_tokens: 0,
     };
     let id = engine.add(request)?;
     let start = Instant::now();
@@ -177,28 +180,4 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// End-of-sequence tokens from every place a Hugging Face model names them: config.json,
-/// generation_config.json and the tokenizer's `eos_token`.
-fn backend_eos(backend: &CpuBackend, dir: &Path, tokenizer: &TextTokenizer) -> Result<Vec<u32>> {
-    let mut eos = crate::device::Backend::config(backend)
-        .eos_token_ids
-        .clone();
-    let path = dir.join("generation_config.json");
-    if path.is_file() {
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-            .with_context(|| format!("{}: invalid JSON", path.display()))?;
-        match &v["eos_token_id"] {
-            Value::Null => {}
-            Value::Number(n) => eos.extend(n.as_u64().map(|x| x as u32)),
-            Value::Array(a) => eos.extend(a.iter().filter_map(Value::as_u64).map(|x| x as u32)),
-            other => bail!(
-                "{}: eos_token_id {other} is not a token id or a list of them",
-                path.display()
-            ),
-        }
-    }
-    eos.extend(tokenizer.eos_token_id());
-    Ok(eos)
 }

@@ -112,6 +112,7 @@ pub struct Engine<B: Backend> {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     pending: Vec<Event>,
+    failed: Vec<RequestId>,
     stats: Stats,
 }
 
@@ -127,6 +128,7 @@ impl<B: Backend> Engine<B> {
             waiting: VecDeque::new(),
             running: Vec::new(),
             pending: Vec::new(),
+            failed: Vec::new(),
             stats: Stats::default(),
         }
     }
@@ -197,23 +199,42 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// The requests dropped by failed steps since the last call: each produces nothing more
+    /// (no [`Event::Finished`] either), so a server must answer them with the step's error.
+    pub fn take_failed(&mut self) -> Vec<RequestId> {
+        std::mem::take(&mut self.failed)
+    }
+
     /// Runs one iteration: retires cancelled requests, prefills newly admitted ones (each yields
     /// its first token), and decodes all other running ones in one batch (one token each).
     ///
     /// A device error is returned as is; the requests of the failed part of the step are
-    /// dropped with their KV-cache slots freed, the others keep running.
+    /// dropped with their KV-cache slots freed and listed by [`Engine::take_failed`]; the others
+    /// keep running, and the events of the step that did happen come with the next step.
     pub fn step(&mut self) -> Result<Vec<Event>, EngineError> {
-        let mut events = std::mem::take(&mut self.pending);
+        let mut events = Vec::new();
+        match self.step_into(&mut events) {
+            Ok(()) => Ok(events),
+            Err(e) => {
+                events.append(&mut self.pending);
+                self.pending = events;
+                Err(e)
+            }
+        }
+    }
+
+    fn step_into(&mut self, events: &mut Vec<Event>) -> Result<(), EngineError> {
+        events.append(&mut self.pending);
         let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) =
             std::mem::take(&mut self.running)
                 .into_iter()
                 .partition(|s| s.cancel_requested);
         self.running = running;
         for mut s in cancelled {
-            self.finish(&mut s, StopReason::Cancelled, String::new(), &mut events);
+            self.finish(&mut s, StopReason::Cancelled, String::new(), events);
         }
         if self.waiting.is_empty() && self.running.is_empty() {
-            return Ok(events);
+            return Ok(());
         }
         self.stats.steps += 1;
         let cap = self.backend.kv_capacity();
@@ -241,8 +262,8 @@ impl<B: Backend> Engine<B> {
             });
             let result = result.map_err(EngineError::from).and_then(|logits| {
                 self.stats.prefill_tokens += s.request.prompt.len() as u64;
-                let token = s.sampler.sample(&logits);
-                self.accept(&mut s, token, &mut events)
+                let token = self.sample(&mut s, &logits);
+                self.accept(&mut s, token, events)
             });
             match result {
                 Ok(true) => admitted.push(s),
@@ -252,6 +273,7 @@ impl<B: Backend> Engine<B> {
                     if let Some(seq) = s.seq_id() {
                         self.backend.free_sequence(seq);
                     }
+                    self.failed.push(s.id);
                     self.running.extend(admitted);
                     return Err(e);
                 }
@@ -276,6 +298,7 @@ impl<B: Backend> Engine<B> {
                 Err(e) => {
                     for s in std::mem::take(&mut self.running) {
                         self.backend.free_sequence(s.seq_id().expect("running"));
+                        self.failed.push(s.id);
                     }
                     self.running = admitted;
                     return Err(e.into());
@@ -285,12 +308,13 @@ impl<B: Backend> Engine<B> {
             let mut still = Vec::with_capacity(self.running.len());
             let mut failure = None;
             for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
-                let token = s.sampler.sample(logits.row(i));
-                match self.accept(&mut s, token, &mut events) {
+                let token = self.sample(&mut s, logits.row(i));
+                match self.accept(&mut s, token, events) {
                     Ok(true) => still.push(s),
                     Ok(false) => {}
                     Err(e) => {
                         self.backend.free_sequence(s.seq_id().expect("running"));
+                        self.failed.push(s.id);
                         failure.get_or_insert(e);
                     }
                 }
@@ -302,7 +326,22 @@ impl<B: Backend> Engine<B> {
             }
         }
         self.running.extend(admitted);
-        Ok(events)
+        Ok(())
+    }
+
+    /// Samples the next token of `s`, with end-of-sequence tokens masked while the sequence has
+    /// fewer than its `min_tokens`.
+    fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
+        if !s.request.ignore_eos && s.output.len() < s.request.min_tokens {
+            let mut masked = logits.to_vec();
+            for &t in &self.opts.eos_token_ids {
+                if let Some(l) = masked.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            return s.sampler.sample(&masked);
+        }
+        s.sampler.sample(logits)
     }
 
     /// Takes a sampled token for a running sequence; returns whether it keeps running.

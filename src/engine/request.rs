@@ -22,6 +22,10 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Keep generating through end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
+    /// End-of-sequence tokens are never sampled before this many tokens were generated (their
+    /// logits are masked), so the output has at least this many tokens unless a stop string or
+    /// the context ends it first. At most `max_tokens`.
+    pub min_tokens: usize,
 }
 
 impl Request {
@@ -33,6 +37,7 @@ impl Request {
             max_tokens,
             stop: Vec::new(),
             ignore_eos: false,
+            min_tokens: 0,
         }
     }
 
@@ -61,6 +66,12 @@ impl Request {
         }
         if self.max_tokens == 0 {
             return bad("max_tokens must be at least 1".into());
+        }
+        if self.min_tokens > self.max_tokens {
+            return bad(format!(
+                "min_tokens ({}) is larger than max_tokens ({})",
+                self.min_tokens, self.max_tokens
+            ));
         }
         if !self.stop.is_empty() && !has_tokenizer {
             return bad("stop strings need an engine with a tokenizer".into());

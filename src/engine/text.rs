@@ -134,6 +134,43 @@ impl TextTokenizer {
     }
 }
 
+/// End-of-sequence tokens from every place a Hugging Face model names them: config.json (given
+/// as `config_eos`), generation_config.json in `dir` and the tokenizer's `eos_token`; sorted,
+/// without duplicates.
+pub fn model_eos_tokens(
+    config_eos: &[u32],
+    dir: &std::path::Path,
+    tokenizer: &TextTokenizer,
+) -> Result<Vec<u32>, EngineError> {
+    let mut eos = config_eos.to_vec();
+    let path = dir.join("generation_config.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| tok_err(format!("{}: invalid JSON: {e}", path.display())))?;
+        match &v["eos_token_id"] {
+            serde_json::Value::Null => {}
+            serde_json::Value::Number(n) => eos.extend(n.as_u64().map(|x| x as u32)),
+            serde_json::Value::Array(a) => eos.extend(
+                a.iter()
+                    .filter_map(serde_json::Value::as_u64)
+                    .map(|x| x as u32),
+            ),
+            other => {
+                return Err(tok_err(format!(
+                    "{}: eos_token_id {other} is not a token id or a list of them",
+                    path.display()
+                )))
+            }
+        }
+    }
+    eos.extend(tokenizer.eos_token_id());
+    eos.sort_unstable();
+    eos.dedup();
+    Ok(eos)
+}
+
 /// Renders a Hugging Face chat template (public for tests of templates without a tokenizer).
 pub fn render_template(
     source: &str,

@@ -44,9 +44,21 @@ pub enum TritonError {
     /// A request is malformed.
     #[error("invalid request: {0}")]
     InvalidInput(String),
-    /// No capacity for the request now.
+    /// No capacity for the request now, or the instance is going away.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The client cancelled the request.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// The model's files (config.json, tokenizer, weights) are missing or invalid.
+    #[error("model files in {dir}")]
+    ModelFiles {
+        /// The weights directory.
+        dir: String,
+        /// What is wrong, naming the file or tensor.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// Something this backend does not do (yet), or a server too old for it.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -91,8 +103,11 @@ impl TritonError {
     /// The class of the error: the one place that decides which Triton code it gets.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            TritonError::Config { .. } | TritonError::InvalidInput(_) => ErrorKind::InvalidArg,
+            TritonError::Config { .. }
+            | TritonError::InvalidInput(_)
+            | TritonError::ModelFiles { .. } => ErrorKind::InvalidArg,
             TritonError::Unavailable(_) => ErrorKind::Unavailable,
+            TritonError::Cancelled(_) => ErrorKind::Cancelled,
             TritonError::Unsupported(_) => ErrorKind::Unsupported,
             TritonError::Server { kind, .. } => *kind,
             TritonError::Panic { .. } | TritonError::Internal { .. } => ErrorKind::Internal,
@@ -213,6 +228,17 @@ mod tests {
             (
                 TritonError::Unsupported("x".into()),
                 sys::TRITONSERVER_ERROR_UNSUPPORTED,
+            ),
+            (
+                TritonError::Cancelled("x".into()),
+                sys::TRITONSERVER_ERROR_CANCELLED,
+            ),
+            (
+                TritonError::ModelFiles {
+                    dir: "/m".into(),
+                    source: "tensor t: checksum mismatch".into(),
+                },
+                sys::TRITONSERVER_ERROR_INVALID_ARG,
             ),
             (
                 TritonError::Panic {

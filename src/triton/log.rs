@@ -1,21 +1,37 @@
-//! Messages into Triton's log (`TRITONSERVER_LogMessage`), so they appear with the server's own,
-//! at its levels and under its `--log-verbose` / `--log-info` switches. Only what the lifecycle
-//! needs so far; routing `tracing` here comes with the engine thread.
+//! Logs into Triton's log (`TRITONSERVER_LogMessage`), so they appear with the server's own,
+//! at its levels and under its `--log-verbose` / `--log-info` / `--log-warning` /
+//! `--log-error` switches.
+//!
+//! The backend logs with `tracing`; [`TritonLog`] is the subscriber `TRITONBACKEND_Initialize`
+//! installs for the shared object (its `tracing` statics are its own: Triton loads it with
+//! `RTLD_LOCAL`). Levels map ERROR → ERROR, WARN → WARN, INFO → INFO, DEBUG and TRACE → VERBOSE;
+//! an event is formatted only when Triton has its level enabled. Spans are not recorded: the
+//! events carry their context as fields (`instance=...`, `request=...`).
 
 use std::ffi::CString;
+use std::fmt::Write as _;
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Level, Metadata, Subscriber};
 
 use super::error::check;
 use super::sys;
 
-/// Logs `msg` at INFO level, attributed to `file:line`. A failure to log is dropped (its error
-/// object is still read and deleted).
-pub(super) fn info(file: &'static str, line: u32, msg: &str) {
-    // SAFETY: a plain query, callable at any time while the server runs.
-    if !unsafe { sys::TRITONSERVER_LogIsEnabled(sys::TRITONSERVER_LOG_INFO) } {
-        return;
+fn triton_level(level: &Level) -> sys::TRITONSERVER_LogLevel {
+    match *level {
+        Level::ERROR => sys::TRITONSERVER_LOG_ERROR,
+        Level::WARN => sys::TRITONSERVER_LOG_WARN,
+        Level::INFO => sys::TRITONSERVER_LOG_INFO,
+        _ => sys::TRITONSERVER_LOG_VERBOSE,
     }
+}
+
+/// Writes `msg` to Triton's log at `level`, attributed to `file:line`. A failure to log is
+/// dropped (its error object is still read and deleted).
+fn write(level: sys::TRITONSERVER_LogLevel, file: &str, line: u32, msg: &str) {
     let (Ok(file), Ok(msg)) = (
-        CString::new(file),
+        CString::new(file.replace('\0', "?")),
         CString::new(msg.replace('\0', "\u{FFFD}")),
     ) else {
         return;
@@ -26,12 +42,72 @@ pub(super) fn info(file: &'static str, line: u32, msg: &str) {
     let _ = unsafe {
         check(
             "TRITONSERVER_LogMessage",
-            sys::TRITONSERVER_LogMessage(
-                sys::TRITONSERVER_LOG_INFO,
-                file.as_ptr(),
-                line,
-                msg.as_ptr(),
-            ),
+            sys::TRITONSERVER_LogMessage(level, file.as_ptr(), line, msg.as_ptr()),
         )
     };
+}
+
+/// The `tracing` subscriber that forwards events to Triton's log.
+pub(super) struct TritonLog;
+
+/// Formats an event's fields: the message first, then `key=value` pairs.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: String,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = write!(self.rest, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.rest, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl Subscriber for TritonLog {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        // SAFETY: a plain query, callable at any time while the server runs.
+        unsafe { sys::TRITONSERVER_LogIsEnabled(triton_level(metadata.level())) }
+    }
+
+    fn new_span(&self, _span: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+
+    fn record(&self, _span: &Id, _values: &Record<'_>) {}
+
+    fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let meta = event.metadata();
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        let msg = format!("unweight: {}{}", fields.message, fields.rest);
+        write(
+            triton_level(meta.level()),
+            meta.file().unwrap_or("unweight"),
+            meta.line().unwrap_or(0),
+            &msg,
+        );
+    }
+
+    fn enter(&self, _span: &Id) {}
+
+    fn exit(&self, _span: &Id) {}
+}
+
+/// Makes [`TritonLog`] the subscriber of this shared object (once; later calls do nothing).
+pub(super) fn install() {
+    let _ = tracing::subscriber::set_global_default(TritonLog);
 }

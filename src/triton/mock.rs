@@ -28,6 +28,8 @@ pub(super) struct Host {
     pub fail_model_name: Option<sys::TRITONSERVER_Error_Code>,
     pub model_state: usize,
     pub instance_state: usize,
+    pub backend_state: usize,
+    pub backend_config_json: String,
     /// Errors created and not yet deleted.
     pub live_errors: i64,
     /// Messages handed out and not yet deleted.
@@ -52,6 +54,8 @@ pub(super) fn lock() -> MutexGuard<'static, ()> {
         fail_model_name: None,
         model_state: 0,
         instance_state: 0,
+        backend_state: 0,
+        backend_config_json: r#"{"cmdline": {}}"#.into(),
         live_errors: 0,
         live_messages: 0,
     });
@@ -314,4 +318,83 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceState(
     // SAFETY: valid out-pointer.
     unsafe { *state = with(|h| h.instance_state) as *mut c_void };
     ptr::null_mut()
+}
+
+/// The backend configuration message: Triton-owned, never deleted by the backend, so it is one
+/// leaked static message here.
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_BackendConfig(
+    _backend: *mut sys::TRITONBACKEND_Backend,
+    backend_config: *mut *mut sys::TRITONSERVER_Message,
+) -> *mut sys::TRITONSERVER_Error {
+    let json = with(|h| h.backend_config_json.clone().into_bytes());
+    // SAFETY: valid out-pointer; the message is Triton's (never freed here, as in Triton).
+    unsafe { *backend_config = Box::into_raw(Box::new(MockMessage { json })).cast() };
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_BackendSetState(
+    _backend: *mut sys::TRITONBACKEND_Backend,
+    state: *mut c_void,
+) -> *mut sys::TRITONSERVER_Error {
+    with(|h| h.backend_state = state as usize);
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_BackendState(
+    _backend: *mut sys::TRITONBACKEND_Backend,
+    state: *mut *mut c_void,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: valid out-pointer.
+    unsafe { *state = with(|h| h.backend_state) as *mut c_void };
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ModelBackend(
+    _model: *mut sys::TRITONBACKEND_Model,
+    backend: *mut *mut sys::TRITONBACKEND_Backend,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: valid out-pointer; the mock's backend handle is never dereferenced.
+    unsafe { *backend = ptr::NonNull::dangling().as_ptr() };
+    ptr::null_mut()
+}
+
+/// Request and response functions: the in-process tests never reach them (requests are the
+/// test host's job, tests/triton_host.rs), but the test binary must link.
+macro_rules! not_in_mock {
+    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {$(
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> *mut sys::TRITONSERVER_Error {
+            $(let _ = $arg;)*
+            new_error(
+                sys::TRITONSERVER_ERROR_UNSUPPORTED,
+                concat!(stringify!($name), " is not provided by the unit-test mock"),
+            )
+        }
+    )*};
+}
+
+not_in_mock! {
+    TRITONBACKEND_InputBuffer(a: *mut sys::TRITONBACKEND_Input, b: u32, c: *mut *const c_void, d: *mut u64, e: *mut sys::TRITONSERVER_MemoryType, f: *mut i64);
+    TRITONBACKEND_InputProperties(a: *mut sys::TRITONBACKEND_Input, b: *mut *const c_char, c: *mut sys::TRITONSERVER_DataType, d: *mut *const i64, e: *mut u32, f: *mut u64, g: *mut u32);
+    TRITONBACKEND_ModelInstanceReportBatchStatistics(a: *mut sys::TRITONBACKEND_ModelInstance, b: u64, c: u64, d: u64, e: u64, f: u64);
+    TRITONBACKEND_ModelInstanceReportStatistics(a: *mut sys::TRITONBACKEND_ModelInstance, b: *mut sys::TRITONBACKEND_Request, c: bool, d: u64, e: u64, f: u64, g: u64);
+    TRITONBACKEND_OutputBuffer(a: *mut sys::TRITONBACKEND_Output, b: *mut *mut c_void, c: u64, d: *mut sys::TRITONSERVER_MemoryType, e: *mut i64);
+    TRITONBACKEND_RequestId(a: *mut sys::TRITONBACKEND_Request, b: *mut *const c_char);
+    TRITONBACKEND_RequestInputByIndex(a: *mut sys::TRITONBACKEND_Request, b: u32, c: *mut *mut sys::TRITONBACKEND_Input);
+    TRITONBACKEND_RequestInputCount(a: *mut sys::TRITONBACKEND_Request, b: *mut u32);
+    TRITONBACKEND_RequestOutputCount(a: *mut sys::TRITONBACKEND_Request, b: *mut u32);
+    TRITONBACKEND_RequestOutputName(a: *mut sys::TRITONBACKEND_Request, b: u32, c: *mut *const c_char);
+    TRITONBACKEND_RequestRelease(a: *mut sys::TRITONBACKEND_Request, b: u32);
+    TRITONBACKEND_ResponseDelete(a: *mut sys::TRITONBACKEND_Response);
+    TRITONBACKEND_ResponseFactoryDelete(a: *mut sys::TRITONBACKEND_ResponseFactory);
+    TRITONBACKEND_ResponseFactoryIsCancelled(a: *mut sys::TRITONBACKEND_ResponseFactory, b: *mut bool);
+    TRITONBACKEND_ResponseFactoryNew(a: *mut *mut sys::TRITONBACKEND_ResponseFactory, b: *mut sys::TRITONBACKEND_Request);
+    TRITONBACKEND_ResponseFactorySendFlags(a: *mut sys::TRITONBACKEND_ResponseFactory, b: u32);
+    TRITONBACKEND_ResponseNewFromFactory(a: *mut *mut sys::TRITONBACKEND_Response, b: *mut sys::TRITONBACKEND_ResponseFactory);
+    TRITONBACKEND_ResponseOutput(a: *mut sys::TRITONBACKEND_Response, b: *mut *mut sys::TRITONBACKEND_Output, c: *const c_char, d: sys::TRITONSERVER_DataType, e: *const i64, f: u32);
+    TRITONBACKEND_ResponseSend(a: *mut sys::TRITONBACKEND_Response, b: u32, c: *mut sys::TRITONSERVER_Error);
 }

@@ -1,26 +1,31 @@
 //! The Triton Inference Server backend: the C ABI that `tritonserver` loads from
 //! `libtriton_unweight.so`.
 //!
-//! What lives here, and only here: the bindgen declarations of Triton's C API ([`sys`], private),
+//! What lives here, and only here: the bindgen declarations of Triton's C API (`sys`, private),
 //! the `TRITONBACKEND_*` entry points (`exports`), the per-model and per-instance state behind
-//! Triton's opaque pointers (`state`), the model configuration ([`config`]) and the error
-//! mapping ([`error`]). No Triton type leaves this module: the engine and everything below it
-//! never see a `TRITON*` handle. All `unsafe` of this layer is here, each block with a
-//! `// SAFETY:` line (enforced by clippy's `undocumented_unsafe_blocks`).
-//!
-//! Status: loading, configuration and the lifecycle work; `TRITONBACKEND_ModelInstanceExecute`
-//! answers UNSUPPORTED until the engine thread lands (docs/triton.md).
+//! Triton's opaque pointers (`state`), the model configuration ([`config`]), the backend
+//! configuration ([`backend_config`]), the request contract ([`inputs`]), the FFI side of a
+//! request's life (`request`), the loaded model (`served`), the engine thread of an instance
+//! (`worker`), the log bridge (`log`) and the error mapping ([`error`]). No Triton type leaves
+//! this module: the engine and everything below it never see a `TRITON*` handle. All `unsafe`
+//! of this layer is here, each block with a `// SAFETY:` line (enforced by clippy's
+//! `undocumented_unsafe_blocks`). docs/triton.md describes the whole.
 
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod backend_config;
 pub mod config;
 pub mod error;
 mod exports;
+pub mod inputs;
 mod log;
 #[cfg(test)]
 mod mock;
+mod request;
+mod served;
 mod state;
 mod sys;
+mod worker;
 
 pub use config::{DeviceChoice, InstanceGroup, InstanceKind, ModelConfig};
 pub use error::{ErrorKind, TritonError};

@@ -10,9 +10,15 @@ use std::ffi::{c_void, CStr};
 use std::path::PathBuf;
 use std::ptr;
 
+use std::sync::Arc;
+
+use super::backend_config::BackendSettings;
 use super::config::{DeviceChoice, InstanceKind, ModelConfig};
 use super::error::{check, TritonError};
+use super::request::InstanceHandle;
+use super::served::Served;
 use super::sys;
+use super::worker::Worker;
 
 /// Everything a model needs, read once from Triton at `ModelInitialize`.
 #[derive(Debug)]
@@ -25,6 +31,8 @@ pub(super) struct ModelState {
     pub version_dir: PathBuf,
     /// The validated configuration.
     pub config: ModelConfig,
+    /// The loaded model, shared with the instances.
+    pub served: Arc<Served>,
 }
 
 /// One model instance.
@@ -36,6 +44,12 @@ pub(super) struct InstanceState {
     pub kind: InstanceKind,
     /// Its GPU id (meaningful for `Gpu`).
     pub device_id: i32,
+    /// The model it serves.
+    pub served: Arc<Served>,
+    /// Its engine thread; taken by ModelInstanceFinalize.
+    pub worker: Option<Worker>,
+    /// Triton's handle of the instance.
+    pub handle: InstanceHandle,
 }
 
 /// A C string from Triton, copied; null is an error naming `what`.
@@ -100,13 +114,55 @@ impl ModelState {
         // SAFETY: live handle (contract).
         let json = unsafe { model_config_json(model)? };
         let config = ModelConfig::from_json(&json, &version_dir)?;
+        // SAFETY: live handle (contract).
+        let settings = unsafe { backend_settings(model)? };
+        let served = Served::load(&config, &settings).map_err(|e| match e {
+            TritonError::ModelFiles { dir, source } => TritonError::ModelFiles {
+                dir: format!("{dir} (model {name} version {version})"),
+                source,
+            },
+            other => other,
+        })?;
         Ok(ModelState {
             name,
             version,
             version_dir,
             config,
+            served: Arc::new(served),
         })
     }
+}
+
+/// The backend's settings, stored by TRITONBACKEND_Initialize in the backend state (defaults
+/// when there is none).
+///
+/// # Safety
+/// `model` is a live model handle.
+unsafe fn backend_settings(
+    model: *mut sys::TRITONBACKEND_Model,
+) -> Result<BackendSettings, TritonError> {
+    let mut backend = ptr::null_mut();
+    // SAFETY: live handle; valid out-pointer.
+    unsafe {
+        check(
+            "TRITONBACKEND_ModelBackend",
+            sys::TRITONBACKEND_ModelBackend(model, &mut backend),
+        )?
+    };
+    let mut raw: *mut c_void = ptr::null_mut();
+    // SAFETY: the backend handle just returned is live; valid out-pointer.
+    unsafe {
+        check(
+            "TRITONBACKEND_BackendState",
+            sys::TRITONBACKEND_BackendState(backend, &mut raw),
+        )?
+    };
+    if raw.is_null() {
+        return Ok(BackendSettings::default());
+    }
+    // SAFETY: set by TRITONBACKEND_Initialize from `into_raw::<BackendSettings>`, freed only by
+    // TRITONBACKEND_Finalize, which Triton calls after every model is finalized.
+    Ok(unsafe { &*raw.cast::<BackendSettings>() }.clone())
 }
 
 /// The model configuration as JSON (config version 1). The message is ours and is deleted here.
@@ -216,10 +272,25 @@ impl InstanceState {
                 sys::TRITONBACKEND_ModelInstanceDeviceId(instance, &mut device_id),
             )?
         };
+        if kind == InstanceKind::Gpu {
+            tracing::warn!(
+                instance = name.as_str(),
+                device = device_id,
+                "the CUDA engine is not part of this build yet; instance {name} runs on the CPU \
+                 engine"
+            );
+        }
+        let served = Arc::clone(&model.served);
+        let handle = InstanceHandle(instance);
+        let limit = served.max_sequences.saturating_mul(4).max(1);
+        let worker = Worker::spawn(&name, served.engine(), handle, limit)?;
         Ok(InstanceState {
             name,
             kind,
             device_id,
+            served,
+            worker: Some(worker),
+            handle,
         })
     }
 }

@@ -19,6 +19,7 @@ mod ops;
 mod simd;
 
 use std::path::Path;
+use std::sync::Arc;
 
 pub use kernel::KernelKind;
 
@@ -53,7 +54,9 @@ impl Default for CpuOptions {
 /// The CPU backend.
 pub struct CpuBackend {
     cfg: LlamaConfig,
-    weights: LlamaWeights,
+    /// Shared: several backends (Triton instances) may serve one loaded model, each with its
+    /// own KV cache.
+    weights: Arc<LlamaWeights>,
     kv: KvCache,
     kernel: KernelKind,
     inv_freq: Vec<f64>,
@@ -68,8 +71,9 @@ struct Item {
 }
 
 impl CpuBackend {
-    /// A backend over loaded weights.
-    pub fn new(cfg: LlamaConfig, weights: LlamaWeights, opts: &CpuOptions) -> Self {
+    /// A backend over loaded weights (owned, or shared with other backends).
+    pub fn new(cfg: LlamaConfig, weights: impl Into<Arc<LlamaWeights>>, opts: &CpuOptions) -> Self {
+        let weights = weights.into();
         let max_context = opts
             .max_context
             .unwrap_or(cfg.max_position_embeddings)
