@@ -21,6 +21,7 @@ test: export UNWEIGHT_REQUIRE_TEST_MODEL = 1
 test: setup lint
 	$(CARGO) run --release --locked -- fetch-test-model --out .cache/smollm2
 	$(CARGO) test --locked
+	d="$$(mktemp -d)" && trap 'rm -rf "$$d"' EXIT && CARGO="$(CARGO)" PREFIX="$$d" docker/build-backend.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
