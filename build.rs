@@ -13,7 +13,13 @@
 //!    stay undefined in the shared object and are bound at `dlopen` by the `tritonserver`
 //!    executable (docs/triton.md says why and what follows).
 //!
-//! The CUDA kernel build joins this script with the CUDA runtime issue.
+//! 4. Every `kernels/*.cu` is compiled by nvcc into a fatbin (sm_90a code + compute_90a PTX)
+//!    embedded in the library (`build/cuda.rs`; docs/cuda.md). Without nvcc the crate builds CPU
+//!    only, with a warning; `UNWEIGHT_REQUIRE_NVCC=1` (set by `make test` and CI) makes that an
+//!    error.
+
+#[path = "build/cuda.rs"]
+mod cuda;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -34,6 +40,8 @@ fn main() {
     // executable's dynamic symbol table so the backend's undefined references bind to them at
     // dlopen, as they bind to tritonserver's.
     println!("cargo:rustc-link-arg-bin=unweight-triton-host=-rdynamic");
+
+    cuda::build(&manifest);
 
     let include = find_triton_include(&manifest);
     generate_bindings(&include);

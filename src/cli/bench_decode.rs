@@ -1,4 +1,5 @@
-//! `unweight bench decode`: decode throughput of the CPU backend on one model held three ways,
+//! `unweight bench decode`: decode throughput. With `--device cuda` the GPU backend is measured
+//! instead (see [`super::bench_cuda`]). On the CPU: one model held three ways,
 //! measured in one run: the plain checkpoint (BF16), the compressed checkpoint decoded at load,
 //! and the compressed checkpoint decoded chunk by chunk inside every product (on the fly).
 //!
@@ -21,27 +22,39 @@ use crate::model::weights::WeightMode;
 /// Arguments of `unweight bench decode`.
 #[derive(clap::Args, Debug)]
 pub struct DecodeArgs {
-    /// The device to measure (only the CPU backend exists so far).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
-    device: String,
-    /// Plain BF16 checkpoint directory.
+    /// The device to measure.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    pub(super) device: String,
+    /// Plain BF16 checkpoint directory (required on the CPU; on CUDA, instead of --shape).
     #[arg(long)]
-    model: PathBuf,
+    pub(super) model: Option<PathBuf>,
+    /// CUDA only: a synthetic model of this shape generated in device memory (N(0, 0.02)).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::model::LlamaShape::PRESETS), conflicts_with = "model")]
+    pub(super) shape: Option<String>,
+    /// CUDA only: tokens per sequence the KV cache holds (default: what the run needs).
+    #[arg(long)]
+    pub(super) max_context: Option<usize>,
+    /// CUDA only: feed GEMMs plain BF16 activations instead of split hi + lo rows.
+    #[arg(long)]
+    pub(super) bf16_activations: bool,
+    /// CUDA only: run decode steps without CUDA graphs.
+    #[arg(long)]
+    pub(super) no_graphs: bool,
     /// Its compressed form; without it the model is compressed into a temporary directory.
     #[arg(long)]
     compressed: Option<PathBuf>,
     /// Batch sizes (concurrent sequences), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
-    batch: Vec<usize>,
+    pub(super) batch: Vec<usize>,
     /// Timed decode steps per batch size.
     #[arg(long, default_value_t = 32)]
-    tokens: usize,
+    pub(super) tokens: usize,
     /// Prompt length of the first sequence (sequence i gets i more tokens).
     #[arg(long, default_value_t = 16)]
-    prompt_len: usize,
+    pub(super) prompt_len: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
-    out: Option<PathBuf>,
+    pub(super) out: Option<PathBuf>,
 }
 
 /// Runs `unweight bench decode`.
@@ -49,13 +62,22 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) || a.tokens == 0 || a.prompt_len == 0 {
         bail!("--batch sizes, --tokens and --prompt-len must all be at least 1");
     }
+    if a.device == "cuda" {
+        return super::bench_cuda::run(&a);
+    }
+    if a.shape.is_some() {
+        bail!("--shape is for --device cuda; on the CPU, write the model with `unweight synth` and pass --model");
+    }
+    let Some(model) = a.model.clone() else {
+        bail!("--model is required for --device cpu");
+    };
     let temp = std::env::temp_dir().join(format!("unweight-bench-decode-{}", std::process::id()));
     let compressed = match &a.compressed {
         Some(c) => c.clone(),
         None => {
             eprintln!(
                 "bench: compressing {} into {}",
-                a.model.display(),
+                model.display(),
                 temp.display()
             );
             let opts = CompressOptions {
@@ -63,11 +85,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 progress: false,
                 ..CompressOptions::default()
             };
-            container::compress_dir(&a.model, &temp, &opts).context("compressing the model")?;
+            container::compress_dir(&model, &temp, &opts).context("compressing the model")?;
             temp.clone()
         }
     };
-    let result = measure_all(&a, &compressed);
+    let result = measure_all(&a, &model, &compressed);
     if a.compressed.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
@@ -76,7 +98,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         let doc = json!({
             "benchmark": "decode",
             "device": a.device,
-            "model": a.model.display().to_string(),
+            "model": model.display().to_string(),
             "tokens": a.tokens,
             "prompt_len": a.prompt_len,
             "results": rows,
@@ -86,9 +108,9 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-fn measure_all(a: &DecodeArgs, compressed: &Path) -> Result<Vec<Value>> {
+fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Value>> {
     let configs: [(&str, &Path, WeightMode); 3] = [
-        ("plain checkpoint, bf16", &a.model, WeightMode::Decoded),
+        ("plain checkpoint, bf16", model, WeightMode::Decoded),
         (
             "compressed, decoded at load",
             compressed,

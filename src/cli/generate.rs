@@ -1,5 +1,6 @@
 //! `unweight generate`: text generation from a checkpoint directory (plain or compressed) on the
-//! CPU backend, streaming the text to stdout as it is produced.
+//! CPU or CUDA backend (`--device`; CUDA falls back to the CPU, saying why, when no usable GPU is
+//! found), streaming the text to stdout as it is produced.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,7 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::device::cpu::{CpuBackend, CpuOptions};
+use crate::device::cpu::CpuOptions;
+use crate::device::cuda::{self, CudaOptions};
+use crate::device::{load_backend, Backend, DeviceKind};
 use crate::engine::text::{model_eos_tokens, ChatMessage, TextTokenizer};
 use crate::engine::{Engine, EngineOptions, Event, Request, SamplingParams, StopReason};
 use crate::model::weights::WeightMode;
@@ -68,9 +71,12 @@ pub struct GenerateArgs {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// How the weights are held in memory.
+    /// How the weights are held in memory (CPU only; CUDA always decodes at load).
     #[arg(long, value_enum, default_value = "decoded")]
     weights: WeightsArg,
+    /// Where the model runs; `cuda` falls back to the CPU when no usable GPU is found.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: DeviceKind,
 }
 
 /// Runs `unweight generate`.
@@ -101,18 +107,29 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     // A rendered template already holds its special tokens (as transformers tokenizes it).
     let prompt = tokenizer.encode(&text, !a.chat)?;
-    let opts = CpuOptions {
+    let cpu_opts = CpuOptions {
         max_sequences: 1,
         ..CpuOptions::default()
     };
-    let backend = CpuBackend::load(&a.model, a.weights.into(), &opts)
-        .with_context(|| format!("loading {}", a.model.display()))?;
-    let eos = model_eos_tokens(
-        &crate::device::Backend::config(&backend).eos_token_ids,
+    let cuda_opts = CudaOptions {
+        max_sequences: 1,
+        ..CudaOptions::default()
+    };
+    let probe = match a.device {
+        DeviceKind::Cuda => cuda::probe(),
+        DeviceKind::Cpu => Err("not asked for".into()),
+    };
+    let (backend, _selected) = load_backend(
         &a.model,
-        &tokenizer,
-    )?;
-    let mut eopts = EngineOptions::for_config(crate::device::Backend::config(&backend));
+        a.device,
+        probe,
+        a.weights.into(),
+        &cpu_opts,
+        &cuda_opts,
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
+    let eos = model_eos_tokens(&backend.config().eos_token_ids, &a.model, &tokenizer)?;
+    let mut eopts = EngineOptions::for_config(backend.config());
     eopts.eos_token_ids = eos;
     let mut engine = Engine::new(backend, Some(Arc::new(tokenizer)), eopts);
     let request = Request {

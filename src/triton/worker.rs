@@ -119,6 +119,10 @@ impl Worker {
     /// Stops the thread: every request still queued or running gets an UNAVAILABLE error as
     /// its FINAL response and is released; then the thread is joined.
     pub fn stop(mut self) -> Result<(), TritonError> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), TritonError> {
         let _ = self.tx.send(Command::Stop);
         match self.thread.take().map(JoinHandle::join) {
             Some(Err(_)) => Err(TritonError::Internal {
@@ -127,6 +131,14 @@ impl Worker {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+impl Drop for Worker {
+    /// A worker dropped without [`Worker::stop`] (an error path) still stops and joins its
+    /// thread: no thread outlives its instance.
+    fn drop(&mut self) {
+        let _ = self.stop_and_join();
     }
 }
 
@@ -152,6 +164,7 @@ fn run(
     counter: &AtomicUsize,
 ) {
     let mut live: HashMap<RequestId, Live> = HashMap::new();
+    let mut leftover: Vec<Command> = Vec::new();
     tracing::debug!(instance = name, "engine thread started");
     'serve: loop {
         // Admit what arrived; sleep only when there is nothing to compute.
@@ -163,9 +176,13 @@ fn run(
             }
         }
         commands.extend(rx.try_iter());
-        for c in commands {
+        let mut commands = commands.into_iter();
+        while let Some(c) = commands.next() {
             match c {
-                Command::Stop => break 'serve,
+                Command::Stop => {
+                    leftover.extend(commands);
+                    break 'serve;
+                }
                 Command::Add(mut job) => {
                     job.pending.compute_start_ns = now_ns();
                     match engine.add(job.request.clone()) {
@@ -223,8 +240,9 @@ fn run(
     let err = TritonError::Unavailable(format!(
         "model instance {name} is being unloaded; the request was not completed"
     ));
-    let queued: Vec<Box<Job>> = rx
-        .try_iter()
+    let queued: Vec<Box<Job>> = leftover
+        .into_iter()
+        .chain(rx.try_iter())
         .filter_map(|c| match c {
             Command::Add(job) => Some(job),
             Command::Stop => None,

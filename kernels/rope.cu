@@ -1,0 +1,47 @@
+// Rotary embedding of q and k, and the append of k and v to the KV cache. Rust partner:
+// src/device/cuda/kernels.rs (`rope_qkv_store`).
+//
+// grid: (n) one block per token; block: 128 threads striding over rotation pairs.
+// qkv: f32 GEMM output [(split ? 2n : n) x (qd + 2 kvd)], columns q | k | v (device).
+// cos, sin: f32 [max_ctx x head_dim/2], the host's table (angles pos * inv_freq computed in f64 on
+//   the host, Llama 3 scaling included, exactly as the CPU reference) (device).
+// pos, slot: int32 [n] position and KV slot of each token (device).
+// q_out: f32 [n x qd]; k_cache, v_cache: this layer's f32 [slots x max_ctx x kvd] (device).
+// Pairing: Hugging Face rotate_half, element i with i + head_dim/2 inside each head.
+#include "common.cuh"
+
+extern "C" __global__ void rope_qkv_store(const float* __restrict__ qkv, int split, int n,
+                                          const float* __restrict__ cos_t,
+                                          const float* __restrict__ sin_t,
+                                          const int* __restrict__ pos, const int* __restrict__ slot,
+                                          float* __restrict__ q_out, float* __restrict__ k_cache,
+                                          float* __restrict__ v_cache, int heads, int kv_heads,
+                                          int head_dim, int max_ctx) {
+    const int t = blockIdx.x;
+    const int half = head_dim / 2;
+    const size_t qd = (size_t)heads * head_dim, kvd = (size_t)kv_heads * head_dim;
+    const size_t cols = qd + 2 * kvd;
+    const int p = pos[t];
+    const float* c = cos_t + (size_t)p * half;
+    const float* s = sin_t + (size_t)p * half;
+    const size_t cache_row = ((size_t)slot[t] * max_ctx + p) * kvd;
+    const int pairs = (heads + kv_heads) * half;
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+        const int head = i / half, j = i % half;
+        const size_t col = (size_t)head * head_dim + j;  // q heads then k heads: contiguous
+        const float x1 = load_split(qkv, split, n, t, cols, col);
+        const float x2 = load_split(qkv, split, n, t, cols, col + half);
+        const float a = x1 * c[j] - x2 * s[j];
+        const float b = x2 * c[j] + x1 * s[j];
+        if (head < heads) {
+            q_out[(size_t)t * qd + col] = a;
+            q_out[(size_t)t * qd + col + half] = b;
+        } else {
+            const size_t kc = col - qd;
+            k_cache[cache_row + kc] = a;
+            k_cache[cache_row + kc + half] = b;
+        }
+    }
+    for (size_t i = threadIdx.x; i < kvd; i += blockDim.x)
+        v_cache[cache_row + i] = load_split(qkv, split, n, t, cols, qd + kvd + i);
+}

@@ -1,0 +1,721 @@
+//! [`CudaBackend`]: the Llama forward pass on the GPU, step for step the CPU reference's
+//! (`device::cpu`), with BF16 weights in device memory and linear layers through cuBLAS.
+//!
+//! One layer, for `n` tokens (a prompt chunk, or one token of each sequence of a decode batch):
+//!
+//! ```text
+//! rmsnorm_residual(x += down_prev; x -> xb)     GEMM qkv (fused q|k|v weight) -> qkv
+//! rope_qkv_store(qkv -> q, K/V cache)          attention(q, cache -> ab)
+//! GEMM o -> y      rmsnorm_residual(x += y; x -> xb)      GEMM gate|up (fused) -> gu
+//! silu_mul(gu -> mb)                           GEMM down -> y
+//! ```
+//!
+//! then the final norm, `lm_head` on the rows whose logits are wanted, and the f32 logits copied
+//! to pinned host memory. The residual stream and the KV cache are f32, as on the CPU. GEMM
+//! inputs are BF16; with `split_activations` (the default) each activation row goes in as two
+//! BF16 rows whose sum is the f32 value to 2^-17 (kernels/common.cuh), so cuBLAS's products match
+//! the CPU's f32-activation products to ~1e-5 while reading every weight once.
+//!
+//! A decode step is padded to a batch-size bucket (powers of two up to `max_sequences`) and runs
+//! as that bucket's CUDA graph, captured on first use; per-step inputs (tokens, positions, slots)
+//! live in fixed device buffers the graph reads. Prefill runs eagerly in chunks of at most
+//! `max_prefill_tokens`. Every buffer is allocated at construction.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::driver::{Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, PinnedBuf};
+use super::kernels::{Kernels, Product, ATTN_MAX_HEAD_DIM};
+use super::kv::KvCache;
+use crate::container::Checkpoint;
+use crate::device::{Backend, DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
+use crate::model::weights::{LlamaWeights, Matrix, MatrixData, WeightError, WeightMode};
+use crate::model::LlamaConfig;
+
+/// Settings of a [`CudaBackend`].
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Sequences live at once, at most (fewer if the KV budget holds fewer).
+    pub max_sequences: usize,
+    /// Tokens per sequence; `None` for the model's limit capped at 4096 (each slot of the slab
+    /// holds this many positions, so it sizes the cache).
+    pub max_context: Option<usize>,
+    /// Bytes for the KV cache; `None` for half the device memory left free once weights and
+    /// work buffers are allocated.
+    pub kv_budget_bytes: Option<usize>,
+    /// Tokens per prefill pass; longer prompts go through in chunks.
+    pub max_prefill_tokens: usize,
+    /// Feed GEMMs hi + lo BF16 rows (f32-accurate, the default) instead of plain BF16.
+    pub split_activations: bool,
+    /// Run decode steps as CUDA graphs (one per batch bucket).
+    pub graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            ordinal: 0,
+            max_sequences: 64,
+            max_context: None,
+            kv_budget_bytes: None,
+            max_prefill_tokens: 512,
+            split_activations: true,
+            graphs: true,
+        }
+    }
+}
+
+/// Timing of the last decode step.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTiming {
+    /// Device time of the step (graph or kernels), from CUDA events.
+    pub gpu_ms: f64,
+    /// Host time of copying the logits back (pinned memory), after the step finished.
+    pub copy_ms: f64,
+    /// The batch bucket the step ran as.
+    pub bucket: usize,
+}
+
+struct LayerW {
+    input_norm: DevBuf,
+    qkv: DevBuf,
+    o: DevBuf,
+    post_norm: DevBuf,
+    gate_up: DevBuf,
+    down: DevBuf,
+}
+
+struct Weights {
+    embed: DevBuf,
+    layers: Vec<LayerW>,
+    norm: DevBuf,
+    lm_head: Option<DevBuf>,
+}
+
+/// Work buffers, sized for `cap` tokens (`2 cap` rows where split) at construction.
+struct Bufs {
+    tokens: DevBuf,
+    pos: DevBuf,
+    slot: DevBuf,
+    x: DevBuf,
+    xb: DevBuf,
+    qkv: DevBuf,
+    q: DevBuf,
+    ab: DevBuf,
+    y: DevBuf,
+    gu: DevBuf,
+    mb: DevBuf,
+    logits_raw: DevBuf,
+    logits: DevBuf,
+    cos: DevBuf,
+    sin: DevBuf,
+}
+
+/// Which rows' logits a pass computes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// None (a prompt chunk that is not the last).
+    None,
+    /// The last row only (prefill).
+    Last,
+    /// Every row (decode).
+    All,
+}
+
+/// The CUDA backend.
+pub struct CudaBackend {
+    cfg: LlamaConfig,
+    // Field order is drop order: graphs, then buffers, handles and modules, then the context.
+    graphs: HashMap<usize, Graph>,
+    host_logits: PinnedBuf,
+    kv: KvCache,
+    bufs: Bufs,
+    weights: Weights,
+    blas: Cublas,
+    k: Kernels,
+    events: (Event, Event),
+    ctx: Arc<Context>,
+    opts: CudaOptions,
+    cap: usize,
+    buckets: Vec<usize>,
+    weight_bytes: usize,
+    timing: StepTiming,
+}
+
+fn upload_matrix(ctx: &Arc<Context>, m: &Matrix) -> Result<DevBuf, DeviceError> {
+    match &m.data {
+        MatrixData::Bf16(bytes) => Ok(DevBuf::from_host(ctx, bytes)?),
+        MatrixData::Compressed(_) => Err(DeviceError::Invalid(format!(
+            "{}: the CUDA backend takes weights decoded at load (WeightMode::Decoded)",
+            m.name
+        ))),
+    }
+}
+
+/// Uploads matrices one after another into one buffer (fused q|k|v, gate|up).
+fn upload_fused(ctx: &Arc<Context>, parts: &[&Matrix]) -> Result<DevBuf, DeviceError> {
+    let total: usize = parts.iter().map(|m| 2 * m.rows * m.cols).sum();
+    let buf = DevBuf::new(ctx, total)?;
+    let mut off = 0;
+    for m in parts {
+        match &m.data {
+            MatrixData::Bf16(bytes) => {
+                buf.upload(off, bytes)?;
+                off += bytes.len();
+            }
+            MatrixData::Compressed(_) => {
+                return Err(DeviceError::Invalid(format!(
+                    "{}: the CUDA backend takes weights decoded at load",
+                    m.name
+                )))
+            }
+        }
+    }
+    Ok(buf)
+}
+
+impl CudaBackend {
+    /// Reads `config.json` and the weights of a checkpoint directory (plain, or compressed and
+    /// decoded on the CPU at load), and uploads them as BF16.
+    pub fn load(dir: &Path, opts: &CudaOptions) -> Result<Self, DeviceError> {
+        let cfg = LlamaConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir).map_err(WeightError::from)?;
+        let weights = LlamaWeights::load(&ckpt, &cfg, WeightMode::Decoded)?;
+        Self::from_weights(cfg, &weights, opts)
+    }
+
+    /// Uploads loaded weights (which must be [`WeightMode::Decoded`]).
+    pub fn from_weights(
+        cfg: LlamaConfig,
+        w: &LlamaWeights,
+        opts: &CudaOptions,
+    ) -> Result<Self, DeviceError> {
+        Self::build(cfg, opts, |ctx, _k| {
+            let layers = w
+                .layers
+                .iter()
+                .map(|lw| {
+                    Ok(LayerW {
+                        input_norm: DevBuf::from_host(ctx, &lw.input_norm)?,
+                        qkv: upload_fused(ctx, &[&lw.q_proj, &lw.k_proj, &lw.v_proj])?,
+                        o: upload_matrix(ctx, &lw.o_proj)?,
+                        post_norm: DevBuf::from_host(ctx, &lw.post_attention_norm)?,
+                        gate_up: upload_fused(ctx, &[&lw.gate_proj, &lw.up_proj])?,
+                        down: upload_matrix(ctx, &lw.down_proj)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, DeviceError>>()?;
+            Ok(Weights {
+                embed: upload_matrix(ctx, &w.embed_tokens)?,
+                layers,
+                norm: DevBuf::from_host(ctx, &w.norm)?,
+                lm_head: w
+                    .lm_head
+                    .as_ref()
+                    .map(|m| upload_matrix(ctx, m))
+                    .transpose()?,
+            })
+        })
+    }
+
+    /// A model of `cfg`'s shape whose weights are generated in device memory: every matrix
+    /// N(0, sigma) BF16 from `seed`, norms 1.0. For benchmarks at real scale (an 8B model)
+    /// without writing or uploading 16 GB.
+    pub fn synthetic(
+        cfg: LlamaConfig,
+        seed: u64,
+        sigma: f32,
+        opts: &CudaOptions,
+    ) -> Result<Self, DeviceError> {
+        let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let layers = cfg.num_hidden_layers;
+        let tied = cfg.tie_word_embeddings;
+        Self::build(cfg, opts, |ctx, k| {
+            let mut tensor = 0u64;
+            let mut matrix = |elems: usize| -> Result<DevBuf, DeviceError> {
+                let b = DevBuf::new(ctx, 2 * elems)?;
+                tensor += 1;
+                k.fill_normal_bf16(
+                    b.ptr(),
+                    elems,
+                    seed ^ tensor.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    sigma,
+                )?;
+                Ok(b)
+            };
+            let ones = |elems: usize| -> Result<DevBuf, DeviceError> {
+                let b = DevBuf::new(ctx, 4 * elems)?;
+                k.fill_f32(b.ptr(), elems, 1.0)?;
+                Ok(b)
+            };
+            let embed = matrix(v * h)?;
+            let mut ls = Vec::with_capacity(layers);
+            for _ in 0..layers {
+                ls.push(LayerW {
+                    input_norm: ones(h)?,
+                    qkv: matrix((qd + 2 * kvd) * h)?,
+                    o: matrix(h * qd)?,
+                    post_norm: ones(h)?,
+                    gate_up: matrix(2 * im * h)?,
+                    down: matrix(h * im)?,
+                });
+            }
+            Ok(Weights {
+                embed,
+                layers: ls,
+                norm: ones(h)?,
+                lm_head: if tied { None } else { Some(matrix(v * h)?) },
+            })
+        })
+    }
+
+    fn build(
+        cfg: LlamaConfig,
+        opts: &CudaOptions,
+        make: impl FnOnce(&Arc<Context>, &Kernels) -> Result<Weights, DeviceError>,
+    ) -> Result<Self, DeviceError> {
+        let hd = cfg.head_dim;
+        if !hd.is_multiple_of(32) || hd > ATTN_MAX_HEAD_DIM {
+            return Err(DeviceError::Invalid(format!(
+                "the CUDA attention kernel needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM}; this model has {hd}"
+            )));
+        }
+        if opts.max_sequences == 0 || opts.max_prefill_tokens == 0 {
+            return Err(DeviceError::Invalid(
+                "max_sequences and max_prefill_tokens must be at least 1".into(),
+            ));
+        }
+        let max_context = opts
+            .max_context
+            .unwrap_or(4096)
+            .min(cfg.max_position_embeddings)
+            .max(1);
+        if !super::kernels::built_with_kernels() {
+            return Err(DeviceError::Cuda(
+                "built without CUDA kernels (nvcc was not found when the crate was compiled)"
+                    .into(),
+            ));
+        }
+        let ctx = Context::new(opts.ordinal)?;
+        let k = Kernels::load(&ctx)?;
+        let blas = Cublas::new(&ctx)?;
+        let weights = make(&ctx, &k)?;
+        ctx.sync()?;
+        let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let mut weight_bytes = 0;
+        for lw in &weights.layers {
+            weight_bytes += lw.qkv.bytes() + lw.o.bytes() + lw.gate_up.bytes() + lw.down.bytes();
+        }
+        weight_bytes += weights.lm_head.as_ref().unwrap_or(&weights.embed).bytes();
+        // Work buffers for the larger of a decode batch and a prefill chunk.
+        let max_batch = opts.max_sequences;
+        let cap = max_batch.max(opts.max_prefill_tokens);
+        let rows = 2 * cap; // hi + lo rows (allocated even when not split: simpler, small)
+        let f32b = |elems: usize| DevBuf::new(&ctx, 4 * elems);
+        let bf16b = |elems: usize| DevBuf::new(&ctx, 2 * elems);
+        let inv_freq = cfg.rope_inv_freq();
+        let half = hd / 2;
+        let (mut cos, mut sin) = (
+            vec![0f32; max_context * half],
+            vec![0f32; max_context * half],
+        );
+        for p in 0..max_context {
+            for (i, &f) in inv_freq.iter().enumerate() {
+                // As ops::rope_table: the angle in f64, rounded to f32 after cos/sin.
+                let a = p as f64 * f;
+                cos[p * half + i] = a.cos() as f32;
+                sin[p * half + i] = a.sin() as f32;
+            }
+        }
+        let lcap = max_batch;
+        let bufs = Bufs {
+            tokens: DevBuf::new(&ctx, 4 * cap)?,
+            pos: DevBuf::new(&ctx, 4 * cap)?,
+            slot: DevBuf::new(&ctx, 4 * cap)?,
+            x: f32b(cap * h)?,
+            xb: bf16b(rows * h)?,
+            qkv: f32b(rows * (qd + 2 * kvd))?,
+            q: f32b(cap * qd)?,
+            ab: bf16b(rows * qd)?,
+            y: f32b(rows * h)?,
+            gu: f32b(rows * 2 * im)?,
+            mb: bf16b(rows * im)?,
+            logits_raw: f32b(2 * lcap * v)?,
+            logits: f32b(lcap * v)?,
+            cos: DevBuf::from_host(&ctx, &cos)?,
+            sin: DevBuf::from_host(&ctx, &sin)?,
+        };
+        let host_logits = PinnedBuf::new(&ctx, lcap * v)?;
+        // The KV cache from what is left.
+        let (free, _) = ctx.mem_info()?;
+        let reserve = 512usize << 20; // graphs, cuBLAS internals, fragmentation
+        let budget = opts
+            .kv_budget_bytes
+            .unwrap_or(free.saturating_sub(reserve) / 2);
+        let slot_bytes = KvCache::slot_bytes(cfg.num_hidden_layers, kvd, max_context);
+        let fit = (budget / slot_bytes).saturating_sub(1); // one slot pads decode batches
+        let max_sequences = opts.max_sequences.min(fit);
+        if max_sequences == 0 {
+            return Err(DeviceError::Invalid(format!(
+                "a KV budget of {budget} bytes holds no sequence of {max_context} tokens: each slot needs {slot_bytes} bytes, plus one padding slot ({} MiB free on the device)",
+                free >> 20
+            )));
+        }
+        let need = (max_sequences + 1) * slot_bytes;
+        if need + reserve > free {
+            return Err(DeviceError::Invalid(format!(
+                "the KV cache ({need} bytes for {max_sequences} sequences of {max_context} tokens) does not fit in the {free} bytes free on the device"
+            )));
+        }
+        let kv = KvCache::new(&ctx, cfg.num_hidden_layers, kvd, max_sequences, max_context)?;
+        let mut buckets: Vec<usize> = (0..)
+            .map(|i| 1usize << i)
+            .take_while(|&b| b < max_sequences)
+            .collect();
+        buckets.push(max_sequences);
+        let events = (Event::new(&ctx)?, Event::new(&ctx)?);
+        Ok(Self {
+            cfg,
+            graphs: HashMap::new(),
+            host_logits,
+            kv,
+            bufs,
+            weights,
+            blas,
+            k,
+            events,
+            ctx,
+            opts: opts.clone(),
+            cap,
+            buckets,
+            weight_bytes,
+            timing: StepTiming::default(),
+        })
+    }
+
+    /// Bytes of weights one decode step reads (every matrix once; the embedding gather reads a
+    /// few rows and is not counted).
+    pub fn weight_bytes_per_step(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Bytes of the KV-cache slab.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    /// The decode batch buckets (one CUDA graph each).
+    pub fn buckets(&self) -> &[usize] {
+        &self.buckets
+    }
+
+    /// Timing of the last decode step.
+    pub fn last_timing(&self) -> StepTiming {
+        self.timing
+    }
+
+    /// Queues one pass over `n` tokens whose ids, positions and slots are in the input buffers.
+    fn enqueue(&self, n: usize, want: Want) -> GpuResult<()> {
+        let c = &self.cfg;
+        let (h, im, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (heads, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (qd, kvd, eps) = (c.q_dim(), c.kv_dim(), c.rms_norm_eps as f32);
+        let s = self.opts.split_activations;
+        let rows = if s { 2 * n } else { n };
+        let sp = |ptr| Product { ptr, split: s };
+        let (b, w, k, max_ctx) = (&self.bufs, &self.weights, &self.k, self.kv.max_context);
+        k.embed(w.embed.ptr(), b.tokens.ptr(), b.x.ptr(), n, h)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            let prev = (l > 0).then(|| sp(b.y.ptr()));
+            k.rmsnorm_residual(
+                b.x.ptr(),
+                prev,
+                lw.input_norm.ptr(),
+                b.xb.ptr(),
+                s,
+                n,
+                h,
+                eps,
+            )?;
+            // SAFETY: (this and every GEMM below) weights are rows x k BF16 as uploaded; inputs
+            // hold `rows` rows of k BF16 and outputs `rows` rows of f32, within buffers sized for
+            // 2 cap rows.
+            unsafe {
+                self.blas.gemm_bf16(
+                    lw.qkv.ptr(),
+                    qd + 2 * kvd,
+                    h,
+                    b.xb.ptr(),
+                    h,
+                    rows,
+                    b.qkv.ptr(),
+                )?
+            };
+            k.rope_qkv_store(
+                sp(b.qkv.ptr()),
+                n,
+                b.cos.ptr(),
+                b.sin.ptr(),
+                b.pos.ptr(),
+                b.slot.ptr(),
+                b.q.ptr(),
+                self.kv.keys(l),
+                self.kv.values(l),
+                heads,
+                kvh,
+                hd,
+                max_ctx,
+            )?;
+            k.attention(
+                b.q.ptr(),
+                self.kv.keys(l),
+                self.kv.values(l),
+                b.pos.ptr(),
+                b.slot.ptr(),
+                b.ab.ptr(),
+                s,
+                n,
+                heads,
+                kvh,
+                hd,
+                max_ctx,
+            )?;
+            // SAFETY: as above.
+            unsafe {
+                self.blas
+                    .gemm_bf16(lw.o.ptr(), h, qd, b.ab.ptr(), qd, rows, b.y.ptr())?
+            };
+            k.rmsnorm_residual(
+                b.x.ptr(),
+                Some(sp(b.y.ptr())),
+                lw.post_norm.ptr(),
+                b.xb.ptr(),
+                s,
+                n,
+                h,
+                eps,
+            )?;
+            // SAFETY: as above.
+            unsafe {
+                self.blas
+                    .gemm_bf16(lw.gate_up.ptr(), 2 * im, h, b.xb.ptr(), h, rows, b.gu.ptr())?
+            };
+            k.silu_mul(sp(b.gu.ptr()), n, im, b.mb.ptr(), s)?;
+            // SAFETY: as above.
+            unsafe {
+                self.blas
+                    .gemm_bf16(lw.down.ptr(), h, im, b.mb.ptr(), im, rows, b.y.ptr())?
+            };
+        }
+        if want == Want::None {
+            return Ok(());
+        }
+        let last_y = (!w.layers.is_empty()).then(|| sp(b.y.ptr()));
+        k.rmsnorm_residual(b.x.ptr(), last_y, w.norm.ptr(), b.xb.ptr(), s, n, h, eps)?;
+        let head = w.lm_head.as_ref().unwrap_or(&w.embed).ptr();
+        let m = match want {
+            Want::Last => {
+                // Row n-1 (and its lo row 2n-1, n rows further): columns n*h elements apart.
+                let first = b.xb.ptr() + 2 * ((n - 1) * h) as u64;
+                // SAFETY: 1 or 2 columns of h BF16 at stride n*h lie within xb's 2n rows.
+                unsafe {
+                    self.blas.gemm_bf16(
+                        head,
+                        vocab,
+                        h,
+                        first,
+                        n * h,
+                        if s { 2 } else { 1 },
+                        b.logits_raw.ptr(),
+                    )?
+                };
+                1
+            }
+            _ => {
+                // SAFETY: `rows` rows of h BF16 in xb; logits_raw holds 2 * max_batch rows.
+                unsafe {
+                    self.blas
+                        .gemm_bf16(head, vocab, h, b.xb.ptr(), h, rows, b.logits_raw.ptr())?
+                };
+                n
+            }
+        };
+        k.split_sum(sp(b.logits_raw.ptr()), m, vocab, b.logits.ptr())
+    }
+
+    fn upload_inputs(&self, tokens: &[i32], pos: &[i32], slots: &[i32]) -> GpuResult<()> {
+        self.bufs.tokens.upload(0, tokens)?;
+        self.bufs.pos.upload(0, pos)?;
+        self.bufs.slot.upload(0, slots)
+    }
+
+    fn copy_logits(&mut self, rows: usize) -> GpuResult<Vec<f32>> {
+        let n = rows * self.cfg.vocab_size;
+        self.host_logits.copy_from(self.bufs.logits.ptr(), n)?;
+        Ok(self.host_logits.slice(n).to_vec())
+    }
+
+    fn check_token(&self, token: u32) -> Result<(), DeviceError> {
+        if token as usize >= self.cfg.vocab_size {
+            return Err(DeviceError::BadToken {
+                token,
+                vocab: self.cfg.vocab_size,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, seq: SeqId, want: usize) -> Result<(), DeviceError> {
+        if want > self.kv.max_context {
+            return Err(DeviceError::ContextFull {
+                seq,
+                want,
+                max: self.kv.max_context,
+            });
+        }
+        Ok(())
+    }
+
+    fn decode_inner(&mut self, batch: &[DecodeItem]) -> GpuResult<Vec<f32>> {
+        self.ctx.bind()?;
+        let n = batch.len();
+        let bucket = if self.opts.graphs {
+            *self
+                .buckets
+                .iter()
+                .find(|&&b| b >= n)
+                .ok_or_else(|| GpuError(format!("batch of {n} exceeds every bucket")))?
+        } else {
+            n
+        };
+        let pad = self.kv.pad_slot() as i32;
+        let mut tokens = vec![0i32; bucket];
+        let mut pos = vec![0i32; bucket];
+        let mut slots = vec![pad; bucket];
+        for (i, d) in batch.iter().enumerate() {
+            tokens[i] = d.token as i32;
+            pos[i] = d.pos as i32;
+            slots[i] = d.seq.0 as i32;
+        }
+        self.upload_inputs(&tokens, &pos, &slots)?;
+        if self.opts.graphs && !self.graphs.contains_key(&bucket) {
+            let g = Graph::capture(&self.ctx, || self.enqueue(bucket, Want::All))?;
+            self.graphs.insert(bucket, g);
+        }
+        self.events.0.record()?;
+        match self.graphs.get(&bucket) {
+            Some(g) if self.opts.graphs => g.launch()?,
+            _ => self.enqueue(bucket, Want::All)?,
+        }
+        self.events.1.record()?;
+        let gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
+        let t = Instant::now();
+        let logits = self.copy_logits(n)?;
+        self.timing = StepTiming {
+            gpu_ms,
+            copy_ms: t.elapsed().as_secs_f64() * 1e3,
+            bucket,
+        };
+        Ok(logits)
+    }
+
+    fn prefill_inner(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> GpuResult<Vec<f32>> {
+        self.ctx.bind()?;
+        let chunks: Vec<&[u32]> = tokens
+            .chunks(self.cap.min(self.opts.max_prefill_tokens))
+            .collect();
+        let mut p = start;
+        for (ci, chunk) in chunks.iter().enumerate() {
+            let n = chunk.len();
+            let toks: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
+            let pos: Vec<i32> = (p..p + n).map(|x| x as i32).collect();
+            let slots = vec![seq.0 as i32; n];
+            self.upload_inputs(&toks, &pos, &slots)?;
+            let last = ci + 1 == chunks.len();
+            self.enqueue(n, if last { Want::Last } else { Want::None })?;
+            p += n;
+        }
+        self.copy_logits(1)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn kv_capacity(&self) -> KvCapacity {
+        KvCapacity {
+            max_sequences: self.kv.max_sequences,
+            max_context: self.kv.max_context,
+        }
+    }
+
+    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
+        self.kv.alloc()
+    }
+
+    fn free_sequence(&mut self, seq: SeqId) {
+        self.kv.free(seq)
+    }
+
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
+        self.kv.len(seq)
+    }
+
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        if tokens.is_empty() {
+            return Err(DeviceError::Invalid(
+                "prefill of an empty token list".into(),
+            ));
+        }
+        let len = self.kv.len(seq)?;
+        self.check_room(seq, len + tokens.len())?;
+        for &t in tokens {
+            self.check_token(t)?;
+        }
+        let logits = self.prefill_inner(seq, len, tokens)?;
+        self.kv.set_len(seq, len + tokens.len());
+        Ok(logits)
+    }
+
+    fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
+        let vocab = self.cfg.vocab_size;
+        let mut seen = std::collections::HashSet::new();
+        for it in batch {
+            if !seen.insert(it.seq) {
+                return Err(DeviceError::Invalid(format!(
+                    "sequence {:?} appears twice in one decode batch",
+                    it.seq
+                )));
+            }
+            let len = self.kv.len(it.seq)?;
+            if it.pos != len {
+                return Err(DeviceError::BadPosition {
+                    seq: it.seq,
+                    len,
+                    pos: it.pos,
+                });
+            }
+            self.check_room(it.seq, len + 1)?;
+            self.check_token(it.token)?;
+        }
+        if batch.is_empty() {
+            return Ok(Logits {
+                vocab,
+                data: Vec::new(),
+            });
+        }
+        let data = self.decode_inner(batch)?;
+        for it in batch {
+            self.kv.set_len(it.seq, it.pos + 1);
+        }
+        Ok(Logits { vocab, data })
+    }
+}

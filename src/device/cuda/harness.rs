@@ -1,0 +1,244 @@
+//! Single kernels on host data, for differential tests against the CPU reference
+//! (`tests/cuda.rs`): each call uploads its inputs, fills its outputs with a poison value (NaN,
+//! or the BF16 NaN 0xFFFF), launches one kernel or GEMM, waits, checks for errors and downloads.
+//! Slow by design; the backend never uses it.
+
+use std::sync::Arc;
+
+use super::driver::{Context, Cublas, DevBuf};
+use super::kernels::{Kernels, Product};
+use crate::device::DeviceError;
+
+/// BF16 poison: a NaN no kernel writes.
+pub const POISON_BF16: u16 = 0xFFFF;
+
+/// One context with every kernel loaded and a cuBLAS handle.
+pub struct KernelHarness {
+    ctx: Arc<Context>,
+    k: Kernels,
+    blas: Cublas,
+}
+
+type R<T> = Result<T, DeviceError>;
+
+impl KernelHarness {
+    /// Opens device 0 and loads the kernels.
+    pub fn new() -> R<Self> {
+        if !super::kernels::built_with_kernels() {
+            return Err(DeviceError::Cuda("built without CUDA kernels".into()));
+        }
+        let ctx = Context::new(0)?;
+        Ok(Self {
+            k: Kernels::load(&ctx)?,
+            blas: Cublas::new(&ctx)?,
+            ctx,
+        })
+    }
+
+    fn up<T: Copy>(&self, data: &[T]) -> R<DevBuf> {
+        Ok(DevBuf::from_host(&self.ctx, data)?)
+    }
+
+    fn poison_f32(&self, len: usize) -> R<DevBuf> {
+        let b = DevBuf::new(&self.ctx, 4 * len)?;
+        self.k.fill_f32(b.ptr(), len, f32::NAN)?;
+        Ok(b)
+    }
+
+    fn poison_u16(&self, len: usize) -> R<DevBuf> {
+        let b = DevBuf::new(&self.ctx, 2 * len)?;
+        self.k.fill_u16(b.ptr(), len, POISON_BF16)?;
+        Ok(b)
+    }
+
+    fn down<T: Copy + Default>(&self, b: &DevBuf, len: usize) -> R<Vec<T>> {
+        self.ctx.sync()?;
+        let mut v = vec![T::default(); len];
+        b.download(&mut v)?;
+        Ok(v)
+    }
+
+    /// `embed_gather_bf16`: rows `tokens` of `table` (`vocab x hidden` BF16 bits) as f32.
+    pub fn embed(&self, table: &[u16], hidden: usize, tokens: &[u32]) -> R<Vec<f32>> {
+        let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        let (tb, ib) = (self.up(table)?, self.up(&ids)?);
+        let out = self.poison_f32(tokens.len() * hidden)?;
+        self.k
+            .embed(tb.ptr(), ib.ptr(), out.ptr(), tokens.len(), hidden)?;
+        self.down(&out, tokens.len() * hidden)
+    }
+
+    /// `rmsnorm_residual` over `n = x.len() / w.len()` rows: returns (x after the residual add,
+    /// the BF16 output rows, `2n` of them when `out_split`).
+    pub fn rmsnorm_residual(
+        &self,
+        x: &[f32],
+        y: Option<(&[f32], bool)>,
+        w: &[f32],
+        eps: f32,
+        out_split: bool,
+    ) -> R<(Vec<f32>, Vec<u16>)> {
+        let h = w.len();
+        let n = x.len() / h;
+        let (xb, wb) = (self.up(x)?, self.up(w)?);
+        let yb = y.map(|(v, _)| self.up(v)).transpose()?;
+        let rows = if out_split { 2 * n } else { n };
+        let out = self.poison_u16(rows * h)?;
+        let prod = yb.as_ref().map(|b| Product {
+            ptr: b.ptr(),
+            split: y.is_some_and(|(_, s)| s),
+        });
+        self.k
+            .rmsnorm_residual(xb.ptr(), prod, wb.ptr(), out.ptr(), out_split, n, h, eps)?;
+        Ok((self.down(&xb, n * h)?, self.down(&out, rows * h)?))
+    }
+
+    /// `rope_qkv_store` for `n` tokens of a fused q|k|v product; the caches (`slots x max_ctx x
+    /// kvd` f32 each) start poisoned. Returns (q, k cache, v cache).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qkv_store(
+        &self,
+        qkv: &[f32],
+        split: bool,
+        n: usize,
+        cos: &[f32],
+        sin: &[f32],
+        pos: &[i32],
+        slot: &[i32],
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        (slots, max_ctx): (usize, usize),
+    ) -> R<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let kvd = kv_heads * head_dim;
+        let (qkvb, cb, sb) = (self.up(qkv)?, self.up(cos)?, self.up(sin)?);
+        let (pb, slb) = (self.up(pos)?, self.up(slot)?);
+        let q = self.poison_f32(n * heads * head_dim)?;
+        let cache = slots * max_ctx * kvd;
+        let (kc, vc) = (self.poison_f32(cache)?, self.poison_f32(cache)?);
+        self.k.rope_qkv_store(
+            Product {
+                ptr: qkvb.ptr(),
+                split,
+            },
+            n,
+            cb.ptr(),
+            sb.ptr(),
+            pb.ptr(),
+            slb.ptr(),
+            q.ptr(),
+            kc.ptr(),
+            vc.ptr(),
+            heads,
+            kv_heads,
+            head_dim,
+            max_ctx,
+        )?;
+        Ok((
+            self.down(&q, n * heads * head_dim)?,
+            self.down(&kc, cache)?,
+            self.down(&vc, cache)?,
+        ))
+    }
+
+    /// `attention` of `n` query tokens over f32 caches `slots x max_ctx x kvd`; returns the BF16
+    /// output rows (`2n` when `out_split`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
+        pos: &[i32],
+        slot: &[i32],
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        max_ctx: usize,
+        out_split: bool,
+    ) -> R<Vec<u16>> {
+        let n = pos.len();
+        let (qb, kb, vb) = (self.up(q)?, self.up(k_cache)?, self.up(v_cache)?);
+        let (pb, sb) = (self.up(pos)?, self.up(slot)?);
+        let rows = if out_split { 2 * n } else { n };
+        let out = self.poison_u16(rows * heads * head_dim)?;
+        self.k.attention(
+            qb.ptr(),
+            kb.ptr(),
+            vb.ptr(),
+            pb.ptr(),
+            sb.ptr(),
+            out.ptr(),
+            out_split,
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+            max_ctx,
+        )?;
+        self.down(&out, rows * heads * head_dim)
+    }
+
+    /// `silu_mul` of a fused gate|up product; returns BF16 rows (`2n` when `out_split`).
+    pub fn silu_mul(
+        &self,
+        gu: &[f32],
+        split: bool,
+        n: usize,
+        im: usize,
+        out_split: bool,
+    ) -> R<Vec<u16>> {
+        let g = self.up(gu)?;
+        let rows = if out_split { 2 * n } else { n };
+        let out = self.poison_u16(rows * im)?;
+        self.k.silu_mul(
+            Product {
+                ptr: g.ptr(),
+                split,
+            },
+            n,
+            im,
+            out.ptr(),
+            out_split,
+        )?;
+        self.down(&out, rows * im)
+    }
+
+    /// `split_sum` of a product of `n` (or `2n`) rows of `cols`.
+    pub fn split_sum(&self, y: &[f32], split: bool, n: usize, cols: usize) -> R<Vec<f32>> {
+        let yb = self.up(y)?;
+        let out = self.poison_f32(n * cols)?;
+        self.k.split_sum(
+            Product {
+                ptr: yb.ptr(),
+                split,
+            },
+            n,
+            cols,
+            out.ptr(),
+        )?;
+        self.down(&out, n * cols)
+    }
+
+    /// The backend's GEMM: `Y[c][r] = Σ W[r][k] X[c][k]`, W `rows x k` and X `cols x k` BF16
+    /// bits, Y f32 `cols x rows`.
+    pub fn gemm_bf16(&self, w: &[u16], rows: usize, k: usize, x: &[u16]) -> R<Vec<f32>> {
+        let cols = x.len() / k;
+        if w.len() != rows * k || x.len() != cols * k {
+            return Err(DeviceError::Invalid(
+                "gemm_bf16: inconsistent extents".into(),
+            ));
+        }
+        let (wb, xb) = (self.up(w)?, self.up(x)?);
+        let out = self.poison_f32(rows * cols)?;
+        // SAFETY: wb holds rows*k BF16, xb cols*k BF16 (stride k), out rows*cols f32.
+        unsafe {
+            self.blas
+                .gemm_bf16(wb.ptr(), rows, k, xb.ptr(), k, cols, out.ptr())?
+        };
+        self.down(&out, rows * cols)
+    }
+
+    /// `fill_normal_bf16`: `count` N(0, sigma) BF16 values from `seed`.
+    pub fn fill_normal_bf16(&self, count: usize, seed: u64, sigma: f32) -> R<Vec<u16>> {
+        let out = self.poison_u16(count)?;
+        self.k.fill_normal_bf16(out.ptr(), count, seed, sigma)?;
+        self.down(&out, count)
+    }
+}

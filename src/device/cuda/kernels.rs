@@ -1,0 +1,398 @@
+//! The kernels of `kernels/*.cu`: the embedded fatbins, the table of entry points the backend
+//! loads, and one typed launcher per entry point (launch geometry and the one `unsafe` launch).
+//!
+//! Naming contract: every name in [`KERNELS`] is an `extern "C" __global__` function of
+//! `kernels/<family>.cu`, compiled into that family's fatbin. Loading resolves every name and
+//! fails naming the missing one; the test `fatbins_contain_every_kernel` checks the same on the
+//! bytes without a GPU.
+
+use std::sync::Arc;
+
+use super::driver::{Arg, Context, GpuError, GpuResult, Kernel, Module};
+
+#[cfg(unweight_kernels)]
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/cuda_kernels.rs"));
+}
+
+/// Every (family, entry point) the backend launches.
+pub const KERNELS: &[(&str, &str)] = &[
+    ("embed", "embed_gather_bf16"),
+    ("norm", "rmsnorm_residual"),
+    ("rope", "rope_qkv_store"),
+    ("attention", "attention"),
+    ("elementwise", "silu_mul"),
+    ("elementwise", "split_sum"),
+    ("elementwise", "fill_f32"),
+    ("elementwise", "fill_u16"),
+    ("elementwise", "fill_normal_bf16"),
+];
+
+/// The embedded fatbins, by family (`kernels/<family>.cu`); empty when built without nvcc.
+pub fn fatbins() -> &'static [(&'static str, &'static [u8])] {
+    #[cfg(unweight_kernels)]
+    {
+        embedded::FATBINS
+    }
+    #[cfg(not(unweight_kernels))]
+    {
+        &[]
+    }
+}
+
+/// Whether the build compiled the kernels (nvcc was found).
+pub fn built_with_kernels() -> bool {
+    cfg!(unweight_kernels)
+}
+
+/// The nvcc that compiled the kernels (its `--version` release line), if any.
+pub fn nvcc_version() -> Option<&'static str> {
+    option_env!("UNWEIGHT_NVCC_VERSION")
+}
+
+/// Threads per block of the 1-D kernels.
+const THREADS: u32 = 256;
+/// Threads per block of the attention kernel (kernels/attention.cu's ATTN_WARPS * 32).
+const ATTN_THREADS: u32 = 256;
+/// Largest head dimension the attention kernel takes.
+pub const ATTN_MAX_HEAD_DIM: usize = 256;
+
+/// Blocks for a grid-stride loop over `count` elements (capped; the loop covers the rest).
+fn blocks_for(count: usize) -> u32 {
+    count.div_ceil(THREADS as usize).clamp(1, 65535 * 8) as u32
+}
+
+fn i32_of(v: usize, what: &str) -> GpuResult<i32> {
+    i32::try_from(v).map_err(|_| GpuError(format!("{what} = {v} does not fit a kernel's int")))
+}
+
+/// Every kernel, loaded.
+pub struct Kernels {
+    ctx: Arc<Context>,
+    _modules: Vec<Module>,
+    embed: Kernel,
+    rmsnorm: Kernel,
+    rope: Kernel,
+    attention: Kernel,
+    silu_mul: Kernel,
+    split_sum: Kernel,
+    fill_f32: Kernel,
+    fill_u16: Kernel,
+    fill_normal: Kernel,
+}
+
+/// A GEMM product's rows: `split` when it holds hi rows then lo rows (see kernels/common.cuh).
+#[derive(Clone, Copy, Debug)]
+pub struct Product {
+    /// Device address of the f32 product.
+    pub ptr: u64,
+    /// Whether rows `n..2n` hold the lo halves.
+    pub split: bool,
+}
+
+impl Kernels {
+    /// Loads every family's fatbin and resolves every entry point of [`KERNELS`].
+    pub fn load(ctx: &Arc<Context>) -> GpuResult<Self> {
+        if !built_with_kernels() {
+            return Err(GpuError(
+                "built without CUDA kernels (nvcc was not found when the crate was compiled)"
+                    .into(),
+            ));
+        }
+        let mut modules = Vec::new();
+        for (family, image) in fatbins() {
+            modules.push((
+                *family,
+                Module::load(ctx, image)
+                    .map_err(|e| GpuError(format!("kernels/{family}.cu: {e}")))?,
+            ));
+        }
+        let get = |name: &str| -> GpuResult<Kernel> {
+            let family = KERNELS
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(f, _)| *f)
+                .ok_or_else(|| GpuError(format!("kernel `{name}` is not in the table")))?;
+            let (_, m) = modules
+                .iter()
+                .find(|(f, _)| *f == family)
+                .ok_or_else(|| GpuError(format!("no fatbin for kernels/{family}.cu")))?;
+            m.function(name)
+        };
+        let k = Self {
+            ctx: ctx.clone(),
+            embed: get("embed_gather_bf16")?,
+            rmsnorm: get("rmsnorm_residual")?,
+            rope: get("rope_qkv_store")?,
+            attention: get("attention")?,
+            silu_mul: get("silu_mul")?,
+            split_sum: get("split_sum")?,
+            fill_f32: get("fill_f32")?,
+            fill_u16: get("fill_u16")?,
+            fill_normal: get("fill_normal_bf16")?,
+            _modules: Vec::new(),
+        };
+        Ok(Self {
+            _modules: modules.into_iter().map(|(_, m)| m).collect(),
+            ..k
+        })
+    }
+
+    /// `x[t] = table[tokens[t]]` as f32: `table` BF16 `vocab x hidden`, `tokens` i32 `n` (each
+    /// checked `< vocab` by the caller), `x` f32 `n x hidden`.
+    pub fn embed(&self, table: u64, tokens: u64, x: u64, n: usize, hidden: usize) -> GpuResult<()> {
+        let args = [
+            Arg::P(table),
+            Arg::P(tokens),
+            Arg::P(x),
+            Arg::I(i32_of(hidden, "hidden")?),
+        ];
+        // SAFETY: matches embed_gather_bf16(const u16*, const int*, float*, int); extents are the
+        // caller's (documented above).
+        unsafe {
+            self.embed
+                .launch(&self.ctx, (i32_of(n, "n")? as u32, 1, 1), THREADS, &args)
+        }
+    }
+
+    /// Residual add then RMSNorm: `x += y` (when given), `out = rmsnorm(x) · w` as BF16
+    /// (`out_split`: hi rows then lo rows). `x` f32 `n x h`, `y` f32 `(2)n x h`, `w` f32 `h`,
+    /// `out` BF16 `(2)n x h`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_residual(
+        &self,
+        x: u64,
+        y: Option<Product>,
+        w: u64,
+        out: u64,
+        out_split: bool,
+        n: usize,
+        h: usize,
+        eps: f32,
+    ) -> GpuResult<()> {
+        let args = [
+            Arg::P(x),
+            Arg::P(y.map_or(0, |p| p.ptr)),
+            Arg::I(y.is_some_and(|p| p.split) as i32),
+            Arg::P(w),
+            Arg::P(out),
+            Arg::I(out_split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(h, "hidden")?),
+            Arg::F(eps),
+        ];
+        // SAFETY: matches rmsnorm_residual's parameters; extents are the caller's.
+        unsafe {
+            self.rmsnorm
+                .launch(&self.ctx, (i32_of(n, "n")? as u32, 1, 1), THREADS, &args)
+        }
+    }
+
+    /// RoPE of q and k from the fused QKV product, q to `q_out` (f32 `n x qd`), k and v appended
+    /// to this layer's cache at (slot, pos) of each token. `cos`/`sin` f32 `max_ctx x hd/2`,
+    /// `pos`/`slot` i32 `n` (pos < max_ctx, slot < the cache's slots, checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qkv_store(
+        &self,
+        qkv: Product,
+        n: usize,
+        cos: u64,
+        sin: u64,
+        pos: u64,
+        slot: u64,
+        q_out: u64,
+        k_cache: u64,
+        v_cache: u64,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_ctx: usize,
+    ) -> GpuResult<()> {
+        let args = [
+            Arg::P(qkv.ptr),
+            Arg::I(qkv.split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::P(cos),
+            Arg::P(sin),
+            Arg::P(pos),
+            Arg::P(slot),
+            Arg::P(q_out),
+            Arg::P(k_cache),
+            Arg::P(v_cache),
+            Arg::I(i32_of(heads, "heads")?),
+            Arg::I(i32_of(kv_heads, "kv_heads")?),
+            Arg::I(i32_of(head_dim, "head_dim")?),
+            Arg::I(i32_of(max_ctx, "max_ctx")?),
+        ];
+        // SAFETY: matches rope_qkv_store's parameters; extents are the caller's.
+        unsafe {
+            self.rope
+                .launch(&self.ctx, (i32_of(n, "n")? as u32, 1, 1), 128, &args)
+        }
+    }
+
+    /// Attention of `n` query tokens (q f32 `n x heads x hd`) over positions `0..=pos[t]` of
+    /// their slots; output BF16 (split when `out_split`) `(2)n x heads x hd`. `head_dim` must be
+    /// a multiple of 32 and at most [`ATTN_MAX_HEAD_DIM`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: u64,
+        k_cache: u64,
+        v_cache: u64,
+        pos: u64,
+        slot: u64,
+        out: u64,
+        out_split: bool,
+        n: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_ctx: usize,
+    ) -> GpuResult<()> {
+        if !head_dim.is_multiple_of(32)
+            || head_dim > ATTN_MAX_HEAD_DIM
+            || !heads.is_multiple_of(kv_heads)
+        {
+            return Err(GpuError(format!(
+                "attention needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
+            )));
+        }
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let args = [
+            Arg::P(q),
+            Arg::P(k_cache),
+            Arg::P(v_cache),
+            Arg::P(pos),
+            Arg::P(slot),
+            Arg::P(out),
+            Arg::I(out_split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(heads, "heads")?),
+            Arg::I(i32_of(kv_heads, "kv_heads")?),
+            Arg::I(i32_of(head_dim, "head_dim")?),
+            Arg::I(i32_of(max_ctx, "max_ctx")?),
+            Arg::F(scale),
+        ];
+        let grid = (i32_of(heads, "heads")? as u32, i32_of(n, "n")? as u32, 1);
+        // SAFETY: matches attention's parameters; head_dim checked above; extents the caller's.
+        unsafe { self.attention.launch(&self.ctx, grid, ATTN_THREADS, &args) }
+    }
+
+    /// `out = silu(gate) · up` from the fused gate|up product (f32 `(2)n x 2im`) to BF16
+    /// (split when `out_split`) `(2)n x im`.
+    pub fn silu_mul(
+        &self,
+        gu: Product,
+        n: usize,
+        im: usize,
+        out: u64,
+        out_split: bool,
+    ) -> GpuResult<()> {
+        let args = [
+            Arg::P(gu.ptr),
+            Arg::I(gu.split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(im, "intermediate")?),
+            Arg::P(out),
+            Arg::I(out_split as i32),
+        ];
+        // SAFETY: matches silu_mul's parameters; extents the caller's.
+        unsafe {
+            self.silu_mul
+                .launch(&self.ctx, (blocks_for(n * im), 1, 1), THREADS, &args)
+        }
+    }
+
+    /// `out (f32 n x cols) = y[t] (+ y[n + t] when split)`.
+    pub fn split_sum(&self, y: Product, n: usize, cols: usize, out: u64) -> GpuResult<()> {
+        let args = [
+            Arg::P(y.ptr),
+            Arg::I(y.split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(cols, "cols")?),
+            Arg::P(out),
+        ];
+        // SAFETY: matches split_sum's parameters; extents the caller's.
+        unsafe {
+            self.split_sum
+                .launch(&self.ctx, (blocks_for(n * cols), 1, 1), THREADS, &args)
+        }
+    }
+
+    /// Fills `count` f32 at `x` with `value` (poison before tests, norm weights of synthetic
+    /// models).
+    pub fn fill_f32(&self, x: u64, count: usize, value: f32) -> GpuResult<()> {
+        let args = [Arg::P(x), Arg::U(count as u64), Arg::F(value)];
+        // SAFETY: matches fill_f32(float*, unsigned long long, float); `x` holds `count` f32.
+        unsafe {
+            self.fill_f32
+                .launch(&self.ctx, (blocks_for(count), 1, 1), THREADS, &args)
+        }
+    }
+
+    /// Fills `count` u16 at `x` with `value`.
+    pub fn fill_u16(&self, x: u64, count: usize, value: u16) -> GpuResult<()> {
+        let args = [Arg::P(x), Arg::U(count as u64), Arg::I(value as i32)];
+        // SAFETY: matches fill_u16(u16*, unsigned long long, unsigned int); `x` holds `count` u16.
+        unsafe {
+            self.fill_u16
+                .launch(&self.ctx, (blocks_for(count), 1, 1), THREADS, &args)
+        }
+    }
+
+    /// Fills `count` BF16 at `x` with N(0, sigma) values from `seed` (synthetic weights made on
+    /// the device: an 8B model without 16 GB of host traffic).
+    pub fn fill_normal_bf16(&self, x: u64, count: usize, seed: u64, sigma: f32) -> GpuResult<()> {
+        let args = [Arg::P(x), Arg::U(count as u64), Arg::U(seed), Arg::F(sigma)];
+        // SAFETY: matches fill_normal_bf16(u16*, unsigned long long, unsigned long long, float);
+        // `x` holds `count` u16.
+        unsafe {
+            self.fill_normal
+                .launch(&self.ctx, (blocks_for(count), 1, 1), THREADS, &args)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every entry point the Rust side loads is in its family's fatbin, as PTX (`.entry name(`)
+    /// and as sm_90a machine code (an ELF `.text.name` section). Needs no GPU.
+    #[test]
+    fn fatbins_contain_every_kernel() {
+        if !built_with_kernels() {
+            println!("*** skipped: built without CUDA kernels (no nvcc at build time) ***");
+            assert!(fatbins().is_empty());
+            return;
+        }
+        let find =
+            |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+        for (family, entry) in KERNELS {
+            let (_, image) = fatbins()
+                .iter()
+                .find(|(f, _)| f == family)
+                .unwrap_or_else(|| panic!("no fatbin for kernels/{family}.cu"));
+            assert!(
+                find(image, &format!(".entry {entry}(")),
+                "{entry}: no PTX entry in {family}"
+            );
+            assert!(
+                find(image, &format!(".text.{entry}\0")),
+                "{entry}: no sm_90a code in {family}"
+            );
+            assert!(
+                find(image, ".target sm_90a"),
+                "{family}: PTX is not for sm_90a"
+            );
+        }
+        // And no family is left unused.
+        for (family, _) in fatbins() {
+            assert!(
+                KERNELS.iter().any(|(f, _)| f == family),
+                "kernels/{family}.cu is never loaded"
+            );
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The CUDA backend: the whole Llama step on the GPU over uncompressed BF16 weights, with linear
+//! layers through cuBLAS (the baseline the compressed kernels must beat).
+//!
+//! Owns: the device context and stream ([`driver`]), the embedded kernels ([`kernels`]), the
+//! weights in device memory, a KV cache preallocated from a memory budget ([`kv`]), and one CUDA
+//! graph per decode batch-size bucket ([`backend`]). Must not: sample (logits are copied back and
+//! the engine samples on the CPU), or allocate device memory after construction (so a request
+//! can be refused, never run out of memory).
+//!
+//! Runtime probing: [`probe`] says whether this process can run the backend, and if not, why
+//! (built without kernels, no driver library, no device, wrong architecture, no cuBLAS). The
+//! driver and cuBLAS are loaded at run time (cudarc's `dynamic-loading`), so the same binary
+//! runs on machines without a GPU; [`crate::device::load_backend`] falls back to the CPU there
+//! and says why. docs/cuda.md describes the layout, the numerics and what was verified where.
+
+pub mod backend;
+pub mod driver;
+pub mod harness;
+pub mod kernels;
+mod kv;
+
+pub use backend::{CudaBackend, CudaOptions, StepTiming};
+pub use harness::KernelHarness;
+
+use std::sync::Arc;
+
+use self::driver::{Context, GpuError};
+use super::DeviceError;
+
+impl From<GpuError> for DeviceError {
+    fn from(e: GpuError) -> Self {
+        DeviceError::Cuda(e.0)
+    }
+}
+
+/// What [`probe`] found.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Its name ("NVIDIA H100 80GB HBM3").
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors.
+    pub multiprocessors: i32,
+    /// L2 cache bytes.
+    pub l2_bytes: i32,
+    /// Device memory bytes.
+    pub total_memory: usize,
+    /// Free device memory bytes when probed.
+    pub free_memory: usize,
+    /// The driver's CUDA version, `major * 1000 + minor * 10`.
+    pub driver_cuda_version: i32,
+    /// The nvcc that built the kernels.
+    pub nvcc: Option<String>,
+}
+
+/// Set to `1` to make [`probe`] report no GPU (tests of the fallback on a GPU machine).
+pub const FORCE_NO_GPU_ENV: &str = "UNWEIGHT_FORCE_NO_GPU";
+
+/// Whether device 0 can run this backend: `Ok` with its description, or `Err` with the reason it
+/// cannot. Never panics (a panic in the dynamic loader is caught and reported).
+pub fn probe() -> Result<DeviceInfo, String> {
+    probe_ordinal(0)
+}
+
+/// [`probe`] for device `ordinal`.
+pub fn probe_ordinal(ordinal: usize) -> Result<DeviceInfo, String> {
+    if std::env::var_os(FORCE_NO_GPU_ENV).is_some_and(|v| v == "1") {
+        return Err(format!("{FORCE_NO_GPU_ENV}=1"));
+    }
+    if !kernels::built_with_kernels() {
+        return Err(
+            "built without CUDA kernels (nvcc was not found when the crate was compiled)".into(),
+        );
+    }
+    if !driver::driver_present() {
+        return Err("no NVIDIA driver: libcuda.so could not be loaded".into());
+    }
+    std::panic::catch_unwind(|| probe_inner(ordinal))
+        .unwrap_or_else(|_| Err("the CUDA driver library failed to load (panic caught)".into()))
+}
+
+fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?} (no usable GPU)"))?;
+    let count = cudarc::driver::result::device::get_count()
+        .map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
+    if count <= ordinal as i32 {
+        return Err(format!("no CUDA device {ordinal} ({count} found)"));
+    }
+    let ctx: Arc<Context> = Context::new(ordinal).map_err(|e| e.0)?;
+    let attr = |a| ctx.attribute(a).map_err(|e| e.0);
+    let cc = (
+        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+    );
+    let name = driver::device_name(ctx.device()).map_err(|e| e.0)?;
+    if cc != (9, 0) {
+        return Err(format!(
+            "{name} has compute capability {}.{}; the kernels are built for sm_90a (H100/H200) only",
+            cc.0, cc.1
+        ));
+    }
+    if !driver::cublas_present() {
+        return Err(
+            "cuBLAS (libcublas.so.13) could not be loaded: add its directory to LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
+    let (free_memory, total_memory) = ctx.mem_info().map_err(|e| e.0)?;
+    Ok(DeviceInfo {
+        ordinal,
+        name,
+        compute_capability: cc,
+        multiprocessors: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
+        total_memory,
+        free_memory,
+        driver_cuda_version: driver::driver_version().map_err(|e| e.0)?,
+        nvcc: kernels::nvcc_version().map(str::to_string),
+    })
+}
+
+/// Median device-to-device copy bandwidth in bytes per second, counting bytes read plus bytes
+/// written, over `repeats` copies of `bytes` (pick more than the L2 cache), timed with events
+/// after a warm-up. The ceiling a memory-bound step is compared with.
+pub fn copy_bandwidth(bytes: usize, repeats: usize) -> Result<f64, DeviceError> {
+    use self::driver::{copy_dtod, DevBuf, Event};
+    let ctx = Context::new(0)?;
+    let (a, b) = (DevBuf::new(&ctx, bytes)?, DevBuf::new(&ctx, bytes)?);
+    let (start, end) = (Event::new(&ctx)?, Event::new(&ctx)?);
+    let mut times = Vec::with_capacity(repeats);
+    for i in 0..repeats.max(1) + 2 {
+        let (src, dst) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        start.record()?;
+        // SAFETY: both buffers hold `bytes` bytes of this context.
+        unsafe { copy_dtod(&ctx, dst.ptr(), src.ptr(), bytes)? };
+        end.record()?;
+        let ms = start.elapsed_ms(&end)?;
+        if i >= 2 {
+            times.push(ms as f64);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(2.0 * bytes as f64 / (median * 1e-3))
+}
