@@ -11,6 +11,7 @@ use super::error::TritonError;
 use super::inputs::{GenerateInputs, Prompt, RawInput};
 use crate::container::Checkpoint;
 use crate::device::cpu::{CpuBackend, CpuOptions};
+use crate::device::cuda::{self, CudaBackend, CudaOptions};
 use crate::device::Backend;
 use crate::engine::text::{model_eos_tokens, TextTokenizer};
 use crate::engine::{Detokenizer, Engine, EngineOptions, Request, SamplingParams};
@@ -33,6 +34,23 @@ pub(super) struct Served {
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
     pub batched: bool,
+    /// The `kv_cache_bytes` parameter (the CUDA engine sizes its slab from it).
+    kv_cache_bytes: Option<u64>,
+}
+
+/// Where an instance's engine runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Placement {
+    /// The CPU engine.
+    Cpu,
+    /// The CUDA engine on this GPU; `required` (the `device: gpu` parameter) makes a missing GPU
+    /// an error instead of a fallback to the CPU.
+    Gpu {
+        /// Device ordinal.
+        ordinal: usize,
+        /// Fail rather than fall back.
+        required: bool,
+    },
 }
 
 impl std::fmt::Debug for Served {
@@ -119,29 +137,80 @@ impl Served {
             max_sequences,
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
+            kv_cache_bytes: config.kv_cache_bytes,
             cfg,
         })
     }
 
-    /// A new engine over this model for one instance, with its own KV cache.
-    pub fn engine(&self) -> Engine<Box<dyn Backend>> {
-        let opts = CpuOptions {
-            max_sequences: self.max_sequences,
-            max_context: Some(self.context),
-            kernel: None,
+    /// A new engine over this model for one instance, with its own KV cache, on the device
+    /// `placement` names. A GPU that cannot be used (no driver, no device, a build without
+    /// kernels) means the CPU engine with a WARN log saying why, unless the GPU is required.
+    pub fn engine(
+        &self,
+        instance: &str,
+        placement: Placement,
+    ) -> Result<Engine<Box<dyn Backend>>, TritonError> {
+        let backend: Box<dyn Backend> = match placement {
+            Placement::Gpu { ordinal, required } => match cuda::probe_ordinal(ordinal) {
+                Ok(info) => {
+                    let opts = CudaOptions {
+                        ordinal,
+                        max_sequences: self.max_sequences,
+                        max_context: Some(self.context),
+                        kv_budget_bytes: self
+                            .kv_cache_bytes
+                            .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+                        ..CudaOptions::default()
+                    };
+                    let b = CudaBackend::from_weights(self.cfg.clone(), &self.weights, &opts)
+                        .map_err(|e| TritonError::Internal {
+                            context: format!(
+                                "instance {instance}: loading the model on GPU {ordinal}"
+                            ),
+                            source: Box::new(e),
+                        })?;
+                    tracing::info!(
+                        "instance {instance}: CUDA engine on GPU {ordinal} ({})",
+                        info.name
+                    );
+                    Box::new(b)
+                }
+                Err(reason) if required => {
+                    return Err(TritonError::Unavailable(format!(
+                        "instance {instance}: parameters.device is gpu, but GPU {ordinal} \
+                         cannot be used: {reason}"
+                    )))
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        "instance {instance}: GPU {ordinal} cannot be used ({reason}); running \
+                         on the CPU engine"
+                    );
+                    self.cpu_backend()
+                }
+            },
+            Placement::Cpu => self.cpu_backend(),
         };
-        let backend: Box<dyn Backend> = Box::new(CpuBackend::new(
-            self.cfg.clone(),
-            Arc::clone(&self.weights),
-            &opts,
-        ));
         let eopts = EngineOptions {
             eos_token_ids: self.eos.clone(),
             max_batch: self.max_sequences,
             ..EngineOptions::for_config(&self.cfg)
         };
         let detok: Arc<dyn Detokenizer> = self.tokenizer.clone();
-        Engine::new(backend, Some(detok), eopts)
+        Ok(Engine::new(backend, Some(detok), eopts))
+    }
+
+    fn cpu_backend(&self) -> Box<dyn Backend> {
+        let opts = CpuOptions {
+            max_sequences: self.max_sequences,
+            max_context: Some(self.context),
+            kernel: None,
+        };
+        Box::new(CpuBackend::new(
+            self.cfg.clone(),
+            Arc::clone(&self.weights),
+            &opts,
+        ))
     }
 
     /// Checks a request's inputs against the contract and the model and turns them into an

@@ -16,7 +16,7 @@ use super::backend_config::BackendSettings;
 use super::config::{DeviceChoice, InstanceKind, ModelConfig};
 use super::error::{check, TritonError};
 use super::request::InstanceHandle;
-use super::served::Served;
+use super::served::{Placement, Served};
 use super::sys;
 use super::worker::Worker;
 
@@ -272,18 +272,23 @@ impl InstanceState {
                 sys::TRITONBACKEND_ModelInstanceDeviceId(instance, &mut device_id),
             )?
         };
-        if kind == InstanceKind::Gpu {
-            tracing::warn!(
-                instance = name.as_str(),
-                device = device_id,
-                "the CUDA engine is not part of this build yet; instance {name} runs on the CPU \
-                 engine"
-            );
-        }
+        let placement = match kind {
+            InstanceKind::Gpu => Placement::Gpu {
+                ordinal: usize::try_from(device_id).map_err(|_| {
+                    TritonError::config(
+                        "instance_group.gpus",
+                        format!("instance {name}: device id {device_id} is negative"),
+                    )
+                })?,
+                required: model.config.device == DeviceChoice::Gpu,
+            },
+            _ => Placement::Cpu,
+        };
         let served = Arc::clone(&model.served);
         let handle = InstanceHandle(instance);
         let limit = served.max_sequences.saturating_mul(4).max(1);
-        let worker = Worker::spawn(&name, served.engine(), handle, limit)?;
+        let engine = served.engine(&name, placement)?;
+        let worker = Worker::spawn(&name, engine, handle, limit)?;
         Ok(InstanceState {
             name,
             kind,
