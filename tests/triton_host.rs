@@ -154,6 +154,85 @@ fn requests_refused_by_triton_core_never_reach_the_backend() {
     }
 }
 
+/// The backend's `tracing` events reach Triton's log with Triton's levels, source file and line;
+/// VERBOSE ones only when Triton has verbose logging on. The committed config's KIND_GPU
+/// instance, with the GPU hidden from the backend, shows the CPU fallback's WARN.
+#[test]
+fn logs_reach_tritons_log_at_their_levels() {
+    if model_dir().is_none() {
+        return;
+    }
+    let repo = Repo::new(&committed_config(), Weights::Plain);
+    let reqs = json!([
+        {"id": "good", "inputs": {"text_input": {"data": [["Hello"]]}, "max_tokens": {"data": [[2]]}}},
+        {"id": "bad", "inputs": {"text_input": {"data": [["Hello"]]}, "top_p": {"data": [[1.5]]}}},
+    ]);
+    let env = [("UNWEIGHT_FORCE_NO_GPU", "1")];
+    let logs = |verbose: bool| {
+        let extra: &[&str] = if verbose {
+            &["--gpus", "1", "--log-verbose", "1"]
+        } else {
+            &["--gpus", "1"]
+        };
+        let (code, report) = repo.run_as(reqs.clone(), "config", &env, extra);
+        let report = clean(code, report);
+        loaded(&report);
+        assert_eq!(report["instances"][0]["kind"], "KIND_GPU");
+        report["logs"].as_array().unwrap().clone()
+    };
+    let has = |logs: &[Value], level: &str, parts: &[&str]| {
+        logs.iter().any(|l| {
+            l["level"] == level
+                && l["file"].as_str().is_some_and(|f| f.starts_with("src/"))
+                && l["line"].as_u64().is_some_and(|n| n > 0)
+                && parts
+                    .iter()
+                    .all(|p| l["message"].as_str().unwrap_or("").contains(p))
+        })
+    };
+    let verbose = logs(true);
+    let show = || serde_json::to_string_pretty(&verbose).unwrap();
+    assert!(
+        has(&verbose, "INFO", &["backend initialized"]),
+        "{}",
+        show()
+    );
+    assert!(
+        has(
+            &verbose,
+            "INFO",
+            &["instance unweight_llama_0", "engine thread started"]
+        ),
+        "{}",
+        show()
+    );
+    assert!(
+        has(
+            &verbose,
+            "WARN",
+            &["GPU 0 cannot be used", "running on the CPU engine"]
+        ),
+        "{}",
+        show()
+    );
+    assert!(
+        has(&verbose, "VERBOSE", &["admitted", "good"]),
+        "{}",
+        show()
+    );
+    assert!(
+        has(&verbose, "VERBOSE", &["bad request", "top_p"]),
+        "{}",
+        show()
+    );
+    let quiet = logs(false);
+    assert!(has(&quiet, "INFO", &["backend initialized"]));
+    assert!(
+        quiet.iter().all(|l| l["level"] != "VERBOSE"),
+        "VERBOSE events were formatted although Triton has verbose logging off"
+    );
+}
+
 // ----- scenario 2: non-streaming generation ------------------------------------------------
 
 #[test]

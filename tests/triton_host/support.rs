@@ -139,8 +139,20 @@ impl Repo {
         self.tmp.path().join(MODEL).join("1")
     }
 
-    /// Runs the host; returns the exit code and the report.
+    /// Runs the host with every instance group rewritten to KIND_CPU; returns the exit code and
+    /// the report.
     pub fn run(&self, requests: Value, extra: &[&str]) -> (i32, Value) {
+        self.run_as(requests, "cpu", &[], extra)
+    }
+
+    /// Runs the host with `--instance-kind kind` and extra environment variables.
+    pub fn run_as(
+        &self,
+        requests: Value,
+        kind: &str,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> (i32, Value) {
         let req = self.tmp.path().join("requests.json");
         std::fs::write(&req, serde_json::to_vec_pretty(&requests).unwrap()).unwrap();
         let report = self.tmp.path().join("report.json");
@@ -155,7 +167,7 @@ impl Repo {
                 "--model",
                 MODEL,
                 "--instance-kind",
-                "cpu",
+                kind,
                 "--timeout",
                 "300",
             ])
@@ -164,6 +176,7 @@ impl Repo {
             .arg("--report")
             .arg(&report)
             .args(extra)
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         let code = out.status.code().unwrap_or(-1);
