@@ -423,8 +423,9 @@ fn sampling_is_deterministic_for_a_seed() {
     assert_ne!(run(1), run(2));
 }
 
-#[test]
-fn eos_stops_and_is_not_emitted() {
+/// The greedy continuation of PROMPT, its token 3 made the end-of-sequence token, the position
+/// where that token first appears, and an engine that knows it as EOS.
+fn engine_with_greedy_eos() -> (Vec<u32>, u32, usize, Engine<CpuBackend>) {
     let greedy = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 6).1;
     let eos = greedy[3];
     let first = greedy.iter().position(|&t| t == eos).unwrap();
@@ -433,7 +434,13 @@ fn eos_stops_and_is_not_emitted() {
         eos_token_ids: vec![eos],
         ..EngineOptions::for_config(b.config())
     };
-    let mut e = Engine::new(b, Some(Arc::new(Angle) as Arc<dyn Detokenizer>), opts);
+    let e = Engine::new(b, Some(Arc::new(Angle) as Arc<dyn Detokenizer>), opts);
+    (greedy, eos, first, e)
+}
+
+#[test]
+fn eos_stops_and_is_not_emitted() {
+    let (greedy, eos, first, mut e) = engine_with_greedy_eos();
     e.add(Request::greedy(PROMPT.to_vec(), 50)).unwrap();
     let mut ignoring = Request::greedy(PROMPT.to_vec(), 6);
     ignoring.ignore_eos = true;
@@ -779,15 +786,7 @@ fn smollm2_compressed_on_the_fly_generates_the_same_tokens() {
 
 #[test]
 fn min_tokens_masks_eos_until_reached() {
-    let greedy = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 6).1;
-    let eos = greedy[3];
-    let first = greedy.iter().position(|&t| t == eos).unwrap();
-    let b = backend(tiny().0, WeightMode::Decoded);
-    let opts = EngineOptions {
-        eos_token_ids: vec![eos],
-        ..EngineOptions::for_config(b.config())
-    };
-    let mut e = Engine::new(b, Some(Arc::new(Angle) as Arc<dyn Detokenizer>), opts);
+    let (greedy, eos, first, mut e) = engine_with_greedy_eos();
     let min = first + 3;
     e.add(Request {
         min_tokens: min,
