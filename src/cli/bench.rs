@@ -45,6 +45,8 @@ pub enum BenchCommand {
     },
     /// Decode tokens/s of a model, plain vs compressed (decoded at load and on the fly).
     Decode(super::bench_decode::DecodeArgs),
+    /// tbe3 kernels (fused GEMV, decode + cuBLAS) vs cuBLAS on BF16, Llama-3.1-8B shapes (GPU).
+    Kernels(super::bench_kernels::KernelsArgs),
 }
 
 /// Runs a benchmark subcommand.
@@ -64,6 +66,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             out.as_deref(),
         ),
         BenchCommand::Decode(args) => super::bench_decode::run(args),
+        BenchCommand::Kernels(args) => super::bench_kernels::run(&args),
     }
 }
 

@@ -160,18 +160,20 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
     let vocab = b.config().vocab_size as u64;
     let mut seqs = Vec::with_capacity(batch);
     let mut next = Vec::with_capacity(batch);
-    for i in 0..batch {
-        let seq = b.new_sequence()?;
-        let prompt: Vec<u32> = (0..a.prompt_len + i)
-            .map(|j| ((j as u64 * 2654435761 + i as u64 * 40503 + 17) % vocab) as u32)
-            .collect();
-        let logits = b.prefill(seq, &prompt)?;
-        next.push(argmax(&logits));
-        seqs.push((seq, prompt.len()));
-    }
     let (mut gpu, mut copy, mut am, mut step) = (vec![], vec![], vec![], vec![]);
     let mut bucket = 0;
+    // Every sequence taken is freed below, whatever fails (the next batch size needs the slots).
     let result = (|| -> Result<()> {
+        for i in 0..batch {
+            let seq = b.new_sequence()?;
+            seqs.push((seq, 0));
+            let prompt: Vec<u32> = (0..a.prompt_len + i)
+                .map(|j| ((j as u64 * 2654435761 + i as u64 * 40503 + 17) % vocab) as u32)
+                .collect();
+            let logits = b.prefill(seq, &prompt)?;
+            next.push(argmax(&logits));
+            seqs[i].1 = prompt.len();
+        }
         for s in 0..a.tokens + 3 {
             let items: Vec<DecodeItem> = seqs
                 .iter()
@@ -204,6 +206,9 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
         b.free_sequence(*seq);
     }
     result?;
+    if gpu.is_empty() {
+        bail!("no timed decode step (--tokens must be at least 1)");
+    }
     Ok(Measured {
         gpu_ms: median(&mut gpu),
         copy_ms: median(&mut copy),

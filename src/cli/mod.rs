@@ -4,8 +4,10 @@
 mod bench;
 mod bench_cuda;
 mod bench_decode;
+mod bench_kernels;
 mod fetch;
 mod generate;
+mod inspect_runtime;
 mod report;
 
 use std::path::PathBuf;
@@ -78,6 +80,13 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Instead: per-group GPU bits/weight and escape rate of the `tbe3` runtime form
+        /// (docs/format.md §6), every matrix checked to round-trip.
+        #[arg(long, conflicts_with = "json")]
+        runtime: bool,
+        /// With --runtime: largest tile in weights (a power of two, 128..=65536).
+        #[arg(long, requires = "runtime", default_value_t = crate::codec::runtime::DEFAULT_TILE)]
+        tile: usize,
     },
     /// Write a synthetic Llama checkpoint with N(0, sigma) BF16 weights.
     Synth {
@@ -178,7 +187,13 @@ pub fn run() -> Result<ExitCode> {
                 report::human_bytes(r.identical_bytes)
             );
         }
-        Command::Inspect { dir, json } => {
+        Command::Inspect {
+            dir,
+            runtime: true,
+            tile,
+            ..
+        } => inspect_runtime::run(&dir, tile)?,
+        Command::Inspect { dir, json, .. } => {
             let r = container::inspect_dir(&dir)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);

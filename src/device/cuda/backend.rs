@@ -17,8 +17,8 @@
 //! the CPU's f32-activation products to ~1e-5 while reading every weight once.
 //!
 //! A decode step is padded to a batch-size bucket (powers of two up to `max_sequences`) and runs
-//! as that bucket's CUDA graph, captured on first use; per-step inputs (tokens, positions, slots)
-//! live in fixed device buffers the graph reads. Prefill runs eagerly in chunks of at most
+//! as that bucket's CUDA graph (the bucket's first step runs eagerly, then is captured); per-step
+//! inputs (tokens, positions, slots) live in fixed device buffers the graph reads. Prefill runs eagerly in chunks of at most
 //! `max_prefill_tokens`. Every buffer is allocated at construction.
 
 use std::collections::HashMap;
@@ -178,6 +178,75 @@ fn upload_fused(ctx: &Arc<Context>, parts: &[&Matrix]) -> Result<DevBuf, DeviceE
     Ok(buf)
 }
 
+/// The decode batch buckets for `max_sequences` live sequences: powers of two below it, then
+/// `max_sequences` itself (one CUDA graph each).
+pub(crate) fn decode_buckets(max_sequences: usize) -> Vec<usize> {
+    let mut buckets: Vec<usize> = (0..usize::BITS)
+        .map(|i| 1usize << i)
+        .take_while(|&b| b < max_sequences)
+        .collect();
+    buckets.push(max_sequences.max(1));
+    buckets
+}
+
+/// The smallest bucket that holds a batch of `n`, if any.
+pub(crate) fn pick_bucket(buckets: &[usize], n: usize) -> Option<usize> {
+    buckets.iter().copied().find(|&b| b >= n)
+}
+
+/// Sizes the KV cache: from `free` device bytes (with `reserve` kept back), an explicit budget or
+/// half of what is free, and slots of `slot_bytes` each (one more slot pads decode batches).
+/// Returns (budget, live sequences), or the reason nothing fits.
+pub(crate) fn kv_plan(
+    free: usize,
+    reserve: usize,
+    budget: Option<usize>,
+    slot_bytes: usize,
+    want_sequences: usize,
+    max_context: usize,
+) -> Result<(usize, usize), String> {
+    let budget = budget.unwrap_or(free.saturating_sub(reserve) / 2);
+    let slot_bytes = slot_bytes.max(1);
+    let fit = (budget / slot_bytes).saturating_sub(1); // one slot pads decode batches
+    let max_sequences = want_sequences.min(fit);
+    if max_sequences == 0 {
+        return Err(format!(
+            "a KV budget of {budget} bytes holds no sequence of {max_context} tokens: each slot needs {slot_bytes} bytes, plus one padding slot ({} MiB free on the device)",
+            free >> 20
+        ));
+    }
+    let need = (max_sequences + 1).saturating_mul(slot_bytes);
+    if need.saturating_add(reserve) > free {
+        return Err(format!(
+            "the KV cache ({need} bytes for {max_sequences} sequences of {max_context} tokens) does not fit in the {free} bytes free on the device"
+        ));
+    }
+    Ok((budget, max_sequences))
+}
+
+/// The per-step inputs of a decode batch padded to `bucket` rows: (tokens, positions, slots).
+/// Padding rows are token 0 at position 0 of the padding slot `pad`, so they never write into
+/// a live sequence's cache.
+pub(crate) fn decode_inputs(
+    batch: &[DecodeItem],
+    bucket: usize,
+    pad: usize,
+) -> (Vec<i32>, Vec<i32>, Vec<i32>) {
+    let n = bucket.max(batch.len());
+    let mut tokens = vec![0i32; n];
+    let mut pos = vec![0i32; n];
+    let mut slots = vec![pad as i32; n];
+    for (i, d) in batch.iter().enumerate() {
+        tokens[i] = d.token as i32;
+        pos[i] = d.pos as i32;
+        slots[i] = d.seq.0 as i32;
+    }
+    (tokens, pos, slots)
+}
+
+/// Largest number of tokens one pass may take: the attention grid's y dimension.
+pub(crate) const MAX_PASS_TOKENS: usize = 65535;
+
 impl CudaBackend {
     /// Reads `config.json` and the weights of a checkpoint directory (plain, or compressed and
     /// decoded on the CPU at load), and uploads them as BF16.
@@ -290,6 +359,11 @@ impl CudaBackend {
                 "max_sequences and max_prefill_tokens must be at least 1".into(),
             ));
         }
+        if opts.max_sequences > MAX_PASS_TOKENS || opts.max_prefill_tokens > MAX_PASS_TOKENS {
+            return Err(DeviceError::Invalid(format!(
+                "max_sequences and max_prefill_tokens must be at most {MAX_PASS_TOKENS} (the attention grid)"
+            )));
+        }
         let max_context = opts
             .max_context
             .unwrap_or(4096)
@@ -355,30 +429,18 @@ impl CudaBackend {
         // The KV cache from what is left.
         let (free, _) = ctx.mem_info()?;
         let reserve = 512usize << 20; // graphs, cuBLAS internals, fragmentation
-        let budget = opts
-            .kv_budget_bytes
-            .unwrap_or(free.saturating_sub(reserve) / 2);
         let slot_bytes = KvCache::slot_bytes(cfg.num_hidden_layers, kvd, max_context);
-        let fit = (budget / slot_bytes).saturating_sub(1); // one slot pads decode batches
-        let max_sequences = opts.max_sequences.min(fit);
-        if max_sequences == 0 {
-            return Err(DeviceError::Invalid(format!(
-                "a KV budget of {budget} bytes holds no sequence of {max_context} tokens: each slot needs {slot_bytes} bytes, plus one padding slot ({} MiB free on the device)",
-                free >> 20
-            )));
-        }
-        let need = (max_sequences + 1) * slot_bytes;
-        if need + reserve > free {
-            return Err(DeviceError::Invalid(format!(
-                "the KV cache ({need} bytes for {max_sequences} sequences of {max_context} tokens) does not fit in the {free} bytes free on the device"
-            )));
-        }
+        let (_, max_sequences) = kv_plan(
+            free,
+            reserve,
+            opts.kv_budget_bytes,
+            slot_bytes,
+            opts.max_sequences,
+            max_context,
+        )
+        .map_err(DeviceError::Invalid)?;
         let kv = KvCache::new(&ctx, cfg.num_hidden_layers, kvd, max_sequences, max_context)?;
-        let mut buckets: Vec<usize> = (0..)
-            .map(|i| 1usize << i)
-            .take_while(|&b| b < max_sequences)
-            .collect();
-        buckets.push(max_sequences);
+        let buckets = decode_buckets(max_sequences);
         let events = (Event::new(&ctx)?, Event::new(&ctx)?);
         Ok(Self {
             cfg,
@@ -586,35 +648,33 @@ impl CudaBackend {
         self.ctx.bind()?;
         let n = batch.len();
         let bucket = if self.opts.graphs {
-            *self
-                .buckets
-                .iter()
-                .find(|&&b| b >= n)
+            pick_bucket(&self.buckets, n)
                 .ok_or_else(|| GpuError(format!("batch of {n} exceeds every bucket")))?
         } else {
             n
         };
-        let pad = self.kv.pad_slot() as i32;
-        let mut tokens = vec![0i32; bucket];
-        let mut pos = vec![0i32; bucket];
-        let mut slots = vec![pad; bucket];
-        for (i, d) in batch.iter().enumerate() {
-            tokens[i] = d.token as i32;
-            pos[i] = d.pos as i32;
-            slots[i] = d.seq.0 as i32;
-        }
+        let (tokens, pos, slots) = decode_inputs(batch, bucket, self.kv.pad_slot());
         self.upload_inputs(&tokens, &pos, &slots)?;
+        // A bucket's first step runs eagerly (warming up cuBLAS's and the kernels' lazy loading
+        // outside any capture, as graph capture wants), and is captured after it for the next
+        // steps. Capture does not run the work; the graph reads the input buffers above, which
+        // every step rewrites in place before its replay.
+        let graph = if self.opts.graphs {
+            self.graphs.get(&bucket)
+        } else {
+            None
+        };
+        self.events.0.record()?;
+        match graph {
+            Some(g) => g.launch()?,
+            None => self.enqueue(bucket, Want::All)?,
+        }
+        self.events.1.record()?;
+        let gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
         if self.opts.graphs && !self.graphs.contains_key(&bucket) {
             let g = Graph::capture(&self.ctx, || self.enqueue(bucket, Want::All))?;
             self.graphs.insert(bucket, g);
         }
-        self.events.0.record()?;
-        match self.graphs.get(&bucket) {
-            Some(g) if self.opts.graphs => g.launch()?,
-            _ => self.enqueue(bucket, Want::All)?,
-        }
-        self.events.1.record()?;
-        let gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
         let t = Instant::now();
         let logits = self.copy_logits(n)?;
         self.timing = StepTiming {
@@ -717,5 +777,80 @@ impl Backend for CudaBackend {
             self.kv.set_len(it.seq, it.pos + 1);
         }
         Ok(Logits { vocab, data })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_every_batch_up_to_max_sequences() {
+        assert_eq!(decode_buckets(1), vec![1]);
+        assert_eq!(decode_buckets(4), vec![1, 2, 4]);
+        assert_eq!(decode_buckets(5), vec![1, 2, 4, 5]);
+        assert_eq!(decode_buckets(128), vec![1, 2, 4, 8, 16, 32, 64, 128]);
+        for max in 1..=70 {
+            let b = decode_buckets(max);
+            assert_eq!(*b.last().unwrap(), max);
+            for n in 1..=max {
+                let k = pick_bucket(&b, n).unwrap();
+                assert!(
+                    k >= n && k <= max && (k == max || k < 2 * n),
+                    "{max} {n} {k}"
+                );
+            }
+            assert_eq!(pick_bucket(&b, max + 1), None);
+        }
+    }
+
+    #[test]
+    fn padding_rows_go_to_the_padding_slot_at_position_zero() {
+        let batch = [
+            DecodeItem {
+                seq: SeqId(3),
+                token: 11,
+                pos: 40,
+            },
+            DecodeItem {
+                seq: SeqId(0),
+                token: 7,
+                pos: 2,
+            },
+        ];
+        let (t, p, s) = decode_inputs(&batch, 4, 9);
+        assert_eq!(t, vec![11, 7, 0, 0]);
+        assert_eq!(p, vec![40, 2, 0, 0]);
+        assert_eq!(s, vec![3, 0, 9, 9]);
+        let (t, p, s) = decode_inputs(&batch, 2, 9);
+        assert_eq!((t.len(), p.len(), s), (2, 2, vec![3, 0]));
+    }
+
+    #[test]
+    fn kv_plan_sizes_from_the_budget_and_refuses_what_does_not_fit() {
+        const GIB: usize = 1 << 30;
+        let slot = KvCache::slot_bytes(32, 1024, 4096); // Llama-3.1-8B at 4096 tokens: 1 GiB
+                                                        // Default budget: half of what is free after the reserve. 60 GiB free -> ~30 GiB -> 28
+                                                        // sequences + the padding slot.
+        let (budget, n) = kv_plan(60 * GIB, 512 << 20, None, slot, 64, 4096).unwrap();
+        assert_eq!(budget, (60 * GIB - (512 << 20)) / 2);
+        assert_eq!(n, 28);
+        // The option caps it.
+        assert_eq!(kv_plan(60 * GIB, 0, None, slot, 8, 4096).unwrap().1, 8);
+        // A budget for exactly one sequence and the pad.
+        assert_eq!(
+            kv_plan(60 * GIB, 0, Some(2 * slot), slot, 64, 4096)
+                .unwrap()
+                .1,
+            1
+        );
+        // Too small: refused, naming the budget.
+        let e = kv_plan(60 * GIB, 0, Some(2 * slot - 1), slot, 64, 4096).unwrap_err();
+        assert!(e.contains("KV budget"), "{e}");
+        // An explicit budget beyond what is free: refused, not an OOM later.
+        let e = kv_plan(10 * GIB, 512 << 20, Some(40 * GIB), slot, 64, 4096).unwrap_err();
+        assert!(e.contains("does not fit"), "{e}");
+        // Degenerate slot size (no layers): no division by zero.
+        assert!(kv_plan(GIB, 0, None, 0, 4, 16).is_ok());
     }
 }

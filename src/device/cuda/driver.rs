@@ -180,6 +180,11 @@ impl DevBuf {
     }
 
     /// Copies `data` to byte offset `offset` (synchronous: returns when the copy is done).
+    ///
+    /// The copy is queued on the backend's stream and the stream is then synchronised. A plain
+    /// `cuMemcpyHtoD` would run on the legacy default stream, which a non-blocking stream does
+    /// not wait for, and from pageable memory it may return before the DMA has landed: a kernel
+    /// queued right after could read stale tokens, positions or slots.
     pub fn upload<T: Copy>(&self, offset: usize, data: &[T]) -> GpuResult<()> {
         let n = std::mem::size_of_val(data);
         if offset + n > self.bytes {
@@ -193,17 +198,15 @@ impl DevBuf {
         }
         self.ctx.bind()?;
         // SAFETY: the range [offset, offset + n) lies inside the allocation (checked above); the
-        // copy is synchronous, so `data` outlives it. Ordered after the stream's earlier work.
+        // copy is stream-ordered after the stream's earlier work, and the stream is synchronised
+        // before returning, so `data` outlives it.
         unsafe {
             ck(
-                cu::stream::synchronize(self.ctx.stream),
-                "cuStreamSynchronize",
+                cu::memcpy_htod_async(self.ptr + offset as u64, data, self.ctx.stream),
+                "cuMemcpyHtoDAsync",
             )?;
-            ck(
-                cu::memcpy_htod_sync(self.ptr + offset as u64, data),
-                "cuMemcpyHtoD",
-            )
         }
+        self.ctx.sync()
     }
 
     /// Copies the start of the buffer into `out` (waits for the stream first).
@@ -219,15 +222,16 @@ impl DevBuf {
             return Ok(());
         }
         self.ctx.bind()?;
-        // SAFETY: `n` bytes lie inside the allocation; the copy is synchronous and `out` is a
-        // valid host slice of `n` bytes; T is Copy plain data written bytewise.
+        // SAFETY: `n` bytes lie inside the allocation; `out` is a valid host slice of `n` bytes
+        // that outlives the copy (the stream is synchronised before returning); T is Copy plain
+        // data written bytewise. Stream-ordered after the kernels that wrote the buffer.
         unsafe {
             ck(
-                cu::stream::synchronize(self.ctx.stream),
-                "cuStreamSynchronize",
+                cu::memcpy_dtoh_async(out, self.ptr, self.ctx.stream),
+                "cuMemcpyDtoHAsync",
             )?;
-            ck(cu::memcpy_dtoh_sync(out, self.ptr), "cuMemcpyDtoH")
         }
+        self.ctx.sync()
     }
 }
 

@@ -26,6 +26,25 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("elementwise", "fill_f32"),
     ("elementwise", "fill_u16"),
     ("elementwise", "fill_normal_bf16"),
+    // tbe3 runtime form (loaded by device::cuda::tbe3, not by the backend yet).
+    ("tbe3_gemv", "tbe3_gemv_b1"),
+    ("tbe3_gemv", "tbe3_gemv_b2"),
+    ("tbe3_gemv", "tbe3_gemv_b3"),
+    ("tbe3_gemv", "tbe3_gemv_b4"),
+    ("tbe3_gemv", "tbe3_gemv_b5"),
+    ("tbe3_gemv", "tbe3_gemv_b6"),
+    ("tbe3_gemv", "tbe3_gemv_b7"),
+    ("tbe3_gemv", "tbe3_gemv_b8"),
+    ("tbe3_gemv", "bf16_gemv_b1"),
+    ("tbe3_gemv", "bf16_gemv_b2"),
+    ("tbe3_gemv", "bf16_gemv_b3"),
+    ("tbe3_gemv", "bf16_gemv_b4"),
+    ("tbe3_gemv", "bf16_gemv_b5"),
+    ("tbe3_gemv", "bf16_gemv_b6"),
+    ("tbe3_gemv", "bf16_gemv_b7"),
+    ("tbe3_gemv", "bf16_gemv_b8"),
+    ("tbe3_gemv", "gemv_reduce"),
+    ("tbe3_decode", "tbe3_decode"),
 ];
 
 /// The embedded fatbins, by family (`kernels/<family>.cu`); empty when built without nvcc.
@@ -250,8 +269,10 @@ impl Kernels {
         head_dim: usize,
         max_ctx: usize,
     ) -> GpuResult<()> {
-        if !head_dim.is_multiple_of(32)
+        if head_dim == 0
+            || !head_dim.is_multiple_of(32)
             || head_dim > ATTN_MAX_HEAD_DIM
+            || kv_heads == 0
             || !heads.is_multiple_of(kv_heads)
         {
             return Err(GpuError(format!(
@@ -274,6 +295,11 @@ impl Kernels {
             Arg::I(i32_of(max_ctx, "max_ctx")?),
             Arg::F(scale),
         ];
+        if n > 65535 {
+            return Err(GpuError(format!(
+                "attention of {n} tokens in one launch: the grid's y dimension holds 65535"
+            )));
+        }
         let grid = (i32_of(heads, "heads")? as u32, i32_of(n, "n")? as u32, 1);
         // SAFETY: matches attention's parameters; head_dim checked above; extents the caller's.
         unsafe { self.attention.launch(&self.ctx, grid, ATTN_THREADS, &args) }
@@ -357,6 +383,20 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grid_stride_blocks_cover_small_counts_and_cap_large_ones() {
+        assert_eq!(blocks_for(0), 1);
+        assert_eq!(blocks_for(1), 1);
+        assert_eq!(blocks_for(256), 1);
+        assert_eq!(blocks_for(257), 2);
+        // Llama-3.1-8B's embedding (128256 x 4096): capped; the grid-stride loop covers the rest.
+        let big = 128256 * 4096;
+        let b = blocks_for(big) as usize;
+        assert_eq!(b, 65535 * 8);
+        assert!(b * THREADS as usize * big.div_ceil(b * THREADS as usize) >= big);
+        assert!(i32_of(1 << 31, "x").is_err() && i32_of(i32::MAX as usize, "x").is_ok());
+    }
 
     /// Every entry point the Rust side loads is in its family's fatbin, as PTX (`.entry name(`)
     /// and as sm_90a machine code (an ELF `.text.name` section). Needs no GPU.

@@ -18,6 +18,7 @@ pub mod driver;
 pub mod harness;
 pub mod kernels;
 mod kv;
+pub mod tbe3;
 
 pub use backend::{CudaBackend, CudaOptions, StepTiming};
 pub use harness::KernelHarness;

@@ -1,0 +1,221 @@
+//! The tbe3 kernels (kernels/tbe3_decode.cu, kernels/tbe3_gemv.cu) against the CPU decoder of the
+//! runtime form (`codec::runtime`, the reference) and a CPU f64 GEMV, on random matrices with
+//! escapes forced; outputs poisoned first (BF16 0xFFFF, f32 NaN).
+//!
+//! Without a usable GPU every test prints "*** skipped: no GPU ... ***" and passes without
+//! checking anything (it is not GPU coverage); with UNWEIGHT_REQUIRE_GPU=1 (set by
+//! scripts/gpu-check) it fails instead. The launch-geometry helpers are unit-tested on the CPU in
+//! `src/device/cuda/tbe3.rs`.
+
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use rand_xoshiro::Xoshiro256PlusPlus;
+use triton_unweight::codec::runtime::{self, RuntimeMatrix, Shape};
+use triton_unweight::device::cuda::{self, tbe3};
+use triton_unweight::model::synth::f32_to_bf16;
+use triton_unweight::model::weights::bf16_to_f32;
+
+/// Whether GPU tests run here; prints the loud skip, or panics under UNWEIGHT_REQUIRE_GPU=1.
+fn gpu() -> bool {
+    match cuda::probe() {
+        Ok(_) => true,
+        Err(reason) => {
+            if std::env::var_os("UNWEIGHT_REQUIRE_GPU").is_some_and(|v| v == "1") {
+                panic!("UNWEIGHT_REQUIRE_GPU=1 but no usable GPU: {reason}");
+            }
+            println!("*** skipped: no GPU ({reason}); this is NOT GPU coverage ***");
+            false
+        }
+    }
+}
+
+fn rng(seed: u64) -> Xoshiro256PlusPlus {
+    Xoshiro256PlusPlus::seed_from_u64(seed)
+}
+
+/// How a test matrix's BF16 patterns are drawn.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// N(0, 0.02) with `escape_pct` % of weights given a random finite exponent in 60..=180
+    /// (escapes in most tiles, GEMV-safe).
+    Normal { escape_pct: f64 },
+    /// Any of the 65,536 patterns (NaN, inf, subnormals): most weights escape.
+    AnyBits,
+    /// Exponents 240..=255 (bases at MAX_BASE = 249, escapes at code 7 next to base 249).
+    HighExponents,
+}
+
+fn weights(n: usize, kind: Kind, seed: u64) -> Vec<u16> {
+    let mut r = rng(seed);
+    let normal = Normal::new(0.0f32, 0.02).unwrap();
+    (0..n)
+        .map(|_| match kind {
+            Kind::Normal { escape_pct } => {
+                let b = f32_to_bf16(normal.sample(&mut r));
+                if r.gen_bool(escape_pct / 100.0) {
+                    let e: u16 = r.gen_range(60..=180);
+                    (b & 0x807f) | (e << 7)
+                } else {
+                    b
+                }
+            }
+            Kind::AnyBits => r.gen::<u16>(),
+            Kind::HighExponents => {
+                let e: u16 = r.gen_range(240..=255);
+                (r.gen::<u16>() & 0x807f) | (e << 7)
+            }
+        })
+        .collect()
+}
+
+fn encode(bits: &[u16], shape: Shape) -> RuntimeMatrix {
+    let m = runtime::encode(bits, shape).unwrap();
+    // The CPU decoder is the reference, itself checked against the original here.
+    assert_eq!(runtime::decode(&m.view().unwrap()).unwrap(), bits);
+    m
+}
+
+#[test]
+fn decode_kernel_equals_cpu_decoder_bit_for_bit() {
+    if !gpu() {
+        return;
+    }
+    let h = tbe3::Tbe3Harness::new().unwrap();
+    let normal = Kind::Normal { escape_pct: 3.0 };
+    // (rows, cols, tile or 0 for the loader's choice, kind)
+    let cases: &[(usize, usize, usize, Kind)] = &[
+        (1024, 4096, 0, normal),                            // Llama-3.1-8B k/v_proj
+        (4096, 4096, 0, normal),                            // q/o_proj
+        (512, 14336, 0, normal),                            // rows of down_proj (tile 2048)
+        (14336, 4096, 0, Kind::Normal { escape_pct: 0.0 }), // gate/up, natural escapes only
+        (1, 1, 0, normal),                                  // one weight, partial group and tile
+        (3, 100, 0, normal),                                // groups and tiles straddle rows
+        (17, 1000, 0, Kind::AnyBits),                       // dense escapes, odd sizes
+        (5, 384, 0, Kind::AnyBits),                         // tile 128: four tiles per warp step
+        (9, 2304, 0, normal),                               // tile 256
+        (20, 1536, 0, normal),                              // tile 512: one tile per step
+        (33, 777, 4096, Kind::HighExponents),               // tile 4096, base 249 next to escapes
+        (3, 70_000, 65536, Kind::AnyBits),                  // the largest tile, many steps per tile
+        (64, 4096, 2048, Kind::HighExponents),
+    ];
+    for (i, &(rows, cols, tile, kind)) in cases.iter().enumerate() {
+        let shape = if tile == 0 {
+            Shape::for_matrix(rows, cols).unwrap()
+        } else {
+            Shape::new(rows, cols, tile).unwrap()
+        };
+        let bits = weights(rows * cols, kind, 100 + i as u64);
+        let m = encode(&bits, shape);
+        let got = h.decode(&m).unwrap();
+        let bad = got.iter().zip(&bits).position(|(a, b)| a != b);
+        assert!(
+            bad.is_none(),
+            "{rows}x{cols} tile {} {kind:?} ({} escapes): first mismatch at {} (gpu {:#06x}, cpu {:#06x})",
+            shape.tile_elems,
+            m.escape_count(),
+            bad.unwrap(),
+            got[bad.unwrap()],
+            bits[bad.unwrap()]
+        );
+        println!(
+            "decode {rows}x{cols} tile {} {kind:?}: {} escapes, bit-exact",
+            shape.tile_elems,
+            m.escape_count()
+        );
+    }
+}
+
+/// y[b][r] = Σ_c W[r][c] · x[b][c] in f64, and Σ |W · x| (the scale of the rounding error).
+fn reference(
+    bits: &[u16],
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    batch: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0f64; batch * rows];
+    let mut mag = vec![0f64; batch * rows];
+    for b in 0..batch {
+        let xb = &x[b * cols..(b + 1) * cols];
+        for r in 0..rows {
+            let w = &bits[r * cols..(r + 1) * cols];
+            let (mut s, mut a) = (0f64, 0f64);
+            for (&wv, &xv) in w.iter().zip(xb) {
+                let p = bf16_to_f32(wv) as f64 * xv as f64;
+                s += p;
+                a += p.abs();
+            }
+            y[b * rows + r] = s;
+            mag[b * rows + r] = a;
+        }
+    }
+    (y, mag)
+}
+
+#[test]
+fn fused_gemv_equals_passthrough_bit_for_bit_and_matches_f64() {
+    if !gpu() {
+        return;
+    }
+    let h = tbe3::Tbe3Harness::new().unwrap();
+    let sms = h.sms();
+    let cases: &[(usize, usize)] = &[
+        (1024, 4096), // k/v_proj
+        (4096, 4096), // q/o_proj
+        (256, 14336), // rows of down_proj
+        (7, 384),     // tile 128, a partial 512-column step, a partial warp of rows
+        (33, 640),    // tile 128
+        (20, 1536),   // tile 512
+        (9, 2304),    // tile 256
+        (3, 6144),    // tile 2048, 3 chunks
+    ];
+    let mut seed = 1000;
+    for &(rows, cols) in cases {
+        let shape = Shape::for_matrix(rows, cols).unwrap();
+        seed += 1;
+        let bits = weights(rows * cols, Kind::Normal { escape_pct: 3.0 }, seed);
+        let m = encode(&bits, shape);
+        for batch in 1..=tbe3::MAX_GEMV_BATCH {
+            let mut r = rng(seed * 31 + batch as u64);
+            let x: Vec<f32> = (0..batch * cols)
+                .map(|_| r.gen_range(0.05f32..1.0) * if r.gen_bool(0.5) { 1.0 } else { -1.0 })
+                .collect();
+            let (want, mag) = reference(&bits, &x, rows, cols, batch);
+            let default = tbe3::gemv_geometry(&shape, batch, sms).unwrap();
+            let mut geoms = vec![default];
+            for split in [1, 3] {
+                let g = tbe3::gemv_geometry_with_split(&shape, batch, split).unwrap();
+                if !geoms.contains(&g) {
+                    geoms.push(g);
+                }
+            }
+            for g in geoms {
+                let (fused, pass) = h.gemv(&m, &bits, &x, &g).unwrap();
+                let (fused2, _) = h.gemv(&m, &bits, &x, &g).unwrap();
+                for i in 0..fused.len() {
+                    assert_eq!(
+                        fused[i].to_bits(),
+                        pass[i].to_bits(),
+                        "{rows}x{cols} b{batch} {g:?}: output {i}: tbe3 {} vs pass-through {}",
+                        fused[i],
+                        pass[i]
+                    );
+                    assert_eq!(
+                        fused[i].to_bits(),
+                        fused2[i].to_bits(),
+                        "not deterministic at {i}"
+                    );
+                    let err = (fused[i] as f64 - want[i]).abs();
+                    assert!(
+                        fused[i].is_finite() && err <= 1e-5 * mag[i] + 1e-30,
+                        "{rows}x{cols} b{batch} {g:?}: output {i} = {} vs f64 {} (|err| {err:e}, scale {:e})",
+                        fused[i],
+                        want[i],
+                        mag[i]
+                    );
+                }
+            }
+        }
+        println!("gemv {rows}x{cols} (tile {}): batches 1..=8 bit-identical to pass-through, within 1e-5 of f64", shape.tile_elems);
+    }
+}
