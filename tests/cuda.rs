@@ -22,27 +22,8 @@ use triton_unweight::model::synth::{f32_to_bf16, synth_checkpoint, SynthOptions}
 use triton_unweight::model::weights::{bf16_to_f32, WeightMode};
 use triton_unweight::model::{LlamaConfig, LlamaShape};
 
-/// Prints a skip notice straight to the process's stderr: libtest captures `println!` and
-/// `eprintln!` of passing tests, so a skip printed with them would never be seen (here, or in
-/// scripts/gpu-check's log, which counts these lines).
-fn loud_skip(msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "*** skipped: {msg} ***");
-}
-
-/// Whether GPU tests run here; prints the loud skip, or panics under UNWEIGHT_REQUIRE_GPU=1.
-fn gpu() -> bool {
-    match cuda::probe() {
-        Ok(_) => true,
-        Err(reason) => {
-            if std::env::var_os("UNWEIGHT_REQUIRE_GPU").is_some_and(|v| v == "1") {
-                panic!("UNWEIGHT_REQUIRE_GPU=1 but no usable GPU: {reason}");
-            }
-            loud_skip(&format!("no GPU ({reason}); this is NOT GPU coverage"));
-            false
-        }
-    }
-}
+mod gpu_skip;
+use gpu_skip::{gpu, loud_skip};
 
 fn rng(seed: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed)

@@ -11,23 +11,12 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use triton_unweight::codec::runtime::{self, RuntimeMatrix, Shape};
-use triton_unweight::device::cuda::{self, tbe3};
+use triton_unweight::device::cuda::tbe3;
 use triton_unweight::model::synth::f32_to_bf16;
 use triton_unweight::model::weights::bf16_to_f32;
 
-/// Whether GPU tests run here; prints the loud skip, or panics under UNWEIGHT_REQUIRE_GPU=1.
-fn gpu() -> bool {
-    match cuda::probe() {
-        Ok(_) => true,
-        Err(reason) => {
-            if std::env::var_os("UNWEIGHT_REQUIRE_GPU").is_some_and(|v| v == "1") {
-                panic!("UNWEIGHT_REQUIRE_GPU=1 but no usable GPU: {reason}");
-            }
-            println!("*** skipped: no GPU ({reason}); this is NOT GPU coverage ***");
-            false
-        }
-    }
-}
+mod gpu_skip;
+use gpu_skip::gpu;
 
 fn rng(seed: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed)
