@@ -18,6 +18,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
+mod backend_so;
 #[path = "triton_host/support.rs"]
 mod support;
 

@@ -6,8 +6,10 @@
 //! executable binds them at `dlopen`; docs/triton.md), and be loadable so that `dlsym` finds the
 //! entry points.
 
-use std::path::PathBuf;
 use std::process::Command;
+
+mod backend_so;
+use backend_so::shared_object;
 
 /// The entry points the backend implements (`TRITONBACKEND_ISPEC` in tritonbackend.h).
 const EXPECTED_EXPORTS: [&str; 7] = [
@@ -19,22 +21,6 @@ const EXPECTED_EXPORTS: [&str; 7] = [
     "TRITONBACKEND_ModelInstanceFinalize",
     "TRITONBACKEND_ModelInstanceInitialize",
 ];
-
-/// The cdylib cargo built next to this test (same profile directory).
-fn shared_object() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps directory");
-    for dir in [deps, deps.parent().expect("profile directory")] {
-        let so = dir.join("libtriton_unweight.so");
-        if so.is_file() {
-            return so;
-        }
-    }
-    panic!(
-        "libtriton_unweight.so not found next to {} (cargo builds it with the library)",
-        exe.display()
-    );
-}
 
 fn nm(args: &[&str]) -> Vec<(String, String)> {
     let so = shared_object();

@@ -190,6 +190,7 @@ pub enum Selected {
 /// Loads a checkpoint directory on the device asked for. For [`DeviceKind::Cuda`], `probe` is
 /// the result of [`cuda::probe`] (passed in so tests can simulate a machine without a GPU); when
 /// it is an error the CPU backend is loaded instead and the reason goes to stderr and the log.
+/// The weights are held as `mode` says on the CPU, decoded on the GPU.
 pub fn load_backend(
     dir: &std::path::Path,
     kind: DeviceKind,
@@ -198,18 +199,45 @@ pub fn load_backend(
     cpu_opts: &cpu::CpuOptions,
     cuda_opts: &cuda::CudaOptions,
 ) -> Result<(Box<dyn Backend>, Selected), DeviceError> {
+    use crate::model::weights::{LlamaWeights, WeightError, WeightMode};
+    let cfg = LlamaConfig::from_dir(dir)?;
+    let ckpt = crate::container::Checkpoint::open(dir).map_err(WeightError::from)?;
+    let on_gpu = kind == DeviceKind::Cuda && probe.is_ok();
+    let mode = if on_gpu { WeightMode::Decoded } else { mode };
+    let weights = LlamaWeights::load(&ckpt, &cfg, mode)?;
+    let (b, selected) = backend_on(cfg, weights.into(), kind, probe, cpu_opts, cuda_opts)?;
+    if let Selected::Cpu {
+        fallback: Some(reason),
+    } = &selected
+    {
+        eprintln!("unweight: CUDA is not usable ({reason}); running on the CPU");
+        tracing::warn!(%reason, "CUDA is not usable; running on the CPU");
+    }
+    Ok((b, selected))
+}
+
+/// A backend over loaded weights on the device asked for: the one place that decides between
+/// the GPU and the CPU fallback. For [`DeviceKind::Cuda`], `probe` is [`cuda::probe`]'s (or
+/// [`cuda::probe_ordinal`]'s) result; an error means the CPU backend, with the reason in
+/// [`Selected::Cpu`] for the caller to report. The GPU needs [`WeightMode::Decoded`] weights.
+///
+/// [`WeightMode::Decoded`]: crate::model::weights::WeightMode::Decoded
+pub fn backend_on(
+    cfg: LlamaConfig,
+    weights: std::sync::Arc<crate::model::weights::LlamaWeights>,
+    kind: DeviceKind,
+    probe: Result<cuda::DeviceInfo, String>,
+    cpu_opts: &cpu::CpuOptions,
+    cuda_opts: &cuda::CudaOptions,
+) -> Result<(Box<dyn Backend>, Selected), DeviceError> {
     let fallback = match (kind, probe) {
         (DeviceKind::Cpu, _) => None,
         (DeviceKind::Cuda, Ok(info)) => {
-            let b = cuda::CudaBackend::load(dir, cuda_opts)?;
+            let b = cuda::CudaBackend::from_weights(cfg, &weights, cuda_opts)?;
             return Ok((Box::new(b), Selected::Cuda(info)));
         }
-        (DeviceKind::Cuda, Err(reason)) => {
-            eprintln!("unweight: CUDA is not usable ({reason}); running on the CPU");
-            tracing::warn!(%reason, "CUDA is not usable; running on the CPU");
-            Some(reason)
-        }
+        (DeviceKind::Cuda, Err(reason)) => Some(reason),
     };
-    let b = cpu::CpuBackend::load(dir, mode, cpu_opts)?;
+    let b = cpu::CpuBackend::new(cfg, weights, cpu_opts);
     Ok((Box::new(b), Selected::Cpu { fallback }))
 }

@@ -382,8 +382,7 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
                 Ok(x) => x,
                 Err(e) => {
                     tracing::debug!(request = p.id.as_str(), error = %e.chain(), "bad request");
-                    p.send_error(&e);
-                    p.finish(state.handle, false);
+                    p.fail(state.handle, &e);
                     continue;
                 }
             };
@@ -398,13 +397,11 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceExecute(
             };
             let Some(worker) = state.worker.as_ref() else {
                 let e = TritonError::Unavailable("the instance is stopping".into());
-                job.pending.send_error(&e);
-                job.pending.finish(state.handle, false);
+                job.pending.fail(state.handle, &e);
                 continue;
             };
             if let Err((job, e)) = worker.submit(job) {
-                job.pending.send_error(&e);
-                job.pending.finish(state.handle, false);
+                job.pending.fail(state.handle, &e);
             }
         }
         Ok(())

@@ -470,6 +470,13 @@ impl Pending {
         };
     }
 
+    /// Ends the request with `err` as its FINAL response ([`Pending::send_error`], then
+    /// [`Pending::finish`] as unsuccessful).
+    pub fn fail(self, instance: InstanceHandle, err: &TritonError) {
+        self.send_error(err);
+        self.finish(instance, false);
+    }
+
     /// Deletes the factory of a request whose ownership stays with Triton (Execute is about to
     /// fail); the request itself is not touched.
     pub fn abandon(self) {

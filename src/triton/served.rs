@@ -10,9 +10,9 @@ use super::config::ModelConfig;
 use super::error::TritonError;
 use super::inputs::{GenerateInputs, Prompt, RawInput};
 use crate::container::Checkpoint;
-use crate::device::cpu::{CpuBackend, CpuOptions};
-use crate::device::cuda::{self, CudaBackend, CudaOptions};
-use crate::device::Backend;
+use crate::device::cpu::CpuOptions;
+use crate::device::cuda::{self, CudaOptions};
+use crate::device::{backend_on, Backend, DeviceKind, Selected};
 use crate::engine::text::{model_eos_tokens, TextTokenizer};
 use crate::engine::{Detokenizer, Engine, EngineOptions, Request, SamplingParams};
 use crate::model::weights::{LlamaWeights, WeightMode};
@@ -150,47 +150,60 @@ impl Served {
         instance: &str,
         placement: Placement,
     ) -> Result<Engine<Box<dyn Backend>>, TritonError> {
-        let backend: Box<dyn Backend> = match placement {
-            Placement::Gpu { ordinal, required } => match cuda::probe_ordinal(ordinal) {
-                Ok(info) => {
-                    let opts = CudaOptions {
-                        ordinal,
-                        max_sequences: self.max_sequences,
-                        max_context: Some(self.context),
-                        kv_budget_bytes: self
-                            .kv_cache_bytes
-                            .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
-                        ..CudaOptions::default()
-                    };
-                    let b = CudaBackend::from_weights(self.cfg.clone(), &self.weights, &opts)
-                        .map_err(|e| TritonError::Internal {
-                            context: format!(
-                                "instance {instance}: loading the model on GPU {ordinal}"
-                            ),
-                            source: Box::new(e),
-                        })?;
-                    tracing::info!(
-                        "instance {instance}: CUDA engine on GPU {ordinal} ({})",
-                        info.name
-                    );
-                    Box::new(b)
-                }
-                Err(reason) if required => {
-                    return Err(TritonError::Unavailable(format!(
-                        "instance {instance}: parameters.device is gpu, but GPU {ordinal} \
-                         cannot be used: {reason}"
-                    )))
-                }
-                Err(reason) => {
-                    tracing::warn!(
-                        "instance {instance}: GPU {ordinal} cannot be used ({reason}); running \
-                         on the CPU engine"
-                    );
-                    self.cpu_backend()
-                }
-            },
-            Placement::Cpu => self.cpu_backend(),
+        let (kind, probe, ordinal, required) = match placement {
+            Placement::Gpu { ordinal, required } => (
+                DeviceKind::Cuda,
+                cuda::probe_ordinal(ordinal),
+                ordinal,
+                required,
+            ),
+            Placement::Cpu => (DeviceKind::Cpu, Err(String::new()), 0, false),
         };
+        let cpu_opts = CpuOptions {
+            max_sequences: self.max_sequences,
+            max_context: Some(self.context),
+            kernel: None,
+        };
+        let cuda_opts = CudaOptions {
+            ordinal,
+            max_sequences: self.max_sequences,
+            max_context: Some(self.context),
+            kv_budget_bytes: self
+                .kv_cache_bytes
+                .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+            ..CudaOptions::default()
+        };
+        if let (true, Err(reason)) = (required, &probe) {
+            return Err(TritonError::Unavailable(format!(
+                "instance {instance}: parameters.device is gpu, but GPU {ordinal} cannot be \
+                 used: {reason}"
+            )));
+        }
+        let (backend, selected) = backend_on(
+            self.cfg.clone(),
+            Arc::clone(&self.weights),
+            kind,
+            probe,
+            &cpu_opts,
+            &cuda_opts,
+        )
+        .map_err(|e| TritonError::Internal {
+            context: format!("instance {instance}: loading the model on its device"),
+            source: Box::new(e),
+        })?;
+        match selected {
+            Selected::Cuda(info) => tracing::info!(
+                "instance {instance}: CUDA engine on GPU {ordinal} ({})",
+                info.name
+            ),
+            Selected::Cpu {
+                fallback: Some(reason),
+            } => tracing::warn!(
+                "instance {instance}: GPU {ordinal} cannot be used ({reason}); running on the \
+                 CPU engine"
+            ),
+            Selected::Cpu { fallback: None } => {}
+        }
         let eopts = EngineOptions {
             eos_token_ids: self.eos.clone(),
             max_batch: self.max_sequences,
@@ -198,19 +211,6 @@ impl Served {
         };
         let detok: Arc<dyn Detokenizer> = self.tokenizer.clone();
         Ok(Engine::new(backend, Some(detok), eopts))
-    }
-
-    fn cpu_backend(&self) -> Box<dyn Backend> {
-        let opts = CpuOptions {
-            max_sequences: self.max_sequences,
-            max_context: Some(self.context),
-            kernel: None,
-        };
-        Box::new(CpuBackend::new(
-            self.cfg.clone(),
-            Arc::clone(&self.weights),
-            &opts,
-        ))
     }
 
     /// Checks a request's inputs against the contract and the model and turns them into an

@@ -151,8 +151,7 @@ struct Live {
 
 /// Sends `err` as the FINAL response and ends the request.
 fn finish_with(job: Box<Job>, err: &TritonError, instance: InstanceHandle, counter: &AtomicUsize) {
-    job.pending.send_error(err);
-    job.pending.finish(instance, false);
+    job.pending.fail(instance, err);
     counter.fetch_sub(1, Ordering::AcqRel);
 }
 

@@ -15,21 +15,7 @@ pub const CLI: &str = env!("CARGO_BIN_EXE_unweight");
 
 // ----- setup ------------------------------------------------------------------------------
 
-/// The cdylib cargo built next to this test (same profile directory).
-pub fn shared_object() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps directory");
-    for dir in [deps, deps.parent().expect("profile directory")] {
-        let so = dir.join("libtriton_unweight.so");
-        if so.is_file() {
-            return so;
-        }
-    }
-    panic!(
-        "libtriton_unweight.so not found next to {} (cargo builds it with the library)",
-        exe.display()
-    );
-}
+pub use crate::backend_so::shared_object;
 
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
