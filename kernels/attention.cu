@@ -10,7 +10,8 @@
 // head_dim-wide accumulator spread over its lanes, head_dim/32 elements per lane); the 8 partial
 // results are merged through shared memory at the end. Query head h reads KV head h / group.
 // q: f32 [n x heads x head_dim]; k_cache, v_cache: this layer's f32 [slots x max_ctx x kvd];
-// out: BF16 split [(split ? 2n : n) x heads x head_dim], the o_proj GEMM's input.
+// out: BF16 split [(split ? 2n : n) x heads x head_dim], the o_proj GEMM's input;
+// out_f32: f32 [n x heads x head_dim], the same unrounded, or null (the fused GEMV's input).
 #include "common.cuh"
 
 #define ATTN_WARPS 8
@@ -20,7 +21,7 @@ template <int E>
 UW_DEVICE void attention_body(const float* __restrict__ q, const float* __restrict__ k_cache,
                               const float* __restrict__ v_cache, const int* __restrict__ pos,
                               const int* __restrict__ slot, uint16_t* __restrict__ out,
-                              int split, int n, int heads, int kv_heads, int max_ctx, float scale,
+                              float* __restrict__ out_f32, int split, int n, int heads, int kv_heads, int max_ctx, float scale,
                               float (*sm_acc)[ATTN_MAX_HEAD_DIM], float* sm_m, float* sm_l) {
     constexpr int head_dim = 32 * E;
     const int h = blockIdx.x, t = blockIdx.y;
@@ -76,11 +77,12 @@ UW_DEVICE void attention_body(const float* __restrict__ q, const float* __restri
     const size_t qd = (size_t)heads * head_dim;
     uint16_t* hi = out + (size_t)t * qd + (size_t)h * head_dim;
     uint16_t* lo = split ? out + ((size_t)n + t) * qd + (size_t)h * head_dim : nullptr;
+    float* f = out_f32 ? out_f32 + (size_t)t * qd + (size_t)h * head_dim : nullptr;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.0f;
 #pragma unroll
         for (int w = 0; w < ATTN_WARPS; ++w) o += sm_acc[w][d] * expf(sm_m[w] - mx);
-        store_split(hi, lo, d, o / total);
+        store_act(hi, lo, f, d, o / total);
     }
 }
 
@@ -88,12 +90,13 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
     attention(const float* __restrict__ q, const float* __restrict__ k_cache,
               const float* __restrict__ v_cache, const int* __restrict__ pos,
               const int* __restrict__ slot, uint16_t* __restrict__ out, int split, int n,
-              int heads, int kv_heads, int head_dim, int max_ctx, float scale) {
+              int heads, int kv_heads, int head_dim, int max_ctx, float scale,
+              float* __restrict__ out_f32) {
     __shared__ float sm_acc[ATTN_WARPS][ATTN_MAX_HEAD_DIM];
     __shared__ float sm_m[ATTN_WARPS], sm_l[ATTN_WARPS];
 #define UW_ATTN_CASE(E)                                                                        \
     case E:                                                                                    \
-        attention_body<E>(q, k_cache, v_cache, pos, slot, out, split, n, heads, kv_heads,      \
+        attention_body<E>(q, k_cache, v_cache, pos, slot, out, out_f32, split, n, heads, kv_heads,      \
                           max_ctx, scale, sm_acc, sm_m, sm_l);                                 \
         break;
     switch (head_dim / 32) {

@@ -29,6 +29,13 @@ UW_DEVICE void store_split(uint16_t* hi, uint16_t* lo, size_t i, float x) {
     if (lo) lo[i] = f32_to_bf16(x - bf16_to_f32(h));
 }
 
+// store_split, and the unrounded f32 value at `f[i]` when `f` is not null (the input of the fused
+// tbe3 GEMV, which multiplies f32 activations as the CPU reference does).
+UW_DEVICE void store_act(uint16_t* hi, uint16_t* lo, float* f, size_t i, float x) {
+    store_split(hi, lo, i, x);
+    if (f) f[i] = x;
+}
+
 // Reads element i of row t of a GEMM output of `n` rows of width `cols`, adding the lo-row
 // product (row n + t) when the input was split.
 UW_DEVICE float load_split(const float* y, int split, int n, int t, size_t cols, size_t i) {

@@ -7,10 +7,12 @@
 #include "common.cuh"
 
 // gu: f32 GEMM output [(split ? 2n : n) x 2 im], columns gate | up (device).
-// out: BF16 split [(out_split ? 2n : n) x im] = silu(gate) * up, the down_proj GEMM's input.
+// out: BF16 split [(out_split ? 2n : n) x im] = silu(gate) * up, the down_proj GEMM's input;
+// out_f32: f32 [n x im], the same unrounded, or null (the fused GEMV's input).
 // Arithmetic as the CPU reference: g / (1 + exp(-g)) * u.
 extern "C" __global__ void silu_mul(const float* __restrict__ gu, int split, int n, int im,
-                                    uint16_t* __restrict__ out, int out_split) {
+                                    uint16_t* __restrict__ out, int out_split,
+                                    float* __restrict__ out_f32) {
     const size_t total = (size_t)n * im;
     const size_t cols = 2 * (size_t)im;
     uint16_t* lo = out_split ? out + total : nullptr;
@@ -20,7 +22,7 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gu, int split, int
         const size_t j = i % im;
         const float g = load_split(gu, split, n, t, cols, j);
         const float u = load_split(gu, split, n, t, cols, im + j);
-        store_split(out, lo, i, g / (1.0f + expf(-g)) * u);
+        store_act(out, lo, out_f32, i, g / (1.0f + expf(-g)) * u);
     }
 }
 

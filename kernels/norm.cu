@@ -6,13 +6,15 @@
 //    product, split-summed: rows t and n + t when y_split) unless y is null.
 // w: f32 [h] norm weight; out: BF16 [(out_split ? 2n : n) x h], the next GEMM's input:
 //    out = x / sqrt(mean(x^2) + eps) * w, hi rows then lo rows.
+// out_f32: f32 [n x h], the same values unrounded, or null (the fused GEMV's input).
 // Arithmetic as the CPU reference: inv = 1 / sqrt(mean + eps) in f32, then (x * inv) * w.
 #include "common.cuh"
 
 extern "C" __global__ void rmsnorm_residual(float* __restrict__ x, const float* __restrict__ y,
                                             int y_split, const float* __restrict__ w,
                                             uint16_t* __restrict__ out, int out_split, int n,
-                                            int h, float eps) {
+                                            int h, float eps,
+                                            float* __restrict__ out_f32) {
     const int t = blockIdx.x;
     float* xr = x + (size_t)t * h;
     float ss = 0.0f;
@@ -28,5 +30,5 @@ extern "C" __global__ void rmsnorm_residual(float* __restrict__ x, const float* 
     const float inv = 1.0f / sqrtf(ss / (float)h + eps);
     uint16_t* hi = out + (size_t)t * h;
     uint16_t* lo = out_split ? out + ((size_t)n + t) * h : nullptr;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) store_split(hi, lo, i, xr[i] * inv * w[i]);
+    for (int i = threadIdx.x; i < h; i += blockDim.x) store_act(hi, lo, out_f32 ? out_f32 + (size_t)t * h : nullptr, i, xr[i] * inv * w[i]);
 }

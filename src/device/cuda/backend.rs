@@ -1,5 +1,8 @@
 //! [`CudaBackend`]: the Llama forward pass on the GPU, step for step the CPU reference's
-//! (`device::cpu`), with BF16 weights in device memory and linear layers through cuBLAS.
+//! (`device::cpu`). Each linear layer's weight is in device memory raw (BF16) or in the tbe3
+//! runtime form, as the [`Plan`] says, and each product runs the plan's strategy for its batch
+//! size ([`super::linear`]): the fused GEMV (f32 activations), or cuBLAS (split-BF16
+//! activations, after a chunked decode on tbe3).
 //!
 //! One layer, for `n` tokens (a prompt chunk, or one token of each sequence of a decode batch):
 //!
@@ -29,10 +32,29 @@ use std::time::Instant;
 use super::driver::{Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, PinnedBuf};
 use super::kernels::{Kernels, Product, ATTN_MAX_HEAD_DIM};
 use super::kv::KvCache;
+use super::linear::{Input, Linear, Products};
+use super::plan::{Plan, Role, RoleShapes, Storage, Strategy, TuneTable};
+use super::tbe3::{gemv_geometry_with_split, multiprocessors, Tbe3Kernels, MAX_GEMV_BATCH};
+use crate::codec::runtime::Shape;
 use crate::container::Checkpoint;
 use crate::device::{Backend, DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
 use crate::model::weights::{LlamaWeights, Matrix, MatrixData, WeightError, WeightMode};
 use crate::model::LlamaConfig;
+
+/// Where a backend's [`Plan`] comes from.
+#[derive(Clone, Debug, Default)]
+pub enum PlanSource {
+    /// Every matrix raw BF16, every product one cuBLAS call: the uncompressed baseline.
+    Baseline,
+    /// Every linear layer in tbe3 form with the untuned default strategies
+    /// ([`super::plan::default_strategy`]).
+    #[default]
+    Compressed,
+    /// Storage and strategies from a tuning table (`unweight tune`).
+    Table(TuneTable),
+    /// Exactly this plan.
+    Given(Plan),
+}
 
 /// Settings of a [`CudaBackend`].
 #[derive(Clone, Debug)]
@@ -53,6 +75,11 @@ pub struct CudaOptions {
     pub split_activations: bool,
     /// Run decode steps as CUDA graphs (one per batch bucket).
     pub graphs: bool,
+    /// How the linear layers are stored and multiplied.
+    pub plan: PlanSource,
+    /// Run the plan's strategies on raw BF16 weights (the pass-through twins): the logits must
+    /// equal the plan's own bit for bit. For checks and benchmarks.
+    pub twin: bool,
 }
 
 impl Default for CudaOptions {
@@ -65,6 +92,8 @@ impl Default for CudaOptions {
             max_prefill_tokens: 512,
             split_activations: true,
             graphs: true,
+            plan: PlanSource::default(),
+            twin: false,
         }
     }
 }
@@ -82,18 +111,20 @@ pub struct StepTiming {
 
 struct LayerW {
     input_norm: DevBuf,
-    qkv: DevBuf,
-    o: DevBuf,
+    qkv: Linear,
+    o: Linear,
     post_norm: DevBuf,
-    gate_up: DevBuf,
-    down: DevBuf,
+    gate_up: Linear,
+    down: Linear,
 }
 
 struct Weights {
-    embed: DevBuf,
+    /// The embedding table, always raw (the gather reads BF16 rows).
+    embed: Linear,
     layers: Vec<LayerW>,
     norm: DevBuf,
-    lm_head: Option<DevBuf>,
+    /// The output projection; `None` when tied: the product then reads the raw embedding.
+    lm_head: Option<Linear>,
 }
 
 /// Work buffers, sized for `cap` tokens (`2 cap` rows where split) at construction.
@@ -103,6 +134,13 @@ struct Bufs {
     slot: DevBuf,
     x: DevBuf,
     xb: DevBuf,
+    /// f32 twins of xb, ab and mb (unrounded): the fused GEMV's inputs.
+    xf: DevBuf,
+    af: DevBuf,
+    mf: DevBuf,
+    /// BF16 scratch of chunked decodes, and the split-K partial sums of the GEMV.
+    scratch: DevBuf,
+    partial: DevBuf,
     qkv: DevBuf,
     q: DevBuf,
     ab: DevBuf,
@@ -137,6 +175,10 @@ pub struct CudaBackend {
     weights: Weights,
     blas: Cublas,
     k: Kernels,
+    t3: Tbe3Kernels,
+    plan: Plan,
+    shapes: RoleShapes,
+    sms: usize,
     events: (Event, Event),
     ctx: Arc<Context>,
     opts: CudaOptions,
@@ -146,9 +188,9 @@ pub struct CudaBackend {
     timing: StepTiming,
 }
 
-fn upload_matrix(ctx: &Arc<Context>, m: &Matrix) -> Result<DevBuf, DeviceError> {
+fn bf16_bytes(m: &Matrix) -> Result<&[u8], DeviceError> {
     match &m.data {
-        MatrixData::Bf16(bytes) => Ok(DevBuf::from_host(ctx, bytes)?),
+        MatrixData::Bf16(bytes) => Ok(bytes),
         MatrixData::Compressed(_) => Err(DeviceError::Invalid(format!(
             "{}: the CUDA backend takes weights decoded at load (WeightMode::Decoded)",
             m.name
@@ -156,26 +198,87 @@ fn upload_matrix(ctx: &Arc<Context>, m: &Matrix) -> Result<DevBuf, DeviceError> 
     }
 }
 
-/// Uploads matrices one after another into one buffer (fused q|k|v, gate|up).
-fn upload_fused(ctx: &Arc<Context>, parts: &[&Matrix]) -> Result<DevBuf, DeviceError> {
-    let total: usize = parts.iter().map(|m| 2 * m.rows * m.cols).sum();
-    let buf = DevBuf::new(ctx, total)?;
-    let mut off = 0;
+/// Uploads matrices stacked row-wise as one linear layer (fused q|k|v, gate|up) in `storage`.
+fn upload_linear(
+    ctx: &Arc<Context>,
+    parts: &[&Matrix],
+    storage: Storage,
+) -> Result<Linear, DeviceError> {
+    let cols = parts[0].cols;
+    let rows: usize = parts.iter().map(|m| m.rows).sum();
+    if let Some(m) = parts.iter().find(|m| m.cols != cols) {
+        return Err(DeviceError::Invalid(format!(
+            "{} has {} columns, {} has {cols}: they cannot be fused",
+            m.name, m.cols, parts[0].name
+        )));
+    }
+    let name = parts.iter().map(|m| m.name.as_str()).collect::<Vec<_>>();
+    let wrap = |e: GpuError| DeviceError::Cuda(format!("{}: {}", name.join(" | "), e.0));
+    if let [one] = parts {
+        return Linear::upload(ctx, bf16_bytes(one)?, rows, cols, storage).map_err(wrap);
+    }
+    let mut bytes = Vec::with_capacity(2 * rows * cols);
     for m in parts {
-        match &m.data {
-            MatrixData::Bf16(bytes) => {
-                buf.upload(off, bytes)?;
-                off += bytes.len();
-            }
-            MatrixData::Compressed(_) => {
-                return Err(DeviceError::Invalid(format!(
-                    "{}: the CUDA backend takes weights decoded at load",
-                    m.name
-                )))
+        bytes.extend_from_slice(bf16_bytes(m)?);
+    }
+    Linear::upload(ctx, &bytes, rows, cols, storage).map_err(wrap)
+}
+
+/// The shapes of `cfg`'s linear layers as the backend fuses them.
+pub fn role_shapes(cfg: &LlamaConfig) -> Result<RoleShapes, DeviceError> {
+    let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    [
+        (Role::Qkv, qd + 2 * kvd, h),
+        (Role::O, h, qd),
+        (Role::GateUp, 2 * im, h),
+        (Role::Down, h, im),
+        (Role::LmHead, v, h),
+    ]
+    .into_iter()
+    .map(|(r, rows, cols)| {
+        Shape::for_matrix(rows, cols)
+            .map(|s| (r, s))
+            .map_err(|e| DeviceError::Invalid(format!("{r:?} ({rows} × {cols}): {e}")))
+    })
+    .collect()
+}
+
+/// Resolves `opts.plan` for a model of `shapes` on a device with `sms` multiprocessors: the
+/// twin when asked, and a tied `lm_head` always raw (it is the embedding table, which the
+/// gather reads as BF16; a tbe3 copy would add memory, not save it).
+pub fn resolve_plan(opts: &CudaOptions, shapes: &RoleShapes, sms: usize, tied: bool) -> Plan {
+    let buckets = decode_buckets(opts.max_sequences);
+    let mut plan = match &opts.plan {
+        PlanSource::Baseline => Plan::baseline(),
+        PlanSource::Compressed => Plan::default_for(shapes, sms),
+        PlanSource::Table(t) => Plan::from_table(t, shapes, &buckets, sms),
+        PlanSource::Given(p) => p.clone(),
+    };
+    if tied {
+        if let Some(r) = plan.roles.get_mut(&Role::LmHead) {
+            r.storage = Storage::Raw;
+        }
+    }
+    if opts.twin {
+        plan = plan.twin();
+    }
+    plan
+}
+
+/// f32 values of split-K partial sums the plan's GEMVs need for up to 8 rows.
+fn partial_len(plan: &Plan, shapes: &RoleShapes) -> usize {
+    let mut most = 0;
+    for (&role, shape) in shapes {
+        for n in 1..=MAX_GEMV_BATCH {
+            if let Strategy::Gemv { ksplit } = plan.strategy(role, shape, n) {
+                if let Ok(g) = gemv_geometry_with_split(shape, n, ksplit) {
+                    most = most.max(g.partial_len());
+                }
             }
         }
     }
-    Ok(buf)
+    most
 }
 
 /// The decode batch buckets for `max_sequences` live sequences: powers of two below it, then
@@ -263,29 +366,44 @@ impl CudaBackend {
         w: &LlamaWeights,
         opts: &CudaOptions,
     ) -> Result<Self, DeviceError> {
-        Self::build(cfg, opts, |ctx, _k| {
+        Self::build(cfg, opts, |ctx, _k, plan| {
+            let st = |r: Role| plan.storage(r);
             let layers = w
                 .layers
                 .iter()
                 .map(|lw| {
                     Ok(LayerW {
                         input_norm: DevBuf::from_host(ctx, &lw.input_norm)?,
-                        qkv: upload_fused(ctx, &[&lw.q_proj, &lw.k_proj, &lw.v_proj])?,
-                        o: upload_matrix(ctx, &lw.o_proj)?,
+                        qkv: upload_linear(
+                            ctx,
+                            &[&lw.q_proj, &lw.k_proj, &lw.v_proj],
+                            st(Role::Qkv),
+                        )?,
+                        o: upload_linear(ctx, &[&lw.o_proj], st(Role::O))?,
                         post_norm: DevBuf::from_host(ctx, &lw.post_attention_norm)?,
-                        gate_up: upload_fused(ctx, &[&lw.gate_proj, &lw.up_proj])?,
-                        down: upload_matrix(ctx, &lw.down_proj)?,
+                        gate_up: upload_linear(
+                            ctx,
+                            &[&lw.gate_proj, &lw.up_proj],
+                            st(Role::GateUp),
+                        )?,
+                        down: upload_linear(ctx, &[&lw.down_proj], st(Role::Down))?,
                     })
                 })
                 .collect::<Result<Vec<_>, DeviceError>>()?;
             Ok(Weights {
-                embed: upload_matrix(ctx, &w.embed_tokens)?,
+                embed: Linear::upload(
+                    ctx,
+                    bf16_bytes(&w.embed_tokens)?,
+                    w.embed_tokens.rows,
+                    w.embed_tokens.cols,
+                    Storage::Raw,
+                )?,
                 layers,
                 norm: DevBuf::from_host(ctx, &w.norm)?,
                 lm_head: w
                     .lm_head
                     .as_ref()
-                    .map(|m| upload_matrix(ctx, m))
+                    .map(|m| upload_linear(ctx, &[m], st(Role::LmHead)))
                     .transpose()?,
             })
         })
@@ -293,20 +411,22 @@ impl CudaBackend {
 
     /// A model of `cfg`'s shape whose weights are generated in device memory: every matrix
     /// N(0, sigma) BF16 from `seed`, norms 1.0. For benchmarks at real scale (an 8B model)
-    /// without writing or uploading 16 GB.
+    /// without writing or uploading 16 GB. Matrices the plan stores as tbe3 are generated once
+    /// per role, encoded on the CPU and copied into every layer (same bytes moved per step as
+    /// distinct values; the raw ones are distinct per layer).
     pub fn synthetic(
         cfg: LlamaConfig,
         seed: u64,
         sigma: f32,
         opts: &CudaOptions,
     ) -> Result<Self, DeviceError> {
-        let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let layers = cfg.num_hidden_layers;
         let tied = cfg.tie_word_embeddings;
-        Self::build(cfg, opts, |ctx, k| {
+        let shapes = role_shapes(&cfg)?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        Self::build(cfg, opts, |ctx, k, plan| {
             let mut tensor = 0u64;
-            let mut matrix = |elems: usize| -> Result<DevBuf, DeviceError> {
+            let mut raw = |elems: usize| -> Result<DevBuf, DeviceError> {
                 let b = DevBuf::new(ctx, 2 * elems)?;
                 tensor += 1;
                 k.fill_normal_bf16(
@@ -317,28 +437,60 @@ impl CudaBackend {
                 )?;
                 Ok(b)
             };
+            // One tbe3 image per role, encoded from a generated matrix (downloaded once).
+            let mut images = std::collections::BTreeMap::new();
+            for (&role, shape) in &shapes {
+                if plan.storage(role) == Storage::Tbe3 && !(role == Role::LmHead && tied) {
+                    let b = raw(shape.len())?;
+                    ctx.sync()?;
+                    let mut bytes = vec![0u8; 2 * shape.len()];
+                    b.download(&mut bytes)?;
+                    images.insert(
+                        role,
+                        Linear::upload(ctx, &bytes, shape.rows, shape.cols, Storage::Tbe3)?,
+                    );
+                }
+            }
+            let mut linear = |role: Role| -> Result<Linear, DeviceError> {
+                let s = shapes[&role];
+                match images.get(&role) {
+                    Some(Linear {
+                        form: super::linear::Form::Tbe3(m),
+                        ..
+                    }) => Ok(Linear {
+                        shape: s,
+                        form: super::linear::Form::Tbe3(m.duplicate(ctx)?),
+                    }),
+                    _ => Ok(Linear::raw(raw(s.len())?, s.rows, s.cols)?),
+                }
+            };
             let ones = |elems: usize| -> Result<DevBuf, DeviceError> {
                 let b = DevBuf::new(ctx, 4 * elems)?;
                 k.fill_f32(b.ptr(), elems, 1.0)?;
                 Ok(b)
             };
-            let embed = matrix(v * h)?;
             let mut ls = Vec::with_capacity(layers);
             for _ in 0..layers {
                 ls.push(LayerW {
                     input_norm: ones(h)?,
-                    qkv: matrix((qd + 2 * kvd) * h)?,
-                    o: matrix(h * qd)?,
+                    qkv: linear(Role::Qkv)?,
+                    o: linear(Role::O)?,
                     post_norm: ones(h)?,
-                    gate_up: matrix(2 * im * h)?,
-                    down: matrix(h * im)?,
+                    gate_up: linear(Role::GateUp)?,
+                    down: linear(Role::Down)?,
                 });
             }
+            let lm_head = if tied {
+                None
+            } else {
+                Some(linear(Role::LmHead)?)
+            };
+            let embed = Linear::raw(raw(v * h)?, v, h)?;
             Ok(Weights {
                 embed,
                 layers: ls,
                 norm: ones(h)?,
-                lm_head: if tied { None } else { Some(matrix(v * h)?) },
+                lm_head,
             })
         })
     }
@@ -346,7 +498,7 @@ impl CudaBackend {
     fn build(
         cfg: LlamaConfig,
         opts: &CudaOptions,
-        make: impl FnOnce(&Arc<Context>, &Kernels) -> Result<Weights, DeviceError>,
+        make: impl FnOnce(&Arc<Context>, &Kernels, &Plan) -> Result<Weights, DeviceError>,
     ) -> Result<Self, DeviceError> {
         let hd = cfg.head_dim;
         if !hd.is_multiple_of(32) || hd > ATTN_MAX_HEAD_DIM {
@@ -377,8 +529,12 @@ impl CudaBackend {
         }
         let ctx = Context::new(opts.ordinal)?;
         let k = Kernels::load(&ctx)?;
+        let t3 = Tbe3Kernels::load(&ctx)?;
         let blas = Cublas::new(&ctx)?;
-        let weights = make(&ctx, &k)?;
+        let sms = multiprocessors(&ctx)?;
+        let shapes = role_shapes(&cfg)?;
+        let plan = resolve_plan(opts, &shapes, sms, cfg.tie_word_embeddings);
+        let weights = make(&ctx, &k, &plan)?;
         ctx.sync()?;
         let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
@@ -386,7 +542,10 @@ impl CudaBackend {
         for lw in &weights.layers {
             weight_bytes += lw.qkv.bytes() + lw.o.bytes() + lw.gate_up.bytes() + lw.down.bytes();
         }
-        weight_bytes += weights.lm_head.as_ref().unwrap_or(&weights.embed).bytes();
+        weight_bytes += match &weights.lm_head {
+            Some(l) => l.bytes(),
+            None => 2 * v * h,
+        };
         // Work buffers for the larger of a decode batch and a prefill chunk.
         let max_batch = opts.max_sequences;
         let cap = max_batch.max(opts.max_prefill_tokens);
@@ -414,6 +573,11 @@ impl CudaBackend {
             slot: DevBuf::new(&ctx, 4 * cap)?,
             x: f32b(cap * h)?,
             xb: bf16b(rows * h)?,
+            xf: f32b(cap * h)?,
+            af: f32b(cap * qd)?,
+            mf: f32b(cap * im)?,
+            scratch: DevBuf::new(&ctx, plan.scratch_bytes(&shapes, cap).max(16))?,
+            partial: f32b(partial_len(&plan, &shapes).max(1))?,
             qkv: f32b(rows * (qd + 2 * kvd))?,
             q: f32b(cap * qd)?,
             ab: bf16b(rows * qd)?,
@@ -451,6 +615,10 @@ impl CudaBackend {
             weights,
             blas,
             k,
+            t3,
+            plan,
+            shapes,
+            sms,
             events,
             ctx,
             opts: opts.clone(),
@@ -472,6 +640,16 @@ impl CudaBackend {
         self.kv.bytes()
     }
 
+    /// The shapes of the linear layers (fused as the backend runs them).
+    pub fn shapes(&self) -> &RoleShapes {
+        &self.shapes
+    }
+
+    /// The plan the linear layers run by.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// The decode batch buckets (one CUDA graph each).
     pub fn buckets(&self) -> &[usize] {
         &self.buckets
@@ -482,45 +660,69 @@ impl CudaBackend {
         self.timing
     }
 
+    /// Queues the product of `n` activation rows with `role`'s matrix `w` by the plan's
+    /// strategy; returns the product as the consumer reads it (split rows or not).
+    fn product(&self, role: Role, w: &Linear, x: Input, y: u64) -> GpuResult<Product> {
+        let st = self.plan.strategy(role, &w.shape, x.n);
+        let p = Products {
+            blas: &self.blas,
+            tbe3: &self.t3,
+            scratch: &self.bufs.scratch,
+            partial: &self.bufs.partial,
+            sms: self.sms,
+        };
+        // SAFETY: (every caller) the input buffers hold `x.bf16_rows` BF16 rows `x.ldb` apart
+        // and `x.n` f32 rows of `w`'s columns, within buffers sized for 2 cap (BF16) and cap
+        // (f32) rows; `y` holds 2 cap rows of the matrix's rows (logits_raw: 2 max_batch).
+        unsafe { p.run(w, st, &x, y)? };
+        Ok(Product {
+            ptr: y,
+            split: st.split_output(self.opts.split_activations),
+        })
+    }
+
     /// Queues one pass over `n` tokens whose ids, positions and slots are in the input buffers.
     fn enqueue(&self, n: usize, want: Want) -> GpuResult<()> {
         let c = &self.cfg;
         let (h, im, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (heads, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (qd, kvd, eps) = (c.q_dim(), c.kv_dim(), c.rms_norm_eps as f32);
+        let (qd, eps) = (c.q_dim(), c.rms_norm_eps as f32);
         let s = self.opts.split_activations;
         let rows = if s { 2 * n } else { n };
-        let sp = |ptr| Product { ptr, split: s };
+        let input = |bf16: u64, f32: u64, cols: usize| Input {
+            bf16,
+            ldb: cols,
+            bf16_rows: rows,
+            f32,
+            n,
+        };
         let (b, w, k, max_ctx) = (&self.bufs, &self.weights, &self.k, self.kv.max_context);
-        k.embed(w.embed.ptr(), b.tokens.ptr(), b.x.ptr(), n, h)?;
+        let embed = w
+            .embed
+            .raw_ptr()
+            .ok_or_else(|| GpuError("embedding not raw".into()))?;
+        k.embed(embed, b.tokens.ptr(), b.x.ptr(), n, h)?;
+        let mut prev: Option<Product> = None;
         for (l, lw) in w.layers.iter().enumerate() {
-            let prev = (l > 0).then(|| sp(b.y.ptr()));
             k.rmsnorm_residual(
                 b.x.ptr(),
                 prev,
                 lw.input_norm.ptr(),
                 b.xb.ptr(),
                 s,
+                Some(b.xf.ptr()),
                 n,
                 h,
                 eps,
             )?;
-            // SAFETY: (this and every GEMM below) weights are rows x k BF16 as uploaded; inputs
-            // hold `rows` rows of k BF16 and outputs `rows` rows of f32, within buffers sized for
-            // 2 cap rows.
-            unsafe {
-                self.blas.gemm_bf16(
-                    lw.qkv.ptr(),
-                    qd + 2 * kvd,
-                    h,
-                    b.xb.ptr(),
-                    h,
-                    rows,
-                    b.qkv.ptr(),
-                )?
-            };
+            let qkv = self.product(
+                Role::Qkv,
+                &lw.qkv,
+                input(b.xb.ptr(), b.xf.ptr(), h),
+                b.qkv.ptr(),
+            )?;
             k.rope_qkv_store(
-                sp(b.qkv.ptr()),
+                qkv,
                 n,
                 b.cos.ptr(),
                 b.sin.ptr(),
@@ -542,73 +744,70 @@ impl CudaBackend {
                 b.slot.ptr(),
                 b.ab.ptr(),
                 s,
+                Some(b.af.ptr()),
                 n,
                 heads,
                 kvh,
                 hd,
                 max_ctx,
             )?;
-            // SAFETY: as above.
-            unsafe {
-                self.blas
-                    .gemm_bf16(lw.o.ptr(), h, qd, b.ab.ptr(), qd, rows, b.y.ptr())?
-            };
+            let o = self.product(Role::O, &lw.o, input(b.ab.ptr(), b.af.ptr(), qd), b.y.ptr())?;
             k.rmsnorm_residual(
                 b.x.ptr(),
-                Some(sp(b.y.ptr())),
+                Some(o),
                 lw.post_norm.ptr(),
                 b.xb.ptr(),
                 s,
+                Some(b.xf.ptr()),
                 n,
                 h,
                 eps,
             )?;
-            // SAFETY: as above.
-            unsafe {
-                self.blas
-                    .gemm_bf16(lw.gate_up.ptr(), 2 * im, h, b.xb.ptr(), h, rows, b.gu.ptr())?
-            };
-            k.silu_mul(sp(b.gu.ptr()), n, im, b.mb.ptr(), s)?;
-            // SAFETY: as above.
-            unsafe {
-                self.blas
-                    .gemm_bf16(lw.down.ptr(), h, im, b.mb.ptr(), im, rows, b.y.ptr())?
-            };
+            let gu = self.product(
+                Role::GateUp,
+                &lw.gate_up,
+                input(b.xb.ptr(), b.xf.ptr(), h),
+                b.gu.ptr(),
+            )?;
+            k.silu_mul(gu, n, im, b.mb.ptr(), s, Some(b.mf.ptr()))?;
+            prev = Some(self.product(
+                Role::Down,
+                &lw.down,
+                input(b.mb.ptr(), b.mf.ptr(), im),
+                b.y.ptr(),
+            )?);
         }
         if want == Want::None {
             return Ok(());
         }
-        let last_y = (!w.layers.is_empty()).then(|| sp(b.y.ptr()));
-        k.rmsnorm_residual(b.x.ptr(), last_y, w.norm.ptr(), b.xb.ptr(), s, n, h, eps)?;
-        let head = w.lm_head.as_ref().unwrap_or(&w.embed).ptr();
-        let m = match want {
-            Want::Last => {
-                // Row n-1 (and its lo row 2n-1, n rows further): columns n*h elements apart.
-                let first = b.xb.ptr() + 2 * ((n - 1) * h) as u64;
-                // SAFETY: 1 or 2 columns of h BF16 at stride n*h lie within xb's 2n rows.
-                unsafe {
-                    self.blas.gemm_bf16(
-                        head,
-                        vocab,
-                        h,
-                        first,
-                        n * h,
-                        if s { 2 } else { 1 },
-                        b.logits_raw.ptr(),
-                    )?
-                };
-                1
-            }
-            _ => {
-                // SAFETY: `rows` rows of h BF16 in xb; logits_raw holds 2 * max_batch rows.
-                unsafe {
-                    self.blas
-                        .gemm_bf16(head, vocab, h, b.xb.ptr(), h, rows, b.logits_raw.ptr())?
-                };
-                n
-            }
+        k.rmsnorm_residual(
+            b.x.ptr(),
+            prev,
+            w.norm.ptr(),
+            b.xb.ptr(),
+            s,
+            Some(b.xf.ptr()),
+            n,
+            h,
+            eps,
+        )?;
+        let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+        let (x, m) = match want {
+            // Row n-1 (and its lo row 2n-1, n rows further): BF16 rows n*h elements apart.
+            Want::Last => (
+                Input {
+                    bf16: b.xb.ptr() + 2 * ((n - 1) * h) as u64,
+                    ldb: n * h,
+                    bf16_rows: if s { 2 } else { 1 },
+                    f32: b.xf.ptr() + 4 * ((n - 1) * h) as u64,
+                    n: 1,
+                },
+                1,
+            ),
+            _ => (input(b.xb.ptr(), b.xf.ptr(), h), n),
         };
-        k.split_sum(sp(b.logits_raw.ptr()), m, vocab, b.logits.ptr())
+        let logits = self.product(Role::LmHead, head, x, b.logits_raw.ptr())?;
+        k.split_sum(logits, m, vocab, b.logits.ptr())
     }
 
     fn upload_inputs(&self, tokens: &[i32], pos: &[i32], slots: &[i32]) -> GpuResult<()> {

@@ -642,15 +642,41 @@ impl Cublas {
         cols: usize,
         y: u64,
     ) -> GpuResult<()> {
+        // SAFETY: the caller's guarantees, with ldc = rows.
+        unsafe { self.gemm_bf16_ldc(w, rows, k, x, ldb, cols, y, rows) }
+    }
+
+    /// [`Cublas::gemm_bf16`] writing each activation row's `rows` outputs `ldc` f32 apart (a
+    /// chunk of a matrix's rows into its place in the whole product).
+    ///
+    /// # Safety
+    /// As [`Cublas::gemm_bf16`], with `y` holding `(cols - 1) * ldc + rows` f32 and
+    /// `ldc >= rows`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_bf16_ldc(
+        &self,
+        w: u64,
+        rows: usize,
+        k: usize,
+        x: u64,
+        ldb: usize,
+        cols: usize,
+        y: u64,
+        ldc: usize,
+    ) -> GpuResult<()> {
+        if ldc < rows {
+            return Err(GpuError(format!("GEMM ldc {ldc} < rows {rows}")));
+        }
         let (one, zero) = (1.0f32, 0.0f32);
         let int = |v: usize, what: &str| {
             i32::try_from(v).map_err(|_| GpuError(format!("GEMM {what} {v} exceeds i32")))
         };
-        let (m, n, kk, ldb) = (
+        let (m, n, kk, ldb, ldc) = (
             int(rows, "rows")?,
             int(cols, "cols")?,
             int(k, "k")?,
             int(ldb, "ldb")?,
+            int(ldc, "ldc")?,
         );
         let _ = &self.ctx;
         // SAFETY: the caller guarantees the extents; alpha and beta are host f32 (the handle's
@@ -674,7 +700,7 @@ impl Cublas {
                     &zero as *const f32 as *const c_void,
                     y as *mut c_void,
                     bsys::cudaDataType::CUDA_R_32F,
-                    m,
+                    ldc,
                     bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                     bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::driver::{Context, Cublas, DevBuf};
 use super::kernels::{Kernels, Product};
 use crate::device::DeviceError;
+use crate::model::synth::f32_to_bf16;
 
 /// BF16 poison: a NaN no kernel writes.
 pub const POISON_BF16: u16 = 0xFFFF;
@@ -51,6 +52,24 @@ impl KernelHarness {
         Ok(b)
     }
 
+    /// Checks a kernel's f32 activation output against its BF16 rows: every hi value must be the
+    /// f32 value rounded, and every lo value (when split) the rounded remainder, so the fused
+    /// GEMV's input is exactly what the cuBLAS path's split rows approximate.
+    fn check_act(&self, what: &str, bf16: &[u16], f: &DevBuf, n: usize, width: usize) -> R<()> {
+        let vals: Vec<f32> = self.down(f, n * width)?;
+        let split = bf16.len() == 2 * n * width;
+        for (i, &v) in vals.iter().enumerate() {
+            let hi = f32_to_bf16(v);
+            let lo = split.then(|| f32_to_bf16(v - f32::from_bits((hi as u32) << 16)));
+            if bf16[i] != hi || lo.is_some_and(|lo| bf16[n * width + i] != lo) {
+                return Err(DeviceError::Cuda(format!(
+                    "{what}: the f32 output {v:e} at {i} disagrees with its BF16 rows"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn down<T: Copy + Default>(&self, b: &DevBuf, len: usize) -> R<Vec<T>> {
         self.ctx.sync()?;
         let mut v = vec![T::default(); len];
@@ -84,13 +103,25 @@ impl KernelHarness {
         let yb = y.map(|(v, _)| self.up(v)).transpose()?;
         let rows = if out_split { 2 * n } else { n };
         let out = self.poison_u16(rows * h)?;
+        let outf = self.poison_f32(n * h)?;
         let prod = yb.as_ref().map(|b| Product {
             ptr: b.ptr(),
             split: y.is_some_and(|(_, s)| s),
         });
-        self.k
-            .rmsnorm_residual(xb.ptr(), prod, wb.ptr(), out.ptr(), out_split, n, h, eps)?;
-        Ok((self.down(&xb, n * h)?, self.down(&out, rows * h)?))
+        self.k.rmsnorm_residual(
+            xb.ptr(),
+            prod,
+            wb.ptr(),
+            out.ptr(),
+            out_split,
+            Some(outf.ptr()),
+            n,
+            h,
+            eps,
+        )?;
+        let rows_out = self.down(&out, rows * h)?;
+        self.check_act("rmsnorm_residual", &rows_out, &outf, n, h)?;
+        Ok((self.down(&xb, n * h)?, rows_out))
     }
 
     /// `rope_qkv_store` for `n` tokens of a fused q|k|v product; the caches (`slots x max_ctx x
@@ -158,6 +189,7 @@ impl KernelHarness {
         let (pb, sb) = (self.up(pos)?, self.up(slot)?);
         let rows = if out_split { 2 * n } else { n };
         let out = self.poison_u16(rows * heads * head_dim)?;
+        let outf = self.poison_f32(n * heads * head_dim)?;
         self.k.attention(
             qb.ptr(),
             kb.ptr(),
@@ -166,13 +198,16 @@ impl KernelHarness {
             sb.ptr(),
             out.ptr(),
             out_split,
+            Some(outf.ptr()),
             n,
             heads,
             kv_heads,
             head_dim,
             max_ctx,
         )?;
-        self.down(&out, rows * heads * head_dim)
+        let rows_out = self.down(&out, rows * heads * head_dim)?;
+        self.check_act("attention", &rows_out, &outf, n, heads * head_dim)?;
+        Ok(rows_out)
     }
 
     /// `silu_mul` of a fused gate|up product; returns BF16 rows (`2n` when `out_split`).
@@ -187,6 +222,7 @@ impl KernelHarness {
         let g = self.up(gu)?;
         let rows = if out_split { 2 * n } else { n };
         let out = self.poison_u16(rows * im)?;
+        let outf = self.poison_f32(n * im)?;
         self.k.silu_mul(
             Product {
                 ptr: g.ptr(),
@@ -196,8 +232,11 @@ impl KernelHarness {
             im,
             out.ptr(),
             out_split,
+            Some(outf.ptr()),
         )?;
-        self.down(&out, rows * im)
+        let rows_out = self.down(&out, rows * im)?;
+        self.check_act("silu_mul", &rows_out, &outf, n, im)?;
+        Ok(rows_out)
     }
 
     /// `split_sum` of a product of `n` (or `2n`) rows of `cols`.

@@ -176,7 +176,8 @@ impl Kernels {
 
     /// Residual add then RMSNorm: `x += y` (when given), `out = rmsnorm(x) · w` as BF16
     /// (`out_split`: hi rows then lo rows). `x` f32 `n x h`, `y` f32 `(2)n x h`, `w` f32 `h`,
-    /// `out` BF16 `(2)n x h`.
+    /// `out` BF16 `(2)n x h`; `out_f32`, when given, f32 `n x h` gets the same values unrounded
+    /// (the fused GEMV's input).
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_residual(
         &self,
@@ -185,6 +186,7 @@ impl Kernels {
         w: u64,
         out: u64,
         out_split: bool,
+        out_f32: Option<u64>,
         n: usize,
         h: usize,
         eps: f32,
@@ -199,6 +201,7 @@ impl Kernels {
             Arg::I(i32_of(n, "n")?),
             Arg::I(i32_of(h, "hidden")?),
             Arg::F(eps),
+            Arg::P(out_f32.unwrap_or(0)),
         ];
         // SAFETY: matches rmsnorm_residual's parameters; extents are the caller's.
         unsafe {
@@ -251,8 +254,9 @@ impl Kernels {
     }
 
     /// Attention of `n` query tokens (q f32 `n x heads x hd`) over positions `0..=pos[t]` of
-    /// their slots; output BF16 (split when `out_split`) `(2)n x heads x hd`. `head_dim` must be
-    /// a multiple of 32 and at most [`ATTN_MAX_HEAD_DIM`].
+    /// their slots; output BF16 (split when `out_split`) `(2)n x heads x hd`, and f32 `n x heads x
+    /// hd` unrounded into `out_f32` when given. `head_dim` must be a multiple of 32 and at most
+    /// [`ATTN_MAX_HEAD_DIM`].
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -263,6 +267,7 @@ impl Kernels {
         slot: u64,
         out: u64,
         out_split: bool,
+        out_f32: Option<u64>,
         n: usize,
         heads: usize,
         kv_heads: usize,
@@ -294,6 +299,7 @@ impl Kernels {
             Arg::I(i32_of(head_dim, "head_dim")?),
             Arg::I(i32_of(max_ctx, "max_ctx")?),
             Arg::F(scale),
+            Arg::P(out_f32.unwrap_or(0)),
         ];
         if n > 65535 {
             return Err(GpuError(format!(
@@ -306,7 +312,7 @@ impl Kernels {
     }
 
     /// `out = silu(gate) · up` from the fused gate|up product (f32 `(2)n x 2im`) to BF16
-    /// (split when `out_split`) `(2)n x im`.
+    /// (split when `out_split`) `(2)n x im`, and f32 `n x im` into `out_f32` when given.
     pub fn silu_mul(
         &self,
         gu: Product,
@@ -314,6 +320,7 @@ impl Kernels {
         im: usize,
         out: u64,
         out_split: bool,
+        out_f32: Option<u64>,
     ) -> GpuResult<()> {
         let args = [
             Arg::P(gu.ptr),
@@ -322,6 +329,7 @@ impl Kernels {
             Arg::I(i32_of(im, "intermediate")?),
             Arg::P(out),
             Arg::I(out_split as i32),
+            Arg::P(out_f32.unwrap_or(0)),
         ];
         // SAFETY: matches silu_mul's parameters; extents the caller's.
         unsafe {

@@ -18,9 +18,11 @@ pub mod driver;
 pub mod harness;
 pub mod kernels;
 mod kv;
+pub mod linear;
+pub mod plan;
 pub mod tbe3;
 
-pub use backend::{CudaBackend, CudaOptions, StepTiming};
+pub use backend::{CudaBackend, CudaOptions, PlanSource, StepTiming};
 pub use harness::KernelHarness;
 
 use std::sync::Arc;

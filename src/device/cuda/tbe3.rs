@@ -125,6 +125,15 @@ pub fn gemv_geometry(shape: &Shape, batch: usize, sms: usize) -> Result<GemvGeom
     gemv_geometry_with_split(shape, batch, want.clamp(1, most))
 }
 
+/// Whether rows `rows` of `shape` can be decoded on their own: inside the matrix, and the first
+/// starting on a span (max(tile, 512) weights) boundary.
+pub fn decode_range_ok(shape: &Shape, rows: &std::ops::Range<usize>) -> bool {
+    let span = shape.tile_elems.max(STEP);
+    rows.start <= rows.end
+        && rows.end <= shape.rows
+        && (rows.start * shape.cols).is_multiple_of(span)
+}
+
 /// Blocks of the decode kernel for `n` weights in tiles of `tile`: one warp per span of
 /// max(tile, 512) weights, at most 16 blocks per SM (the kernel loops grid-stride).
 pub fn decode_blocks(n: usize, tile: usize, sms: usize) -> u32 {
@@ -231,15 +240,47 @@ impl Tbe3Kernels {
 
     /// Decodes the whole matrix to row-major BF16 at `out` (`shape.len()` u16).
     pub fn decode(&self, m: &DeviceTbe3, out: u64, sms: usize) -> GpuResult<()> {
-        let n = m.shape.len();
-        if n == 0 {
+        self.decode_rows(m, 0..m.shape.rows, out, sms)
+    }
+
+    /// Decodes rows `rows` to row-major BF16 at `out` (`rows.len() × cols` u16, 16-byte
+    /// aligned). The first row must start on a span boundary ([`decode_range_ok`]).
+    pub fn decode_rows(
+        &self,
+        m: &DeviceTbe3,
+        rows: std::ops::Range<usize>,
+        out: u64,
+        sms: usize,
+    ) -> GpuResult<()> {
+        let (begin, end) = (rows.start * m.shape.cols, rows.end * m.shape.cols);
+        if !decode_range_ok(&m.shape, &rows) {
+            return Err(GpuError(format!(
+                "cannot decode rows {rows:?} of {:?}: the first must start on a tile boundary",
+                m.shape
+            )));
+        }
+        if !out.is_multiple_of(16) {
+            return Err(GpuError("decode output must be 16-byte aligned".into()));
+        }
+        if begin == end {
             return Ok(());
         }
         let [a0, a1, a2, a3, a4, a5] = m.plane_args();
-        let args = [a0, a1, a2, a3, a4, a5, Arg::P(out), Arg::U(n as u64)];
-        let grid = (decode_blocks(n, m.shape.tile_elems, sms), 1, 1);
+        let args = [
+            a0,
+            a1,
+            a2,
+            a3,
+            a4,
+            a5,
+            Arg::P(out),
+            Arg::U(begin as u64),
+            Arg::U(end as u64),
+        ];
+        let grid = (decode_blocks(end - begin, m.shape.tile_elems, sms), 1, 1);
         // SAFETY: matches tbe3_decode's parameters; the plane addresses come from the validated
-        // image's layout; `out` holds `n` u16 (the caller's).
+        // image's layout; the range lies in the matrix and starts on a span (checked above);
+        // `out` holds `end - begin` u16 (the caller's).
         unsafe { self.decode.launch(&self.ctx, grid, THREADS, &args) }
     }
 
