@@ -1089,3 +1089,40 @@ fn mismatch_names(stdout: &str) -> BTreeSet<String> {
         .map(|l| l.split_once(':').map_or(l, |(n, _)| n).trim().to_string())
         .collect()
 }
+
+#[test]
+fn tune_without_a_gpu_fails_saying_so() {
+    // UNWEIGHT_FORCE_NO_GPU=1 makes the probe report no GPU even on a GPU machine.
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("UNWEIGHT_FORCE_NO_GPU", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawning the unweight binary")
+    };
+    let out = run(&["tune", "--shape", "tiny", "--budget-s", "5"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("unweight: error:") && stderr.contains("no usable GPU"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("UNWEIGHT_FORCE_NO_GPU"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Bad options are named before the device is looked at.
+    let out = run(&["tune", "--shape", "tiny", "--batches", "1,3"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("batch 3"), "{stderr}");
+    let out = run(&["tune", "--shape", "tiny", "--budget-s", "0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--budget-s"), "{stderr}");
+    // A model directory that is not there is never created.
+    let tmp = tempdir();
+    let missing = tmp.path().join("nope");
+    let out = run(&["tune", &s(&missing)]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!missing.exists());
+}

@@ -1,6 +1,9 @@
 //! The tbe3 kernels (kernels/tbe3_decode.cu, kernels/tbe3_gemv.cu) against the CPU decoder of the
 //! runtime form (`codec::runtime`, the reference) and a CPU f64 GEMV, on random matrices with
-//! escapes forced; outputs poisoned first (BF16 0xFFFF, f32 NaN).
+//! escapes forced; outputs poisoned first (BF16 0xFFFF, f32 NaN). Also the row-range decode
+//! (`Tbe3Kernels::decode_rows`, the chunked strategies' first half) and every product strategy
+//! through `linear::Products::run` on both storage forms (tbe3 and raw BF16 must give
+//! bit-identical outputs).
 //!
 //! Without a usable GPU every test prints "*** skipped: no GPU ... ***" and passes without
 //! checking anything (it is not GPU coverage); with UNWEIGHT_REQUIRE_GPU=1 (set by
@@ -206,5 +209,176 @@ fn fused_gemv_equals_passthrough_bit_for_bit_and_matches_f64() {
             }
         }
         println!("gemv {rows}x{cols} (tile {}): batches 1..=8 bit-identical to pass-through, within 1e-5 of f64", shape.tile_elems);
+    }
+}
+
+/// Checks a `decode_rows` buffer: the rows' weights equal the original bits, and the `guard`
+/// values after them still hold the poison (nothing written past the range).
+fn check_rows(got: &[u16], bits: &[u16], cols: usize, rows: &std::ops::Range<usize>, what: &str) {
+    let want = &bits[rows.start * cols..rows.end * cols];
+    let bad = got[..want.len()].iter().zip(want).position(|(a, b)| a != b);
+    assert!(
+        bad.is_none(),
+        "{what} rows {rows:?}: first mismatch at weight {} of the range (gpu {:#06x}, cpu {:#06x})",
+        bad.unwrap(),
+        got[bad.unwrap()],
+        want[bad.unwrap()]
+    );
+    let tail = got[want.len()..].iter().position(|&v| v != 0xFFFF);
+    assert!(
+        tail.is_none(),
+        "{what} rows {rows:?}: written {} values past the range",
+        tail.unwrap() + 1
+    );
+}
+
+#[test]
+fn decode_rows_equals_cpu_decoder_on_row_ranges() {
+    if !gpu() {
+        return;
+    }
+    let h = tbe3::Tbe3Harness::new().unwrap();
+    const GUARD: usize = 1500;
+    // Every tile size from 128 to 2048 on 50 rows of 1024: the first chunk, a middle one, the
+    // last (partial) one, the whole matrix, and rows starting at 3 (3072 weights: on a span
+    // boundary for tiles up to 1024, refused for 2048).
+    for (i, tile) in [128usize, 256, 512, 1024, 2048].into_iter().enumerate() {
+        for kind in [Kind::Normal { escape_pct: 3.0 }, Kind::AnyBits] {
+            let shape = Shape::new(50, 1024, tile).unwrap();
+            let bits = weights(shape.len(), kind, 400 + 2 * i as u64);
+            let m = encode(&bits, shape);
+            for rows in [0..8, 24..32, 48..50, 0..50, 3..11, 7..7] {
+                let what = format!("50x1024 tile {tile} {kind:?}");
+                let res = h.decode_rows(&m, rows.clone(), GUARD);
+                if tbe3::decode_range_ok(&shape, &rows) {
+                    check_rows(&res.unwrap(), &bits, 1024, &rows, &what);
+                } else {
+                    let e = res.expect_err("a range off a span boundary must be refused");
+                    assert!(e.to_string().contains("tile boundary"), "{what}: {e}");
+                }
+            }
+        }
+    }
+    // Llama shapes in 256-row chunks (the engine's chunked decode), and a width that is not a
+    // multiple of 128 (tiles straddle rows) decoded whole and from a span-aligned row.
+    let cases: &[(usize, usize, &[std::ops::Range<usize>])] = &[
+        (1024, 4096, &[0..256, 512..768, 768..1024]),
+        (300, 14336, &[0..64, 128..192, 256..300]),
+        (37, 1000, &[0..37, 0..1]),
+        (64, 576, &[32..64, 0..64]), // 32 × 576 = 9 tiles of 2048
+    ];
+    for (i, &(rows_n, cols, ranges)) in cases.iter().enumerate() {
+        let shape = Shape::for_matrix(rows_n, cols).unwrap();
+        let bits = weights(
+            shape.len(),
+            Kind::Normal { escape_pct: 3.0 },
+            500 + i as u64,
+        );
+        let m = encode(&bits, shape);
+        for rows in ranges {
+            assert!(
+                tbe3::decode_range_ok(&shape, rows),
+                "{rows_n}x{cols} {rows:?}"
+            );
+            let got = h.decode_rows(&m, rows.clone(), GUARD).unwrap();
+            check_rows(&got, &bits, cols, rows, &format!("{rows_n}x{cols}"));
+        }
+        println!(
+            "decode_rows {rows_n}x{cols} (tile {}): {} ranges bit-exact, nothing written past them",
+            shape.tile_elems,
+            ranges.len()
+        );
+    }
+}
+
+#[test]
+fn products_run_every_strategy_bit_identical_on_both_storages() {
+    if !gpu() {
+        return;
+    }
+    use triton_unweight::device::cuda::plan::Strategy;
+    let h = tbe3::Tbe3Harness::new().unwrap();
+    let sms = h.sms();
+    // (rows, cols): chunks of 384 and 64 rows do not divide the rows; 640 and 576 have tiles of
+    // 128 and 2048 (576: no GEMV, no tensor cores); 1024 and 4096 columns take every strategy.
+    let cases: &[(usize, usize)] = &[
+        (1000, 4096),
+        (300, 640),
+        (96, 576),
+        (520, 1024),
+        (64, 14336),
+    ];
+    let mut seed = 2000;
+    for &(rows, cols) in cases {
+        let shape = Shape::for_matrix(rows, cols).unwrap();
+        seed += 1;
+        let bits = weights(rows * cols, Kind::Normal { escape_pct: 3.0 }, seed);
+        let m = encode(&bits, shape);
+        let mut ran = Vec::new();
+        for n in [1usize, 3, 8, 16, 37] {
+            let mut r = rng(seed * 7 + n as u64);
+            let x: Vec<f32> = (0..n * cols)
+                .map(|_| r.gen_range(0.05f32..1.0) * if r.gen_bool(0.5) { 1.0 } else { -1.0 })
+                .collect();
+            let (want, mag) = reference(&bits, &x, rows, cols, n);
+            let mut strategies = vec![
+                Strategy::Cublas { chunk_rows: 0 },
+                Strategy::Cublas { chunk_rows: 64 },
+                Strategy::Cublas { chunk_rows: 384 },
+                Strategy::Cublas { chunk_rows: 7 },
+                Strategy::Gemv { ksplit: 1 },
+                Strategy::Gemv { ksplit: 3 },
+                Strategy::Mma,
+            ];
+            if let Ok(g) = tbe3::gemv_geometry(&shape, n, sms) {
+                strategies.push(Strategy::Gemv { ksplit: g.ksplit });
+            }
+            strategies.sort();
+            strategies.dedup();
+            for st in strategies {
+                for split in [true, false] {
+                    if matches!(st, Strategy::Gemv { .. }) && !split {
+                        continue; // the GEMV reads f32 activations either way
+                    }
+                    let what = format!(
+                        "{rows}x{cols} (tile {}) n {n} {st:?} split {split}",
+                        shape.tile_elems
+                    );
+                    let res = h.product(&m, &bits, st, &x, n, split);
+                    if let Some(why) = st.unsupported(&shape, n) {
+                        let e = res.expect_err(&format!("{what}: unsupported ({why}) but ran"));
+                        assert!(!e.to_string().is_empty());
+                        continue;
+                    }
+                    let (t, raw) = res.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let exact = matches!(st, Strategy::Gemv { .. }) || split;
+                    let tol = if exact { 5e-5 } else { 5e-3 };
+                    for i in 0..t.len() {
+                        assert_eq!(
+                            t[i].to_bits(),
+                            raw[i].to_bits(),
+                            "{what}: output {i}: tbe3 {} vs raw {}",
+                            t[i],
+                            raw[i]
+                        );
+                        let err = (t[i] as f64 - want[i]).abs();
+                        assert!(
+                            t[i].is_finite() && err <= tol * mag[i] + 1e-30,
+                            "{what}: output {i} = {} vs f64 {} (|err| {err:e}, scale {:e})",
+                            t[i],
+                            want[i],
+                            mag[i]
+                        );
+                    }
+                    if !ran.contains(&st) {
+                        ran.push(st);
+                    }
+                }
+            }
+        }
+        println!(
+            "products {rows}x{cols} (tile {}): tbe3 = raw bit for bit and within tolerance of f64 for {ran:?}",
+            shape.tile_elems
+        );
     }
 }

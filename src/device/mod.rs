@@ -190,7 +190,8 @@ pub enum Selected {
 /// Loads a checkpoint directory on the device asked for. For [`DeviceKind::Cuda`], `probe` is
 /// the result of [`cuda::probe`] (passed in so tests can simulate a machine without a GPU); when
 /// it is an error the CPU backend is loaded instead and the reason goes to stderr and the log.
-/// The weights are held as `mode` says on the CPU, decoded on the GPU.
+/// The weights are held as `mode` says on the CPU, decoded on the GPU. A CUDA plan of
+/// [`cuda::PlanSource::Auto`] without a directory gets `dir` (where its tuning table lives).
 pub fn load_backend(
     dir: &std::path::Path,
     kind: DeviceKind,
@@ -205,7 +206,13 @@ pub fn load_backend(
     let on_gpu = kind == DeviceKind::Cuda && probe.is_ok();
     let mode = if on_gpu { WeightMode::Decoded } else { mode };
     let weights = LlamaWeights::load(&ckpt, &cfg, mode)?;
-    let (b, selected) = backend_on(cfg, weights.into(), kind, probe, cpu_opts, cuda_opts)?;
+    let mut cuda_opts = cuda_opts.clone();
+    if let cuda::PlanSource::Auto { dir: None } = cuda_opts.plan {
+        cuda_opts.plan = cuda::PlanSource::Auto {
+            dir: Some(dir.to_path_buf()),
+        };
+    }
+    let (b, selected) = backend_on(cfg, weights.into(), kind, probe, cpu_opts, &cuda_opts)?;
     if let Selected::Cpu {
         fallback: Some(reason),
     } = &selected

@@ -16,6 +16,7 @@
 //! | `max_sequence_length` | tokens per sequence, prompt included | the model's `max_position_embeddings` |
 //! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | no limit beyond the above |
 //! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
+//! | `plan` | GPU only: `auto` (the weights directory's tuning table for this GPU, tuned and saved at the first load), `compressed` (untuned defaults) or `baseline` (uncompressed BF16 + cuBLAS) | `auto` |
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::error::TritonError;
+pub use crate::device::cuda::PlanChoice;
 
 /// Default of `max_concurrent_sequences`.
 pub const DEFAULT_MAX_CONCURRENT_SEQUENCES: usize = 64;
@@ -77,16 +79,19 @@ pub struct ModelConfig {
     pub kv_cache_bytes: Option<u64>,
     /// The `device` parameter.
     pub device: DeviceChoice,
+    /// The `plan` parameter (GPU instances).
+    pub plan: PlanChoice,
     /// The instance groups.
     pub instance_groups: Vec<InstanceGroup>,
 }
 
-const KNOWN_PARAMETERS: [&str; 5] = [
+const KNOWN_PARAMETERS: [&str; 6] = [
     "weights_dir",
     "max_concurrent_sequences",
     "max_sequence_length",
     "kv_cache_bytes",
     "device",
+    "plan",
 ];
 
 impl ModelConfig {
@@ -172,6 +177,21 @@ impl ModelConfig {
             },
         };
 
+        let plan = match params.get("plan").map(|s| s.trim().to_ascii_lowercase()) {
+            None => PlanChoice::Auto,
+            Some(s) => match s.as_str() {
+                "auto" => PlanChoice::Auto,
+                "compressed" => PlanChoice::Compressed,
+                "baseline" => PlanChoice::Baseline,
+                _ => {
+                    return Err(TritonError::config(
+                        "parameters.plan",
+                        format!("expected auto, compressed or baseline, got {s:?}"),
+                    ))
+                }
+            },
+        };
+
         let instance_groups = instance_groups(obj.get("instance_group"))?;
         for (i, g) in instance_groups.iter().enumerate() {
             let clash = matches!(
@@ -194,6 +214,7 @@ impl ModelConfig {
             max_sequence_length,
             kv_cache_bytes,
             device,
+            plan,
             instance_groups,
         })
     }
@@ -344,7 +365,8 @@ mod tests {
             "max_concurrent_sequences": {"string_value": "32"},
             "max_sequence_length": {"string_value": "4096"},
             "kv_cache_bytes": {"string_value": "8Gi"},
-            "device": {"string_value": "auto"}
+            "device": {"string_value": "auto"},
+            "plan": {"string_value": "Baseline"}
         }
     }"#;
 
@@ -380,6 +402,7 @@ mod tests {
         assert_eq!(c.max_sequence_length, Some(4096));
         assert_eq!(c.kv_cache_bytes, Some(8 << 30));
         assert_eq!(c.device, DeviceChoice::Auto);
+        assert_eq!(c.plan, PlanChoice::Baseline);
         assert_eq!(
             c.instance_groups,
             vec![InstanceGroup {
@@ -397,6 +420,7 @@ mod tests {
         assert_eq!(c.max_concurrent_sequences, DEFAULT_MAX_CONCURRENT_SEQUENCES);
         assert_eq!(c.max_sequence_length, None);
         assert_eq!(c.kv_cache_bytes, None);
+        assert_eq!(c.plan, PlanChoice::Auto);
         assert_eq!(c.device, DeviceChoice::Auto);
         assert!(c.instance_groups.is_empty());
         assert_eq!(c.max_batch_size, 0);
@@ -474,6 +498,7 @@ mod tests {
                 with_param("max_sequence_length", "-5"),
                 "parameters.max_sequence_length",
             ),
+            (with_param("plan", "fastest"), "parameters.plan"),
             (
                 with_param("kv_cache_bytes", "lots"),
                 "parameters.kv_cache_bytes",

@@ -11,7 +11,7 @@ use super::error::TritonError;
 use super::inputs::{GenerateInputs, Prompt, RawInput};
 use crate::container::Checkpoint;
 use crate::device::cpu::CpuOptions;
-use crate::device::cuda::{self, CudaOptions};
+use crate::device::cuda::{self, CudaOptions, PlanChoice};
 use crate::device::{backend_on, Backend, DeviceKind, Selected};
 use crate::engine::text::{model_eos_tokens, TextTokenizer};
 use crate::engine::{Detokenizer, Engine, EngineOptions, Request, SamplingParams};
@@ -36,6 +36,9 @@ pub(super) struct Served {
     pub batched: bool,
     /// The `kv_cache_bytes` parameter (the CUDA engine sizes its slab from it).
     kv_cache_bytes: Option<u64>,
+    /// The `plan` parameter and the weights directory (where `auto` keeps tuning tables).
+    plan: PlanChoice,
+    weights_dir: std::path::PathBuf,
 }
 
 /// Where an instance's engine runs.
@@ -138,6 +141,8 @@ impl Served {
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
             kv_cache_bytes: config.kv_cache_bytes,
+            plan: config.plan,
+            weights_dir: config.weights_dir.clone(),
             cfg,
         })
     }
@@ -171,6 +176,7 @@ impl Served {
             kv_budget_bytes: self
                 .kv_cache_bytes
                 .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+            plan: self.plan.source(Some(&self.weights_dir)),
             ..CudaOptions::default()
         };
         if let (true, Err(reason)) = (required, &probe) {

@@ -25,14 +25,14 @@
 //! `max_prefill_tokens`. Every buffer is allocated at construction.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::driver::{Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, PinnedBuf};
 use super::kernels::{Kernels, Product, ATTN_MAX_HEAD_DIM};
 use super::kv::KvCache;
-use super::linear::{Input, Linear, Products};
+use super::linear::{Form, Input, Linear, Products};
 use super::plan::{Plan, Role, RoleShapes, Storage, Strategy, TuneTable};
 use super::tbe3::{gemv_geometry_with_split, multiprocessors, Tbe3Kernels, MAX_GEMV_BATCH};
 use crate::codec::runtime::Shape;
@@ -42,18 +42,59 @@ use crate::model::weights::{LlamaWeights, Matrix, MatrixData, WeightError, Weigh
 use crate::model::LlamaConfig;
 
 /// Where a backend's [`Plan`] comes from.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub enum PlanSource {
     /// Every matrix raw BF16, every product one cuBLAS call: the uncompressed baseline.
     Baseline,
     /// Every linear layer in tbe3 form with the untuned default strategies
     /// ([`super::plan::default_strategy`]).
-    #[default]
     Compressed,
     /// Storage and strategies from a tuning table (`unweight tune`).
     Table(TuneTable),
     /// Exactly this plan.
     Given(Plan),
+    /// The default: the model directory's tuning table for this device when present and
+    /// usable; otherwise the model is tuned now on its layer-0 matrices (within 60 s) and the
+    /// table saved there (a warning when the directory is not writable) and used
+    /// ([`super::tune::table_for_model`]). [`CudaBackend::load`] fills in its directory.
+    /// Without a directory ([`CudaBackend::synthetic`], or [`CudaBackend::from_weights`] given
+    /// `dir: None`) it is [`PlanSource::Compressed`]: there is nowhere to keep a table, and
+    /// tuning anew at every load would make two loads of one model run different plans.
+    Auto {
+        /// The model directory whose `tune/` holds the tables.
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The plan as a user names it (`--plan`, Triton's `plan` parameter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlanChoice {
+    /// The model directory's tuning table for this GPU, made at the first load when missing.
+    #[default]
+    Auto,
+    /// Every linear layer compressed, untuned default strategies.
+    Compressed,
+    /// Uncompressed BF16 and cuBLAS: the baseline.
+    Baseline,
+}
+
+impl PlanChoice {
+    /// The [`PlanSource`] for a model in `dir` (where `Auto` keeps its tables).
+    pub fn source(self, dir: Option<&Path>) -> PlanSource {
+        match self {
+            PlanChoice::Auto => PlanSource::Auto {
+                dir: dir.map(Path::to_path_buf),
+            },
+            PlanChoice::Compressed => PlanSource::Compressed,
+            PlanChoice::Baseline => PlanSource::Baseline,
+        }
+    }
+}
+
+impl Default for PlanSource {
+    fn default() -> Self {
+        PlanSource::Auto { dir: None }
+    }
 }
 
 /// Settings of a [`CudaBackend`].
@@ -119,7 +160,7 @@ struct LayerW {
 }
 
 struct Weights {
-    /// The embedding table, always raw (the gather reads BF16 rows).
+    /// The embedding table, raw or tbe3 (`Plan::embed`); a tied lm_head's product reads it.
     embed: Linear,
     layers: Vec<LayerW>,
     norm: DevBuf,
@@ -185,6 +226,7 @@ pub struct CudaBackend {
     cap: usize,
     buckets: Vec<usize>,
     weight_bytes: usize,
+    weight_memory: usize,
     timing: StepTiming,
 }
 
@@ -251,13 +293,14 @@ pub fn resolve_plan(opts: &CudaOptions, shapes: &RoleShapes, sms: usize, tied: b
     let buckets = decode_buckets(opts.max_sequences);
     let mut plan = match &opts.plan {
         PlanSource::Baseline => Plan::baseline(),
-        PlanSource::Compressed => Plan::default_for(shapes, sms),
+        PlanSource::Compressed | PlanSource::Auto { .. } => Plan::default_for(shapes, sms),
         PlanSource::Table(t) => Plan::from_table(t, shapes, &buckets, sms),
         PlanSource::Given(p) => p.clone(),
     };
     if tied {
+        let embed = plan.embed;
         if let Some(r) = plan.roles.get_mut(&Role::LmHead) {
-            r.storage = Storage::Raw;
+            r.storage = embed;
         }
     }
     if opts.twin {
@@ -357,15 +400,56 @@ impl CudaBackend {
         let cfg = LlamaConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir).map_err(WeightError::from)?;
         let weights = LlamaWeights::load(&ckpt, &cfg, WeightMode::Decoded)?;
+        if let PlanSource::Auto { dir: None } = opts.plan {
+            let opts = CudaOptions {
+                plan: PlanSource::Auto {
+                    dir: Some(dir.to_path_buf()),
+                },
+                ..opts.clone()
+            };
+            return Self::from_weights(cfg, &weights, &opts);
+        }
         Self::from_weights(cfg, &weights, opts)
     }
 
-    /// Uploads loaded weights (which must be [`WeightMode::Decoded`]).
+    /// Uploads loaded weights (which must be [`WeightMode::Decoded`]). With
+    /// [`PlanSource::Auto`] and a directory, its tuning table is used, or made (layer 0's
+    /// matrices are the samples); should tuning fail, the default plan is used with a warning.
     pub fn from_weights(
         cfg: LlamaConfig,
         w: &LlamaWeights,
         opts: &CudaOptions,
     ) -> Result<Self, DeviceError> {
+        if let PlanSource::Auto { dir: Some(dir) } = &opts.plan {
+            let (plan, source) = match super::tune::table_for_model(
+                dir,
+                &role_shapes(&cfg)?,
+                || super::tune::layer0_samples(w),
+                opts.ordinal,
+                &super::tune::TuneOptions::default(),
+            ) {
+                Ok((t, source)) => (PlanSource::Table(t), source),
+                Err(e) => {
+                    tracing::warn!(error = %e, "tuning failed; using the default plan");
+                    (
+                        PlanSource::Compressed,
+                        format!("default (tuning failed: {e})"),
+                    )
+                }
+            };
+            let opts = CudaOptions {
+                plan,
+                ..opts.clone()
+            };
+            let mut b = Self::from_weights(cfg, w, &opts)?;
+            b.plan.source = if opts.twin {
+                format!("{source} (raw twin)")
+            } else {
+                source
+            };
+            tracing::info!(plan = %b.plan.source, "CUDA backend plan");
+            return Ok(b);
+        }
         Self::build(cfg, opts, |ctx, _k, plan| {
             let st = |r: Role| plan.storage(r);
             let layers = w
@@ -391,13 +475,7 @@ impl CudaBackend {
                 })
                 .collect::<Result<Vec<_>, DeviceError>>()?;
             Ok(Weights {
-                embed: Linear::upload(
-                    ctx,
-                    bf16_bytes(&w.embed_tokens)?,
-                    w.embed_tokens.rows,
-                    w.embed_tokens.cols,
-                    Storage::Raw,
-                )?,
+                embed: upload_linear(ctx, &[&w.embed_tokens], plan.embed)?,
                 layers,
                 norm: DevBuf::from_host(ctx, &w.norm)?,
                 lm_head: w
@@ -413,7 +491,9 @@ impl CudaBackend {
     /// N(0, sigma) BF16 from `seed`, norms 1.0. For benchmarks at real scale (an 8B model)
     /// without writing or uploading 16 GB. Matrices the plan stores as tbe3 are generated once
     /// per role, encoded on the CPU and copied into every layer (same bytes moved per step as
-    /// distinct values; the raw ones are distinct per layer).
+    /// distinct values; the raw ones are distinct per layer). With `opts.twin` the same roles
+    /// are generated once and copied raw, so the twin holds exactly the weights of the plan it
+    /// twins (the same seeds in the same order) and its logits can be compared bit for bit.
     pub fn synthetic(
         cfg: LlamaConfig,
         seed: u64,
@@ -424,6 +504,13 @@ impl CudaBackend {
         let tied = cfg.tie_word_embeddings;
         let shapes = role_shapes(&cfg)?;
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        // Which roles are shared across layers: those the plan (before any twinning) stores as
+        // tbe3. Storage never depends on the device's multiprocessors, so 1 will do here.
+        let untwinned = CudaOptions {
+            twin: false,
+            ..opts.clone()
+        };
+        let shared = resolve_plan(&untwinned, &shapes, 1, tied);
         Self::build(cfg, opts, |ctx, k, plan| {
             let mut tensor = 0u64;
             let mut raw = |elems: usize| -> Result<DevBuf, DeviceError> {
@@ -437,31 +524,37 @@ impl CudaBackend {
                 )?;
                 Ok(b)
             };
-            // One tbe3 image per role, encoded from a generated matrix (downloaded once).
+            // One matrix per shared role: a tbe3 image encoded from a generated matrix
+            // (downloaded once), or, in the raw twin, the generated matrix itself.
             let mut images = std::collections::BTreeMap::new();
             for (&role, shape) in &shapes {
-                if plan.storage(role) == Storage::Tbe3 && !(role == Role::LmHead && tied) {
+                if shared.storage(role) == Storage::Tbe3 && !(role == Role::LmHead && tied) {
                     let b = raw(shape.len())?;
-                    ctx.sync()?;
-                    let mut bytes = vec![0u8; 2 * shape.len()];
-                    b.download(&mut bytes)?;
-                    images.insert(
-                        role,
-                        Linear::upload(ctx, &bytes, shape.rows, shape.cols, Storage::Tbe3)?,
-                    );
+                    let one = if plan.storage(role) == Storage::Tbe3 {
+                        ctx.sync()?;
+                        let mut bytes = vec![0u8; 2 * shape.len()];
+                        b.download(&mut bytes)?;
+                        Linear::upload(ctx, &bytes, shape.rows, shape.cols, Storage::Tbe3)?
+                    } else {
+                        Linear::raw(b, shape.rows, shape.cols)?
+                    };
+                    images.insert(role, one);
                 }
             }
             let mut linear = |role: Role| -> Result<Linear, DeviceError> {
                 let s = shapes[&role];
-                match images.get(&role) {
-                    Some(Linear {
-                        form: super::linear::Form::Tbe3(m),
-                        ..
-                    }) => Ok(Linear {
+                match images.get(&role).map(|l| &l.form) {
+                    Some(super::linear::Form::Tbe3(m)) => Ok(Linear {
                         shape: s,
                         form: super::linear::Form::Tbe3(m.duplicate(ctx)?),
                     }),
-                    _ => Ok(Linear::raw(raw(s.len())?, s.rows, s.cols)?),
+                    Some(super::linear::Form::Raw(b)) => {
+                        let c = DevBuf::new(ctx, 2 * s.len())?;
+                        // SAFETY: both buffers hold the role's `2 × rows × cols` bytes.
+                        unsafe { super::driver::copy_dtod(ctx, c.ptr(), b.ptr(), 2 * s.len())? };
+                        Ok(Linear::raw(c, s.rows, s.cols)?)
+                    }
+                    None => Ok(Linear::raw(raw(s.len())?, s.rows, s.cols)?),
                 }
             };
             let ones = |elems: usize| -> Result<DevBuf, DeviceError> {
@@ -485,7 +578,21 @@ impl CudaBackend {
             } else {
                 Some(linear(Role::LmHead)?)
             };
-            let embed = Linear::raw(raw(v * h)?, v, h)?;
+            // The embedding: a copy of lm_head's shared matrix when there is one (same shape),
+            // else generated (and encoded when the plan compresses it).
+            let embed = if shared.embed == Storage::Tbe3 && images.contains_key(&Role::LmHead) {
+                linear(Role::LmHead)?
+            } else {
+                let b = raw(v * h)?;
+                if plan.embed == Storage::Tbe3 {
+                    ctx.sync()?;
+                    let mut bytes = vec![0u8; 2 * v * h];
+                    b.download(&mut bytes)?;
+                    Linear::upload(ctx, &bytes, v, h, Storage::Tbe3)?
+                } else {
+                    Linear::raw(b, v, h)?
+                }
+            };
             Ok(Weights {
                 embed,
                 layers: ls,
@@ -542,10 +649,15 @@ impl CudaBackend {
         for lw in &weights.layers {
             weight_bytes += lw.qkv.bytes() + lw.o.bytes() + lw.gate_up.bytes() + lw.down.bytes();
         }
-        weight_bytes += match &weights.lm_head {
-            Some(l) => l.bytes(),
-            None => 2 * v * h,
-        };
+        weight_bytes += weights.lm_head.as_ref().unwrap_or(&weights.embed).bytes();
+        // Memory: every matrix once (a tied lm_head is the embedding), plus the norms.
+        let weight_memory = weight_bytes
+            + if weights.lm_head.is_some() {
+                weights.embed.bytes()
+            } else {
+                0
+            }
+            + 4 * h * (2 * weights.layers.len() + 1);
         // Work buffers for the larger of a decode batch and a prefill chunk.
         let max_batch = opts.max_sequences;
         let cap = max_batch.max(opts.max_prefill_tokens);
@@ -625,6 +737,7 @@ impl CudaBackend {
             cap,
             buckets,
             weight_bytes,
+            weight_memory,
             timing: StepTiming::default(),
         })
     }
@@ -633,6 +746,27 @@ impl CudaBackend {
     /// few rows and is not counted).
     pub fn weight_bytes_per_step(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Device bytes of all the weights (matrices in their storage form, embedding, norms): what
+    /// compression saves, next to [`CudaBackend::bf16_weight_bytes`].
+    pub fn weight_memory_bytes(&self) -> usize {
+        self.weight_memory
+    }
+
+    /// What the same weights take as BF16 matrices and f32 norms (the checkpoint's size on the
+    /// device): the denominator of the memory goal (compressed ≤ 72% of it).
+    pub fn bf16_weight_bytes(&self) -> usize {
+        let c = &self.cfg;
+        let s = &self.shapes;
+        let per_layer: usize = [Role::Qkv, Role::O, Role::GateUp, Role::Down]
+            .iter()
+            .map(|r| 2 * s[r].len())
+            .sum();
+        let head = if c.tie_word_embeddings { 1 } else { 2 };
+        per_layer * c.num_hidden_layers
+            + head * 2 * s[&Role::LmHead].len()
+            + 4 * c.hidden_size * (2 * c.num_hidden_layers + 1)
     }
 
     /// Bytes of the KV-cache slab.
@@ -645,7 +779,8 @@ impl CudaBackend {
         &self.shapes
     }
 
-    /// The plan the linear layers run by.
+    /// The plan the linear layers run by; its `source` says where it came from ("default",
+    /// "table", "tuning table <path>", "tuned at load in 41.3 s, saved to <path>").
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
@@ -697,11 +832,11 @@ impl CudaBackend {
             n,
         };
         let (b, w, k, max_ctx) = (&self.bufs, &self.weights, &self.k, self.kv.max_context);
-        let embed = w
-            .embed
-            .raw_ptr()
-            .ok_or_else(|| GpuError("embedding not raw".into()))?;
-        k.embed(embed, b.tokens.ptr(), b.x.ptr(), n, h)?;
+        match &w.embed.form {
+            Form::Raw(t) => k.embed(t.ptr(), b.tokens.ptr(), b.x.ptr(), n, h)?,
+            // SAFETY: tokens holds n ids checked < vocab, x holds cap rows of h f32.
+            Form::Tbe3(t) => unsafe { self.t3.gather.run(t, b.tokens.ptr(), b.x.ptr(), n)? },
+        }
         let mut prev: Option<Product> = None;
         for (l, lw) in w.layers.iter().enumerate() {
             k.rmsnorm_residual(

@@ -419,6 +419,39 @@ impl Kernel {
         block: u32,
         args: &[Arg],
     ) -> GpuResult<()> {
+        // SAFETY: the caller's guarantees; no dynamic shared memory.
+        unsafe { self.launch_smem(ctx, grid, block, 0, args) }
+    }
+
+    /// Lets launches of this kernel use up to `bytes` of dynamic shared memory (past the 48 KiB
+    /// default; H100: up to 227 KiB per block).
+    pub fn allow_dynamic_smem(&self, bytes: usize) -> GpuResult<()> {
+        let v = i32::try_from(bytes).map_err(|_| GpuError(format!("{bytes} bytes of smem")))?;
+        // SAFETY: a valid function handle; the driver checks the value against the device.
+        ck(
+            unsafe {
+                cu::function::set_function_attribute(
+                    self.f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    v,
+                )
+            },
+            &format!("allowing {bytes} bytes of shared memory for {}", self.name),
+        )
+    }
+
+    /// [`Kernel::launch`] with `smem` bytes of dynamic shared memory.
+    ///
+    /// # Safety
+    /// As [`Kernel::launch`]; `smem` within what [`Kernel::allow_dynamic_smem`] allowed.
+    pub unsafe fn launch_smem(
+        &self,
+        ctx: &Context,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> GpuResult<()> {
         let mut slots: Vec<u64> = args
             .iter()
             .map(|a| match *a {
@@ -439,7 +472,9 @@ impl Kernel {
         // SAFETY: the caller guarantees the arguments; `params` points at live slots that the
         // driver copies during the call.
         ck(
-            unsafe { cu::launch_kernel(self.f, grid, (block, 1, 1), 0, ctx.stream, &mut params) },
+            unsafe {
+                cu::launch_kernel(self.f, grid, (block, 1, 1), smem, ctx.stream, &mut params)
+            },
             &format!("launching {}", self.name),
         )
     }

@@ -45,6 +45,9 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("tbe3_gemv", "bf16_gemv_b8"),
     ("tbe3_gemv", "gemv_reduce"),
     ("tbe3_decode", "tbe3_decode"),
+    ("tbe3_gather", "tbe3_gather_f32"),
+    ("tbe3_mma", "tbe3_mma"),
+    ("tbe3_mma", "bf16_mma"),
 ];
 
 /// The embedded fatbins, by family (`kernels/<family>.cu`); empty when built without nvcc.

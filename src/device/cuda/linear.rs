@@ -131,7 +131,8 @@ pub struct Products<'a> {
 
 impl Products<'_> {
     /// `y = x · Wᵀ` by `strategy`: `y` receives `bf16_rows × rows` f32 (a split product) for
-    /// the cuBLAS strategies and `n × rows` f32 for the GEMV ([`Strategy::split_output`]).
+    /// the cuBLAS and tensor-core strategies and `n × rows` f32 for the GEMV
+    /// ([`Strategy::split_output`]).
     ///
     /// # Safety
     /// `x` must describe device buffers of this context holding what [`Input`] says, with
@@ -187,6 +188,17 @@ impl Products<'_> {
                     r0 = r1;
                 }
                 Ok(())
+            }
+            Strategy::Mma => {
+                let k = &self.tbe3.mma;
+                // SAFETY: x holds `bf16_rows` BF16 rows `ldb` apart and y `bf16_rows × rows`
+                // f32 (the caller's); the kernels check the shape and stride.
+                unsafe {
+                    match &w.form {
+                        Form::Raw(b) => k.run_bf16(b.ptr(), &s, x.bf16, x.ldb, x.bf16_rows, y),
+                        Form::Tbe3(m) => k.run_tbe3(m, x.bf16, x.ldb, x.bf16_rows, y),
+                    }
+                }
             }
             Strategy::Gemv { ksplit } => {
                 let g = gemv_geometry_with_split(&s, x.n, ksplit).map_err(GpuError)?;

@@ -15,14 +15,17 @@
 
 pub mod backend;
 pub mod driver;
+pub mod gather;
 pub mod harness;
 pub mod kernels;
 mod kv;
 pub mod linear;
+pub mod mma;
 pub mod plan;
 pub mod tbe3;
+pub mod tune;
 
-pub use backend::{CudaBackend, CudaOptions, PlanSource, StepTiming};
+pub use backend::{CudaBackend, CudaOptions, PlanChoice, PlanSource, StepTiming};
 pub use harness::KernelHarness;
 
 use std::sync::Arc;

@@ -68,6 +68,10 @@ pub enum Strategy {
         /// K chunks (1: no split, no reduce pass).
         ksplit: usize,
     },
+    /// Weights decoded into shared memory feeding the tensor cores (kernels/tbe3_mma.cu,
+    /// strategy 3): `mma.sync` BF16 → f32 on the split-BF16 activation rows, for batches past
+    /// the GEMV's 8 rows. Needs cols a multiple of 512.
+    Mma,
 }
 
 impl Strategy {
@@ -78,7 +82,7 @@ impl Strategy {
     /// split activations) rather than one f32 row per token (the GEMV).
     pub fn split_output(&self, split_activations: bool) -> bool {
         match self {
-            Strategy::Cublas { .. } => split_activations,
+            Strategy::Cublas { .. } | Strategy::Mma => split_activations,
             Strategy::Gemv { .. } => false,
         }
     }
@@ -112,6 +116,9 @@ impl Strategy {
                 }
                 None
             }
+            // The activation stride is checked at the launch (the engine's rows are `cols`
+            // apart, or `n × cols` for the last row of a prompt: multiples of 8 when cols is).
+            Strategy::Mma => super::mma::mma_unsupported(shape, shape.cols),
         }
     }
 }
@@ -130,8 +137,9 @@ pub fn tune_bucket(n: usize) -> usize {
 }
 
 /// The candidates the tuner times for one matrix and batch: the baseline, cuBLAS after a whole
-/// decode, cuBLAS after chunked decodes sized to about 1/4, 1/8 and 1/16 of the L2 cache, and
-/// (batches up to 8) the fused GEMV with the heuristic split and its neighbours. Each strategy
+/// decode, cuBLAS after chunked decodes sized to about 1/4, 1/8 and 1/16 of the L2 cache,
+/// (batches up to 8) the fused GEMV with the heuristic split and its neighbours, and (batches
+/// of 8 and more) the tensor-core kernel. Each strategy
 /// is timed on both storage forms (`Storage::Raw` with `Cublas { chunk_rows: 0 }` is the
 /// baseline). Only strategies that support the shape are returned.
 pub fn candidates(shape: &Shape, batch: usize, sms: usize, l2_bytes: usize) -> Vec<Strategy> {
@@ -154,6 +162,9 @@ pub fn candidates(shape: &Shape, batch: usize, sms: usize, l2_bytes: usize) -> V
                 }
             }
         }
+    }
+    if batch >= MAX_GEMV_BATCH {
+        out.push(Strategy::Mma);
     }
     out.retain(|s| s.unsupported(shape, batch).is_none());
     out.sort();
@@ -302,12 +313,24 @@ pub struct RolePlan {
 pub struct Plan {
     /// Per role.
     pub roles: BTreeMap<Role, RolePlan>,
+    /// The embedding table's storage (the gather decodes one row per token: never tuned, tbe3
+    /// wherever the gather supports the shape). A tied `lm_head` is this same table.
+    pub embed: Storage,
     /// Where the choice came from ("baseline", "default", "table <path>", "tuned at load").
     pub source: String,
 }
 
 /// The shapes of a model's roles, `(rows, cols)`, as tbe3 shapes.
 pub type RoleShapes = BTreeMap<Role, Shape>;
+
+/// Tbe3 for the embedding table (`vocab × hidden`, the shape of [`Role::LmHead`]) when the
+/// compressed gather supports its rows, else raw.
+fn embed_storage(shapes: &RoleShapes) -> Storage {
+    match shapes.get(&Role::LmHead) {
+        Some(s) if super::gather::gather_unsupported(s).is_none() => Storage::Tbe3,
+        _ => Storage::Raw,
+    }
+}
 
 impl Plan {
     /// The uncompressed baseline: every matrix raw, every product one cuBLAS call.
@@ -329,6 +352,7 @@ impl Plan {
                     )
                 })
                 .collect(),
+            embed: Storage::Raw,
             source: "baseline".into(),
         }
     }
@@ -353,6 +377,7 @@ impl Plan {
             .collect();
         Self {
             roles,
+            embed: embed_storage(shapes),
             source: "default".into(),
         }
     }
@@ -387,6 +412,7 @@ impl Plan {
             .collect();
         Self {
             roles,
+            embed: embed_storage(shapes),
             source: "table".into(),
         }
     }
@@ -398,6 +424,7 @@ impl Plan {
         for rp in p.roles.values_mut() {
             rp.storage = Storage::Raw;
         }
+        p.embed = Storage::Raw;
         p.source = format!("{} (raw twin)", self.source);
         p
     }
@@ -475,6 +502,8 @@ mod tests {
         assert!(c1.iter().any(|c| matches!(c, Strategy::Gemv { .. })));
         let c16 = candidates(&s, 16, 132, 50 << 20);
         assert!(c16.contains(&Strategy::BASELINE));
+        assert!(c16.contains(&Strategy::Mma));
+        assert!(!c1.contains(&Strategy::Mma));
         assert!(!c16.iter().any(|c| matches!(c, Strategy::Gemv { .. })));
         // Chunked decodes: 50 MiB / 4 / 8 KiB per row -> 1600 -> 1024 rows; /8 -> 512; /16 -> 256.
         for rows in [1024, 512, 256] {
@@ -485,6 +514,7 @@ mod tests {
         }
         // A width the GEMV cannot take (576 = 4.5 groups): no GEMV, and every candidate runs.
         let odd = shape(1536, 576);
+        assert!(!candidates(&odd, 64, 132, 50 << 20).contains(&Strategy::Mma));
         let c = candidates(&odd, 1, 132, 50 << 20);
         assert!(
             !c.iter().any(|c| matches!(c, Strategy::Gemv { .. })),
@@ -629,6 +659,13 @@ mod tests {
         // Up to 8 rows: GEMV only, no scratch.
         assert_eq!(p.scratch_bytes(&shapes, 8), 0);
         assert_eq!(p.twin().scratch_bytes(&shapes, 64), 0);
+        // The 4096-wide embedding is compressed; its twin and the baseline are raw.
+        assert_eq!(p.embed, Storage::Tbe3);
+        assert_eq!(p.twin().embed, Storage::Raw);
+        assert_eq!(Plan::baseline().embed, Storage::Raw);
+        // SmolLM2's 576-wide rows: the gather cannot take them, the table stays raw.
+        let narrow: RoleShapes = [(Role::LmHead, shape(49152, 576))].into_iter().collect();
+        assert_eq!(Plan::default_for(&narrow, 132).embed, Storage::Raw);
         assert_eq!(Plan::baseline().scratch_bytes(&shapes, 64), 0);
     }
 

@@ -9,10 +9,11 @@
 
 use std::sync::Arc;
 
-use super::driver::{Arg, Context, DevBuf, GpuError, GpuResult, Kernel, Module};
+use super::driver::{Arg, Context, Cublas, DevBuf, GpuError, GpuResult, Kernel, Module};
 use super::kernels::{built_with_kernels, fatbins, Kernels};
 use crate::codec::runtime::{RuntimeMatrix, Shape, GROUP};
 use crate::device::DeviceError;
+use crate::model::synth::f32_to_bf16;
 
 /// Threads per block of the GEMV and decode kernels (8 warps).
 pub const THREADS: u32 = 256;
@@ -186,7 +187,7 @@ impl DeviceTbe3 {
     }
 
     /// The kernels' first six parameters: sm, codes, bases, esc_start, esc, tile_shift.
-    fn plane_args(&self) -> [Arg; 6] {
+    pub(crate) fn plane_args(&self) -> [Arg; 6] {
         let l = self.shape.layout(self.escapes);
         [
             Arg::P(self.buf.at(l.sm.start)),
@@ -207,10 +208,14 @@ pub struct Tbe3Kernels {
     gemv_bf16: Vec<Kernel>,
     reduce: Kernel,
     decode: Kernel,
+    /// The tensor-core strategy's kernels (kernels/tbe3_mma.cu).
+    pub mma: super::mma::MmaKernels,
+    /// The embedding gather from a tbe3 table (kernels/tbe3_gather.cu).
+    pub gather: super::gather::GatherKernel,
 }
 
 impl Tbe3Kernels {
-    /// Loads kernels/tbe3_gemv.cu and kernels/tbe3_decode.cu.
+    /// Loads kernels/tbe3_gemv.cu, kernels/tbe3_decode.cu and kernels/tbe3_mma.cu.
     pub fn load(ctx: &Arc<Context>) -> GpuResult<Self> {
         if !built_with_kernels() {
             return Err(GpuError("built without CUDA kernels".into()));
@@ -234,6 +239,8 @@ impl Tbe3Kernels {
             gemv_bf16: each("bf16_gemv")?,
             reduce: g.function("gemv_reduce")?,
             decode: d.function("tbe3_decode")?,
+            mma: super::mma::MmaKernels::load(ctx)?,
+            gather: super::gather::GatherKernel::load(ctx)?,
             _modules: vec![g, d],
         })
     }
@@ -399,6 +406,7 @@ pub struct Tbe3Harness {
     ctx: Arc<Context>,
     fill: Kernels,
     k: Tbe3Kernels,
+    blas: Cublas,
     sms: usize,
 }
 
@@ -412,6 +420,7 @@ impl Tbe3Harness {
         Ok(Self {
             fill: Kernels::load(&ctx)?,
             k: Tbe3Kernels::load(&ctx)?,
+            blas: Cublas::new(&ctx)?,
             sms: multiprocessors(&ctx)?,
             ctx,
         })
@@ -473,6 +482,139 @@ impl Tbe3Harness {
             Ok(v)
         };
         Ok((run(true)?, run(false)?))
+    }
+
+    /// [`Tbe3Kernels::decode_rows`] of rows `rows` of `m` into a buffer of `rows.len() × cols +
+    /// guard` BF16 that starts as NaN 0xFFFF; returns the whole buffer, so the caller sees both
+    /// the decoded rows and that the `guard` values after them were left alone.
+    pub fn decode_rows(
+        &self,
+        m: &RuntimeMatrix,
+        rows: std::ops::Range<usize>,
+        guard: usize,
+    ) -> R<Vec<u16>> {
+        let d = DeviceTbe3::upload(&self.ctx, m)?;
+        let n = rows.len() * m.shape.cols + guard;
+        let out = DevBuf::new(&self.ctx, 2 * n)?;
+        self.fill
+            .fill_u16(out.ptr(), n, super::harness::POISON_BF16)?;
+        self.k.decode_rows(&d, rows, out.ptr(), self.sms)?;
+        self.ctx.sync()?;
+        let mut v = vec![0u16; n];
+        out.download(&mut v)?;
+        Ok(v)
+    }
+
+    /// One product `y = x · Wᵀ` through [`super::linear::Products::run`] with `strategy`, on
+    /// the same matrix stored both ways: `m` (tbe3) and `bits` (its BF16 bits, raw, with `m`'s
+    /// shape and tile). `x` is `n × cols` f32: the GEMV reads it as it is, cuBLAS as BF16 rows
+    /// (hi then lo rows when `split`, as the engine's split activations; else rounded). Outputs,
+    /// the decode scratch and the split-K partials start as NaN. Returns (tbe3, raw) outputs as
+    /// `n × rows` f32 per token (a split product's hi and lo rows added in f32, as `split_sum`
+    /// does), or the error `Products::run` gives (an unsupported strategy).
+    pub fn product(
+        &self,
+        m: &RuntimeMatrix,
+        bits: &[u16],
+        strategy: super::plan::Strategy,
+        x: &[f32],
+        n: usize,
+        split: bool,
+    ) -> R<(Vec<f32>, Vec<f32>)> {
+        use super::linear::{Form, Input, Linear, Products};
+        use super::plan::Strategy;
+        let s = m.shape;
+        if bits.len() != s.len() || x.len() != n * s.cols || n == 0 {
+            return Err(DeviceError::Cuda(format!(
+                "product: {} weights and {} activations for {n} rows of a {} × {} matrix",
+                bits.len(),
+                x.len(),
+                s.rows,
+                s.cols
+            )));
+        }
+        let tbe3 = Linear {
+            shape: s,
+            form: Form::Tbe3(DeviceTbe3::upload(&self.ctx, m)?),
+        };
+        let raw = Linear {
+            shape: s,
+            form: Form::Raw(DevBuf::from_host(&self.ctx, bits)?),
+        };
+        // Activations: f32 for the GEMV, BF16 (hi rows, then lo rows when split) for cuBLAS.
+        let hi: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
+        let mut xb = hi.clone();
+        if split {
+            xb.extend(
+                x.iter()
+                    .zip(&hi)
+                    .map(|(&v, &h)| f32_to_bf16(v - crate::model::weights::bf16_to_f32(h))),
+            );
+        }
+        let bf16_rows = if split { 2 * n } else { n };
+        let (xf, xh) = (
+            DevBuf::from_host(&self.ctx, x)?,
+            DevBuf::from_host(&self.ctx, &xb)?,
+        );
+        let input = Input {
+            bf16: xh.ptr(),
+            ldb: s.cols,
+            bf16_rows,
+            f32: xf.ptr(),
+            n,
+        };
+        let (scratch_elems, partial_len) = match strategy {
+            Strategy::Cublas { chunk_rows } => {
+                let c = if chunk_rows == 0 {
+                    s.rows
+                } else {
+                    chunk_rows.min(s.rows)
+                };
+                (c * s.cols, 0)
+            }
+            Strategy::Gemv { ksplit } => (
+                0,
+                gemv_geometry_with_split(&s, n, ksplit)
+                    .map(|g| g.partial_len())
+                    .unwrap_or(0),
+            ),
+            Strategy::Mma => (0, 0),
+        };
+        let split_out = strategy.split_output(split);
+        let out_rows = if split_out { 2 * n } else { n };
+        let run = |w: &Linear| -> R<Vec<f32>> {
+            let scratch = DevBuf::new(&self.ctx, 2 * scratch_elems.max(8))?;
+            self.fill.fill_u16(
+                scratch.ptr(),
+                scratch_elems.max(8),
+                super::harness::POISON_BF16,
+            )?;
+            let partial = DevBuf::new(&self.ctx, 4 * partial_len.max(1))?;
+            self.fill
+                .fill_f32(partial.ptr(), partial_len.max(1), f32::NAN)?;
+            let y = DevBuf::new(&self.ctx, 4 * out_rows * s.rows)?;
+            self.fill.fill_f32(y.ptr(), out_rows * s.rows, f32::NAN)?;
+            let p = Products {
+                blas: &self.blas,
+                tbe3: &self.k,
+                scratch: &scratch,
+                partial: &partial,
+                sms: self.sms,
+            };
+            // SAFETY: xh holds `bf16_rows` BF16 rows of `cols`, xf `n` f32 rows of `cols`, y
+            // `out_rows × rows` f32: what `run` reads and writes for this strategy.
+            unsafe { p.run(w, strategy, &input, y.ptr())? };
+            self.ctx.sync()?;
+            let mut v = vec![0f32; out_rows * s.rows];
+            y.download(&mut v)?;
+            if split_out {
+                let (a, b) = v.split_at(n * s.rows);
+                Ok(a.iter().zip(b).map(|(p, q)| p + q).collect())
+            } else {
+                Ok(v)
+            }
+        };
+        Ok((run(&tbe3)?, run(&raw)?))
     }
 }
 
