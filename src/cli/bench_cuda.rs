@@ -31,7 +31,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::{json, Value};
 
 use super::bench_decode::DecodeArgs;
-use crate::device::cuda::plan::{Plan, Role, Strategy, TuneTable};
+use crate::device::cuda::plan::{Plan, TuneTable};
 use crate::device::cuda::{self, CudaBackend, CudaOptions, PlanSource};
 use crate::device::{Backend, DecodeItem, SeqId};
 use crate::engine::sampler::argmax;
@@ -92,19 +92,6 @@ impl Source {
 
 /// A short description of a plan: per role its storage and the strategies of a few buckets.
 fn describe_plan(plan: &Plan) -> String {
-    let role = |r: &Role| match r {
-        Role::Qkv => "qkv",
-        Role::O => "o",
-        Role::GateUp => "gate_up",
-        Role::Down => "down",
-        Role::LmHead => "lm_head",
-    };
-    let strat = |s: &Strategy| match s {
-        Strategy::Cublas { chunk_rows: 0 } => "cublas".to_string(),
-        Strategy::Cublas { chunk_rows } => format!("cublas/{chunk_rows}"),
-        Strategy::Gemv { ksplit } => format!("gemv k{ksplit}"),
-        Strategy::Mma => "mma".to_string(),
-    };
     plan.roles
         .iter()
         .map(|(r, rp)| {
@@ -112,9 +99,9 @@ fn describe_plan(plan: &Plan) -> String {
                 .by_bucket
                 .iter()
                 .filter(|(b, _)| [1, 8, 16, 64, 256].contains(*b))
-                .map(|(b, s)| format!("{b}:{}", strat(s)))
+                .map(|(b, s)| format!("{b}:{s}"))
                 .collect();
-            format!("{} {:?} [{}]", role(r), rp.storage, by.join(" "))
+            format!("{r} {:?} [{}]", rp.storage, by.join(" "))
         })
         .collect::<Vec<_>>()
         .join("; ")

@@ -77,16 +77,6 @@ const MAX_COPIES: usize = 16;
 /// Batches at which every strategy's tbe3 and raw outputs are compared bit for bit.
 const IDENTITY_BATCHES: [usize; 2] = [1, 16];
 
-/// A short name of a strategy ("cublas", "cublas/1024", "gemv k2", "mma").
-pub fn strategy_name(s: &Strategy) -> String {
-    match s {
-        Strategy::Cublas { chunk_rows: 0 } => "cublas".into(),
-        Strategy::Cublas { chunk_rows } => format!("cublas/{chunk_rows}"),
-        Strategy::Gemv { ksplit } => format!("gemv k{ksplit}"),
-        Strategy::Mma => "mma".into(),
-    }
-}
-
 struct Bench {
     ctx: Arc<Context>,
     fill: Kernels,
@@ -335,7 +325,7 @@ pub fn run(a: &KernelsArgs) -> Result<()> {
                 match r {
                     Ok(ms) => json!({
                         "matrix": name, "rows": rows, "cols": cols, "batch": batch,
-                        "storage": storage, "strategy": st, "name": strategy_name(&st),
+                        "storage": storage, "strategy": st, "name": st.to_string(),
                         "ms": ms, "stored_bytes": bytes,
                         "stored_gbps": bytes as f64 / (ms * 1e-3) / 1e9,
                         "fraction_of_copy_bandwidth": frac(bytes, *ms),
@@ -344,7 +334,7 @@ pub fn run(a: &KernelsArgs) -> Result<()> {
                     }),
                     Err(e) => json!({
                         "matrix": name, "rows": rows, "cols": cols, "batch": batch,
-                        "storage": storage, "strategy": st, "name": strategy_name(&st),
+                        "storage": storage, "strategy": st, "name": st.to_string(),
                         "error": format!("{e:#}"),
                     }),
                 }
@@ -372,7 +362,7 @@ pub fn run(a: &KernelsArgs) -> Result<()> {
                     let same = identical(&p, &tm[0], &raw[0], st, &x, &sh, rows)?;
                     if !same {
                         identical_all = false;
-                        not_identical.push(format!("{} at batch {batch}", strategy_name(&st)));
+                        not_identical.push(format!("{st} at batch {batch}"));
                         eprintln!(
                             "bench kernels: {name} batch {batch} {st:?}: tbe3 and raw outputs DIFFER"
                         );
@@ -393,7 +383,7 @@ pub fn run(a: &KernelsArgs) -> Result<()> {
             let cell = |s: Option<Strategy>, ms: Option<f64>, bytes: usize| match ms {
                 Some(ms) => format!(
                     "{:<12} {ms:>9.4} {:>6.2}x {:>5.1}%",
-                    s.map_or(String::new(), |s| strategy_name(&s)),
+                    s.map_or(String::new(), |s| s.to_string()),
                     base / ms,
                     100.0 * frac(bytes, ms)
                 ),

@@ -130,7 +130,7 @@ fn print_table(t: &TuneTable) {
     );
     for e in &t.entries {
         let cell = |s: Storage| match e.best(s) {
-            Some(t) => (tune::strategy_label(&t.strategy), format!("{:.1}", t.us)),
+            Some(t) => (t.strategy.to_string(), format!("{:.1}", t.us)),
             None => ("-".to_string(), "-".to_string()),
         };
         let (rs, ru) = cell(Storage::Raw);

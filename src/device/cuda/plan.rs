@@ -38,6 +38,32 @@ impl Role {
     pub const ALL: [Role; 5] = [Role::Qkv, Role::O, Role::GateUp, Role::Down, Role::LmHead];
 }
 
+/// As in tuning tables and reports: `qkv`, `o`, `gate_up`, `down`, `lm_head`.
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Qkv => "qkv",
+            Role::O => "o",
+            Role::GateUp => "gate_up",
+            Role::Down => "down",
+            Role::LmHead => "lm_head",
+        })
+    }
+}
+
+/// A short label for reports: `cublas`, `cublas/1024` (row chunks), `gemv/k2` (K chunks),
+/// `mma` (tensor cores).
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Strategy::Cublas { chunk_rows: 0 } => f.write_str("cublas"),
+            Strategy::Cublas { chunk_rows } => write!(f, "cublas/{chunk_rows}"),
+            Strategy::Gemv { ksplit } => write!(f, "gemv/k{ksplit}"),
+            Strategy::Mma => f.write_str("mma"),
+        }
+    }
+}
+
 /// Where a matrix lives in device memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -396,17 +396,6 @@ pub fn work_sizes(
     (scratch, partial)
 }
 
-/// A short label for a strategy: `cublas`, `cublas/1024` (row chunks), `gemv/k2` (K chunks),
-/// `mma` (tensor cores).
-pub fn strategy_label(s: &Strategy) -> String {
-    match *s {
-        Strategy::Cublas { chunk_rows: 0 } => "cublas".into(),
-        Strategy::Cublas { chunk_rows } => format!("cublas/{chunk_rows}"),
-        Strategy::Gemv { ksplit } => format!("gemv/k{ksplit}"),
-        Strategy::Mma => "mma".into(),
-    }
-}
-
 /// `t` as RFC 3339 UTC (`2026-11-27T08:15:02Z`).
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -859,7 +848,7 @@ pub fn tune(
             };
             let label = |s: Storage| {
                 e.best(s).map_or("-".to_string(), |t| {
-                    format!("{} {:.1} us", strategy_label(&t.strategy), t.us)
+                    format!("{} {:.1} us", t.strategy, t.us)
                 })
             };
             tracing::info!(
@@ -1182,12 +1171,14 @@ mod tests {
 
     #[test]
     fn labels_and_timestamps() {
-        assert_eq!(strategy_label(&Strategy::BASELINE), "cublas");
+        assert_eq!(Strategy::BASELINE.to_string(), "cublas");
         assert_eq!(
-            strategy_label(&Strategy::Cublas { chunk_rows: 512 }),
+            Strategy::Cublas { chunk_rows: 512 }.to_string(),
             "cublas/512"
         );
-        assert_eq!(strategy_label(&Strategy::Gemv { ksplit: 4 }), "gemv/k4");
+        assert_eq!(Strategy::Gemv { ksplit: 4 }.to_string(), "gemv/k4");
+        assert_eq!(Strategy::Mma.to_string(), "mma");
+        assert_eq!(Role::GateUp.to_string(), "gate_up");
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_795_768_502);
         assert_eq!(rfc3339(t), "2026-11-27T08:35:02Z");
