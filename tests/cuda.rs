@@ -695,6 +695,8 @@ fn engine_refuses_what_does_not_fit() {
         CudaOptions {
             max_sequences: 2,
             max_context: Some(16),
+            // Not Auto: `load` would tune at load (tests/cuda_tune.rs covers that path).
+            plan: PlanSource::Compressed,
             ..CudaOptions::default()
         },
     );
@@ -736,6 +738,7 @@ fn engine_refuses_what_does_not_fit() {
     // A budget too small for one sequence is refused at construction, not at run time.
     let tiny_budget = CudaOptions {
         kv_budget_bytes: Some(1024),
+        plan: PlanSource::Compressed,
         ..CudaOptions::default()
     };
     let err = CudaBackend::load(&model(&dir), &tiny_budget)
@@ -757,6 +760,7 @@ fn engine_smollm2_shape_matches_cpu() {
         CudaOptions {
             max_sequences: 8,
             max_context: Some(512),
+            plan: PlanSource::Compressed,
             ..CudaOptions::default()
         },
     );
@@ -804,6 +808,7 @@ fn engine_real_model_matches_cpu_and_reference() {
         CudaOptions {
             max_sequences: 8,
             max_context: Some(512),
+            plan: PlanSource::Compressed,
             ..CudaOptions::default()
         },
     );

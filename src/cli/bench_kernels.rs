@@ -91,6 +91,9 @@ impl Bench {
     /// Median milliseconds per call of `op(i)` (i = 0..launches), timed as graph replays.
     fn time(&self, mut op: impl FnMut(usize) -> GpuResult<()>) -> Result<f64> {
         let n = self.launches.max(1);
+        // One eager call first: lazy loading and errors happen outside the capture.
+        op(0)?;
+        self.ctx.sync()?;
         let graph = Graph::capture(&self.ctx, || (0..n).try_for_each(&mut op))?;
         let (a, b) = (Event::new(&self.ctx)?, Event::new(&self.ctx)?);
         graph.launch()?;

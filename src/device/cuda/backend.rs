@@ -298,9 +298,12 @@ pub fn resolve_plan(opts: &CudaOptions, shapes: &RoleShapes, sms: usize, tied: b
         PlanSource::Given(p) => p.clone(),
     };
     if tied {
-        let embed = plan.embed;
-        if let Some(r) = plan.roles.get_mut(&Role::LmHead) {
-            r.storage = embed;
+        let table = match &opts.plan {
+            PlanSource::Table(t) => Some(t),
+            _ => None,
+        };
+        if let Some(head) = shapes.get(&Role::LmHead) {
+            plan.set_storage(Role::LmHead, plan.embed, head, sms, table);
         }
     }
     if opts.twin {

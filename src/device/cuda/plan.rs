@@ -349,6 +349,33 @@ pub struct Plan {
 /// The shapes of a model's roles, `(rows, cols)`, as tbe3 shapes.
 pub type RoleShapes = BTreeMap<Role, Shape>;
 
+/// Per bucket, the fastest strategy `table` measured for `role` on `storage` (when the entry is
+/// of this shape and the strategy runs there), else the default for that storage.
+fn role_strategies(
+    table: Option<&TuneTable>,
+    role: Role,
+    shape: &Shape,
+    storage: Storage,
+    sms: usize,
+) -> BTreeMap<usize, Strategy> {
+    TUNE_BATCHES
+        .iter()
+        .map(|&b| {
+            let measured = table
+                .and_then(|t| t.entry(role, b))
+                .filter(|e| e.rows == shape.rows && e.cols == shape.cols)
+                .and_then(|e| e.best(storage))
+                .map(|tm| tm.strategy)
+                .filter(|s| s.unsupported(shape, b).is_none());
+            let fallback = match storage {
+                Storage::Raw => Strategy::BASELINE,
+                Storage::Tbe3 => default_strategy(shape, b, sms),
+            };
+            (b, measured.unwrap_or(fallback))
+        })
+        .collect()
+}
+
 /// Tbe3 for the embedding table (`vocab × hidden`, the shape of [`Role::LmHead`]) when the
 /// compressed gather supports its rows, else raw.
 fn embed_storage(shapes: &RoleShapes) -> Storage {
@@ -417,22 +444,7 @@ impl Plan {
             .iter()
             .map(|(&r, shape)| {
                 let storage = t.storage(r, buckets);
-                let by_bucket = TUNE_BATCHES
-                    .iter()
-                    .map(|&b| {
-                        let measured = t
-                            .entry(r, b)
-                            .filter(|e| e.rows == shape.rows && e.cols == shape.cols)
-                            .and_then(|e| e.best(storage))
-                            .map(|tm| tm.strategy)
-                            .filter(|s| s.unsupported(shape, b).is_none());
-                        let fallback = match storage {
-                            Storage::Raw => Strategy::BASELINE,
-                            Storage::Tbe3 => default_strategy(shape, b, sms),
-                        };
-                        (b, measured.unwrap_or(fallback))
-                    })
-                    .collect();
+                let by_bucket = role_strategies(Some(t), r, shape, storage, sms);
                 (r, RolePlan { storage, by_bucket })
             })
             .collect();
@@ -440,6 +452,26 @@ impl Plan {
             roles,
             embed: embed_storage(shapes),
             source: "table".into(),
+        }
+    }
+
+    /// Stores `role` as `storage` (a tied `lm_head` must live where the embedding does), and
+    /// when that changes its storage, re-picks its strategies for the new storage: from `table`
+    /// where measured, else the defaults. A strategy that was fastest on raw weights (a whole
+    /// cuBLAS call) can be the slowest, and the most memory-hungry, on tbe3.
+    pub fn set_storage(
+        &mut self,
+        role: Role,
+        storage: Storage,
+        shape: &Shape,
+        sms: usize,
+        table: Option<&TuneTable>,
+    ) {
+        if let Some(rp) = self.roles.get_mut(&role) {
+            if rp.storage != storage {
+                rp.storage = storage;
+                rp.by_bucket = role_strategies(table, role, shape, storage, sms);
+            }
         }
     }
 
@@ -647,6 +679,28 @@ mod tests {
             q.strategy(Role::O, &other[&Role::O], 1),
             default_strategy(&other[&Role::O], 1, 132)
         );
+    }
+
+    #[test]
+    fn forcing_a_storage_repicks_the_strategies_for_it() {
+        // lm_head measured: raw wins everywhere with one cuBLAS call; tbe3's best at 64 is a
+        // chunked decode. A tied model must keep it tbe3 (it is the embedding).
+        let mut t = table(vec![entry(Role::LmHead, 64, 100.0, 120.0)]);
+        t.entries[0].rows = 128256;
+        let s = shape(128256, 4096);
+        let shapes: RoleShapes = [(Role::LmHead, s)].into_iter().collect();
+        let mut p = Plan::from_table(&t, &shapes, &[64], 132);
+        assert_eq!(p.storage(Role::LmHead), Storage::Raw);
+        assert_eq!(p.strategy(Role::LmHead, &s, 64), Strategy::BASELINE);
+        p.set_storage(Role::LmHead, Storage::Tbe3, &s, 132, Some(&t));
+        assert_eq!(p.storage(Role::LmHead), Storage::Tbe3);
+        assert_eq!(
+            p.strategy(Role::LmHead, &s, 64),
+            Strategy::Cublas { chunk_rows: 512 }
+        );
+        // Unmeasured buckets: the tbe3 defaults, never a whole-matrix decode of 1 GB.
+        assert_eq!(p.strategy(Role::LmHead, &s, 128), default_chunked(&s));
+        assert!(p.scratch_bytes(&shapes, 256) <= 16 << 20);
     }
 
     #[test]

@@ -820,14 +820,32 @@ pub fn tune(
                     complete = false;
                     break;
                 }
-                let us = bench
-                    .measure(m.copies(storage), strategy, &x, y.ptr())
-                    .map_err(|e| {
-                        DeviceError::Cuda(format!(
-                            "timing {:?} ({} × {}) at batch {batch}, {storage:?} {strategy:?}: {}",
-                            m.role, m.shape.rows, m.shape.cols, e.0
-                        ))
-                    })?;
+                let what = |e: &str| {
+                    format!(
+                        "timing {:?} ({} × {}) at batch {batch}, {storage:?} {strategy:?}: {e}",
+                        m.role, m.shape.rows, m.shape.cols
+                    )
+                };
+                let us = match bench.measure(m.copies(storage), strategy, &x, y.ptr()) {
+                    Ok(us) => us,
+                    // A candidate that fails (a kernel the device refuses) is left out of the
+                    // entry, so a plan never picks it; the baseline must run, and an error
+                    // that sticks to the context (a fault) ends the tuning.
+                    Err(e) if (storage, strategy) != (Storage::Raw, Strategy::BASELINE) => {
+                        if let Err(sticky) = ctx.sync() {
+                            return Err(DeviceError::Cuda(what(&format!(
+                                "{}; the context is unusable: {}",
+                                e.0, sticky.0
+                            ))));
+                        }
+                        tracing::warn!("{}; left out of the table", what(&e.0));
+                        if opts.progress {
+                            eprintln!("tune: {}; left out of the table", what(&e.0));
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(DeviceError::Cuda(what(&e.0))),
+                };
                 timings.push(Timing {
                     storage,
                     strategy,
