@@ -74,22 +74,6 @@ impl Linear {
         })
     }
 
-    /// Which storage form this is.
-    pub fn storage(&self) -> Storage {
-        match self.form {
-            Form::Raw(_) => Storage::Raw,
-            Form::Tbe3(_) => Storage::Tbe3,
-        }
-    }
-
-    /// The device address of the BF16 weight when raw.
-    pub fn raw_ptr(&self) -> Option<u64> {
-        match &self.form {
-            Form::Raw(b) => Some(b.ptr()),
-            Form::Tbe3(_) => None,
-        }
-    }
-
     /// Device bytes of the weight (what one full pass reads).
     pub fn bytes(&self) -> usize {
         match &self.form {

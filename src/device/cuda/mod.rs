@@ -1,8 +1,9 @@
-//! The CUDA backend: the whole Llama step on the GPU over uncompressed BF16 weights, with linear
-//! layers through cuBLAS (the baseline the compressed kernels must beat).
+//! The CUDA backend: the whole Llama step on the GPU, each linear layer stored compressed (tbe3)
+//! or raw and multiplied by the strategy its [`plan`] names ([`linear`]: fused GEMV, tensor-core
+//! kernel, or cuBLAS after a chunked decode); the autotuner ([`tune`]) makes the plans.
 //!
-//! Owns: the device context and stream ([`driver`]), the embedded kernels ([`kernels`]), the
-//! weights in device memory, a KV cache preallocated from a memory budget ([`kv`]), and one CUDA
+//! Owns: the device context and stream ([`driver`]), the embedded kernels ([`kernels`],
+//! [`tbe3`], [`mma`], [`gather`]), the weights in device memory, a KV cache preallocated from a memory budget ([`kv`]), and one CUDA
 //! graph per decode batch-size bucket ([`backend`]). Must not: sample (logits are copied back and
 //! the engine samples on the CPU), or allocate device memory after construction (so a request
 //! can be refused, never run out of memory).
