@@ -60,13 +60,17 @@ pub fn with_parameter(text: &str, key: &str, value: &str) -> String {
     out.join("\n") + "\n"
 }
 
-/// The test model compressed once per test binary (kept for the whole run).
+/// The test model compressed once per test binary run, into a fixed folder under cargo's
+/// `CARGO_TARGET_TMPDIR` that each run empties first: a `TempDir` in a static is never dropped,
+/// so it used to leave a 173 MB copy in /tmp after every run.
 pub fn compressed_model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
         let src = model_dir().expect("the test model");
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("c");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("triton-host-compressed-smollm2");
+        if out.exists() {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
         let o = Command::new(CLI)
             .arg("compress")
             .arg(&src)
@@ -80,9 +84,8 @@ pub fn compressed_model() -> &'static Path {
             "unweight compress: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        (tmp, out)
+        out
     })
-    .1
 }
 
 /// How the version folder is filled.
