@@ -835,17 +835,8 @@ fn synth_aligned(seed: u64) -> tempfile::TempDir {
         name: "aligned",
         hidden: 512,
         intermediate: 1024,
-        layers: 2,
         heads: 8,
-        kv_heads: 2,
-        vocab: 1024,
-        tie_embeddings: false,
-        rope_theta: 10000.0,
-        max_positions: 2048,
-        rms_norm_eps: 1e-5,
-        llama3_rope_scaling: false,
-        bos: 1,
-        eos: 2,
+        ..LlamaShape::preset("tiny").unwrap()
     };
     let dir = tempfile::tempdir().unwrap();
     let opts = SynthOptions {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::driver::{Arg, Context, GpuError, GpuResult, Kernel, Module};
-use super::kernels::fatbins;
+use super::kernels::load_family;
 use super::tbe3::{DeviceTbe3, STEP, THREADS};
 use crate::codec::runtime::Shape;
 
@@ -35,12 +35,7 @@ pub struct GatherKernel {
 impl GatherKernel {
     /// Loads kernels/tbe3_gather.cu.
     pub fn load(ctx: &Arc<Context>) -> GpuResult<Self> {
-        let (_, image) = fatbins()
-            .iter()
-            .find(|(f, _)| *f == "tbe3_gather")
-            .ok_or_else(|| GpuError("no fatbin for kernels/tbe3_gather.cu".into()))?;
-        let module = Module::load(ctx, image)
-            .map_err(|e| GpuError(format!("kernels/tbe3_gather.cu: {e}")))?;
+        let module = load_family(ctx, "tbe3_gather")?;
         let k = module.function("tbe3_gather_f32")?;
         Ok(Self {
             ctx: ctx.clone(),

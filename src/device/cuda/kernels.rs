@@ -84,8 +84,18 @@ fn blocks_for(count: usize) -> u32 {
     count.div_ceil(THREADS as usize).clamp(1, 65535 * 8) as u32
 }
 
-fn i32_of(v: usize, what: &str) -> GpuResult<i32> {
+/// `v` as a kernel's `int` parameter, or an error naming `what`.
+pub(crate) fn i32_of(v: usize, what: &str) -> GpuResult<i32> {
     i32::try_from(v).map_err(|_| GpuError(format!("{what} = {v} does not fit a kernel's int")))
+}
+
+/// Loads the fatbin of `kernels/<family>.cu` as a module of `ctx`.
+pub(crate) fn load_family(ctx: &Arc<Context>, family: &str) -> GpuResult<Module> {
+    let (_, image) = fatbins()
+        .iter()
+        .find(|(f, _)| *f == family)
+        .ok_or_else(|| GpuError(format!("no fatbin for kernels/{family}.cu")))?;
+    Module::load(ctx, image).map_err(|e| GpuError(format!("kernels/{family}.cu: {e}")))
 }
 
 /// Every kernel, loaded.

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use super::driver::{Arg, Context, GpuError, GpuResult, Kernel, Module};
-use super::kernels::fatbins;
+use super::kernels::{i32_of as int, load_family};
 use super::tbe3::DeviceTbe3;
 use crate::codec::runtime::Shape;
 
@@ -65,19 +65,10 @@ pub struct MmaKernels {
     bf16: Kernel,
 }
 
-fn int(v: usize, what: &str) -> GpuResult<i32> {
-    i32::try_from(v).map_err(|_| GpuError(format!("{what} = {v} does not fit a kernel's int")))
-}
-
 impl MmaKernels {
     /// Loads kernels/tbe3_mma.cu.
     pub fn load(ctx: &Arc<Context>) -> GpuResult<Self> {
-        let (_, image) = fatbins()
-            .iter()
-            .find(|(f, _)| *f == "tbe3_mma")
-            .ok_or_else(|| GpuError("no fatbin for kernels/tbe3_mma.cu".into()))?;
-        let module =
-            Module::load(ctx, image).map_err(|e| GpuError(format!("kernels/tbe3_mma.cu: {e}")))?;
+        let module = load_family(ctx, "tbe3_mma")?;
         let tbe3 = module.function("tbe3_mma")?;
         let bf16 = module.function("bf16_mma")?;
         tbe3.allow_dynamic_smem(MMA_SMEM)?;

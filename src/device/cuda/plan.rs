@@ -170,12 +170,8 @@ pub fn tune_bucket(n: usize) -> usize {
 /// baseline). Only strategies that support the shape are returned.
 pub fn candidates(shape: &Shape, batch: usize, sms: usize, l2_bytes: usize) -> Vec<Strategy> {
     let mut out = vec![Strategy::BASELINE];
-    let row_bytes = 2 * shape.cols.max(1);
     for div in [4usize, 8, 16] {
-        let rows = (l2_bytes / div / row_bytes).max(1);
-        // Round down to a chunk that keeps tile boundaries (a power-of-two row count does for
-        // every shape whose tile divides the row length).
-        let rows = 1usize << (usize::BITS - 1 - rows.leading_zeros());
+        let rows = pow2_rows(l2_bytes / div, shape.cols);
         if rows < shape.rows {
             out.push(Strategy::Cublas { chunk_rows: rows });
         }
@@ -198,6 +194,13 @@ pub fn candidates(shape: &Shape, batch: usize, sms: usize, l2_bytes: usize) -> V
     out
 }
 
+/// The most BF16 rows of `cols` that fit `bytes`, rounded down to a power of two (at least 1):
+/// a power-of-two row count keeps tile boundaries for every shape whose tile divides the row.
+fn pow2_rows(bytes: usize, cols: usize) -> usize {
+    let rows = (bytes / (2 * cols.max(1))).max(1);
+    1usize << (usize::BITS - 1 - rows.leading_zeros())
+}
+
 /// Scratch bytes of the default chunked decode: small enough to stay in L2 between the decode
 /// and the GEMM that reads it, and to keep the scratch buffer small next to the weights.
 pub const DEFAULT_CHUNK_BYTES: usize = 16 << 20;
@@ -205,8 +208,7 @@ pub const DEFAULT_CHUNK_BYTES: usize = 16 << 20;
 /// cuBLAS over chunks of at most [`DEFAULT_CHUNK_BYTES`] of BF16 (a power-of-two row count), or
 /// over the whole matrix when it is that small or no such chunk keeps tile boundaries.
 pub fn default_chunked(shape: &Shape) -> Strategy {
-    let rows = (DEFAULT_CHUNK_BYTES / (2 * shape.cols.max(1))).max(1);
-    let rows = 1usize << (usize::BITS - 1 - rows.leading_zeros());
+    let rows = pow2_rows(DEFAULT_CHUNK_BYTES, shape.cols);
     let s = Strategy::Cublas { chunk_rows: rows };
     if rows < shape.rows && s.unsupported(shape, 1).is_none() {
         s

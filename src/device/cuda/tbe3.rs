@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::driver::{Arg, Context, Cublas, DevBuf, GpuError, GpuResult, Kernel, Module};
-use super::kernels::{built_with_kernels, fatbins, Kernels};
+use super::kernels::{built_with_kernels, i32_of as int, load_family, Kernels};
 use crate::codec::runtime::{RuntimeMatrix, Shape, GROUP};
 use crate::device::DeviceError;
 use crate::model::synth::f32_to_bf16;
@@ -142,10 +142,6 @@ pub fn decode_blocks(n: usize, tile: usize, sms: usize) -> u32 {
     spans.div_ceil(WARPS).clamp(1, 16 * sms.max(1)) as u32
 }
 
-fn int(v: usize, what: &str) -> GpuResult<i32> {
-    i32::try_from(v).map_err(|_| GpuError(format!("{what} = {v} does not fit a kernel's int")))
-}
-
 /// A runtime-form matrix in device memory: the image as it is, and its plane addresses.
 pub struct DeviceTbe3 {
     /// The image.
@@ -220,14 +216,10 @@ impl Tbe3Kernels {
         if !built_with_kernels() {
             return Err(GpuError("built without CUDA kernels".into()));
         }
-        let module = |family: &str| -> GpuResult<Module> {
-            let (_, image) = fatbins()
-                .iter()
-                .find(|(f, _)| *f == family)
-                .ok_or_else(|| GpuError(format!("no fatbin for kernels/{family}.cu")))?;
-            Module::load(ctx, image).map_err(|e| GpuError(format!("kernels/{family}.cu: {e}")))
-        };
-        let (g, d) = (module("tbe3_gemv")?, module("tbe3_decode")?);
+        let (g, d) = (
+            load_family(ctx, "tbe3_gemv")?,
+            load_family(ctx, "tbe3_decode")?,
+        );
         let each = |prefix: &str| -> GpuResult<Vec<Kernel>> {
             (1..=MAX_GEMV_BATCH)
                 .map(|b| g.function(&format!("{prefix}_b{b}")))
