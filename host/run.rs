@@ -503,12 +503,24 @@ fn serve(
     let t0 = Instant::now();
     let deadline = t0 + args.timeout;
     let reqs = &args.run.requests;
-    let mut order: Vec<usize> = (0..reqs.len()).collect();
-    order.sort_by_key(|&r| reqs[r].delay_ms);
-    let mut next = 0usize;
+    // Not yet submitted, in `delay_ms` order.
+    let mut waiting: Vec<usize> = (0..reqs.len()).collect();
+    waiting.sort_by_key(|&r| reqs[r].delay_ms);
     let mut cancels: Vec<(Instant, usize)> = Vec::new();
     let mut rr = 0usize;
     let unload_due = |l: &Ledger| unload_at.is_some_and(|u| l.total_responses >= u);
+    let index: std::collections::HashMap<&str, usize> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.id.as_str(), i))
+        .collect();
+    // Whether request `r`'s `after` condition holds (parse_run checked that it names one).
+    let gate_open = |l: &Ledger, r: usize| {
+        reqs[r]
+            .after
+            .as_ref()
+            .is_none_or(|a| l.response_count(index[a.id.as_str()]) >= a.responses)
+    };
     loop {
         let now = Instant::now();
         cancels.retain(|&(at, r)| {
@@ -524,12 +536,22 @@ fn serve(
         }
         let elapsed = now - t0;
         let mut due = Vec::new();
-        while next < order.len()
-            && Duration::from_millis(reqs[order[next]].delay_ms) <= elapsed
+        // Every request whose delay passed and whose `after` holds; one still waiting for its
+        // `after` holds back nothing.
+        let mut k = 0;
+        while k < waiting.len()
+            && Duration::from_millis(reqs[waiting[k]].delay_ms) <= elapsed
             && (args.max_requests_per_execute == 0 || due.len() < args.max_requests_per_execute)
         {
-            due.push(order[next]);
-            next += 1;
+            let r = waiting[k];
+            if !server::with(|l| gate_open(l, r)) {
+                k += 1;
+                continue;
+            }
+            if let Some(v) = reqs[r].log_verbose {
+                server::with(|l| l.opts.log_verbose = v);
+            }
+            due.push(waiting.remove(k));
         }
         if !due.is_empty() {
             let mut batch = Vec::new();
@@ -557,7 +579,7 @@ fn serve(
             }
             continue;
         }
-        let all_in = next == order.len();
+        let all_in = waiting.is_empty();
         if all_in && server::with(|l| l.all_final()) {
             return false;
         }
@@ -577,14 +599,20 @@ fn serve(
             return true;
         }
         let mut wake = deadline;
-        if let Some(&r) = order.get(next) {
+        // Requests whose delay passed wait for their `after`: the ledger wakes the loop.
+        let (gated, later): (Vec<usize>, Vec<usize>) = waiting
+            .iter()
+            .partition(|&&r| Duration::from_millis(reqs[r].delay_ms) <= elapsed);
+        if let Some(&r) = later.first() {
             wake = wake.min(t0 + Duration::from_millis(reqs[r].delay_ms));
         }
         if let Some(c) = cancels.iter().map(|c| c.0).min() {
             wake = wake.min(c);
         }
         let wait = wake.saturating_duration_since(Instant::now());
-        server::wait_until(wait, |l| unload_due(l) || (all_in && l.all_final()));
+        server::wait_until(wait, |l| {
+            unload_due(l) || (all_in && l.all_final()) || gated.iter().any(|&r| gate_open(l, r))
+        });
     }
 }
 

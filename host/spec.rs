@@ -61,6 +61,22 @@ pub struct RequestSpec {
     /// `TRITONBACKEND_RequestCorrelationId`.
     #[serde(default)]
     pub correlation_id: u64,
+    /// Set Triton's VERBOSE log level to this just before the request is submitted, as a
+    /// client's `/v2/logging` call changes it while the server runs.
+    #[serde(default)]
+    pub log_verbose: Option<u32>,
+    /// Submit only once another request got this many responses (and `delay_ms` passed): to
+    /// make a request arrive while another one is known to be streaming.
+    #[serde(default)]
+    pub after: Option<After>,
+}
+
+/// "After request `id` got `responses` responses".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct After {
+    pub id: String,
+    pub responses: u64,
 }
 
 /// One input tensor.
@@ -83,6 +99,11 @@ pub struct InputSpec {
     /// Deliver the bytes in this many buffers (split at arbitrary byte offsets).
     #[serde(default)]
     pub split_buffers: Option<u32>,
+    /// Where `TRITONBACKEND_InputBuffer` says the buffers are: `CPU` (default), `CPU_PINNED` or
+    /// `GPU` (as when a client uses CUDA shared memory). The bytes are in host memory whatever
+    /// it says: a backend must not read a buffer reported as GPU memory as CPU memory.
+    #[serde(default)]
+    pub memory_type: Option<String>,
 }
 
 /// Reads a requests file (a list, or an object with `requests`).
@@ -100,6 +121,17 @@ pub fn parse_run(text: &str) -> Result<RunSpec> {
     for r in &run.requests {
         if !ids.insert(r.id.as_str()) {
             bail!("request id '{}' is used twice", r.id);
+        }
+    }
+    for r in &run.requests {
+        if let Some(a) = &r.after {
+            if a.id == r.id || !ids.contains(a.id.as_str()) {
+                bail!(
+                    "request '{}': after.id '{}' must name another request",
+                    r.id,
+                    a.id
+                );
+            }
         }
     }
     Ok(run)
@@ -158,6 +190,8 @@ pub struct EncodedInput {
     pub shape: Vec<i64>,
     /// One entry per buffer; together the tensor's bytes.
     pub buffers: Vec<Vec<u8>>,
+    /// The `TRITONSERVER_MemoryType` the buffers are reported in.
+    pub memory_type: u32,
 }
 
 impl EncodedInput {
@@ -225,11 +259,18 @@ fn encode_input(name: &str, spec: &InputSpec, config: &ModelConfig) -> Result<En
         }
     }
     let n = spec.split_buffers.unwrap_or(1).max(1) as usize;
+    let memory_type = match spec.memory_type.as_deref() {
+        None | Some("CPU") => 0,
+        Some("CPU_PINNED") => 1,
+        Some("GPU") => 2,
+        Some(other) => bail!("memory_type '{other}': expected CPU, CPU_PINNED or GPU"),
+    };
     Ok(EncodedInput {
         name: name.to_string(),
         datatype,
         shape,
         buffers: split(&bytes, n),
+        memory_type,
     })
 }
 
@@ -776,6 +817,29 @@ mod tests {
         assert!(parse_run(r#"[{"id": "a", "bogus": 1}]"#).is_err());
         let run = parse_run(r#"{"requests": [{"id": "a"}], "unload_after_responses": 3}"#).unwrap();
         assert_eq!(run.unload_after_responses, Some(3));
+        // `after` names another request of the file.
+        let after = |a: &str| {
+            parse_run(&format!(
+                r#"[{{"id": "a"}}, {{"id": "b", "after": {{"id": "{a}", "responses": 1}}}}]"#
+            ))
+        };
+        assert!(after("a").is_ok());
+        assert!(after("b")
+            .unwrap_err()
+            .to_string()
+            .contains("another request"));
+        assert!(after("zz").is_err());
+        // A tensor's memory type.
+        let e = encode_inputs(
+            &req(json!({"id": "a", "inputs": {"ids": {"data": [1], "memory_type": "GPU"}}})),
+            &config(),
+        )
+        .unwrap();
+        assert_eq!(e[0].memory_type, 2);
+        assert!(
+            bad(json!({"id": "a", "inputs": {"ids": {"data": [1], "memory_type": "TPU"}}}))
+                .contains("memory_type")
+        );
     }
 
     #[test]

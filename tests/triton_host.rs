@@ -156,17 +156,28 @@ fn requests_refused_by_triton_core_never_reach_the_backend() {
 }
 
 /// The backend's `tracing` events reach Triton's log with Triton's levels, source file and line;
-/// VERBOSE ones only when Triton has verbose logging on. The committed config's KIND_GPU
-/// instance, with the GPU hidden from the backend, shows the CPU fallback's WARN.
+/// VERBOSE ones only when Triton has verbose logging on, as it is at the moment of the event
+/// (a level switched at run time, as `/v2/logging` does, is seen by events already logged
+/// once). The committed config's KIND_GPU instance, with the GPU hidden from the backend, shows
+/// the CPU fallback's WARN.
 #[test]
 fn logs_reach_tritons_log_at_their_levels() {
     if model_dir().is_none() {
         return;
     }
     let repo = Repo::new(&committed_config(), Weights::Plain);
+    let short = |id: &str| json!({"id": id, "inputs": {"text_input": {"data": [["Hello"]]}, "max_tokens": {"data": [[2]]}}});
+    let mut late = short("late");
+    late["delay_ms"] = json!(300);
+    late["log_verbose"] = json!(1);
+    let mut later = short("later");
+    later["after"] = json!({"id": "late", "responses": 1});
+    later["log_verbose"] = json!(0);
     let reqs = json!([
-        {"id": "good", "inputs": {"text_input": {"data": [["Hello"]]}, "max_tokens": {"data": [[2]]}}},
+        short("good"),
         {"id": "bad", "inputs": {"text_input": {"data": [["Hello"]]}, "top_p": {"data": [[1.5]]}}},
+        late,
+        later,
     ]);
     let env = [("UNWEIGHT_FORCE_NO_GPU", "1")];
     let logs = |verbose: bool| {
@@ -227,11 +238,102 @@ fn logs_reach_tritons_log_at_their_levels() {
         show()
     );
     let quiet = logs(false);
+    let show = || serde_json::to_string_pretty(&quiet).unwrap();
     assert!(has(&quiet, "INFO", &["backend initialized"]));
+    // The admission of "good" ran with VERBOSE off; that of "late" at the same callsite after
+    // VERBOSE was switched on, and that of "later" after it was switched off again.
     assert!(
-        quiet.iter().all(|l| l["level"] != "VERBOSE"),
-        "VERBOSE events were formatted although Triton has verbose logging off"
+        has(&quiet, "VERBOSE", &["admitted", "request=\"late\""]),
+        "a level switched on at run time is seen: {}",
+        show()
     );
+    assert!(
+        quiet
+            .iter()
+            .filter(|l| l["level"] == "VERBOSE")
+            .all(|l| l["message"].as_str().unwrap().contains("request=\"late\"")),
+        "VERBOSE events were formatted while Triton had verbose logging off: {}",
+        show()
+    );
+}
+
+/// `parameters.device: gpu` on a machine whose GPU cannot be used: the instance does not fall
+/// back to the CPU but fails ModelInstanceInitialize with UNAVAILABLE saying why.
+#[test]
+fn a_required_gpu_that_cannot_be_used_fails_instance_initialize_with_unavailable() {
+    if model_dir().is_none() {
+        return;
+    }
+    let config = with_parameter(&committed_config(), "device", "gpu");
+    let repo = Repo::new(&config, Weights::Plain);
+    let env = [("UNWEIGHT_FORCE_NO_GPU", "1")];
+    let (code, report) = repo.run_as(json!([]), "config", &env, &["--gpus", "1"]);
+    let report = clean(code, report);
+    assert!(report["model_initialize_error"].is_null());
+    let errors = report["instance_initialize_errors"].as_object().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let e = &errors["unweight_llama_0"];
+    assert_eq!(e["code"], "UNAVAILABLE", "{e}");
+    let msg = e["message"].as_str().unwrap();
+    for part in [
+        "instance unweight_llama_0",
+        "parameters.device is gpu",
+        "GPU 0 cannot be used",
+        "UNWEIGHT_FORCE_NO_GPU",
+    ] {
+        assert!(msg.contains(part), "{part}: {msg}");
+    }
+}
+
+/// A config with `max_batch_size: 0`: tensors without the batch dimension, in and out.
+#[test]
+fn an_unbatched_config_serves_tensors_without_the_batch_dimension() {
+    if model_dir().is_none() {
+        return;
+    }
+    let config = committed_config().replace("max_batch_size: 1", "max_batch_size: 0");
+    assert!(config.contains("max_batch_size: 0"));
+    let repo = Repo::new(&config, Weights::Plain);
+    let g = Gen::greedy("The capital of France is", 8);
+    // Gen's data is [[x]]: flattened, the host gives unbatched tensors the shape [1].
+    let reqs = json!([g.request("stream", true), g.request("whole", false)]);
+    let (code, report) = repo.run(reqs, &[]);
+    let report = clean(code, report);
+    loaded(&report);
+    let want = expected(&g);
+    let unbatched_scalar = |resp: &Value, name: &str| {
+        let o = &resp["outputs"][name];
+        assert_eq!(o["shape"], json!([1]), "{name}: {resp}");
+        o["data"][0].clone()
+    };
+
+    let r = request(&report, "stream");
+    completed(r);
+    let rs = responses(r);
+    assert_eq!(rs.len(), want.ids.len(), "one response per token");
+    let mut streamed = vec![];
+    for resp in rs {
+        assert!(resp["error"].is_null(), "{resp}");
+        assert_eq!(unbatched_scalar(resp, "num_output_tokens"), 1);
+        assert_eq!(resp["outputs"]["output_ids"]["shape"], json!([1]));
+        streamed.push(resp["outputs"]["output_ids"]["data"][0].as_i64().unwrap());
+    }
+    assert_eq!(streamed, want.ids);
+    assert_eq!(r["text_output"], want.text);
+
+    let r = request(&report, "whole");
+    completed(r);
+    let resp = &responses(r)[0];
+    assert_eq!(
+        unbatched_scalar(resp, "text_output"),
+        format!("{}{}", g.prompt, want.text)
+    );
+    assert_eq!(
+        unbatched_scalar(resp, "finish_reason"),
+        finish_reason(&want.finish)
+    );
+    let n = want.prompt_ids.len() + want.ids.len();
+    assert_eq!(resp["outputs"]["output_ids"]["shape"], json!([n]));
 }
 
 // ----- scenario 2: non-streaming generation ------------------------------------------------
@@ -378,6 +480,27 @@ fn concurrent_streams_each_get_what_they_would_get_alone() {
     for (i, g) in gens.iter().enumerate() {
         check_streaming(request(&report, &format!("r{i}")), g);
     }
+    // They ran together (continuous batching), not one after the other: at some moment at
+    // least the 8 requests submitted together were all streaming, and a request submitted
+    // later got its first token before one submitted earlier had its last.
+    let spans: Vec<(f64, f64)> = (0..32)
+        .map(|i| window(request(&report, &format!("r{i}"))))
+        .collect();
+    let most_at_once = spans
+        .iter()
+        .map(|&(t, _)| spans.iter().filter(|&&(a, b)| a <= t && t <= b).count())
+        .max()
+        .unwrap();
+    assert!(
+        most_at_once >= 8,
+        "at most {most_at_once} requests streamed at once: {spans:?}"
+    );
+    let delay = |i: usize| (i % 4) * 20;
+    let joined = (0..32).any(|i| (0..32).any(|j| delay(j) > delay(i) && spans[j].0 < spans[i].1));
+    assert!(
+        joined,
+        "no request submitted later started before an earlier one finished: {spans:?}"
+    );
 }
 
 // ----- scenario 5: cancellation ----------------------------------------------------------------
@@ -418,7 +541,12 @@ fn cancelling_a_stream_ends_it_with_cancelled_and_spares_the_others() {
             rs.len()
         );
         assert_eq!(r["cancelled"], true);
+        assert_eq!(
+            r["statistics"]["success"], false,
+            "{id}: a cancelled request is a failure in Triton's statistics"
+        );
     }
+    assert_eq!(request(&report, "other")["statistics"]["success"], true);
     assert!(responses(request(&report, "victim")).len() >= 4);
     assert_eq!(responses(request(&report, "non-streaming")).len(), 1);
     check_streaming(request(&report, "other"), &other);
@@ -444,6 +572,8 @@ fn unloading_with_requests_in_flight_answers_each_with_unavailable() {
     let report = clean(code, report);
     assert_eq!(report["unloaded_after_responses"], 4);
     assert_eq!(report["finalize_errors"], json!([]));
+    // ModelInstanceFinalize joined the engine thread although it was busy.
+    no_thread_lingers(&report);
     for id in ["a", "b", "non-streaming"] {
         let r = request(&report, id);
         completed(r);
@@ -488,7 +618,11 @@ fn bad_requests_get_invalid_arg_naming_the_input_while_others_stream() {
         return;
     }
     let repo = Repo::new(&committed_config(), Weights::Plain);
+    // good-1 streams long enough for every bad request to arrive while it runs (128 tokens,
+    // no end-of-sequence before); good-3 streams until an end-of-sequence token (29 tokens).
+    let long = Gen::greedy("Once upon a time", 128);
     let good = Gen::greedy("The capital of France is", 16);
+    let ends_early = Gen::greedy("The capital of France is", 128);
     let text = |s: &str| json!({"data": [[s]]});
     let i32s = |v: i64| json!({"data": [[v]]});
     let f32s = |v: Value| json!({"data": [[v]]});
@@ -621,15 +755,59 @@ fn bad_requests_get_invalid_arg_naming_the_input_while_others_stream() {
             false,
         ),
     ];
-    let mut reqs = vec![good.request("good-1", true), good.request("good-2", false)];
+    // One bad request in the same Execute call as the good ones.
+    let mut reqs = vec![
+        long.request("good-1", true),
+        good.request("good-2", false),
+        ends_early.request("good-3", true),
+        json!({"id": "bad-with-good", "inputs": {"text_input": text("Hi"), "top_k": i32s(-2)}}),
+    ];
+    // The others arrive once good-1 has streamed two tokens, spread over 10 ms steps.
+    let after = json!({"id": "good-1", "responses": 2});
     for (i, (id, inputs, _, skip)) in bad.iter().enumerate() {
         reqs.push(json!({
             "id": id, "inputs": inputs, "skip_core_checks": skip,
-            "delay_ms": 100 + 10 * i,
+            "after": after, "delay_ms": 10 * i,
         }));
     }
+    // An input in GPU memory (a client using CUDA shared memory): a capability this backend
+    // lacks, so UNSUPPORTED rather than INVALID_ARG.
+    reqs.push(json!({
+        "id": "gpu-memory", "after": after, "delay_ms": 10 * bad.len(),
+        "inputs": {"text_input": {"data": [["Hi"]], "memory_type": "GPU"}},
+    }));
     let (code, report) = repo.run(Value::Array(reqs), &[]);
     let report = clean(code, report);
+    let (c, msg) = single_error(request(&report, "gpu-memory"));
+    assert_eq!(c, "UNSUPPORTED", "{msg}");
+    assert!(
+        msg.contains("input 'text_input'") && msg.contains("GPU memory"),
+        "{msg}"
+    );
+    let (c, msg) = single_error(request(&report, "bad-with-good"));
+    assert_eq!(c, "INVALID_ARG", "{msg}");
+    assert!(msg.contains("top_k"), "{msg}");
+    let together = report["executes"].as_array().unwrap().iter().any(|e| {
+        let ids = e["requests"].as_array().unwrap();
+        ["good-1", "good-2", "good-3", "bad-with-good"]
+            .iter()
+            .all(|id| ids.contains(&json!(id)))
+    });
+    assert!(
+        together,
+        "one Execute call held the good requests and bad-with-good"
+    );
+    // Each bad request was answered while good-1 was streaming: after its first response and
+    // before its last.
+    let (first, last) = window(request(&report, "good-1"));
+    let ids = bad.iter().map(|b| b.0).chain(["gpu-memory"]);
+    for id in ids {
+        let t = responses(request(&report, id))[0]["t_ms"].as_f64().unwrap();
+        assert!(
+            first < t && t < last,
+            "{id} answered at {t} ms, not while good-1 streamed ({first} .. {last} ms)"
+        );
+    }
     let mut failures = vec![];
     for (id, _, input, _) in &bad {
         let (c, msg) = single_error(request(&report, id));
@@ -640,7 +818,9 @@ fn bad_requests_get_invalid_arg_naming_the_input_while_others_stream() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    check_streaming(request(&report, "good-1"), &good);
+    check_streaming(request(&report, "good-1"), &long);
+    check_streaming(request(&report, "good-3"), &ends_early);
+    assert_eq!(expected(&ends_early).finish, "eos");
     check_non_streaming(request(&report, "good-2"), &good, true);
 }
 

@@ -277,6 +277,8 @@ struct InputObj {
     shape: Vec<i64>,
     byte_size: u64,
     buffers: Vec<GuardBuf>,
+    /// The `TRITONSERVER_MemoryType` its buffers are reported in.
+    memory_type: u32,
 }
 
 /// Statistics reported for one request.

@@ -18,6 +18,11 @@ impl Ledger {
         &self.requests[r].state
     }
 
+    /// Responses request `r` received so far (FINAL included).
+    pub fn response_count(&self, r: usize) -> u64 {
+        self.requests[r].responses.len() as u64
+    }
+
     /// The host answers a request itself (core checks, unload): one FINAL error.
     pub fn host_answer(&mut self, r: usize, code: u32, msg: &str) {
         self.requests[r].state = ReqState::Rejected;
@@ -60,6 +65,7 @@ impl Ledger {
                 shape: inp.shape,
                 byte_size,
                 buffers,
+                memory_type: inp.memory_type,
             });
             let idx = self.inputs.len() - 1;
             self.requests[r].inputs.push(idx);
@@ -355,17 +361,18 @@ impl Ledger {
         ))
     }
 
-    /// Pointer and size of buffer `index`.
+    /// Pointer, size and reported memory type of buffer `index`.
     pub fn input_buffer(
         &mut self,
         func: &str,
         h: usize,
         index: u32,
-    ) -> R<(*const libc::c_void, u64)> {
+    ) -> R<(*const libc::c_void, u64, u32)> {
         let i = self.live_input(func, h)?;
         let n = self.inputs[i].buffers.len();
+        let memory_type = self.inputs[i].memory_type;
         match self.inputs[i].buffers.get(index as usize) {
-            Some(b) => Ok((b.ptr().cast_const(), b.len() as u64)),
+            Some(b) => Ok((b.ptr().cast_const(), b.len() as u64, memory_type)),
             None => Err(fail(
                 code::INVALID_ARG,
                 format!(
@@ -383,11 +390,11 @@ impl Ledger {
         h: usize,
         index: u32,
     ) -> R<(*const libc::c_void, usize)> {
-        let (p, size) = self.input_buffer(func, h, index)?;
+        let (p, size, memory_type) = self.input_buffer(func, h, index)?;
         let i = self.index(func, h, Kind::Input)?;
         self.attrs.push(AttrObj {
             owner: AttrOwner::Input(i),
-            memory_type: 0,
+            memory_type,
             memory_type_id: 0,
             byte_size: size as usize,
             ipc: 0,

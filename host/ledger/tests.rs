@@ -29,6 +29,7 @@ fn ledger(n: usize) -> (Ledger, Vec<usize>) {
         datatype: 13,
         shape: vec![1, 1],
         buffers: vec![vec![2, 0, 0, 0, b'h', b'i']],
+        memory_type: 0,
     };
     let hs = (0..n).map(|r| l.submit(r, vec![inp.clone()], 0)).collect();
     (l, hs)

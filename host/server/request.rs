@@ -322,7 +322,7 @@ fn input_buffer(
 ) -> *mut TRITONSERVER_Error {
     api(func, |l| {
         let got = l.input_buffer(func, h(input), index);
-        let (p, n) = match got {
+        let (p, n, mem) = match got {
             Ok(v) => v,
             Err(f) => {
                 put_opt(buffer, ptr::null());
@@ -330,10 +330,11 @@ fn input_buffer(
                 return Err(f);
             }
         };
-        // In: the caller's preference; out: where the data is (always CPU here).
+        // In: the caller's preference; out: where the data is (the request's `memory_type`,
+        // CPU by default), whatever the caller preferred, as Triton does.
         put(l, func, buffer, p)?;
         put(l, func, buffer_byte_size, n)?;
-        put(l, func, memory_type, TRITONSERVER_MEMORY_CPU)?;
+        put(l, func, memory_type, mem)?;
         put(l, func, memory_type_id, 0)
     })
 }

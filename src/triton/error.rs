@@ -120,6 +120,19 @@ impl TritonError {
     }
 }
 
+/// The text of a caught panic's payload (`panic!` gives a `&str` or a `String`), for the
+/// INTERNAL error that answers it: entry points and the engine thread both catch panics and
+/// must say what happened.
+pub(super) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
 /// Displays an error followed by its `source()` chain.
 struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 

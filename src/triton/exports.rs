@@ -8,17 +8,16 @@
 //! `TRITONBACKEND_ModelInstanceExecute` only checks requests and hands them to the instance's
 //! engine thread (`worker`); it returns an error only before it has taken any request over.
 
-use std::any::Any;
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
 use super::backend_config::BackendSettings;
-use super::error::{check, to_server_error, TritonError};
+use super::error::{check, panic_message, to_server_error, TritonError};
 use super::request::{now_ns, Pending};
 use super::state::{into_raw, take_box, InstanceState, ModelState};
 use super::worker::Job;
-use super::{log, sys};
+use super::{log, sys, threads};
 
 /// Runs `body`, catching panics; `Ok` → null, otherwise a new Triton error.
 fn guard(
@@ -34,16 +33,6 @@ fn guard(
     match result {
         Ok(()) => ptr::null_mut(),
         Err(err) => to_server_error(&err),
-    }
-}
-
-fn panic_message(payload: &(dyn Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "(non-string panic payload)".to_string()
     }
 }
 
@@ -80,6 +69,7 @@ pub unsafe extern "C" fn TRITONBACKEND_Initialize(
             )));
         }
         log::install();
+        threads::name_global_pool();
         // SAFETY: `backend` is the live handle Triton passed in.
         let json = unsafe { backend_config_json(backend)? };
         let (settings, ignored) = BackendSettings::from_json(&json)?;

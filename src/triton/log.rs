@@ -7,12 +7,18 @@
 //! `RTLD_LOCAL`). Levels map ERROR → ERROR, WARN → WARN, INFO → INFO, DEBUG and TRACE → VERBOSE;
 //! an event is formatted only when Triton has its level enabled. Spans are not recorded: the
 //! events carry their context as fields (`instance=...`, `request=...`).
+//!
+//! Triton's levels change at run time (`/v2/logging`, `--log-verbose` through the API), so the
+//! subscriber never lets `tracing` cache a callsite's answer: [`TritonLog::register_callsite`]
+//! says "sometimes", and `enabled` asks `TRITONSERVER_LogIsEnabled` at every event.
 
 use std::ffi::CString;
 use std::fmt::Write as _;
 
 use tracing::field::{Field, Visit};
+use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
 
 use super::error::check;
@@ -76,6 +82,19 @@ impl Visit for Fields {
 }
 
 impl Subscriber for TritonLog {
+    /// Always "sometimes": the default would cache `enabled`'s first answer per callsite
+    /// ("never" or "always"), and a level switched on or off later in Triton would never be
+    /// seen by an event already hit once.
+    fn register_callsite(&self, _metadata: &'static Metadata<'static>) -> Interest {
+        Interest::sometimes()
+    }
+
+    /// Every level: Triton may enable any of them at run time, so no event may be filtered out
+    /// before `enabled` asks it.
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::TRACE)
+    }
+
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         // SAFETY: a plain query, callable at any time while the server runs.
         unsafe { sys::TRITONSERVER_LogIsEnabled(triton_level(metadata.level())) }
@@ -110,4 +129,34 @@ impl Subscriber for TritonLog {
 /// Makes [`TritonLog`] the subscriber of this shared object (once; later calls do nothing).
 pub(super) fn install() {
     let _ = tracing::subscriber::set_global_default(TritonLog);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mock;
+    use super::*;
+
+    /// One callsite hit three times while Triton's VERBOSE level goes off, on, off: only the
+    /// event of the middle round reaches the log. With `tracing`'s default callsite caching the
+    /// first answer ("never") would stick and the middle event would be lost.
+    #[test]
+    fn a_log_level_changed_at_run_time_is_seen_by_callsites_already_hit() {
+        let _g = mock::lock();
+        let dispatch = tracing::Dispatch::new(TritonLog);
+        tracing::dispatcher::with_default(&dispatch, || {
+            for round in 0..3 {
+                mock::set_verbose(round == 1);
+                tracing::debug!(round, "log-level probe");
+            }
+        });
+        let probes: Vec<String> = mock::logged()
+            .into_iter()
+            .filter(|(_, m)| m.contains("log-level probe"))
+            .map(|(level, m)| {
+                assert_eq!(level, sys::TRITONSERVER_LOG_VERBOSE);
+                m
+            })
+            .collect();
+        assert_eq!(probes, ["unweight: log-level probe round=1"]);
+    }
 }

@@ -4,12 +4,16 @@
 //! message the backend receives is deleted. One test at a time: [`lock`] serializes them.
 //!
 //! This is not the issue's test host (a separate program that loads the `.so` as Triton does);
-//! it exercises the entry points in-process.
+//! it exercises the entry points and the engine thread in-process. Requests made with
+//! [`new_request`] record what the backend did with them (responses, the statistics' success
+//! flag, the order of FINAL, statistics, release and factory delete); reading inputs is left to
+//! the host.
 
 #![allow(clippy::missing_safety_doc)]
 
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::sys;
@@ -34,6 +38,39 @@ pub(super) struct Host {
     pub live_errors: i64,
     /// Messages handed out and not yet deleted.
     pub live_messages: i64,
+    /// Requests made by [`new_request`], by handle − 1.
+    pub requests: Vec<MockRequest>,
+}
+
+/// What a mock request went through, for tests of the engine thread.
+#[derive(Debug, Default)]
+pub(super) struct MockRequest {
+    pub id: CString,
+    /// `ResponseFactoryIsCancelled` answers this.
+    pub cancelled: bool,
+    /// Responses sent, in order (a `ResponseFactorySendFlags` FINAL is one without outputs).
+    pub responses: Vec<MockSent>,
+    /// The `success` flag of `ModelInstanceReportStatistics`.
+    pub statistics: Option<bool>,
+    /// `FINAL`, `statistics`, `release` and `factory-delete`, in the order they happened.
+    pub order: Vec<&'static str>,
+}
+
+impl MockRequest {
+    /// Whether the request ended (its factory was deleted, the last step of its end).
+    pub fn ended(&self) -> bool {
+        self.order.contains(&"factory-delete")
+    }
+}
+
+/// One response a mock request got.
+#[derive(Debug)]
+pub(super) struct MockSent {
+    pub is_final: bool,
+    /// Code and message of the error it carried.
+    pub error: Option<(u32, String)>,
+    /// Output names, in order.
+    pub outputs: Vec<String>,
 }
 
 static HOST: Mutex<Option<Host>> = Mutex::new(None);
@@ -58,8 +95,45 @@ pub(super) fn lock() -> MutexGuard<'static, ()> {
         backend_config_json: r#"{"cmdline": {}}"#.into(),
         live_errors: 0,
         live_messages: 0,
+        requests: Vec::new(),
     });
+    LOGGED.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    VERBOSE_OFF.store(false, Ordering::Relaxed);
     guard
+}
+
+/// A new request with id `id`, as Triton would pass it to Execute.
+pub(super) fn new_request(id: &str) -> *mut sys::TRITONBACKEND_Request {
+    with(|h| {
+        h.requests.push(MockRequest {
+            id: CString::new(id).unwrap(),
+            ..MockRequest::default()
+        });
+        h.requests.len() as *mut sys::TRITONBACKEND_Request
+    })
+}
+
+/// Runs `f` on the request behind handle `h` (a request or its factory: the mock gives both
+/// the same value).
+pub(super) fn on_request<R, T>(h: *mut T, f: impl FnOnce(&mut MockRequest) -> R) -> R {
+    with(|host| f(&mut host.requests[h as usize - 1]))
+}
+
+/// `TRITONSERVER_LogIsEnabled(VERBOSE)` answers false while this is set (a run-time log-level
+/// change, as `/v2/logging` makes); the other levels are always on.
+static VERBOSE_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Messages `TRITONSERVER_LogMessage` received since the last [`lock`].
+static LOGGED: Mutex<Vec<(sys::TRITONSERVER_LogLevel, String)>> = Mutex::new(Vec::new());
+
+/// Switches Triton's VERBOSE level on or off.
+pub(super) fn set_verbose(on: bool) {
+    VERBOSE_OFF.store(!on, Ordering::Relaxed);
+}
+
+/// The messages logged so far.
+pub(super) fn logged() -> Vec<(sys::TRITONSERVER_LogLevel, String)> {
+    LOGGED.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 fn host_lock() -> MutexGuard<'static, Option<Host>> {
@@ -159,17 +233,25 @@ pub unsafe extern "C" fn TRITONSERVER_MessageDelete(
 }
 
 #[no_mangle]
-pub unsafe extern "C" fn TRITONSERVER_LogIsEnabled(_level: sys::TRITONSERVER_LogLevel) -> bool {
-    true
+pub unsafe extern "C" fn TRITONSERVER_LogIsEnabled(level: sys::TRITONSERVER_LogLevel) -> bool {
+    level != sys::TRITONSERVER_LOG_VERBOSE || !VERBOSE_OFF.load(Ordering::Relaxed)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn TRITONSERVER_LogMessage(
-    _level: sys::TRITONSERVER_LogLevel,
+    level: sys::TRITONSERVER_LogLevel,
     _filename: *const c_char,
     _line: i32,
-    _msg: *const c_char,
+    msg: *const c_char,
 ) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: a valid C string (header contract).
+    let msg = unsafe { CStr::from_ptr(msg) }
+        .to_string_lossy()
+        .into_owned();
+    LOGGED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((level, msg));
     ptr::null_mut()
 }
 
@@ -362,8 +444,8 @@ pub unsafe extern "C" fn TRITONBACKEND_ModelBackend(
     ptr::null_mut()
 }
 
-/// Request and response functions: the in-process tests never reach them (requests are the
-/// test host's job, tests/triton_host.rs), but the test binary must link.
+/// Reading inputs: the in-process tests never reach them (requests' inputs are the test host's
+/// job, tests/triton_host.rs), but the test binary must link.
 macro_rules! not_in_mock {
     ($($name:ident($($arg:ident: $ty:ty),*);)*) => {$(
         #[no_mangle]
@@ -380,21 +462,214 @@ macro_rules! not_in_mock {
 not_in_mock! {
     TRITONBACKEND_InputBuffer(a: *mut sys::TRITONBACKEND_Input, b: u32, c: *mut *const c_void, d: *mut u64, e: *mut sys::TRITONSERVER_MemoryType, f: *mut i64);
     TRITONBACKEND_InputProperties(a: *mut sys::TRITONBACKEND_Input, b: *mut *const c_char, c: *mut sys::TRITONSERVER_DataType, d: *mut *const i64, e: *mut u32, f: *mut u64, g: *mut u32);
-    TRITONBACKEND_ModelInstanceReportBatchStatistics(a: *mut sys::TRITONBACKEND_ModelInstance, b: u64, c: u64, d: u64, e: u64, f: u64);
-    TRITONBACKEND_ModelInstanceReportStatistics(a: *mut sys::TRITONBACKEND_ModelInstance, b: *mut sys::TRITONBACKEND_Request, c: bool, d: u64, e: u64, f: u64, g: u64);
-    TRITONBACKEND_OutputBuffer(a: *mut sys::TRITONBACKEND_Output, b: *mut *mut c_void, c: u64, d: *mut sys::TRITONSERVER_MemoryType, e: *mut i64);
-    TRITONBACKEND_RequestId(a: *mut sys::TRITONBACKEND_Request, b: *mut *const c_char);
     TRITONBACKEND_RequestInputByIndex(a: *mut sys::TRITONBACKEND_Request, b: u32, c: *mut *mut sys::TRITONBACKEND_Input);
     TRITONBACKEND_RequestInputCount(a: *mut sys::TRITONBACKEND_Request, b: *mut u32);
     TRITONBACKEND_RequestOutputCount(a: *mut sys::TRITONBACKEND_Request, b: *mut u32);
     TRITONBACKEND_RequestOutputName(a: *mut sys::TRITONBACKEND_Request, b: u32, c: *mut *const c_char);
-    TRITONBACKEND_RequestRelease(a: *mut sys::TRITONBACKEND_Request, b: u32);
-    TRITONBACKEND_ResponseDelete(a: *mut sys::TRITONBACKEND_Response);
-    TRITONBACKEND_ResponseFactoryDelete(a: *mut sys::TRITONBACKEND_ResponseFactory);
-    TRITONBACKEND_ResponseFactoryIsCancelled(a: *mut sys::TRITONBACKEND_ResponseFactory, b: *mut bool);
-    TRITONBACKEND_ResponseFactoryNew(a: *mut *mut sys::TRITONBACKEND_ResponseFactory, b: *mut sys::TRITONBACKEND_Request);
-    TRITONBACKEND_ResponseFactorySendFlags(a: *mut sys::TRITONBACKEND_ResponseFactory, b: u32);
-    TRITONBACKEND_ResponseNewFromFactory(a: *mut *mut sys::TRITONBACKEND_Response, b: *mut sys::TRITONBACKEND_ResponseFactory);
-    TRITONBACKEND_ResponseOutput(a: *mut sys::TRITONBACKEND_Response, b: *mut *mut sys::TRITONBACKEND_Output, c: *const c_char, d: sys::TRITONSERVER_DataType, e: *const i64, f: u32);
-    TRITONBACKEND_ResponseSend(a: *mut sys::TRITONBACKEND_Response, b: u32, c: *mut sys::TRITONSERVER_Error);
+}
+
+// ----- requests, responses, statistics (for the engine thread's tests) -------------------
+
+/// A response being built: its outputs, each boxed so the pointer handed out stays put.
+struct MockResponse {
+    request: usize,
+    // The boxes keep each output at one address while the vector grows: the backend holds
+    // pointers to them.
+    #[allow(clippy::vec_box)]
+    outputs: Vec<Box<MockOutput>>,
+}
+
+struct MockOutput {
+    name: String,
+    data: Vec<u8>,
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_RequestId(
+    request: *mut sys::TRITONBACKEND_Request,
+    id: *mut *const c_char,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: valid out-pointer; the string lives in the static host until the next lock().
+    unsafe { *id = on_request(request, |r| r.id.as_ptr()) };
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseFactoryNew(
+    factory: *mut *mut sys::TRITONBACKEND_ResponseFactory,
+    request: *mut sys::TRITONBACKEND_Request,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: valid out-pointer; the factory handle is the request's.
+    unsafe { *factory = request.cast() };
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseFactoryIsCancelled(
+    factory: *mut sys::TRITONBACKEND_ResponseFactory,
+    cancelled: *mut bool,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: valid out-pointer.
+    unsafe { *cancelled = on_request(factory, |r| r.cancelled) };
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseFactoryDelete(
+    factory: *mut sys::TRITONBACKEND_ResponseFactory,
+) -> *mut sys::TRITONSERVER_Error {
+    on_request(factory, |r| r.order.push("factory-delete"));
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseFactorySendFlags(
+    factory: *mut sys::TRITONBACKEND_ResponseFactory,
+    flags: u32,
+) -> *mut sys::TRITONSERVER_Error {
+    let is_final = flags & sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL != 0;
+    on_request(factory, |r| {
+        r.responses.push(MockSent {
+            is_final,
+            error: None,
+            outputs: Vec::new(),
+        });
+        if is_final {
+            r.order.push("FINAL");
+        }
+    });
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseNewFromFactory(
+    response: *mut *mut sys::TRITONBACKEND_Response,
+    factory: *mut sys::TRITONBACKEND_ResponseFactory,
+) -> *mut sys::TRITONSERVER_Error {
+    let r = Box::new(MockResponse {
+        request: factory as usize,
+        outputs: Vec::new(),
+    });
+    // SAFETY: valid out-pointer; sent or deleted exactly once by the backend.
+    unsafe { *response = Box::into_raw(r).cast() };
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseOutput(
+    response: *mut sys::TRITONBACKEND_Response,
+    output: *mut *mut sys::TRITONBACKEND_Output,
+    name: *const c_char,
+    _datatype: sys::TRITONSERVER_DataType,
+    _shape: *const i64,
+    _dims_count: u32,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: a live MockResponse and a valid C string (header contract).
+    let (r, name) = unsafe {
+        (
+            &mut *response.cast::<MockResponse>(),
+            CStr::from_ptr(name).to_string_lossy().into_owned(),
+        )
+    };
+    r.outputs.push(Box::new(MockOutput {
+        name,
+        data: Vec::new(),
+    }));
+    let o: *mut MockOutput = &mut **r.outputs.last_mut().expect("pushed");
+    // SAFETY: valid out-pointer; the output lives as long as its response.
+    unsafe { *output = o.cast() };
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_OutputBuffer(
+    output: *mut sys::TRITONBACKEND_Output,
+    buffer: *mut *mut c_void,
+    byte_size: u64,
+    memory_type: *mut sys::TRITONSERVER_MemoryType,
+    memory_type_id: *mut i64,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: a live MockOutput and valid out-pointers (header contract).
+    unsafe {
+        let o = &mut *output.cast::<MockOutput>();
+        o.data = vec![0; byte_size as usize];
+        *buffer = o.data.as_mut_ptr().cast();
+        *memory_type = sys::TRITONSERVER_MEMORY_CPU;
+        *memory_type_id = 0;
+    }
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseDelete(
+    response: *mut sys::TRITONBACKEND_Response,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: made by ResponseNewFromFactory, deleted once.
+    drop(unsafe { Box::from_raw(response.cast::<MockResponse>()) });
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ResponseSend(
+    response: *mut sys::TRITONBACKEND_Response,
+    flags: u32,
+    error: *mut sys::TRITONSERVER_Error,
+) -> *mut sys::TRITONSERVER_Error {
+    // SAFETY: made by ResponseNewFromFactory; sending hands it over, once.
+    let resp = unsafe { Box::from_raw(response.cast::<MockResponse>()) };
+    let error = (!error.is_null()).then(|| {
+        // SAFETY: a live error the caller keeps (and deletes); only read here.
+        let e = unsafe { &*error.cast::<MockError>() };
+        (e.code, e.msg.to_string_lossy().into_owned())
+    });
+    let is_final = flags & sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL != 0;
+    on_request(resp.request as *mut u8, |r| {
+        r.responses.push(MockSent {
+            is_final,
+            error,
+            outputs: resp.outputs.iter().map(|o| o.name.clone()).collect(),
+        });
+        if is_final {
+            r.order.push("FINAL");
+        }
+    });
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceReportStatistics(
+    _instance: *mut sys::TRITONBACKEND_ModelInstance,
+    request: *mut sys::TRITONBACKEND_Request,
+    success: bool,
+    _exec_start_ns: u64,
+    _compute_start_ns: u64,
+    _compute_end_ns: u64,
+    _exec_end_ns: u64,
+) -> *mut sys::TRITONSERVER_Error {
+    on_request(request, |r| {
+        r.statistics = Some(success);
+        r.order.push("statistics");
+    });
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_ModelInstanceReportBatchStatistics(
+    _instance: *mut sys::TRITONBACKEND_ModelInstance,
+    _batch_size: u64,
+    _exec_start_ns: u64,
+    _compute_start_ns: u64,
+    _compute_end_ns: u64,
+    _exec_end_ns: u64,
+) -> *mut sys::TRITONSERVER_Error {
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONBACKEND_RequestRelease(
+    request: *mut sys::TRITONBACKEND_Request,
+    _release_flags: u32,
+) -> *mut sys::TRITONSERVER_Error {
+    on_request(request, |r| r.order.push("release"));
+    ptr::null_mut()
 }

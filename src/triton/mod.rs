@@ -6,8 +6,9 @@
 //! Triton's opaque pointers (`state`), the model configuration ([`config`]), the backend
 //! configuration ([`backend_config`]), the request contract ([`inputs`]), the FFI side of a
 //! request's life (`request`), the loaded model (`served`), the engine thread of an instance
-//! (`worker`), the log bridge (`log`) and the error mapping ([`error`]). No Triton type leaves
-//! this module: the engine and everything below it never see a `TRITON*` handle. All `unsafe`
+//! (`worker`), the names of the backend's threads (`threads`), the log bridge (`log`) and the
+//! error mapping ([`error`]). No Triton type leaves this module: the engine and everything below
+//! it never see a `TRITON*` handle. All `unsafe`
 //! of this layer is here, each block with a `// SAFETY:` line (enforced by clippy's
 //! `undocumented_unsafe_blocks`). docs/triton.md describes the whole.
 
@@ -25,6 +26,7 @@ mod request;
 mod served;
 mod state;
 mod sys;
+mod threads;
 mod worker;
 
 pub use config::{DeviceChoice, InstanceGroup, InstanceKind, ModelConfig};

@@ -254,9 +254,11 @@ impl Pending {
                 };
                 if mem != sys::TRITONSERVER_MEMORY_CPU && mem != sys::TRITONSERVER_MEMORY_CPU_PINNED
                 {
-                    return Err(TritonError::InvalidInput(format!(
+                    // Not a malformed request but a capability this backend lacks: UNSUPPORTED,
+                    // as for outputs (docs/triton.md, "Errors").
+                    return Err(TritonError::Unsupported(format!(
                         "input '{name}': buffer {b} is in GPU memory; this backend reads inputs \
-                         from CPU memory"
+                         from CPU memory only"
                     )));
                 }
                 if size > 0 {

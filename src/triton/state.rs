@@ -288,7 +288,11 @@ impl InstanceState {
         let handle = InstanceHandle(instance);
         let limit = served.max_sequences.saturating_mul(4).max(1);
         let engine = served.engine(&name, placement)?;
-        let worker = Worker::spawn(&name, engine, handle, limit)?;
+        let rebuild = {
+            let (served, name) = (Arc::clone(&served), name.clone());
+            Box::new(move || served.engine(&name, placement))
+        };
+        let worker = Worker::spawn(&name, engine, rebuild, handle, limit)?;
         Ok(InstanceState {
             name,
             kind,

@@ -1,22 +1,32 @@
 //! The engine thread of one model instance: continuous batching over every live request, one
-//! response per token (or one per request), cancellation, and a clean stop.
+//! response per token (or one per request), cancellation, panic recovery, and a clean stop.
 //!
 //! `ModelInstanceExecute` (Triton's thread) only checks requests and hands the good ones over a
 //! channel ([`Worker::submit`]). The thread admits them between engine steps, polls each live
 //! request's cancellation flag once per step, runs [`Engine::step`] and turns its events into
 //! responses. Every request leaves through [`finish_with`] or [`Pending::finish`] after exactly
-//! one FINAL response. [`Worker::stop`] (from `ModelInstanceFinalize`) makes the thread answer
-//! every request still queued or running with an UNAVAILABLE error and joins it.
+//! one FINAL response. A panic during a turn is caught: every request the thread holds ends
+//! with an INTERNAL error and the engine is rebuilt ([`EngineFactory`]); if it cannot be, new
+//! requests get UNAVAILABLE naming the panic. [`Worker::stop`] (from `ModelInstanceFinalize`)
+//! makes the thread answer every request still queued or running with an UNAVAILABLE error and
+//! joins it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
-use super::error::TritonError;
+use super::error::{panic_message, TritonError};
 use super::request::{now_ns, InstanceHandle, OutputTensor, Pending, Wanted};
 use crate::device::Backend;
 use crate::engine::{Engine, Event, Request, RequestId, StopReason};
+
+/// Builds a fresh engine for an instance. The engine thread calls it after a panic: the
+/// panicked engine may have stopped half-way through a step (KV cache and sequences out of
+/// step), so it is dropped rather than reused.
+pub(super) type EngineFactory =
+    Box<dyn FnMut() -> Result<Engine<Box<dyn Backend>>, TritonError> + Send>;
 
 /// A checked request on its way to the engine.
 #[derive(Debug)]
@@ -61,11 +71,12 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Starts the engine thread of instance `name`; at most `limit` requests may be queued or
-    /// running at once.
+    /// Starts the engine thread of instance `name` over `engine` (`rebuild` makes its
+    /// replacement after a panic); at most `limit` requests may be queued or running at once.
     pub fn spawn(
         name: &str,
         engine: Engine<Box<dyn Backend>>,
+        rebuild: EngineFactory,
         instance: InstanceHandle,
         limit: usize,
     ) -> Result<Self, TritonError> {
@@ -75,7 +86,7 @@ impl Worker {
         let label = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("unweight-{name}"))
-            .spawn(move || run(&label, engine, instance, rx, &counter))
+            .spawn(move || run(&label, engine, rebuild, instance, rx, &counter))
             .map_err(|e| TritonError::Internal {
                 context: format!("starting the engine thread of instance {name}"),
                 source: Box::new(e),
@@ -155,153 +166,310 @@ fn finish_with(job: Box<Job>, err: &TritonError, instance: InstanceHandle, count
     counter.fetch_sub(1, Ordering::AcqRel);
 }
 
+/// Where a request stands after one step's responses were sent.
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    /// More responses will follow.
+    Open,
+    /// Its FINAL went out; `success` is what its statistics report: false when the FINAL
+    /// carried an error (a cancellation), so Triton's failure counts see it.
+    Final {
+        /// Whether the request succeeded.
+        success: bool,
+    },
+}
+
+/// Everything the engine thread holds. Every request it owns is in exactly one of `queued`,
+/// `admitting` and `live` at every point where a panic can be caught, so a panic never loses
+/// one: [`Serving::recover`] answers them all.
+struct Serving<'a> {
+    name: &'a str,
+    instance: InstanceHandle,
+    counter: &'a AtomicUsize,
+    /// `None` once the engine panicked and could not be rebuilt.
+    engine: Option<Engine<Box<dyn Backend>>>,
+    rebuild: EngineFactory,
+    /// Why the instance cannot serve any more (set with `engine = None`).
+    broken: Option<String>,
+    /// Received, not yet given to the engine.
+    queued: VecDeque<Box<Job>>,
+    /// The job inside `Engine::add` right now.
+    admitting: Option<Box<Job>>,
+    live: HashMap<RequestId, Live>,
+    /// A Stop arrived (or the channel closed).
+    stopping: bool,
+}
+
 fn run(
     name: &str,
-    mut engine: Engine<Box<dyn Backend>>,
+    engine: Engine<Box<dyn Backend>>,
+    rebuild: EngineFactory,
     instance: InstanceHandle,
     rx: mpsc::Receiver<Command>,
     counter: &AtomicUsize,
 ) {
-    let mut live: HashMap<RequestId, Live> = HashMap::new();
-    let mut leftover: Vec<Command> = Vec::new();
+    let mut s = Serving {
+        name,
+        instance,
+        counter,
+        engine: Some(engine),
+        rebuild,
+        broken: None,
+        queued: VecDeque::new(),
+        admitting: None,
+        live: HashMap::new(),
+        stopping: false,
+    };
     tracing::debug!(instance = name, "engine thread started");
-    'serve: loop {
-        // Admit what arrived; sleep only when there is nothing to compute.
-        let mut commands = Vec::new();
-        if !engine.has_work() {
-            match rx.recv() {
-                Ok(c) => commands.push(c),
-                Err(_) => break 'serve,
-            }
+    while !s.stopping {
+        // A panic anywhere in a turn (admission, engine step, responses) must not end the
+        // thread: Triton would wait forever for the FINALs of what it holds.
+        let Err(payload) = catch_unwind(AssertUnwindSafe(|| s.turn(&rx))) else {
+            continue;
+        };
+        let message = panic_message(payload.as_ref());
+        if let Err(again) = catch_unwind(AssertUnwindSafe(|| s.recover(&message))) {
+            let again = panic_message(again.as_ref());
+            tracing::error!(instance = name, panic = %again, "recovering from a panic panicked");
+            s.engine = None;
+            s.broken = Some(format!(
+                "its engine thread panicked ({message}) and recovering panicked too ({again})"
+            ));
         }
-        commands.extend(rx.try_iter());
-        let mut commands = commands.into_iter();
-        while let Some(c) = commands.next() {
-            match c {
-                Command::Stop => {
-                    leftover.extend(commands);
-                    break 'serve;
-                }
-                Command::Add(mut job) => {
-                    job.pending.compute_start_ns = now_ns();
-                    match engine.add(job.request.clone()) {
-                        Ok(id) => {
-                            tracing::debug!(
-                                instance = name,
-                                request = job.pending.id.as_str(),
-                                prompt_tokens = job.request.prompt.len(),
-                                max_tokens = job.request.max_tokens,
-                                stream = job.stream,
-                                "admitted"
-                            );
-                            live.insert(
-                                id,
-                                Live {
-                                    job,
-                                    ids: Vec::new(),
-                                    text: String::new(),
-                                },
-                            );
-                        }
-                        Err(e) => {
-                            let err = TritonError::InvalidInput(e.to_string());
-                            finish_with(job, &err, instance, counter);
-                        }
-                    }
-                }
-            }
-        }
+    }
+    s.stop(&rx);
+}
 
-        for (&id, l) in &live {
+impl Serving<'_> {
+    /// One round: take what arrived (sleeping only when there is nothing to compute), admit
+    /// it, poll cancellations, run one engine step and send its responses.
+    fn turn(&mut self, rx: &mpsc::Receiver<Command>) {
+        self.receive(rx);
+        if self.stopping {
+            return;
+        }
+        self.admit();
+        self.poll_cancellations();
+        self.step();
+    }
+
+    fn receive(&mut self, rx: &mpsc::Receiver<Command>) {
+        let busy = !self.queued.is_empty() || self.engine.as_ref().is_some_and(Engine::has_work);
+        if !busy {
+            match rx.recv() {
+                Ok(c) => self.take(c),
+                Err(_) => self.stopping = true,
+            }
+        }
+        while !self.stopping {
+            match rx.try_recv() {
+                Ok(c) => self.take(c),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn take(&mut self, c: Command) {
+        match c {
+            Command::Add(job) => self.queued.push_back(job),
+            Command::Stop => self.stopping = true,
+        }
+    }
+
+    fn admit(&mut self) {
+        while let Some(mut job) = self.queued.pop_front() {
+            job.pending.compute_start_ns = now_ns();
+            let Some(engine) = self.engine.as_mut() else {
+                let err = TritonError::Unavailable(format!(
+                    "instance {} cannot serve: {}",
+                    self.name,
+                    self.broken.as_deref().unwrap_or("it has no engine")
+                ));
+                finish_with(job, &err, self.instance, self.counter);
+                continue;
+            };
+            let request = job.request.clone();
+            self.admitting = Some(job);
+            let added = engine.add(request);
+            let job = self.admitting.take().expect("set just above");
+            match added {
+                Ok(id) => {
+                    tracing::debug!(
+                        instance = self.name,
+                        request = job.pending.id.as_str(),
+                        prompt_tokens = job.request.prompt.len(),
+                        max_tokens = job.request.max_tokens,
+                        stream = job.stream,
+                        "admitted"
+                    );
+                    self.live.insert(
+                        id,
+                        Live {
+                            job,
+                            ids: Vec::new(),
+                            text: String::new(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    let err = TritonError::InvalidInput(e.to_string());
+                    finish_with(job, &err, self.instance, self.counter);
+                }
+            }
+        }
+    }
+
+    fn poll_cancellations(&mut self) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
+        for (&id, l) in &self.live {
             if l.job.pending.is_cancelled() {
                 engine.cancel(id);
             }
         }
+    }
 
+    fn step(&mut self) {
+        let Some(engine) = self.engine.as_mut() else {
+            return;
+        };
         match engine.step() {
-            Ok(events) => dispatch(events, &mut live, &mut engine, instance, counter),
+            Ok(events) => self.dispatch(events),
             Err(e) => {
                 let err = TritonError::Internal {
-                    context: format!("instance {name}: engine step"),
+                    context: format!("instance {}: engine step", self.name),
                     source: Box::new(e),
                 };
-                tracing::error!(instance = name, error = %err.chain(), "engine step failed");
+                tracing::error!(instance = self.name, error = %err.chain(), "engine step failed");
                 for id in engine.take_failed() {
-                    if let Some(l) = live.remove(&id) {
-                        finish_with(l.job, &err, instance, counter);
+                    if let Some(l) = self.live.remove(&id) {
+                        finish_with(l.job, &err, self.instance, self.counter);
                     }
                 }
             }
         }
     }
 
-    // Stopping: answer everything still here, queued ones included.
-    let err = TritonError::Unavailable(format!(
-        "model instance {name} is being unloaded; the request was not completed"
-    ));
-    let queued: Vec<Box<Job>> = leftover
-        .into_iter()
-        .chain(rx.try_iter())
-        .filter_map(|c| match c {
-            Command::Add(job) => Some(job),
-            Command::Stop => None,
-        })
-        .collect();
-    let n = live.len() + queued.len();
-    for (_, l) in live.drain() {
-        finish_with(l.job, &err, instance, counter);
-    }
-    for job in queued {
-        finish_with(job, &err, instance, counter);
-    }
-    tracing::debug!(instance = name, answered = n, "engine thread stopped");
-}
-
-/// The events of one step, grouped per request in order.
-fn dispatch(
-    events: Vec<Event>,
-    live: &mut HashMap<RequestId, Live>,
-    engine: &mut Engine<Box<dyn Backend>>,
-    instance: InstanceHandle,
-    counter: &AtomicUsize,
-) {
-    let mut order: Vec<RequestId> = Vec::new();
-    let mut per: HashMap<RequestId, Vec<Event>> = HashMap::new();
-    for ev in events {
-        let id = match &ev {
-            Event::Token { id, .. } | Event::Finished { id, .. } => *id,
-        };
-        per.entry(id)
-            .or_insert_with(|| {
-                order.push(id);
-                Vec::new()
-            })
-            .push(ev);
-    }
-    for id in order {
-        let evs = per.remove(&id).unwrap_or_default();
-        let Some(l) = live.get_mut(&id) else {
-            continue;
-        };
-        match respond(l, evs) {
-            Ok(false) => {}
-            Ok(true) => {
-                let l = live.remove(&id).expect("present above");
-                l.job.pending.finish(instance, true);
-                counter.fetch_sub(1, Ordering::AcqRel);
-            }
-            Err(err) => {
-                // Sending failed (the client may be gone): stop generating and end it.
-                engine.cancel(id);
-                let l = live.remove(&id).expect("present above");
-                tracing::warn!(
-                    request = l.job.pending.id.as_str(),
-                    error = %err.chain(),
-                    "response failed; request ended"
-                );
-                finish_with(l.job, &err, instance, counter);
+    /// The events of one step, grouped per request in order. A request leaves `live` only once
+    /// its FINAL is out, so a panic while responding still finds it there.
+    fn dispatch(&mut self, events: Vec<Event>) {
+        let mut order: Vec<RequestId> = Vec::new();
+        let mut per: HashMap<RequestId, Vec<Event>> = HashMap::new();
+        for ev in events {
+            let id = match &ev {
+                Event::Token { id, .. } | Event::Finished { id, .. } => *id,
+            };
+            per.entry(id)
+                .or_insert_with(|| {
+                    order.push(id);
+                    Vec::new()
+                })
+                .push(ev);
+        }
+        for id in order {
+            let evs = per.remove(&id).unwrap_or_default();
+            let Some(l) = self.live.get_mut(&id) else {
+                continue;
+            };
+            match respond(l, evs) {
+                Ok(Sent::Open) => {}
+                Ok(Sent::Final { success }) => {
+                    let l = self.live.remove(&id).expect("present above");
+                    l.job.pending.finish(self.instance, success);
+                    self.counter.fetch_sub(1, Ordering::AcqRel);
+                }
+                Err(err) => {
+                    // Sending failed (the client may be gone): stop generating and end it.
+                    if let Some(engine) = self.engine.as_mut() {
+                        engine.cancel(id);
+                    }
+                    let l = self.live.remove(&id).expect("present above");
+                    tracing::warn!(
+                        request = l.job.pending.id.as_str(),
+                        error = %err.chain(),
+                        "response failed; request ended"
+                    );
+                    finish_with(l.job, &err, self.instance, self.counter);
+                }
             }
         }
+    }
+
+    /// Answers every request held with `err` (FINAL, statistics, release), queued ones included.
+    fn answer_all(&mut self, err: &TritonError) -> usize {
+        let mut jobs: Vec<Box<Job>> = self.admitting.take().into_iter().collect();
+        jobs.extend(self.live.drain().map(|(_, l)| l.job));
+        jobs.extend(self.queued.drain(..));
+        let n = jobs.len();
+        for job in jobs {
+            finish_with(job, err, self.instance, self.counter);
+        }
+        n
+    }
+
+    /// After a panic: the engine may have stopped half-way through a step, so every request it
+    /// held ends with an INTERNAL error naming the panic, and the engine is replaced by a fresh
+    /// one (same model, empty KV cache). If that fails the instance refuses new requests with
+    /// UNAVAILABLE, naming the panic, rather than hang.
+    fn recover(&mut self, message: &str) {
+        let err = TritonError::Internal {
+            context: format!("instance {}: the engine thread panicked", self.name),
+            source: message.into(),
+        };
+        let n = self.answer_all(&err);
+        tracing::error!(
+            instance = self.name,
+            panic = message,
+            ended = n,
+            "engine thread panicked; every request it held was ended with INTERNAL"
+        );
+        let old = self.engine.take();
+        if catch_unwind(AssertUnwindSafe(move || drop(old))).is_err() {
+            tracing::error!(
+                instance = self.name,
+                "dropping the panicked engine panicked"
+            );
+        }
+        let rebuilt = catch_unwind(AssertUnwindSafe(|| (self.rebuild)())).unwrap_or_else(|p| {
+            Err(TritonError::Panic {
+                entry: "rebuilding the engine",
+                message: panic_message(p.as_ref()),
+            })
+        });
+        match rebuilt {
+            Ok(engine) => {
+                self.engine = Some(engine);
+                tracing::warn!(instance = self.name, "engine rebuilt after a panic");
+            }
+            Err(e) => {
+                let why = format!(
+                    "its engine panicked ({message}) and could not be rebuilt: {}",
+                    e.chain()
+                );
+                tracing::error!(instance = self.name, "{why}; new requests are refused");
+                self.broken = Some(why);
+            }
+        }
+    }
+
+    /// Stopping: answer everything still here, queued ones included, with UNAVAILABLE.
+    fn stop(mut self, rx: &mpsc::Receiver<Command>) {
+        for c in rx.try_iter() {
+            if let Command::Add(job) = c {
+                self.queued.push_back(job);
+            }
+        }
+        let err = TritonError::Unavailable(format!(
+            "model instance {} is being unloaded; the request was not completed",
+            self.name
+        ));
+        let n = self.answer_all(&err);
+        let engine = self.engine.take();
+        if catch_unwind(AssertUnwindSafe(move || drop(engine))).is_err() {
+            tracing::error!(instance = self.name, "dropping the engine panicked");
+        }
+        tracing::debug!(instance = self.name, answered = n, "engine thread stopped");
     }
 }
 
@@ -343,9 +511,9 @@ fn outputs(
     out
 }
 
-/// Sends the responses for one request's events of a step; `Ok(true)` when its FINAL was sent
-/// (cancellation included: then the FINAL is a CANCELLED error).
-fn respond(l: &mut Live, events: Vec<Event>) -> Result<bool, TritonError> {
+/// Sends the responses for one request's events of a step; [`Sent::Final`] once its FINAL was
+/// sent (a cancellation's FINAL is a CANCELLED error, reported as unsuccessful).
+fn respond(l: &mut Live, events: Vec<Event>) -> Result<Sent, TritonError> {
     let mut tokens: Vec<(u32, String)> = Vec::new();
     let mut finished: Option<(StopReason, String)> = None;
     for ev in events {
@@ -364,7 +532,7 @@ fn respond(l: &mut Live, events: Vec<Event>) -> Result<bool, TritonError> {
             l.job.pending.label(),
             l.ids.len() + tokens.len()
         )));
-        return Ok(true);
+        return Ok(Sent::Final { success: false });
     }
     let (w, batched) = (l.job.wanted, l.job.batched);
     if l.job.stream {
@@ -390,14 +558,18 @@ fn respond(l: &mut Live, events: Vec<Event>) -> Result<bool, TritonError> {
                     .send(&outputs(w, batched, tail, &[], finish_reason(*r), 0), true)?;
             }
         }
-        return Ok(finished.is_some());
+        return Ok(if finished.is_some() {
+            Sent::Final { success: true }
+        } else {
+            Sent::Open
+        });
     }
     for (token, text) in tokens {
         l.ids.push(token);
         l.text.push_str(&text);
     }
     let Some((r, tail)) = finished else {
-        return Ok(false);
+        return Ok(Sent::Open);
     };
     l.text.push_str(&tail);
     let text = format!("{}{}", l.job.echo_text, l.text);
@@ -406,5 +578,9 @@ fn respond(l: &mut Live, events: Vec<Event>) -> Result<bool, TritonError> {
         &outputs(w, batched, &text, &ids, finish_reason(r), l.ids.len()),
         true,
     )?;
-    Ok(true)
+    Ok(Sent::Final { success: true })
 }
+
+#[cfg(test)]
+#[path = "worker_tests.rs"]
+mod tests;

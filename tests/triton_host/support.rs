@@ -189,7 +189,24 @@ pub fn clean(code: i32, report: Value) -> Value {
         serde_json::to_string_pretty(v).unwrap()
     );
     assert_eq!(report["warnings"], json!([]), "host warnings");
+    no_thread_lingers(&report);
     report
+}
+
+/// Every thread the backend started is gone after the unload (ModelInstanceFinalize joins the
+/// engine threads), except the workers of rayon's global pool, named `uw-pool-N`
+/// (src/triton/threads.rs): that pool lives as long as the process, in Triton too.
+pub fn no_thread_lingers(report: &Value) {
+    let left: Vec<&Value> = report["lingering_threads"]
+        .as_array()
+        .expect("lingering_threads in the report")
+        .iter()
+        .filter(|t| !t["name"].as_str().unwrap_or("").starts_with("uw-pool-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "threads still running after the unload: {left:?}"
+    );
 }
 
 /// A loaded model: the run must have initialized everything.
@@ -357,6 +374,13 @@ pub fn responses(r: &Value) -> &Vec<Value> {
     r["responses"].as_array().unwrap()
 }
 
+/// When (host milliseconds) request `r` got its first and its last response.
+pub fn window(r: &Value) -> (f64, f64) {
+    let rs = responses(r);
+    let t = |x: &Value| x["t_ms"].as_f64().expect("t_ms");
+    (t(&rs[0]), t(rs.last().unwrap()))
+}
+
 /// The single element of a one-element output.
 pub fn scalar<'a>(resp: &'a Value, name: &str) -> &'a Value {
     let o = &resp["outputs"][name];
@@ -397,6 +421,12 @@ pub fn completed(r: &Value) {
     );
     assert_eq!(r["released"], true, "{}", r["id"]);
     assert!(!r["statistics"].is_null(), "{}: statistics", r["id"]);
+    let failed = rs.last().unwrap()["error"].is_object();
+    assert_eq!(
+        r["statistics"]["success"], !failed,
+        "{}: statistics report success exactly when the FINAL carries no error",
+        r["id"]
+    );
     for resp in rs {
         assert_eq!(resp["source"], "backend", "{}: {resp}", r["id"]);
     }
@@ -439,42 +469,48 @@ pub fn check_non_streaming(r: &Value, g: &Gen, prompt_included: bool) {
 }
 
 /// A streaming success: one response per token, deltas adding up to the whole text, the
-/// finish reason only on the FINAL one.
+/// finish reason only on the FINAL one. A stream that ends at an end-of-sequence token or a stop
+/// word learns so only after its last token's response went out: its FINAL is then one more
+/// response without a token (`num_output_tokens` 0, `finish_reason` `stop`).
 pub fn check_streaming(r: &Value, g: &Gen) {
     completed(r);
     let want = expected(g);
     let rs = responses(r);
+    let id = &r["id"];
+    let tokenless_final = scalar(rs.last().unwrap(), "num_output_tokens") == 0;
+    if tokenless_final {
+        assert_eq!(
+            finish_reason(&want.finish),
+            "stop",
+            "{id}: only a stop ends a stream with a response without a token"
+        );
+    }
     assert_eq!(
-        rs.len(),
+        rs.len() - usize::from(tokenless_final),
         want.ids.len(),
-        "{}: one response per generated token",
-        r["id"]
+        "{id}: one response per generated token"
     );
     let mut all_ids = vec![];
     for (i, resp) in rs.iter().enumerate() {
-        assert!(resp["error"].is_null(), "{}: {}", r["id"], resp["error"]);
+        assert!(resp["error"].is_null(), "{id}: {}", resp["error"]);
         let last = i + 1 == rs.len();
-        assert_eq!(resp["final"], last, "{}: response {i}", r["id"]);
+        assert_eq!(resp["final"], last, "{id}: response {i}");
+        let tokens = if last && tokenless_final { 0 } else { 1 };
         assert_eq!(
             scalar(resp, "num_output_tokens"),
-            1,
-            "{}: response {i}",
-            r["id"]
+            tokens,
+            "{id}: response {i}"
         );
         let reason = scalar(resp, "finish_reason").as_str().unwrap();
         if last {
-            assert_eq!(reason, finish_reason(&want.finish), "{}", r["id"]);
+            assert_eq!(reason, finish_reason(&want.finish), "{id}");
         } else {
-            assert_eq!(reason, "", "{}: response {i}", r["id"]);
+            assert_eq!(reason, "", "{id}: response {i}");
         }
         all_ids.extend(ids(resp));
     }
-    assert_eq!(all_ids, want.ids, "{}: streamed ids", r["id"]);
-    assert_eq!(
-        r["text_output"], want.text,
-        "{}: concatenated deltas",
-        r["id"]
-    );
+    assert_eq!(all_ids, want.ids, "{id}: streamed ids");
+    assert_eq!(r["text_output"], want.text, "{id}: concatenated deltas");
 }
 
 /// The error of a request answered with exactly one FINAL error response by the backend.
@@ -484,6 +520,11 @@ pub fn single_error(r: &Value) -> (String, String) {
     assert_eq!(rs[0]["final"], true, "{}", r["id"]);
     assert_eq!(rs[0]["source"], "backend", "{}: {}", r["id"], rs[0]);
     assert_eq!(r["released"], true, "{}", r["id"]);
+    assert_eq!(
+        r["statistics"]["success"], false,
+        "{}: an error is reported as a failure",
+        r["id"]
+    );
     let e = &rs[0]["error"];
     assert!(
         e.is_object(),
