@@ -9,7 +9,9 @@
 //! crate is compiled with `--cfg unweight_kernels`.
 //!
 //! nvcc is looked for in `$NVCC`, `$CUDA_HOME/bin/nvcc`, the path in `.cuda/NVCC_PATH` (the
-//! pinned CUDA 13.0 toolkit `scripts/setup` installs from PyPI), then `nvcc` on `PATH`. A kernel
+//! pinned CUDA 13.0 toolkit `scripts/setup` installs from PyPI), then `nvcc` on `PATH`. `$NVCC`
+//! is a path or a bare name looked up on `PATH`; when set (non-empty) it is the only candidate,
+//! and one that does not resolve to an executable file fails the build naming it. A kernel
 //! that fails to compile fails the build with nvcc's message. Without nvcc the crate builds
 //! CPU-only with a warning (an error when `UNWEIGHT_REQUIRE_NVCC=1`, as CI should set), and the
 //! CUDA backend reports "built without CUDA kernels" at run time.
@@ -19,6 +21,7 @@
 //! `UNWEIGHT_NVCC_FLAGS` adds flags (space separated) to every nvcc command.
 
 use std::env;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -142,9 +145,13 @@ pub fn build(manifest: &Path) {
 }
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
-    let is_file = |p: &Path| p.is_file().then(|| p.to_path_buf());
-    if let Some(p) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
-        return is_file(Path::new(&p));
+    let is_file = |p: &Path| is_executable(p).then(|| p.to_path_buf());
+    if let Some(v) = env::var_os("NVCC").filter(|v| !v.is_empty()) {
+        // The user named this compiler: building CPU-only or with another nvcc instead would
+        // hide the mistake until run time.
+        return Some(
+            resolve_nvcc_env(&v, env::var_os("PATH").as_deref()).unwrap_or_else(|e| panic!("{e}")),
+        );
     }
     if let Some(home) = env::var_os("CUDA_HOME").filter(|v| !v.is_empty()) {
         if let Some(p) = is_file(&Path::new(&home).join("bin/nvcc")) {
@@ -160,8 +167,60 @@ fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
             }
         }
     }
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path).find_map(|d| is_file(&d.join("nvcc")))
+    find_on_path(OsStr::new("nvcc"), env::var_os("PATH").as_deref())
+}
+
+/// The compiler a non-empty `$NVCC` names, given `$PATH`: a bare name (no `/`) is looked up on
+/// `path` as a shell would, anything else is a path (relative ones to the package root, the build
+/// script's working directory). `Err` names the value and why it is unusable; the build then
+/// fails, since the user asked for that compiler (a silent CPU-only build, or another nvcc, would
+/// surface only at run time). Pure apart from reading the file system, so it is unit-tested.
+pub fn resolve_nvcc_env(value: &OsStr, path: Option<&OsStr>) -> Result<PathBuf, String> {
+    let shown = Path::new(value).display();
+    let bare = !value.as_encoded_bytes().contains(&b'/');
+    if bare {
+        return find_on_path(value, path).ok_or_else(|| {
+            format!(
+                "$NVCC={shown}: no executable `{shown}` on PATH; set NVCC to nvcc's full path, or \
+                 unset it to search $CUDA_HOME/bin, .cuda/NVCC_PATH and PATH"
+            )
+        });
+    }
+    let p = Path::new(value);
+    let why = if !p.exists() {
+        "no such file"
+    } else if !p.is_file() {
+        "not a file"
+    } else if !is_executable(p) {
+        "not executable"
+    } else {
+        return Ok(p.to_path_buf());
+    };
+    Err(format!(
+        "$NVCC={shown}: {why}; set NVCC to nvcc's full path, or unset it to search \
+         $CUDA_HOME/bin, .cuda/NVCC_PATH and PATH"
+    ))
+}
+
+/// The first executable file called `name` in the directories of `path` (a `$PATH` value).
+fn find_on_path(name: &OsStr, path: Option<&OsStr>) -> Option<PathBuf> {
+    env::split_paths(path?)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+/// A regular file (after symlinks) that someone may execute.
+fn is_executable(p: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        p.is_file()
+    }
 }
 
 fn nvcc_version(nvcc: &Path) -> Option<String> {
@@ -170,4 +229,51 @@ fn nvcc_version(nvcc: &Path) -> Option<String> {
     text.lines()
         .find(|l| l.contains("release"))
         .map(|l| l.trim().to_string())
+}
+
+// Compiled only where a test target includes this file (tests/cli.rs does): build scripts have
+// no test harness of their own.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(dir: &Path, name: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, "#!/bin/sh\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        p
+    }
+
+    #[test]
+    fn nvcc_env_resolves_bare_names_on_path_and_rejects_unusable_values() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        // a/nvcc is not executable, b/nvcc is: a bare name skips the first, as a shell does.
+        file(&a, "nvcc", 0o644);
+        let exe = file(&b, "nvcc", 0o755);
+        let path = env::join_paths([&a, &b]).unwrap();
+        let path = Some(path.as_os_str());
+        assert_eq!(resolve_nvcc_env(OsStr::new("nvcc"), path), Ok(exe.clone()));
+        assert_eq!(resolve_nvcc_env(exe.as_os_str(), None), Ok(exe.clone()));
+
+        let err = |v: &OsStr, path| resolve_nvcc_env(v, path).unwrap_err();
+        let e = err(OsStr::new("nvcc-missing"), path);
+        assert!(e.starts_with("$NVCC=nvcc-missing: no executable"), "{e}");
+        assert!(err(OsStr::new("nvcc"), None).contains("on PATH"));
+        let missing = tmp.path().join("nonexistent/nvcc");
+        let e = err(missing.as_os_str(), path);
+        assert!(
+            e.contains(&format!("$NVCC={}: no such file", missing.display())),
+            "{e}"
+        );
+        assert!(err(a.as_os_str(), path).contains(": not a file"));
+        #[cfg(unix)]
+        assert!(err(a.join("nvcc").as_os_str(), path).contains(": not executable"));
+    }
 }

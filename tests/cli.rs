@@ -20,6 +20,12 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Map, Value};
 
+// build/cuda.rs (how the build finds nvcc) is unit-tested here: a build script has no test
+// harness of its own, so its `#[cfg(test)]` module runs in this target.
+#[path = "../build/cuda.rs"]
+#[allow(dead_code)]
+mod build_cuda;
+
 const BIN: &str = env!("CARGO_BIN_EXE_unweight");
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
@@ -1125,4 +1131,109 @@ fn tune_without_a_gpu_fails_saying_so() {
     let out = run(&["tune", &s(&missing)]);
     assert_ne!(out.status.code(), Some(0));
     assert!(!missing.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// --device cuda without a usable GPU.
+
+/// Makes the CUDA probe report no GPU on every machine, so the tests below take the no-GPU path
+/// on a GPU machine too (src/device/cuda/mod.rs, `FORCE_NO_GPU_ENV`).
+const FORCE_NO_GPU: &str = "UNWEIGHT_FORCE_NO_GPU";
+
+/// Runs the binary with `UNWEIGHT_FORCE_NO_GPU=1`.
+fn run_without_gpu(args: &[&str]) -> Run {
+    let out = Command::new(BIN)
+        .args(args)
+        .env(FORCE_NO_GPU, "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawning the unweight binary");
+    Run {
+        args: args.join(" "),
+        code: out.status.code().expect("unweight was killed by a signal"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A word-level `tokenizer.json` with one word `t<i>` per id of the tiny preset's 1024-token
+/// vocabulary, so `generate` can run on a synthetic checkpoint.
+fn write_tiny_tokenizer(dir: &Path) {
+    let vocab: Map<String, Value> = (0..1024u32)
+        .map(|i| (format!("t{i}"), Value::from(i)))
+        .collect();
+    let doc = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
+    });
+    fs::write(dir.join("tokenizer.json"), doc.to_string()).unwrap();
+}
+
+#[test]
+fn generate_on_cuda_without_a_gpu_falls_back_to_the_cpu_saying_why() {
+    let tmp = tempdir();
+    let model = tmp.path().join("m");
+    synth(&model, "tiny", &[]);
+    write_tiny_tokenizer(&model);
+    let m = s(&model);
+    let generate = |device: &str| {
+        let run = run_without_gpu(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "t5 t7 t9 t11",
+            "--max-tokens",
+            "4",
+            "--json",
+            "--device",
+            device,
+        ])
+        .ok();
+        let v: Value = serde_json::from_str(run.stdout.trim())
+            .unwrap_or_else(|e| panic!("{e}: stdout:\n{}", run.stdout));
+        assert!(!v["output_tokens"].as_array().unwrap().is_empty(), "{v}");
+        (v["output_tokens"].clone(), v["text"].clone(), run.stderr)
+    };
+    let (cpu_tokens, cpu_text, cpu_err) = generate("cpu");
+    assert!(!cpu_err.contains("CUDA"), "{cpu_err}");
+    let (tokens, text, err) = generate("cuda");
+    // The reason is the probe's, stated once, on stderr (stdout stays the JSON document).
+    assert!(
+        err.contains(&format!(
+            "unweight: CUDA is not usable ({FORCE_NO_GPU}=1); running on the CPU"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    // And the CPU then computes exactly what --device cpu does.
+    assert_eq!((tokens, text), (cpu_tokens, cpu_text));
+}
+
+#[test]
+fn bench_decode_on_cuda_without_a_gpu_fails_saying_why() {
+    // A CPU number under a CUDA label would be wrong: bench decode refuses to fall back.
+    let tmp = tempdir();
+    let model = tmp.path().join("m");
+    synth(&model, "tiny", &[]);
+    let out = tmp.path().join("decode.json");
+    let (m, o) = (s(&model), s(&out));
+    for source in [["--shape", "tiny"], ["--model", m.as_str()]] {
+        let mut args = vec!["bench", "decode", "--device", "cuda"];
+        args.extend(source);
+        args.extend(["--batch", "1", "--tokens", "2", "--out", o.as_str()]);
+        let run =
+            run_without_gpu(&args).error_mentions(&["no usable GPU", &format!("{FORCE_NO_GPU}=1")]);
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+        assert!(!run.stderr.contains("running on the CPU"), "{}", run.stderr);
+        assert!(run.stdout.is_empty(), "{}", run.stdout);
+        assert!(!out.exists(), "a failed run wrote {}", out.display());
+    }
 }

@@ -3,7 +3,8 @@
 //! escapes forced; outputs poisoned first (BF16 0xFFFF, f32 NaN). Also the row-range decode
 //! (`Tbe3Kernels::decode_rows`, the chunked strategies' first half) and every product strategy
 //! through `linear::Products::run` on both storage forms (tbe3 and raw BF16 must give
-//! bit-identical outputs).
+//! bit-identical outputs). The embedding gather (`tbe3_gather_f32`, kernels/tbe3_gather.cu)
+//! against the f32 of the original BF16 rows.
 //!
 //! Without a usable GPU every test prints "*** skipped: no GPU ... ***" and passes without
 //! checking anything (it is not GPU coverage); with UNWEIGHT_REQUIRE_GPU=1 (set by
@@ -379,6 +380,112 @@ fn products_run_every_strategy_bit_identical_on_both_storages() {
         println!(
             "products {rows}x{cols} (tile {}): tbe3 = raw bit for bit and within tolerance of f64 for {ran:?}",
             shape.tile_elems
+        );
+    }
+}
+
+/// Gathers `tokens` rows of `m` with `tbe3_gather_f32` into an output poisoned with 0xFFFFFFFF
+/// (never the f32 of a BF16: those have 16 zero low bits), `GUARD` values past the end included;
+/// returns all of it as bits.
+fn gather(
+    ctx: &std::sync::Arc<triton_unweight::device::cuda::driver::Context>,
+    k: &triton_unweight::device::cuda::gather::GatherKernel,
+    m: &RuntimeMatrix,
+    tokens: &[i32],
+) -> Vec<u32> {
+    use triton_unweight::device::cuda::driver::DevBuf;
+    const GUARD: usize = 64;
+    let table = tbe3::DeviceTbe3::upload(ctx, m).unwrap();
+    let len = tokens.len() * m.shape.cols + GUARD;
+    let x = DevBuf::from_host(ctx, &vec![u32::MAX; len]).unwrap();
+    let t = DevBuf::from_host(ctx, tokens).unwrap();
+    // SAFETY: `tokens` holds tokens.len() i32 row indices < rows (the caller's), `x` room for
+    // tokens.len() × cols f32; both are device memory of `ctx`.
+    unsafe { k.run(&table, t.ptr(), x.ptr(), tokens.len()) }.unwrap();
+    let mut got = vec![0u32; len];
+    x.download(&mut got).unwrap();
+    got
+}
+
+#[test]
+fn gather_kernel_equals_the_f32_of_the_original_rows_bit_for_bit() {
+    use triton_unweight::device::cuda::driver::Context;
+    use triton_unweight::device::cuda::gather::{gather_unsupported, GatherKernel};
+    if !gpu() {
+        return;
+    }
+    let ctx = Context::new(0).unwrap();
+    let k = GatherKernel::load(&ctx).unwrap();
+    // Every one of the 65,536 BF16 patterns exactly once (NaNs, infinities, subnormals, both
+    // zeros), in random order, as a 128 × 512 table.
+    let mut every: Vec<u16> = (0..=u16::MAX).collect();
+    let mut r = rng(700);
+    for i in (1..every.len()).rev() {
+        every.swap(i, r.gen_range(0..=i));
+    }
+    // (rows, cols, tile or 0 for the loader's choice, kind; None = `every`)
+    let cases: &[(usize, usize, usize, Option<Kind>)] = &[
+        (128, 512, 0, None),
+        (1000, 4096, 0, Some(Kind::Normal { escape_pct: 3.0 })), // Llama's row width
+        (300, 2048, 0, Some(Kind::Normal { escape_pct: 0.0 })),  // natural escapes only
+        (257, 1024, 128, Some(Kind::HighExponents)),             // tile < step: span 512
+        (64, 2048, 256, Some(Kind::AnyBits)),
+        (40, 1536, 512, Some(Kind::AnyBits)), // tile = step, 3 spans: warps 3 to 7 idle
+        (17, 8192, 4096, Some(Kind::HighExponents)), // base 249 next to escapes
+        (5, 65536, 65536, Some(Kind::AnyBits)), // the largest tile: one span, 128 steps
+    ];
+    for (i, &(rows, cols, tile, kind)) in cases.iter().enumerate() {
+        let shape = if tile == 0 {
+            Shape::for_matrix(rows, cols).unwrap()
+        } else {
+            Shape::new(rows, cols, tile).unwrap()
+        };
+        assert_eq!(
+            gather_unsupported(&shape),
+            None,
+            "{rows}x{cols} tile {tile}"
+        );
+        let bits = match kind {
+            Some(kind) => weights(rows * cols, kind, 800 + i as u64),
+            None => every.clone(),
+        };
+        assert_eq!(bits.len(), rows * cols);
+        let m = encode(&bits, shape);
+        // The last row first, the first row last, random rows between (duplicates certain:
+        // more tokens than rows in the small tables, and row 1 / the last row repeated).
+        let mut r = rng(900 + i as u64);
+        let last = rows as i32 - 1;
+        let mut tokens = vec![last, 1.min(last)];
+        tokens.extend((0..(2 * rows).min(300)).map(|_| r.gen_range(0..rows as i32)));
+        tokens.extend([1.min(last), last, 0]);
+        let got = gather(&ctx, &k, &m, &tokens);
+        for (t, &tok) in tokens.iter().enumerate() {
+            let row = &bits[tok as usize * cols..(tok as usize + 1) * cols];
+            let out = &got[t * cols..(t + 1) * cols];
+            let bad = out
+                .iter()
+                .zip(row)
+                .position(|(&g, &b)| g != (b as u32) << 16);
+            assert!(
+                bad.is_none(),
+                "{rows}x{cols} tile {} {kind:?}: token {t} (row {tok}), column {}: gpu {:#010x}, want {:#010x}",
+                shape.tile_elems,
+                bad.unwrap(),
+                out[bad.unwrap()],
+                (row[bad.unwrap()] as u32) << 16
+            );
+        }
+        let tail = &got[tokens.len() * cols..];
+        assert!(
+            tail.iter().all(|&v| v == u32::MAX),
+            "{rows}x{cols}: written past the {} rows",
+            tokens.len()
+        );
+        println!(
+            "gather {rows}x{cols} tile {} {kind:?} ({} escapes): {} rows bit-exact",
+            shape.tile_elems,
+            m.escape_count(),
+            tokens.len()
         );
     }
 }

@@ -888,3 +888,112 @@ fn a_failed_step_names_its_requests_and_loses_no_events() {
     assert!(finished);
     assert_eq!(b_tokens, alone);
 }
+
+/// A CPU backend that records how the engine fetched each decode step: the batch sizes of
+/// `decode_argmax` (greedy ids) and of `decode` (logits) calls. With `short`, `decode_argmax`
+/// returns no ids (a broken backend).
+struct Paths {
+    inner: CpuBackend,
+    short: bool,
+    ids: Vec<usize>,
+    logits: Vec<usize>,
+}
+
+impl Backend for Paths {
+    fn config(&self) -> &LlamaConfig {
+        self.inner.config()
+    }
+    fn kv_capacity(&self) -> triton_unweight::device::KvCapacity {
+        self.inner.kv_capacity()
+    }
+    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
+        self.inner.new_sequence()
+    }
+    fn free_sequence(&mut self, seq: SeqId) {
+        self.inner.free_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
+        self.inner.sequence_len(seq)
+    }
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.inner.prefill(seq, tokens)
+    }
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.logits.push(batch.len());
+        self.inner.decode(batch)
+    }
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        self.ids.push(batch.len());
+        let ids = self.inner.decode_argmax(batch)?;
+        Ok(if self.short { Vec::new() } else { ids })
+    }
+}
+
+fn paths_engine(short: bool) -> Engine<Paths> {
+    let b = Paths {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        short,
+        ids: Vec::new(),
+        logits: Vec::new(),
+    };
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    };
+    Engine::new(b, None, opts)
+}
+
+fn all_events<B: Backend>(e: &mut Engine<B>) -> Vec<Vec<Event>> {
+    let mut out = Vec::new();
+    while e.has_work() {
+        out.push(e.step().unwrap());
+    }
+    out
+}
+
+/// A decode step fetches only greedy ids when every row is plain greedy (no sampling, no
+/// `min_tokens` masking), the logits otherwise; the events are those of the plain engine.
+#[test]
+fn greedy_steps_fetch_ids_and_other_steps_fetch_logits() {
+    let requests = || {
+        vec![
+            Request::greedy(PROMPT.to_vec(), 6),
+            Request {
+                min_tokens: 3,
+                ..Request::greedy(PROMPT[2..].to_vec(), 8)
+            },
+            Request {
+                sampling: SamplingParams {
+                    temperature: 0.9,
+                    top_k: 20,
+                    top_p: 0.9,
+                    seed: 5,
+                },
+                ..Request::greedy(PROMPT[..5].to_vec(), 3)
+            },
+        ]
+    };
+    let mut plain = engine(false);
+    let mut e = paths_engine(false);
+    for r in requests() {
+        plain.add(r.clone()).unwrap();
+        e.add(r).unwrap();
+    }
+    assert_eq!(all_events(&mut e), all_events(&mut plain));
+    // Step 1 prefills all three; steps 2 and 3 decode all three on logits (a sampled request,
+    // and min_tokens masking EOS); then the sampled request is done and the masking over, so
+    // steps 4-6 (two rows) and 7-8 (one) fetch ids.
+    assert_eq!(e.backend().logits, vec![3, 3]);
+    assert_eq!(e.backend().ids, vec![2, 2, 2, 1, 1]);
+
+    // A backend that returns the wrong number of ids fails the step, naming the requests.
+    let mut e = paths_engine(true);
+    let id = e.add(Request::greedy(PROMPT.to_vec(), 4)).unwrap();
+    e.step().unwrap();
+    let err = e.step().unwrap_err();
+    assert!(err.to_string().contains("returned 0 ids"), "{err}");
+    assert_eq!(e.take_failed(), vec![id]);
+}

@@ -16,7 +16,14 @@
 //! the engine would. Reported per plan and batch (medians over the timed steps): the device time
 //! of a step (CUDA events), the host time of copying the logits back, of the CPU argmax, and of
 //! the whole step; tokens/s; and weight bytes read per step over the device time, as a fraction
-//! of the device-to-device copy bandwidth (bytes read plus written, buffers larger than L2). With
+//! of the device-to-device copy bandwidth (bytes read plus written, buffers larger than L2).
+//!
+//! Greedy tokens two ways, on the same step's logits: after each timed step has copied its
+//! logits back and argmaxed them on the CPU (the logits path, `copy ms` + `argmax`), the device
+//! argmax runs over the logits still in device memory and only the ids are copied back
+//! (`CudaBackend::argmax_last_step`, the path `Backend::decode_argmax` takes when every row of a
+//! step is greedy). Its host time is the `dev argmax` column; `greedy via` names the cheaper path
+//! (medians), and the run fails if the two paths ever choose a different token. With
 //! both plans: per batch the tokens/s ratio compressed / baseline, and the ratio of their weight
 //! bytes (the goal: at most 72% of BF16).
 //!
@@ -260,7 +267,7 @@ fn measure_plan(
         describe_plan(&plan)
     );
     println!(
-        "{:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>7}",
+        "{:>6} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>7} {:>10} {:>10}",
         "batch",
         "gpu ms",
         "copy ms",
@@ -269,18 +276,22 @@ fn measure_plan(
         "tok/s",
         "tok/s gpu",
         "wt GB/s",
-        "of copy"
+        "of copy",
+        "dev argmax",
+        "greedy via"
     );
     let mut rows = Vec::new();
     let mut tps = Vec::new();
+    let mut verdicts = Vec::new();
     for &batch in &a.batch {
         let r = measure(backend, batch, a)?;
         let gbps = wbytes as f64 / (r.gpu_ms * 1e-3) / 1e9;
         let frac = gbps * 1e9 / copy_bw;
         let step = r.step_ms + r.argmax_ms;
         let tokens_per_s = batch as f64 / (step * 1e-3);
+        let device_cheaper = r.device_path_ms < r.logits_path_ms;
         println!(
-            "{batch:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.1} {:>10.1} {:>9.0} {:>6.1}%",
+            "{batch:>6} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>10.1} {:>10.1} {:>9.0} {:>6.1}% {:>10.3} {:>10}",
             r.gpu_ms,
             r.copy_ms,
             r.argmax_ms,
@@ -288,9 +299,17 @@ fn measure_plan(
             tokens_per_s,
             batch as f64 / (r.gpu_ms * 1e-3),
             gbps,
-            100.0 * frac
+            100.0 * frac,
+            r.device_path_ms,
+            if device_cheaper { "device" } else { "logits" }
         );
         tps.push(tokens_per_s);
+        verdicts.push(format!(
+            "batch {batch}: {} ({:.3} ms device argmax + ids vs {:.3} ms logits copy + CPU argmax)",
+            if device_cheaper { "device" } else { "logits" },
+            r.device_path_ms,
+            r.logits_path_ms
+        ));
         rows.push(json!({
             "plan": name,
             "batch": batch,
@@ -304,8 +323,14 @@ fn measure_plan(
             "weight_bytes_per_step": wbytes,
             "weight_read_gbps": gbps,
             "fraction_of_copy_bandwidth": frac,
+            "logits_path_ms": r.logits_path_ms,
+            "device_argmax_path_ms": r.device_path_ms,
+            "device_argmax_gpu_ms": r.device_argmax_gpu_ms,
+            "greedy_path_cheaper": if device_cheaper { "device_argmax" } else { "logits_copy" },
+            "greedy_path_note": "per timed step, on the same logits: logits_path = logits copy + CPU argmax (host ms); device_argmax_path = argmax kernel + copy of the ids (host ms); medians; the ids were equal every step",
         }));
     }
+    println!("greedy tokens, cheaper path: {}", verdicts.join("; "));
     Ok(PlanRun {
         name: name.to_string(),
         plan,
@@ -536,6 +561,12 @@ struct Measured {
     argmax_ms: f64,
     step_ms: f64,
     bucket: usize,
+    /// Median of copy + CPU argmax per step: greedy tokens through the logits.
+    logits_path_ms: f64,
+    /// Median host time of the device argmax and the ids' copy, on the same steps' logits.
+    device_path_ms: f64,
+    /// Median device time of the argmax kernel.
+    device_argmax_gpu_ms: f64,
 }
 
 fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured> {
@@ -543,6 +574,7 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
     let mut seqs = Vec::with_capacity(batch);
     let mut next = Vec::with_capacity(batch);
     let (mut gpu, mut copy, mut am, mut step) = (vec![], vec![], vec![], vec![]);
+    let (mut logits_path, mut dev_path, mut dev_gpu) = (vec![], vec![], vec![]);
     let mut bucket = 0;
     // Every sequence taken is freed below, whatever fails (the next batch size needs the slots).
     let result = (|| -> Result<()> {
@@ -570,6 +602,16 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
                 *n = argmax(logits.row(i));
             }
             let argmax_ms = t.elapsed().as_secs_f64() * 1e3;
+            // The other path on the same logits: argmax on the device, only the ids back.
+            let ids = b.argmax_last_step()?;
+            if ids != next {
+                let i = (0..batch).find(|&i| ids.get(i) != next.get(i)).unwrap_or(0);
+                bail!(
+                    "batch {batch} step {s}: the device argmax chose token {} for row {i}, the CPU argmax {}",
+                    ids.get(i).copied().unwrap_or(u32::MAX),
+                    next[i]
+                );
+            }
             for sq in &mut seqs {
                 sq.1 += 1;
             }
@@ -579,6 +621,9 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
                 copy.push(tm.copy_ms);
                 am.push(argmax_ms);
                 step.push(step_ms);
+                logits_path.push(tm.copy_ms + argmax_ms);
+                dev_path.push(tm.argmax_ms);
+                dev_gpu.push(tm.argmax_gpu_ms);
                 bucket = tm.bucket;
             }
         }
@@ -597,5 +642,8 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
         argmax_ms: median(&mut am),
         step_ms: median(&mut step),
         bucket,
+        logits_path_ms: median(&mut logits_path),
+        device_path_ms: median(&mut dev_path),
+        device_argmax_gpu_ms: median(&mut dev_gpu),
     })
 }

@@ -55,6 +55,26 @@ impl Logits {
     }
 }
 
+/// The greedy token of a row of logits: the lowest id among equal maxima; NaN never wins; 0 when
+/// no value is above -inf (all NaN, all -inf, or an empty row).
+///
+/// It lives here, not in the engine's sampler (which re-exports it as
+/// `engine::sampler::argmax`), because it is part of the backend contract: the default
+/// [`Backend::decode_argmax`] applies it to the logits, and a device's own argmax (the CUDA
+/// kernel `argmax_rows`) must give the same id for every row, so that the engine's token
+/// streams do not depend on which of the two paths a step took.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best = i;
+            best_v = v;
+        }
+    }
+    best as u32
+}
+
 /// How much the KV cache can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCapacity {
@@ -140,6 +160,20 @@ pub trait Backend: Send {
     /// Appends one token to each of several distinct sequences in one step and returns one row of
     /// logits per item, in order.
     fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError>;
+
+    /// [`Backend::decode`] for a batch whose every row only needs its greedy token: returns
+    /// [`argmax`] of each row's logits, in order, with the same validation, the same effect on
+    /// the sequences and the same errors as `decode`.
+    ///
+    /// Why: the engine samples on the host, and a row whose choice is the plain argmax (greedy,
+    /// nothing masked) needs 4 bytes, not `vocab` f32 (Llama 3: 0.5 MB per row). A device
+    /// backend overrides this to choose on the device and copy only the ids; the default (the
+    /// CPU's) runs `decode` and [`argmax`] on the host, which is the same function the device
+    /// must match, so the engine's tokens are bit-identical either way.
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        let logits = self.decode(batch)?;
+        Ok((0..batch.len()).map(|i| argmax(logits.row(i))).collect())
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -163,6 +197,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
         (**self).decode(batch)
+    }
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        (**self).decode_argmax(batch)
     }
 }
 

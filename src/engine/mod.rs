@@ -26,7 +26,7 @@ pub use request::{Request, RequestId};
 pub use sampler::{Sampler, SamplingParams};
 pub use sequence::{Sequence, SequenceState, StopReason};
 
-use crate::device::{Backend, DecodeItem, DeviceError};
+use crate::device::{Backend, DecodeItem, DeviceError, Logits};
 use crate::model::LlamaConfig;
 
 /// What can go wrong in the engine.
@@ -66,6 +66,15 @@ pub enum Event {
         /// Output text released only at the end (held-back text at an end-of-sequence token).
         text_delta: String,
     },
+}
+
+/// What a decode step brought back from the backend.
+enum StepOutput {
+    /// Every row's greedy token ([`Backend::decode_argmax`]): all rows were
+    /// [`Sequence::argmax_suffices`].
+    Tokens(Vec<u32>),
+    /// Every row's logits, sampled on the host.
+    Logits(Logits),
 }
 
 /// Engine settings.
@@ -293,8 +302,25 @@ impl<B: Backend> Engine<B> {
                     pos: s.total_len() - 1,
                 })
                 .collect();
-            let logits = match self.backend.decode(&batch) {
-                Ok(l) => l,
+            // Only what the step needs comes back: the greedy ids when every row's choice is the
+            // plain argmax, the logits otherwise (the same tokens either way).
+            let result = if self.running.iter().all(Sequence::argmax_suffices) {
+                self.backend.decode_argmax(&batch).and_then(|ids| {
+                    if ids.len() == batch.len() {
+                        Ok(StepOutput::Tokens(ids))
+                    } else {
+                        Err(DeviceError::Invalid(format!(
+                            "decode_argmax returned {} ids for a batch of {}",
+                            ids.len(),
+                            batch.len()
+                        )))
+                    }
+                })
+            } else {
+                self.backend.decode(&batch).map(StepOutput::Logits)
+            };
+            let out = match result {
+                Ok(out) => out,
                 Err(e) => {
                     for s in std::mem::take(&mut self.running) {
                         self.backend.free_sequence(s.seq_id().expect("running"));
@@ -308,7 +334,10 @@ impl<B: Backend> Engine<B> {
             let mut still = Vec::with_capacity(self.running.len());
             let mut failure = None;
             for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
-                let token = self.sample(&mut s, logits.row(i));
+                let token = match &out {
+                    StepOutput::Tokens(ids) => ids[i],
+                    StepOutput::Logits(logits) => self.sample(&mut s, logits.row(i)),
+                };
                 match self.accept(&mut s, token, events) {
                     Ok(true) => still.push(s),
                     Ok(false) => {}
@@ -332,7 +361,7 @@ impl<B: Backend> Engine<B> {
     /// Samples the next token of `s`, with end-of-sequence tokens masked while the sequence has
     /// fewer than its `min_tokens`.
     fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
-        if !s.request.ignore_eos && s.output.len() < s.request.min_tokens {
+        if s.masks_eos() {
             let mut masked = logits.to_vec();
             for &t in &self.opts.eos_token_ids {
                 if let Some(l) = masked.get_mut(t as usize) {

@@ -140,18 +140,10 @@ impl Sampler {
     }
 }
 
-/// The most likely token (the lowest id among equal maxima; NaN never wins).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_v {
-            best = i;
-            best_v = v;
-        }
-    }
-    best as u32
-}
+/// The most likely token (the lowest id among equal maxima; NaN never wins; 0 when nothing is
+/// above -inf). Defined in `device` because a backend's on-device argmax must match it exactly
+/// ([`crate::device::Backend::decode_argmax`]).
+pub use crate::device::argmax;
 
 #[cfg(test)]
 mod tests {
@@ -175,6 +167,27 @@ mod tests {
         // top_k = 1 is greedy at any temperature.
         let mut s = Sampler::new(params(2.0, 1, 1.0, 9));
         assert_eq!(s.sample(&[0.1, 7.0, 5.0]), 1);
+    }
+
+    /// The edge cases the CUDA kernel `argmax_rows` must reproduce (tests/cuda.rs checks it
+    /// against this function): rows with nothing above -inf give 0, ±0 are equal.
+    #[test]
+    fn argmax_edge_cases_pin_the_device_contract() {
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[nan, nan, nan]), 0);
+        assert_eq!(argmax(&[-inf, -inf]), 0);
+        assert_eq!(argmax(&[nan, -inf, nan]), 0);
+        assert_eq!(argmax(&[nan, -inf, -3.0e38]), 2);
+        assert_eq!(argmax(&[-inf, 2.0, inf, inf, nan]), 2);
+        assert_eq!(argmax(&[1.0, -0.0, 0.0, 5.0, -0.0]), 3);
+        assert_eq!(argmax(&[-1.0, -0.0, 0.0]), 1);
+        assert_eq!(argmax(&[0.0, 1e-45, 1e-45]), 1);
+        // Greedy sampling is this function, and draws nothing from the RNG.
+        let mut s = Sampler::new(params(0.0, 0, 1.0, 3));
+        let before = s.rng.clone();
+        assert_eq!(s.sample(&[nan, 0.5, 0.5]), 1);
+        assert_eq!(s.rng, before);
     }
 
     #[test]

@@ -116,6 +116,21 @@ impl Sequence {
         self.request.prompt.len() + self.output.len()
     }
 
+    /// Whether the next token is chosen with the end-of-sequence tokens masked: fewer than the
+    /// request's `min_tokens` were generated and it does not ignore them.
+    pub fn masks_eos(&self) -> bool {
+        !self.request.ignore_eos && self.output.len() < self.request.min_tokens
+    }
+
+    /// Whether the next token is exactly [`argmax`](crate::device::argmax) of the raw logits:
+    /// greedy parameters (which never draw from the RNG) and no end-of-sequence masking. Only
+    /// then may the engine take the backend's greedy ids ([`crate::device::Backend::
+    /// decode_argmax`]) instead of the logits; anything that reads or changes the logits
+    /// (temperature, top-k, top-p, `min_tokens` masking) needs the whole row.
+    pub fn argmax_suffices(&self) -> bool {
+        self.sampler.params().is_greedy() && !self.masks_eos()
+    }
+
     /// Takes a sampled token: checks end-of-sequence, decodes text, applies stop strings and
     /// the token limit. `context` is the most tokens the sequence may hold.
     pub fn accept(
@@ -178,5 +193,53 @@ impl Sequence {
             }
             Filtered::Stop(t) => t,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::sampler::SamplingParams;
+
+    fn seq(sampling: SamplingParams, min_tokens: usize, ignore_eos: bool) -> Sequence {
+        Sequence::new(
+            RequestId(0),
+            Request {
+                sampling,
+                min_tokens,
+                ignore_eos,
+                ..Request::greedy(vec![1, 2], 8)
+            },
+        )
+    }
+
+    fn sampled(temperature: f32, top_k: usize) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p: 0.9,
+            seed: 1,
+        }
+    }
+
+    /// Which rows may take the backend's greedy ids instead of logits.
+    #[test]
+    fn argmax_suffices_only_for_greedy_rows_without_eos_masking() {
+        // Plain greedy; greedy through top_k = 1 at any temperature.
+        assert!(seq(SamplingParams::default(), 0, false).argmax_suffices());
+        assert!(seq(sampled(0.0, 0), 0, false).argmax_suffices());
+        assert!(seq(sampled(1.5, 1), 0, false).argmax_suffices());
+        // Sampling reads the whole row.
+        assert!(!seq(sampled(0.7, 0), 0, false).argmax_suffices());
+        assert!(!seq(sampled(0.7, 40), 0, false).argmax_suffices());
+        // min_tokens masks end-of-sequence logits until reached, unless EOS is ignored.
+        let mut s = seq(SamplingParams::default(), 2, false);
+        assert!(s.masks_eos() && !s.argmax_suffices());
+        s.output.push(5);
+        assert!(s.masks_eos() && !s.argmax_suffices());
+        s.output.push(6);
+        assert!(!s.masks_eos() && s.argmax_suffices());
+        let s = seq(SamplingParams::default(), 2, true);
+        assert!(!s.masks_eos() && s.argmax_suffices());
     }
 }

@@ -14,7 +14,9 @@
 //! ```
 //!
 //! then the final norm, `lm_head` on the rows whose logits are wanted, and the f32 logits copied
-//! to pinned host memory. The residual stream and the KV cache are f32, as on the CPU. GEMM
+//! to pinned host memory; or, for a batch whose rows all want their greedy token
+//! (`Backend::decode_argmax`), the argmax of each row on the device (kernels/argmax.cu) and only
+//! the ids copied back. The residual stream and the KV cache are f32, as on the CPU. GEMM
 //! inputs are BF16; with `split_activations` (the default) each activation row goes in as two
 //! BF16 rows whose sum is the f32 value to 2^-17 (kernels/common.cuh), so cuBLAS's products match
 //! the CPU's f32-activation products to ~1e-5 while reading every weight once.
@@ -144,10 +146,18 @@ impl Default for CudaOptions {
 pub struct StepTiming {
     /// Device time of the step (graph or kernels), from CUDA events.
     pub gpu_ms: f64,
-    /// Host time of copying the logits back (pinned memory), after the step finished.
+    /// Host time of copying the logits back (pinned memory), after the step finished; 0 when
+    /// the step returned greedy ids instead ([`Backend::decode_argmax`]).
     pub copy_ms: f64,
     /// The batch bucket the step ran as.
     pub bucket: usize,
+    /// Host time of the greedy-id path after the step finished: the device argmax over the
+    /// step's logits plus copying the ids back ([`Backend::decode_argmax`], or
+    /// [`CudaBackend::argmax_last_step`] after a `decode`); 0 when it did not run. Next to
+    /// `copy_ms` plus a host argmax, it says which way of getting greedy tokens is cheaper.
+    pub argmax_ms: f64,
+    /// Device time of the argmax kernel alone (CUDA events); 0 when it did not run.
+    pub argmax_gpu_ms: f64,
 }
 
 struct LayerW {
@@ -190,6 +200,8 @@ struct Bufs {
     mb: DevBuf,
     logits_raw: DevBuf,
     logits: DevBuf,
+    /// i32 greedy ids of a decode step's rows (the device argmax's output).
+    ids: DevBuf,
     cos: DevBuf,
     sin: DevBuf,
 }
@@ -228,6 +240,10 @@ pub struct CudaBackend {
     weight_bytes: usize,
     weight_memory: usize,
     timing: StepTiming,
+    /// Rows of decode logits `bufs.logits` holds from the last decode step (0 after a prefill,
+    /// or a step that failed before its logits were complete): what
+    /// [`CudaBackend::argmax_last_step`] may read.
+    logit_rows: usize,
 }
 
 fn bf16_bytes(m: &Matrix) -> Result<&[u8], DeviceError> {
@@ -701,6 +717,7 @@ impl CudaBackend {
             mb: bf16b(rows * im)?,
             logits_raw: f32b(2 * lcap * v)?,
             logits: f32b(lcap * v)?,
+            ids: DevBuf::new(&ctx, 4 * lcap)?,
             cos: DevBuf::from_host(&ctx, &cos)?,
             sin: DevBuf::from_host(&ctx, &sin)?,
         };
@@ -742,6 +759,7 @@ impl CudaBackend {
             weight_bytes,
             weight_memory,
             timing: StepTiming::default(),
+            logit_rows: 0,
         })
     }
 
@@ -796,6 +814,45 @@ impl CudaBackend {
     /// Timing of the last decode step.
     pub fn last_timing(&self) -> StepTiming {
         self.timing
+    }
+
+    /// The greedy ids of the last decode step's rows, chosen on the device from the logits that
+    /// step left in device memory (the logits `decode` returned, bit for bit): the path of
+    /// [`Backend::decode_argmax`], run after a [`Backend::decode`]. For the benchmark, which
+    /// times both ways of getting greedy tokens on the same step ([`StepTiming::argmax_ms`])
+    /// and checks they agree. An error when no decode step's logits are there (none yet, or a
+    /// prefill or a failed step came after).
+    pub fn argmax_last_step(&mut self) -> Result<Vec<u32>, DeviceError> {
+        if self.logit_rows == 0 {
+            return Err(DeviceError::Invalid(
+                "argmax_last_step: no decode step's logits on the device".into(),
+            ));
+        }
+        Ok(self.device_argmax(self.logit_rows)?)
+    }
+
+    /// Runs the argmax kernel over the first `rows` rows of the logits buffer and copies the
+    /// ids back; records its timing.
+    fn device_argmax(&mut self, rows: usize) -> GpuResult<Vec<u32>> {
+        self.ctx.bind()?;
+        let vocab = self.cfg.vocab_size;
+        let t = Instant::now();
+        self.events.0.record()?;
+        self.k
+            .argmax_rows(self.bufs.logits.ptr(), rows, vocab, self.bufs.ids.ptr())?;
+        self.events.1.record()?;
+        let mut ids = vec![0i32; rows];
+        self.bufs.ids.download(&mut ids)?;
+        self.timing.argmax_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.timing.argmax_gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
+        ids.into_iter()
+            .map(|id| match u32::try_from(id) {
+                Ok(id) if (id as usize) < vocab => Ok(id),
+                _ => Err(GpuError(format!(
+                    "the device argmax returned id {id} (vocabulary {vocab})"
+                ))),
+            })
+            .collect()
     }
 
     /// Queues the product of `n` activation rows with `role`'s matrix `w` by the plan's
@@ -981,7 +1038,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn decode_inner(&mut self, batch: &[DecodeItem]) -> GpuResult<Vec<f32>> {
+    /// Runs one decode step, leaving the logits of its `batch.len()` rows in `bufs.logits`;
+    /// records its device time and bucket (the copy and argmax times start at 0).
+    fn run_decode(&mut self, batch: &[DecodeItem]) -> GpuResult<()> {
+        self.logit_rows = 0;
         self.ctx.bind()?;
         let n = batch.len();
         let bucket = if self.opts.graphs {
@@ -1012,17 +1072,26 @@ impl CudaBackend {
             let g = Graph::capture(&self.ctx, || self.enqueue(bucket, Want::All))?;
             self.graphs.insert(bucket, g);
         }
-        let t = Instant::now();
-        let logits = self.copy_logits(n)?;
         self.timing = StepTiming {
             gpu_ms,
-            copy_ms: t.elapsed().as_secs_f64() * 1e3,
             bucket,
+            ..StepTiming::default()
         };
+        self.logit_rows = n;
+        Ok(())
+    }
+
+    /// A decode step whose logits are copied back.
+    fn decode_inner(&mut self, batch: &[DecodeItem]) -> GpuResult<Vec<f32>> {
+        self.run_decode(batch)?;
+        let t = Instant::now();
+        let logits = self.copy_logits(batch.len())?;
+        self.timing.copy_ms = t.elapsed().as_secs_f64() * 1e3;
         Ok(logits)
     }
 
     fn prefill_inner(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> GpuResult<Vec<f32>> {
+        self.logit_rows = 0;
         self.ctx.bind()?;
         let chunks: Vec<&[u32]> = tokens
             .chunks(self.cap.min(self.opts.max_prefill_tokens))
@@ -1084,6 +1153,40 @@ impl Backend for CudaBackend {
 
     fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
         let vocab = self.cfg.vocab_size;
+        self.check_batch(batch)?;
+        if batch.is_empty() {
+            return Ok(Logits {
+                vocab,
+                data: Vec::new(),
+            });
+        }
+        let data = self.decode_inner(batch)?;
+        for it in batch {
+            self.kv.set_len(it.seq, it.pos + 1);
+        }
+        Ok(Logits { vocab, data })
+    }
+
+    /// The step of `decode`, then the argmax kernel over its logits on the device: only
+    /// `batch.len()` i32 ids come back (Llama 3 at batch 128: 512 bytes instead of 64 MB).
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        self.check_batch(batch)?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run_decode(batch)?;
+        let ids = self.device_argmax(batch.len())?;
+        for it in batch {
+            self.kv.set_len(it.seq, it.pos + 1);
+        }
+        Ok(ids)
+    }
+}
+
+impl CudaBackend {
+    /// The checks of a decode batch, before anything runs: distinct sequences, each at its
+    /// length, with room for one more token, and tokens inside the vocabulary.
+    fn check_batch(&self, batch: &[DecodeItem]) -> Result<(), DeviceError> {
         let mut seen = std::collections::HashSet::new();
         for it in batch {
             if !seen.insert(it.seq) {
@@ -1103,17 +1206,7 @@ impl Backend for CudaBackend {
             self.check_room(it.seq, len + 1)?;
             self.check_token(it.token)?;
         }
-        if batch.is_empty() {
-            return Ok(Logits {
-                vocab,
-                data: Vec::new(),
-            });
-        }
-        let data = self.decode_inner(batch)?;
-        for it in batch {
-            self.kv.set_len(it.seq, it.pos + 1);
-        }
-        Ok(Logits { vocab, data })
+        Ok(())
     }
 }
 

@@ -280,4 +280,19 @@ impl KernelHarness {
         self.k.fill_normal_bf16(out.ptr(), count, seed, sigma)?;
         self.down(&out, count)
     }
+
+    /// `argmax_rows`: the greedy id of each row of `logits` (`rows x vocab` f32), to compare
+    /// with `device::argmax`. The output starts as -1 (no id).
+    pub fn argmax_rows(&self, logits: &[f32], vocab: usize) -> R<Vec<i32>> {
+        if vocab == 0 || !logits.len().is_multiple_of(vocab) {
+            return Err(DeviceError::Invalid(
+                "argmax_rows: the logits are not whole rows".into(),
+            ));
+        }
+        let rows = logits.len() / vocab;
+        let lb = self.up(logits)?;
+        let out = self.up(&vec![-1i32; rows])?;
+        self.k.argmax_rows(lb.ptr(), rows, vocab, out.ptr())?;
+        self.down(&out, rows)
+    }
 }

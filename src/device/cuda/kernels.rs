@@ -26,7 +26,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("elementwise", "fill_f32"),
     ("elementwise", "fill_u16"),
     ("elementwise", "fill_normal_bf16"),
-    // tbe3 runtime form (loaded by device::cuda::tbe3, not by the backend yet).
+    ("argmax", "argmax_rows"),
+    // tbe3 runtime form (loaded by device::cuda::tbe3 for the plans' products and the gather).
     ("tbe3_gemv", "tbe3_gemv_b1"),
     ("tbe3_gemv", "tbe3_gemv_b2"),
     ("tbe3_gemv", "tbe3_gemv_b3"),
@@ -74,6 +75,9 @@ pub fn nvcc_version() -> Option<&'static str> {
 
 /// Threads per block of the 1-D kernels.
 const THREADS: u32 = 256;
+/// Threads per block of the argmax kernel (kernels/argmax.cu: one block per row, a multiple of
+/// 32 up to 1024; many threads because one block reads a whole 128k-entry row).
+const ARGMAX_THREADS: u32 = 1024;
 /// Threads per block of the attention kernel (kernels/attention.cu's ATTN_WARPS * 32).
 const ATTN_THREADS: u32 = 256;
 /// Largest head dimension the attention kernel takes.
@@ -111,6 +115,7 @@ pub struct Kernels {
     fill_f32: Kernel,
     fill_u16: Kernel,
     fill_normal: Kernel,
+    argmax: Kernel,
 }
 
 /// A GEMM product's rows: `split` when it holds hi rows then lo rows (see kernels/common.cuh).
@@ -162,6 +167,7 @@ impl Kernels {
             fill_f32: get("fill_f32")?,
             fill_u16: get("fill_u16")?,
             fill_normal: get("fill_normal_bf16")?,
+            argmax: get("argmax_rows")?,
             _modules: Vec::new(),
         };
         Ok(Self {
@@ -398,6 +404,22 @@ impl Kernels {
             self.fill_normal
                 .launch(&self.ctx, (blocks_for(count), 1, 1), THREADS, &args)
         }
+    }
+
+    /// `out[r]` (i32) = the argmax of row `r` of `logits` (f32 `rows x vocab`), with exactly
+    /// [`crate::device::argmax`]'s semantics (lowest index among the maxima, NaN never wins, 0
+    /// when nothing is above -inf): greedy tokens chosen on the device, so a greedy decode step
+    /// copies `rows` ids back instead of `rows x vocab` logits.
+    pub fn argmax_rows(&self, logits: u64, rows: usize, vocab: usize, out: u64) -> GpuResult<()> {
+        let args = [Arg::P(logits), Arg::I(i32_of(vocab, "vocab")?), Arg::P(out)];
+        let grid = (
+            u32::try_from(rows).map_err(|_| GpuError(format!("{rows} rows")))?,
+            1,
+            1,
+        );
+        // SAFETY: matches argmax_rows(const float*, int, int*); `logits` holds rows x vocab f32
+        // and `out` rows i32 (the caller's).
+        unsafe { self.argmax.launch(&self.ctx, grid, ARGMAX_THREADS, &args) }
     }
 }
 

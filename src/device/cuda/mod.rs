@@ -9,10 +9,11 @@
 //! can be refused, never run out of memory).
 //!
 //! Runtime probing: [`probe`] says whether this process can run the backend, and if not, why
-//! (built without kernels, no driver library, no device, wrong architecture, no cuBLAS). The
-//! driver and cuBLAS are loaded at run time (cudarc's `dynamic-loading`), so the same binary
-//! runs on machines without a GPU; [`crate::device::load_backend`] falls back to the CPU there
-//! and says why. docs/cuda.md describes the layout, the numerics and what was verified where.
+//! (built without kernels, no driver library, a driver older than CUDA 13.0, no device, wrong
+//! architecture, no cuBLAS). The driver and cuBLAS are loaded at run time (cudarc's
+//! `dynamic-loading`), so the same binary runs on machines without a GPU;
+//! [`crate::device::load_backend`] falls back to the CPU there and says why. docs/cuda.md
+//! describes the layout, the numerics and what was verified where.
 
 pub mod backend;
 pub mod driver;
@@ -66,6 +67,26 @@ pub struct DeviceInfo {
 /// Set to `1` to make [`probe`] report no GPU (tests of the fallback on a GPU machine).
 pub const FORCE_NO_GPU_ENV: &str = "UNWEIGHT_FORCE_NO_GPU";
 
+/// The oldest driver the kernels load on, as `cuDriverGetVersion` reports it (`major * 1000 +
+/// minor * 10`): they are built by CUDA 13.0's nvcc (sm_90a SASS and compute_90a PTX), and
+/// cudarc is bound to the 13.0 driver API. An older driver would pass every other check and fail
+/// later, at module load, as an error instead of the CPU fallback, so [`probe`] refuses it.
+pub const MIN_DRIVER_CUDA_VERSION: i32 = 13000;
+
+/// `Err(reason)` when a driver reporting CUDA `version` (`cuDriverGetVersion`'s form) is older
+/// than [`MIN_DRIVER_CUDA_VERSION`]. Pure, so the message is unit-tested without a GPU.
+pub fn check_driver_version(version: i32) -> Result<(), String> {
+    if version >= MIN_DRIVER_CUDA_VERSION {
+        return Ok(());
+    }
+    let v = |x: i32| format!("{}.{}", x / 1000, x % 1000 / 10);
+    Err(format!(
+        "the NVIDIA driver supports CUDA {}, the kernels need {} or newer (update the driver)",
+        v(version),
+        v(MIN_DRIVER_CUDA_VERSION)
+    ))
+}
+
 /// Whether device 0 can run this backend: `Ok` with its description, or `Err` with the reason it
 /// cannot. Never panics (a panic in the dynamic loader is caught and reported).
 pub fn probe() -> Result<DeviceInfo, String> {
@@ -91,6 +112,10 @@ pub fn probe_ordinal(ordinal: usize) -> Result<DeviceInfo, String> {
 
 fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
     use cudarc::driver::sys::CUdevice_attribute as A;
+    // Before cuInit and any other call: cuDriverGetVersion needs neither, and an old driver may
+    // lack the versioned entry points (`_v2`, ...) the 13.0 bindings resolve later.
+    let driver_cuda_version = driver::driver_version().map_err(|e| e.0)?;
+    check_driver_version(driver_cuda_version)?;
     cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?} (no usable GPU)"))?;
     let count = cudarc::driver::result::device::get_count()
         .map_err(|e| format!("cuDeviceGetCount failed: {e:?}"))?;
@@ -125,7 +150,7 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
         l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
         total_memory,
         free_memory,
-        driver_cuda_version: driver::driver_version().map_err(|e| e.0)?,
+        driver_cuda_version,
         nvcc: kernels::nvcc_version().map(str::to_string),
     })
 }
@@ -153,4 +178,31 @@ pub fn copy_bandwidth(bytes: usize, repeats: usize) -> Result<f64, DeviceError> 
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     Ok(2.0 * bytes as f64 / (median * 1e-3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drivers_older_than_cuda_13_are_refused_with_both_versions() {
+        assert_eq!(check_driver_version(13000), Ok(()));
+        assert_eq!(check_driver_version(13020), Ok(()));
+        assert_eq!(check_driver_version(14000), Ok(()));
+        let e = check_driver_version(12080).unwrap_err();
+        assert_eq!(
+            e,
+            "the NVIDIA driver supports CUDA 12.8, the kernels need 13.0 or newer (update the \
+             driver)"
+        );
+        assert!(check_driver_version(12090)
+            .unwrap_err()
+            .contains("supports CUDA 12.9,"));
+        assert!(check_driver_version(11040)
+            .unwrap_err()
+            .contains("supports CUDA 11.4,"));
+        // One below the minimum: 12.99 is not a real release but must still be refused.
+        assert!(check_driver_version(MIN_DRIVER_CUDA_VERSION - 1).is_err());
+        assert!(check_driver_version(0).unwrap_err().contains("CUDA 0.0,"));
+    }
 }
