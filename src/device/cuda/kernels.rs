@@ -128,7 +128,8 @@ pub struct Product {
 }
 
 impl Kernels {
-    /// Loads every family's fatbin and resolves every entry point of [`KERNELS`].
+    /// Loads the fatbins of the step's kernel families (not the tbe3 ones, which the plans'
+    /// kernel sets load) and resolves their entry points.
     pub fn load(ctx: &Arc<Context>) -> GpuResult<Self> {
         if !built_with_kernels() {
             return Err(GpuError(
@@ -136,25 +137,23 @@ impl Kernels {
                     .into(),
             ));
         }
-        let mut modules = Vec::new();
-        for (family, image) in fatbins() {
-            modules.push((
-                *family,
-                Module::load(ctx, image)
-                    .map_err(|e| GpuError(format!("kernels/{family}.cu: {e}")))?,
-            ));
-        }
-        let get = |name: &str| -> GpuResult<Kernel> {
+        // Only the families these kernels live in: the tbe3 families are loaded by the plans'
+        // own kernel sets (tbe3::Tbe3Kernels), not twice.
+        let mut modules: Vec<(&str, Module)> = Vec::new();
+        let mut get = |name: &str| -> GpuResult<Kernel> {
             let family = KERNELS
                 .iter()
                 .find(|(_, n)| *n == name)
                 .map(|(f, _)| *f)
                 .ok_or_else(|| GpuError(format!("kernel `{name}` is not in the table")))?;
-            let (_, m) = modules
-                .iter()
-                .find(|(f, _)| *f == family)
-                .ok_or_else(|| GpuError(format!("no fatbin for kernels/{family}.cu")))?;
-            m.function(name)
+            let i = match modules.iter().position(|(f, _)| *f == family) {
+                Some(i) => i,
+                None => {
+                    modules.push((family, load_family(ctx, family)?));
+                    modules.len() - 1
+                }
+            };
+            modules[i].1.function(name)
         };
         let k = Self {
             ctx: ctx.clone(),
