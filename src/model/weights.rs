@@ -1,5 +1,5 @@
 //! Every tensor of a Llama model, loaded by its Hugging Face name from a
-//! [`Checkpoint`](crate::container::Checkpoint), plain or compressed, and checked against the
+//! [`Checkpoint`], plain or compressed, and checked against the
 //! [`LlamaConfig`].
 //!
 //! Matrices stay BF16 (as little-endian bytes) in one of two forms, chosen by [`WeightMode`]:

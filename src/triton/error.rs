@@ -1,11 +1,11 @@
 //! Errors of the Triton layer and their one mapping to Triton's error codes.
 //!
 //! [`TritonError`] is what every function of this layer returns. At the C ABI edge,
-//! [`to_server_error`] turns one into a `TRITONSERVER_Error*` whose code comes from
+//! `to_server_error` turns one into a `TRITONSERVER_Error*` whose code comes from
 //! [`TritonError::kind`] (bad input and bad configuration → INVALID_ARG, no capacity →
 //! UNAVAILABLE, not supported → UNSUPPORTED, anything else → INTERNAL) and whose message is the
 //! full chain of causes. Every `TRITONSERVER_Error*` a server call returns goes through
-//! [`check`], which reads its code and message and then deletes it: none is leaked.
+//! `check`, which reads its code and message and then deletes it: none is leaked.
 
 use std::ffi::{CStr, CString};
 use std::fmt;

@@ -801,7 +801,7 @@ impl CudaBackend {
     }
 
     /// The plan the linear layers run by; its `source` says where it came from ("default",
-    /// "table", "tuning table <path>", "tuned at load in 41.3 s, saved to <path>").
+    /// "table", "tuning table PATH", "tuned at load in 41.3 s, saved to PATH").
     pub fn plan(&self) -> &Plan {
         &self.plan
     }

@@ -3,7 +3,7 @@
 //! kernel, or cuBLAS after a chunked decode); the autotuner ([`tune`]) makes the plans.
 //!
 //! Owns: the device context and stream ([`driver`]), the embedded kernels ([`kernels`],
-//! [`tbe3`], [`mma`], [`gather`]), the weights in device memory, a KV cache preallocated from a memory budget ([`kv`]), and one CUDA
+//! [`tbe3`], [`mma`], [`gather`]), the weights in device memory, a KV cache preallocated from a memory budget (`kv`), and one CUDA
 //! graph per decode batch-size bucket ([`backend`]). Must not: sample (logits are copied back and
 //! the engine samples on the CPU), or allocate device memory after construction (so a request
 //! can be refused, never run out of memory).

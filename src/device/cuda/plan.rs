@@ -344,7 +344,7 @@ pub struct Plan {
     /// The embedding table's storage (the gather decodes one row per token: never tuned, tbe3
     /// wherever the gather supports the shape). A tied `lm_head` is this same table.
     pub embed: Storage,
-    /// Where the choice came from ("baseline", "default", "table <path>", "tuned at load").
+    /// Where the choice came from ("baseline", "default", "table PATH", "tuned at load").
     pub source: String,
 }
 
