@@ -23,6 +23,8 @@ use triton_unweight::model::synth::{f32_to_bf16, synth_checkpoint, SynthOptions}
 use triton_unweight::model::weights::{bf16_to_f32, WeightMode};
 use triton_unweight::model::{LlamaConfig, LlamaShape};
 
+#[macro_use]
+mod backend_wrap;
 mod gpu_skip;
 use gpu_skip::{gpu, loud_skip};
 
@@ -1126,24 +1128,7 @@ struct GreedyPath<'a> {
 }
 
 impl Backend for GreedyPath<'_> {
-    fn config(&self) -> &LlamaConfig {
-        self.inner.config()
-    }
-    fn kv_capacity(&self) -> triton_unweight::device::KvCapacity {
-        self.inner.kv_capacity()
-    }
-    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
-        self.inner.new_sequence()
-    }
-    fn free_sequence(&mut self, seq: SeqId) {
-        self.inner.free_sequence(seq)
-    }
-    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
-        self.inner.sequence_len(seq)
-    }
-    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
-        self.inner.prefill(seq, tokens)
-    }
+    forward_backend_to_inner!();
     fn decode(
         &mut self,
         batch: &[DecodeItem],

@@ -5,6 +5,9 @@
 //! form (plain, compressed and decoded at load, compressed and decoded on the fly), the batch a
 //! sequence shares and the way a prompt is split never change a single bit.
 
+#[macro_use]
+mod backend_wrap;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -816,24 +819,7 @@ struct FailingDecode {
 }
 
 impl Backend for FailingDecode {
-    fn config(&self) -> &LlamaConfig {
-        self.inner.config()
-    }
-    fn kv_capacity(&self) -> triton_unweight::device::KvCapacity {
-        self.inner.kv_capacity()
-    }
-    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
-        self.inner.new_sequence()
-    }
-    fn free_sequence(&mut self, seq: SeqId) {
-        self.inner.free_sequence(seq)
-    }
-    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
-        self.inner.sequence_len(seq)
-    }
-    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
-        self.inner.prefill(seq, tokens)
-    }
+    forward_backend_to_inner!();
     fn decode(
         &mut self,
         batch: &[DecodeItem],
@@ -900,24 +886,7 @@ struct Paths {
 }
 
 impl Backend for Paths {
-    fn config(&self) -> &LlamaConfig {
-        self.inner.config()
-    }
-    fn kv_capacity(&self) -> triton_unweight::device::KvCapacity {
-        self.inner.kv_capacity()
-    }
-    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
-        self.inner.new_sequence()
-    }
-    fn free_sequence(&mut self, seq: SeqId) {
-        self.inner.free_sequence(seq)
-    }
-    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
-        self.inner.sequence_len(seq)
-    }
-    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
-        self.inner.prefill(seq, tokens)
-    }
+    forward_backend_to_inner!();
     fn decode(
         &mut self,
         batch: &[DecodeItem],
