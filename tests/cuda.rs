@@ -825,12 +825,16 @@ fn engine_real_model_matches_cpu_and_reference() {
             },
         );
         let steps = compare_greedy(&mut cpu, &mut gpu, &prompts, 32, 1e-2);
-        // Same greedy tokens as the CPU for 32 tokens, without exception.
-        assert_same_tokens(&steps, 0.0);
-        // And as transformers, up to its end of sequence.
+        // Same greedy tokens as the CPU for 32 tokens, except at near-ties: a step whose CPU
+        // top-2 logits are within NEAR_TIE may pick either (the GPU sums in another order).
+        const NEAR_TIE: f32 = 1e-2;
+        assert_same_tokens(&steps, NEAR_TIE);
+        // And as transformers, up to its end of sequence or the first near-tie (after it the
+        // GPU's own choice may legitimately differ, and everything after it too).
         for (case, s) in cases.iter().zip(&steps) {
             let want = ids(&case["greedy_ids"]);
-            let got: Vec<u32> = s.iter().map(|x| x.0).collect();
+            let tie = s.iter().position(|x| x.2 < NEAR_TIE).unwrap_or(s.len());
+            let got: Vec<u32> = s[..tie].iter().map(|x| x.0).collect();
             let k = want.len().min(got.len());
             assert_eq!(got[..k], want[..k], "{plan:?}: {}", case["name"]);
         }

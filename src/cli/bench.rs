@@ -291,6 +291,13 @@ pub(super) fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
 }
 
 pub(super) fn git_commit() -> Option<String> {
+    // A bundle run on another machine (scripts/gpu-check) has no checkout: it passes the commit
+    // the bundle was built from.
+    if let Ok(c) = std::env::var("UNWEIGHT_COMMIT") {
+        if !c.trim().is_empty() {
+            return Some(c.trim().to_string());
+        }
+    }
     let dir = env!("CARGO_MANIFEST_DIR");
     let head = command_line("git", &["-C", dir, "rev-parse", "HEAD"])?;
     let dirty = command_line(
@@ -313,5 +320,34 @@ pub(super) fn machine(threads: usize) -> Value {
         "logical_cores": std::thread::available_parallelism().map(|n| n.get()).ok(),
         "threads": threads,
         "os": command_line("uname", &["-sr"]),
+        "gpus": nvidia_smi(),
     })
+}
+
+/// The GPUs as `nvidia-smi` reports them (a query only: no setting is changed), one object per
+/// GPU; null where there is no nvidia-smi. Clocks are the ones at the moment of writing.
+fn nvidia_smi() -> Value {
+    const FIELDS: &str = "name,memory.total,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu,pci.bus_id";
+    let Some(text) = command_line(
+        "nvidia-smi",
+        &[
+            &format!("--query-gpu={FIELDS}"),
+            "--format=csv,noheader",
+        ],
+    ) else {
+        return Value::Null;
+    };
+    let names: Vec<&str> = FIELDS.split(',').collect();
+    Value::Array(
+        text.lines()
+            .map(|l| {
+                let m: serde_json::Map<String, Value> = names
+                    .iter()
+                    .zip(l.split(',').map(str::trim))
+                    .map(|(k, v)| ((*k).to_string(), json!(v)))
+                    .collect();
+                Value::Object(m)
+            })
+            .collect(),
+    )
 }

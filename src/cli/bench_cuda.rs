@@ -70,6 +70,8 @@ struct PlanRun {
     kv_bytes: usize,
     rows: Vec<Value>,
     tokens_per_s: Vec<f64>,
+    /// Buckets whose CUDA graph capture failed (they ran eagerly), with the error.
+    graph_failures: Vec<Value>,
 }
 
 /// How the model is made: a preset generated on the device, or a checkpoint.
@@ -173,6 +175,47 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         Some(t) => PlanSource::Table(t.clone()),
         None => PlanSource::Compressed,
     };
+    let header = json!({
+        "benchmark": "decode",
+        "device": "cuda",
+        "gpu": info,
+        "model": source.describe(),
+        "tokens": a.tokens,
+        "prompt_len": a.prompt_len,
+        "max_context": max_context,
+        "split_activations": base_opts.split_activations,
+        "activations": if base_opts.split_activations { "split hi+lo BF16 (f32-accurate, opt-in precision mode)" } else { "BF16 (as a BF16 serving engine runs)" },
+        "graphs": base_opts.graphs,
+        "copy_bandwidth_gbps": copy_bw / 1e9,
+        "copy_bandwidth_note": "device-to-device cuMemcpyDtoDAsync, bytes read + written, 1 GiB buffers, median of 20 (CUDA events)",
+        "plan_table": a.plan_table.as_ref().map(|p| p.display().to_string()),
+        "compressed_plan_tuned": table.is_some(),
+    });
+    // Written after every batch size and every plan, so that a run cut short (a timeout, a
+    // failure further on) still leaves everything measured so far; `complete` says which.
+    let write = |runs: &[PlanRun], partial: &[Value], comparison: &Value, twin: &Value, complete: bool| -> Result<()> {
+        let Some(out) = &a.out else { return Ok(()) };
+        let mut doc = header.clone();
+        doc["complete"] = json!(complete);
+        doc["plans"] = json!(runs.iter().map(|r| json!({
+            "plan": r.name,
+            "detail": r.plan,
+            "load_s": r.load_s,
+            "weight_bytes_per_step": r.weight_bytes,
+            "weight_memory": r.weight_memory,
+            "bf16_weight_memory": r.bf16_weight_memory,
+            "kv_cache_bytes": r.kv_bytes,
+            "graph_failures": r.graph_failures,
+        })).collect::<Vec<_>>());
+        doc["results"] = json!(runs
+            .iter()
+            .flat_map(|r| r.rows.iter().cloned())
+            .chain(partial.iter().cloned())
+            .collect::<Vec<_>>());
+        doc["comparison"] = comparison.clone();
+        doc["twin_check"] = twin.clone();
+        super::bench::write_results(out, doc, rayon::current_num_threads())
+    };
     let mut runs: Vec<PlanRun> = Vec::new();
     let mut twin = Value::Null;
     for name in &a.plans {
@@ -194,7 +237,16 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
                 backend.kv_capacity().max_sequences
             );
         }
-        let run = measure_plan(&mut backend, name, load_s, a, copy_bw)?;
+        let label = if name == "compressed" && table.is_none() {
+            "compressed (untuned: default strategies)".to_string()
+        } else if name == "compressed" {
+            "compressed (tuned: --plan-table)".to_string()
+        } else {
+            "baseline (BF16 + cuBLAS)".to_string()
+        };
+        let run = measure_plan(&mut backend, name, &label, load_s, a, copy_bw, &mut |rows| {
+            write(&runs, rows, &Value::Null, &Value::Null, false)
+        })?;
         // The twin check replays the compressed run's tokens on the raw twin; the compressed
         // backend is dropped first (one model in device memory at a time).
         let trace = if a.check_twin && name == "compressed" {
@@ -203,6 +255,8 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
             None
         };
         drop(backend);
+        runs.push(run);
+        write(&runs, &[], &Value::Null, &Value::Null, false)?;
         if let Some(trace) = trace {
             let t = Instant::now();
             let mut tb = source.build(&CudaOptions {
@@ -214,36 +268,9 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
             let replay = twin_trace(&mut tb, a, max_batch, Some(&trace))?;
             twin = compare_traces(&trace, &replay, twin_load_s);
         }
-        runs.push(run);
     }
     let comparison = compare_runs(&runs, &a.batch);
-    if let Some(out) = &a.out {
-        let doc = json!({
-            "benchmark": "decode",
-            "device": "cuda",
-            "gpu": info,
-            "model": source.describe(),
-            "tokens": a.tokens,
-            "prompt_len": a.prompt_len,
-            "max_context": max_context,
-            "split_activations": base_opts.split_activations,
-            "graphs": base_opts.graphs,
-            "copy_bandwidth_gbps": copy_bw / 1e9,
-            "copy_bandwidth_note": "device-to-device cuMemcpyDtoDAsync, bytes read + written, 1 GiB buffers, median of 20 (CUDA events)",
-            "plan_table": a.plan_table.as_ref().map(|p| p.display().to_string()),
-            "plans": runs.iter().map(|r| json!({
-                "plan": r.name,
-                "detail": r.plan,
-                "load_s": r.load_s,
-                "weight_bytes_per_step": r.weight_bytes,
-                "kv_cache_bytes": r.kv_bytes,
-            })).collect::<Vec<_>>(),
-            "results": runs.iter().flat_map(|r| r.rows.iter().cloned()).collect::<Vec<_>>(),
-            "comparison": comparison,
-            "twin_check": twin,
-        });
-        super::bench::write_results(out, doc, rayon::current_num_threads())?;
-    }
+    write(&runs, &[], &comparison, &twin, true)?;
     if twin.get("bit_exact") == Some(&Value::Bool(false)) {
         bail!("the compressed plan and its raw twin gave different logits (see above)");
     }
@@ -254,14 +281,16 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
 fn measure_plan(
     backend: &mut CudaBackend,
     name: &str,
+    label: &str,
     load_s: f64,
     a: &DecodeArgs,
     copy_bw: f64,
+    on_row: &mut dyn FnMut(&[Value]) -> Result<()>,
 ) -> Result<PlanRun> {
     let wbytes = backend.weight_bytes_per_step();
     let plan = backend.plan().clone();
     println!(
-        "\nplan {name} ({}): weights {:.2} GB per step, built in {load_s:.1} s\n  {}",
+        "\nplan {label} ({}): weights {:.2} GB per step, built in {load_s:.1} s\n  {}",
         plan.source,
         wbytes as f64 / 1e9,
         describe_plan(&plan)
@@ -287,7 +316,13 @@ fn measure_plan(
         let r = measure(backend, batch, a)?;
         let gbps = wbytes as f64 / (r.gpu_ms * 1e-3) / 1e9;
         let frac = gbps * 1e9 / copy_bw;
+        // The memory floor: every weight byte and every KV byte the step reads, once, at the
+        // copy bandwidth measured in this run.
+        let floor_ms = (wbytes as f64 + r.kv_bytes) / copy_bw * 1e3;
         let step = r.step_ms + r.argmax_ms;
+        // The greedy serving step: the step without its logits copy, plus the device argmax
+        // and the ids' copy (what `Backend::decode_argmax` does).
+        let e2e_dev_ms = r.step_ms - r.copy_ms + r.device_path_ms;
         let tokens_per_s = batch as f64 / (step * 1e-3);
         let device_cheaper = r.device_path_ms < r.logits_path_ms;
         println!(
@@ -312,6 +347,7 @@ fn measure_plan(
         ));
         rows.push(json!({
             "plan": name,
+            "plan_label": label,
             "batch": batch,
             "bucket": r.bucket,
             "gpu_ms_per_step": r.gpu_ms,
@@ -323,14 +359,27 @@ fn measure_plan(
             "weight_bytes_per_step": wbytes,
             "weight_read_gbps": gbps,
             "fraction_of_copy_bandwidth": frac,
+            "kv_bytes_read_per_step": r.kv_bytes,
+            "memory_floor_ms": floor_ms,
+            "fraction_of_memory_floor": floor_ms / r.gpu_ms,
+            "e2e_ms_device_argmax": e2e_dev_ms,
+            "tokens_per_s_device_argmax": batch as f64 / (e2e_dev_ms * 1e-3),
+            "e2e_note": "e2e_ms_device_argmax = host time of the step (inputs up, graph, sync) minus its logits copy, plus the device argmax and the ids' copy; tokens_per_s uses the logits copy and a CPU argmax instead",
+            "graph": r.graph,
             "logits_path_ms": r.logits_path_ms,
             "device_argmax_path_ms": r.device_path_ms,
             "device_argmax_gpu_ms": r.device_argmax_gpu_ms,
             "greedy_path_cheaper": if device_cheaper { "device_argmax" } else { "logits_copy" },
             "greedy_path_note": "per timed step, on the same logits: logits_path = logits copy + CPU argmax (host ms); device_argmax_path = argmax kernel + copy of the ids (host ms); medians; the ids were equal every step",
         }));
+        on_row(&rows)?;
     }
     println!("greedy tokens, cheaper path: {}", verdicts.join("; "));
+    let graph_failures: Vec<Value> = backend
+        .graph_failures()
+        .into_iter()
+        .map(|(b, e)| json!({"bucket": b, "error": e}))
+        .collect();
     Ok(PlanRun {
         name: name.to_string(),
         plan,
@@ -341,6 +390,7 @@ fn measure_plan(
         kv_bytes: backend.kv_bytes(),
         rows,
         tokens_per_s: tps,
+        graph_failures,
     })
 }
 
@@ -567,6 +617,10 @@ struct Measured {
     device_path_ms: f64,
     /// Median device time of the argmax kernel.
     device_argmax_gpu_ms: f64,
+    /// Mean KV-cache bytes a timed step reads (every cached position of every row, K and V).
+    kv_bytes: f64,
+    /// Whether the timed steps replayed a CUDA graph.
+    graph: bool,
 }
 
 fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured> {
@@ -576,6 +630,10 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
     let (mut gpu, mut copy, mut am, mut step) = (vec![], vec![], vec![], vec![]);
     let (mut logits_path, mut dev_path, mut dev_gpu) = (vec![], vec![], vec![]);
     let mut bucket = 0;
+    let mut graph = true;
+    let mut kv = Vec::new();
+    let cfg = b.config();
+    let kv_per_pos = (cfg.num_hidden_layers * 2 * cfg.kv_dim() * 4) as f64; // f32 K and V
     // Every sequence taken is freed below, whatever fails (the next batch size needs the slots).
     let result = (|| -> Result<()> {
         for i in 0..batch {
@@ -625,6 +683,9 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
                 dev_path.push(tm.argmax_ms);
                 dev_gpu.push(tm.argmax_gpu_ms);
                 bucket = tm.bucket;
+                graph &= tm.graph;
+                // Positions attended this step: each row's cache up to and including its token.
+                kv.push(seqs.iter().map(|&(_, p)| p as f64).sum::<f64>() * kv_per_pos);
             }
         }
         Ok(())
@@ -645,5 +706,7 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
         logits_path_ms: median(&mut logits_path),
         device_path_ms: median(&mut dev_path),
         device_argmax_gpu_ms: median(&mut dev_gpu),
+        kv_bytes: kv.iter().sum::<f64>() / kv.len() as f64,
+        graph: graph && !gpu.is_empty(),
     })
 }

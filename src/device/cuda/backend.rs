@@ -151,6 +151,9 @@ pub struct StepTiming {
     pub copy_ms: f64,
     /// The batch bucket the step ran as.
     pub bucket: usize,
+    /// Whether the step ran as a replay of its bucket's CUDA graph (false: launched eagerly,
+    /// because graphs are off, this is the bucket's first step, or its capture failed).
+    pub graph: bool,
     /// Host time of the greedy-id path after the step finished: the device argmax over the
     /// step's logits plus copying the ids back ([`Backend::decode_argmax`], or
     /// [`CudaBackend::argmax_last_step`] after a `decode`); 0 when it did not run. Next to
@@ -222,6 +225,9 @@ pub struct CudaBackend {
     cfg: LlamaConfig,
     // Field order is drop order: graphs, then buffers, handles and modules, then the context.
     graphs: HashMap<usize, Graph>,
+    /// Buckets whose graph capture failed: they run eagerly (logged once, counted in
+    /// [`CudaBackend::graph_failures`]) instead of failing every step.
+    graphless: HashMap<usize, String>,
     host_logits: PinnedBuf,
     kv: KvCache,
     bufs: Bufs,
@@ -741,6 +747,7 @@ impl CudaBackend {
         Ok(Self {
             cfg,
             graphs: HashMap::new(),
+            graphless: HashMap::new(),
             host_logits,
             kv,
             bufs,
@@ -804,6 +811,15 @@ impl CudaBackend {
     /// "table", "tuning table PATH", "tuned at load in 41.3 s, saved to PATH").
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Buckets whose CUDA graph capture failed, with the error: they run eagerly. Benchmarks
+    /// record this, since eager steps pay every launch.
+    pub fn graph_failures(&self) -> Vec<(usize, String)> {
+        let mut v: Vec<(usize, String)> =
+            self.graphless.iter().map(|(b, e)| (*b, e.clone())).collect();
+        v.sort();
+        v
     }
 
     /// The decode batch buckets (one CUDA graph each).
@@ -1061,6 +1077,8 @@ impl CudaBackend {
         } else {
             None
         };
+        let eager_only = self.graphless.contains_key(&bucket);
+        let graph_used = graph.is_some();
         self.events.0.record()?;
         match graph {
             Some(g) => g.launch()?,
@@ -1068,12 +1086,25 @@ impl CudaBackend {
         }
         self.events.1.record()?;
         let gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
-        if self.opts.graphs && !self.graphs.contains_key(&bucket) {
-            let g = Graph::capture(&self.ctx, || self.enqueue(bucket, Want::All))?;
-            self.graphs.insert(bucket, g);
+        if self.opts.graphs && !eager_only && !self.graphs.contains_key(&bucket) {
+            // A failed capture is not a failed step: the step above already ran eagerly, and
+            // this bucket keeps running eagerly (slower launches, same results).
+            match Graph::capture(&self.ctx, || self.enqueue(bucket, Want::All)) {
+                Ok(g) => {
+                    self.graphs.insert(bucket, g);
+                }
+                Err(e) => {
+                    tracing::warn!(bucket, error = %e, "CUDA graph capture failed; this bucket runs without a graph");
+                    eprintln!(
+                        "unweight: CUDA graph capture failed for batch bucket {bucket} ({e}); it runs without a graph"
+                    );
+                    self.graphless.insert(bucket, e.to_string());
+                }
+            }
         }
         self.timing = StepTiming {
             gpu_ms,
+            graph: graph_used,
             bucket,
             ..StepTiming::default()
         };

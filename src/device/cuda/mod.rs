@@ -56,7 +56,7 @@ pub struct DeviceInfo {
     pub l2_bytes: i32,
     /// Device memory bytes.
     pub total_memory: usize,
-    /// Free device memory bytes when probed.
+    /// Free device memory bytes when first probed (the probe of device 0 runs once per process).
     pub free_memory: usize,
     /// The driver's CUDA version, `major * 1000 + minor * 10`.
     pub driver_cuda_version: i32,
@@ -106,8 +106,17 @@ pub fn probe_ordinal(ordinal: usize) -> Result<DeviceInfo, String> {
     if !driver::driver_present() {
         return Err("no NVIDIA driver: libcuda.so could not be loaded".into());
     }
-    std::panic::catch_unwind(|| probe_inner(ordinal))
-        .unwrap_or_else(|_| Err("the CUDA driver library failed to load (panic caught)".into()))
+    let run = || {
+        std::panic::catch_unwind(|| probe_inner(ordinal))
+            .unwrap_or_else(|_| Err("the CUDA driver library failed to load (panic caught)".into()))
+    };
+    // Once per process for the default device: a probe retains and releases the primary context,
+    // which creates and destroys it when nothing else holds it (a second or more per probe).
+    if ordinal == 0 {
+        static PROBED: std::sync::OnceLock<Result<DeviceInfo, String>> = std::sync::OnceLock::new();
+        return PROBED.get_or_init(run).clone();
+    }
+    run()
 }
 
 fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
