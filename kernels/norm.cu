@@ -1,7 +1,11 @@
 // RMSNorm fused with the residual add that precedes it. Rust partner:
 // src/device/cuda/kernels.rs (`rmsnorm_residual`).
 //
-// grid: (n) one block per token row; block: 256 threads; static shared memory: 32 floats.
+// grid: (n) one block per token row; block: 1024 threads (NORM_THREADS in kernels.rs; any multiple
+// of 32 up to 1024 works); static shared memory: 32 floats. A decode step of batch 1 runs this
+// as a single block, so the block is made wide: each thread then has only h/1024 dependent loads
+// (measured on an H200 with 256 threads: 15.6 us per call at h = 4096, latency-bound, 1 ms of a
+// 5.4 ms Llama-3.1-8B step).
 // x: f32 [n x h] residual stream (device), updated in place: x += y (the preceding GEMM's
 //    product, split-summed: rows t and n + t when y_split) unless y is null.
 // w: f32 [h] norm weight; out: BF16 [(out_split ? 2n : n) x h], the next GEMM's input:
@@ -18,6 +22,7 @@ extern "C" __global__ void rmsnorm_residual(float* __restrict__ x, const float* 
     const int t = blockIdx.x;
     float* xr = x + (size_t)t * h;
     float ss = 0.0f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float v = xr[i];
         if (y) {

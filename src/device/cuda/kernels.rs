@@ -75,6 +75,19 @@ pub fn nvcc_version() -> Option<&'static str> {
 
 /// Threads per block of the 1-D kernels.
 const THREADS: u32 = 256;
+/// Threads of an RMSNorm block (one block per token row): wide, because at batch 1 the whole
+/// norm is one block and its time is the latency of each thread's chain of loads.
+const NORM_THREADS: u32 = 1024;
+/// Threads of a RoPE block; each token gets [`rope_blocks`] of them.
+const ROPE_THREADS: u32 = 128;
+
+/// Blocks per token of `rope_qkv_store`: enough that each thread handles about one rotation pair
+/// (and one v value), so a batch-1 step is not one block's serial loop.
+fn rope_blocks(heads: usize, kv_heads: usize, head_dim: usize) -> u32 {
+    let pairs = (heads + kv_heads) * (head_dim / 2);
+    let kvd = kv_heads * head_dim;
+    (pairs.max(kvd).div_ceil(ROPE_THREADS as usize)).clamp(1, 65535) as u32
+}
 /// Threads per block of the argmax kernel (kernels/argmax.cu: one block per row, a multiple of
 /// 32 up to 1024; many threads because one block reads a whole 128k-entry row).
 const ARGMAX_THREADS: u32 = 1024;
@@ -224,7 +237,7 @@ impl Kernels {
         // SAFETY: matches rmsnorm_residual's parameters; extents are the caller's.
         unsafe {
             self.rmsnorm
-                .launch(&self.ctx, (i32_of(n, "n")? as u32, 1, 1), THREADS, &args)
+                .launch(&self.ctx, (i32_of(n, "n")? as u32, 1, 1), NORM_THREADS, &args)
         }
     }
 
@@ -264,11 +277,9 @@ impl Kernels {
             Arg::I(i32_of(head_dim, "head_dim")?),
             Arg::I(i32_of(max_ctx, "max_ctx")?),
         ];
+        let grid = (i32_of(n, "n")? as u32, rope_blocks(heads, kv_heads, head_dim), 1);
         // SAFETY: matches rope_qkv_store's parameters; extents are the caller's.
-        unsafe {
-            self.rope
-                .launch(&self.ctx, (i32_of(n, "n")? as u32, 1, 1), 128, &args)
-        }
+        unsafe { self.rope.launch(&self.ctx, grid, ROPE_THREADS, &args) }
     }
 
     /// Attention of `n` query tokens (q f32 `n x heads x hd`) over positions `0..=pos[t]` of
@@ -438,6 +449,18 @@ mod tests {
         assert_eq!(b, 65535 * 8);
         assert!(b * THREADS as usize * big.div_ceil(b * THREADS as usize) >= big);
         assert!(i32_of(1 << 31, "x").is_err() && i32_of(i32::MAX as usize, "x").is_ok());
+    }
+
+    #[test]
+    fn rope_blocks_give_each_thread_about_one_pair_or_value() {
+        // Llama-3.1-8B: (32 + 8) heads x 64 pairs = 2560 pairs, kv_dim 1024: 20 blocks of 128.
+        assert_eq!(rope_blocks(32, 8, 128), 20);
+        // SmolLM2-135M: (9 + 3) x 32 = 384 pairs, kv_dim 192: 3 blocks.
+        assert_eq!(rope_blocks(9, 3, 64), 3);
+        // A model whose v values outnumber its pairs (no query heads) is still covered.
+        let b = rope_blocks(0, 4, 64) as usize;
+        assert!(b * ROPE_THREADS as usize >= 4 * 64);
+        assert_eq!(rope_blocks(0, 0, 0), 1);
     }
 
     /// Every entry point the Rust side loads is in its family's fatbin, as PTX (`.entry name(`)
