@@ -120,14 +120,15 @@ fn describe_plan(plan: &Plan) -> String {
 pub fn run(a: &DecodeArgs) -> Result<()> {
     let info = cuda::probe().map_err(|r| anyhow!("--device cuda: no usable GPU: {r}"))?;
     eprintln!(
-        "bench: {} (sm_{}{}, {} SMs, {} MiB, driver CUDA {}.{})",
+        "bench: {} (sm_{}{}, {} SMs, {} MiB, driver CUDA {}.{}, cuBLAS {})",
         info.name,
         info.compute_capability.0,
         info.compute_capability.1,
         info.multiprocessors,
         info.total_memory >> 20,
         info.driver_cuda_version / 1000,
-        info.driver_cuda_version % 1000 / 10
+        info.driver_cuda_version % 1000 / 10,
+        info.cublas.as_deref().unwrap_or("?")
     );
     if a.plans.is_empty() {
         bail!("--plans needs at least one of baseline, compressed");

@@ -793,3 +793,35 @@ pub fn cublas_present() -> bool {
     // SAFETY: only tries to dlopen the library by name.
     unsafe { bsys::is_culib_present() }
 }
+
+/// The cuBLAS library that was loaded: its version `(major, minor, patch)` and, where
+/// `/proc/self/maps` shows it, its path. cudarc tries several names (`libcublas.so` first, then
+/// `.so.13`, then older majors), so the one actually loaded may not be CUDA 13's.
+pub fn cublas_loaded() -> GpuResult<((i32, i32, i32), Option<String>)> {
+    use bsys::libraryPropertyType as P;
+    let get = |p: P, what: &str| -> GpuResult<i32> {
+        let mut v = 0;
+        // SAFETY: a plain query of the loaded library; `v` outlives the call.
+        let st = unsafe { bsys::cublasGetProperty(p, &mut v) };
+        if st != bsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(GpuError(format!("cublasGetProperty({what}): {st:?}")));
+        }
+        Ok(v)
+    };
+    let version = (
+        get(P::MAJOR_VERSION, "major")?,
+        get(P::MINOR_VERSION, "minor")?,
+        get(P::PATCH_LEVEL, "patch")?,
+    );
+    let path = std::fs::read_to_string("/proc/self/maps").ok().and_then(|maps| {
+        maps.lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| {
+                p.rsplit('/')
+                    .next()
+                    .is_some_and(|f| f.starts_with("libcublas.so") || f.starts_with("libcublas64"))
+            })
+            .map(str::to_string)
+    });
+    Ok((version, path))
+}

@@ -58,6 +58,9 @@ pub struct DeviceInfo {
     pub total_memory: usize,
     /// Free device memory bytes when first probed (the probe of device 0 runs once per process).
     pub free_memory: usize,
+    /// The cuBLAS library loaded: version and path (`/proc/self/maps`), so a log or a result
+    /// file says which one ran; probing refuses one older than CUDA 13's.
+    pub cublas: Option<String>,
     /// The driver's CUDA version, `major * 1000 + minor * 10`.
     pub driver_cuda_version: i32,
     /// The nvcc that built the kernels.
@@ -150,8 +153,19 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
                 .into(),
         );
     }
+    let ((major, minor, patch), path) = driver::cublas_loaded().map_err(|e| e.0)?;
+    let where_ = path.as_deref().unwrap_or("(path not found in /proc/self/maps)");
+    if major < 13 {
+        return Err(format!(
+            "the cuBLAS loaded is version {major}.{minor}.{patch} ({where_}); unweight needs CUDA \
+             13's cuBLAS (libcublas.so.13): put its directory first on LD_LIBRARY_PATH"
+        ));
+    }
+    let cublas = format!("{major}.{minor}.{patch} at {where_}");
+    tracing::info!(cublas = %cublas, "cuBLAS loaded");
     let (free_memory, total_memory) = ctx.mem_info().map_err(|e| e.0)?;
     Ok(DeviceInfo {
+        cublas: Some(cublas),
         ordinal,
         name,
         compute_capability: cc,
