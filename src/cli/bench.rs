@@ -330,10 +330,7 @@ fn nvidia_smi() -> Value {
     const FIELDS: &str = "name,memory.total,driver_version,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu,pci.bus_id";
     let Some(text) = command_line(
         "nvidia-smi",
-        &[
-            &format!("--query-gpu={FIELDS}"),
-            "--format=csv,noheader",
-        ],
+        &[&format!("--query-gpu={FIELDS}"), "--format=csv,noheader"],
     ) else {
         return Value::Null;
     };

@@ -194,20 +194,28 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
     });
     // Written after every batch size and every plan, so that a run cut short (a timeout, a
     // failure further on) still leaves everything measured so far; `complete` says which.
-    let write = |runs: &[PlanRun], partial: &[Value], comparison: &Value, twin: &Value, complete: bool| -> Result<()> {
+    let write = |runs: &[PlanRun],
+                 partial: &[Value],
+                 comparison: &Value,
+                 twin: &Value,
+                 complete: bool|
+     -> Result<()> {
         let Some(out) = &a.out else { return Ok(()) };
         let mut doc = header.clone();
         doc["complete"] = json!(complete);
-        doc["plans"] = json!(runs.iter().map(|r| json!({
-            "plan": r.name,
-            "detail": r.plan,
-            "load_s": r.load_s,
-            "weight_bytes_per_step": r.weight_bytes,
-            "weight_memory": r.weight_memory,
-            "bf16_weight_memory": r.bf16_weight_memory,
-            "kv_cache_bytes": r.kv_bytes,
-            "graph_failures": r.graph_failures,
-        })).collect::<Vec<_>>());
+        doc["plans"] = json!(runs
+            .iter()
+            .map(|r| json!({
+                "plan": r.name,
+                "detail": r.plan,
+                "load_s": r.load_s,
+                "weight_bytes_per_step": r.weight_bytes,
+                "weight_memory": r.weight_memory,
+                "bf16_weight_memory": r.bf16_weight_memory,
+                "kv_cache_bytes": r.kv_bytes,
+                "graph_failures": r.graph_failures,
+            }))
+            .collect::<Vec<_>>());
         doc["results"] = json!(runs
             .iter()
             .flat_map(|r| r.rows.iter().cloned())
@@ -245,9 +253,15 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         } else {
             "baseline (BF16 + cuBLAS)".to_string()
         };
-        let run = measure_plan(&mut backend, name, &label, load_s, a, copy_bw, &mut |rows| {
-            write(&runs, rows, &Value::Null, &Value::Null, false)
-        })?;
+        let run = measure_plan(
+            &mut backend,
+            name,
+            &label,
+            load_s,
+            a,
+            copy_bw,
+            &mut |rows| write(&runs, rows, &Value::Null, &Value::Null, false),
+        )?;
         // The twin check replays the compressed run's tokens on the raw twin; the compressed
         // backend is dropped first (one model in device memory at a time).
         let trace = if a.check_twin && name == "compressed" {
@@ -635,7 +649,7 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
     let mut kv = Vec::new();
     let cfg = b.config();
     let kv_per_pos = (cfg.num_hidden_layers * 2 * cfg.kv_dim() * 4) as f64; // f32 K and V
-    // Every sequence taken is freed below, whatever fails (the next batch size needs the slots).
+                                                                            // Every sequence taken is freed below, whatever fails (the next batch size needs the slots).
     let result = (|| -> Result<()> {
         for i in 0..batch {
             let seq = b.new_sequence()?;

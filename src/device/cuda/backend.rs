@@ -816,8 +816,11 @@ impl CudaBackend {
     /// Buckets whose CUDA graph capture failed, with the error: they run eagerly. Benchmarks
     /// record this, since eager steps pay every launch.
     pub fn graph_failures(&self) -> Vec<(usize, String)> {
-        let mut v: Vec<(usize, String)> =
-            self.graphless.iter().map(|(b, e)| (*b, e.clone())).collect();
+        let mut v: Vec<(usize, String)> = self
+            .graphless
+            .iter()
+            .map(|(b, e)| (*b, e.clone()))
+            .collect();
         v.sort();
         v
     }

@@ -813,15 +813,17 @@ pub fn cublas_loaded() -> GpuResult<((i32, i32, i32), Option<String>)> {
         get(P::MINOR_VERSION, "minor")?,
         get(P::PATCH_LEVEL, "patch")?,
     );
-    let path = std::fs::read_to_string("/proc/self/maps").ok().and_then(|maps| {
-        maps.lines()
-            .filter_map(|l| l.split_whitespace().nth(5))
-            .find(|p| {
-                p.rsplit('/')
-                    .next()
-                    .is_some_and(|f| f.starts_with("libcublas.so") || f.starts_with("libcublas64"))
-            })
-            .map(str::to_string)
-    });
+    let path = std::fs::read_to_string("/proc/self/maps")
+        .ok()
+        .and_then(|maps| {
+            maps.lines()
+                .filter_map(|l| l.split_whitespace().nth(5))
+                .find(|p| {
+                    p.rsplit('/').next().is_some_and(|f| {
+                        f.starts_with("libcublas.so") || f.starts_with("libcublas64")
+                    })
+                })
+                .map(str::to_string)
+        });
     Ok((version, path))
 }

@@ -236,8 +236,12 @@ impl Kernels {
         ];
         // SAFETY: matches rmsnorm_residual's parameters; extents are the caller's.
         unsafe {
-            self.rmsnorm
-                .launch(&self.ctx, (i32_of(n, "n")? as u32, 1, 1), NORM_THREADS, &args)
+            self.rmsnorm.launch(
+                &self.ctx,
+                (i32_of(n, "n")? as u32, 1, 1),
+                NORM_THREADS,
+                &args,
+            )
         }
     }
 
@@ -277,7 +281,11 @@ impl Kernels {
             Arg::I(i32_of(head_dim, "head_dim")?),
             Arg::I(i32_of(max_ctx, "max_ctx")?),
         ];
-        let grid = (i32_of(n, "n")? as u32, rope_blocks(heads, kv_heads, head_dim), 1);
+        let grid = (
+            i32_of(n, "n")? as u32,
+            rope_blocks(heads, kv_heads, head_dim),
+            1,
+        );
         // SAFETY: matches rope_qkv_store's parameters; extents are the caller's.
         unsafe { self.rope.launch(&self.ctx, grid, ROPE_THREADS, &args) }
     }

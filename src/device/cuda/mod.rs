@@ -154,7 +154,9 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
         );
     }
     let ((major, minor, patch), path) = driver::cublas_loaded().map_err(|e| e.0)?;
-    let where_ = path.as_deref().unwrap_or("(path not found in /proc/self/maps)");
+    let where_ = path
+        .as_deref()
+        .unwrap_or("(path not found in /proc/self/maps)");
     if major < 13 {
         return Err(format!(
             "the cuBLAS loaded is version {major}.{minor}.{patch} ({where_}); unweight needs CUDA \
