@@ -246,22 +246,14 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
                 backend.kv_capacity().max_sequences
             );
         }
-        let label = if name == "compressed" && table.is_none() {
-            "compressed (untuned: default strategies)".to_string()
-        } else if name == "compressed" {
-            "compressed (tuned: --plan-table)".to_string()
-        } else {
-            "baseline (BF16 + cuBLAS)".to_string()
+        let label = match (name.as_str(), &table) {
+            ("baseline", _) => "baseline (BF16 + cuBLAS)",
+            (_, None) => "compressed (untuned: default strategies)",
+            (_, Some(_)) => "compressed (tuned: --plan-table)",
         };
-        let run = measure_plan(
-            &mut backend,
-            name,
-            &label,
-            load_s,
-            a,
-            copy_bw,
-            &mut |rows| write(&runs, rows, &Value::Null, &Value::Null, false),
-        )?;
+        let run = measure_plan(&mut backend, name, label, load_s, a, copy_bw, &mut |rows| {
+            write(&runs, rows, &Value::Null, &Value::Null, false)
+        })?;
         // The twin check replays the compressed run's tokens on the raw twin; the compressed
         // backend is dropped first (one model in device memory at a time).
         let trace = if a.check_twin && name == "compressed" {
@@ -647,9 +639,8 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
     let mut bucket = 0;
     let mut graph = true;
     let mut kv = Vec::new();
-    let cfg = b.config();
-    let kv_per_pos = (cfg.num_hidden_layers * 2 * cfg.kv_dim() * 4) as f64; // f32 K and V
-                                                                            // Every sequence taken is freed below, whatever fails (the next batch size needs the slots).
+    let kv_per_pos = b.kv_bytes_per_position() as f64;
+    // Every sequence taken is freed below, whatever fails (the next batch size needs the slots).
     let result = (|| -> Result<()> {
         for i in 0..batch {
             let seq = b.new_sequence()?;
@@ -722,6 +713,6 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
         device_path_ms: median(&mut dev_path),
         device_argmax_gpu_ms: median(&mut dev_gpu),
         kv_bytes: kv.iter().sum::<f64>() / kv.len() as f64,
-        graph: graph && !gpu.is_empty(),
+        graph,
     })
 }

@@ -802,6 +802,12 @@ impl CudaBackend {
         self.kv.bytes()
     }
 
+    /// KV-cache bytes one cached position holds over all layers (keys and values, in the
+    /// cache's own element type): what attention reads per position per step.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        KvCache::slot_bytes(self.cfg.num_hidden_layers, self.cfg.kv_dim(), 1)
+    }
+
     /// The shapes of the linear layers (fused as the backend runs them).
     pub fn shapes(&self) -> &RoleShapes {
         &self.shapes
