@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
-use triton_unweight::device::cpu::{CpuBackend, CpuOptions};
+use triton_unweight::device::cpu::{CpuBackend, CpuOptions, KV_BLOCK_TOKENS};
 use triton_unweight::device::{Backend, DecodeItem, DeviceError, SeqId};
 use triton_unweight::engine::{
     Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams, StopReason,
@@ -211,9 +211,11 @@ fn kv_cache_reuse_matches_a_whole_prompt() {
         "two prefills",
     );
     b.free_sequence(s);
-    // One token at a time through decode steps; the freed slot is reused with a clean cache.
+    // One token at a time through decode steps; the freed blocks are reused with a clean
+    // cache, under a new handle (the old one is dead).
     let s2 = b.new_sequence().unwrap();
-    assert_eq!(s2, s, "the freed slot is handed out again");
+    assert_ne!(s2, s, "a new handle");
+    assert!(b.sequence_len(s).is_err(), "the freed handle is dead");
     let mut l = b.prefill(s2, &PROMPT[..1]).unwrap();
     for (pos, &t) in PROMPT.iter().enumerate().skip(1) {
         l = b
@@ -235,7 +237,7 @@ fn backend_rejects_bad_steps_without_changing_state() {
     let opts = CpuOptions {
         max_sequences: 2,
         max_context: Some(12),
-        kernel: None,
+        ..CpuOptions::default()
     };
     let mut b = CpuBackend::load(plain, WeightMode::Decoded, &opts).unwrap();
     let s = b.new_sequence().unwrap();
@@ -291,6 +293,108 @@ fn backend_rejects_bad_steps_without_changing_state() {
     );
     b.new_sequence().unwrap();
     assert!(matches!(b.new_sequence(), Err(DeviceError::NoFreeSlot(2))));
+}
+
+/// A CPU backend over the tiny model whose KV cache holds `blocks` blocks.
+fn paged_backend(blocks: u64, max_sequences: usize) -> CpuBackend {
+    let cfg = LlamaConfig::from_dir(tiny().0).unwrap();
+    let block = CpuBackend::kv_bytes_per_token(&cfg) * KV_BLOCK_TOKENS as u64;
+    let opts = CpuOptions {
+        max_sequences,
+        // A little over `blocks` blocks: the count is rounded down.
+        kv_cache_bytes: Some(blocks * block + block / 2),
+        ..CpuOptions::default()
+    };
+    CpuBackend::load(tiny().0, WeightMode::Decoded, &opts).unwrap()
+}
+
+#[test]
+fn kv_blocks_follow_the_tokens_held_and_a_full_cache_changes_nothing() {
+    let bt = KV_BLOCK_TOKENS;
+    let mut b = paged_backend(3, 4);
+    let u = b.kv_usage();
+    assert_eq!((u.total_blocks, u.free_blocks, u.block_tokens), (3, 3, bt));
+    let s = b.new_sequence().unwrap();
+    let prompt: Vec<u32> = (0..bt as u32 + 1).collect();
+    b.prefill(s, &prompt).unwrap();
+    let u = b.kv_usage();
+    assert_eq!(
+        (u.used_blocks(), u.used_tokens, u.sequences),
+        (2, bt + 1, 1)
+    );
+    // A second prompt that needs 2 blocks when 1 is free: refused, nothing taken.
+    let t = b.new_sequence().unwrap();
+    let err = b.prefill(t, &prompt).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DeviceError::KvFull {
+                need: 2,
+                free: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(b.sequence_len(t).unwrap(), 0);
+    assert_eq!(b.kv_usage().free_blocks, 1);
+    // Decoding both: t's first token takes the last block; then s fills its second block and
+    // needs a fourth: refused as a whole, t's position not taken either.
+    b.prefill(t, &prompt[..1]).unwrap();
+    assert_eq!(b.kv_usage().free_blocks, 0);
+    for pos in bt + 1..2 * bt {
+        b.decode(&[DecodeItem {
+            seq: s,
+            token: 3,
+            pos,
+        }])
+        .unwrap();
+    }
+    let both = [
+        DecodeItem {
+            seq: t,
+            token: 3,
+            pos: 1,
+        },
+        DecodeItem {
+            seq: s,
+            token: 3,
+            pos: 2 * bt,
+        },
+    ];
+    assert!(matches!(b.decode(&both), Err(DeviceError::KvFull { .. })));
+    assert_eq!(b.sequence_len(t).unwrap(), 1);
+    assert_eq!(b.sequence_len(s).unwrap(), 2 * bt);
+    // Freeing s returns its blocks; a freed handle is not accepted again.
+    b.free_sequence(s);
+    assert_eq!(b.kv_usage().free_blocks, 2);
+    assert!(matches!(
+        b.sequence_len(s),
+        Err(DeviceError::UnknownSequence(_))
+    ));
+    let again = b.new_sequence().unwrap();
+    assert_ne!(again, s, "a reused slot gets a new handle");
+    assert!(matches!(
+        b.prefill(s, &[1]),
+        Err(DeviceError::UnknownSequence(_))
+    ));
+}
+
+#[test]
+fn paged_cache_gives_the_same_bits_as_an_unlimited_one() {
+    // A prompt over several blocks, prefilled in pieces that cross block boundaries, then
+    // decoded: the logits are those of the default cache, bit for bit.
+    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 5) % 500).collect();
+    let want = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &prompt, 20);
+    let mut b = paged_backend(4, 2);
+    let s = b.new_sequence().unwrap();
+    b.prefill(s, &prompt[..15]).unwrap();
+    let l = b.prefill(s, &prompt[15..]).unwrap();
+    same_bits(&bits(&l), &want.0[0], "prefill in pieces over blocks");
+    b.free_sequence(s);
+    let got = greedy_run(&mut b, &prompt, 20);
+    same_run(&got, &want, "paged");
+    assert_eq!(b.kv_usage().used_blocks(), 0, "everything freed");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -403,6 +507,90 @@ fn requests_joining_between_steps_generate_what_they_would_alone() {
     assert_eq!(got, alone);
     assert!(!e.has_work());
     assert_eq!(e.stats().generated_tokens, 18);
+}
+
+/// An engine over [`paged_backend`].
+fn paged_engine(blocks: u64, max_sequences: usize) -> Engine<CpuBackend> {
+    let b = paged_backend(blocks, max_sequences);
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    };
+    Engine::new(b, Some(Arc::new(Angle) as Arc<dyn Detokenizer>), opts)
+}
+
+#[test]
+fn a_tiny_cache_serves_every_request_by_preempting_and_recomputing() {
+    // Six requests of 20-token prompts and 30 tokens each (49 tokens cached at most, 4 blocks)
+    // through a cache of 8 blocks: at most two fit at once, and as they grow the newest is
+    // preempted and recomputed later. Every request must still finish with exactly the tokens
+    // and text it generates alone, and the cache must end empty.
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|r| (0..20u32).map(|i| (r * 101 + i * 13 + 1) % 500).collect())
+        .collect();
+    let alone: Vec<(Vec<u32>, String)> = prompts
+        .iter()
+        .map(|p| {
+            let mut e = engine(true);
+            e.add(Request::greedy(p.clone(), 30)).unwrap();
+            let r = run_all(&mut e).remove(0);
+            (r.1, r.2)
+        })
+        .collect();
+    let mut e = paged_engine(8, 16);
+    for p in &prompts {
+        e.add(Request::greedy(p.clone(), 30)).unwrap();
+    }
+    let mut most = 0;
+    let mut out = Vec::new();
+    while e.has_work() {
+        out.extend(e.step().unwrap());
+        most = most.max(e.load().1);
+        let u = e.kv_usage();
+        assert!(u.used_blocks() <= 8);
+    }
+    let mut got = vec![(Vec::new(), String::new(), None); 6];
+    for ev in out {
+        match ev {
+            Event::Token {
+                id,
+                token,
+                text_delta,
+            } => {
+                got[id.0 as usize].0.push(token);
+                got[id.0 as usize].1.push_str(&text_delta);
+            }
+            Event::Finished {
+                id,
+                reason,
+                text_delta,
+            } => {
+                got[id.0 as usize].1.push_str(&text_delta);
+                assert!(got[id.0 as usize].2.replace(reason).is_none());
+            }
+        }
+    }
+    for (i, (tokens, text, reason)) in got.into_iter().enumerate() {
+        assert_eq!(reason, Some(StopReason::MaxTokens), "request {i}");
+        assert_eq!((tokens, text), alone[i], "request {i}");
+    }
+    assert!(e.stats().preemptions > 0, "the cache was meant to fill");
+    assert!(most >= 2, "two requests ran together");
+    let u = e.kv_usage();
+    assert_eq!((u.used_blocks(), u.used_tokens, u.sequences), (0, 0, 0));
+}
+
+#[test]
+fn a_request_larger_than_the_whole_cache_is_refused() {
+    let mut e = paged_engine(2, 4);
+    // 20 + 13 - 1 = 32 tokens = 2 blocks: accepted; one more token is not.
+    e.add(Request::greedy(PROMPT.repeat(3)[..20].to_vec(), 13))
+        .unwrap();
+    let err = e
+        .add(Request::greedy(PROMPT.repeat(3)[..20].to_vec(), 14))
+        .unwrap_err();
+    assert!(err.to_string().contains("KV cache"), "{err}");
+    assert!(err.to_string().contains("max_tokens 14"), "{err}");
 }
 
 #[test]

@@ -610,6 +610,60 @@ fn requests_beyond_the_queue_limit_get_unavailable() {
     assert_eq!(refused, 2, "4 accepted, 2 refused");
 }
 
+// ----- a small KV budget, paged -------------------------------------------------------------
+
+#[test]
+fn a_small_kv_budget_serves_sixteen_short_requests_at_once() {
+    if model_dir().is_none() {
+        return;
+    }
+    // 760Mi holds two sequences of the full 8192 tokens (46080 bytes a token on the CPU engine)
+    // and 17294 tokens in all. Sixteen requests of about 100 tokens: when the cache counted
+    // slots of the full length, two ran at a time and eight were refused; paged, the cache
+    // counts the tokens held, so every one is accepted and they run together.
+    let config = with_parameter(&committed_config(), "kv_cache_bytes", "760Mi");
+    let repo = Repo::new(&config, Weights::Plain);
+    const LONG: [&str; 2] = [
+        "In the small village at the edge of the forest, the baker rose before dawn every \
+         morning to light the ovens. The smell of fresh bread drifted through the narrow \
+         streets, waking the children, the fishermen and the old schoolteacher who lived above \
+         the library. One winter morning, however, the ovens stayed cold, and nobody in the \
+         village could remember a day without bread. What happened next was",
+        "Write a short summary of the following notes. The committee met on Tuesday to discuss \
+         the new library budget, the repairs to the bridge over the river, the summer festival \
+         and the request from the football club for a second training field. After a long \
+         debate the members agreed to fund the bridge first, to postpone the field until next \
+         year and to ask volunteers to help with the festival. Summary:",
+    ];
+    let gens: Vec<Gen> = (0..16).map(|i| Gen::greedy(LONG[i % 2], 8)).collect();
+    let reqs: Vec<Value> = gens
+        .iter()
+        .enumerate()
+        .map(|(i, g)| g.request(&format!("r{i}"), true))
+        .collect();
+    let (code, report) = repo.run(Value::Array(reqs), &[]);
+    let report = clean(code, report);
+    loaded(&report);
+    for (i, g) in gens.iter().enumerate() {
+        let r = request(&report, &format!("r{i}"));
+        let first = &responses(r)[0];
+        assert!(first["error"].is_null(), "r{i} was refused: {first}");
+        check_streaming(r, g);
+    }
+    let spans: Vec<(f64, f64)> = (0..16)
+        .map(|i| window(request(&report, &format!("r{i}"))))
+        .collect();
+    let most_at_once = spans
+        .iter()
+        .map(|&(t, _)| spans.iter().filter(|&&(a, b)| a <= t && t <= b).count())
+        .max()
+        .unwrap();
+    assert!(
+        most_at_once > 2,
+        "at most {most_at_once} requests streamed at once: {spans:?}"
+    );
+}
+
 // ----- scenario 7: bad requests ------------------------------------------------------------
 
 #[test]

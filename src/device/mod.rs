@@ -13,8 +13,11 @@
 //! on its own tokens, never on what else is in the batch; a failed step leaves every sequence as
 //! it was before the step.
 
+pub mod blocks;
 pub mod cpu;
 pub mod cuda;
+
+pub use blocks::KvUsage;
 
 use crate::model::weights::WeightError;
 use crate::model::LlamaConfig;
@@ -97,6 +100,16 @@ pub enum DeviceError {
     /// Every KV-cache slot is taken.
     #[error("KV cache is full: all {0} sequence slots are in use")]
     NoFreeSlot(usize),
+    /// The KV cache has too few free blocks for what a step would append; nothing changed.
+    #[error("KV cache is full: sequence {seq:?} needs {need} more blocks, {free} are free")]
+    KvFull {
+        /// The sequence.
+        seq: SeqId,
+        /// Blocks it needs.
+        need: usize,
+        /// Blocks free.
+        free: usize,
+    },
     /// A handle that is not (or no longer) a live sequence.
     #[error("sequence {0:?} does not exist")]
     UnknownSequence(SeqId),
@@ -144,6 +157,11 @@ pub trait Backend: Send {
     /// What the KV cache can hold.
     fn kv_capacity(&self) -> KvCapacity;
 
+    /// How much of the KV cache is in use, in blocks and tokens. The engine admits a request
+    /// only when blocks for its prompt are free, and metrics read it. A backend without paging
+    /// reports one block per sequence slot (`block_tokens` = its context).
+    fn kv_usage(&self) -> KvUsage;
+
     /// Takes a free KV-cache slot for a new, empty sequence.
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError>;
 
@@ -182,6 +200,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn kv_capacity(&self) -> KvCapacity {
         (**self).kv_capacity()
+    }
+    fn kv_usage(&self) -> KvUsage {
+        (**self).kv_usage()
     }
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
         (**self).new_sequence()

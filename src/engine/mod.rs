@@ -26,7 +26,7 @@ pub use request::{Request, RequestId};
 pub use sampler::{Sampler, SamplingParams};
 pub use sequence::{Sequence, SequenceState, StopReason};
 
-use crate::device::{Backend, DecodeItem, DeviceError, Logits};
+use crate::device::{Backend, DecodeItem, DeviceError, KvUsage, Logits};
 use crate::model::LlamaConfig;
 
 /// What can go wrong in the engine.
@@ -110,6 +110,9 @@ pub struct Stats {
     pub decode_tokens: u64,
     /// Tokens emitted as output.
     pub generated_tokens: u64,
+    /// Running sequences preempted because the KV cache had no block for their next token
+    /// (each is recomputed later, see [`Engine::step`]).
+    pub preemptions: u64,
 }
 
 /// The iteration-level engine.
@@ -162,6 +165,11 @@ impl<B: Backend> Engine<B> {
         (self.waiting.len(), self.running.len())
     }
 
+    /// The KV cache's capacity and use, in blocks and tokens (for metrics and logs).
+    pub fn kv_usage(&self) -> KvUsage {
+        self.backend.kv_usage()
+    }
+
     fn context(&self) -> usize {
         self.backend
             .kv_capacity()
@@ -176,6 +184,19 @@ impl<B: Backend> Engine<B> {
             self.context(),
             self.detok.is_some(),
         )?;
+        // The most the request can hold: every token but the last generated one is fed back.
+        // It must fit in the whole cache, or it could only run until the cache filled.
+        let kv = self.backend.kv_usage();
+        let most = (request.prompt.len() + request.max_tokens - 1).min(self.context());
+        if kv.blocks_for(most) > kv.total_blocks {
+            return Err(EngineError::InvalidRequest(format!(
+                "the request may hold {most} tokens (prompt {} + max_tokens {}), more than the \
+                 KV cache's {} tokens; lower max_tokens",
+                request.prompt.len(),
+                request.max_tokens,
+                kv.capacity_tokens()
+            )));
+        }
         let id = RequestId(self.next_id);
         self.next_id += 1;
         self.waiting.push_back(Sequence::new(id, request));
@@ -217,6 +238,15 @@ impl<B: Backend> Engine<B> {
     /// Runs one iteration: retires cancelled requests, prefills newly admitted ones (each yields
     /// its first token), and decodes all other running ones in one batch (one token each).
     ///
+    /// KV-cache policy: a request is admitted only when the cache has free blocks for its prompt
+    /// above a reserve for the running sequences ([`scheduler`]). When the running sequences
+    /// still need more blocks for this step's tokens than are free, the newest of them (the
+    /// latest request) is preempted: its blocks are freed and it goes back to the head of the
+    /// queue with the tokens it generated, to be recomputed (prefilled again) when blocks are
+    /// free, and to continue with exactly the tokens it would have produced. Its events already
+    /// sent stand; no text is repeated or lost. [`Engine::add`] refuses a request that could not
+    /// fit in the whole cache on its own, so the oldest running sequence always progresses.
+    ///
     /// A device error is returned as is; the requests of the failed part of the step are
     /// dropped with their KV-cache slots freed and listed by [`Engine::take_failed`]; the others
     /// keep running, and the events of the step that did happen come with the next step.
@@ -247,15 +277,17 @@ impl<B: Backend> Engine<B> {
         }
         self.stats.steps += 1;
         let cap = self.backend.kv_capacity();
+        let kv = self.backend.kv_usage();
         let limits = scheduler::Limits {
             max_running: self.opts.max_batch.min(cap.max_sequences).max(1),
             max_prefill_tokens: self.opts.max_prefill_tokens,
+            free_blocks: kv.free_blocks,
+            block_tokens: kv.block_tokens,
+            decode_blocks: self.decode_blocks(kv.block_tokens),
+            watermark_blocks: scheduler::watermark(kv.total_blocks),
         };
-        let waiting: Vec<(RequestId, usize)> = self
-            .waiting
-            .iter()
-            .map(|s| (s.id, s.request.prompt.len()))
-            .collect();
+        let waiting: Vec<(RequestId, usize)> =
+            self.waiting.iter().map(|s| (s.id, s.kv_len())).collect();
         let running: Vec<RequestId> = self.running.iter().map(|s| s.id).collect();
         let plan = scheduler::plan(&waiting, &running, limits);
 
@@ -265,12 +297,18 @@ impl<B: Backend> Engine<B> {
                 .waiting
                 .pop_front()
                 .expect("the plan admits waiting requests in order");
+            let tokens = s.prefill_tokens();
+            let resumed = !s.output.is_empty();
             let result = self.backend.new_sequence().and_then(|seq| {
                 s.state = SequenceState::Running(seq);
-                self.backend.prefill(seq, &s.request.prompt)
+                self.backend.prefill(seq, &tokens)
             });
             let result = result.map_err(EngineError::from).and_then(|logits| {
-                self.stats.prefill_tokens += s.request.prompt.len() as u64;
+                self.stats.prefill_tokens += tokens.len() as u64;
+                if resumed {
+                    // Recomputed after a preemption: its last sampled token is fed next step.
+                    return Ok(true);
+                }
                 let token = self.sample(&mut s, &logits);
                 self.accept(&mut s, token, events)
             });
@@ -289,6 +327,7 @@ impl<B: Backend> Engine<B> {
             }
         }
 
+        self.preempt_for_decode(&mut admitted);
         if !self.running.is_empty() {
             let batch: Vec<DecodeItem> = self
                 .running
@@ -356,6 +395,52 @@ impl<B: Backend> Engine<B> {
         }
         self.running.extend(admitted);
         Ok(())
+    }
+
+    /// Blocks the running sequences' decode takes this step: one for each whose cached tokens
+    /// fill their blocks exactly.
+    fn decode_blocks(&self, block_tokens: usize) -> usize {
+        self.running
+            .iter()
+            .filter(|s| s.kv_len() % block_tokens.max(1) == 0)
+            .count()
+    }
+
+    /// Preempts the newest sequences (running or admitted this step) until the running ones'
+    /// decode has the blocks it needs (the policy in [`Engine::step`]). When nothing is left
+    /// to preempt the decode runs anyway and its [`DeviceError::KvFull`] fails the step.
+    fn preempt_for_decode(&mut self, admitted: &mut Vec<Sequence>) {
+        loop {
+            let kv = self.backend.kv_usage();
+            if self.decode_blocks(kv.block_tokens) <= kv.free_blocks {
+                return;
+            }
+            if self.running.len() + admitted.len() < 2 {
+                return;
+            }
+            let newest = |v: &[Sequence]| (0..v.len()).max_by_key(|&i| v[i].id);
+            let mut s = match (newest(&self.running), newest(admitted)) {
+                (Some(i), Some(j)) if self.running[i].id > admitted[j].id => self.running.remove(i),
+                (_, Some(j)) => admitted.remove(j),
+                (Some(i), None) => self.running.remove(i),
+                (None, None) => return,
+            };
+            if let Some(seq) = s.seq_id() {
+                self.backend.free_sequence(seq);
+            }
+            s.state = SequenceState::Waiting;
+            self.stats.preemptions += 1;
+            tracing::debug!(
+                request = s.id.0,
+                "KV cache full: preempted, to be recomputed"
+            );
+            let at = self
+                .waiting
+                .iter()
+                .position(|w| w.id > s.id)
+                .unwrap_or(self.waiting.len());
+            self.waiting.insert(at, s);
+        }
     }
 
     /// Samples the next token of `s`, with end-of-sequence tokens masked while the sequence has

@@ -2,9 +2,13 @@
 //! admitted (prefilled) and which running ones decode.
 //!
 //! Every running sequence decodes every step (iteration-level, continuous batching). Waiting
-//! requests are admitted first come, first served while a batch slot is free and the step's
-//! prefill-token budget lasts; the first one in line is admitted even if its prompt alone exceeds
-//! the budget, so a long prompt cannot starve.
+//! requests are admitted first come, first served while a batch slot is free, the step's
+//! prefill-token budget lasts (the first one in line is admitted even if its prompt alone
+//! exceeds the budget, so a long prompt cannot starve) and the KV cache has free blocks for its
+//! prompt on top of a reserve for the running sequences: the blocks their decode needs this
+//! step plus a watermark of 1% of the cache (at least one block) while anything runs. A request
+//! that does not fit waits, and so do the ones behind it (no overtaking, so a long prompt is not
+//! starved by short ones).
 
 use super::request::RequestId;
 
@@ -15,6 +19,19 @@ pub struct Limits {
     pub max_running: usize,
     /// Prompt tokens prefilled per step (after the first admitted prompt).
     pub max_prefill_tokens: usize,
+    /// KV-cache blocks free before the step.
+    pub free_blocks: usize,
+    /// Positions per block.
+    pub block_tokens: usize,
+    /// Blocks the running sequences' decode takes this step.
+    pub decode_blocks: usize,
+    /// Blocks kept free while anything runs, for the running sequences to grow into.
+    pub watermark_blocks: usize,
+}
+
+/// The watermark for a cache of `total_blocks`: 1%, at least one block.
+pub fn watermark(total_blocks: usize) -> usize {
+    total_blocks.div_ceil(100).max(1)
 }
 
 /// The work of one step.
@@ -33,6 +50,7 @@ pub fn plan(waiting: &[(RequestId, usize)], running: &[RequestId], limits: Limit
         decode: running.to_vec(),
     };
     let mut budget = limits.max_prefill_tokens;
+    let mut free = limits.free_blocks.saturating_sub(limits.decode_blocks);
     for &(id, len) in waiting {
         if running.len() + p.prefill.len() >= limits.max_running {
             break;
@@ -40,6 +58,13 @@ pub fn plan(waiting: &[(RequestId, usize)], running: &[RequestId], limits: Limit
         if !p.prefill.is_empty() && len > budget {
             break;
         }
+        let need = len.div_ceil(limits.block_tokens.max(1));
+        let busy = !(running.is_empty() && p.prefill.is_empty());
+        let reserve = if busy { limits.watermark_blocks } else { 0 };
+        if need + reserve > free {
+            break;
+        }
+        free -= need;
         budget = budget.saturating_sub(len);
         p.prefill.push(id);
     }
@@ -54,12 +79,21 @@ mod tests {
         v.iter().map(|&i| RequestId(i)).collect()
     }
 
+    /// Limits with a KV cache that never binds.
+    fn roomy(max_running: usize, max_prefill_tokens: usize) -> Limits {
+        Limits {
+            max_running,
+            max_prefill_tokens,
+            free_blocks: 1 << 20,
+            block_tokens: 16,
+            decode_blocks: 0,
+            watermark_blocks: 1,
+        }
+    }
+
     #[test]
     fn admits_in_order_up_to_the_slots() {
-        let lim = Limits {
-            max_running: 3,
-            max_prefill_tokens: 1000,
-        };
+        let lim = roomy(3, 1000);
         let w = [(RequestId(5), 10), (RequestId(6), 10), (RequestId(7), 10)];
         let p = plan(&w, &ids(&[1]), lim);
         assert_eq!(p.prefill, ids(&[5, 6]));
@@ -69,13 +103,42 @@ mod tests {
 
     #[test]
     fn prefill_budget_bounds_a_step_but_never_starves() {
-        let lim = Limits {
-            max_running: 8,
-            max_prefill_tokens: 100,
-        };
+        let lim = roomy(8, 100);
         let w = [(RequestId(1), 500), (RequestId(2), 10)];
         assert_eq!(plan(&w, &[], lim).prefill, ids(&[1]));
         let w = [(RequestId(1), 60), (RequestId(2), 30), (RequestId(3), 30)];
         assert_eq!(plan(&w, &[], lim).prefill, ids(&[1, 2]));
+    }
+
+    #[test]
+    fn admits_only_what_the_free_blocks_hold_above_the_reserve() {
+        // 10 free blocks of 16 tokens; the running sequences need 2 this step, watermark 1.
+        let lim = Limits {
+            free_blocks: 10,
+            decode_blocks: 2,
+            watermark_blocks: 1,
+            ..roomy(8, 10_000)
+        };
+        // 100 tokens = 7 blocks: 7 + 1 ≤ 8, admitted; then 17 tokens = 2 blocks: 2 + 1 > 1.
+        let w = [(RequestId(1), 100), (RequestId(2), 17), (RequestId(3), 1)];
+        assert_eq!(plan(&w, &ids(&[9]), lim).prefill, ids(&[1]));
+        // Nothing running: no watermark and no decode reserve; 10 blocks hold 160 tokens.
+        let lim = Limits {
+            decode_blocks: 0,
+            ..lim
+        };
+        assert_eq!(plan(&[(RequestId(1), 160)], &[], lim).prefill, ids(&[1]));
+        assert_eq!(plan(&[(RequestId(1), 161)], &[], lim).prefill, vec![]);
+        // The first in line that does not fit blocks the ones behind it (no overtaking).
+        let w = [(RequestId(1), 161), (RequestId(2), 1)];
+        assert_eq!(plan(&w, &[], lim).prefill, vec![]);
+    }
+
+    #[test]
+    fn watermark_is_one_percent_at_least_one_block() {
+        assert_eq!(watermark(0), 1);
+        assert_eq!(watermark(8), 1);
+        assert_eq!(watermark(1000), 10);
+        assert_eq!(watermark(1001), 11);
     }
 }

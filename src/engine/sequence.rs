@@ -116,6 +116,23 @@ impl Sequence {
         self.request.prompt.len() + self.output.len()
     }
 
+    /// Tokens to prefill when the sequence is admitted: its prompt, or, for a sequence
+    /// preempted after it generated tokens, the prompt and every output token but the last,
+    /// which the next decode step feeds (so the sequence resumes exactly where it was).
+    pub fn prefill_tokens(&self) -> Vec<u32> {
+        let mut t = self.request.prompt.clone();
+        if let Some((_, rest)) = self.output.split_last() {
+            t.extend_from_slice(rest);
+        }
+        t
+    }
+
+    /// Tokens in the KV cache while running: prompt and output, less the last sampled token,
+    /// which is not fed back yet.
+    pub fn kv_len(&self) -> usize {
+        self.total_len() - usize::from(!self.output.is_empty())
+    }
+
     /// Whether the next token is chosen with the end-of-sequence tokens masked: fewer than the
     /// request's `min_tokens` were generated and it does not ignore them.
     pub fn masks_eos(&self) -> bool {

@@ -10,7 +10,7 @@ use super::config::ModelConfig;
 use super::error::TritonError;
 use super::inputs::{GenerateInputs, Prompt, RawInput};
 use crate::container::Checkpoint;
-use crate::device::cpu::CpuOptions;
+use crate::device::cpu::{CpuBackend, CpuOptions};
 use crate::device::cuda::{self, CudaOptions, PlanChoice};
 use crate::device::{backend_on, Backend, DeviceKind, Selected};
 use crate::engine::text::{model_eos_tokens, TextTokenizer};
@@ -28,13 +28,13 @@ pub(super) struct Served {
     eos: Vec<u32>,
     /// Tokens per sequence, prompt included.
     pub context: usize,
-    /// KV-cache slots per instance.
+    /// Sequences running at once per instance (`max_concurrent_sequences`).
     pub max_sequences: usize,
     /// Tokens for a request without `max_tokens`.
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
     pub batched: bool,
-    /// The `kv_cache_bytes` parameter (the CUDA engine sizes its slab from it).
+    /// The `kv_cache_bytes` parameter (the CPU engine's block pool, the CUDA engine's slab).
     kv_cache_bytes: Option<u64>,
     /// The `plan` parameter and the weights directory (where `auto` keeps tuning tables).
     plan: PlanChoice,
@@ -86,12 +86,6 @@ fn files_err(dir: &Path, e: impl std::error::Error + Send + Sync + 'static) -> T
     }
 }
 
-/// Bytes of KV cache one sequence of `context` tokens needs on the CPU engine (f32 keys and
-/// values in every layer).
-pub(super) fn kv_bytes_per_sequence(cfg: &LlamaConfig, context: usize) -> u64 {
-    (cfg.num_hidden_layers * cfg.kv_dim() * 2 * 4) as u64 * context as u64
-}
-
 impl Served {
     /// Loads config.json, the tokenizer and every weight of `config.weights_dir` (each tensor
     /// checksum-verified, compressed ones decoded once), and works out the limits.
@@ -117,11 +111,12 @@ impl Served {
                 ),
             ));
         }
-        let mut max_sequences = config.max_concurrent_sequences;
+        // The CPU engine's cache is paged: the budget bounds the tokens held by all sequences
+        // together, not the number of sequences; it must hold one sequence of the full length.
+        let max_sequences = config.max_concurrent_sequences;
         if let Some(budget) = config.kv_cache_bytes {
-            let per = kv_bytes_per_sequence(&cfg, context);
-            let fit = usize::try_from(budget / per).unwrap_or(usize::MAX);
-            if fit == 0 {
+            let per = CpuBackend::kv_bytes_per_token(&cfg) * context as u64;
+            if budget < per {
                 return Err(TritonError::config(
                     "parameters.kv_cache_bytes",
                     format!(
@@ -130,7 +125,6 @@ impl Served {
                     ),
                 ));
             }
-            max_sequences = max_sequences.min(fit);
         }
         Ok(Self {
             weights: Arc::new(weights),
@@ -167,6 +161,7 @@ impl Served {
         let cpu_opts = CpuOptions {
             max_sequences: self.max_sequences,
             max_context: Some(self.context),
+            kv_cache_bytes: self.kv_cache_bytes,
             kernel: None,
         };
         let cuda_opts = CudaOptions {

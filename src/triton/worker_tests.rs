@@ -48,6 +48,16 @@ impl Backend for Fake {
         }
     }
 
+    fn kv_usage(&self) -> crate::device::KvUsage {
+        crate::device::KvUsage {
+            block_tokens: 4096,
+            total_blocks: 8,
+            free_blocks: 8 - self.lens.len(),
+            used_tokens: self.lens.values().sum(),
+            sequences: self.lens.len(),
+        }
+    }
+
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
         let id = SeqId(self.next);
         self.next += 1;

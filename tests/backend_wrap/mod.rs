@@ -12,6 +12,9 @@ macro_rules! forward_backend_to_inner {
         fn kv_capacity(&self) -> triton_unweight::device::KvCapacity {
             self.inner.kv_capacity()
         }
+        fn kv_usage(&self) -> triton_unweight::device::KvUsage {
+            self.inner.kv_usage()
+        }
         fn new_sequence(
             &mut self,
         ) -> Result<triton_unweight::device::SeqId, triton_unweight::device::DeviceError> {

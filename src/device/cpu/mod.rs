@@ -22,10 +22,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use kernel::KernelKind;
+pub use kv::BLOCK_TOKENS as KV_BLOCK_TOKENS;
 
 use self::kv::KvCache;
-use self::ops::AttnQuery;
-use super::{Backend, DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
+use super::{Backend, DecodeItem, DeviceError, KvCapacity, KvUsage, Logits, SeqId};
 use crate::container::Checkpoint;
 use crate::model::weights::{bf16_to_f32, LlamaWeights, WeightError, WeightMode};
 use crate::model::LlamaConfig;
@@ -33,10 +33,14 @@ use crate::model::LlamaConfig;
 /// Settings of a [`CpuBackend`].
 #[derive(Clone, Debug)]
 pub struct CpuOptions {
-    /// Sequences live at once (KV-cache slots).
+    /// Sequences live at once.
     pub max_sequences: usize,
     /// Tokens per sequence; `None` for the model's `max_position_embeddings`.
     pub max_context: Option<usize>,
+    /// Bytes of KV cache (f32 keys and values, in blocks of [`KV_BLOCK_TOKENS`] positions:
+    /// [`CpuBackend::kv_bytes_per_token`] each); `None` for enough blocks to hold
+    /// `max_sequences` sequences of `max_context` tokens.
+    pub kv_cache_bytes: Option<u64>,
     /// Force a kernel implementation (tests); `None` picks the fastest this CPU runs.
     pub kernel: Option<KernelKind>,
 }
@@ -46,6 +50,7 @@ impl Default for CpuOptions {
         Self {
             max_sequences: 64,
             max_context: None,
+            kv_cache_bytes: None,
             kernel: None,
         }
     }
@@ -78,10 +83,17 @@ impl CpuBackend {
             .max_context
             .unwrap_or(cfg.max_position_embeddings)
             .min(cfg.max_position_embeddings);
+        let max_sequences = opts.max_sequences.max(1);
+        let block_bytes = KvCache::block_bytes(cfg.num_hidden_layers, cfg.kv_dim()) as u64;
+        let total_blocks = match opts.kv_cache_bytes {
+            Some(bytes) => usize::try_from(bytes / block_bytes.max(1)).unwrap_or(usize::MAX),
+            None => max_sequences.saturating_mul(max_context.div_ceil(kv::BLOCK_TOKENS)),
+        };
         let kv = KvCache::new(
             cfg.num_hidden_layers,
             cfg.kv_dim(),
-            opts.max_sequences.max(1),
+            total_blocks,
+            max_sequences,
             max_context,
         );
         let inv_freq = cfg.rope_inv_freq();
@@ -107,6 +119,11 @@ impl CpuBackend {
         &self.weights
     }
 
+    /// Bytes of KV cache one token takes on this backend: keys and values of every layer, f32.
+    pub fn kv_bytes_per_token(cfg: &LlamaConfig) -> u64 {
+        (cfg.num_hidden_layers * cfg.kv_dim() * 2 * 4) as u64
+    }
+
     /// The kernel implementation in use.
     pub fn kernel(&self) -> KernelKind {
         self.kernel
@@ -123,32 +140,43 @@ impl CpuBackend {
     }
 
     fn check_room(&self, seq: SeqId, want: usize) -> Result<(), DeviceError> {
-        if want > self.kv.max_context {
+        if want > self.kv.max_context() {
             return Err(DeviceError::ContextFull {
                 seq,
                 want,
-                max: self.kv.max_context,
+                max: self.kv.max_context(),
             });
         }
         Ok(())
     }
 
     /// Runs `items` through the model, appending their keys and values, and returns the logits
-    /// of the items listed in `want`. On error every touched sequence is rolled back.
+    /// of the items listed in `want`. Blocks for the new positions are reserved first, all or
+    /// nothing ([`DeviceError::KvFull`] when they are not free); on any error every touched
+    /// sequence is rolled back to its length before the call, its new blocks freed.
     fn forward(&mut self, items: &[Item], want: &[usize]) -> Result<Vec<f32>, DeviceError> {
-        let before: Vec<(SeqId, usize)> = items.iter().map(|it| (it.seq, it.pos)).collect();
-        let result = self.forward_inner(items, want);
-        match &result {
-            Ok(_) => {
-                for it in items {
-                    let s = self.kv.get_mut(it.seq)?;
-                    s.len = s.len.max(it.pos + 1);
-                }
+        // Each sequence's first position in this call (its length before) and its new length.
+        let mut spans: Vec<(SeqId, usize, usize)> = Vec::new();
+        for it in items {
+            match spans.iter_mut().find(|s| s.0 == it.seq) {
+                Some(s) => s.2 = s.2.max(it.pos + 1),
+                None => spans.push((it.seq, it.pos, it.pos + 1)),
             }
-            Err(_) => {
-                for &(seq, pos) in &before {
-                    self.kv.truncate(seq, pos);
-                }
+        }
+        let mut result = Ok(Vec::new());
+        for &(seq, _, end) in &spans {
+            if let Err(e) = self.kv.reserve(seq, end) {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = self.forward_inner(items, want);
+        }
+        for &(seq, start, end) in &spans {
+            match &result {
+                Ok(_) => self.kv.set_len(seq, end)?,
+                Err(_) => self.kv.truncate(seq, start),
             }
         }
         result
@@ -186,25 +214,12 @@ impl CpuBackend {
                 ops::rope(&mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
             }
             for (i, it) in items.iter().enumerate() {
-                let s = self.kv.get_mut(it.seq)?;
-                debug_assert_eq!(
-                    s.keys[l].len(),
-                    it.pos * kvd,
-                    "positions are appended in order"
-                );
-                s.keys[l].extend_from_slice(&k[i * kvd..(i + 1) * kvd]);
-                s.values[l].extend_from_slice(&v[i * kvd..(i + 1) * kvd]);
+                let r = i * kvd..(i + 1) * kvd;
+                self.kv.write(it.seq, l, it.pos, &k[r.clone()], &v[r])?;
             }
             let queries = items
                 .iter()
-                .map(|it| {
-                    let s = self.kv.get(it.seq)?;
-                    let end = (it.pos + 1) * kvd;
-                    Ok(AttnQuery {
-                        keys: &s.keys[l][..end],
-                        values: &s.values[l][..end],
-                    })
-                })
+                .map(|it| self.kv.read(it.seq, l, it.pos + 1))
                 .collect::<Result<Vec<_>, DeviceError>>()?;
             ops::attention(&q, &queries, heads, kvh, hd, &mut att);
             matmul::matmul(kind, &lw.o_proj, &att, n, &mut o)?;
@@ -236,9 +251,13 @@ impl Backend for CpuBackend {
 
     fn kv_capacity(&self) -> KvCapacity {
         KvCapacity {
-            max_sequences: self.kv.max_sequences,
-            max_context: self.kv.max_context,
+            max_sequences: self.kv.max_sequences(),
+            max_context: self.kv.max_context(),
         }
+    }
+
+    fn kv_usage(&self) -> KvUsage {
+        self.kv.usage()
     }
 
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
@@ -250,7 +269,7 @@ impl Backend for CpuBackend {
     }
 
     fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
-        Ok(self.kv.get(seq)?.len)
+        self.kv.len(seq)
     }
 
     fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
@@ -259,7 +278,7 @@ impl Backend for CpuBackend {
                 "prefill of an empty token list".into(),
             ));
         }
-        let len = self.kv.get(seq)?.len;
+        let len = self.kv.len(seq)?;
         self.check_room(seq, len + tokens.len())?;
         for &t in tokens {
             self.check_token(t)?;
@@ -286,7 +305,7 @@ impl Backend for CpuBackend {
                     it.seq
                 )));
             }
-            let len = self.kv.get(it.seq)?.len;
+            let len = self.kv.len(it.seq)?;
             if it.pos != len {
                 return Err(DeviceError::BadPosition {
                     seq: it.seq,

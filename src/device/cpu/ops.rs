@@ -74,12 +74,33 @@ pub fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// One query token's view of the KV cache for a layer.
+/// One query token's view of the paged KV cache for a layer: position `j` is row
+/// `j % block_tokens` of block `j / block_tokens`.
 pub struct AttnQuery<'a> {
-    /// Keys of positions `0..=pos`, `[pos][kv_heads × head_dim]`.
-    pub keys: &'a [f32],
-    /// Values, laid out like the keys.
-    pub values: &'a [f32],
+    /// Per block, `block_tokens × kv_heads × head_dim` keys.
+    pub keys: Vec<&'a [f32]>,
+    /// Per block, values laid out like the keys.
+    pub values: Vec<&'a [f32]>,
+    /// Positions attended to (`0..positions`).
+    pub positions: usize,
+    /// Positions per block.
+    pub block_tokens: usize,
+}
+
+impl AttnQuery<'_> {
+    /// The `head_dim` values at `off` of position `j` in `blocks`.
+    #[inline]
+    fn row<'b>(
+        &self,
+        blocks: &[&'b [f32]],
+        j: usize,
+        kv_dim: usize,
+        off: usize,
+        hd: usize,
+    ) -> &'b [f32] {
+        let at = (j % self.block_tokens) * kv_dim + off;
+        &blocks[j / self.block_tokens][at..at + hd]
+    }
 }
 
 /// Causal grouped-query attention for a set of query tokens: `q` is `n × heads × head_dim`
@@ -99,11 +120,10 @@ pub fn attention(
     let one = |(idx, o): (usize, &mut [f32])| {
         let (t, h) = (idx / heads, idx % heads);
         let qa = &q[idx * head_dim..(idx + 1) * head_dim];
-        let AttnQuery { keys, values } = &queries[t];
+        let kv = &queries[t];
         let off = (h / group) * head_dim;
-        let positions = keys.len() / kv_dim;
-        let mut scores: Vec<f32> = (0..positions)
-            .map(|j| dot(qa, &keys[j * kv_dim + off..j * kv_dim + off + head_dim]) * scale)
+        let mut scores: Vec<f32> = (0..kv.positions)
+            .map(|j| dot(qa, kv.row(&kv.keys, j, kv_dim, off, head_dim)) * scale)
             .collect();
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
@@ -114,7 +134,7 @@ pub fn attention(
         o.fill(0.0);
         for (j, &p) in scores.iter().enumerate() {
             let p = p / sum;
-            let v = &values[j * kv_dim + off..j * kv_dim + off + head_dim];
+            let v = kv.row(&kv.values, j, kv_dim, off, head_dim);
             for (a, &b) in o.iter_mut().zip(v) {
                 *a += p * b;
             }
@@ -122,7 +142,11 @@ pub fn attention(
     };
     // Threads only pay off past a few hundred thousand multiply-adds (long prompts, big
     // batches); a decode step of a short sequence runs inline.
-    let work: usize = queries.iter().map(|qr| qr.keys.len()).sum::<usize>() * group;
+    let work: usize = queries
+        .iter()
+        .map(|qr| qr.positions * kv_dim)
+        .sum::<usize>()
+        * group;
     if work < 1 << 18 {
         out.chunks_mut(head_dim).enumerate().for_each(one);
     } else {
@@ -168,8 +192,10 @@ mod tests {
         attention(
             &q,
             &[AttnQuery {
-                keys: &keys,
-                values: &values,
+                keys: vec![&keys],
+                values: vec![&values],
+                positions: 1,
+                block_tokens: 1,
             }],
             2,
             1,
@@ -188,8 +214,10 @@ mod tests {
         attention(
             &[1.0],
             &[AttnQuery {
-                keys: &keys,
-                values: &values,
+                keys: vec![&keys],
+                values: vec![&values],
+                positions: 2,
+                block_tokens: 2,
             }],
             1,
             1,
@@ -197,5 +225,45 @@ mod tests {
             &mut out,
         );
         assert!((out[0] - 7.0).abs() < 1e-5, "{}", out[0]);
+    }
+
+    #[test]
+    fn attention_is_the_same_over_any_block_size() {
+        // Five positions, kv_dim 4 (2 kv heads of 2), 4 query heads: contiguous (one block) and
+        // in blocks of 2 (the last partly filled) give the same bits.
+        let keys: Vec<f32> = (0..20).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+        let values: Vec<f32> = (0..20).map(|i| (i as f32) * 0.25 - 2.0).collect();
+        let q: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) * 0.3).collect();
+        let run = |bt: usize| {
+            let span = bt * 4;
+            let blocks = |v: &[f32]| -> Vec<Vec<f32>> {
+                v.chunks(span)
+                    .map(|c| {
+                        let mut b = c.to_vec();
+                        b.resize(span, f32::NAN); // unused rows must never be read
+                        b
+                    })
+                    .collect()
+            };
+            let (kb, vb) = (blocks(&keys), blocks(&values));
+            let mut out = [0f32; 8];
+            attention(
+                &q,
+                &[AttnQuery {
+                    keys: kb.iter().map(Vec::as_slice).collect(),
+                    values: vb.iter().map(Vec::as_slice).collect(),
+                    positions: 5,
+                    block_tokens: bt,
+                }],
+                4,
+                2,
+                2,
+                &mut out,
+            );
+            out.map(f32::to_bits)
+        };
+        assert!(run(5).iter().all(|&b| !f32::from_bits(b).is_nan()));
+        assert_eq!(run(5), run(2));
+        assert_eq!(run(5), run(1));
     }
 }

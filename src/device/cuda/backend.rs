@@ -1163,6 +1163,10 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn kv_usage(&self) -> crate::device::KvUsage {
+        self.kv.usage()
+    }
+
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
         self.kv.alloc()
     }

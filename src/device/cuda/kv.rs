@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use super::driver::{Context, DevBuf, GpuResult};
-use crate::device::{DeviceError, SeqId};
+use crate::device::{DeviceError, KvUsage, SeqId};
 
 /// Byte offsets into the slab, without device memory (testable anywhere).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +95,19 @@ impl Slots {
             .copied()
             .flatten()
             .ok_or(DeviceError::UnknownSequence(seq))
+    }
+
+    /// The counts as [`KvUsage`], a slot being one block of `max_context` tokens (this cache
+    /// is not paged: a sequence takes its whole slot whatever it holds).
+    pub fn usage(&self, max_context: usize) -> KvUsage {
+        let live = self.lens.iter().flatten();
+        KvUsage {
+            block_tokens: max_context,
+            total_blocks: self.lens.len(),
+            free_blocks: self.lens.iter().filter(|l| l.is_none()).count(),
+            used_tokens: live.clone().sum(),
+            sequences: live.count(),
+        }
     }
 
     /// Records that a live sequence now holds `len` tokens.
@@ -186,6 +199,11 @@ impl KvCache {
     pub fn set_len(&mut self, seq: SeqId, len: usize) {
         self.slots.set_len(seq, len)
     }
+
+    /// The counts, one block per slot.
+    pub fn usage(&self) -> KvUsage {
+        self.slots.usage(self.max_context)
+    }
 }
 
 #[cfg(test)]
@@ -225,6 +243,9 @@ mod tests {
         assert!(matches!(s.alloc(), Err(DeviceError::NoFreeSlot(2))));
         s.set_len(a, 7);
         assert_eq!(s.len(a).unwrap(), 7);
+        let u = s.usage(100);
+        assert_eq!((u.free_blocks, u.used_tokens, u.sequences), (0, 7, 2));
+        assert_eq!(u.capacity_tokens(), 200);
         s.free(a);
         assert!(matches!(s.len(a), Err(DeviceError::UnknownSequence(_))));
         // set_len on a freed slot does not revive it.
