@@ -1237,3 +1237,118 @@ fn bench_decode_on_cuda_without_a_gpu_fails_saying_why() {
         assert!(!out.exists(), "a failed run wrote {}", out.display());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// plan-memory.
+
+/// The JSON a successful run printed.
+fn json_of(r: Run) -> Value {
+    let r = r.ok();
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+#[test]
+fn plan_memory_of_a_checkpoint_counts_its_weights_and_kv_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (orig, comp) = tiny_pair(tmp.path());
+    let cfg: Value =
+        serde_json::from_str(&fs::read_to_string(orig.join("config.json")).unwrap()).unwrap();
+    let n = |k: &str| cfg[k].as_u64().unwrap();
+    let kv_per_token = 2 * n("num_hidden_layers") * n("num_key_value_heads") * n("head_dim") * 2;
+    let bf16_bytes = fs::metadata(orig.join(SINGLE)).unwrap().len();
+    let plan = |dir: &Path| {
+        json_of(uw!(
+            "plan-memory",
+            dir,
+            "--gpu-mem-gib",
+            "2",
+            "--context",
+            "1024",
+            "--json"
+        ))
+    };
+    let (p, c) = (plan(&orig), plan(&comp));
+    // The same weights, plain or compressed on disk: the same plan.
+    assert_eq!(p["bf16"], c["bf16"]);
+    assert_eq!(p["compressed"], c["compressed"]);
+    assert_eq!(p["kv_bytes_per_token"], kv_per_token);
+    // BF16 weights: the safetensors payload (the file less its small header).
+    let w = p["bf16"]["weights_bytes"].as_u64().unwrap();
+    assert!(
+        w <= bf16_bytes && bf16_bytes - w < 64 << 10,
+        "{w} vs {bf16_bytes}"
+    );
+    for form in ["bf16", "compressed"] {
+        let f = &p[form];
+        let tokens = f["kv_tokens"].as_u64().unwrap();
+        assert!(
+            tokens * kv_per_token <= f["kv_bytes"].as_u64().unwrap(),
+            "{form}"
+        );
+        assert_eq!(tokens % 16, 0, "{form}: whole blocks");
+        assert_eq!(f["sequences"].as_u64().unwrap(), tokens / 1024, "{form}");
+        assert_eq!(f["fits"], true, "{form}");
+    }
+    let cw = p["compressed"]["weights_bytes"].as_u64().unwrap();
+    assert!(cw < w * 8 / 10, "compressed {cw} of {w}");
+}
+
+#[test]
+fn plan_memory_of_llama_70b_on_one_gpu() {
+    let plan = |gib: &str| {
+        json_of(uw!(
+            "plan-memory",
+            "--shape",
+            "llama-3.1-70b",
+            "--gpu-mem-gib",
+            gib,
+            "--json"
+        ))
+    };
+    let p = plan("139");
+    // 70,553,706,496 parameters; 2 x 80 layers x 8 KV heads x 128 x 2 bytes per token.
+    assert_eq!(p["bf16"]["weights_bytes"], 2 * 70_553_706_496u64);
+    assert_eq!(p["kv_bytes_per_token"], 327_680);
+    assert_eq!(p["context"], 8192);
+    let (b, c) = (&p["bf16"], &p["compressed"]);
+    let ratio = c["weights_bytes"].as_f64().unwrap() / b["weights_bytes"].as_f64().unwrap();
+    assert!((0.65..0.75).contains(&ratio), "{ratio}");
+    assert_eq!(b["fits"], true);
+    let (sb, sc) = (
+        b["sequences"].as_u64().unwrap(),
+        c["sequences"].as_u64().unwrap(),
+    );
+    assert!(sc > 4 * sb, "compressed {sc} sequences, BF16 {sb}");
+    // On 80 GiB neither form fits.
+    let p = plan("80");
+    assert_eq!(p["bf16"]["fits"], false);
+    assert_eq!(p["compressed"]["fits"], false);
+    assert_eq!(p["compressed"]["kv_tokens"], 0);
+}
+
+#[test]
+fn plan_memory_refuses_bad_arguments() {
+    uw!("plan-memory", "--shape", "tiny", "--gpu-mem-gib", "0").error_mentions(&["--gpu-mem-gib"]);
+    uw!(
+        "plan-memory",
+        "--shape",
+        "tiny",
+        "--gpu-mem-gib",
+        "8",
+        "--context",
+        "4096"
+    )
+    .error_mentions(&["--context", "2048"]);
+    uw!(
+        "plan-memory",
+        "--shape",
+        "tiny",
+        "--gpu-mem-gib",
+        "8",
+        "--kv-fraction",
+        "1.5"
+    )
+    .error_mentions(&["--kv-fraction"]);
+    let tmp = tempfile::tempdir().unwrap();
+    uw!("plan-memory", tmp.path(), "--gpu-mem-gib", "8").error_mentions(&["config.json"]);
+}

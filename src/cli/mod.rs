@@ -8,6 +8,7 @@ mod bench_kernels;
 mod fetch;
 mod generate;
 mod inspect_runtime;
+mod plan_memory;
 mod report;
 mod tune;
 
@@ -121,6 +122,9 @@ enum Command {
     /// Time every linear-layer strategy on this GPU (raw BF16 and tbe3, batches 1..256) and
     /// write the tuning table the CUDA backend loads (MODEL_DIR/tune/<device>.json).
     Tune(tune::TuneArgs),
+    /// How a model fits on a GPU in BF16 and compressed: weight memory, KV-cache tokens and
+    /// concurrent sequences at a context length (CPU only; docs/memory.md).
+    PlanMemory(plan_memory::PlanMemoryArgs),
 }
 
 /// Parses the command line and runs it.
@@ -235,6 +239,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Generate(args) => generate::run(args)?,
         Command::FetchTestModel(args) => fetch::run(args)?,
         Command::Tune(args) => tune::run(&args)?,
+        Command::PlanMemory(args) => plan_memory::run(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod fetch;
+pub mod memory;
 pub mod shape;
 pub mod synth;
 pub mod weights;

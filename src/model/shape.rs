@@ -38,9 +38,11 @@ pub struct LlamaShape {
 
 impl LlamaShape {
     /// Every preset, by name.
-    pub const PRESETS: [&'static str; 3] = ["tiny", "smollm2-135m", "llama-3.1-8b"];
+    pub const PRESETS: [&'static str; 4] =
+        ["tiny", "smollm2-135m", "llama-3.1-8b", "llama-3.1-70b"];
 
-    /// A preset by name: `tiny` (a few MB, for tests), `smollm2-135m`, `llama-3.1-8b`.
+    /// A preset by name: `tiny` (a few MB, for tests), `smollm2-135m`, `llama-3.1-8b`,
+    /// `llama-3.1-70b`.
     pub fn preset(name: &str) -> Option<Self> {
         Some(match name {
             "tiny" => Self {
@@ -81,6 +83,22 @@ impl LlamaShape {
                 intermediate: 14336,
                 layers: 32,
                 heads: 32,
+                kv_heads: 8,
+                vocab: 128256,
+                tie_embeddings: false,
+                rope_theta: 500000.0,
+                max_positions: 131072,
+                rms_norm_eps: 1e-5,
+                llama3_rope_scaling: true,
+                bos: 128000,
+                eos: 128001,
+            },
+            "llama-3.1-70b" => Self {
+                name: "llama-3.1-70b",
+                hidden: 8192,
+                intermediate: 28672,
+                layers: 80,
+                heads: 64,
                 kv_heads: 8,
                 vocab: 128256,
                 tie_embeddings: false,
@@ -192,6 +210,17 @@ mod tests {
         assert_eq!(
             p, 8_030_261_248,
             "Llama-3.1-8B has 8,030,261,248 parameters"
+        );
+    }
+
+    #[test]
+    fn llama_70b_preset_has_70_billion_parameters() {
+        let s = LlamaShape::preset("llama-3.1-70b").unwrap();
+        assert_eq!(s.head_dim(), 128);
+        assert_eq!(
+            s.parameters(),
+            70_553_706_496,
+            "Llama-3.1-70B has 70,553,706,496 parameters"
         );
     }
 
