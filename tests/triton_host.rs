@@ -662,6 +662,18 @@ fn a_small_kv_budget_serves_sixteen_short_requests_at_once() {
         most_at_once > 2,
         "at most {most_at_once} requests streamed at once: {spans:?}"
     );
+    // The load log states the capacity: 760Mi / (16 tokens x 46080 bytes) = 1080 blocks.
+    let logs = report["logs"].as_array().unwrap();
+    let memory = logs
+        .iter()
+        .filter_map(|l| l["message"].as_str())
+        .find(|m| m.contains("KV capacity"))
+        .unwrap_or_else(|| panic!("no memory line in {logs:?}"));
+    assert!(
+        memory.contains("weights 0.25 GiB (BF16 would be 0.25 GiB)")
+            && memory.contains("KV capacity 17280 tokens, that is 2 sequences of 8192 tokens"),
+        "{memory}"
+    );
 }
 
 // ----- scenario 7: bad requests ------------------------------------------------------------

@@ -87,6 +87,15 @@ pub struct KvCapacity {
     pub max_context: usize,
 }
 
+/// Bytes of a backend's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightMemory {
+    /// Where the backend keeps them (host memory on the CPU, device memory on the GPU).
+    pub bytes: u64,
+    /// The same weights as BF16.
+    pub bf16_bytes: u64,
+}
+
 /// What can go wrong running the model.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -162,6 +171,10 @@ pub trait Backend: Send {
     /// reports one block per sequence slot (`block_tokens` = its context).
     fn kv_usage(&self) -> KvUsage;
 
+    /// What the weights take where this backend keeps them, next to what the same weights
+    /// take as BF16: what compression saves, for the load log and metrics.
+    fn weight_memory(&self) -> WeightMemory;
+
     /// Takes a free KV-cache slot for a new, empty sequence.
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError>;
 
@@ -203,6 +216,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn kv_usage(&self) -> KvUsage {
         (**self).kv_usage()
+    }
+    fn weight_memory(&self) -> WeightMemory {
+        (**self).weight_memory()
     }
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
         (**self).new_sequence()

@@ -14,7 +14,8 @@
 //! | `weights_dir` | checkpoint directory (plain or compressed); relative paths are taken from the version folder | the version folder |
 //! | `max_concurrent_sequences` | sequences decoded together per instance (KV-cache slots) | 64 |
 //! | `max_sequence_length` | tokens per sequence, prompt included | the model's `max_position_embeddings` |
-//! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | no limit beyond the above |
+//! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | CPU: `max_concurrent_sequences` × `max_sequence_length` tokens; GPU: `kv_cache_fraction` |
+//! | `kv_cache_fraction` | GPU, without `kv_cache_bytes`: fraction of the device memory left after weights and work buffers given to the KV cache, in (0, 1] | 0.9 |
 //! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
 //! | `plan` | GPU only: `auto` (the weights directory's tuning table for this GPU, tuned and saved at the first load), `compressed` (untuned defaults) or `baseline` (uncompressed BF16 + cuBLAS) | `auto` |
 
@@ -62,8 +63,11 @@ pub struct InstanceGroup {
     pub gpus: Vec<i32>,
 }
 
+/// Default of `kv_cache_fraction` (as vLLM's `gpu_memory_utilization`).
+pub const DEFAULT_KV_CACHE_FRACTION: f64 = 0.9;
+
 /// A validated model configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
     /// The model's name.
     pub name: String,
@@ -75,8 +79,11 @@ pub struct ModelConfig {
     pub max_concurrent_sequences: usize,
     /// Tokens per sequence; `None` for the model's own limit.
     pub max_sequence_length: Option<usize>,
-    /// KV-cache budget per instance in bytes; `None` for no extra limit.
+    /// KV-cache budget per instance in bytes; `None` for the defaults.
     pub kv_cache_bytes: Option<u64>,
+    /// GPU instances without `kv_cache_bytes`: the fraction of the device memory left after
+    /// weights and work buffers that the KV cache takes.
+    pub kv_cache_fraction: f64,
     /// The `device` parameter.
     pub device: DeviceChoice,
     /// The `plan` parameter (GPU instances).
@@ -85,11 +92,12 @@ pub struct ModelConfig {
     pub instance_groups: Vec<InstanceGroup>,
 }
 
-const KNOWN_PARAMETERS: [&str; 6] = [
+const KNOWN_PARAMETERS: [&str; 7] = [
     "weights_dir",
     "max_concurrent_sequences",
     "max_sequence_length",
     "kv_cache_bytes",
+    "kv_cache_fraction",
     "device",
     "plan",
 ];
@@ -162,6 +170,18 @@ impl ModelConfig {
             .get("kv_cache_bytes")
             .map(|s| bytes("parameters.kv_cache_bytes", s))
             .transpose()?;
+        let kv_cache_fraction = match params.get("kv_cache_fraction") {
+            None => DEFAULT_KV_CACHE_FRACTION,
+            Some(s) => match s.trim().parse::<f64>() {
+                Ok(f) if f > 0.0 && f <= 1.0 => f,
+                _ => {
+                    return Err(TritonError::config(
+                        "parameters.kv_cache_fraction",
+                        format!("expected a number in (0, 1], got {s:?}"),
+                    ))
+                }
+            },
+        };
         let device = match params.get("device").map(|s| s.trim().to_ascii_lowercase()) {
             None => DeviceChoice::Auto,
             Some(s) => match s.as_str() {
@@ -213,6 +233,7 @@ impl ModelConfig {
             max_concurrent_sequences,
             max_sequence_length,
             kv_cache_bytes,
+            kv_cache_fraction,
             device,
             plan,
             instance_groups,
@@ -365,6 +386,7 @@ mod tests {
             "max_concurrent_sequences": {"string_value": "32"},
             "max_sequence_length": {"string_value": "4096"},
             "kv_cache_bytes": {"string_value": "8Gi"},
+            "kv_cache_fraction": {"string_value": "0.75"},
             "device": {"string_value": "auto"},
             "plan": {"string_value": "Baseline"}
         }
@@ -401,6 +423,7 @@ mod tests {
         assert_eq!(c.max_concurrent_sequences, 32);
         assert_eq!(c.max_sequence_length, Some(4096));
         assert_eq!(c.kv_cache_bytes, Some(8 << 30));
+        assert_eq!(c.kv_cache_fraction, 0.75);
         assert_eq!(c.device, DeviceChoice::Auto);
         assert_eq!(c.plan, PlanChoice::Baseline);
         assert_eq!(
@@ -420,6 +443,7 @@ mod tests {
         assert_eq!(c.max_concurrent_sequences, DEFAULT_MAX_CONCURRENT_SEQUENCES);
         assert_eq!(c.max_sequence_length, None);
         assert_eq!(c.kv_cache_bytes, None);
+        assert_eq!(c.kv_cache_fraction, DEFAULT_KV_CACHE_FRACTION);
         assert_eq!(c.plan, PlanChoice::Auto);
         assert_eq!(c.device, DeviceChoice::Auto);
         assert!(c.instance_groups.is_empty());
@@ -502,6 +526,14 @@ mod tests {
             (
                 with_param("kv_cache_bytes", "lots"),
                 "parameters.kv_cache_bytes",
+            ),
+            (
+                with_param("kv_cache_fraction", "1.5"),
+                "parameters.kv_cache_fraction",
+            ),
+            (
+                with_param("kv_cache_fraction", "0"),
+                "parameters.kv_cache_fraction",
             ),
             (with_param("device", "tpu"), "parameters.device"),
             (with_param("weights_dir", " "), "parameters.weights_dir"),

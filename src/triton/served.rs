@@ -36,6 +36,8 @@ pub(super) struct Served {
     pub batched: bool,
     /// The `kv_cache_bytes` parameter (the CPU engine's block pool, the CUDA engine's slab).
     kv_cache_bytes: Option<u64>,
+    /// The `kv_cache_fraction` parameter (the CUDA engine without `kv_cache_bytes`).
+    kv_cache_fraction: f64,
     /// The `plan` parameter and the weights directory (where `auto` keeps tuning tables).
     plan: PlanChoice,
     weights_dir: std::path::PathBuf,
@@ -84,6 +86,22 @@ fn files_err(dir: &Path, e: impl std::error::Error + Send + Sync + 'static) -> T
         dir: dir.display().to_string(),
         source: Box::new(e),
     }
+}
+
+/// The load log's memory summary: weights X GiB (BF16 would be Y GiB), KV capacity N tokens,
+/// that is M sequences at the configured maximum length.
+pub(super) fn memory_line(backend: &dyn Backend, context: usize) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let w = backend.weight_memory();
+    let kv = backend.kv_usage();
+    format!(
+        "weights {:.2} GiB (BF16 would be {:.2} GiB), KV capacity {} tokens, that is {} \
+         sequences of {context} tokens",
+        w.bytes as f64 / GIB,
+        w.bf16_bytes as f64 / GIB,
+        kv.capacity_tokens(),
+        kv.total_blocks / kv.blocks_for(context).max(1),
+    )
 }
 
 impl Served {
@@ -135,6 +153,7 @@ impl Served {
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
             kv_cache_bytes: config.kv_cache_bytes,
+            kv_cache_fraction: config.kv_cache_fraction,
             plan: config.plan,
             weights_dir: config.weights_dir.clone(),
             cfg,
@@ -171,6 +190,7 @@ impl Served {
             kv_budget_bytes: self
                 .kv_cache_bytes
                 .map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+            kv_fraction: self.kv_cache_fraction,
             plan: self.plan.source(Some(&self.weights_dir)),
             ..CudaOptions::default()
         };
@@ -205,6 +225,10 @@ impl Served {
             ),
             Selected::Cpu { fallback: None } => {}
         }
+        tracing::info!(
+            "instance {instance}: {}",
+            memory_line(&*backend, self.context)
+        );
         let eopts = EngineOptions {
             eos_token_ids: self.eos.clone(),
             max_batch: self.max_sequences,

@@ -48,6 +48,13 @@ impl Backend for Fake {
         }
     }
 
+    fn weight_memory(&self) -> crate::device::WeightMemory {
+        crate::device::WeightMemory {
+            bytes: 0,
+            bf16_bytes: 0,
+        }
+    }
+
     fn kv_usage(&self) -> crate::device::KvUsage {
         crate::device::KvUsage {
             block_tokens: 4096,

@@ -15,6 +15,9 @@ macro_rules! forward_backend_to_inner {
         fn kv_usage(&self) -> triton_unweight::device::KvUsage {
             self.inner.kv_usage()
         }
+        fn weight_memory(&self) -> triton_unweight::device::WeightMemory {
+            self.inner.weight_memory()
+        }
         fn new_sequence(
             &mut self,
         ) -> Result<triton_unweight::device::SeqId, triton_unweight::device::DeviceError> {

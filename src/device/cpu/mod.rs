@@ -25,7 +25,7 @@ pub use kernel::KernelKind;
 pub use kv::BLOCK_TOKENS as KV_BLOCK_TOKENS;
 
 use self::kv::KvCache;
-use super::{Backend, DecodeItem, DeviceError, KvCapacity, KvUsage, Logits, SeqId};
+use super::{Backend, DecodeItem, DeviceError, KvCapacity, KvUsage, Logits, SeqId, WeightMemory};
 use crate::container::Checkpoint;
 use crate::model::weights::{bf16_to_f32, LlamaWeights, WeightError, WeightMode};
 use crate::model::LlamaConfig;
@@ -258,6 +258,13 @@ impl Backend for CpuBackend {
 
     fn kv_usage(&self) -> KvUsage {
         self.kv.usage()
+    }
+
+    fn weight_memory(&self) -> WeightMemory {
+        WeightMemory {
+            bytes: self.weights.resident_bytes() as u64,
+            bf16_bytes: 2 * crate::model::memory::Dims::of_config(&self.cfg).parameters(),
+        }
     }
 
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {

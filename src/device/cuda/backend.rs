@@ -109,9 +109,13 @@ pub struct CudaOptions {
     /// Tokens per sequence; `None` for the model's limit capped at 4096 (each slot of the slab
     /// holds this many positions, so it sizes the cache).
     pub max_context: Option<usize>,
-    /// Bytes for the KV cache; `None` for half the device memory left free once weights and
-    /// work buffers are allocated.
+    /// Bytes for the KV cache; `None` for [`CudaOptions::kv_fraction`] of the device memory
+    /// left free once weights and work buffers are allocated.
     pub kv_budget_bytes: Option<usize>,
+    /// Fraction of the free device memory (after weights, work buffers and a 512 MiB reserve)
+    /// the KV cache may take when no budget is given, as vLLM's `gpu_memory_utilization`;
+    /// default 0.5, the Triton backend's default 0.9 (`kv_cache_fraction`).
+    pub kv_fraction: f64,
     /// Tokens per prefill pass; longer prompts go through in chunks.
     pub max_prefill_tokens: usize,
     /// Feed GEMMs hi + lo BF16 rows (f32-accurate, the default) instead of plain BF16.
@@ -132,6 +136,7 @@ impl Default for CudaOptions {
             max_sequences: 64,
             max_context: None,
             kv_budget_bytes: None,
+            kv_fraction: 0.5,
             max_prefill_tokens: 512,
             split_activations: true,
             graphs: true,
@@ -366,17 +371,19 @@ pub(crate) fn pick_bucket(buckets: &[usize], n: usize) -> Option<usize> {
 }
 
 /// Sizes the KV cache: from `free` device bytes (with `reserve` kept back), an explicit budget or
-/// half of what is free, and slots of `slot_bytes` each (one more slot pads decode batches).
-/// Returns (budget, live sequences), or the reason nothing fits.
+/// `fraction` of what is free, and slots of `slot_bytes` each (one more slot pads decode
+/// batches). Returns (budget, live sequences), or the reason nothing fits.
 pub(crate) fn kv_plan(
     free: usize,
     reserve: usize,
     budget: Option<usize>,
+    fraction: f64,
     slot_bytes: usize,
     want_sequences: usize,
     max_context: usize,
 ) -> Result<(usize, usize), String> {
-    let budget = budget.unwrap_or(free.saturating_sub(reserve) / 2);
+    let left = free.saturating_sub(reserve);
+    let budget = budget.unwrap_or((left as f64 * fraction.clamp(0.0, 1.0)) as usize);
     let slot_bytes = slot_bytes.max(1);
     let fit = (budget / slot_bytes).saturating_sub(1); // one slot pads decode batches
     let max_sequences = want_sequences.min(fit);
@@ -736,6 +743,7 @@ impl CudaBackend {
             free,
             reserve,
             opts.kv_budget_bytes,
+            opts.kv_fraction,
             slot_bytes,
             opts.max_sequences,
             max_context,
@@ -1167,6 +1175,13 @@ impl Backend for CudaBackend {
         self.kv.usage()
     }
 
+    fn weight_memory(&self) -> crate::device::WeightMemory {
+        crate::device::WeightMemory {
+            bytes: self.weight_memory_bytes() as u64,
+            bf16_bytes: self.bf16_weight_bytes() as u64,
+        }
+    }
+
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
         self.kv.alloc()
     }
@@ -1306,25 +1321,29 @@ mod tests {
         let slot = KvCache::slot_bytes(32, 1024, 4096); // Llama-3.1-8B at 4096 tokens: 1 GiB
                                                         // Default budget: half of what is free after the reserve. 60 GiB free -> ~30 GiB -> 28
                                                         // sequences + the padding slot.
-        let (budget, n) = kv_plan(60 * GIB, 512 << 20, None, slot, 64, 4096).unwrap();
+        let (budget, n) = kv_plan(60 * GIB, 512 << 20, None, 0.5, slot, 64, 4096).unwrap();
         assert_eq!(budget, (60 * GIB - (512 << 20)) / 2);
         assert_eq!(n, 28);
+        // 90% of it (the Triton default): 53.1 GiB -> 52 sequences + the padding slot.
+        let (budget, n) = kv_plan(60 * GIB, 512 << 20, None, 0.9, slot, 64, 4096).unwrap();
+        assert_eq!(budget, ((60 * GIB - (512 << 20)) as f64 * 0.9) as usize);
+        assert_eq!(n, 52);
         // The option caps it.
-        assert_eq!(kv_plan(60 * GIB, 0, None, slot, 8, 4096).unwrap().1, 8);
+        assert_eq!(kv_plan(60 * GIB, 0, None, 0.5, slot, 8, 4096).unwrap().1, 8);
         // A budget for exactly one sequence and the pad.
         assert_eq!(
-            kv_plan(60 * GIB, 0, Some(2 * slot), slot, 64, 4096)
+            kv_plan(60 * GIB, 0, Some(2 * slot), 0.5, slot, 64, 4096)
                 .unwrap()
                 .1,
             1
         );
         // Too small: refused, naming the budget.
-        let e = kv_plan(60 * GIB, 0, Some(2 * slot - 1), slot, 64, 4096).unwrap_err();
+        let e = kv_plan(60 * GIB, 0, Some(2 * slot - 1), 0.5, slot, 64, 4096).unwrap_err();
         assert!(e.contains("KV budget"), "{e}");
         // An explicit budget beyond what is free: refused, not an OOM later.
-        let e = kv_plan(10 * GIB, 512 << 20, Some(40 * GIB), slot, 64, 4096).unwrap_err();
+        let e = kv_plan(10 * GIB, 512 << 20, Some(40 * GIB), 0.5, slot, 64, 4096).unwrap_err();
         assert!(e.contains("does not fit"), "{e}");
         // Degenerate slot size (no layers): no division by zero.
-        assert!(kv_plan(GIB, 0, None, 0, 4, 16).is_ok());
+        assert!(kv_plan(GIB, 0, None, 0.5, 0, 4, 16).is_ok());
     }
 }
