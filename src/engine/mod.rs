@@ -12,6 +12,8 @@
 //! its events gives its whole output text.
 
 pub mod detok;
+#[cfg(test)]
+mod paging_tests;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
