@@ -286,7 +286,13 @@ impl<B: Backend> Engine<B> {
             free_blocks: kv.free_blocks,
             block_tokens: kv.block_tokens,
             decode_blocks: self.decode_blocks(kv.block_tokens),
-            watermark_blocks: scheduler::watermark(kv.total_blocks),
+            // A cache whose block holds a whole context (the CUDA slots) never needs a block
+            // for a running sequence to grow: no watermark, every slot usable.
+            watermark_blocks: if kv.block_tokens >= self.context() {
+                0
+            } else {
+                scheduler::watermark(kv.total_blocks)
+            },
         };
         let waiting: Vec<(RequestId, usize)> =
             self.waiting.iter().map(|s| (s.id, s.kv_len())).collect();

@@ -97,6 +97,10 @@ impl Backend for Paged {
 }
 
 fn engine(blocks: usize, max_batch: usize) -> Engine<Paged> {
+    engine_with(blocks, BLOCK, max_batch)
+}
+
+fn engine_with(blocks: usize, block_tokens: usize, max_batch: usize) -> Engine<Paged> {
     let cfg = LlamaConfig {
         hidden_size: 8,
         intermediate_size: 16,
@@ -115,7 +119,7 @@ fn engine(blocks: usize, max_batch: usize) -> Engine<Paged> {
     };
     let backend = Paged {
         cfg,
-        blocks: BlockManager::new(blocks, BLOCK, 16, 4096),
+        blocks: BlockManager::new(blocks, block_tokens, 16, 4096),
         fed: Default::default(),
     };
     let opts = EngineOptions {
@@ -224,4 +228,17 @@ fn two_growing_requests_in_four_blocks_preempt_and_still_get_their_tokens() {
         assert_eq!(got[id], alone(p, 8));
     }
     assert_eq!(e.kv_usage().used_blocks(), 0);
+}
+
+#[test]
+fn slots_of_a_whole_context_are_all_used_without_a_watermark() {
+    // A backend whose block is the whole context (as the CUDA engine's slots): 3 slots serve 3
+    // requests at once, none kept back.
+    let mut e = engine_with(3, 4096, 8);
+    for p in [[1u32], [2], [3]] {
+        e.add(Request::greedy(p.to_vec(), 4)).unwrap();
+    }
+    e.step().unwrap();
+    assert_eq!(e.load(), (0, 3));
+    assert_eq!(e.kv_usage().free_blocks, 0);
 }

@@ -6,7 +6,8 @@
 //! prefill-token budget lasts (the first one in line is admitted even if its prompt alone
 //! exceeds the budget, so a long prompt cannot starve) and the KV cache has free blocks for its
 //! prompt on top of a reserve for the running sequences: the blocks their decode needs this
-//! step plus a watermark of 1% of the cache (at least one block) while anything runs. A request
+//! step plus a watermark of 1% of the cache (at least one block) while anything runs, none when
+//! a block holds a whole context (slots that never grow, as the CUDA engine's). A request
 //! that does not fit waits, and so do the ones behind it (no overtaking, so a long prompt is not
 //! starved by short ones).
 
