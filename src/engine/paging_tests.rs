@@ -1,8 +1,9 @@
 //! Property tests of the engine's KV admission and preemption over a fake backend whose cache
 //! is a real [`BlockManager`] and whose "model" picks the next token from a hash of everything
 //! the sequence was fed: a preempted sequence recomputed with the wrong tokens would diverge.
-//! Any mix of requests, cache sizes and arrival times must serve every accepted request its
-//! exact tokens, refuse only requests larger than the whole cache, never hang, never leak.
+//! Any mix of requests, cache sizes, arrival times and cancellations must serve every accepted
+//! request its exact tokens (or, cancelled, their beginning), refuse only requests larger than
+//! the whole cache, never hang, never leak a block.
 
 use proptest::prelude::*;
 
@@ -150,7 +151,12 @@ proptest! {
         blocks in 2usize..24,
         max_batch in 1usize..6,
         reqs in proptest::collection::vec(
-            (proptest::collection::vec(0u32..VOCAB as u32, 1..30), 1usize..30, 0usize..6),
+            (
+                proptest::collection::vec(0u32..VOCAB as u32, 1..30),
+                1usize..30,
+                0usize..6,
+                proptest::option::weighted(0.25, 0usize..40),
+            ),
             1..12,
         ),
     ) {
@@ -159,23 +165,30 @@ proptest! {
         let mut got: std::collections::HashMap<RequestId, Vec<u32>> = Default::default();
         let mut finished: std::collections::HashMap<RequestId, StopReason> = Default::default();
         let mut pending: Vec<_> = reqs.clone();
+        let mut cancels: Vec<(usize, RequestId)> = Vec::new();
         let mut step = 0usize;
         while !pending.is_empty() || e.has_work() {
             // Requests arrive at their step.
             let (now, later): (Vec<_>, Vec<_>) =
                 pending.into_iter().partition(|r| r.2 <= step);
             pending = later;
-            for (prompt, max_tokens, _) in now {
+            for (prompt, max_tokens, _, cancel) in now {
                 let fits = (prompt.len() + max_tokens - 1).div_ceil(BLOCK) <= blocks;
                 match e.add(Request::greedy(prompt.clone(), max_tokens)) {
                     Ok(id) => {
                         prop_assert!(fits, "accepted a request larger than the cache");
                         want.insert(id, alone(&prompt, max_tokens));
+                        if let Some(at) = cancel {
+                            cancels.push((step + at, id));
+                        }
                     }
                     Err(err) => {
                         prop_assert!(!fits, "refused a request that fits: {err}");
                     }
                 }
+            }
+            for &(_, id) in cancels.iter().filter(|c| c.0 == step) {
+                e.cancel(id);
             }
             for ev in e.step().map_err(|err| TestCaseError::fail(err.to_string()))? {
                 match ev {
@@ -193,8 +206,16 @@ proptest! {
             prop_assert!(step < 5_000, "no progress: a hang");
         }
         for (id, tokens) in &want {
-            prop_assert_eq!(finished.get(id), Some(&StopReason::MaxTokens));
-            prop_assert_eq!(got.get(id).cloned().unwrap_or_default(), tokens.clone());
+            let out = got.get(id).cloned().unwrap_or_default();
+            match finished.get(id) {
+                Some(StopReason::MaxTokens) => prop_assert_eq!(&out, tokens),
+                // Cancelled (waiting, running or preempted): what came out is its beginning.
+                Some(StopReason::Cancelled) => {
+                    prop_assert!(cancels.iter().any(|c| c.1 == *id));
+                    prop_assert_eq!(&out[..], &tokens[..out.len()]);
+                }
+                other => prop_assert!(false, "{id:?} ended with {other:?}"),
+            }
         }
         let u = e.kv_usage();
         prop_assert_eq!((u.used_blocks(), u.used_tokens, u.sequences), (0, 0, 0));
