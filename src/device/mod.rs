@@ -131,9 +131,55 @@ pub enum DeviceError {
     /// A malformed request to the backend (empty prompt, a sequence twice in one batch).
     #[error("{0}")]
     Invalid(String),
-    /// A CUDA driver or cuBLAS call failed, or the device cannot hold what was asked.
+    /// A CUDA driver or cuBLAS call failed, or the device cannot hold what was asked; its
+    /// [`FaultKind`] says whether the context survives.
     #[error("CUDA: {0}")]
-    Cuda(String),
+    Cuda(cuda::driver::GpuError),
+}
+
+/// What a device error means for the instance that got it, so that a server can tell a bad
+/// request from a dead device and never keep stepping a context that can only fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// The device context is unusable from now on (a sticky CUDA error: an illegal address, a
+    /// failed launch, an uncorrectable ECC error, ...): every later call in it fails. Whatever
+    /// the backend holds is lost; the instance must be rebuilt in a new context or reported
+    /// unhealthy.
+    Fatal,
+    /// Out of a resource (device memory, launch resources, KV-cache slots) for this call; the
+    /// backend is fine and later or smaller work may succeed.
+    Resource,
+    /// This call was wrong or refused (bad input, a limit, a malformed request); only it failed.
+    Invalid,
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FaultKind::Fatal => "fatal",
+            FaultKind::Resource => "out of resources",
+            FaultKind::Invalid => "invalid",
+        })
+    }
+}
+
+impl DeviceError {
+    /// What this error means for the backend that returned it (see [`FaultKind`]): only a CUDA
+    /// fault can be fatal; a full KV cache or context is a resource limit; the rest are the
+    /// call's own.
+    pub fn kind(&self) -> FaultKind {
+        match self {
+            DeviceError::Cuda(e) => e.kind,
+            DeviceError::NoFreeSlot(_) | DeviceError::ContextFull { .. } => FaultKind::Resource,
+            _ => FaultKind::Invalid,
+        }
+    }
+
+    /// A CUDA error from our own checks (a size, a limit, a missing kernel): the context is
+    /// fine ([`FaultKind::Invalid`]).
+    pub fn cuda(message: String) -> Self {
+        DeviceError::Cuda(cuda::driver::GpuError::invalid(message))
+    }
 }
 
 /// A device that runs a Llama model step by step over KV-cached sequences.

@@ -277,7 +277,7 @@ fn upload_linear(
         )));
     }
     let name = parts.iter().map(|m| m.name.as_str()).collect::<Vec<_>>();
-    let wrap = |e: GpuError| DeviceError::Cuda(format!("{}: {}", name.join(" | "), e.0));
+    let wrap = |e: GpuError| DeviceError::Cuda(e.context(name.join(" | ")));
     if let [one] = parts {
         return Linear::upload(ctx, bf16_bytes(one)?, rows, cols, storage).map_err(wrap);
     }
@@ -654,7 +654,7 @@ impl CudaBackend {
             .min(cfg.max_position_embeddings)
             .max(1);
         if !super::kernels::built_with_kernels() {
-            return Err(DeviceError::Cuda(
+            return Err(DeviceError::cuda(
                 "built without CUDA kernels (nvcc was not found when the crate was compiled)"
                     .into(),
             ));
@@ -873,7 +873,7 @@ impl CudaBackend {
         ids.into_iter()
             .map(|id| match u32::try_from(id) {
                 Ok(id) if (id as usize) < vocab => Ok(id),
-                _ => Err(GpuError(format!(
+                _ => Err(GpuError::invalid(format!(
                     "the device argmax returned id {id} (vocabulary {vocab})"
                 ))),
             })
@@ -1071,7 +1071,7 @@ impl CudaBackend {
         let n = batch.len();
         let bucket = if self.opts.graphs {
             pick_bucket(&self.buckets, n)
-                .ok_or_else(|| GpuError(format!("batch of {n} exceeds every bucket")))?
+                .ok_or_else(|| GpuError::invalid(format!("batch of {n} exceeds every bucket")))?
         } else {
             n
         };
