@@ -273,7 +273,8 @@ pub enum Selected {
 /// Loads a checkpoint directory on the device asked for. For [`DeviceKind::Cuda`], `probe` is
 /// the result of [`cuda::probe`] (passed in so tests can simulate a machine without a GPU); when
 /// it is an error the CPU backend is loaded instead and the reason goes to stderr and the log.
-/// The weights are held as `mode` says on the CPU, decoded on the GPU. A CUDA plan of
+/// The weights are held as `mode` says on the CPU; on the GPU they are streamed from the
+/// checkpoint tensor by tensor ([`cuda::CudaBackend::load`]). A CUDA plan of
 /// [`cuda::PlanSource::Auto`] without a directory gets `dir` (where its tuning table lives).
 pub fn load_backend(
     dir: &std::path::Path,
@@ -283,19 +284,26 @@ pub fn load_backend(
     cpu_opts: &cpu::CpuOptions,
     cuda_opts: &cuda::CudaOptions,
 ) -> Result<(Box<dyn Backend>, Selected), DeviceError> {
-    use crate::model::weights::{LlamaWeights, WeightError, WeightMode};
+    use crate::model::weights::{LlamaWeights, WeightError};
     let cfg = LlamaConfig::from_dir(dir)?;
-    let ckpt = crate::container::Checkpoint::open(dir).map_err(WeightError::from)?;
-    let on_gpu = kind == DeviceKind::Cuda && probe.is_ok();
-    let mode = if on_gpu { WeightMode::Decoded } else { mode };
-    let weights = LlamaWeights::load(&ckpt, &cfg, mode)?;
     let mut cuda_opts = cuda_opts.clone();
     if let cuda::PlanSource::Auto { dir: None } = cuda_opts.plan {
         cuda_opts.plan = cuda::PlanSource::Auto {
             dir: Some(dir.to_path_buf()),
         };
     }
-    let (b, selected) = backend_on(cfg, weights.into(), kind, probe, cpu_opts, &cuda_opts)?;
+    let (b, selected) = match (kind, probe) {
+        // Streamed to the device tensor by tensor: no host copy of the model.
+        (DeviceKind::Cuda, Ok(info)) => {
+            let b: Box<dyn Backend> = Box::new(cuda::CudaBackend::load(dir, &cuda_opts)?);
+            (b, Selected::Cuda(info))
+        }
+        (kind, probe) => {
+            let ckpt = crate::container::Checkpoint::open(dir).map_err(WeightError::from)?;
+            let weights = LlamaWeights::load(&ckpt, &cfg, mode)?;
+            backend_on(cfg, weights.into(), kind, probe, cpu_opts, &cuda_opts)?
+        }
+    };
     if let Selected::Cpu {
         fallback: Some(reason),
     } = &selected

@@ -24,6 +24,7 @@ mod kv;
 pub mod linear;
 pub mod mma;
 pub mod plan;
+pub mod stream;
 pub mod tbe3;
 pub mod tune;
 
