@@ -83,10 +83,12 @@ fn peak_rss_bytes() -> u64 {
     u.ru_maxrss as u64 * 1024
 }
 
+/// The BF16 bytes of a matrix loaded decoded (empty otherwise, which the encoder then refuses
+/// by its size check).
 fn bf16(m: &Matrix) -> &[u8] {
     match &m.data {
         MatrixData::Bf16(b) => b,
-        MatrixData::Compressed(_) => unreachable!("loaded decoded"),
+        MatrixData::Compressed(_) => &[],
     }
 }
 
@@ -150,10 +152,13 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&args.dir)?;
     let mut sink = Discard::default();
-    match args.path {
-        LoadPath::Streamed => stream_weights(&ckpt, &cfg, &plan, &mut sink)?,
-        LoadPath::Whole => whole(&ckpt, &cfg, &plan, &mut sink)?,
-    }
+    let times = match args.path {
+        LoadPath::Streamed => Some(stream_weights(&ckpt, &cfg, &plan, &mut sink)?),
+        LoadPath::Whole => {
+            whole(&ckpt, &cfg, &plan, &mut sink)?;
+            None
+        }
+    };
     let seconds = t0.elapsed().as_secs_f64();
     let peak = peak_rss_bytes();
     let model_bf16: usize = ckpt
@@ -174,6 +179,8 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         "largest_runtime_piece_bytes": sink.largest,
         "pieces": sink.pieces,
         "threads": rayon::current_num_threads(),
+        "read_decode_seconds": times.map(|t| t.read_decode_s),
+        "encode_seconds": times.map(|t| t.encode_s),
     });
     println!(
         "load {path} ({} plan): {seconds:.2} s, peak RSS {:.1} MiB (model {:.1} MiB BF16, \
@@ -184,6 +191,12 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         sink.runtime_bytes as f64 / 1048576.0,
         sink.largest as f64 / 1048576.0
     );
+    if let Some(t) = times {
+        println!(
+            "  read + decode {:.2} s, tbe3 encode {:.2} s",
+            t.read_decode_s, t.encode_s
+        );
+    }
     if let Some(out) = &args.out {
         let mut rows: Vec<serde_json::Value> = match std::fs::read_to_string(out) {
             Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}", out.display()))?,

@@ -570,7 +570,13 @@ impl CudaBackend {
                 linears: Default::default(),
                 vectors: Default::default(),
             };
-            stream_weights(ckpt, &model, plan, &mut sink)?;
+            let t = stream_weights(ckpt, &model, plan, &mut sink)?;
+            tracing::info!(
+                read_decode_s = t.read_decode_s,
+                encode_s = t.encode_s,
+                upload_s = t.sink_s,
+                "weights streamed to the device"
+            );
             sink.finish(layers)
         })
     }

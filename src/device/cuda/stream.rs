@@ -81,6 +81,18 @@ pub trait WeightSink {
     fn linear(&mut self, slot: Slot, shape: Shape, form: HostLinear) -> Result<(), DeviceError>;
 }
 
+/// Where a [`stream_weights`] call spent its time (seconds), so that the cost of computing the
+/// runtime form at every load can be weighed against reading it from a file.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StreamTimes {
+    /// Reading and decoding the stored tensors (checksums verified) and fusing them.
+    pub read_decode_s: f64,
+    /// Encoding the tbe3 runtime forms.
+    pub encode_s: f64,
+    /// In the sink (the upload, on the GPU).
+    pub sink_s: f64,
+}
+
 /// The storage `plan` gives `slot`; vectors are never asked.
 fn storage_of(plan: &Plan, slot: Slot) -> Storage {
     match slot.role() {
@@ -89,7 +101,7 @@ fn storage_of(plan: &Plan, slot: Slot) -> Storage {
     }
 }
 
-/// Reads `names` (each `rows_i × cols` BF16, checked against the checkpoint), stacks them
+/// Reads `parts` (each a tensor name and its rows, `rows_i × cols` BF16, checked against the checkpoint), stacks them
 /// row-wise as one matrix, and encodes it in `storage` form. The BF16 copy is dropped before
 /// returning; at most the fused BF16, one part and the encoded form are alive at once.
 fn fused(
@@ -97,7 +109,9 @@ fn fused(
     parts: &[(String, usize)],
     cols: usize,
     storage: Storage,
+    times: &mut StreamTimes,
 ) -> Result<(Shape, HostLinear), DeviceError> {
+    let t0 = std::time::Instant::now();
     let rows: usize = parts.iter().map(|p| p.1).sum();
     let what = parts
         .iter()
@@ -110,7 +124,9 @@ fn fused(
     for (name, r) in parts {
         let m = load_matrix(ckpt, name.clone(), *r, cols, WeightMode::Decoded)?;
         let MatrixData::Bf16(b) = m.data else {
-            unreachable!("WeightMode::Decoded gives BF16")
+            return Err(DeviceError::Invalid(format!(
+                "{name}: not decoded to BF16 at load"
+            )));
         };
         if parts.len() == 1 {
             bytes = b;
@@ -121,12 +137,15 @@ fn fused(
             bytes.extend_from_slice(&b);
         }
     }
+    let t1 = std::time::Instant::now();
+    times.read_decode_s += (t1 - t0).as_secs_f64();
     let form = match storage {
         Storage::Raw => HostLinear::Raw(bytes),
         Storage::Tbe3 => {
             let m = encode_le_bytes(&bytes, shape)
                 .map_err(|e| DeviceError::Invalid(format!("{what}: tbe3 encoding: {e}")))?;
             drop(bytes);
+            times.encode_s += t1.elapsed().as_secs_f64();
             HostLinear::Tbe3(m)
         }
     };
@@ -137,13 +156,14 @@ fn fused(
 /// runtime forms `plan` chooses: the embedding, then per layer its input norm, q|k|v, o, post
 /// norm, gate|up and down, then the final norm and (untied) lm_head. Names, shapes and dtypes
 /// are checked as [`crate::model::weights::LlamaWeights::load`] checks them, and every tensor's
-/// checksum is verified by decoding it.
+/// checksum is verified by decoding it. Returns where the time went.
 pub fn stream_weights(
     ckpt: &Checkpoint,
     cfg: &LlamaConfig,
     plan: &Plan,
     sink: &mut dyn WeightSink,
-) -> Result<(), DeviceError> {
+) -> Result<StreamTimes, DeviceError> {
+    let times = std::cell::RefCell::new(StreamTimes::default());
     let (h, im, q, kv, v) = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -152,8 +172,17 @@ pub fn stream_weights(
         cfg.vocab_size,
     );
     let linear = |sink: &mut dyn WeightSink, slot: Slot, parts: Vec<(String, usize)>, cols| {
-        let (shape, form) = fused(ckpt, &parts, cols, storage_of(plan, slot))?;
-        sink.linear(slot, shape, form)
+        let (shape, form) = fused(
+            ckpt,
+            &parts,
+            cols,
+            storage_of(plan, slot),
+            &mut times.borrow_mut(),
+        )?;
+        let t = std::time::Instant::now();
+        sink.linear(slot, shape, form)?;
+        times.borrow_mut().sink_s += t.elapsed().as_secs_f64();
+        Ok::<(), DeviceError>(())
     };
     let vector = |sink: &mut dyn WeightSink, slot: Slot, name: String| {
         sink.vector(slot, load_vector(ckpt, name, h)?)
@@ -212,5 +241,5 @@ pub fn stream_weights(
     if !cfg.tie_word_embeddings {
         linear(sink, Slot::LmHead, vec![("lm_head.weight".into(), v)], h)?;
     }
-    Ok(())
+    Ok(times.into_inner())
 }
