@@ -46,7 +46,8 @@ pub struct LoadArgs {
     /// Multiprocessors assumed by the plan (an H100 SXM / H200 has 132).
     #[arg(long, default_value_t = 132)]
     pub sms: usize,
-    /// Append the result as one JSON object to this file (a JSON array).
+    /// Add the result to this JSON file (`results`, one row per run; stamped with the date,
+    /// commit and machine).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -198,13 +199,19 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         );
     }
     if let Some(out) = &args.out {
+        // One file gathers the runs (one path per process): each run appends its row and the
+        // file is restamped with the date, commit and machine.
         let mut rows: Vec<serde_json::Value> = match std::fs::read_to_string(out) {
-            Ok(t) => serde_json::from_str(&t).with_context(|| format!("{}", out.display()))?,
+            Ok(t) => {
+                let doc: serde_json::Value = serde_json::from_str(&t)
+                    .with_context(|| format!("{} is not JSON", out.display()))?;
+                doc["results"].as_array().cloned().unwrap_or_default()
+            }
             Err(_) => Vec::new(),
         };
         rows.push(row);
-        std::fs::write(out, serde_json::to_string_pretty(&rows)? + "\n")
-            .with_context(|| format!("writing {}", out.display()))?;
+        let doc = json!({"benchmark": "load", "results": rows});
+        super::bench::write_results(out, doc, rayon::current_num_threads())?;
     }
     Ok(())
 }
