@@ -1352,3 +1352,40 @@ fn plan_memory_refuses_bad_arguments() {
     let tmp = tempfile::tempdir().unwrap();
     uw!("plan-memory", tmp.path(), "--gpu-mem-gib", "8").error_mentions(&["config.json"]);
 }
+
+#[test]
+fn bench_load_streams_the_same_runtime_forms_as_the_whole_model_path() {
+    let tmp = tempdir();
+    let (_, comp) = tiny_pair(tmp.path());
+    let out = tmp.path().join("load.json");
+    for plan in ["compressed", "baseline"] {
+        for path in ["whole", "streamed"] {
+            uw!("bench", "load", &comp, "--path", path, "--plan", plan, "--out", &out).ok();
+        }
+    }
+    let doc: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
+    assert!(
+        doc["commit"].is_string() && doc["machine"].is_object(),
+        "{doc}"
+    );
+    let rows = doc["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{doc}");
+    // Both paths hand over the same pieces in the same forms (a mismatch in how either resolves
+    // the plan shows here), and the compressed plan's forms are smaller than BF16.
+    for pair in rows.chunks(2) {
+        let (whole, streamed) = (&pair[0], &pair[1]);
+        assert_eq!(whole["path"], "whole");
+        assert_eq!(streamed["path"], "streamed");
+        for k in [
+            "pieces",
+            "runtime_bytes",
+            "largest_runtime_piece_bytes",
+            "model_bf16_bytes",
+        ] {
+            assert_eq!(whole[k], streamed[k], "{k}: {doc}");
+        }
+        assert!(streamed["encode_seconds"].is_number() && whole["encode_seconds"].is_null());
+    }
+    let rt = |i: usize| rows[i]["runtime_bytes"].as_u64().unwrap();
+    assert!(rt(0) < rt(2), "tbe3 {} vs BF16 {}", rt(0), rt(2));
+}

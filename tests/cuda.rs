@@ -25,8 +25,8 @@ use triton_unweight::model::{LlamaConfig, LlamaShape};
 
 #[macro_use]
 mod backend_wrap;
-mod gpu_skip;
-use gpu_skip::{gpu, loud_skip};
+mod gpu_required;
+use gpu_required::require_gpu;
 
 fn rng(seed: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed)
@@ -140,10 +140,9 @@ fn without_a_gpu_the_backend_is_an_error_not_a_panic() {
 // Kernels against CPU references.
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_embed_gathers_rows() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(1);
     let (vocab, hidden) = (300, 200);
@@ -166,10 +165,9 @@ fn kernel_embed_gathers_rows() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_rmsnorm_residual_matches_reference() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(2);
     let (n, width, eps) = (5, 576, 1e-5f32);
@@ -228,10 +226,9 @@ fn rope_tables(cfg: &LlamaConfig, max_ctx: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_rope_rotates_and_stores_the_cache() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(3);
     // Llama 3.1 8B's rope (llama3 scaling), with fewer heads to keep the test small.
@@ -314,10 +311,9 @@ fn kernel_rope_rotates_and_stores_the_cache() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_attention_gqa_at_different_lengths() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(4);
     for hd in [64usize, 128] {
@@ -384,10 +380,9 @@ fn kernel_attention_gqa_at_different_lengths() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_silu_mul_and_split_sum() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(5);
     let (n, im) = (3, 1000);
@@ -428,10 +423,9 @@ fn kernel_silu_mul_and_split_sum() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_gemm_bf16_matches_f64() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(6);
     let (rows, k) = (384, 576);
@@ -459,10 +453,9 @@ fn kernel_gemm_bf16_matches_f64() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_fill_normal_is_deterministic_and_normal() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let a = h.fill_normal_bf16(1 << 20, 7, 0.02).unwrap();
     let b = h.fill_normal_bf16(1 << 20, 7, 0.02).unwrap();
@@ -587,10 +580,9 @@ fn prompts(vocab: u32) -> Vec<Vec<u32>> {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn engine_tiny_matches_cpu_with_and_without_graphs() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let dir = synth("tiny", 11);
     let mut cpu = cpu_backend(&model(&dir));
     // The default (compressed) plan: tbe3 weights, the GEMV on f32 activations up to 8 rows
@@ -619,10 +611,9 @@ fn engine_tiny_matches_cpu_with_and_without_graphs() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn engine_chunked_prefill_and_batching_do_not_change_logits() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let dir = synth("tiny", 12);
     let prompt: Vec<u32> = (0..40).map(|i| (i * 31 + 5) % 1024).collect();
     // Baseline: cuBLAS on split activations either way (1e-5). Compressed: the whole prompt
@@ -687,10 +678,9 @@ fn chunked_prefill_and_batching(dir: &Path, prompt: &[u32], plan: PlanSource, to
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn engine_refuses_what_does_not_fit() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let dir = synth("tiny", 13);
     let mut g = gpu_backend(
         &model(&dir),
@@ -750,10 +740,9 @@ fn engine_refuses_what_does_not_fit() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn engine_smollm2_shape_matches_cpu() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     // SmolLM2-135M's shape (30 layers, 9/3 heads, tied 49152 vocabulary) with random weights.
     let dir = synth("smollm2-135m", 21);
     let mut cpu = cpu_backend(&model(&dir));
@@ -776,29 +765,28 @@ fn engine_smollm2_shape_matches_cpu() {
 
 /// The real test model: `$UNWEIGHT_TEST_MODEL` when set (scripts/gpu-check sets it on the GPU
 /// machine, where the model is rebuilt from a staged GGUF: the repository path baked in at
-/// compile time does not exist there), else `.cache/smollm2` of this checkout.
-fn real_model() -> Option<PathBuf> {
+/// compile time does not exist there), else `.cache/smollm2` of this checkout. Missing, the test
+/// fails: scripts/gpu-check leaves the test out by name (`--skip`) when it staged no model, and
+/// says so in its summary, so a missing model is never a pass.
+fn real_model() -> PathBuf {
     let dir = match std::env::var_os("UNWEIGHT_TEST_MODEL") {
         Some(d) => PathBuf::from(d),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/smollm2"),
     };
-    if dir.join("model.safetensors").is_file() {
-        return Some(dir);
-    }
-    loud_skip(&format!(
+    assert!(
+        dir.join("model.safetensors").is_file(),
         "real test model: not at {} (unweight fetch-test-model --out .cache/smollm2; on the GPU \
-         machine scripts/gpu-stage-model); the GPU-vs-CPU check on the real model did NOT run",
+         machine scripts/gpu-stage-model)",
         dir.display()
-    ));
-    None
+    );
+    dir
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn engine_real_model_matches_cpu_and_reference() {
-    if !gpu() {
-        return;
-    }
-    let Some(dir) = real_model() else { return };
+    require_gpu();
+    let dir = real_model();
     // Compiled in: the GPU machine runs this binary outside any checkout.
     let fixture: Value =
         serde_json::from_str(include_str!("fixtures/smollm2_reference.json")).unwrap();
@@ -975,10 +963,9 @@ fn compressed_plans(shapes: &RoleShapes, sms: usize) -> Vec<(&'static str, PlanS
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn engine_compressed_plans_equal_their_raw_twins_and_the_cpu() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let dir = synth_aligned(31);
     let mut cpu = cpu_backend(&model(&dir));
     let opts = |plan: PlanSource, twin: bool| CudaOptions {
@@ -1095,10 +1082,9 @@ fn argmax_test_rows(r: &mut Xoshiro256PlusPlus, vocab: usize) -> Vec<Vec<f32>> {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_argmax_matches_the_cpu_argmax() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(41);
     // 1 and 2: degenerate rows; 31, 1000: one partial pass; 8199: past one unrolled sweep of
@@ -1193,10 +1179,9 @@ fn greedy_engine_run(
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn engine_greedy_ids_on_the_device_equal_the_logits_path() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let dir = synth("tiny", 43);
     for plan in [PlanSource::Compressed, PlanSource::Baseline] {
         let opts = CudaOptions {

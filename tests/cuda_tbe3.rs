@@ -19,8 +19,8 @@ use triton_unweight::device::cuda::tbe3;
 use triton_unweight::model::synth::f32_to_bf16;
 use triton_unweight::model::weights::bf16_to_f32;
 
-mod gpu_skip;
-use gpu_skip::gpu;
+mod gpu_required;
+use gpu_required::require_gpu;
 
 fn rng(seed: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed)
@@ -69,10 +69,9 @@ fn encode(bits: &[u16], shape: Shape) -> RuntimeMatrix {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn decode_kernel_equals_cpu_decoder_bit_for_bit() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = tbe3::Tbe3Harness::new().unwrap();
     let normal = Kind::Normal { escape_pct: 3.0 };
     // (rows, cols, tile or 0 for the loader's choice, kind)
@@ -146,10 +145,9 @@ fn reference(
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn fused_gemv_equals_passthrough_bit_for_bit_and_matches_f64() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = tbe3::Tbe3Harness::new().unwrap();
     let sms = h.sms();
     let cases: &[(usize, usize)] = &[
@@ -234,10 +232,9 @@ fn check_rows(got: &[u16], bits: &[u16], cols: usize, rows: &std::ops::Range<usi
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn decode_rows_equals_cpu_decoder_on_row_ranges() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let h = tbe3::Tbe3Harness::new().unwrap();
     const GUARD: usize = 1500;
     // Every tile size from 128 to 2048 on 50 rows of 1024: the first chunk, a middle one, the
@@ -293,10 +290,9 @@ fn decode_rows_equals_cpu_decoder_on_row_ranges() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn products_run_every_strategy_bit_identical_on_both_storages() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     use triton_unweight::device::cuda::plan::Strategy;
     let h = tbe3::Tbe3Harness::new().unwrap();
     let sms = h.sms();
@@ -408,12 +404,11 @@ fn gather(
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn gather_kernel_equals_the_f32_of_the_original_rows_bit_for_bit() {
     use triton_unweight::device::cuda::driver::Context;
     use triton_unweight::device::cuda::gather::{gather_unsupported, GatherKernel};
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let ctx = Context::new(0).unwrap();
     let k = GatherKernel::load(&ctx).unwrap();
     // Every one of the 65,536 BF16 patterns exactly once (NaNs, infinities, subnormals, both

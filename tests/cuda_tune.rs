@@ -21,8 +21,8 @@ use triton_unweight::engine::sampler::argmax;
 use triton_unweight::model::synth::{synth_checkpoint, SynthOptions};
 use triton_unweight::model::{LlamaConfig, LlamaShape};
 
-mod gpu_skip;
-use gpu_skip::gpu;
+mod gpu_required;
+use gpu_required::require_gpu;
 
 fn tiny_cfg() -> LlamaConfig {
     let s = LlamaShape::preset("tiny").unwrap();
@@ -73,10 +73,9 @@ fn without_a_gpu_tuning_is_an_error_not_a_panic() {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn tuned_entries_are_complete_sorted_and_hold_the_baseline() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let _gpu = gpu_lock();
     let ctx = Context::new(0).unwrap();
     let key = tune::tune_key(&ctx).unwrap();
@@ -210,10 +209,9 @@ fn run_engine(b: &mut CudaBackend, steps: usize, tokens: Option<&[u32]>) -> (Vec
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn a_tuned_plan_runs_the_engine_and_equals_its_raw_twin_bit_for_bit() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let _gpu = gpu_lock();
     let measured = tune_tiny(&[1, 2, 4, 8, 16]);
     // The same table with every raw time inflated: every role goes to tbe3 storage with its
@@ -286,10 +284,9 @@ fn load(dir: &Path) -> CudaBackend {
 }
 
 #[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn auto_tunes_once_saves_the_table_and_finds_it_again() {
-    if !gpu() {
-        return;
-    }
+    require_gpu();
     let _gpu = gpu_lock();
     let tmp = synth_tiny(3);
     let dir = tmp.path().join("m");

@@ -4,6 +4,7 @@
 //! here, not there. The run must end inside its budget, exit non-zero, and leave a
 //! `summary.json` that names every step, says why each could not run, and is not "ok".
 
+use std::ops::Not;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -37,6 +38,26 @@ fn gpu_test_binaries() -> Vec<PathBuf> {
 fn link_exe(from: &Path, to: &Path) {
     std::os::unix::fs::symlink(from, to)
         .unwrap_or_else(|e| panic!("linking {}: {e}", from.display()));
+}
+
+/// The test gpu-check leaves out by name when it staged no real model.
+const REAL_MODEL_TEST: &str = "engine_real_model_matches_cpu_and_reference";
+
+/// The ignored (GPU) tests of a test binary, from libtest's own `--list --ignored`.
+fn ignored_tests(exe: &Path) -> Vec<String> {
+    let out = Command::new(exe)
+        .args(["--list", "--ignored", "--format", "terse"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test").map(str::to_string))
+        .collect()
 }
 
 #[test]
@@ -127,18 +148,41 @@ fn gpu_check_without_a_gpu_fails_inside_its_budget_and_says_why_for_every_step()
     for (name, rc) in &steps {
         assert_ne!(*rc, 0, "{name} passed without a GPU: {summary:#}");
     }
-    // Why: the log names the missing GPU for the benchmarks, and the tests' failures are
-    // counted (UNWEIGHT_REQUIRE_GPU turns a missing GPU into failures, never skips).
+    // Why: the log names the missing GPU for the benchmarks, and every GPU test (the ignored
+    // ones: gpu-check runs them with --include-ignored) ran and FAILED, none passed or skipped;
+    // the real-model test was left out by name, no model being staged, and the summary says so.
     let log = std::fs::read_to_string(out.join("gpu-check.log")).unwrap();
     assert!(log.contains("no usable GPU"), "{log}");
     if !tests.is_empty() {
-        let failed: i64 = summary["tests"]
+        let failed: Vec<&str> = summary["failed_tests"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|t| t["failed"].as_i64().unwrap())
-            .sum();
-        assert!(failed > 0, "{summary:#}");
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        let gpu_tests: Vec<String> = tests.iter().flat_map(|t| ignored_tests(t)).collect();
+        assert!(gpu_tests.len() >= 20, "{gpu_tests:?}");
+        for t in &gpu_tests {
+            if t == REAL_MODEL_TEST {
+                assert!(!failed.contains(&t.as_str()), "{t} ran without a model");
+                assert!(log.contains(&format!("test {t} ... ")).not(), "{log}");
+            } else {
+                assert!(
+                    failed.contains(&t.as_str()),
+                    "{t} did not fail: {summary:#}"
+                );
+            }
+        }
+        assert!(
+            summary["real_model"]
+                .as_str()
+                .unwrap()
+                .contains("did NOT run"),
+            "{summary:#}"
+        );
+        for r in summary["tests"].as_array().unwrap() {
+            assert_eq!(r["ignored"], 0, "a GPU test was left ignored: {summary:#}");
+        }
     } else {
         println!("*** no GPU test binaries next to this one: the bundle held only the CLI ***");
     }

@@ -49,6 +49,9 @@ pub enum BenchCommand {
     /// Every product strategy (fused GEMV, chunked decode + cuBLAS, tensor cores) on tbe3 vs
     /// cuBLAS on BF16, Llama-3.1-8B shapes (GPU).
     Kernels(super::bench_kernels::KernelsArgs),
+    /// The CPU side of a GPU load (every step but the upload): streamed tensor by tensor, or the
+    /// whole model decoded first; wall time and peak RSS. No GPU needed.
+    Load(super::bench_load::LoadArgs),
 }
 
 /// Runs a benchmark subcommand.
@@ -69,6 +72,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         ),
         BenchCommand::Decode(args) => super::bench_decode::run(args),
         BenchCommand::Kernels(args) => super::bench_kernels::run(&args),
+        BenchCommand::Load(args) => super::bench_load::run(&args),
     }
 }
 

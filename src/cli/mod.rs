@@ -5,6 +5,7 @@ mod bench;
 mod bench_cuda;
 mod bench_decode;
 mod bench_kernels;
+mod bench_load;
 mod fetch;
 mod generate;
 mod inspect_runtime;

@@ -153,9 +153,55 @@ pub enum DeviceError {
     /// A malformed request to the backend (empty prompt, a sequence twice in one batch).
     #[error("{0}")]
     Invalid(String),
-    /// A CUDA driver or cuBLAS call failed, or the device cannot hold what was asked.
+    /// A CUDA driver or cuBLAS call failed, or the device cannot hold what was asked; its
+    /// [`FaultKind`] says whether the context survives.
     #[error("CUDA: {0}")]
-    Cuda(String),
+    Cuda(cuda::driver::GpuError),
+}
+
+/// What a device error means for the instance that got it, so that a server can tell a bad
+/// request from a dead device and never keep stepping a context that can only fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// The device context is unusable from now on (a sticky CUDA error: an illegal address, a
+    /// failed launch, an uncorrectable ECC error, ...): every later call in it fails. Whatever
+    /// the backend holds is lost; the instance must be rebuilt in a new context or reported
+    /// unhealthy.
+    Fatal,
+    /// Out of a resource (device memory, launch resources, KV-cache slots) for this call; the
+    /// backend is fine and later or smaller work may succeed.
+    Resource,
+    /// This call was wrong or refused (bad input, a limit, a malformed request); only it failed.
+    Invalid,
+}
+
+impl std::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FaultKind::Fatal => "fatal",
+            FaultKind::Resource => "out of resources",
+            FaultKind::Invalid => "invalid",
+        })
+    }
+}
+
+impl DeviceError {
+    /// What this error means for the backend that returned it (see [`FaultKind`]): only a CUDA
+    /// fault can be fatal; a full KV cache or context is a resource limit; the rest are the
+    /// call's own.
+    pub fn kind(&self) -> FaultKind {
+        match self {
+            DeviceError::Cuda(e) => e.kind,
+            DeviceError::NoFreeSlot(_) | DeviceError::ContextFull { .. } => FaultKind::Resource,
+            _ => FaultKind::Invalid,
+        }
+    }
+
+    /// A CUDA error from our own checks (a size, a limit, a missing kernel): the context is
+    /// fine ([`FaultKind::Invalid`]).
+    pub fn cuda(message: String) -> Self {
+        DeviceError::Cuda(cuda::driver::GpuError::invalid(message))
+    }
 }
 
 /// A device that runs a Llama model step by step over KV-cached sequences.
@@ -264,7 +310,8 @@ pub enum Selected {
 /// Loads a checkpoint directory on the device asked for. For [`DeviceKind::Cuda`], `probe` is
 /// the result of [`cuda::probe`] (passed in so tests can simulate a machine without a GPU); when
 /// it is an error the CPU backend is loaded instead and the reason goes to stderr and the log.
-/// The weights are held as `mode` says on the CPU, decoded on the GPU. A CUDA plan of
+/// The weights are held as `mode` says on the CPU; on the GPU they are streamed from the
+/// checkpoint tensor by tensor ([`cuda::CudaBackend::load`]). A CUDA plan of
 /// [`cuda::PlanSource::Auto`] without a directory gets `dir` (where its tuning table lives).
 pub fn load_backend(
     dir: &std::path::Path,
@@ -274,19 +321,26 @@ pub fn load_backend(
     cpu_opts: &cpu::CpuOptions,
     cuda_opts: &cuda::CudaOptions,
 ) -> Result<(Box<dyn Backend>, Selected), DeviceError> {
-    use crate::model::weights::{LlamaWeights, WeightError, WeightMode};
+    use crate::model::weights::{LlamaWeights, WeightError};
     let cfg = LlamaConfig::from_dir(dir)?;
-    let ckpt = crate::container::Checkpoint::open(dir).map_err(WeightError::from)?;
-    let on_gpu = kind == DeviceKind::Cuda && probe.is_ok();
-    let mode = if on_gpu { WeightMode::Decoded } else { mode };
-    let weights = LlamaWeights::load(&ckpt, &cfg, mode)?;
     let mut cuda_opts = cuda_opts.clone();
     if let cuda::PlanSource::Auto { dir: None } = cuda_opts.plan {
         cuda_opts.plan = cuda::PlanSource::Auto {
             dir: Some(dir.to_path_buf()),
         };
     }
-    let (b, selected) = backend_on(cfg, weights.into(), kind, probe, cpu_opts, &cuda_opts)?;
+    let (b, selected) = match (kind, probe) {
+        // Streamed to the device tensor by tensor: no host copy of the model.
+        (DeviceKind::Cuda, Ok(info)) => {
+            let b: Box<dyn Backend> = Box::new(cuda::CudaBackend::load(dir, &cuda_opts)?);
+            (b, Selected::Cuda(info))
+        }
+        (kind, probe) => {
+            let ckpt = crate::container::Checkpoint::open(dir).map_err(WeightError::from)?;
+            let weights = LlamaWeights::load(&ckpt, &cfg, mode)?;
+            backend_on(cfg, weights.into(), kind, probe, cpu_opts, &cuda_opts)?
+        }
+    };
     if let Selected::Cpu {
         fallback: Some(reason),
     } = &selected

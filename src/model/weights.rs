@@ -420,7 +420,8 @@ fn entry<'a>(
     Ok(e)
 }
 
-fn load_matrix(
+/// Loads one BF16 matrix `name` of `rows × cols` (checked) in `mode`, verifying its checksum.
+pub(crate) fn load_matrix(
     ckpt: &Checkpoint,
     name: String,
     rows: usize,
@@ -456,7 +457,12 @@ fn load_matrix(
     })
 }
 
-fn load_vector(ckpt: &Checkpoint, name: String, len: usize) -> Result<Vec<f32>, WeightError> {
+/// Loads one norm vector `name` of `len` values (BF16 or F32 in the file) as f32.
+pub(crate) fn load_vector(
+    ckpt: &Checkpoint,
+    name: String,
+    len: usize,
+) -> Result<Vec<f32>, WeightError> {
     let e = entry(ckpt, &name, &[len])?;
     let bytes = ckpt.load_entry(e)?;
     match e.dtype {

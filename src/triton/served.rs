@@ -1,18 +1,20 @@
-//! What a loaded model serves with, independent of Triton's handles: the weights (loaded and
-//! checked once per model, shared by its instances), the tokenizer, the limits, and the step
-//! from checked inputs to an engine request. No FFI here.
+//! What a loaded model serves with, independent of Triton's handles: the CPU engine's weights
+//! (loaded and checked once per model, shared by its CPU instances, and only held when the model
+//! has or may fall back to a CPU instance: a GPU instance streams its weights from the stored
+//! file to the device, tensor by tensor, with no host copy), the tokenizer, the limits, and the
+//! step from checked inputs to an engine request. No FFI here.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::backend_config::BackendSettings;
-use super::config::ModelConfig;
+use super::config::{DeviceChoice, InstanceKind, ModelConfig};
 use super::error::TritonError;
 use super::inputs::{GenerateInputs, Prompt, RawInput};
 use crate::container::Checkpoint;
 use crate::device::cpu::{CpuBackend, CpuOptions};
 use crate::device::cuda::{self, CudaOptions, PlanChoice};
-use crate::device::{backend_on, Backend, DeviceKind, Selected};
+use crate::device::{backend_on, Backend, DeviceError, DeviceKind, Selected};
 use crate::engine::text::{model_eos_tokens, TextTokenizer};
 use crate::engine::{Detokenizer, Engine, EngineOptions, Request, SamplingParams};
 use crate::model::weights::{LlamaWeights, WeightMode};
@@ -22,7 +24,11 @@ use crate::model::LlamaConfig;
 pub(super) struct Served {
     /// config.json.
     pub cfg: LlamaConfig,
-    weights: Arc<LlamaWeights>,
+    /// The CPU engine's weights (decoded BF16), shared by the CPU instances: loaded by
+    /// [`Served::load`] when the model has or may fall back to a CPU instance, else on the first
+    /// CPU engine asked for (a GPU instance falling back); `None` while no CPU instance needs
+    /// them.
+    cpu_weights: Mutex<Option<Arc<LlamaWeights>>>,
     /// The tokenizer (tokenizer.json and tokenizer_config.json).
     pub tokenizer: Arc<TextTokenizer>,
     eos: Vec<u32>,
@@ -105,8 +111,11 @@ pub(super) fn memory_line(backend: &dyn Backend, context: usize) -> String {
 }
 
 impl Served {
-    /// Loads config.json, the tokenizer and every weight of `config.weights_dir` (each tensor
-    /// checksum-verified, compressed ones decoded once), and works out the limits.
+    /// Loads config.json and the tokenizer, opens the checkpoint, and works out the limits. The
+    /// CPU engine's weights (every tensor checksum-verified, compressed ones decoded once) are
+    /// loaded now unless every instance will run on a GPU (`parameters.device: gpu`, or only
+    /// `KIND_GPU` groups and a usable GPU): GPU instances stream theirs from the file at
+    /// instance load, and a corrupt tensor fails that instead, naming the tensor.
     pub fn load(config: &ModelConfig, settings: &BackendSettings) -> Result<Self, TritonError> {
         let dir = &config.weights_dir;
         let cfg = LlamaConfig::from_dir(dir).map_err(|e| files_err(dir, e))?;
@@ -114,8 +123,23 @@ impl Served {
         let eos =
             model_eos_tokens(&cfg.eos_token_ids, dir, &tokenizer).map_err(|e| files_err(dir, e))?;
         let ckpt = Checkpoint::open(dir).map_err(|e| files_err(dir, e))?;
-        let weights =
-            LlamaWeights::load(&ckpt, &cfg, WeightMode::Decoded).map_err(|e| files_err(dir, e))?;
+        let gpu_only = config.device == DeviceChoice::Gpu
+            || (config.device == DeviceChoice::Auto
+                && !config.instance_groups.is_empty()
+                && config
+                    .instance_groups
+                    .iter()
+                    .all(|g| g.kind == InstanceKind::Gpu)
+                && cuda::probe().is_ok());
+        let cpu_weights = if gpu_only {
+            None
+        } else {
+            Some(Arc::new(
+                LlamaWeights::load(&ckpt, &cfg, WeightMode::Decoded)
+                    .map_err(|e| files_err(dir, e))?,
+            ))
+        };
+        drop(ckpt);
 
         let context = config
             .max_sequence_length
@@ -145,7 +169,7 @@ impl Served {
             }
         }
         Ok(Self {
-            weights: Arc::new(weights),
+            cpu_weights: Mutex::new(cpu_weights),
             tokenizer: Arc::new(tokenizer),
             eos,
             context,
@@ -200,18 +224,26 @@ impl Served {
                  used: {reason}"
             )));
         }
-        let (backend, selected) = backend_on(
-            self.cfg.clone(),
-            Arc::clone(&self.weights),
-            kind,
-            probe,
-            &cpu_opts,
-            &cuda_opts,
-        )
-        .map_err(|e| TritonError::Internal {
+        let loading = |e: DeviceError| TritonError::Internal {
             context: format!("instance {instance}: loading the model on its device"),
             source: Box::new(e),
-        })?;
+        };
+        let (backend, selected): (Box<dyn Backend>, Selected) = match probe {
+            // Streamed from the stored file to the device, tensor by tensor.
+            Ok(info) if kind == DeviceKind::Cuda => (
+                Box::new(cuda::CudaBackend::load(&self.weights_dir, &cuda_opts).map_err(loading)?),
+                Selected::Cuda(info),
+            ),
+            probe => backend_on(
+                self.cfg.clone(),
+                self.cpu_weights()?,
+                kind,
+                probe,
+                &cpu_opts,
+                &cuda_opts,
+            )
+            .map_err(loading)?,
+        };
         match selected {
             Selected::Cuda(info) => tracing::info!(
                 "instance {instance}: CUDA engine on GPU {ordinal} ({})",
@@ -236,6 +268,26 @@ impl Served {
         };
         let detok: Arc<dyn Detokenizer> = self.tokenizer.clone();
         Ok(Engine::new(backend, Some(detok), eopts))
+    }
+
+    /// The CPU engine's weights, loaded now if no CPU instance needed them before (one load per
+    /// model, shared by every CPU instance).
+    fn cpu_weights(&self) -> Result<Arc<LlamaWeights>, TritonError> {
+        let mut held = self
+            .cpu_weights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(w) = held.as_ref() {
+            return Ok(Arc::clone(w));
+        }
+        let dir = &self.weights_dir;
+        let ckpt = Checkpoint::open(dir).map_err(|e| files_err(dir, e))?;
+        let w = Arc::new(
+            LlamaWeights::load(&ckpt, &self.cfg, WeightMode::Decoded)
+                .map_err(|e| files_err(dir, e))?,
+        );
+        *held = Some(Arc::clone(&w));
+        Ok(w)
     }
 
     /// Checks a request's inputs against the contract and the model and turns them into an

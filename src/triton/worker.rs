@@ -7,7 +7,12 @@
 //! responses. Every request leaves through [`finish_with`] or [`Pending::finish`] after exactly
 //! one FINAL response. A panic during a turn is caught: every request the thread holds ends
 //! with an INTERNAL error and the engine is rebuilt ([`EngineFactory`]); if it cannot be, new
-//! requests get UNAVAILABLE naming the panic. [`Worker::stop`] (from `ModelInstanceFinalize`)
+//! requests get UNAVAILABLE naming the panic. A step that fails with a fatal device fault
+//! ([`FaultKind::Fatal`]: the GPU context is dead, every later call in it would fail) is handled
+//! the same way: every request held ends with an INTERNAL error naming the fault, and the engine
+//! is rebuilt in a new context, never stepped again; after [`MAX_FATAL_REBUILDS`] fatal faults
+//! with no request completed between them, the instance refuses new requests with UNAVAILABLE
+//! instead. [`Worker::stop`] (from `ModelInstanceFinalize`)
 //! makes the thread answer every request still queued or running with an UNAVAILABLE error and
 //! joins it.
 
@@ -19,8 +24,13 @@ use std::thread::JoinHandle;
 
 use super::error::{panic_message, TritonError};
 use super::request::{now_ns, InstanceHandle, OutputTensor, Pending, Wanted};
-use crate::device::Backend;
-use crate::engine::{Engine, Event, Request, RequestId, StopReason};
+use crate::device::{Backend, FaultKind};
+use crate::engine::{Engine, EngineError, Event, Request, RequestId, StopReason};
+
+/// Fatal device faults in a row (no request completed between them) after which the instance
+/// stops rebuilding its engine and refuses new requests: a device that faults again in every
+/// new context is broken, and rebuilding it forever would only fail every request more slowly.
+pub(super) const MAX_FATAL_REBUILDS: usize = 3;
 
 /// Builds a fresh engine for an instance. The engine thread calls it after a panic: the
 /// panicked engine may have stopped half-way through a step (KV cache and sequences out of
@@ -198,6 +208,8 @@ struct Serving<'a> {
     live: HashMap<RequestId, Live>,
     /// A Stop arrived (or the channel closed).
     stopping: bool,
+    /// Fatal device faults since a request last completed.
+    fatal_streak: usize,
 }
 
 fn run(
@@ -219,6 +231,7 @@ fn run(
         admitting: None,
         live: HashMap::new(),
         stopping: false,
+        fatal_streak: 0,
     };
     tracing::debug!(instance = name, "engine thread started");
     while !s.stopping {
@@ -336,6 +349,7 @@ impl Serving<'_> {
         };
         match engine.step() {
             Ok(events) => self.dispatch(events),
+            Err(EngineError::Device(e)) if e.kind() == FaultKind::Fatal => self.fatal(e.into()),
             Err(e) => {
                 let err = TritonError::Internal {
                     context: format!("instance {}: engine step", self.name),
@@ -348,6 +362,79 @@ impl Serving<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// A fatal device fault: the context the engine runs in is dead, so every request held
+    /// (running, admitted or queued: none of them can finish there) ends with an INTERNAL error
+    /// naming the fault, and the engine is replaced by one built in a new context; after
+    /// [`MAX_FATAL_REBUILDS`] in a row the instance is marked broken instead.
+    fn fatal(&mut self, fault: EngineError) {
+        self.fatal_streak += 1;
+        let fault = fault.to_string();
+        let err = TritonError::Internal {
+            context: format!(
+                "instance {}: fatal device fault, the instance's engine is being rebuilt",
+                self.name
+            ),
+            source: fault.clone().into(),
+        };
+        let n = self.answer_all(&err);
+        tracing::error!(
+            instance = self.name,
+            fault = fault.as_str(),
+            ended = n,
+            streak = self.fatal_streak,
+            "fatal device fault; every request the instance held was ended with INTERNAL"
+        );
+        let why = format!("a fatal device fault ({fault})");
+        if self.fatal_streak > MAX_FATAL_REBUILDS {
+            self.drop_engine();
+            self.mark_broken(format!(
+                "{} fatal device faults in a row, the last: {fault}; the instance is not \
+                 rebuilt again (reload the model)",
+                self.fatal_streak
+            ));
+            return;
+        }
+        self.replace_engine(&why);
+    }
+
+    /// Drops the engine (a panic in its drop is logged, not fatal).
+    fn drop_engine(&mut self) {
+        let old = self.engine.take();
+        if catch_unwind(AssertUnwindSafe(move || drop(old))).is_err() {
+            tracing::error!(instance = self.name, "dropping the failed engine panicked");
+        }
+    }
+
+    /// The instance cannot serve any more: new requests get UNAVAILABLE naming `why`.
+    fn mark_broken(&mut self, why: String) {
+        tracing::error!(instance = self.name, "{why}; new requests are refused");
+        self.engine = None;
+        self.broken = Some(why);
+    }
+
+    /// Drops the engine and builds a fresh one (same model, empty KV cache, a new device
+    /// context: the old one's resources are all released first); `why` names what happened to
+    /// the old one. If the rebuild fails the instance is marked broken.
+    fn replace_engine(&mut self, why: &str) {
+        self.drop_engine();
+        let rebuilt = catch_unwind(AssertUnwindSafe(|| (self.rebuild)())).unwrap_or_else(|p| {
+            Err(TritonError::Panic {
+                entry: "rebuilding the engine",
+                message: panic_message(p.as_ref()),
+            })
+        });
+        match rebuilt {
+            Ok(engine) => {
+                self.engine = Some(engine);
+                tracing::warn!(instance = self.name, "engine rebuilt after {why}");
+            }
+            Err(e) => self.mark_broken(format!(
+                "its engine failed with {why} and could not be rebuilt: {}",
+                e.chain()
+            )),
         }
     }
 
@@ -375,6 +462,9 @@ impl Serving<'_> {
             match respond(l, evs) {
                 Ok(Sent::Open) => {}
                 Ok(Sent::Final { success }) => {
+                    if success {
+                        self.fatal_streak = 0;
+                    }
                     let l = self.live.remove(&id).expect("present above");
                     l.job.pending.finish(self.instance, success);
                     self.counter.fetch_sub(1, Ordering::AcqRel);
@@ -424,33 +514,7 @@ impl Serving<'_> {
             ended = n,
             "engine thread panicked; every request it held was ended with INTERNAL"
         );
-        let old = self.engine.take();
-        if catch_unwind(AssertUnwindSafe(move || drop(old))).is_err() {
-            tracing::error!(
-                instance = self.name,
-                "dropping the panicked engine panicked"
-            );
-        }
-        let rebuilt = catch_unwind(AssertUnwindSafe(|| (self.rebuild)())).unwrap_or_else(|p| {
-            Err(TritonError::Panic {
-                entry: "rebuilding the engine",
-                message: panic_message(p.as_ref()),
-            })
-        });
-        match rebuilt {
-            Ok(engine) => {
-                self.engine = Some(engine);
-                tracing::warn!(instance = self.name, "engine rebuilt after a panic");
-            }
-            Err(e) => {
-                let why = format!(
-                    "its engine panicked ({message}) and could not be rebuilt: {}",
-                    e.chain()
-                );
-                tracing::error!(instance = self.name, "{why}; new requests are refused");
-                self.broken = Some(why);
-            }
-        }
+        self.replace_engine(&format!("a panic ({message})"));
     }
 
     /// Stopping: answer everything still here, queued ones included, with UNAVAILABLE.

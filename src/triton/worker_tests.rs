@@ -1,6 +1,6 @@
 //! The engine thread against the mock server functions (`mock.rs`), with a fake backend that
-//! panics on demand: what Triton sees when the engine panics, and the success flag of the
-//! statistics of a cancelled request.
+//! panics or faults on demand: what Triton sees when the engine panics or the device faults
+//! fatally, and the success flag of the statistics of a cancelled request.
 
 use std::ptr;
 use std::sync::atomic::AtomicBool;
@@ -14,11 +14,27 @@ use crate::model::LlamaConfig;
 
 const VOCAB: usize = 16;
 
-/// Where the fake backend panics.
+/// Where the fake backend panics, and the injected fatal device fault.
 #[derive(Default)]
 struct Faults {
     prefill: AtomicBool,
     decode: AtomicBool,
+    /// The next decode of any fake dies with a sticky fault: it and every later call on that
+    /// backend fail with a [`FaultKind::Fatal`] error, as a CUDA context after an illegal
+    /// address does.
+    fatal_decode: AtomicBool,
+    /// Calls made on a dead backend (a worker that keeps stepping a dead context shows here).
+    calls_after_death: AtomicUsize,
+}
+
+/// The error a dead context gives, as the driver wrapper words it.
+fn illegal_address() -> DeviceError {
+    DeviceError::Cuda(crate::device::cuda::driver::GpuError {
+        message: "cuStreamSynchronize failed: CUDA_ERROR_ILLEGAL_ADDRESS (an illegal memory \
+                  access was encountered)"
+            .into(),
+        kind: FaultKind::Fatal,
+    })
 }
 
 /// A model that always predicts token 5, one millisecond per decode step (so a test can act
@@ -28,6 +44,19 @@ struct Fake {
     lens: HashMap<SeqId, usize>,
     next: u32,
     faults: Arc<Faults>,
+    /// A fatal fault happened: every call fails.
+    dead: bool,
+}
+
+impl Fake {
+    /// Fails (and counts the call) once the backend is dead.
+    fn alive(&self) -> Result<(), DeviceError> {
+        if self.dead {
+            self.faults.calls_after_death.fetch_add(1, Ordering::SeqCst);
+            return Err(illegal_address());
+        }
+        Ok(())
+    }
 }
 
 fn logits_row() -> Vec<f32> {
@@ -66,6 +95,7 @@ impl Backend for Fake {
     }
 
     fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
+        self.alive()?;
         let id = SeqId(self.next);
         self.next += 1;
         self.lens.insert(id, 0);
@@ -87,6 +117,7 @@ impl Backend for Fake {
         if self.faults.prefill.load(Ordering::SeqCst) {
             panic!("fake backend: prefill panicked");
         }
+        self.alive()?;
         *self
             .lens
             .get_mut(&seq)
@@ -98,6 +129,11 @@ impl Backend for Fake {
         std::thread::sleep(Duration::from_millis(1));
         if self.faults.decode.load(Ordering::SeqCst) {
             panic!("fake backend: decode panicked");
+        }
+        self.alive()?;
+        if self.faults.fatal_decode.load(Ordering::SeqCst) {
+            self.dead = true;
+            return Err(illegal_address());
         }
         for item in batch {
             *self
@@ -134,6 +170,7 @@ fn engine(faults: &Arc<Faults>) -> Engine<Box<dyn Backend>> {
         lens: HashMap::new(),
         next: 0,
         faults: Arc::clone(faults),
+        dead: false,
     });
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
@@ -318,4 +355,102 @@ fn a_cancelled_request_is_reported_as_unsuccessful() {
     assert_eq!(code, sys::TRITONSERVER_ERROR_CANCELLED, "{msg}");
     assert_eq!(ended_once(done, true), None);
     w.stop().unwrap();
+}
+
+#[test]
+fn a_fatal_device_fault_ends_every_request_and_rebuilds_the_engine_without_stepping_it_again() {
+    let _g = mock::lock();
+    log::install();
+    let faults = Arc::new(Faults::default());
+    let builds = Arc::new(AtomicUsize::new(0));
+    let rebuild: EngineFactory = {
+        let (faults, builds) = (Arc::clone(&faults), Arc::clone(&builds));
+        Box::new(move || {
+            builds.fetch_add(1, Ordering::SeqCst);
+            Ok(engine(&faults))
+        })
+    };
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16).unwrap();
+    let streaming = submit(&w, "streaming", 100_000, true);
+    let whole = submit(&w, "non-streaming", 100_000, false);
+    wait_for("the stream has 3 responses", || {
+        mock::on_request(streaming, |m| m.responses.len() >= 3)
+    });
+    faults.fatal_decode.store(true, Ordering::SeqCst);
+    wait_for("both requests ended", || ended(streaming) && ended(whole));
+    for r in [streaming, whole] {
+        let (code, msg) = ended_once(r, false).expect("an error FINAL");
+        assert_eq!(code, sys::TRITONSERVER_ERROR_INTERNAL, "{msg}");
+        for part in [
+            "instance m_0",
+            "fatal device fault",
+            "CUDA_ERROR_ILLEGAL_ADDRESS",
+        ] {
+            assert!(msg.contains(part), "{part}: {msg}");
+        }
+    }
+    wait_for("the engine was rebuilt", || {
+        builds.load(Ordering::SeqCst) == 1
+    });
+    assert!(
+        mock::logged()
+            .iter()
+            .any(|(level, m)| *level == sys::TRITONSERVER_LOG_ERROR
+                && m.contains("fatal device fault")
+                && m.contains("CUDA_ERROR_ILLEGAL_ADDRESS")),
+        "the fault is logged at ERROR: {:?}",
+        mock::logged()
+    );
+    // The dead backend was dropped, never stepped again.
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(faults.calls_after_death.load(Ordering::SeqCst), 0);
+
+    // The rebuilt engine (a new context) serves.
+    faults.fatal_decode.store(false, Ordering::SeqCst);
+    let after = submit(&w, "after", 3, true);
+    wait_for("the request after the fault ended", || ended(after));
+    assert_eq!(ended_once(after, true), None);
+    w.stop().unwrap();
+    assert_eq!(faults.calls_after_death.load(Ordering::SeqCst), 0);
+    assert_eq!(mock::with(|h| h.live_errors), 0);
+}
+
+#[test]
+fn a_device_that_faults_in_every_new_context_is_marked_broken_not_rebuilt_forever() {
+    let _g = mock::lock();
+    let faults = Arc::new(Faults::default());
+    faults.fatal_decode.store(true, Ordering::SeqCst);
+    let builds = Arc::new(AtomicUsize::new(0));
+    let rebuild: EngineFactory = {
+        let (faults, builds) = (Arc::clone(&faults), Arc::clone(&builds));
+        Box::new(move || {
+            builds.fetch_add(1, Ordering::SeqCst);
+            Ok(engine(&faults))
+        })
+    };
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16).unwrap();
+    // One request per fault: each reaches a decode, which kills that engine's context.
+    for k in 0..=MAX_FATAL_REBUILDS {
+        let r = submit(&w, &format!("r{k}"), 8, true);
+        wait_for("the request ended", || ended(r));
+        let (code, msg) = ended_once(r, false).expect("an error FINAL");
+        assert_eq!(code, sys::TRITONSERVER_ERROR_INTERNAL, "{msg}");
+        assert!(msg.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{msg}");
+    }
+    assert_eq!(builds.load(Ordering::SeqCst), MAX_FATAL_REBUILDS);
+    let next = submit(&w, "next", 4, true);
+    wait_for("the next request ended", || ended(next));
+    let (code, msg) = ended_once(next, false).expect("an error FINAL");
+    assert_eq!(code, sys::TRITONSERVER_ERROR_UNAVAILABLE, "{msg}");
+    for part in [
+        "instance m_0",
+        "fatal device faults in a row",
+        "ILLEGAL_ADDRESS",
+    ] {
+        assert!(msg.contains(part), "{part}: {msg}");
+    }
+    assert_eq!(builds.load(Ordering::SeqCst), MAX_FATAL_REBUILDS);
+    w.stop().unwrap();
+    assert_eq!(faults.calls_after_death.load(Ordering::SeqCst), 0);
+    assert_eq!(mock::with(|h| h.live_errors), 0);
 }

@@ -36,11 +36,14 @@ use super::kernels::{Kernels, Product, ATTN_MAX_HEAD_DIM};
 use super::kv::KvCache;
 use super::linear::{Form, Input, Linear, Products};
 use super::plan::{Plan, Role, RoleShapes, Storage, Strategy, TuneTable};
-use super::tbe3::{gemv_geometry_with_split, multiprocessors, Tbe3Kernels, MAX_GEMV_BATCH};
+use super::stream::{stream_weights, HostLinear, Slot, WeightSink};
+use super::tbe3::{
+    gemv_geometry_with_split, multiprocessors, DeviceTbe3, Tbe3Kernels, MAX_GEMV_BATCH,
+};
 use crate::codec::runtime::Shape;
 use crate::container::Checkpoint;
 use crate::device::{Backend, DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
-use crate::model::weights::{LlamaWeights, Matrix, MatrixData, WeightError, WeightMode};
+use crate::model::weights::{LlamaWeights, Matrix, MatrixData, WeightError};
 use crate::model::LlamaConfig;
 
 /// Where a backend's [`Plan`] comes from.
@@ -282,7 +285,7 @@ fn upload_linear(
         )));
     }
     let name = parts.iter().map(|m| m.name.as_str()).collect::<Vec<_>>();
-    let wrap = |e: GpuError| DeviceError::Cuda(format!("{}: {}", name.join(" | "), e.0));
+    let wrap = |e: GpuError| DeviceError::Cuda(e.context(name.join(" | ")));
     if let [one] = parts {
         return Linear::upload(ctx, bf16_bytes(one)?, rows, cols, storage).map_err(wrap);
     }
@@ -291,6 +294,78 @@ fn upload_linear(
         bytes.extend_from_slice(bf16_bytes(m)?);
     }
     Linear::upload(ctx, &bytes, rows, cols, storage).map_err(wrap)
+}
+
+/// The CUDA backend's [`WeightSink`]: uploads each piece as [`stream_weights`] hands it over
+/// (the host buffers are dropped on return) and assembles the device weights.
+struct UploadSink<'a> {
+    ctx: &'a Arc<Context>,
+    linears: std::collections::BTreeMap<Slot, Linear>,
+    vectors: std::collections::BTreeMap<Slot, DevBuf>,
+}
+
+impl WeightSink for UploadSink<'_> {
+    fn vector(&mut self, slot: Slot, values: Vec<f32>) -> Result<(), DeviceError> {
+        self.vectors
+            .insert(slot, DevBuf::from_host(self.ctx, &values)?);
+        Ok(())
+    }
+
+    fn linear(&mut self, slot: Slot, shape: Shape, form: HostLinear) -> Result<(), DeviceError> {
+        let wrap = |e: GpuError| DeviceError::Cuda(e.context(format_args!("{slot:?}")));
+        let linear = match form {
+            HostLinear::Raw(bytes) => {
+                Linear::upload(self.ctx, &bytes, shape.rows, shape.cols, Storage::Raw)
+                    .map_err(wrap)?
+            }
+            HostLinear::Tbe3(m) => Linear {
+                shape,
+                form: Form::Tbe3(DeviceTbe3::upload(self.ctx, &m).map_err(wrap)?),
+            },
+        };
+        self.linears.insert(slot, linear);
+        Ok(())
+    }
+}
+
+impl UploadSink<'_> {
+    /// The device weights of a model of `layers` layers, every piece present.
+    fn finish(mut self, layers: usize) -> Result<Weights, DeviceError> {
+        let missing = |slot: Slot| DeviceError::Invalid(format!("the load gave no {slot:?}"));
+        let mut lin = |slot| self.linears.remove(&slot).ok_or_else(|| missing(slot));
+        let embed = lin(Slot::Embed)?;
+        let lm_head = lin(Slot::LmHead).ok();
+        let mut ls = Vec::with_capacity(layers);
+        for l in 0..layers {
+            ls.push((
+                lin(Slot::Qkv(l))?,
+                lin(Slot::O(l))?,
+                lin(Slot::GateUp(l))?,
+                lin(Slot::Down(l))?,
+            ));
+        }
+        let mut vec = |slot| self.vectors.remove(&slot).ok_or_else(|| missing(slot));
+        let layers = ls
+            .into_iter()
+            .enumerate()
+            .map(|(l, (qkv, o, gate_up, down))| {
+                Ok(LayerW {
+                    input_norm: vec(Slot::InputNorm(l))?,
+                    qkv,
+                    o,
+                    post_norm: vec(Slot::PostNorm(l))?,
+                    gate_up,
+                    down,
+                })
+            })
+            .collect::<Result<Vec<_>, DeviceError>>()?;
+        Ok(Weights {
+            embed,
+            layers,
+            norm: vec(Slot::Norm)?,
+            lm_head,
+        })
+    }
 }
 
 /// The shapes of `cfg`'s linear layers as the backend fuses them.
@@ -422,29 +497,99 @@ pub(crate) fn decode_inputs(
     (tokens, pos, slots)
 }
 
+/// The plan [`PlanSource::Auto`] resolves to: `dir`'s tuning table for this device, or one made
+/// now from `samples` (and saved there); should tuning fail, the default plan, with a warning.
+/// Returns the plan and where it came from.
+fn resolve_auto<'a>(
+    cfg: &LlamaConfig,
+    dir: &Path,
+    opts: &CudaOptions,
+    samples: impl FnOnce() -> Result<Vec<super::tune::Sample<'a>>, DeviceError>,
+) -> Result<(PlanSource, String), DeviceError> {
+    Ok(
+        match super::tune::table_for_model(
+            dir,
+            &role_shapes(cfg)?,
+            samples,
+            opts.ordinal,
+            &super::tune::TuneOptions::default(),
+        ) {
+            Ok((t, source)) => (PlanSource::Table(t), source),
+            Err(e) => {
+                tracing::warn!(error = %e, "tuning failed; using the default plan");
+                (
+                    PlanSource::Compressed,
+                    format!("default (tuning failed: {e})"),
+                )
+            }
+        },
+    )
+}
+
 /// Largest number of tokens one pass may take: the attention grid's y dimension.
 pub(crate) const MAX_PASS_TOKENS: usize = 65535;
 
 impl CudaBackend {
-    /// Reads `config.json` and the weights of a checkpoint directory (plain, or compressed and
-    /// decoded on the CPU at load), and uploads them as BF16.
+    /// Reads `config.json` and streams the weights of a checkpoint directory to the device
+    /// tensor by tensor ([`stream_weights`]: read, decode, encode the plan's runtime form,
+    /// upload, drop), so no host copy of the model is made or kept. With
+    /// [`PlanSource::Auto`] the tuning table of `dir` is used, or made from layer 0's matrices
+    /// read from the checkpoint; should tuning fail, the default plan is used with a warning.
     pub fn load(dir: &Path, opts: &CudaOptions) -> Result<Self, DeviceError> {
         let cfg = LlamaConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir).map_err(WeightError::from)?;
-        let weights = LlamaWeights::load(&ckpt, &cfg, WeightMode::Decoded)?;
-        if let PlanSource::Auto { dir: None } = opts.plan {
+        let auto_dir = match &opts.plan {
+            PlanSource::Auto { dir: Some(d) } => Some(d.clone()),
+            PlanSource::Auto { dir: None } => Some(dir.to_path_buf()),
+            _ => None,
+        };
+        if let Some(tune_dir) = auto_dir {
+            let (plan, source) = resolve_auto(&cfg, &tune_dir, opts, || {
+                super::tune::checkpoint_samples(&ckpt, &cfg)
+            })?;
             let opts = CudaOptions {
-                plan: PlanSource::Auto {
-                    dir: Some(dir.to_path_buf()),
-                },
+                plan,
                 ..opts.clone()
             };
-            return Self::from_weights(cfg, &weights, &opts);
+            let mut b = Self::load_streamed(cfg, &ckpt, &opts)?;
+            b.plan.source = if opts.twin {
+                format!("{source} (raw twin)")
+            } else {
+                source
+            };
+            tracing::info!(plan = %b.plan.source, "CUDA backend plan");
+            return Ok(b);
         }
-        Self::from_weights(cfg, &weights, opts)
+        Self::load_streamed(cfg, &ckpt, opts)
     }
 
-    /// Uploads loaded weights (which must be [`WeightMode::Decoded`]). With
+    /// [`CudaBackend::load`] once the plan is known (not [`PlanSource::Auto`]).
+    fn load_streamed(
+        cfg: LlamaConfig,
+        ckpt: &Checkpoint,
+        opts: &CudaOptions,
+    ) -> Result<Self, DeviceError> {
+        let layers = cfg.num_hidden_layers;
+        let model = cfg.clone();
+        Self::build(cfg, opts, |ctx, _k, plan| {
+            let mut sink = UploadSink {
+                ctx,
+                linears: Default::default(),
+                vectors: Default::default(),
+            };
+            let t = stream_weights(ckpt, &model, plan, &mut sink)?;
+            tracing::info!(
+                read_decode_s = t.read_decode_s,
+                encode_s = t.encode_s,
+                upload_s = t.sink_s,
+                "weights streamed to the device"
+            );
+            sink.finish(layers)
+        })
+    }
+
+    /// Uploads loaded weights (which must be
+    /// [`WeightMode::Decoded`](crate::model::weights::WeightMode::Decoded)). With
     /// [`PlanSource::Auto`] and a directory, its tuning table is used, or made (layer 0's
     /// matrices are the samples); should tuning fail, the default plan is used with a warning.
     pub fn from_weights(
@@ -453,22 +598,7 @@ impl CudaBackend {
         opts: &CudaOptions,
     ) -> Result<Self, DeviceError> {
         if let PlanSource::Auto { dir: Some(dir) } = &opts.plan {
-            let (plan, source) = match super::tune::table_for_model(
-                dir,
-                &role_shapes(&cfg)?,
-                || super::tune::layer0_samples(w),
-                opts.ordinal,
-                &super::tune::TuneOptions::default(),
-            ) {
-                Ok((t, source)) => (PlanSource::Table(t), source),
-                Err(e) => {
-                    tracing::warn!(error = %e, "tuning failed; using the default plan");
-                    (
-                        PlanSource::Compressed,
-                        format!("default (tuning failed: {e})"),
-                    )
-                }
-            };
+            let (plan, source) = resolve_auto(&cfg, dir, opts, || super::tune::layer0_samples(w))?;
             let opts = CudaOptions {
                 plan,
                 ..opts.clone()
@@ -661,7 +791,7 @@ impl CudaBackend {
             .min(cfg.max_position_embeddings)
             .max(1);
         if !super::kernels::built_with_kernels() {
-            return Err(DeviceError::Cuda(
+            return Err(DeviceError::cuda(
                 "built without CUDA kernels (nvcc was not found when the crate was compiled)"
                     .into(),
             ));
@@ -881,7 +1011,7 @@ impl CudaBackend {
         ids.into_iter()
             .map(|id| match u32::try_from(id) {
                 Ok(id) if (id as usize) < vocab => Ok(id),
-                _ => Err(GpuError(format!(
+                _ => Err(GpuError::invalid(format!(
                     "the device argmax returned id {id} (vocabulary {vocab})"
                 ))),
             })
@@ -1079,7 +1209,7 @@ impl CudaBackend {
         let n = batch.len();
         let bucket = if self.opts.graphs {
             pick_bucket(&self.buckets, n)
-                .ok_or_else(|| GpuError(format!("batch of {n} exceeds every bucket")))?
+                .ok_or_else(|| GpuError::invalid(format!("batch of {n} exceeds every bucket")))?
         } else {
             n
         };

@@ -12,13 +12,88 @@ use std::sync::Arc;
 use cudarc::cublas::{result as blas, sys as bsys};
 use cudarc::driver::{result as cu, sys};
 
-/// A failed CUDA call, with the call's name and the driver's or cuBLAS's message.
+pub use crate::device::FaultKind;
+
+/// A failed CUDA call, with the call's name and the driver's or cuBLAS's message, and what the
+/// failure means for the context ([`FaultKind`], from the driver's or cuBLAS's result code; our
+/// own checks are [`FaultKind::Invalid`]).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct GpuError(pub String);
+#[error("{message}")]
+pub struct GpuError {
+    /// What failed, and the driver's words for it.
+    pub message: String,
+    /// Whether the context survives it.
+    pub kind: FaultKind,
+}
+
+impl GpuError {
+    /// An error our own checks raise (sizes, limits, a missing kernel): nothing on the device
+    /// went wrong, so the context is fine.
+    pub fn invalid(message: String) -> Self {
+        Self {
+            message,
+            kind: FaultKind::Invalid,
+        }
+    }
+
+    /// The same error, its message prefixed by `what` ("allocating 4096 bytes: ..."); the kind
+    /// is kept, so a fatal fault stays fatal however many layers describe it.
+    pub fn context(self, what: impl std::fmt::Display) -> Self {
+        Self {
+            message: format!("{what}: {}", self.message),
+            kind: self.kind,
+        }
+    }
+}
 
 /// Result of a CUDA call.
 pub type GpuResult<T> = Result<T, GpuError>;
+
+/// What a CUDA driver result code (`CUresult`, as its number) means for the context that
+/// returned it. Pure, so the table is unit-tested without a GPU.
+///
+/// Fatal: the "sticky" errors the CUDA documentation says leave the context unusable until the
+/// process ends or the context is destroyed (a kernel's illegal address or instruction,
+/// misaligned or invalid address space, invalid PC, hardware stack error, device assert, launch
+/// failure or timeout, a contained exception, leaked tensor memory), an uncorrectable ECC or
+/// NVLink error, a destroyed or deinitialized
+/// context, a device gone (`CUDA_ERROR_DEVICE_UNAVAILABLE`, `SYSTEM_NOT_READY`) and
+/// `CUDA_ERROR_UNKNOWN` (stepping again into an unknown state is what must never happen).
+/// Resource: out of device memory or of launch resources; the context is fine, a smaller or
+/// later request may succeed. Everything else (invalid value, handle, image, ...) is the call's
+/// own fault.
+pub fn fault_kind_of_code(code: u32) -> FaultKind {
+    match code {
+        // DEINITIALIZED, DEVICE_UNAVAILABLE, ECC_UNCORRECTABLE, NVLINK_UNCORRECTABLE, CONTAINED
+        4 | 46 | 214 | 220 | 226 => FaultKind::Fatal,
+        // ILLEGAL_ADDRESS, LAUNCH_TIMEOUT, LAUNCH_INCOMPATIBLE_TEXTURING
+        700 | 702 | 703 => FaultKind::Fatal,
+        // CONTEXT_IS_DESTROYED, ASSERT
+        709 | 710 => FaultKind::Fatal,
+        // HARDWARE_STACK_ERROR, ILLEGAL_INSTRUCTION, MISALIGNED_ADDRESS,
+        // INVALID_ADDRESS_SPACE, INVALID_PC, LAUNCH_FAILED; TENSOR_MEMORY_LEAK
+        714..=719 | 721 => FaultKind::Fatal,
+        // SYSTEM_NOT_READY, EXTERNAL_DEVICE, UNKNOWN
+        802 | 911 | 999 => FaultKind::Fatal,
+        // OUT_OF_MEMORY, LAUNCH_OUT_OF_RESOURCES
+        2 | 701 => FaultKind::Resource,
+        _ => FaultKind::Invalid,
+    }
+}
+
+/// What a cuBLAS status (`cublasStatus_t`, as its number) means for the context: allocation
+/// failures are [`FaultKind::Resource`]; an execution failure or an internal error is taken as
+/// [`FaultKind::Fatal`] (cuBLAS reports a kernel that faulted that way, and a wrong guess costs
+/// a rebuild, where the other guess would step a dead context); the rest are the call's own.
+pub fn fault_kind_of_cublas_status(status: u32) -> FaultKind {
+    match status {
+        // CUBLAS_STATUS_ALLOC_FAILED
+        3 => FaultKind::Resource,
+        // CUBLAS_STATUS_EXECUTION_FAILED, CUBLAS_STATUS_INTERNAL_ERROR
+        13 | 14 => FaultKind::Fatal,
+        _ => FaultKind::Invalid,
+    }
+}
 
 pub(crate) fn ck<T>(r: Result<T, cu::DriverError>, call: &str) -> GpuResult<T> {
     r.map_err(|e| {
@@ -30,12 +105,18 @@ pub(crate) fn ck<T>(r: Result<T, cu::DriverError>, call: &str) -> GpuResult<T> {
             .error_string()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        GpuError(format!("{call} failed: {name} ({text})"))
+        GpuError {
+            message: format!("{call} failed: {name} ({text})"),
+            kind: fault_kind_of_code(e.0 as u32),
+        }
     })
 }
 
 fn ckb<T>(r: Result<T, blas::CublasError>, call: &str) -> GpuResult<T> {
-    r.map_err(|e| GpuError(format!("{call} failed: {e:?}")))
+    r.map_err(|e| GpuError {
+        message: format!("{call} failed: {e:?}"),
+        kind: fault_kind_of_cublas_status(e.0 as u32),
+    })
 }
 
 /// The retained primary context of one device and the stream all work goes to.
@@ -58,7 +139,7 @@ impl Context {
     pub fn new(ordinal: usize) -> GpuResult<Arc<Self>> {
         // cudarc's loader panics when the library is missing: look first.
         if !driver_present() {
-            return Err(GpuError(
+            return Err(GpuError::invalid(
                 "no NVIDIA driver: libcuda.so could not be loaded".into(),
             ));
         }
@@ -148,7 +229,7 @@ impl DevBuf {
         // SAFETY: plain allocation in the current context; the memory is uninitialised and only
         // written by kernels or copies before being read.
         let ptr = ck(unsafe { cu::malloc_sync(bytes.max(1)) }, "cuMemAlloc")
-            .map_err(|e| GpuError(format!("allocating {bytes} bytes: {e}")))?;
+            .map_err(|e| e.context(format_args!("allocating {bytes} bytes")))?;
         Ok(Self {
             ctx: ctx.clone(),
             ptr,
@@ -188,7 +269,7 @@ impl DevBuf {
     pub fn upload<T: Copy>(&self, offset: usize, data: &[T]) -> GpuResult<()> {
         let n = std::mem::size_of_val(data);
         if offset + n > self.bytes {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "upload of {n} bytes at {offset} overruns a buffer of {}",
                 self.bytes
             )));
@@ -213,7 +294,7 @@ impl DevBuf {
     pub fn download<T: Copy>(&self, out: &mut [T]) -> GpuResult<()> {
         let n = std::mem::size_of_val(out);
         if n > self.bytes {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "download of {n} bytes from a buffer of {}",
                 self.bytes
             )));
@@ -285,7 +366,7 @@ impl PinnedBuf {
     /// Queues a copy of `n` f32 from device address `src` into the buffer, then waits for it.
     pub fn copy_from(&mut self, src: u64, n: usize) -> GpuResult<()> {
         if n > self.len {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "copy of {n} values into a pinned buffer of {}",
                 self.len
             )));
@@ -367,10 +448,10 @@ impl Module {
 
     /// Looks up an `extern "C"` kernel by name.
     pub fn function(&self, name: &str) -> GpuResult<Kernel> {
-        let cname = std::ffi::CString::new(name).map_err(|e| GpuError(e.to_string()))?;
+        let cname = std::ffi::CString::new(name).map_err(|e| GpuError::invalid(e.to_string()))?;
         // SAFETY: the module is loaded; the name is a valid C string.
         let f = unsafe { cu::module::get_function(self.module, cname) }.map_err(|e| {
-            GpuError(format!(
+            GpuError::invalid(format!(
                 "kernel `{name}` is not in the embedded fatbin: {e:?}"
             ))
         })?;
@@ -426,7 +507,8 @@ impl Kernel {
     /// Lets launches of this kernel use up to `bytes` of dynamic shared memory (past the 48 KiB
     /// default; H100: up to 227 KiB per block).
     pub fn allow_dynamic_smem(&self, bytes: usize) -> GpuResult<()> {
-        let v = i32::try_from(bytes).map_err(|_| GpuError(format!("{bytes} bytes of smem")))?;
+        let v = i32::try_from(bytes)
+            .map_err(|_| GpuError::invalid(format!("{bytes} bytes of smem")))?;
         // SAFETY: a valid function handle; the driver checks the value against the device.
         ck(
             unsafe {
@@ -625,7 +707,7 @@ impl Cublas {
     /// Creates the handle, on the context's stream, with a fixed workspace.
     pub fn new(ctx: &Arc<Context>) -> GpuResult<Self> {
         if !cublas_present() {
-            return Err(GpuError(
+            return Err(GpuError::invalid(
                 "cuBLAS (libcublas.so.13) could not be loaded: add its directory to LD_LIBRARY_PATH"
                     .into(),
             ));
@@ -700,11 +782,11 @@ impl Cublas {
         ldc: usize,
     ) -> GpuResult<()> {
         if ldc < rows {
-            return Err(GpuError(format!("GEMM ldc {ldc} < rows {rows}")));
+            return Err(GpuError::invalid(format!("GEMM ldc {ldc} < rows {rows}")));
         }
         let (one, zero) = (1.0f32, 0.0f32);
         let int = |v: usize, what: &str| {
-            i32::try_from(v).map_err(|_| GpuError(format!("GEMM {what} {v} exceeds i32")))
+            i32::try_from(v).map_err(|_| GpuError::invalid(format!("GEMM {what} {v} exceeds i32")))
         };
         let (m, n, kk, ldb, ldc) = (
             int(rows, "rows")?,
@@ -804,7 +886,9 @@ pub fn cublas_loaded() -> GpuResult<((i32, i32, i32), Option<String>)> {
         // SAFETY: a plain query of the loaded library; `v` outlives the call.
         let st = unsafe { bsys::cublasGetProperty(p, &mut v) };
         if st != bsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(GpuError(format!("cublasGetProperty({what}): {st:?}")));
+            return Err(GpuError::invalid(format!(
+                "cublasGetProperty({what}): {st:?}"
+            )));
         }
         Ok(v)
     };

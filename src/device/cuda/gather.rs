@@ -51,15 +51,17 @@ impl GatherKernel {
     /// `tokens` and `x` must be device memory of this context of the extents above.
     pub unsafe fn run(&self, table: &DeviceTbe3, tokens: u64, x: u64, n: usize) -> GpuResult<()> {
         if let Some(why) = gather_unsupported(&table.shape) {
-            return Err(GpuError(why));
+            return Err(GpuError::invalid(why));
         }
         if !x.is_multiple_of(16) {
-            return Err(GpuError("gather output must be 16-byte aligned".into()));
+            return Err(GpuError::invalid(
+                "gather output must be 16-byte aligned".into(),
+            ));
         }
         let n = u32::try_from(n)
             .ok()
             .filter(|&n| n <= i32::MAX as u32)
-            .ok_or_else(|| GpuError(format!("{n} tokens in one gather")))?;
+            .ok_or_else(|| GpuError::invalid(format!("{n} tokens in one gather")))?;
         let mut args = table.plane_args().to_vec();
         args.extend([Arg::P(tokens), Arg::I(table.shape.cols as i32), Arg::P(x)]);
         // SAFETY: matches tbe3_gather_f32's parameters; the row length checked above; extents

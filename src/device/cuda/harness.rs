@@ -26,7 +26,7 @@ impl KernelHarness {
     /// Opens device 0 and loads the kernels.
     pub fn new() -> R<Self> {
         if !super::kernels::built_with_kernels() {
-            return Err(DeviceError::Cuda("built without CUDA kernels".into()));
+            return Err(DeviceError::cuda("built without CUDA kernels".into()));
         }
         let ctx = Context::new(0)?;
         Ok(Self {
@@ -62,7 +62,7 @@ impl KernelHarness {
             let hi = f32_to_bf16(v);
             let lo = split.then(|| f32_to_bf16(v - f32::from_bits((hi as u32) << 16)));
             if bf16[i] != hi || lo.is_some_and(|lo| bf16[n * width + i] != lo) {
-                return Err(DeviceError::Cuda(format!(
+                return Err(DeviceError::cuda(format!(
                     "{what}: the f32 output {v:e} at {i} disagrees with its BF16 rows"
                 )));
             }

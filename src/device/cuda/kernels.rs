@@ -103,7 +103,8 @@ fn blocks_for(count: usize) -> u32 {
 
 /// `v` as a kernel's `int` parameter, or an error naming `what`.
 pub(crate) fn i32_of(v: usize, what: &str) -> GpuResult<i32> {
-    i32::try_from(v).map_err(|_| GpuError(format!("{what} = {v} does not fit a kernel's int")))
+    i32::try_from(v)
+        .map_err(|_| GpuError::invalid(format!("{what} = {v} does not fit a kernel's int")))
 }
 
 /// Loads the fatbin of `kernels/<family>.cu` as a module of `ctx`.
@@ -111,8 +112,8 @@ pub(crate) fn load_family(ctx: &Arc<Context>, family: &str) -> GpuResult<Module>
     let (_, image) = fatbins()
         .iter()
         .find(|(f, _)| *f == family)
-        .ok_or_else(|| GpuError(format!("no fatbin for kernels/{family}.cu")))?;
-    Module::load(ctx, image).map_err(|e| GpuError(format!("kernels/{family}.cu: {e}")))
+        .ok_or_else(|| GpuError::invalid(format!("no fatbin for kernels/{family}.cu")))?;
+    Module::load(ctx, image).map_err(|e| e.context(format_args!("kernels/{family}.cu")))
 }
 
 /// Every kernel, loaded.
@@ -145,7 +146,7 @@ impl Kernels {
     /// kernel sets load) and resolves their entry points.
     pub fn load(ctx: &Arc<Context>) -> GpuResult<Self> {
         if !built_with_kernels() {
-            return Err(GpuError(
+            return Err(GpuError::invalid(
                 "built without CUDA kernels (nvcc was not found when the crate was compiled)"
                     .into(),
             ));
@@ -158,7 +159,7 @@ impl Kernels {
                 .iter()
                 .find(|(_, n)| *n == name)
                 .map(|(f, _)| *f)
-                .ok_or_else(|| GpuError(format!("kernel `{name}` is not in the table")))?;
+                .ok_or_else(|| GpuError::invalid(format!("kernel `{name}` is not in the table")))?;
             let i = match modules.iter().position(|(f, _)| *f == family) {
                 Some(i) => i,
                 None => {
@@ -317,7 +318,7 @@ impl Kernels {
             || kv_heads == 0
             || !heads.is_multiple_of(kv_heads)
         {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "attention needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
             )));
         }
@@ -339,7 +340,7 @@ impl Kernels {
             Arg::P(out_f32.unwrap_or(0)),
         ];
         if n > 65535 {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "attention of {n} tokens in one launch: the grid's y dimension holds 65535"
             )));
         }
@@ -431,7 +432,7 @@ impl Kernels {
     pub fn argmax_rows(&self, logits: u64, rows: usize, vocab: usize, out: u64) -> GpuResult<()> {
         let args = [Arg::P(logits), Arg::I(i32_of(vocab, "vocab")?), Arg::P(out)];
         let grid = (
-            u32::try_from(rows).map_err(|_| GpuError(format!("{rows} rows")))?,
+            u32::try_from(rows).map_err(|_| GpuError::invalid(format!("{rows} rows")))?,
             1,
             1,
         );

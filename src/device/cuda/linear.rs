@@ -40,9 +40,9 @@ impl Linear {
         storage: Storage,
     ) -> GpuResult<Self> {
         let shape = Shape::for_matrix(rows, cols)
-            .map_err(|e| GpuError(format!("{rows} × {cols} matrix: {e}")))?;
+            .map_err(|e| GpuError::invalid(format!("{rows} × {cols} matrix: {e}")))?;
         if bytes.len() != 2 * shape.len() {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "{} bytes for a {rows} × {cols} BF16 matrix",
                 bytes.len()
             )));
@@ -51,7 +51,7 @@ impl Linear {
             Storage::Raw => Form::Raw(DevBuf::from_host(ctx, bytes)?),
             Storage::Tbe3 => {
                 let m = encode_le_bytes(bytes, shape)
-                    .map_err(|e| GpuError(format!("tbe3 encoding: {e}")))?;
+                    .map_err(|e| GpuError::invalid(format!("tbe3 encoding: {e}")))?;
                 Form::Tbe3(DeviceTbe3::upload(ctx, &m)?)
             }
         };
@@ -61,9 +61,9 @@ impl Linear {
     /// A raw matrix already in device memory (synthetic weights).
     pub fn raw(buf: DevBuf, rows: usize, cols: usize) -> GpuResult<Self> {
         let shape = Shape::for_matrix(rows, cols)
-            .map_err(|e| GpuError(format!("{rows} × {cols} matrix: {e}")))?;
+            .map_err(|e| GpuError::invalid(format!("{rows} × {cols} matrix: {e}")))?;
         if buf.bytes() < 2 * shape.len() {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "{} bytes for a {rows} × {cols} BF16 matrix",
                 buf.bytes()
             )));
@@ -124,7 +124,7 @@ impl Products<'_> {
     pub unsafe fn run(&self, w: &Linear, strategy: Strategy, x: &Input, y: u64) -> GpuResult<()> {
         let s = w.shape;
         if let Some(why) = strategy.unsupported(&s, x.n) {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "{strategy:?} on a {} × {} matrix with {} rows: {why}",
                 s.rows, s.cols, x.n
             )));
@@ -144,7 +144,7 @@ impl Products<'_> {
                         Form::Tbe3(m) => {
                             let need = 2 * (r1 - r0) * s.cols;
                             if need > self.scratch.bytes() {
-                                return Err(GpuError(format!(
+                                return Err(GpuError::invalid(format!(
                                     "decode scratch of {} bytes holds no chunk of {need}",
                                     self.scratch.bytes()
                                 )));
@@ -185,9 +185,9 @@ impl Products<'_> {
                 }
             }
             Strategy::Gemv { ksplit } => {
-                let g = gemv_geometry_with_split(&s, x.n, ksplit).map_err(GpuError)?;
+                let g = gemv_geometry_with_split(&s, x.n, ksplit).map_err(GpuError::invalid)?;
                 if 4 * g.partial_len() > self.partial.bytes() {
-                    return Err(GpuError(format!(
+                    return Err(GpuError::invalid(format!(
                         "split-K buffer of {} bytes holds no {} partial sums",
                         self.partial.bytes(),
                         g.partial_len()

@@ -83,10 +83,10 @@ impl MmaKernels {
 
     fn check(shape: &Shape, ldx: usize, n_rows: usize) -> GpuResult<()> {
         if let Some(why) = mma_unsupported(shape, ldx) {
-            return Err(GpuError(why));
+            return Err(GpuError::invalid(why));
         }
         if n_rows == 0 || n_rows > 65535 * MMA_N {
-            return Err(GpuError(format!("{n_rows} activation rows")));
+            return Err(GpuError::invalid(format!("{n_rows} activation rows")));
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ mod kv;
 pub mod linear;
 pub mod mma;
 pub mod plan;
+pub mod stream;
 pub mod tbe3;
 pub mod tune;
 
@@ -37,7 +38,7 @@ use super::DeviceError;
 
 impl From<GpuError> for DeviceError {
     fn from(e: GpuError) -> Self {
-        DeviceError::Cuda(e.0)
+        DeviceError::Cuda(e)
     }
 }
 
@@ -126,7 +127,7 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
     use cudarc::driver::sys::CUdevice_attribute as A;
     // Before cuInit and any other call: cuDriverGetVersion needs neither, and an old driver may
     // lack the versioned entry points (`_v2`, ...) the 13.0 bindings resolve later.
-    let driver_cuda_version = driver::driver_version().map_err(|e| e.0)?;
+    let driver_cuda_version = driver::driver_version().map_err(|e| e.message)?;
     check_driver_version(driver_cuda_version)?;
     cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e:?} (no usable GPU)"))?;
     let count = cudarc::driver::result::device::get_count()
@@ -134,13 +135,13 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
     if count <= ordinal as i32 {
         return Err(format!("no CUDA device {ordinal} ({count} found)"));
     }
-    let ctx: Arc<Context> = Context::new(ordinal).map_err(|e| e.0)?;
-    let attr = |a| ctx.attribute(a).map_err(|e| e.0);
+    let ctx: Arc<Context> = Context::new(ordinal).map_err(|e| e.message)?;
+    let attr = |a| ctx.attribute(a).map_err(|e| e.message);
     let cc = (
         attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
         attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     );
-    let name = driver::device_name(ctx.device()).map_err(|e| e.0)?;
+    let name = driver::device_name(ctx.device()).map_err(|e| e.message)?;
     if cc != (9, 0) {
         return Err(format!(
             "{name} has compute capability {}.{}; the kernels are built for sm_90a (H100/H200) only",
@@ -153,7 +154,7 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
                 .into(),
         );
     }
-    let ((major, minor, patch), path) = driver::cublas_loaded().map_err(|e| e.0)?;
+    let ((major, minor, patch), path) = driver::cublas_loaded().map_err(|e| e.message)?;
     let where_ = path
         .as_deref()
         .unwrap_or("(path not found in /proc/self/maps)");
@@ -165,7 +166,7 @@ fn probe_inner(ordinal: usize) -> Result<DeviceInfo, String> {
     }
     let cublas = format!("{major}.{minor}.{patch} at {where_}");
     tracing::info!(cublas = %cublas, "cuBLAS loaded");
-    let (free_memory, total_memory) = ctx.mem_info().map_err(|e| e.0)?;
+    let (free_memory, total_memory) = ctx.mem_info().map_err(|e| e.message)?;
     Ok(DeviceInfo {
         cublas: Some(cublas),
         ordinal,
@@ -229,5 +230,92 @@ mod tests {
         // One below the minimum: 12.99 is not a real release but must still be refused.
         assert!(check_driver_version(MIN_DRIVER_CUDA_VERSION - 1).is_err());
         assert!(check_driver_version(0).unwrap_err().contains("CUDA 0.0,"));
+    }
+
+    #[test]
+    fn driver_result_codes_map_to_the_fault_kind_the_cuda_documentation_gives_them() {
+        use super::driver::{fault_kind_of_code, fault_kind_of_cublas_status, FaultKind};
+        use cudarc::cublas::sys::cublasStatus_t as B;
+        use cudarc::driver::sys::CUresult as R;
+        // By cudarc's names, so a wrong number in the table fails here.
+        let fatal = [
+            R::CUDA_ERROR_ILLEGAL_ADDRESS,
+            R::CUDA_ERROR_LAUNCH_FAILED,
+            R::CUDA_ERROR_LAUNCH_TIMEOUT,
+            R::CUDA_ERROR_ECC_UNCORRECTABLE,
+            R::CUDA_ERROR_NVLINK_UNCORRECTABLE,
+            R::CUDA_ERROR_HARDWARE_STACK_ERROR,
+            R::CUDA_ERROR_ILLEGAL_INSTRUCTION,
+            R::CUDA_ERROR_MISALIGNED_ADDRESS,
+            R::CUDA_ERROR_INVALID_ADDRESS_SPACE,
+            R::CUDA_ERROR_INVALID_PC,
+            R::CUDA_ERROR_ASSERT,
+            R::CUDA_ERROR_CONTEXT_IS_DESTROYED,
+            R::CUDA_ERROR_DEINITIALIZED,
+            R::CUDA_ERROR_DEVICE_UNAVAILABLE,
+            R::CUDA_ERROR_CONTAINED,
+            R::CUDA_ERROR_TENSOR_MEMORY_LEAK,
+            R::CUDA_ERROR_SYSTEM_NOT_READY,
+            R::CUDA_ERROR_UNKNOWN,
+        ];
+        for c in fatal {
+            assert_eq!(fault_kind_of_code(c as u32), FaultKind::Fatal, "{c:?}");
+        }
+        for c in [
+            R::CUDA_ERROR_OUT_OF_MEMORY,
+            R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES,
+        ] {
+            assert_eq!(fault_kind_of_code(c as u32), FaultKind::Resource, "{c:?}");
+        }
+        for c in [
+            R::CUDA_ERROR_INVALID_VALUE,
+            R::CUDA_ERROR_INVALID_HANDLE,
+            R::CUDA_ERROR_INVALID_IMAGE,
+            R::CUDA_ERROR_NOT_FOUND,
+            R::CUDA_ERROR_NOT_READY,
+            R::CUDA_ERROR_NO_BINARY_FOR_GPU,
+            R::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE,
+            R::CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+        ] {
+            assert_eq!(fault_kind_of_code(c as u32), FaultKind::Invalid, "{c:?}");
+        }
+        assert_eq!(
+            fault_kind_of_cublas_status(B::CUBLAS_STATUS_ALLOC_FAILED as u32),
+            FaultKind::Resource
+        );
+        for c in [
+            B::CUBLAS_STATUS_EXECUTION_FAILED,
+            B::CUBLAS_STATUS_INTERNAL_ERROR,
+        ] {
+            assert_eq!(fault_kind_of_cublas_status(c as u32), FaultKind::Fatal);
+        }
+        assert_eq!(
+            fault_kind_of_cublas_status(B::CUBLAS_STATUS_INVALID_VALUE as u32),
+            FaultKind::Invalid
+        );
+    }
+
+    #[test]
+    fn a_fault_keeps_its_kind_through_every_layer_that_describes_it() {
+        use super::driver::{FaultKind, GpuError};
+        let fatal = GpuError {
+            message: "cuLaunchKernel failed: CUDA_ERROR_LAUNCH_FAILED".into(),
+            kind: FaultKind::Fatal,
+        };
+        let e: DeviceError = fatal.context("q_proj").context("layer 3").into();
+        assert_eq!(e.kind(), FaultKind::Fatal);
+        assert_eq!(
+            e.to_string(),
+            "CUDA: layer 3: q_proj: cuLaunchKernel failed: CUDA_ERROR_LAUNCH_FAILED"
+        );
+        assert_eq!(
+            DeviceError::cuda("too big".into()).kind(),
+            FaultKind::Invalid
+        );
+        assert_eq!(DeviceError::NoFreeSlot(4).kind(), FaultKind::Resource);
+        assert_eq!(
+            DeviceError::Invalid("empty prompt".into()).kind(),
+            FaultKind::Invalid
+        );
     }
 }

@@ -156,7 +156,7 @@ impl DeviceTbe3 {
     /// Uploads `m`'s image (validated first).
     pub fn upload(ctx: &Arc<Context>, m: &RuntimeMatrix) -> GpuResult<Self> {
         m.view()
-            .map_err(|e| GpuError(format!("invalid runtime matrix: {e}")))?;
+            .map_err(|e| GpuError::invalid(format!("invalid runtime matrix: {e}")))?;
         Ok(Self {
             buf: DevBuf::from_host(ctx, &m.image)?,
             shape: m.shape,
@@ -214,7 +214,7 @@ impl Tbe3Kernels {
     /// Loads kernels/tbe3_gemv.cu, kernels/tbe3_decode.cu and kernels/tbe3_mma.cu.
     pub fn load(ctx: &Arc<Context>) -> GpuResult<Self> {
         if !built_with_kernels() {
-            return Err(GpuError("built without CUDA kernels".into()));
+            return Err(GpuError::invalid("built without CUDA kernels".into()));
         }
         let (g, d) = (
             load_family(ctx, "tbe3_gemv")?,
@@ -253,13 +253,15 @@ impl Tbe3Kernels {
     ) -> GpuResult<()> {
         let (begin, end) = (rows.start * m.shape.cols, rows.end * m.shape.cols);
         if !decode_range_ok(&m.shape, &rows) {
-            return Err(GpuError(format!(
+            return Err(GpuError::invalid(format!(
                 "cannot decode rows {rows:?} of {:?}: the first must start on a tile boundary",
                 m.shape
             )));
         }
         if !out.is_multiple_of(16) {
-            return Err(GpuError("decode output must be 16-byte aligned".into()));
+            return Err(GpuError::invalid(
+                "decode output must be 16-byte aligned".into(),
+            ));
         }
         if begin == end {
             return Ok(());
@@ -344,7 +346,7 @@ impl Tbe3Kernels {
     }
 
     fn check(&self, shape: &Shape, g: &GemvGeometry) -> GpuResult<()> {
-        gemv_supported(shape, g.batch).map_err(GpuError)?;
+        gemv_supported(shape, g.batch).map_err(GpuError::invalid)?;
         let unit = shape.tile_elems.max(STEP);
         let ok = g.rows == shape.rows
             && g.cols == shape.cols
@@ -358,7 +360,7 @@ impl Tbe3Kernels {
         if ok {
             Ok(())
         } else {
-            Err(GpuError(format!(
+            Err(GpuError::invalid(format!(
                 "GEMV geometry {g:?} does not fit {shape:?}"
             )))
         }
@@ -406,7 +408,7 @@ impl Tbe3Harness {
     /// Opens device 0 and loads the kernels.
     pub fn new() -> R<Self> {
         if !built_with_kernels() {
-            return Err(DeviceError::Cuda("built without CUDA kernels".into()));
+            return Err(DeviceError::cuda("built without CUDA kernels".into()));
         }
         let ctx = Context::new(0)?;
         Ok(Self {
@@ -448,7 +450,7 @@ impl Tbe3Harness {
     ) -> R<(Vec<f32>, Vec<f32>)> {
         let s = m.shape;
         if bf16.len() != s.len() || x.len() != g.batch * s.cols {
-            return Err(DeviceError::Cuda("gemv: input sizes do not match".into()));
+            return Err(DeviceError::cuda("gemv: input sizes do not match".into()));
         }
         let d = DeviceTbe3::upload(&self.ctx, m)?;
         let (wb, xb) = (
@@ -517,7 +519,7 @@ impl Tbe3Harness {
         use super::plan::Strategy;
         let s = m.shape;
         if bits.len() != s.len() || x.len() != n * s.cols || n == 0 {
-            return Err(DeviceError::Cuda(format!(
+            return Err(DeviceError::cuda(format!(
                 "product: {} weights and {} activations for {n} rows of a {} × {} matrix",
                 bits.len(),
                 x.len(),

@@ -690,7 +690,8 @@ fn upload(
     let (role, rows, cols) = (*role, *rows, *cols);
     let shape = Shape::for_matrix(rows, cols)
         .map_err(|e| DeviceError::Invalid(format!("{role:?} ({rows} × {cols}): {e}")))?;
-    let wrap = |e: GpuError| DeviceError::Cuda(format!("{role:?} ({rows} × {cols}): {}", e.0));
+    let wrap =
+        |e: GpuError| DeviceError::Cuda(e.context(format_args!("{role:?} ({rows} × {cols})")));
     let (raw, tbe3) = match src {
         MatrixSource::Bf16(bytes) => (
             Linear::upload(ctx, bytes, rows, cols, Storage::Raw).map_err(wrap)?,
@@ -746,7 +747,7 @@ pub fn tune(
         }
     }
     if !kernels::built_with_kernels() {
-        return Err(DeviceError::Cuda(
+        return Err(DeviceError::cuda(
             "built without CUDA kernels (nvcc was not found when the crate was compiled)".into(),
         ));
     }
@@ -833,18 +834,20 @@ pub fn tune(
                     // that sticks to the context (a fault) ends the tuning.
                     Err(e) if (storage, strategy) != (Storage::Raw, Strategy::BASELINE) => {
                         if let Err(sticky) = ctx.sync() {
-                            return Err(DeviceError::Cuda(what(&format!(
-                                "{}; the context is unusable: {}",
-                                e.0, sticky.0
-                            ))));
+                            let why = what(&format!("{}; the context is unusable", e.message));
+                            return Err(DeviceError::Cuda(sticky.context(why)));
                         }
-                        tracing::warn!("{}; left out of the table", what(&e.0));
+                        tracing::warn!("{}; left out of the table", what(&e.message));
                         if opts.progress {
-                            eprintln!("tune: {}; left out of the table", what(&e.0));
+                            eprintln!("tune: {}; left out of the table", what(&e.message));
                         }
                         continue;
                     }
-                    Err(e) => return Err(DeviceError::Cuda(what(&e.0))),
+                    Err(e) => {
+                        return Err(DeviceError::Cuda(
+                            e.context(what("").trim_end_matches(": ")),
+                        ))
+                    }
                 };
                 timings.push(Timing {
                     storage,
@@ -932,7 +935,7 @@ pub fn table_for_model<'a>(
     opts: &TuneOptions,
 ) -> Result<(TuneTable, String), DeviceError> {
     if !kernels::built_with_kernels() {
-        return Err(DeviceError::Cuda(
+        return Err(DeviceError::cuda(
             "built without CUDA kernels (nvcc was not found when the crate was compiled)".into(),
         ));
     }
