@@ -66,6 +66,15 @@ pub struct DecodeArgs {
     /// Prompt length of the first sequence (sequence i gets i more tokens).
     #[arg(long, default_value_t = 16)]
     pub(super) prompt_len: usize,
+    /// CPU only: also time prefill of one prompt of each of these lengths (comma separated),
+    /// per weight configuration; their last-position logits must be identical across them.
+    #[arg(long, value_delimiter = ',')]
+    pub(super) prefill: Vec<usize>,
+    /// CPU only, with --prefill: a Python with torch and transformers (`scripts/reference-env`)
+    /// to time Hugging Face transformers' prefill of the same prompts on the same threads, in
+    /// the same run (scripts/hf_prefill.py).
+    #[arg(long, requires = "prefill")]
+    pub(super) hf_python: Option<PathBuf>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub(super) out: Option<PathBuf>,
@@ -76,7 +85,13 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) || a.tokens == 0 || a.prompt_len == 0 {
         bail!("--batch sizes, --tokens and --prompt-len must all be at least 1");
     }
+    if a.prefill.contains(&0) {
+        bail!("--prefill lengths must be at least 1");
+    }
     if a.device == "cuda" {
+        if !a.prefill.is_empty() {
+            bail!("--prefill is measured on the CPU only for now");
+        }
         return super::bench_cuda::run(&a);
     }
     // The CPU measures its own three configurations; the plan options are the GPU's.
@@ -111,7 +126,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.compressed.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
-    let rows = result?;
+    let (rows, prefill) = result?;
+    let hf = match &a.hf_python {
+        Some(py) => Some(hf_prefill(py, &model, &a.prefill, &prefill)?),
+        None => None,
+    };
     if let Some(out) = &a.out {
         let doc = json!({
             "benchmark": "decode",
@@ -120,13 +139,20 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             "tokens": a.tokens,
             "prompt_len": a.prompt_len,
             "results": rows,
+            "prefill": prefill,
+            "hf_transformers_prefill": hf,
         });
         super::bench::write_results(out, doc, rayon::current_num_threads())?;
     }
     Ok(())
 }
 
-fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Value>> {
+/// Decode rows and prefill rows of every configuration.
+fn measure_all(
+    a: &DecodeArgs,
+    model: &Path,
+    compressed: &Path,
+) -> Result<(Vec<Value>, Vec<Value>)> {
     let configs: [(&str, &Path, WeightMode); 3] = [
         ("plain checkpoint, bf16", model, WeightMode::Decoded),
         (
@@ -142,7 +168,9 @@ fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Va
         "weights", "batch", "tokens/s", "weights MiB", "load s", a.tokens
     );
     let mut rows = Vec::new();
+    let mut prefill_rows = Vec::new();
     let mut reference: Vec<Vec<Vec<u32>>> = Vec::new();
+    let mut prefill_reference: Vec<Vec<u32>> = Vec::new();
     for (ci, (name, dir, mode)) in configs.iter().enumerate() {
         let max_batch = *a.batch.iter().max().expect("checked non-empty");
         let t = Instant::now();
@@ -150,9 +178,21 @@ fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Va
             max_sequences: max_batch,
             ..CpuOptions::default()
         };
-        let backend = CpuBackend::load(dir, *mode, &opts)
+        let mut backend = CpuBackend::load(dir, *mode, &opts)
             .with_context(|| format!("loading {}", dir.display()))?;
         let load_s = t.elapsed().as_secs_f64();
+        for (li, &len) in a.prefill.iter().enumerate() {
+            let (tps, bits) = measure_prefill(&mut backend, len)?;
+            println!("{name:<30} prefill of {len} tokens: {tps:.1} tokens/s");
+            if ci == 0 {
+                prefill_reference.push(bits);
+            } else if prefill_reference[li] != bits {
+                bail!("`{name}`: the logits after a {len}-token prefill differ from the plain checkpoint's");
+            }
+            prefill_rows.push(json!({
+                "weights": name, "mode": mode.as_str(), "prompt_len": len, "tokens_per_s": tps,
+            }));
+        }
         let mib = backend.weights().resident_bytes() as f64 / (1 << 20) as f64;
         let vocab = crate::device::Backend::config(&backend).vocab_size as u32;
         let eopts = EngineOptions {
@@ -175,7 +215,72 @@ fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Va
         }
     }
     println!("all configurations generated identical tokens");
-    Ok(rows)
+    Ok((rows, prefill_rows))
+}
+
+/// The prompt of `len` tokens every prefill measurement uses (scripts/hf_prefill.py builds the
+/// same one).
+fn prefill_prompt(len: usize, vocab: u32) -> Vec<u32> {
+    (0..len as u64)
+        .map(|i| ((i * 2654435761 + 17) % u64::from(vocab)) as u32)
+        .collect()
+}
+
+/// Prefills one prompt of `len` tokens into a fresh sequence; returns tokens/s and the bits of
+/// the last position's logits.
+fn measure_prefill(backend: &mut CpuBackend, len: usize) -> Result<(f64, Vec<u32>)> {
+    use crate::device::Backend;
+    let vocab = backend.config().vocab_size as u32;
+    let prompt = prefill_prompt(len, vocab);
+    let seq = backend.new_sequence()?;
+    let t = Instant::now();
+    let result = backend.prefill(seq, &prompt);
+    let secs = t.elapsed().as_secs_f64();
+    backend.free_sequence(seq);
+    let logits = result.with_context(|| format!("prefill of {len} tokens"))?;
+    Ok((len as f64 / secs, logits.iter().map(|v| v.to_bits()).collect()))
+}
+
+/// Runs scripts/hf_prefill.py with `python` on the same prompts and threads, prints its speeds
+/// next to ours (the plain checkpoint's) and returns its JSON.
+fn hf_prefill(python: &Path, model: &Path, lengths: &[usize], ours: &[Value]) -> Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hf_prefill.py");
+    let threads = rayon::current_num_threads();
+    let list: Vec<String> = lengths.iter().map(usize::to_string).collect();
+    eprintln!("bench: timing Hugging Face transformers' prefill ({})", python.display());
+    let output = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--model")
+        .arg(model)
+        .args(["--lengths", &list.join(","), "--threads", &threads.to_string()])
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let hf: Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("reading the output of {}", script.display()))?;
+    println!(
+        "{:<8} {:>14} {:>14} {:>14} {:>10}   (prefill tokens/s, {threads} threads)",
+        "prompt", "unweight bf16", "hf float32", "hf bfloat16", "ours/f32"
+    );
+    for &len in lengths {
+        let mine = ours
+            .iter()
+            .find(|r| r["prompt_len"] == len && r["mode"] == WeightMode::Decoded.as_str())
+            .and_then(|r| r["tokens_per_s"].as_f64());
+        let f32s = hf["float32"][len.to_string()].as_f64();
+        let bf16s = hf["bfloat16"][len.to_string()].as_f64();
+        let (Some(m), Some(f), Some(b)) = (mine, f32s, bf16s) else {
+            bail!("no prefill speed for {len} tokens in our rows or in {}", script.display());
+        };
+        println!("{len:<8} {m:>14.1} {f:>14.1} {b:>14.1} {:>9.2}x", m / f);
+    }
+    Ok(hf)
 }
 
 /// Serves `batch` requests; returns decode tokens/s over the timed steps and every token.
