@@ -75,6 +75,12 @@ pub struct DecodeArgs {
     /// the same run (scripts/hf_prefill.py).
     #[arg(long, requires = "prefill")]
     pub(super) hf_python: Option<PathBuf>,
+    /// CPU only: also measure chunked prefill inside continuous batching: four streams decode
+    /// while a prompt of this many tokens is admitted; reports a stream's worst gap between
+    /// tokens next to its median gap, with the engine's default chunk and unchunked, side by
+    /// side (plain checkpoint).
+    #[arg(long)]
+    pub(super) interference: Option<usize>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub(super) out: Option<PathBuf>,
@@ -85,12 +91,12 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) || a.tokens == 0 || a.prompt_len == 0 {
         bail!("--batch sizes, --tokens and --prompt-len must all be at least 1");
     }
-    if a.prefill.contains(&0) {
-        bail!("--prefill lengths must be at least 1");
+    if a.prefill.contains(&0) || a.interference == Some(0) {
+        bail!("--prefill lengths and --interference must be at least 1");
     }
     if a.device == "cuda" {
-        if !a.prefill.is_empty() {
-            bail!("--prefill is measured on the CPU only for now");
+        if !a.prefill.is_empty() || a.interference.is_some() {
+            bail!("--prefill and --interference are measured on the CPU only for now");
         }
         return super::bench_cuda::run(&a);
     }
@@ -127,6 +133,10 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         let _ = std::fs::remove_dir_all(&temp);
     }
     let (rows, prefill) = result?;
+    let interference = match a.interference {
+        Some(len) => measure_interference(&model, len)?,
+        None => Vec::new(),
+    };
     let hf = match &a.hf_python {
         Some(py) => Some(hf_prefill(py, &model, &a.prefill, &prefill)?),
         None => None,
@@ -140,6 +150,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             "prompt_len": a.prompt_len,
             "results": rows,
             "prefill": prefill,
+            "interference": interference,
             "hf_transformers_prefill": hf,
         });
         super::bench::write_results(out, doc, rayon::current_num_threads())?;
@@ -238,7 +249,10 @@ fn measure_prefill(backend: &mut CpuBackend, len: usize) -> Result<(f64, Vec<u32
     let secs = t.elapsed().as_secs_f64();
     backend.free_sequence(seq);
     let logits = result.with_context(|| format!("prefill of {len} tokens"))?;
-    Ok((len as f64 / secs, logits.iter().map(|v| v.to_bits()).collect()))
+    Ok((
+        len as f64 / secs,
+        logits.iter().map(|v| v.to_bits()).collect(),
+    ))
 }
 
 /// Runs scripts/hf_prefill.py with `python` on the same prompts and threads, prints its speeds
@@ -247,12 +261,20 @@ fn hf_prefill(python: &Path, model: &Path, lengths: &[usize], ours: &[Value]) ->
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hf_prefill.py");
     let threads = rayon::current_num_threads();
     let list: Vec<String> = lengths.iter().map(usize::to_string).collect();
-    eprintln!("bench: timing Hugging Face transformers' prefill ({})", python.display());
+    eprintln!(
+        "bench: timing Hugging Face transformers' prefill ({})",
+        python.display()
+    );
     let output = std::process::Command::new(python)
         .arg(&script)
         .arg("--model")
         .arg(model)
-        .args(["--lengths", &list.join(","), "--threads", &threads.to_string()])
+        .args([
+            "--lengths",
+            &list.join(","),
+            "--threads",
+            &threads.to_string(),
+        ])
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     if !output.status.success() {
@@ -276,7 +298,10 @@ fn hf_prefill(python: &Path, model: &Path, lengths: &[usize], ours: &[Value]) ->
         let f32s = hf["float32"][len.to_string()].as_f64();
         let bf16s = hf["bfloat16"][len.to_string()].as_f64();
         let (Some(m), Some(f), Some(b)) = (mine, f32s, bf16s) else {
-            bail!("no prefill speed for {len} tokens in our rows or in {}", script.display());
+            bail!(
+                "no prefill speed for {len} tokens in our rows or in {}",
+                script.display()
+            );
         };
         println!("{len:<8} {m:>14.1} {f:>14.1} {b:>14.1} {:>9.2}x", m / f);
     }
@@ -320,4 +345,110 @@ fn measure<B: crate::device::Backend>(
         record(engine.step()?);
     }
     Ok(((batch * a.tokens) as f64 / secs, tokens))
+}
+
+/// Four greedy streams decode; after three steps a `len`-token prompt arrives. For the engine's
+/// default prefill chunk and for no chunking (the whole prompt in one step), the gaps between a
+/// stream's tokens: median over the run, worst while the prompt was being prefilled, and the
+/// prompt's time to first token.
+fn measure_interference(model: &Path, len: usize) -> Result<Vec<Value>> {
+    use crate::device::Backend;
+    use crate::engine::DEFAULT_PREFILL_CHUNK;
+    let mut rows = Vec::new();
+    println!(
+        "{:<28} {:>12} {:>12} {:>10} {:>10}   (4 streams decoding, a {len}-token prompt arrives)",
+        "prefill per step", "median gap", "worst gap", "worst/med", "TTFT s"
+    );
+    for chunk in [DEFAULT_PREFILL_CHUNK, len] {
+        let opts = CpuOptions {
+            max_sequences: 8,
+            ..CpuOptions::default()
+        };
+        let backend = CpuBackend::load(model, WeightMode::Decoded, &opts)
+            .with_context(|| format!("loading {}", model.display()))?;
+        let vocab = backend.config().vocab_size as u64;
+        let eopts = EngineOptions {
+            max_batch: 8,
+            max_prefill_tokens: chunk,
+            ..EngineOptions::for_config(backend.config())
+        };
+        let mut engine = Engine::new(backend, None, eopts);
+        let prompt = |n: usize, salt: u64| -> Vec<u32> {
+            (0..n as u64)
+                .map(|i| ((i * 2654435761 + salt * 40503 + 17) % vocab) as u32)
+                .collect()
+        };
+        let mut streams = Vec::new();
+        for b in 0..4 {
+            let mut r = Request::greedy(prompt(16, b), 1 << 20);
+            r.ignore_eos = true;
+            streams.push(engine.add(r)?);
+        }
+        // Times of the first stream's tokens; the steps while the long prompt was prefilled.
+        let mut times = Vec::new();
+        let mut long = None;
+        let (mut arrived, mut first_token) = (None, None);
+        let mut steps = 0;
+        while first_token.is_none() || steps < 8 {
+            if steps == 3 {
+                let mut r = Request::greedy(prompt(len, 99), 1);
+                r.ignore_eos = true;
+                long = Some(engine.add(r)?);
+                arrived = Some((Instant::now(), times.len()));
+            }
+            let events = engine.step()?;
+            let now = Instant::now();
+            for e in &events {
+                match e {
+                    Event::Token { id, .. } if *id == streams[0] => times.push(now),
+                    Event::Token { id, .. } if Some(*id) == long && first_token.is_none() => {
+                        first_token = Some((now, times.len()));
+                    }
+                    _ => {}
+                }
+            }
+            steps += 1;
+            if steps > 100_000 {
+                bail!("the {len}-token prompt never produced a token");
+            }
+        }
+        for id in streams {
+            engine.cancel(id);
+        }
+        while engine.has_work() {
+            engine.step()?;
+        }
+        let gaps: Vec<f64> = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        let (t0, i0) = arrived.expect("the prompt arrived at step 3");
+        let (t1, i1) = first_token.expect("loop ran until the first token");
+        // Gaps that end at a token given while the prompt was being prefilled (or just after).
+        let worst = gaps[i0.saturating_sub(1)..i1.min(gaps.len())]
+            .iter()
+            .copied()
+            .fold(0f64, f64::max);
+        let mut sorted = gaps.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let ttft = (t1 - t0).as_secs_f64();
+        let label = if chunk >= len {
+            "whole prompt (unchunked)".to_string()
+        } else {
+            format!("chunks of {chunk} tokens")
+        };
+        println!(
+            "{label:<28} {:>10.1}ms {:>10.1}ms {:>9.2}x {ttft:>10.2}",
+            median * 1e3,
+            worst * 1e3,
+            worst / median
+        );
+        rows.push(json!({
+            "prefill_chunk": chunk, "prompt_len": len, "streams": 4,
+            "median_gap_s": median, "worst_gap_s": worst, "worst_over_median": worst / median,
+            "ttft_s": ttft, "stream_tokens": times.len(),
+        }));
+    }
+    Ok(rows)
 }
