@@ -509,6 +509,85 @@ fn requests_joining_between_steps_generate_what_they_would_alone() {
     assert_eq!(e.stats().generated_tokens, 18);
 }
 
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
+    // Two streams are decoding when a 70-token prompt arrives; with a budget of 16 prompt tokens
+    // per step it is prefilled over 5 steps, and every one of those steps still gives both
+    // streams a token. Chunking must not change a single token: each request generates what it
+    // generates alone with an unlimited budget, and a prompt cancelled half-way frees its blocks.
+    let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 500).collect();
+    let short = [PROMPT.to_vec(), PROMPT[2..].to_vec()];
+    let alone = |p: &[u32], n: usize| {
+        let mut e = engine(false);
+        e.add(Request::greedy(p.to_vec(), n)).unwrap();
+        run_all(&mut e).remove(0).1
+    };
+    let want = [alone(&short[0], 12), alone(&short[1], 12), alone(&long, 4)];
+    let b = backend(tiny().0, WeightMode::Decoded);
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        ..EngineOptions::for_config(b.config())
+    };
+    let mut e = Engine::new(b, None, opts);
+    let ids = [
+        e.add(Request::greedy(short[0].clone(), 12)).unwrap(),
+        e.add(Request::greedy(short[1].clone(), 12)).unwrap(),
+    ];
+    let mut got = vec![Vec::new(); 3];
+    let record = |events: Vec<Event>, got: &mut Vec<Vec<u32>>, ids: &[RequestId]| {
+        let mut per = [0usize; 3];
+        for ev in events {
+            if let Event::Token { id, token, .. } = ev {
+                let i = ids.iter().position(|&x| x == id).unwrap();
+                got[i].push(token);
+                per[i] += 1;
+            }
+        }
+        per
+    };
+    // The short prompts (9 + 7 tokens, one step), then two steps of decoding both.
+    for _ in 0..3 {
+        record(e.step().unwrap(), &mut got, &ids);
+    }
+    let ids = [
+        ids[0],
+        ids[1],
+        e.add(Request::greedy(long.clone(), 4)).unwrap(),
+    ];
+    let before = e.stats().prefill_tokens;
+    for step in 0..5 {
+        let per = record(e.step().unwrap(), &mut got, &ids);
+        assert_eq!(
+            per[..2],
+            [1, 1],
+            "step {step}: the running streams each got a token"
+        );
+        let prefilled = e.stats().prefill_tokens - before;
+        assert_eq!(prefilled, (16 * (step as u64 + 1)).min(70), "step {step}");
+        assert_eq!(
+            per[2],
+            usize::from(step == 4),
+            "the first token after the last chunk"
+        );
+    }
+    while e.has_work() {
+        record(e.step().unwrap(), &mut got, &ids);
+    }
+    assert_eq!(got, want);
+
+    // Cancelled while its prompt is half prefilled: it ends, and the cache ends empty.
+    let id = e.add(Request::greedy(long.clone(), 4)).unwrap();
+    e.step().unwrap();
+    assert!(e.kv_usage().used_tokens > 0);
+    assert!(e.cancel(id));
+    let events = e.step().unwrap();
+    assert!(events.iter().any(|ev| matches!(ev,
+        Event::Finished { id: i, reason: StopReason::Cancelled, .. } if *i == id)));
+    assert!(!e.has_work());
+    assert_eq!(e.kv_usage().used_tokens, 0);
+}
+
 /// An engine over [`paged_backend`].
 fn paged_engine(blocks: u64, max_sequences: usize) -> Engine<CpuBackend> {
     let b = paged_backend(blocks, max_sequences);

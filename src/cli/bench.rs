@@ -45,7 +45,7 @@ pub enum BenchCommand {
     },
     /// Decode tokens/s of a model, plain vs compressed (CPU: decoded at load and on the fly;
     /// CUDA: the baseline and the compressed plan side by side).
-    Decode(super::bench_decode::DecodeArgs),
+    Decode(Box<super::bench_decode::DecodeArgs>),
     /// Every product strategy (fused GEMV, chunked decode + cuBLAS, tensor cores) on tbe3 vs
     /// cuBLAS on BF16, Llama-3.1-8B shapes (GPU).
     Kernels(super::bench_kernels::KernelsArgs),
@@ -70,7 +70,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             minilm.as_deref(),
             out.as_deref(),
         ),
-        BenchCommand::Decode(args) => super::bench_decode::run(args),
+        BenchCommand::Decode(args) => super::bench_decode::run(*args),
         BenchCommand::Kernels(args) => super::bench_kernels::run(&args),
         BenchCommand::Load(args) => super::bench_load::run(&args),
     }

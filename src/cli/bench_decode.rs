@@ -66,6 +66,21 @@ pub struct DecodeArgs {
     /// Prompt length of the first sequence (sequence i gets i more tokens).
     #[arg(long, default_value_t = 16)]
     pub(super) prompt_len: usize,
+    /// CPU only: also time prefill of one prompt of each of these lengths (comma separated),
+    /// per weight configuration; their last-position logits must be identical across them.
+    #[arg(long, value_delimiter = ',')]
+    pub(super) prefill: Vec<usize>,
+    /// CPU only, with --prefill: a Python with torch and transformers (`scripts/reference-env`)
+    /// to time Hugging Face transformers' prefill of the same prompts on the same threads, in
+    /// the same run (scripts/hf_prefill.py).
+    #[arg(long, requires = "prefill")]
+    pub(super) hf_python: Option<PathBuf>,
+    /// CPU only: also measure chunked prefill inside continuous batching: four streams decode
+    /// while a prompt of this many tokens is admitted; reports a stream's worst gap between
+    /// tokens next to its median gap, with the engine's default chunk and unchunked, side by
+    /// side (plain checkpoint).
+    #[arg(long)]
+    pub(super) interference: Option<usize>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub(super) out: Option<PathBuf>,
@@ -76,7 +91,13 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) || a.tokens == 0 || a.prompt_len == 0 {
         bail!("--batch sizes, --tokens and --prompt-len must all be at least 1");
     }
+    if a.prefill.contains(&0) || a.interference == Some(0) {
+        bail!("--prefill lengths and --interference must be at least 1");
+    }
     if a.device == "cuda" {
+        if !a.prefill.is_empty() || a.interference.is_some() {
+            bail!("--prefill and --interference are measured on the CPU only for now");
+        }
         return super::bench_cuda::run(&a);
     }
     // The CPU measures its own three configurations; the plan options are the GPU's.
@@ -111,7 +132,15 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.compressed.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
-    let rows = result?;
+    let (rows, prefill) = result?;
+    let interference = match a.interference {
+        Some(len) => measure_interference(&model, len)?,
+        None => Vec::new(),
+    };
+    let hf = match &a.hf_python {
+        Some(py) => Some(hf_prefill(py, &model, &a.prefill, &prefill)?),
+        None => None,
+    };
     if let Some(out) = &a.out {
         let doc = json!({
             "benchmark": "decode",
@@ -120,13 +149,21 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             "tokens": a.tokens,
             "prompt_len": a.prompt_len,
             "results": rows,
+            "prefill": prefill,
+            "interference": interference,
+            "hf_transformers_prefill": hf,
         });
         super::bench::write_results(out, doc, rayon::current_num_threads())?;
     }
     Ok(())
 }
 
-fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Value>> {
+/// Decode rows and prefill rows of every configuration.
+fn measure_all(
+    a: &DecodeArgs,
+    model: &Path,
+    compressed: &Path,
+) -> Result<(Vec<Value>, Vec<Value>)> {
     let configs: [(&str, &Path, WeightMode); 3] = [
         ("plain checkpoint, bf16", model, WeightMode::Decoded),
         (
@@ -142,7 +179,9 @@ fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Va
         "weights", "batch", "tokens/s", "weights MiB", "load s", a.tokens
     );
     let mut rows = Vec::new();
+    let mut prefill_rows = Vec::new();
     let mut reference: Vec<Vec<Vec<u32>>> = Vec::new();
+    let mut prefill_reference: Vec<Vec<u32>> = Vec::new();
     for (ci, (name, dir, mode)) in configs.iter().enumerate() {
         let max_batch = *a.batch.iter().max().expect("checked non-empty");
         let t = Instant::now();
@@ -150,9 +189,21 @@ fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Va
             max_sequences: max_batch,
             ..CpuOptions::default()
         };
-        let backend = CpuBackend::load(dir, *mode, &opts)
+        let mut backend = CpuBackend::load(dir, *mode, &opts)
             .with_context(|| format!("loading {}", dir.display()))?;
         let load_s = t.elapsed().as_secs_f64();
+        for (li, &len) in a.prefill.iter().enumerate() {
+            let (tps, bits) = measure_prefill(&mut backend, len)?;
+            println!("{name:<30} prefill of {len} tokens: {tps:.1} tokens/s");
+            if ci == 0 {
+                prefill_reference.push(bits);
+            } else if prefill_reference[li] != bits {
+                bail!("`{name}`: the logits after a {len}-token prefill differ from the plain checkpoint's");
+            }
+            prefill_rows.push(json!({
+                "weights": name, "mode": mode.as_str(), "prompt_len": len, "tokens_per_s": tps,
+            }));
+        }
         let mib = backend.weights().resident_bytes() as f64 / (1 << 20) as f64;
         let vocab = crate::device::Backend::config(&backend).vocab_size as u32;
         let eopts = EngineOptions {
@@ -175,7 +226,86 @@ fn measure_all(a: &DecodeArgs, model: &Path, compressed: &Path) -> Result<Vec<Va
         }
     }
     println!("all configurations generated identical tokens");
-    Ok(rows)
+    Ok((rows, prefill_rows))
+}
+
+/// The prompt of `len` tokens every prefill measurement uses (scripts/hf_prefill.py builds the
+/// same one).
+fn prefill_prompt(len: usize, vocab: u32) -> Vec<u32> {
+    (0..len as u64)
+        .map(|i| ((i * 2654435761 + 17) % u64::from(vocab)) as u32)
+        .collect()
+}
+
+/// Prefills one prompt of `len` tokens into a fresh sequence; returns tokens/s and the bits of
+/// the last position's logits.
+fn measure_prefill(backend: &mut CpuBackend, len: usize) -> Result<(f64, Vec<u32>)> {
+    use crate::device::Backend;
+    let vocab = backend.config().vocab_size as u32;
+    let prompt = prefill_prompt(len, vocab);
+    let seq = backend.new_sequence()?;
+    let t = Instant::now();
+    let result = backend.prefill(seq, &prompt);
+    let secs = t.elapsed().as_secs_f64();
+    backend.free_sequence(seq);
+    let logits = result.with_context(|| format!("prefill of {len} tokens"))?;
+    Ok((
+        len as f64 / secs,
+        logits.iter().map(|v| v.to_bits()).collect(),
+    ))
+}
+
+/// Runs scripts/hf_prefill.py with `python` on the same prompts and threads, prints its speeds
+/// next to ours (the plain checkpoint's) and returns its JSON.
+fn hf_prefill(python: &Path, model: &Path, lengths: &[usize], ours: &[Value]) -> Result<Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hf_prefill.py");
+    let threads = rayon::current_num_threads();
+    let list: Vec<String> = lengths.iter().map(usize::to_string).collect();
+    eprintln!(
+        "bench: timing Hugging Face transformers' prefill ({})",
+        python.display()
+    );
+    let output = std::process::Command::new(python)
+        .arg(&script)
+        .arg("--model")
+        .arg(model)
+        .args([
+            "--lengths",
+            &list.join(","),
+            "--threads",
+            &threads.to_string(),
+        ])
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let hf: Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| format!("reading the output of {}", script.display()))?;
+    println!(
+        "{:<8} {:>14} {:>14} {:>14} {:>10}   (prefill tokens/s, {threads} threads)",
+        "prompt", "unweight bf16", "hf float32", "hf bfloat16", "ours/f32"
+    );
+    for &len in lengths {
+        let mine = ours
+            .iter()
+            .find(|r| r["prompt_len"] == len && r["mode"] == WeightMode::Decoded.as_str())
+            .and_then(|r| r["tokens_per_s"].as_f64());
+        let f32s = hf["float32"][len.to_string()].as_f64();
+        let bf16s = hf["bfloat16"][len.to_string()].as_f64();
+        let (Some(m), Some(f), Some(b)) = (mine, f32s, bf16s) else {
+            bail!(
+                "no prefill speed for {len} tokens in our rows or in {}",
+                script.display()
+            );
+        };
+        println!("{len:<8} {m:>14.1} {f:>14.1} {b:>14.1} {:>9.2}x", m / f);
+    }
+    Ok(hf)
 }
 
 /// Serves `batch` requests; returns decode tokens/s over the timed steps and every token.
@@ -215,4 +345,110 @@ fn measure<B: crate::device::Backend>(
         record(engine.step()?);
     }
     Ok(((batch * a.tokens) as f64 / secs, tokens))
+}
+
+/// Four greedy streams decode; after three steps a `len`-token prompt arrives. For the engine's
+/// default prefill chunk and for no chunking (the whole prompt in one step), the gaps between a
+/// stream's tokens: median over the run, worst while the prompt was being prefilled, and the
+/// prompt's time to first token.
+fn measure_interference(model: &Path, len: usize) -> Result<Vec<Value>> {
+    use crate::device::Backend;
+    use crate::engine::DEFAULT_PREFILL_CHUNK;
+    let mut rows = Vec::new();
+    println!(
+        "{:<28} {:>12} {:>12} {:>10} {:>10}   (4 streams decoding, a {len}-token prompt arrives)",
+        "prefill per step", "median gap", "worst gap", "worst/med", "TTFT s"
+    );
+    for chunk in [DEFAULT_PREFILL_CHUNK, len] {
+        let opts = CpuOptions {
+            max_sequences: 8,
+            ..CpuOptions::default()
+        };
+        let backend = CpuBackend::load(model, WeightMode::Decoded, &opts)
+            .with_context(|| format!("loading {}", model.display()))?;
+        let vocab = backend.config().vocab_size as u64;
+        let eopts = EngineOptions {
+            max_batch: 8,
+            max_prefill_tokens: chunk,
+            ..EngineOptions::for_config(backend.config())
+        };
+        let mut engine = Engine::new(backend, None, eopts);
+        let prompt = |n: usize, salt: u64| -> Vec<u32> {
+            (0..n as u64)
+                .map(|i| ((i * 2654435761 + salt * 40503 + 17) % vocab) as u32)
+                .collect()
+        };
+        let mut streams = Vec::new();
+        for b in 0..4 {
+            let mut r = Request::greedy(prompt(16, b), 1 << 20);
+            r.ignore_eos = true;
+            streams.push(engine.add(r)?);
+        }
+        // Times of the first stream's tokens; the steps while the long prompt was prefilled.
+        let mut times = Vec::new();
+        let mut long = None;
+        let (mut arrived, mut first_token) = (None, None);
+        let mut steps = 0;
+        while first_token.is_none() || steps < 8 {
+            if steps == 3 {
+                let mut r = Request::greedy(prompt(len, 99), 1);
+                r.ignore_eos = true;
+                long = Some(engine.add(r)?);
+                arrived = Some((Instant::now(), times.len()));
+            }
+            let events = engine.step()?;
+            let now = Instant::now();
+            for e in &events {
+                match e {
+                    Event::Token { id, .. } if *id == streams[0] => times.push(now),
+                    Event::Token { id, .. } if Some(*id) == long && first_token.is_none() => {
+                        first_token = Some((now, times.len()));
+                    }
+                    _ => {}
+                }
+            }
+            steps += 1;
+            if steps > 100_000 {
+                bail!("the {len}-token prompt never produced a token");
+            }
+        }
+        for id in streams {
+            engine.cancel(id);
+        }
+        while engine.has_work() {
+            engine.step()?;
+        }
+        let gaps: Vec<f64> = times
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect();
+        let (t0, i0) = arrived.expect("the prompt arrived at step 3");
+        let (t1, i1) = first_token.expect("loop ran until the first token");
+        // Gaps that end at a token given while the prompt was being prefilled (or just after).
+        let worst = gaps[i0.saturating_sub(1)..i1.min(gaps.len())]
+            .iter()
+            .copied()
+            .fold(0f64, f64::max);
+        let mut sorted = gaps.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let ttft = (t1 - t0).as_secs_f64();
+        let label = if chunk >= len {
+            "whole prompt (unchunked)".to_string()
+        } else {
+            format!("chunks of {chunk} tokens")
+        };
+        println!(
+            "{label:<28} {:>10.1}ms {:>10.1}ms {:>9.2}x {ttft:>10.2}",
+            median * 1e3,
+            worst * 1e3,
+            worst / median
+        );
+        rows.push(json!({
+            "prefill_chunk": chunk, "prompt_len": len, "streams": 4,
+            "median_gap_s": median, "worst_gap_s": worst, "worst_over_median": worst / median,
+            "ttft_s": ttft, "stream_tokens": times.len(),
+        }));
+    }
+    Ok(rows)
 }

@@ -1,10 +1,11 @@
 //! The serving engine: requests in, token and text events out, one iteration at a time.
 //!
-//! [`Engine`] owns a [`Backend`] and every request's [`Sequence`]. A caller (the CLI, later the
-//! Triton engine thread) adds requests at any time, cancels them, and calls [`Engine::step`],
-//! which prefills the requests admitted this step, decodes every other running sequence as one
-//! batch, and returns what happened as [`Event`]s. Requests join and leave between steps
-//! (continuous batching).
+//! [`Engine`] owns a [`Backend`] and every request's [`Sequence`]. A caller (the CLI, the Triton
+//! engine thread) adds requests at any time, cancels them, and calls [`Engine::step`], which
+//! prefills the next chunks of prompts under a per-step token budget (chunked prefill: a long
+//! prompt is spread over several steps), decodes every other running sequence as one batch, and
+//! returns what happened as [`Event`]s. Requests join and leave between steps (continuous
+//! batching).
 //!
 //! The engine never touches device memory or Triton types: sequences hold KV-cache handles, the
 //! backend holds the cache. Invariant: every request that was added yields exactly one
@@ -86,9 +87,17 @@ pub struct EngineOptions {
     pub eos_token_ids: Vec<u32>,
     /// Sequences decoded together at most (also bounded by the KV-cache slots).
     pub max_batch: usize,
-    /// Prompt tokens prefilled per step (the first admitted prompt always is).
+    /// Prompt tokens prefilled per step, over every prompt: a longer prompt is prefilled in
+    /// chunks over several steps while the running sequences keep decoding, so a step (and a
+    /// running stream's gap between tokens) takes at most one chunk's prefill more than a plain
+    /// decode step.
     pub max_prefill_tokens: usize,
 }
+
+/// The default of [`EngineOptions::max_prefill_tokens`]: long enough that a prompt's products
+/// run as matrix products (bench decode --prefill), short enough that running streams wait for
+/// a chunk, not a whole long prompt (bench decode --interference).
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
 impl EngineOptions {
     /// Defaults for a model: its config's end-of-sequence tokens, batches of up to 32.
@@ -96,7 +105,7 @@ impl EngineOptions {
         Self {
             eos_token_ids: cfg.eos_token_ids.clone(),
             max_batch: 32,
-            max_prefill_tokens: 4096,
+            max_prefill_tokens: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -124,6 +133,8 @@ pub struct Engine<B: Backend> {
     opts: EngineOptions,
     next_id: u64,
     waiting: VecDeque<Sequence>,
+    /// Admitted, holding a KV-cache handle, prompt partly prefilled (in admission order).
+    prefilling: Vec<Sequence>,
     running: Vec<Sequence>,
     pending: Vec<Event>,
     failed: Vec<RequestId>,
@@ -140,6 +151,7 @@ impl<B: Backend> Engine<B> {
             opts,
             next_id: 0,
             waiting: VecDeque::new(),
+            prefilling: Vec::new(),
             running: Vec::new(),
             pending: Vec::new(),
             failed: Vec::new(),
@@ -159,12 +171,18 @@ impl<B: Backend> Engine<B> {
 
     /// Whether a step would do anything.
     pub fn has_work(&self) -> bool {
-        !(self.waiting.is_empty() && self.running.is_empty() && self.pending.is_empty())
+        !(self.waiting.is_empty()
+            && self.prefilling.is_empty()
+            && self.running.is_empty()
+            && self.pending.is_empty())
     }
 
-    /// Requests waiting and running.
+    /// Requests waiting, and running (prompts being prefilled included).
     pub fn load(&self) -> (usize, usize) {
-        (self.waiting.len(), self.running.len())
+        (
+            self.waiting.len(),
+            self.running.len() + self.prefilling.len(),
+        )
     }
 
     /// The KV cache's capacity and use, in blocks and tokens (for metrics and logs).
@@ -221,6 +239,7 @@ impl<B: Backend> Engine<B> {
         match self
             .running
             .iter_mut()
+            .chain(self.prefilling.iter_mut())
             .find(|s| s.id == id && !s.cancel_requested)
         {
             Some(s) => {
@@ -237,8 +256,10 @@ impl<B: Backend> Engine<B> {
         std::mem::take(&mut self.failed)
     }
 
-    /// Runs one iteration: retires cancelled requests, prefills newly admitted ones (each yields
-    /// its first token), and decodes all other running ones in one batch (one token each).
+    /// Runs one iteration: retires cancelled requests; prefills, under the step's budget of
+    /// [`EngineOptions::max_prefill_tokens`] prompt tokens, the next chunks of the prompts being
+    /// prefilled, then the first chunks of newly admitted ones (a prompt whose last chunk ran
+    /// yields its first token); and decodes all other running ones in one batch (one token each).
     ///
     /// KV-cache policy: a request is admitted only when the cache has free blocks for its prompt
     /// above a reserve for the running sequences ([`scheduler`]). When the running sequences
@@ -271,18 +292,57 @@ impl<B: Backend> Engine<B> {
                 .into_iter()
                 .partition(|s| s.cancel_requested);
         self.running = running;
-        for mut s in cancelled {
+        let (cancelled_prefill, prefilling): (Vec<Sequence>, Vec<Sequence>) =
+            std::mem::take(&mut self.prefilling)
+                .into_iter()
+                .partition(|s| s.cancel_requested);
+        self.prefilling = prefilling;
+        for mut s in cancelled.into_iter().chain(cancelled_prefill) {
             self.finish(&mut s, StopReason::Cancelled, String::new(), events);
         }
-        if self.waiting.is_empty() && self.running.is_empty() {
+        if self.waiting.is_empty() && self.running.is_empty() && self.prefilling.is_empty() {
             return Ok(());
         }
         self.stats.steps += 1;
+        // Prompts being prefilled continue first, in admission order.
+        let mut budget = self.opts.max_prefill_tokens.max(1);
+        let mut admitted = Vec::new();
+        let mut still = Vec::with_capacity(self.prefilling.len());
+        let mut queue = std::mem::take(&mut self.prefilling).into_iter();
+        while let Some(s) = queue.next() {
+            if budget == 0 {
+                still.push(s);
+                continue;
+            }
+            let chunk = (s.kv_len() - s.prefilled).min(budget);
+            budget -= chunk;
+            match self.prefill_chunk(s, chunk, events) {
+                Ok(Some(s)) if !s.prefill_done() => still.push(s),
+                Ok(Some(s)) => admitted.push(s),
+                Ok(None) => {}
+                Err(e) => {
+                    still.extend(queue);
+                    self.prefilling = still;
+                    self.running.extend(admitted);
+                    return Err(e);
+                }
+            }
+        }
+        self.prefilling = still;
+
         let cap = self.backend.kv_capacity();
         let kv = self.backend.kv_usage();
+        let pending_blocks = self
+            .prefilling
+            .iter()
+            .map(|s| {
+                let len = s.kv_len();
+                kv.blocks_for(len) - kv.blocks_for(s.prefilled.min(len))
+            })
+            .sum();
         let limits = scheduler::Limits {
             max_running: self.opts.max_batch.min(cap.max_sequences).max(1),
-            max_prefill_tokens: self.opts.max_prefill_tokens,
+            max_prefill_tokens: budget,
             free_blocks: kv.free_blocks,
             block_tokens: kv.block_tokens,
             decode_blocks: self.decode_blocks(kv.block_tokens),
@@ -293,42 +353,41 @@ impl<B: Backend> Engine<B> {
             } else {
                 scheduler::watermark(kv.total_blocks)
             },
+            pending_blocks,
         };
         let waiting: Vec<(RequestId, usize)> =
             self.waiting.iter().map(|s| (s.id, s.kv_len())).collect();
-        let running: Vec<RequestId> = self.running.iter().map(|s| s.id).collect();
+        let running: Vec<RequestId> = self
+            .running
+            .iter()
+            .chain(&self.prefilling)
+            .chain(&admitted)
+            .map(|s| s.id)
+            .collect();
         let plan = scheduler::plan(&waiting, &running, limits);
 
-        let mut admitted = Vec::with_capacity(plan.prefill.len());
-        for _ in &plan.prefill {
+        for &chunk in &plan.chunks {
             let mut s = self
                 .waiting
                 .pop_front()
                 .expect("the plan admits waiting requests in order");
-            let tokens = s.prefill_tokens();
-            let resumed = !s.output.is_empty();
-            let result = self.backend.new_sequence().and_then(|seq| {
-                s.state = SequenceState::Running(seq);
-                self.backend.prefill(seq, &tokens)
-            });
-            let result = result.map_err(EngineError::from).and_then(|logits| {
-                self.stats.prefill_tokens += tokens.len() as u64;
-                if resumed {
-                    // Recomputed after a preemption: its last sampled token is fed next step.
-                    return Ok(true);
+            let result = match self.backend.new_sequence() {
+                Ok(seq) => {
+                    s.state = SequenceState::Running(seq);
+                    self.prefill_chunk(s, chunk, events)
                 }
-                let token = self.sample(&mut s, &logits);
-                self.accept(&mut s, token, events)
-            });
-            match result {
-                Ok(true) => admitted.push(s),
-                Ok(false) => {}
                 Err(e) => {
-                    // Drop this request; the ones admitted before it run from the next step.
-                    if let Some(seq) = s.seq_id() {
-                        self.backend.free_sequence(seq);
-                    }
                     self.failed.push(s.id);
+                    Err(e.into())
+                }
+            };
+            match result {
+                Ok(Some(s)) if !s.prefill_done() => self.prefilling.push(s),
+                Ok(Some(s)) => admitted.push(s),
+                Ok(None) => {}
+                Err(e) => {
+                    // This request was dropped; the ones admitted before it run from the next
+                    // step.
                     self.running.extend(admitted);
                     return Err(e);
                 }
@@ -405,6 +464,47 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
+    /// Prefills the next `chunk` tokens of `s`'s [`Sequence::prefill_tokens`] into its KV cache.
+    /// Returns the sequence unless it ended: when the chunk was the prompt's last, its first
+    /// token was sampled and accepted (a sequence recomputed after a preemption samples nothing:
+    /// its last token is fed by the next decode). On an error the sequence is dropped, its
+    /// handle freed and its id listed for [`Engine::take_failed`].
+    fn prefill_chunk(
+        &mut self,
+        mut s: Sequence,
+        chunk: usize,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<Sequence>, EngineError> {
+        let seq = s
+            .seq_id()
+            .expect("a sequence being prefilled holds a handle");
+        let tokens = s.prefill_tokens();
+        let (from, to) = (s.prefilled, s.prefilled + chunk);
+        let result = self
+            .backend
+            .prefill(seq, &tokens[from..to])
+            .map_err(EngineError::from)
+            .and_then(|logits| {
+                self.stats.prefill_tokens += chunk as u64;
+                s.prefilled = to;
+                if to < tokens.len() || !s.output.is_empty() {
+                    // More chunks to come, or recomputed after a preemption.
+                    return Ok(true);
+                }
+                let token = self.sample(&mut s, &logits);
+                self.accept(&mut s, token, events)
+            });
+        match result {
+            Ok(true) => Ok(Some(s)),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                self.backend.free_sequence(seq);
+                self.failed.push(s.id);
+                Err(e)
+            }
+        }
+    }
+
     /// Blocks the running sequences' decode takes this step: one for each whose cached tokens
     /// fill their blocks exactly.
     fn decode_blocks(&self, block_tokens: usize) -> usize {
@@ -423,20 +523,27 @@ impl<B: Backend> Engine<B> {
             if self.decode_blocks(kv.block_tokens) <= kv.free_blocks {
                 return;
             }
-            if self.running.len() + admitted.len() < 2 {
+            if self.running.len() + admitted.len() + self.prefilling.len() < 2 {
                 return;
             }
+            // The newest of the running, the just admitted and the still prefilling sequences.
             let newest = |v: &[Sequence]| (0..v.len()).max_by_key(|&i| v[i].id);
-            let mut s = match (newest(&self.running), newest(admitted)) {
-                (Some(i), Some(j)) if self.running[i].id > admitted[j].id => self.running.remove(i),
-                (_, Some(j)) => admitted.remove(j),
-                (Some(i), None) => self.running.remove(i),
-                (None, None) => return,
+            let candidates = [
+                newest(&self.running).map(|i| (self.running[i].id, 0, i)),
+                newest(admitted).map(|i| (admitted[i].id, 1, i)),
+                newest(&self.prefilling).map(|i| (self.prefilling[i].id, 2, i)),
+            ];
+            let mut s = match candidates.into_iter().flatten().max() {
+                Some((_, 0, i)) => self.running.remove(i),
+                Some((_, 1, i)) => admitted.remove(i),
+                Some((_, _, i)) => self.prefilling.remove(i),
+                None => return,
             };
             if let Some(seq) = s.seq_id() {
                 self.backend.free_sequence(seq);
             }
             s.state = SequenceState::Waiting;
+            s.prefilled = 0;
             self.stats.preemptions += 1;
             tracing::debug!(
                 request = s.id.0,

@@ -51,7 +51,8 @@ impl fmt::Display for StopReason {
 pub enum SequenceState {
     /// Admitted to the queue, no KV cache yet.
     Waiting,
-    /// Holding a KV-cache slot; produces one token per step.
+    /// Holding a KV-cache slot: its prompt being prefilled chunk by chunk, then producing one
+    /// token per step.
     Running(SeqId),
     /// Done; holds nothing.
     Finished(StopReason),
@@ -82,6 +83,9 @@ pub struct Sequence {
     pub output: Vec<u32>,
     /// Set by a cancellation; acted on at the next step.
     pub cancel_requested: bool,
+    /// Tokens of [`Sequence::prefill_tokens`] already in the KV cache while its prompt is
+    /// prefilled chunk by chunk (0 while waiting).
+    pub prefilled: usize,
     text: IncrementalText,
     stops: StopFilter,
 }
@@ -98,6 +102,7 @@ impl Sequence {
             sampler,
             output: Vec::new(),
             cancel_requested: false,
+            prefilled: 0,
             text: IncrementalText::default(),
             stops,
         }
@@ -125,6 +130,12 @@ impl Sequence {
             t.extend_from_slice(rest);
         }
         t
+    }
+
+    /// Whether every token of [`Sequence::prefill_tokens`] is in the KV cache (the sequence
+    /// decodes from now on).
+    pub fn prefill_done(&self) -> bool {
+        self.prefilled >= self.kv_len()
     }
 
     /// Tokens in the KV cache while running: prompt and output, less the last sampled token,

@@ -105,6 +105,30 @@ impl KernelKind {
         }
     }
 
+    /// `out[r][g] = ws[r] · xs[g]`: several rows over several token vectors in one pass, each
+    /// product bit-identical to [`KernelKind::dot_row`]'s.
+    pub fn dot_block<const R: usize, const G: usize>(
+        self,
+        ws: [&[u8]; R],
+        xs: [&[f32]; G],
+        cols: usize,
+    ) -> [[f32; G]; R] {
+        match self {
+            KernelKind::Portable => ws.map(|w| dot_group_portable(w, xs, cols)),
+            #[cfg(target_arch = "x86_64")]
+            KernelKind::Avx512 => {
+                assert!(
+                    ws.iter().all(|w| w.len() >= 2 * cols) && xs.iter().all(|x| x.len() >= cols)
+                );
+                // SAFETY: `Avx512` is only chosen when `simd::available()` found the features;
+                // the slice lengths were just checked.
+                unsafe { super::simd::dot_block(ws, xs, cols) }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            KernelKind::Avx512 => ws.map(|w| dot_group_portable(w, xs, cols)),
+        }
+    }
+
     /// `out[t] = row · x[t]` for every token vector `t` of `x` (`n × cols`, row-major), where
     /// `row` holds `cols` little-endian BF16 values.
     pub fn dot_row(self, row: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {

@@ -20,6 +20,57 @@ const TASKS_PER_THREAD: usize = 4;
 /// Weight bytes of the smallest task over plain BF16 rows.
 const MIN_TASK_BYTES: usize = 1 << 16;
 
+/// Weight bytes of one block of rows, kept in L2 while every token group passes over it.
+const ROW_BLOCK_BYTES: usize = 256 << 10;
+
+/// Rows and token vectors of the register block of [`KernelKind::dot_block`]: 2 × 4 products
+/// keep 16 accumulators, and each pass loads 2 weight and 4 activation vectors for 16 FMAs.
+const BLOCK_ROWS: usize = 2;
+const BLOCK_TOKENS: usize = 4;
+
+/// `yt (rows × n) = rows · xᵀ` for consecutive BF16 rows of `cols` elements, blocked for the
+/// caches and registers: blocks of rows (L2), within them groups of [`BLOCK_TOKENS`] tokens (L1),
+/// within them pairs of rows over the group ([`KernelKind::dot_block`]). Every product keeps
+/// the kernel's fixed arithmetic, so the bits do not depend on the blocking.
+fn product_rows(kind: KernelKind, rows: &[u8], cols: usize, x: &[f32], n: usize, yt: &mut [f32]) {
+    let row_bytes = 2 * cols;
+    let nrows = rows.len() / row_bytes;
+    debug_assert_eq!(yt.len(), nrows * n);
+    let row = |r: usize| &rows[r * row_bytes..(r + 1) * row_bytes];
+    let block = (ROW_BLOCK_BYTES / row_bytes).max(BLOCK_ROWS);
+    let whole = n / BLOCK_TOKENS * BLOCK_TOKENS;
+    for b0 in (0..nrows).step_by(block) {
+        let b1 = (b0 + block).min(nrows);
+        for t0 in (0..whole).step_by(BLOCK_TOKENS) {
+            let xs: [&[f32]; BLOCK_TOKENS] =
+                std::array::from_fn(|g| &x[(t0 + g) * cols..(t0 + g + 1) * cols]);
+            let mut r = b0;
+            while r + BLOCK_ROWS <= b1 {
+                let ws: [&[u8]; BLOCK_ROWS] = std::array::from_fn(|i| row(r + i));
+                let out = kind.dot_block(ws, xs, cols);
+                for (i, o) in out.iter().enumerate() {
+                    yt[(r + i) * n + t0..(r + i) * n + t0 + BLOCK_TOKENS].copy_from_slice(o);
+                }
+                r += BLOCK_ROWS;
+            }
+            for r in r..b1 {
+                let o = kind.dot_block([row(r)], xs, cols);
+                yt[r * n + t0..r * n + t0 + BLOCK_TOKENS].copy_from_slice(&o[0]);
+            }
+        }
+        if whole < n {
+            for r in b0..b1 {
+                kind.dot_row(
+                    row(r),
+                    &x[whole * cols..],
+                    cols,
+                    &mut yt[r * n + whole..(r + 1) * n],
+                );
+            }
+        }
+    }
+}
+
 /// `out (n × rows) = x (n × cols) · Wᵀ`.
 pub fn matmul(
     kind: KernelKind,
@@ -47,10 +98,15 @@ pub fn matmul(
                 .enumerate()
                 .for_each(|(i, ys)| {
                     let r0 = i * rows_per_task;
-                    for (j, y) in ys.chunks_mut(n).enumerate() {
-                        let r = r0 + j;
-                        kind.dot_row(&bytes[r * row_bytes..(r + 1) * row_bytes], x, w.cols, y);
-                    }
+                    let r1 = r0 + ys.len() / n;
+                    product_rows(
+                        kind,
+                        &bytes[r0 * row_bytes..r1 * row_bytes],
+                        w.cols,
+                        x,
+                        n,
+                        ys,
+                    );
                 });
         }
         MatrixData::Compressed(m) => on_the_fly(kind, w, m, x, n, &mut yt)?,
@@ -180,12 +236,20 @@ fn run_task(
             used = 2 * (end - bs);
             bs = end;
         }
-        while bs >= head_end && bs + k <= be {
-            let r = bs / k;
-            let y = &mut out.yt[(r - first_row) * n..(r - first_row + 1) * n];
-            kind.dot_row(&buf[used..used + 2 * k], x, k, y);
-            used += 2 * k;
-            bs += k;
+        if bs >= head_end && bs + k <= be {
+            // Every row now whole in the buffer, in one blocked product.
+            let count = (be - bs) / k;
+            let r = bs / k - first_row;
+            product_rows(
+                kind,
+                &buf[used..used + 2 * k * count],
+                k,
+                x,
+                n,
+                &mut out.yt[r * n..(r + count) * n],
+            );
+            used += 2 * k * count;
+            bs += k * count;
         }
         buf.drain(..used);
     }
@@ -210,6 +274,37 @@ mod tests {
                 crate::model::synth::f32_to_bf16(rng.gen_range(-0.1f32..0.1)).to_le_bytes()
             })
             .collect()
+    }
+
+    #[test]
+    fn blocked_products_equal_single_token_dots_bitwise() {
+        // Token counts around the register block, rows around the row pair and the row block
+        // (ROW_BLOCK_BYTES / 2 / cols rows), columns with and without a tail.
+        for (rows, cols) in [(1, 7), (3, 64), (5, 100), (2100, 64), (9, 1536)] {
+            let bytes = matrix(rows, cols, (rows + cols) as u64);
+            for n in [1, 3, 4, 5, 9, 13] {
+                let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                for kind in [KernelKind::Portable, KernelKind::detect()] {
+                    let mut yt = vec![0f32; rows * n];
+                    product_rows(kind, &bytes, cols, &x, n, &mut yt);
+                    for r in 0..rows {
+                        for t in 0..n {
+                            let want = crate::device::cpu::kernel::dot_group_portable(
+                                &bytes[r * 2 * cols..(r + 1) * 2 * cols],
+                                [&x[t * cols..(t + 1) * cols]],
+                                cols,
+                            )[0];
+                            assert_eq!(
+                                yt[r * n + t].to_bits(),
+                                want.to_bits(),
+                                "{rows}x{cols}, n {n}, row {r}, token {t}, {kind:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -241,15 +336,22 @@ mod tests {
                 cols,
                 data: MatrixData::Compressed(cm),
             };
-            let n = 6;
-            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(1);
-            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
-            for kind in [KernelKind::Portable, KernelKind::detect()] {
+            // One token (decode) and several (a prompt: register blocks plus a remainder).
+            for (n, kind) in [1, 6, 13]
+                .into_iter()
+                .flat_map(|n| [(n, KernelKind::Portable), (n, KernelKind::detect())])
+            {
+                let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
                 let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
                 matmul(kind, &plain, &x, n, &mut a).unwrap();
                 matmul(kind, &comp, &x, n, &mut b).unwrap();
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "{rows}x{cols} chunk {chunk} {kind:?}");
+                assert_eq!(
+                    bits(&a),
+                    bits(&b),
+                    "{rows}x{cols} chunk {chunk} n {n} {kind:?}"
+                );
                 for r in [0, rows - 1] {
                     assert_eq!(comp.row(r).unwrap(), plain.row(r).unwrap());
                 }

@@ -87,25 +87,18 @@ pub struct AttnQuery<'a> {
     pub block_tokens: usize,
 }
 
-impl AttnQuery<'_> {
-    /// The `head_dim` values at `off` of position `j` in `blocks`.
-    #[inline]
-    fn row<'b>(
-        &self,
-        blocks: &[&'b [f32]],
-        j: usize,
-        kv_dim: usize,
-        off: usize,
-        hd: usize,
-    ) -> &'b [f32] {
-        let at = (j % self.block_tokens) * kv_dim + off;
-        &blocks[j / self.block_tokens][at..at + hd]
-    }
-}
+/// Query tokens per attention task. The tokens of a prompt read the same key and value rows, so
+/// a tile of them (× the query heads of one key/value head) uses each row it loads many times
+/// while it is in L1, instead of every (token, head) pair streaming the whole cache again.
+const ATTN_TILE: usize = 8;
 
 /// Causal grouped-query attention for a set of query tokens: `q` is `n × heads × head_dim`
 /// (already rotated), `out` the same shape. Query head `h` reads key/value head `h / group`.
-/// Parallel over (token, head).
+///
+/// Parallel over (tile of [`ATTN_TILE`] tokens, key/value head). Each (token, head) pair's
+/// arithmetic is fixed by its own positions alone, whatever the tile or batch it runs in: the
+/// scores `dot(q, k_j) · scale` for `j` in order, their maximum, `exp(s_j − max)` summed in
+/// order, then `o += (e_j / sum) · v_j` in order of `j` (no fused multiply-add).
 pub fn attention(
     q: &[f32],
     queries: &[AttnQuery<'_>],
@@ -117,29 +110,61 @@ pub fn attention(
     let group = heads / kv_heads;
     let kv_dim = kv_heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let one = |(idx, o): (usize, &mut [f32])| {
-        let (t, h) = (idx / heads, idx % heads);
-        let qa = &q[idx * head_dim..(idx + 1) * head_dim];
-        let kv = &queries[t];
-        let off = (h / group) * head_dim;
-        let mut scores: Vec<f32> = (0..kv.positions)
-            .map(|j| dot(qa, kv.row(&kv.keys, j, kv_dim, off, head_dim)) * scale)
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
-        for s in &mut scores {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        o.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let p = p / sum;
-            let v = kv.row(&kv.values, j, kv_dim, off, head_dim);
-            for (a, &b) in o.iter_mut().zip(v) {
-                *a += p * b;
+    let n = queries.len();
+    // One task: tile `i / kv_heads`, key/value head `i % kv_heads`; returns its outputs,
+    // `[token in tile][head in group][head_dim]`.
+    let task = |i: usize| -> Vec<f32> {
+        let (t0, g) = ((i / kv_heads) * ATTN_TILE, i % kv_heads);
+        let tile = &queries[t0..(t0 + ATTN_TILE).min(n)];
+        let off = g * head_dim;
+        let most = tile.iter().map(|x| x.positions).max().unwrap_or(0);
+        let rows = tile.len() * group;
+        let query = |ti: usize, hh: usize| {
+            let idx = (t0 + ti) * heads + g * group + hh;
+            &q[idx * head_dim..(idx + 1) * head_dim]
+        };
+        let mut scores = vec![0f32; rows * most];
+        for j in 0..most {
+            for (ti, kv) in tile.iter().enumerate() {
+                if j >= kv.positions {
+                    continue;
+                }
+                let at = (j % kv.block_tokens) * kv_dim + off;
+                let k = &kv.keys[j / kv.block_tokens][at..at + head_dim];
+                for hh in 0..group {
+                    scores[(ti * group + hh) * most + j] = dot(query(ti, hh), k) * scale;
+                }
             }
         }
+        let mut sums = vec![0f32; rows];
+        for (row, sum) in sums.iter_mut().enumerate() {
+            let s = &mut scores[row * most..row * most + tile[row / group].positions];
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                *sum += *x;
+            }
+        }
+        let mut o = vec![0f32; rows * head_dim];
+        for j in 0..most {
+            for (ti, kv) in tile.iter().enumerate() {
+                if j >= kv.positions {
+                    continue;
+                }
+                let at = (j % kv.block_tokens) * kv_dim + off;
+                let v = &kv.values[j / kv.block_tokens][at..at + head_dim];
+                for hh in 0..group {
+                    let row = ti * group + hh;
+                    let p = scores[row * most + j] / sums[row];
+                    for (a, &b) in o[row * head_dim..(row + 1) * head_dim].iter_mut().zip(v) {
+                        *a += p * b;
+                    }
+                }
+            }
+        }
+        o
     };
+    let tasks = n.div_ceil(ATTN_TILE) * kv_heads;
     // Threads only pay off past a few hundred thousand multiply-adds (long prompts, big
     // batches); a decode step of a short sequence runs inline.
     let work: usize = queries
@@ -147,16 +172,136 @@ pub fn attention(
         .map(|qr| qr.positions * kv_dim)
         .sum::<usize>()
         * group;
-    if work < 1 << 18 {
-        out.chunks_mut(head_dim).enumerate().for_each(one);
+    let outs: Vec<Vec<f32>> = if work < 1 << 18 {
+        (0..tasks).map(task).collect()
     } else {
-        out.par_chunks_mut(head_dim).enumerate().for_each(one);
+        (0..tasks).into_par_iter().map(task).collect()
+    };
+    for (i, o) in outs.iter().enumerate() {
+        let (t0, g) = ((i / kv_heads) * ATTN_TILE, i % kv_heads);
+        for (r, src) in o.chunks_exact(group * head_dim).enumerate() {
+            let at = ((t0 + r) * heads + g * group) * head_dim;
+            out[at..at + group * head_dim].copy_from_slice(src);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// One (token, head) pair at a time, in the documented order: the semantics the tiled
+    /// [`attention`] must reproduce bit for bit.
+    fn attention_one_by_one(
+        q: &[f32],
+        queries: &[AttnQuery<'_>],
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+    ) -> Vec<f32> {
+        let (group, kv_dim) = (heads / kv_heads, kv_heads * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; q.len()];
+        for (idx, o) in out.chunks_mut(hd).enumerate() {
+            let kv = &queries[idx / heads];
+            let off = (idx % heads / group) * hd;
+            let row = |blocks: &[&[f32]], j: usize| {
+                let at = (j % kv.block_tokens) * kv_dim + off;
+                blocks[j / kv.block_tokens][at..at + hd].to_vec()
+            };
+            let qa = &q[idx * hd..(idx + 1) * hd];
+            let mut s: Vec<f32> = (0..kv.positions)
+                .map(|j| dot(qa, &row(&kv.keys, j)) * scale)
+                .collect();
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for x in &mut s {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            for (j, &e) in s.iter().enumerate() {
+                let p = e / sum;
+                for (a, b) in o.iter_mut().zip(row(&kv.values, j)) {
+                    *a += p * b;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn tiled_attention_equals_one_pair_at_a_time_bitwise() {
+        // Three sequences (a 13-token prompt, a 1-token decode at position 40, a 5-token chunk
+        // at positions 20..25) in one call: tiles cut across sequences, blocks of 16 positions
+        // partly filled; 6 query heads over 2 key/value heads of 8.
+        let (heads, kv_heads, hd, bt) = (6, 2, 8, 16);
+        let kv_dim = kv_heads * hd;
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(3);
+        let mut cache = |positions: usize| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+            let blocks = positions.div_ceil(bt);
+            let mut mk = || {
+                (0..blocks)
+                    .map(|_| {
+                        (0..bt * kv_dim)
+                            .map(|_| rng.gen_range(-2.0f32..2.0))
+                            .collect()
+                    })
+                    .collect::<Vec<Vec<f32>>>()
+            };
+            (mk(), mk())
+        };
+        let seqs = [cache(13), cache(41), cache(25)];
+        let mut queries = Vec::new();
+        let view = |s: usize, positions: usize| AttnQuery {
+            keys: seqs[s].0.iter().map(Vec::as_slice).collect(),
+            values: seqs[s].1.iter().map(Vec::as_slice).collect(),
+            positions,
+            block_tokens: bt,
+        };
+        for p in 1..=13 {
+            queries.push(view(0, p));
+        }
+        queries.push(view(1, 41));
+        for p in 21..=25 {
+            queries.push(view(2, p));
+        }
+        let q: Vec<f32> = (0..queries.len() * heads * hd)
+            .map(|_| rng.gen_range(-1.0f32..1.0))
+            .collect();
+        let mut got = vec![0f32; q.len()];
+        attention(&q, &queries, heads, kv_heads, hd, &mut got);
+        let want = attention_one_by_one(&q, &queries, heads, kv_heads, hd);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        // And each token alone (a decode step) gives its bits in the batch.
+        for t in [0, 12, 13, 18] {
+            let one = [view(
+                if t < 13 {
+                    0
+                } else if t == 13 {
+                    1
+                } else {
+                    2
+                },
+                queries[t].positions,
+            )];
+            let mut alone = vec![0f32; heads * hd];
+            attention(
+                &q[t * heads * hd..(t + 1) * heads * hd],
+                &one,
+                heads,
+                kv_heads,
+                hd,
+                &mut alone,
+            );
+            assert_eq!(
+                bits(&alone),
+                bits(&got[t * heads * hd..(t + 1) * heads * hd]),
+                "token {t}"
+            );
+        }
+    }
 
     #[test]
     fn rmsnorm_normalises() {
