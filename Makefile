@@ -18,6 +18,8 @@ demo: setup
 # The real test model is fetched first (once; a no-op when .cache/smollm2 is complete), and its
 # tests fail rather than skip if it is missing.
 test: export UNWEIGHT_REQUIRE_TEST_MODEL = 1
+# The genuine Triton core (../shared/triton-core; CI always has it): its tests fail, not skip.
+test: export UNWEIGHT_REQUIRE_TRITON_CORE = 1
 # Every kernel must compile in CI: no nvcc is an error, not a CPU-only build.
 test lint: export UNWEIGHT_REQUIRE_NVCC = 1
 test: setup lint

@@ -1,0 +1,285 @@
+//! The backend under the genuine Triton core (`libtritonserver.so`, r26.06, CPU-only), started
+//! in-process through its C API with the core loaded into the global scope, as the
+//! `tritonserver` executable has it (tests/triton_core/harness.rs finds and loads it; the
+//! local-scope load is tests/triton_core_local.rs). The model repository holds the compressed
+//! real test model (SmolLM2-135M-Instruct); every generation is compared with what
+//! `unweight generate` produces for the same settings.
+//!
+//! Each test starts its own server (one at a time) and checks, besides its subject, that every
+//! request got exactly one FINAL and one release and that every output buffer was released.
+
+mod backend_so;
+#[path = "triton_core/harness.rs"]
+mod harness;
+#[allow(dead_code)]
+#[path = "triton_host/support.rs"]
+mod support;
+
+use std::time::Duration;
+
+use harness::{core, cpu_config, live_buffers, Input, ModelSpec, Outcome, Scope, Server};
+use support::{compressed_model, expected, finish_reason, model_dir, Gen};
+
+const MODEL: &str = "unweight_llama";
+
+/// The server with the compressed test model as `names`, or `None` (skipped loudly) when there
+/// is no core or no test model.
+fn server(names: &[&str]) -> Option<Server> {
+    let api = core(Scope::Global)?;
+    model_dir()?;
+    let models: Vec<ModelSpec> = names
+        .iter()
+        .map(|n| ModelSpec {
+            name: n.to_string(),
+            config: cpu_config(),
+        })
+        .collect();
+    Some(Server::start(api, &models, compressed_model()))
+}
+
+/// The request for `g` as the core's inputs (batch dimension 1).
+fn inputs(g: &Gen, stream: bool) -> Vec<Input> {
+    let mut v = vec![
+        Input::text("text_input", g.prompt),
+        Input::i32("max_tokens", g.max_tokens),
+        Input::bool("stream", stream),
+        Input::bool("exclude_input_in_output", true),
+    ];
+    if g.temperature > 0.0 {
+        v.push(Input::f32("temperature", g.temperature));
+        v.push(Input::u64("random_seed", g.seed));
+    }
+    if g.top_k != 0 {
+        v.push(Input::i32("top_k", g.top_k));
+    }
+    if g.top_p != 1.0 {
+        v.push(Input::f32("top_p", g.top_p));
+    }
+    v
+}
+
+/// One FINAL, one release, no error.
+fn completed(id: &str, o: &Outcome) {
+    assert_eq!(o.finals, 1, "{id}: exactly one FINAL: {o:?}");
+    assert_eq!(o.releases, 1, "{id}: exactly one release: {o:?}");
+    assert!(o.errors().is_empty(), "{id}: {:?}", o.errors());
+}
+
+/// The outcome is what `unweight generate` gives for `g`.
+fn matches_cli(id: &str, o: &Outcome, g: &Gen, stream: bool) {
+    completed(id, o);
+    let want = expected(g);
+    assert_eq!(o.text(), want.text, "{id}: text");
+    let ids: Vec<i64> = o.ids().into_iter().map(i64::from).collect();
+    assert_eq!(ids, want.ids, "{id}: output_ids");
+    assert_eq!(
+        o.finish_reason().as_deref(),
+        Some(finish_reason(&want.finish)),
+        "{id}: finish_reason"
+    );
+    if stream {
+        assert_eq!(
+            o.responses.len(),
+            want.ids.len(),
+            "{id}: one response per token"
+        );
+    } else {
+        assert_eq!(o.responses.len(), 1, "{id}: one response");
+    }
+}
+
+/// After everything finished: no output buffer the core allocated is still held.
+fn no_leaks() {
+    assert_eq!(live_buffers(), 0, "output buffers not released");
+}
+
+#[test]
+fn streaming_and_whole_generations_equal_the_cli() {
+    let Some(s) = server(&[MODEL]) else { return };
+    let greedy = Gen::greedy("The capital of France is", 12);
+    let sampled = Gen::sampled("Once upon a time", 12, 0.8, 42);
+    let nucleus = Gen::sampled("def fibonacci(n):", 10, 1.0, 3).with_top(20, 0.9);
+    for (g, stream) in [
+        (&greedy, false),
+        (&greedy, true),
+        (&sampled, false),
+        (&sampled, true),
+        (&nucleus, true),
+    ] {
+        let id = format!("{}-{stream}", g.prompt);
+        let o = s.infer(MODEL, &id, inputs(g, stream)).unwrap();
+        matches_cli(&id, &o, g, stream);
+    }
+    no_leaks();
+}
+
+#[test]
+fn concurrent_streams_each_get_what_they_would_get_alone() {
+    let Some(s) = server(&[MODEL]) else { return };
+    const PROMPTS: [&str; 4] = [
+        "The capital of France is",
+        "Once upon a time",
+        "def fibonacci(n):",
+        "The three primary colors are",
+    ];
+    let gens: Vec<Gen> = (0..16usize)
+        .map(|i| {
+            let max_tokens = 6 + (i as i32 * 5) % 11;
+            if i % 2 == 0 {
+                Gen::greedy(PROMPTS[i % 4], max_tokens)
+            } else {
+                Gen::sampled(PROMPTS[i % 4], max_tokens, 0.7, 100 + i as u64 % 3)
+            }
+        })
+        .collect();
+    let flights: Vec<_> = gens
+        .iter()
+        .enumerate()
+        .map(|(i, g)| s.submit(MODEL, &format!("r{i}"), inputs(g, true)).unwrap())
+        .collect();
+    for (i, (f, g)) in flights.into_iter().zip(&gens).enumerate() {
+        matches_cli(&format!("r{i}"), &f.finish(), g, true);
+    }
+    no_leaks();
+}
+
+#[test]
+fn cancelling_a_stream_ends_it_with_cancelled_and_spares_the_others() {
+    let Some(s) = server(&[MODEL]) else { return };
+    let long = Gen::greedy("Once upon a time", 64);
+    let other = Gen::greedy("The capital of France is", 16);
+    let victim = s.submit(MODEL, "victim", inputs(&long, true)).unwrap();
+    let bystander = s.submit(MODEL, "other", inputs(&other, true)).unwrap();
+    drop(victim.wait_until(Duration::from_secs(120), |o| o.responses.len() >= 3));
+    victim.cancel();
+    let o = victim.finish();
+    assert_eq!(o.finals, 1, "{o:?}");
+    assert_eq!(o.releases, 1, "{o:?}");
+    let last = o.responses.last().expect("responses");
+    assert_eq!(
+        last.error.as_ref().map(|e| e.code_name()),
+        Some("CANCELLED"),
+        "the stream ends with CANCELLED: {last:?}"
+    );
+    assert!(
+        o.responses.len() < 64,
+        "cancelled before the end ({} responses)",
+        o.responses.len()
+    );
+    matches_cli("other", &bystander.finish(), &other, true);
+    no_leaks();
+}
+
+#[test]
+fn unloading_with_requests_in_flight_ends_each_once_and_frees_the_model() {
+    let Some(s) = server(&[MODEL, "second"]) else {
+        return;
+    };
+    let g = Gen::greedy("Once upon a time", 48);
+    let flights: Vec<_> = (0..3)
+        .map(|i| {
+            s.submit("second", &format!("u{i}"), inputs(&g, i != 2))
+                .unwrap()
+        })
+        .collect();
+    drop(flights[0].wait_until(Duration::from_secs(120), |o| !o.responses.is_empty()));
+    s.unload("second");
+    for (i, f) in flights.into_iter().enumerate() {
+        let o = f.finish();
+        assert_eq!(o.finals, 1, "u{i}: {o:?}");
+        assert_eq!(o.releases, 1, "u{i}: {o:?}");
+        // Either it ran to its end or the backend ended it with UNAVAILABLE at finalize.
+        if let Some(e) = o.errors().first() {
+            assert_eq!(e.code_name(), "UNAVAILABLE", "u{i}: {e:?}");
+        } else {
+            matches_cli(&format!("u{i}"), &o, &g, i != 2);
+        }
+    }
+    // Every request object is deleted: the core can finish the unload.
+    s.wait_for_state("second", "UNAVAILABLE", Duration::from_secs(60));
+    let refused = s
+        .submit("second", "late", inputs(&g, true))
+        .err()
+        .expect("an unloaded model refuses requests");
+    assert!(
+        refused.message.contains("second"),
+        "names the model: {refused:?}"
+    );
+    // The other model was not disturbed.
+    let other = Gen::greedy("The capital of France is", 6);
+    let o = s.infer(MODEL, "after", inputs(&other, true)).unwrap();
+    matches_cli("after", &o, &other, true);
+    no_leaks();
+}
+
+#[test]
+fn bad_requests_are_refused_by_the_core_or_the_backend_while_others_stream() {
+    let Some(s) = server(&[MODEL]) else { return };
+    let good = Gen::greedy("The capital of France is", 16);
+    let running = s.submit(MODEL, "good", inputs(&good, true)).unwrap();
+
+    // Refused by the core before the backend sees them: ServerInferAsync itself fails.
+    let undeclared = vec![
+        Input::text("text_input", "hi"),
+        Input::i32("no_such_input", 1),
+    ];
+    let wrong_type = vec![
+        Input::text("text_input", "hi"),
+        Input::f32("max_tokens", 4.0),
+    ];
+    let mut wrong_shape = Input::i32("max_tokens", 4);
+    wrong_shape.shape = vec![1, 1, 1];
+    for (what, req) in [
+        ("an undeclared input", undeclared),
+        ("a wrong datatype", wrong_type),
+        (
+            "a wrong shape",
+            vec![Input::text("text_input", "hi"), wrong_shape],
+        ),
+    ] {
+        let e = s.submit(MODEL, what, req).err().unwrap_or_else(|| {
+            panic!("the core accepted {what}");
+        });
+        assert_eq!(e.code_name(), "INVALID_ARG", "{what}: {e:?}");
+    }
+    let e = s
+        .submit("no_such_model", "x", vec![Input::text("text_input", "hi")])
+        .err()
+        .expect("an unknown model is refused");
+    assert!(e.message.contains("no_such_model"), "{e:?}");
+
+    // Accepted by the core, refused by the backend with a response naming the input.
+    for (what, req, names) in [
+        ("no prompt", vec![Input::i32("max_tokens", 4)], "text_input"),
+        (
+            "a negative max_tokens",
+            vec![
+                Input::text("text_input", "hi"),
+                Input::i32("max_tokens", -3),
+            ],
+            "max_tokens",
+        ),
+        (
+            "a temperature that is not a number",
+            vec![
+                Input::text("text_input", "hi"),
+                Input::f32("temperature", f32::NAN),
+            ],
+            "temperature",
+        ),
+    ] {
+        let o = s.infer(MODEL, what, req).unwrap();
+        assert_eq!(o.finals, 1, "{what}: {o:?}");
+        assert_eq!(o.releases, 1, "{what}: {o:?}");
+        let errors = o.errors();
+        assert_eq!(errors.len(), 1, "{what}: {o:?}");
+        assert_eq!(errors[0].code_name(), "INVALID_ARG", "{what}: {o:?}");
+        assert!(
+            errors[0].message.contains(names),
+            "{what}: the message names {names}: {}",
+            errors[0].message
+        );
+    }
+    matches_cli("good", &running.finish(), &good, true);
+    no_leaks();
+}
