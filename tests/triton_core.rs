@@ -283,3 +283,114 @@ fn bad_requests_are_refused_by_the_core_or_the_backend_while_others_stream() {
     matches_cli("good", &running.finish(), &good, true);
     no_leaks();
 }
+
+/// The value of `name{model="<model>",version="1"}` in Prometheus text.
+fn metric(text: &str, name: &str, model: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        let (n, labels) = key.split_once('{')?;
+        (n == name
+            && labels.contains(&format!("model=\"{model}\""))
+            && labels.contains("version=\"1\""))
+        .then(|| value.parse().ok())?
+    })
+}
+
+/// Bytes of tensor data in a safetensors file (its size less the header).
+fn safetensors_data_bytes(path: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    bytes.len() as u64 - 8 - header
+}
+
+#[test]
+fn custom_metrics_count_sequences_tokens_kv_and_weights() {
+    let Some(api) = core(Scope::Global) else {
+        return;
+    };
+    let Some(plain) = model_dir() else { return };
+    let config = support::with_parameter(
+        &support::with_parameter(&cpu_config(), "max_concurrent_sequences", "4"),
+        "max_sequence_length",
+        "512",
+    );
+    let s = Server::start(
+        api,
+        &[ModelSpec {
+            name: MODEL.into(),
+            config,
+        }],
+        compressed_model(),
+    );
+    let m = |text: &str, name: &str| {
+        metric(text, name, MODEL).unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+    };
+    let before = s.metrics();
+    assert_eq!(m(&before, "unweight_kv_cache_capacity_tokens"), 4.0 * 512.0);
+    for name in [
+        "unweight_active_sequences",
+        "unweight_queued_sequences",
+        "unweight_kv_cache_used_tokens",
+        "unweight_prompt_tokens_total",
+        "unweight_generated_tokens_total",
+    ] {
+        assert_eq!(m(&before, name), 0.0, "{name} before any request");
+    }
+    let bf16 = m(&before, "unweight_weight_bf16_bytes");
+    assert_eq!(
+        bf16,
+        safetensors_data_bytes(&plain.join("model.safetensors")) as f64
+    );
+    let stored = m(&before, "unweight_weight_stored_bytes");
+    let on_disk: u64 = std::fs::read_dir(compressed_model())
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(
+        stored > 0.5 * bf16 && stored < bf16 && stored <= on_disk as f64,
+        "stored {stored}, bf16 {bf16}, files {on_disk}"
+    );
+    assert!(
+        before.contains("# TYPE unweight_prompt_tokens_total counter"),
+        "{before}"
+    );
+
+    // While a stream runs: one active sequence holding its tokens in the KV cache.
+    let g = Gen::greedy("Once upon a time", 40);
+    let f = s.submit(MODEL, "watched", inputs(&g, true)).unwrap();
+    drop(f.wait_until(Duration::from_secs(120), |o| o.responses.len() >= 5));
+    let during = s.metrics();
+    assert_eq!(m(&during, "unweight_active_sequences"), 1.0, "{during}");
+    let used = m(&during, "unweight_kv_cache_used_tokens");
+    let want = expected(&g);
+    assert!(
+        used >= (want.prompt_ids.len() + 5) as f64 && used <= (want.prompt_ids.len() + 40) as f64,
+        "KV tokens in use {used}"
+    );
+    let o = f.finish();
+    completed("watched", &o);
+    // Two more, one queued behind nothing: the counters add up.
+    let short = Gen::greedy("The capital of France is", 7);
+    let o2 = s.infer(MODEL, "short", inputs(&short, false)).unwrap();
+    completed("short", &o2);
+
+    let after = s.metrics();
+    let prompts = (want.prompt_ids.len() + expected(&short).prompt_ids.len()) as f64;
+    let generated = (o.ids().len() + o2.ids().len()) as f64;
+    assert_eq!(m(&after, "unweight_prompt_tokens_total"), prompts);
+    assert_eq!(m(&after, "unweight_generated_tokens_total"), generated);
+    for name in [
+        "unweight_active_sequences",
+        "unweight_queued_sequences",
+        "unweight_kv_cache_used_tokens",
+    ] {
+        assert_eq!(m(&after, name), 0.0, "{name} after the requests");
+    }
+    // Triton's own per-model metrics come from the statistics the backend reports.
+    let success = after
+        .lines()
+        .find(|l| l.starts_with("nv_inference_request_success{") && l.contains(MODEL))
+        .unwrap_or_else(|| panic!("no nv_inference_request_success:\n{after}"));
+    assert!(success.ends_with(" 2"), "{success}");
+    no_leaks();
+}

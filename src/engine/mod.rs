@@ -162,6 +162,12 @@ impl<B: Backend> Engine<B> {
         (self.waiting.len(), self.running.len())
     }
 
+    /// Tokens (prompt and generated) the running sequences hold: the KV cache in use, in the
+    /// unit of [`KvCapacity`](crate::device::KvCapacity) (slots × tokens per slot).
+    pub fn kv_tokens_in_use(&self) -> usize {
+        self.running.iter().map(Sequence::total_len).sum()
+    }
+
     fn context(&self) -> usize {
         self.backend
             .kv_capacity()

@@ -34,6 +34,10 @@ pub(super) struct Served {
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
     pub batched: bool,
+    /// Bytes of the weights as stored in the version folder (compressed tensors as encoded).
+    pub weight_stored_bytes: u64,
+    /// Bytes the same tensors take in their original dtype (BF16).
+    pub weight_bf16_bytes: u64,
     /// The `kv_cache_bytes` parameter (the CUDA engine sizes its slab from it).
     kv_cache_bytes: Option<u64>,
     /// The `plan` parameter and the weights directory (where `auto` keeps tuning tables).
@@ -102,6 +106,16 @@ impl Served {
         let eos =
             model_eos_tokens(&cfg.eos_token_ids, dir, &tokenizer).map_err(|e| files_err(dir, e))?;
         let ckpt = Checkpoint::open(dir).map_err(|e| files_err(dir, e))?;
+        let weight_stored_bytes = ckpt
+            .entries()
+            .iter()
+            .map(|e| ckpt.stored_bytes(e) as u64)
+            .sum();
+        let weight_bf16_bytes = ckpt
+            .entries()
+            .iter()
+            .map(|e| e.original_bytes() as u64)
+            .sum();
         let weights =
             LlamaWeights::load(&ckpt, &cfg, WeightMode::Decoded).map_err(|e| files_err(dir, e))?;
 
@@ -140,6 +154,8 @@ impl Served {
             max_sequences,
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
+            weight_stored_bytes,
+            weight_bf16_bytes,
             kv_cache_bytes: config.kv_cache_bytes,
             plan: config.plan,
             weights_dir: config.weights_dir.clone(),
