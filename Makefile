@@ -12,6 +12,7 @@ setup:
 # The main job: a Llama-shaped checkpoint, compressed, verified bit for bit, reported.
 demo: setup
 	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked --example triton_core_demo
 	scripts/demo
 
 # Everything CI checks: formatting, lints, doc links, unit + integration + property tests.

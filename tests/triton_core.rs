@@ -137,9 +137,20 @@ fn concurrent_streams_each_get_what_they_would_get_alone() {
         .enumerate()
         .map(|(i, g)| s.submit(MODEL, &format!("r{i}"), inputs(g, true)).unwrap())
         .collect();
+    let mut spans = Vec::new();
     for (i, (f, g)) in flights.into_iter().zip(&gens).enumerate() {
-        matches_cli(&format!("r{i}"), &f.finish(), g, true);
+        let o = f.finish();
+        matches_cli(&format!("r{i}"), &o, g, true);
+        spans.push((o.responses[0].at, o.responses.last().unwrap().at));
     }
+    // They ran together (continuous batching), not one after the other: at some moment at
+    // least 8 of them were streaming.
+    let most_at_once = spans
+        .iter()
+        .map(|&(t, _)| spans.iter().filter(|&&(a, b)| a <= t && t <= b).count())
+        .max()
+        .unwrap();
+    assert!(most_at_once >= 8, "at most {most_at_once} streams at once");
     no_leaks();
 }
 
@@ -392,5 +403,209 @@ fn custom_metrics_count_sequences_tokens_kv_and_weights() {
         .find(|l| l.starts_with("nv_inference_request_success{") && l.contains(MODEL))
         .unwrap_or_else(|| panic!("no nv_inference_request_success:\n{after}"));
     assert!(success.ends_with(" 2"), "{success}");
+    no_leaks();
+}
+
+/// `unweight generate --json` on the plain test model with `args`: (text, generated ids).
+fn cli_generate(args: &[&str]) -> (String, Vec<i64>) {
+    let model = model_dir().expect("the test model");
+    let o = std::process::Command::new(support::CLI)
+        .arg("generate")
+        .arg("--model")
+        .arg(&model)
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "unweight generate {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ids = v["output_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    (v["text"].as_str().unwrap().to_string(), ids)
+}
+
+/// The inputs Triton's OpenAI-compatible frontend builds for a non-vLLM model
+/// (`_create_trtllm_inference_request` in its engine/utils/triton.py): `[[x]]`-shaped
+/// text_input, stream and max_tokens; stop_words as `[[...]]`; top_p, frequency_penalty,
+/// presence_penalty and temperature whenever the OpenAI request has them (its schema gives
+/// top_p, temperature 1 and both penalties 0 by default, so they are always sent); seed when
+/// given. Never exclude_input_in_output: the model's parameter decides.
+struct OpenAi<'a> {
+    prompt: &'a str,
+    stream: bool,
+    max_tokens: i32,
+    stop: &'a [&'a str],
+    top_p: f32,
+    frequency_penalty: f32,
+    presence_penalty: f32,
+    seed: Option<u64>,
+    temperature: f32,
+}
+
+impl OpenAi<'_> {
+    fn inputs(&self) -> Vec<Input> {
+        let mut v = vec![
+            Input::text("text_input", self.prompt),
+            Input::bool("stream", self.stream),
+            Input::i32("max_tokens", self.max_tokens),
+        ];
+        if !self.stop.is_empty() {
+            v.push(Input::texts("stop_words", self.stop));
+        }
+        v.push(Input::f32("top_p", self.top_p));
+        v.push(Input::f32("frequency_penalty", self.frequency_penalty));
+        v.push(Input::f32("presence_penalty", self.presence_penalty));
+        if let Some(seed) = self.seed {
+            v.push(Input::u64("seed", seed));
+        }
+        v.push(Input::f32("temperature", self.temperature));
+        v
+    }
+
+    /// The same settings as `unweight generate` arguments.
+    fn cli_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--max-tokens".to_string(),
+            self.max_tokens.to_string(),
+            "--top-p".into(),
+            self.top_p.to_string(),
+            "--frequency-penalty".into(),
+            self.frequency_penalty.to_string(),
+            "--presence-penalty".into(),
+            self.presence_penalty.to_string(),
+            "--seed".into(),
+            self.seed.unwrap_or(0).to_string(),
+            "--temperature".into(),
+            self.temperature.to_string(),
+        ];
+        for s in self.stop {
+            a.push("--stop".into());
+            a.push(s.to_string());
+        }
+        a
+    }
+}
+
+/// What the frontend does with the responses: concatenates each one's text_output (streaming),
+/// or reads the one response (non-streaming, where a second, empty FINAL would be allowed).
+fn frontend_text(id: &str, o: &Outcome, stream: bool) -> String {
+    completed(id, o);
+    if !stream {
+        assert_eq!(o.responses.len(), 1, "{id}: one response");
+    }
+    for r in &o.responses {
+        let (shape, _) = &r.outputs["text_output"];
+        assert_eq!(shape, &vec![1, 1], "{id}: one string per response");
+    }
+    o.text()
+}
+
+#[test]
+fn openai_frontend_requests_get_the_cli_completions() {
+    let Some(s) = server(&[MODEL]) else { return };
+    // Text completions, as /v1/completions sends them.
+    let completions = [
+        OpenAi {
+            prompt: "The capital of France is",
+            stream: false,
+            max_tokens: 16,
+            stop: &["."],
+            top_p: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+            temperature: 0.0,
+        },
+        OpenAi {
+            prompt: "Once upon a time",
+            stream: true,
+            max_tokens: 12,
+            stop: &[],
+            top_p: 0.95,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: Some(11),
+            temperature: 0.8,
+        },
+        // Penalties: greedy text that repeats itself without them.
+        OpenAi {
+            prompt: "one one one one one one",
+            stream: false,
+            max_tokens: 12,
+            stop: &[],
+            top_p: 1.0,
+            frequency_penalty: 1.5,
+            presence_penalty: 0.5,
+            seed: Some(3),
+            temperature: 0.0,
+        },
+    ];
+    for (i, c) in completions.iter().enumerate() {
+        let id = format!("completion-{i}");
+        let o = s.infer(MODEL, &id, c.inputs()).unwrap();
+        let args = c.cli_args();
+        let mut all: Vec<&str> = vec!["--prompt", c.prompt];
+        all.extend(args.iter().map(String::as_str));
+        let (want, _) = cli_generate(&all);
+        assert_eq!(frontend_text(&id, &o, c.stream), want, "{id}");
+    }
+    // The penalties change the greedy text.
+    let (plain, plain_ids) =
+        cli_generate(&["--prompt", completions[2].prompt, "--max-tokens", "12"]);
+    let args = completions[2].cli_args();
+    let mut a: Vec<&str> = vec!["--prompt", completions[2].prompt];
+    a.extend(args.iter().map(String::as_str));
+    let (penalized, penalized_ids) = cli_generate(&a);
+    assert_ne!(plain_ids, penalized_ids, "{plain:?} vs {penalized:?}");
+
+    // A chat completion: the frontend renders the model's chat template itself and sends the
+    // text; the same as `unweight generate --chat`.
+    let tok = triton_unweight::engine::text::TextTokenizer::from_dir(compressed_model()).unwrap();
+    let rendered = tok
+        .apply_chat_template(
+            &[triton_unweight::engine::text::ChatMessage::user(
+                "What is the capital of France?",
+            )],
+            true,
+        )
+        .unwrap();
+    for stream in [false, true] {
+        let chat = OpenAi {
+            prompt: &rendered,
+            stream,
+            max_tokens: 24,
+            stop: &[],
+            top_p: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: None,
+            temperature: 0.0,
+        };
+        let id = format!("chat-{stream}");
+        let o = s.infer(MODEL, &id, chat.inputs()).unwrap();
+        let (want, _) = cli_generate(&[
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "24",
+        ]);
+        assert_eq!(frontend_text(&id, &o, stream), want, "{id}");
+    }
+
+    // The core itself refuses what the frontend sends for tool calls (guided decoding): the
+    // model does not declare those inputs.
+    let mut tools = completions[0].inputs();
+    tools.push(Input::text("guided_decoding_guide_type", "json_schema"));
+    let e = s.submit(MODEL, "tools", tools).err().expect("refused");
+    assert_eq!(e.code_name(), "INVALID_ARG", "{e:?}");
     no_leaks();
 }

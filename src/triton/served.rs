@@ -34,6 +34,9 @@ pub(super) struct Served {
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
     pub batched: bool,
+    /// Whether a non-streaming response leaves the prompt out when the request does not say
+    /// (the `exclude_input_in_output` parameter).
+    exclude_input_default: bool,
     /// Bytes of the weights as stored in the version folder (compressed tensors as encoded).
     pub weight_stored_bytes: u64,
     /// Bytes the same tensors take in their original dtype (BF16).
@@ -156,6 +159,7 @@ impl Served {
             batched: config.max_batch_size > 0,
             weight_stored_bytes,
             weight_bf16_bytes,
+            exclude_input_default: config.exclude_input_in_output,
             kv_cache_bytes: config.kv_cache_bytes,
             plan: config.plan,
             weights_dir: config.weights_dir.clone(),
@@ -250,7 +254,8 @@ impl Served {
             .max_tokens
             .unwrap_or_else(|| self.default_max_tokens.min(self.context));
         g.check_against(&prompt, max_tokens, self.cfg.vocab_size, self.context)?;
-        let (echo_text, echo_ids) = if g.stream || g.exclude_input {
+        let exclude = g.exclude_input.unwrap_or(self.exclude_input_default);
+        let (echo_text, echo_ids) = if g.stream || exclude {
             (String::new(), Vec::new())
         } else {
             let text = match &g.prompt {
@@ -269,6 +274,8 @@ impl Served {
                 top_k: g.top_k,
                 top_p: g.top_p,
                 seed: g.seed,
+                frequency_penalty: g.frequency_penalty,
+                presence_penalty: g.presence_penalty,
             },
             max_tokens,
             stop: g.stop_words,

@@ -334,11 +334,13 @@ pub enum Tensor {
 }
 
 /// One response.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Response {
     pub error: Option<CoreError>,
     pub outputs: HashMap<String, (Vec<i64>, Tensor)>,
     pub is_final: bool,
+    /// When the callback got it.
+    pub at: Instant,
 }
 
 impl Response {
@@ -436,8 +438,10 @@ unsafe extern "C" fn on_response(
     let shared = unsafe { &*(userp as *const Shared) };
     let api = shared.api;
     let mut r = Response {
+        error: None,
+        outputs: HashMap::new(),
         is_final: flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL != 0,
-        ..Default::default()
+        at: Instant::now(),
     };
     let has_response = !resp.is_null();
     if has_response {
@@ -622,6 +626,9 @@ impl Server {
     /// the files in `weights`, and loads them.
     pub fn start(api: &'static Api, models: &[ModelSpec], weights: &Path) -> Server {
         let one = ONE_SERVER.lock().unwrap_or_else(|p| p.into_inner());
+        let weights = &weights
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("{}: {e}", weights.display()));
         let repo = tempfile::tempdir().unwrap();
         for m in models {
             let dir = repo.path().join(&m.name);
