@@ -122,13 +122,16 @@ fn concurrent_streams_each_get_what_they_would_get_alone() {
         "def fibonacci(n):",
         "The three primary colors are",
     ];
+    // 8 different requests (4 prompts, greedy and sampled, different lengths), each twice: 8
+    // runs of the CLI to compare with, 16 streams at once.
     let gens: Vec<Gen> = (0..16usize)
         .map(|i| {
-            let max_tokens = 6 + (i as i32 * 5) % 11;
-            if i % 2 == 0 {
-                Gen::greedy(PROMPTS[i % 4], max_tokens)
+            let k = i % 8;
+            let max_tokens = 6 + k as i32;
+            if k < 4 {
+                Gen::greedy(PROMPTS[k % 4], max_tokens)
             } else {
-                Gen::sampled(PROMPTS[i % 4], max_tokens, 0.7, 100 + i as u64 % 3)
+                Gen::sampled(PROMPTS[k % 4], max_tokens, 0.7, 100 + k as u64)
             }
         })
         .collect();
