@@ -12,12 +12,15 @@ setup:
 # The main job: a Llama-shaped checkpoint, compressed, verified bit for bit, reported.
 demo: setup
 	$(CARGO) build --release --locked
+	$(CARGO) build --release --locked --example triton_core_demo
 	scripts/demo
 
 # Everything CI checks: formatting, lints, doc links, unit + integration + property tests.
 # The real test model is fetched first (once; a no-op when .cache/smollm2 is complete), and its
 # tests fail rather than skip if it is missing.
 test: export UNWEIGHT_REQUIRE_TEST_MODEL = 1
+# The genuine Triton core (../shared/triton-core; CI always has it): its tests fail, not skip.
+test: export UNWEIGHT_REQUIRE_TRITON_CORE = 1
 # Every kernel must compile in CI: no nvcc is an error, not a CPU-only build.
 test lint: export UNWEIGHT_REQUIRE_NVCC = 1
 test: setup lint

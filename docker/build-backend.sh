@@ -18,10 +18,10 @@
 #    `backend: "unweight"`) and the CLI into $PREFIX/bin/unweight. PREFIX defaults to
 #    /opt/tritonserver.
 # 5. Checks the installed shared object: its dynamic symbols define exactly the TRITONBACKEND_*
-#    entry points (the list of tests/triton_symbols.rs), SONAME is libtriton_unweight.so, no
-#    NEEDED entry names libtritonserver (the server functions are bound at dlopen by
-#    tritonserver; docs/triton.md), and it imports the server functions. A failed check exits 1
-#    and leaves nothing under the final name.
+#    entry points (the list of tests/triton_symbols.rs), SONAME is libtriton_unweight.so, it
+#    records NEEDED libtritonserver.so with no run path (linked like Triton's own backends; the
+#    loader finds the server library already in the process; docs/triton.md), and it imports
+#    the server functions. A failed check exits 1 and leaves nothing under the final name.
 #
 # Environment: PREFIX, TRITON_INCLUDE_DIR, NVCC, CUDA_HOME, UNWEIGHT_REQUIRE_NVCC (build.rs: fail
 # rather than build without kernels), CARGO (default cargo), CARGO_TARGET_DIR.
@@ -134,8 +134,11 @@ dynamic="$(readelf -d "$tmp_so")"
 soname="$(sed -n 's/.*(SONAME).*\[\(.*\)\].*/\1/p' <<<"$dynamic")"
 [ "$soname" = libtriton_unweight.so ] || die "$so: SONAME is '$soname', expected libtriton_unweight.so"
 needed="$(sed -n 's/.*(NEEDED).*\[\(.*\)\].*/\1/p' <<<"$dynamic")"
-if grep -q libtritonserver <<<"$needed"; then
-    die "$so records a dependency on libtritonserver (NEEDED: $(echo "$needed" | tr '\n' ' '))"
+if ! grep -qx libtritonserver.so <<<"$needed"; then
+    die "$so does not record NEEDED libtritonserver.so (NEEDED: $(echo "$needed" | tr '\n' ' '))"
+fi
+if grep -qE '\((RPATH|RUNPATH)\)' <<<"$dynamic"; then
+    die "$so has a run path; the server library must be the one already loaded"
 fi
 imports="$(nm -D --undefined-only "$tmp_so" | awk '{ sub(/@.*/, "", $NF); print $NF }' | grep -c '^TRITON' || true)"
 [ "$imports" -gt 0 ] || die "$so imports no TRITON* server function"
@@ -154,5 +157,5 @@ report "$backend_dir/libtriton_unweight.so"
 report "$PREFIX/bin/unweight"
 echo "  exports: $(echo "$exports" | tr '\n' ' ')"
 echo "  SONAME $soname; NEEDED: $(echo "$needed" | tr '\n' ' ')"
-echo "  $imports TRITON* server functions left for tritonserver to bind at dlopen"
+echo "  $imports TRITON* server functions imported from libtritonserver.so"
 echo "  Triton headers: $headers; nvcc: $nvcc"

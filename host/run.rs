@@ -86,11 +86,34 @@ fn dlerror() -> String {
     }
 }
 
+/// The link-time stub of `libtritonserver.so` that build.rs compiled (never shipped).
+const SERVER_STUB: &str = env!("UNWEIGHT_TRITONSERVER_STUB");
+
+/// Makes a backend's `DT_NEEDED libtritonserver.so` (Triton's backends link against the server
+/// library; so does ours, build.rs) resolvable in this process: the loader matches a needed
+/// name against the sonames of objects already loaded, so the build's stub, loaded into a local
+/// scope, satisfies it. Symbols still bind to this executable first (the global scope is
+/// searched before the backend's own dependencies), so the stub's aborting bodies never run.
+fn provide_server_soname() -> Result<()> {
+    let c = CString::new(SERVER_STUB).context("stub path")?;
+    // SAFETY: a valid path; the stub has no constructors.
+    let lib = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if lib.is_null() {
+        bail!(
+            "dlopen({SERVER_STUB}) failed: {} (the libtritonserver.so stub build.rs compiles; \
+             rebuild with cargo)",
+            dlerror()
+        );
+    }
+    Ok(())
+}
+
 /// Loads the library as Triton does and looks up the entry points.
 fn load(path: &Path) -> Result<Entries> {
+    provide_server_soname()?;
     let c = CString::new(path.as_os_str().as_encoded_bytes()).context("backend path")?;
-    // SAFETY: a valid path; the library's constructors run now. Its undefined TRITON* symbols
-    // bind to this executable's exported definitions (host/server/).
+    // SAFETY: a valid path; the library's constructors run now. Its TRITON* references bind to
+    // this executable's exported definitions (host/server/), found before its libtritonserver.so.
     let lib = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     if lib.is_null() {
         bail!(

@@ -681,6 +681,7 @@ fn sampling_is_deterministic_for_a_seed() {
             top_k: 50,
             top_p: 0.95,
             seed,
+            ..SamplingParams::default()
         };
         e.add(Request {
             sampling,
@@ -1207,6 +1208,7 @@ fn greedy_steps_fetch_ids_and_other_steps_fetch_logits() {
                     top_k: 20,
                     top_p: 0.9,
                     seed: 5,
+                    ..SamplingParams::default()
                 },
                 ..Request::greedy(PROMPT[..5].to_vec(), 3)
             },

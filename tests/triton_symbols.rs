@@ -1,10 +1,11 @@
 //! The shared object Triton loads: what it exports and what it leaves for the server to bind.
 //!
 //! `libtriton_unweight.so` must define exactly the `TRITONBACKEND_*` entry points (the linker
-//! version script `src/triton/exports.map` hides everything else), leave every Triton server
-//! function undefined with no recorded dependency on `libtritonserver.so` (the `tritonserver`
-//! executable binds them at `dlopen`; docs/triton.md), and be loadable so that `dlsym` finds the
-//! entry points.
+//! version script `src/triton/exports.map` hides everything else), import every Triton server
+//! function, and record `DT_NEEDED libtritonserver.so` as Triton's own backends do (build.rs links
+//! it against a stub of the server library; docs/triton.md), so that it loads wherever the
+//! server library is loaded. Loading it next to the genuine core, in the global and in a local
+//! scope, is tested in tests/triton_core.rs and tests/triton_core_local.rs.
 
 use std::process::Command;
 
@@ -64,7 +65,7 @@ fn exports_exactly_the_entry_points() {
 }
 
 #[test]
-fn server_functions_stay_undefined_and_unlinked() {
+fn server_functions_are_imported_from_libtritonserver() {
     let undefined: Vec<String> = nm(&["-D", "--undefined-only"])
         .into_iter()
         .map(|(_, name)| name)
@@ -91,8 +92,12 @@ fn server_functions_stay_undefined_and_unlinked() {
     assert!(out.status.success());
     let dynamic = String::from_utf8_lossy(&out.stdout);
     assert!(
-        !dynamic.contains("libtritonserver"),
-        "no DT_NEEDED on libtritonserver.so expected:\n{dynamic}"
+        dynamic.contains("(NEEDED)             Shared library: [libtritonserver.so]"),
+        "DT_NEEDED libtritonserver.so expected:\n{dynamic}"
+    );
+    assert!(
+        !dynamic.contains("RPATH") && !dynamic.contains("RUNPATH"),
+        "no run path: the server library is found where the server loaded it:\n{dynamic}"
     );
     assert!(
         dynamic.contains("Library soname: [libtriton_unweight.so]"),
@@ -100,12 +105,11 @@ fn server_functions_stay_undefined_and_unlinked() {
     );
 }
 
-/// How Triton loads it (`RTLD_NOW | RTLD_LOCAL`) fails in a process that provides no server
-/// functions, naming one: the documented consequence of leaving them undefined (and of the full
-/// RELRO / `BIND_NOW` that rustc links with, so `RTLD_LAZY` fails the same way). Inside
-/// `tritonserver` the executable provides them.
+/// Without a server library in the process (or on the loader's path) Triton's way of loading it
+/// (`RTLD_NOW | RTLD_LOCAL`) fails, naming the missing library: the stub it was linked against
+/// stays in the build directory.
 #[test]
-fn dlopen_needs_the_server_functions_from_the_host() {
+fn dlopen_needs_the_server_library() {
     use std::ffi::{CStr, CString};
     let so = CString::new(shared_object().to_str().expect("UTF-8 path")).unwrap();
     for flags in [
@@ -115,11 +119,14 @@ fn dlopen_needs_the_server_functions_from_the_host() {
         // SAFETY: a valid path string and plain dlopen flags; the load fails before any code of
         // the library runs.
         let handle = unsafe { libc::dlopen(so.as_ptr(), flags) };
-        assert!(handle.is_null(), "dlopen must fail without a Triton host");
+        assert!(
+            handle.is_null(),
+            "dlopen must fail without a server library"
+        );
         // SAFETY: dlerror returns this thread's message about the failed dlopen.
         let msg = unsafe { CStr::from_ptr(libc::dlerror()) }
             .to_string_lossy()
             .into_owned();
-        assert!(msg.contains("undefined symbol: TRITON"), "{msg}");
+        assert!(msg.contains("libtritonserver.so"), "{msg}");
     }
 }

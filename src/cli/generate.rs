@@ -65,6 +65,14 @@ pub struct GenerateArgs {
     /// RNG seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Lower each generated token's logit by this much per time it was generated (OpenAI's
+    /// frequency_penalty, -2 ..= 2; 0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Lower the logit of every token generated so far by this much (OpenAI's
+    /// presence_penalty, -2 ..= 2; 0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
     /// Stop when the text reaches this string (repeatable; the string is not printed).
     #[arg(long)]
     stop: Vec<String>,
@@ -90,6 +98,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
+        frequency_penalty: a.frequency_penalty,
+        presence_penalty: a.presence_penalty,
     };
     sampling.validate()?;
     if a.max_tokens == 0 {

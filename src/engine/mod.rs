@@ -561,6 +561,15 @@ impl<B: Backend> Engine<B> {
     /// Samples the next token of `s`, with end-of-sequence tokens masked while the sequence has
     /// fewer than its `min_tokens`.
     fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
+        let penalized;
+        let logits = if s.sampler.params().has_penalties() {
+            let mut row = logits.to_vec();
+            s.sampler.params().apply_penalties(&mut row, &s.output);
+            penalized = row;
+            &penalized[..]
+        } else {
+            logits
+        };
         if s.masks_eos() {
             let mut masked = logits.to_vec();
             for &t in &self.opts.eos_token_ids {

@@ -1,5 +1,6 @@
 //! Choosing the next token from a row of logits: greedy, or temperature / top-k / top-p sampling
-//! from a seeded RNG owned by one request.
+//! from a seeded RNG owned by one request, after the OpenAI-style frequency and presence
+//! penalties on the tokens generated so far.
 //!
 //! Deterministic: the same logits, parameters and seed give the same token on every machine and
 //! in any batch, because each request has its own RNG that draws exactly one number per sampled
@@ -23,6 +24,12 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Seed of the request's RNG.
     pub seed: u64,
+    /// Subtracted from a token's logit once for every time the request generated it
+    /// (OpenAI's `frequency_penalty`); in [-2, 2], 0 = off.
+    pub frequency_penalty: f32,
+    /// Subtracted once from the logit of every token the request generated so far (OpenAI's
+    /// `presence_penalty`); in [-2, 2], 0 = off.
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -33,13 +40,26 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
 
 impl SamplingParams {
-    /// Checks the ranges: temperature finite and ≥ 0, top_p in (0, 1].
+    /// Checks the ranges: temperature finite and ≥ 0, top_p in (0, 1], penalties in [-2, 2]
+    /// (OpenAI's range).
     pub fn validate(&self) -> Result<(), EngineError> {
+        for (name, v) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{name} must be in [-2, 2], got {v}"
+                )));
+            }
+        }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(EngineError::InvalidRequest(format!(
                 "temperature must be a finite number >= 0 (0 = greedy), got {}",
@@ -55,9 +75,32 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// Whether the choice is the arg-max.
+    /// Whether the choice is the arg-max (of the penalized logits, when there are penalties).
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
+    }
+
+    /// Whether the logits are changed by penalties before the choice.
+    pub fn has_penalties(&self) -> bool {
+        self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
+    }
+
+    /// Applies the penalties to `logits` for the tokens in `generated` (ids outside the row
+    /// are ignored): token t loses `frequency_penalty × count(t) + presence_penalty` when it
+    /// occurs.
+    pub fn apply_penalties(&self, logits: &mut [f32], generated: &[u32]) {
+        if !self.has_penalties() {
+            return;
+        }
+        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        for &t in generated {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, n) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= self.frequency_penalty * n as f32 + self.presence_penalty;
+            }
+        }
     }
 }
 
@@ -155,7 +198,33 @@ mod tests {
             top_k,
             top_p,
             seed,
+            ..SamplingParams::default()
         }
+    }
+
+    #[test]
+    fn penalties_lower_the_logits_of_generated_tokens_by_count_and_presence() {
+        let p = SamplingParams {
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..SamplingParams::default()
+        };
+        let mut logits = [1.0f32, 1.0, 1.0, 1.0];
+        // Token 1 twice, token 3 once, an id outside the row ignored.
+        p.apply_penalties(&mut logits, &[1, 3, 1, 99]);
+        assert_eq!(logits, [1.0, 1.0 - 2.0 * 0.5 - 0.25, 1.0, 1.0 - 0.5 - 0.25]);
+        // Negative penalties favour repetition; none leave the row as it is.
+        let neg = SamplingParams {
+            presence_penalty: -1.0,
+            ..SamplingParams::default()
+        };
+        let mut logits = [0.0f32, 0.5];
+        neg.apply_penalties(&mut logits, &[0]);
+        assert_eq!(logits, [1.0, 0.5]);
+        let mut logits = [0.0f32, 0.5];
+        SamplingParams::default().apply_penalties(&mut logits, &[0, 1]);
+        assert_eq!(logits, [0.0, 0.5]);
+        assert!(!SamplingParams::default().has_penalties() && p.has_penalties());
     }
 
     #[test]
@@ -263,5 +332,14 @@ mod tests {
             .contains("top_p"));
         assert!(params(1.0, 0, 1.5, 0).validate().is_err());
         assert!(params(0.7, 40, 0.9, 0).validate().is_ok());
+        for (f, p) in [(2.5, 0.0), (0.0, -2.1), (f32::NAN, 0.0)] {
+            let bad = SamplingParams {
+                frequency_penalty: f,
+                presence_penalty: p,
+                ..SamplingParams::default()
+            };
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains("penalty"), "{e}");
+        }
     }
 }

@@ -154,9 +154,10 @@ impl Sequence {
     /// greedy parameters (which never draw from the RNG) and no end-of-sequence masking. Only
     /// then may the engine take the backend's greedy ids ([`crate::device::Backend::
     /// decode_argmax`]) instead of the logits; anything that reads or changes the logits
-    /// (temperature, top-k, top-p, `min_tokens` masking) needs the whole row.
+    /// (temperature, top-k, top-p, penalties, `min_tokens` masking) needs the whole row.
     pub fn argmax_suffices(&self) -> bool {
-        self.sampler.params().is_greedy() && !self.masks_eos()
+        let p = self.sampler.params();
+        p.is_greedy() && !p.has_penalties() && !self.masks_eos()
     }
 
     /// Takes a sampled token: checks end-of-sequence, decodes text, applies stop strings and
@@ -247,6 +248,7 @@ mod tests {
             top_k,
             top_p: 0.9,
             seed: 1,
+            ..SamplingParams::default()
         }
     }
 

@@ -17,6 +17,7 @@
 //! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | CPU: `max_concurrent_sequences` × `max_sequence_length` tokens; GPU: `kv_cache_fraction` |
 //! | `kv_cache_fraction` | GPU, without `kv_cache_bytes`: fraction of the device memory left after weights and work buffers given to the KV cache, in (0, 1] | 0.9 |
 //! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
+//! | `exclude_input_in_output` | `true` or `false`: whether a non-streaming response leaves the prompt out when the request has no `exclude_input_in_output` input (TensorRT-LLM's model parameter of that name; Triton's OpenAI-compatible frontend never sends the input) | `false` |
 //! | `plan` | GPU only: `auto` (the weights directory's tuning table for this GPU, tuned and saved at the first load), `compressed` (untuned defaults) or `baseline` (uncompressed BF16 + cuBLAS) | `auto` |
 
 use std::collections::BTreeMap;
@@ -88,11 +89,13 @@ pub struct ModelConfig {
     pub device: DeviceChoice,
     /// The `plan` parameter (GPU instances).
     pub plan: PlanChoice,
+    /// The `exclude_input_in_output` parameter: the default of the input of that name.
+    pub exclude_input_in_output: bool,
     /// The instance groups.
     pub instance_groups: Vec<InstanceGroup>,
 }
 
-const KNOWN_PARAMETERS: [&str; 7] = [
+const KNOWN_PARAMETERS: [&str; 8] = [
     "weights_dir",
     "max_concurrent_sequences",
     "max_sequence_length",
@@ -100,6 +103,7 @@ const KNOWN_PARAMETERS: [&str; 7] = [
     "kv_cache_fraction",
     "device",
     "plan",
+    "exclude_input_in_output",
 ];
 
 impl ModelConfig {
@@ -212,6 +216,23 @@ impl ModelConfig {
             },
         };
 
+        let exclude_input_in_output = match params
+            .get("exclude_input_in_output")
+            .map(|s| s.trim().to_ascii_lowercase())
+        {
+            None => false,
+            Some(s) => match s.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => {
+                    return Err(TritonError::config(
+                        "parameters.exclude_input_in_output",
+                        format!("expected true or false, got {s:?}"),
+                    ))
+                }
+            },
+        };
+
         let instance_groups = instance_groups(obj.get("instance_group"))?;
         for (i, g) in instance_groups.iter().enumerate() {
             let clash = matches!(
@@ -236,6 +257,7 @@ impl ModelConfig {
             kv_cache_fraction,
             device,
             plan,
+            exclude_input_in_output,
             instance_groups,
         })
     }
@@ -437,6 +459,14 @@ mod tests {
     }
 
     #[test]
+    fn exclude_input_in_output_parameter() {
+        for (v, want) in [("true", true), ("False", false), (" TRUE ", true)] {
+            let c = parse(&with_param("exclude_input_in_output", v)).unwrap();
+            assert_eq!(c.exclude_input_in_output, want, "{v:?}");
+        }
+    }
+
+    #[test]
     fn defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.weights_dir, Path::new("/models/m/1"));
@@ -446,6 +476,7 @@ mod tests {
         assert_eq!(c.kv_cache_fraction, DEFAULT_KV_CACHE_FRACTION);
         assert_eq!(c.plan, PlanChoice::Auto);
         assert_eq!(c.device, DeviceChoice::Auto);
+        assert!(!c.exclude_input_in_output);
         assert!(c.instance_groups.is_empty());
         assert_eq!(c.max_batch_size, 0);
     }
@@ -523,6 +554,10 @@ mod tests {
                 "parameters.max_sequence_length",
             ),
             (with_param("plan", "fastest"), "parameters.plan"),
+            (
+                with_param("exclude_input_in_output", "yes"),
+                "parameters.exclude_input_in_output",
+            ),
             (
                 with_param("kv_cache_bytes", "lots"),
                 "parameters.kv_cache_bytes",

@@ -79,18 +79,23 @@ pub struct GenerateInputs {
     pub top_p: f32,
     /// `top_k` (0 = off).
     pub top_k: usize,
-    /// `random_seed`.
+    /// `random_seed`, or `seed` (the name Triton's OpenAI-compatible frontend sends).
     pub seed: u64,
+    /// `frequency_penalty` (in [-2, 2]; 0 = off).
+    pub frequency_penalty: f32,
+    /// `presence_penalty` (in [-2, 2]; 0 = off).
+    pub presence_penalty: f32,
     /// `stop_words` (none empty).
     pub stop_words: Vec<String>,
-    /// `exclude_input_in_output`.
-    pub exclude_input: bool,
+    /// `exclude_input_in_output`, if given (else the model's `exclude_input_in_output`
+    /// parameter decides).
+    pub exclude_input: Option<bool>,
     /// `min_length`.
     pub min_length: usize,
 }
 
 /// The inputs a request may carry; anything else is an error.
-pub const KNOWN_INPUTS: [&str; 11] = [
+pub const KNOWN_INPUTS: [&str; 14] = [
     "text_input",
     "input_ids",
     "max_tokens",
@@ -99,6 +104,9 @@ pub const KNOWN_INPUTS: [&str; 11] = [
     "top_p",
     "top_k",
     "random_seed",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
     "stop_words",
     "exclude_input_in_output",
     "min_length",
@@ -379,10 +387,27 @@ impl GenerateInputs {
             .map(|i| scalar_i32(i, batched).and_then(|v| non_negative("top_k", v)))
             .transpose()?
             .unwrap_or(0);
-        let seed = get("random_seed")
-            .map(|i| scalar_u64(i, batched))
-            .transpose()?
-            .unwrap_or(0);
+        let seed = match (get("random_seed"), get("seed")) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "seed",
+                    "give the seed as 'random_seed' or as 'seed', not both",
+                ))
+            }
+            (Some(i), None) | (None, Some(i)) => scalar_u64(i, batched)?,
+            (None, None) => 0,
+        };
+        let penalty = |name: &str| -> Result<f32, TritonError> {
+            match get(name) {
+                None => Ok(0.0),
+                Some(i) => match scalar_f32(i, batched)? {
+                    v if (-2.0..=2.0).contains(&v) => Ok(v),
+                    v => Err(invalid(name, format!("must be in [-2, 2], got {v}"))),
+                },
+            }
+        };
+        let frequency_penalty = penalty("frequency_penalty")?;
+        let presence_penalty = penalty("presence_penalty")?;
         let stop_words = match get("stop_words") {
             None => Vec::new(),
             Some(i) => {
@@ -395,8 +420,7 @@ impl GenerateInputs {
         };
         let exclude_input = get("exclude_input_in_output")
             .map(|i| scalar_bool(i, batched))
-            .transpose()?
-            .unwrap_or(false);
+            .transpose()?;
         let min_length = get("min_length")
             .map(|i| scalar_i32(i, batched).and_then(|v| non_negative("min_length", v)))
             .transpose()?
@@ -410,6 +434,8 @@ impl GenerateInputs {
             top_p,
             top_k,
             seed,
+            frequency_penalty,
+            presence_penalty,
             stop_words,
             exclude_input,
             min_length,
@@ -555,6 +581,8 @@ mod tests {
                 data: vec![1],
             },
             i32_input("min_length", 3),
+            f32_input("frequency_penalty", 0.5),
+            f32_input("presence_penalty", -0.25),
         ];
         let g = GenerateInputs::parse(&inputs, true).unwrap();
         assert_eq!(
@@ -567,8 +595,10 @@ mod tests {
                 top_p: 0.9,
                 top_k: 40,
                 seed: 99,
+                frequency_penalty: 0.5,
+                presence_penalty: -0.25,
                 stop_words: vec!["\n\n".into(), "END".into()],
-                exclude_input: true,
+                exclude_input: Some(true),
                 min_length: 3,
             }
         );
@@ -580,6 +610,43 @@ mod tests {
             (g.max_tokens, g.stream, g.temperature, g.top_p, g.top_k),
             (None, false, 0.0, 1.0, 0)
         );
+        assert_eq!(
+            (g.frequency_penalty, g.presence_penalty, g.exclude_input),
+            (0.0, 0.0, None)
+        );
+    }
+
+    /// Triton's OpenAI-compatible frontend names the seed `seed` (TensorRT-LLM's name);
+    /// `random_seed` is the same input, and both at once is an error naming them.
+    #[test]
+    fn seed_under_either_name_and_penalties_in_range() {
+        let seed = |name: &str, v: u64| RawInput {
+            name: name.into(),
+            datatype: DataType::Uint64,
+            shape: vec![1, 1],
+            data: v.to_le_bytes().to_vec(),
+        };
+        let g = GenerateInputs::parse(&[text("a"), seed("seed", 7)], true).unwrap();
+        assert_eq!(g.seed, 7);
+        let g = GenerateInputs::parse(&[text("a"), seed("random_seed", 8)], true).unwrap();
+        assert_eq!(g.seed, 8);
+        let e = GenerateInputs::parse(&[text("a"), seed("seed", 7), seed("random_seed", 8)], true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'random_seed' or as 'seed'"), "{e}");
+        for (name, v) in [
+            ("frequency_penalty", 2.5),
+            ("presence_penalty", -3.0),
+            ("presence_penalty", f32::NAN),
+        ] {
+            let e = GenerateInputs::parse(&[text("a"), f32_input(name, v)], true)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("input '{name}': must be in [-2, 2]")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

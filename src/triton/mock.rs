@@ -468,6 +468,29 @@ not_in_mock! {
     TRITONBACKEND_RequestOutputName(a: *mut sys::TRITONBACKEND_Request, b: u32, c: *mut *const c_char);
 }
 
+// Custom metrics: the mock has none (a server without metrics support), so a model serves
+// without them; the genuine core and the test host check them (tests/triton_core.rs).
+not_in_mock! {
+    TRITONSERVER_MetricFamilyNew(a: *mut *mut sys::TRITONSERVER_MetricFamily, b: sys::TRITONSERVER_MetricKind, c: *const c_char, d: *const c_char);
+    TRITONSERVER_MetricFamilyDelete(a: *mut sys::TRITONSERVER_MetricFamily);
+    TRITONSERVER_MetricNew(a: *mut *mut sys::TRITONSERVER_Metric, b: *mut sys::TRITONSERVER_MetricFamily, c: *mut *const sys::TRITONSERVER_Parameter, d: u64);
+    TRITONSERVER_MetricDelete(a: *mut sys::TRITONSERVER_Metric);
+    TRITONSERVER_MetricIncrement(a: *mut sys::TRITONSERVER_Metric, b: f64);
+    TRITONSERVER_MetricSet(a: *mut sys::TRITONSERVER_Metric, b: f64);
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONSERVER_ParameterNew(
+    _name: *const c_char,
+    _type: sys::TRITONSERVER_ParameterType,
+    _value: *const c_void,
+) -> *mut sys::TRITONSERVER_Parameter {
+    ptr::null_mut()
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn TRITONSERVER_ParameterDelete(_p: *mut sys::TRITONSERVER_Parameter) {}
+
 // ----- requests, responses, statistics (for the engine thread's tests) -------------------
 
 /// A response being built: its outputs, each boxed so the pointer handed out stays put.

@@ -6,8 +6,8 @@
 //! Triton's opaque pointers (`state`), the model configuration ([`config`]), the backend
 //! configuration ([`backend_config`]), the request contract ([`inputs`]), the FFI side of a
 //! request's life (`request`), the loaded model (`served`), the engine thread of an instance
-//! (`worker`), the names of the backend's threads (`threads`), the log bridge (`log`) and the
-//! error mapping ([`error`]). No Triton type leaves this module: the engine and everything below
+//! (`worker`), the names of the backend's threads (`threads`), the log bridge (`log`), the custom
+//! metrics (`metrics`) and the error mapping ([`error`]). No Triton type leaves this module: the engine and everything below
 //! it never see a `TRITON*` handle. All `unsafe`
 //! of this layer is here, each block with a `// SAFETY:` line (enforced by clippy's
 //! `undocumented_unsafe_blocks`). docs/triton.md describes the whole.
@@ -20,6 +20,7 @@ pub mod error;
 mod exports;
 pub mod inputs;
 mod log;
+mod metrics;
 #[cfg(test)]
 mod mock;
 mod request;

@@ -40,6 +40,13 @@ pub(super) struct Served {
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
     pub batched: bool,
+    /// Whether a non-streaming response leaves the prompt out when the request does not say
+    /// (the `exclude_input_in_output` parameter).
+    exclude_input_default: bool,
+    /// Bytes of the weights as stored in the version folder (compressed tensors as encoded).
+    pub weight_stored_bytes: u64,
+    /// Bytes the same tensors take in their original dtype (BF16).
+    pub weight_bf16_bytes: u64,
     /// The `kv_cache_bytes` parameter (the CPU engine's block pool, the CUDA engine's slab).
     kv_cache_bytes: Option<u64>,
     /// The `kv_cache_fraction` parameter (the CUDA engine without `kv_cache_bytes`).
@@ -123,6 +130,16 @@ impl Served {
         let eos =
             model_eos_tokens(&cfg.eos_token_ids, dir, &tokenizer).map_err(|e| files_err(dir, e))?;
         let ckpt = Checkpoint::open(dir).map_err(|e| files_err(dir, e))?;
+        let weight_stored_bytes = ckpt
+            .entries()
+            .iter()
+            .map(|e| ckpt.stored_bytes(e) as u64)
+            .sum();
+        let weight_bf16_bytes = ckpt
+            .entries()
+            .iter()
+            .map(|e| e.original_bytes() as u64)
+            .sum();
         let gpu_only = config.device == DeviceChoice::Gpu
             || (config.device == DeviceChoice::Auto
                 && !config.instance_groups.is_empty()
@@ -176,6 +193,9 @@ impl Served {
             max_sequences,
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
+            weight_stored_bytes,
+            weight_bf16_bytes,
+            exclude_input_default: config.exclude_input_in_output,
             kv_cache_bytes: config.kv_cache_bytes,
             kv_cache_fraction: config.kv_cache_fraction,
             plan: config.plan,
@@ -305,7 +325,8 @@ impl Served {
             .max_tokens
             .unwrap_or_else(|| self.default_max_tokens.min(self.context));
         g.check_against(&prompt, max_tokens, self.cfg.vocab_size, self.context)?;
-        let (echo_text, echo_ids) = if g.stream || g.exclude_input {
+        let exclude = g.exclude_input.unwrap_or(self.exclude_input_default);
+        let (echo_text, echo_ids) = if g.stream || exclude {
             (String::new(), Vec::new())
         } else {
             let text = match &g.prompt {
@@ -324,6 +345,8 @@ impl Served {
                 top_k: g.top_k,
                 top_p: g.top_p,
                 seed: g.seed,
+                frequency_penalty: g.frequency_penalty,
+                presence_penalty: g.presence_penalty,
             },
             max_tokens,
             stop: g.stop_words,

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use super::backend_config::BackendSettings;
 use super::config::{DeviceChoice, InstanceKind, ModelConfig};
 use super::error::{check, TritonError};
+use super::metrics::{InstanceMetrics, Metric, ModelMetrics};
 use super::request::InstanceHandle;
 use super::served::{Placement, Served};
 use super::sys;
@@ -33,6 +34,8 @@ pub(super) struct ModelState {
     pub config: ModelConfig,
     /// The loaded model, shared with the instances.
     pub served: Arc<Served>,
+    /// Its custom metrics; `None` when the server refused them (no metrics support).
+    pub metrics: Option<Arc<ModelMetrics>>,
 }
 
 /// One model instance.
@@ -123,12 +126,27 @@ impl ModelState {
             },
             other => other,
         })?;
+        let metrics = match ModelMetrics::new(&name, version) {
+            Ok(m) => {
+                m.set(Metric::WeightStoredBytes, served.weight_stored_bytes as f64);
+                m.set(Metric::WeightBf16Bytes, served.weight_bf16_bytes as f64);
+                Some(Arc::new(m))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "model {name} version {version}: serving without custom metrics: {}",
+                    e.chain()
+                );
+                None
+            }
+        };
         Ok(ModelState {
             name,
             version,
             version_dir,
             config,
             served: Arc::new(served),
+            metrics,
         })
     }
 }
@@ -292,7 +310,8 @@ impl InstanceState {
             let (served, name) = (Arc::clone(&served), name.clone());
             Box::new(move || served.engine(&name, placement))
         };
-        let worker = Worker::spawn(&name, engine, rebuild, handle, limit)?;
+        let metrics = model.metrics.clone().map(InstanceMetrics::new);
+        let worker = Worker::spawn(&name, engine, rebuild, handle, limit, metrics)?;
         Ok(InstanceState {
             name,
             kind,

@@ -2,9 +2,9 @@
 //! `TRITONBACKEND_*` and `TRITONSERVER_*` functions, opaque handle types, enum constants and the
 //! API version macros.
 //!
-//! The functions are declared, not linked: they stay undefined in `libtriton_unweight.so` and are
-//! bound at `dlopen` by the `tritonserver` process (docs/triton.md). Nothing outside
-//! `crate::triton` sees these types.
+//! The functions are imported from `libtritonserver.so`: the cdylib is linked against a stub of
+//! it (build.rs) and binds to the server library the process loaded (docs/triton.md). Nothing
+//! outside `crate::triton` sees these types.
 
 #![allow(
     non_camel_case_types,

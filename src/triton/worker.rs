@@ -23,6 +23,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use super::error::{panic_message, TritonError};
+use super::metrics::{InstanceMetrics, Snapshot};
 use super::request::{now_ns, InstanceHandle, OutputTensor, Pending, Wanted};
 use crate::device::{Backend, FaultKind};
 use crate::engine::{Engine, EngineError, Event, Request, RequestId, StopReason};
@@ -83,20 +84,26 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     /// Starts the engine thread of instance `name` over `engine` (`rebuild` makes its
     /// replacement after a panic); at most `limit` requests may be queued or running at once.
+    /// The thread publishes what it holds to `metrics` after every turn.
     pub fn spawn(
         name: &str,
         engine: Engine<Box<dyn Backend>>,
         rebuild: EngineFactory,
         instance: InstanceHandle,
         limit: usize,
+        mut metrics: Option<InstanceMetrics>,
     ) -> Result<Self, TritonError> {
+        // The capacity is published before the instance is ready, not at the first turn.
+        if let Some(m) = metrics.as_mut() {
+            m.publish(snapshot(Some(&engine), 0));
+        }
         let (tx, rx) = mpsc::channel();
         let in_flight = Arc::new(AtomicUsize::new(0));
         let counter = Arc::clone(&in_flight);
         let label = name.to_string();
         let thread = std::thread::Builder::new()
             .name(format!("unweight-{name}"))
-            .spawn(move || run(&label, engine, rebuild, instance, rx, &counter))
+            .spawn(move || run(&label, engine, rebuild, instance, rx, &counter, metrics))
             .map_err(|e| TritonError::Internal {
                 context: format!("starting the engine thread of instance {name}"),
                 source: Box::new(e),
@@ -163,6 +170,30 @@ impl Drop for Worker {
     }
 }
 
+/// What an instance holds now, for its metrics: `queued` requests not yet handed to `engine`
+/// plus what the engine holds. The KV figures are in the engine's current units (capacity:
+/// slots × tokens per slot; use: tokens of the running sequences); this is the one place to
+/// re-point when the engine counts its KV cache differently.
+fn snapshot(engine: Option<&Engine<Box<dyn Backend>>>, queued: usize) -> Snapshot {
+    let Some(engine) = engine else {
+        return Snapshot {
+            queued: queued as u64,
+            ..Snapshot::default()
+        };
+    };
+    let (waiting, running) = engine.load();
+    let kv = engine.kv_usage();
+    let stats = engine.stats();
+    Snapshot {
+        active: running as u64,
+        queued: (queued + waiting) as u64,
+        kv_capacity: kv.capacity_tokens() as u64,
+        kv_used: kv.used_tokens as u64,
+        prompt_tokens: stats.prefill_tokens,
+        generated_tokens: stats.generated_tokens,
+    }
+}
+
 /// A request the engine is running.
 struct Live {
     job: Box<Job>,
@@ -210,6 +241,8 @@ struct Serving<'a> {
     stopping: bool,
     /// Fatal device faults since a request last completed.
     fatal_streak: usize,
+    /// This instance's share of the model's metrics.
+    metrics: Option<InstanceMetrics>,
 }
 
 fn run(
@@ -219,6 +252,7 @@ fn run(
     instance: InstanceHandle,
     rx: mpsc::Receiver<Command>,
     counter: &AtomicUsize,
+    metrics: Option<InstanceMetrics>,
 ) {
     let mut s = Serving {
         name,
@@ -232,6 +266,7 @@ fn run(
         live: HashMap::new(),
         stopping: false,
         fatal_streak: 0,
+        metrics,
     };
     tracing::debug!(instance = name, "engine thread started");
     while !s.stopping {
@@ -264,6 +299,20 @@ impl Serving<'_> {
         self.admit();
         self.poll_cancellations();
         self.step();
+        self.publish();
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        snapshot(self.engine.as_ref(), self.queued.len())
+    }
+
+    fn publish(&mut self) {
+        if self.metrics.is_some() {
+            let now = self.snapshot();
+            if let Some(m) = self.metrics.as_mut() {
+                m.publish(now);
+            }
+        }
     }
 
     fn receive(&mut self, rx: &mpsc::Receiver<Command>) {

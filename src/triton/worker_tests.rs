@@ -261,7 +261,7 @@ fn a_panicking_engine_ends_every_request_with_internal_and_is_rebuilt() {
             Ok(engine(&faults))
         })
     };
-    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16).unwrap();
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let streaming = submit(&w, "streaming", 100_000, true);
     let whole = submit(&w, "non-streaming", 100_000, false);
     wait_for("the stream has 3 responses", || {
@@ -320,7 +320,7 @@ fn an_engine_that_cannot_be_rebuilt_refuses_new_requests_naming_the_panic() {
     faults.prefill.store(true, Ordering::SeqCst);
     let rebuild: EngineFactory =
         Box::new(|| Err(TritonError::Unavailable("the GPU is gone".into())));
-    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16).unwrap();
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let first = submit(&w, "first", 4, true);
     wait_for("the first request ended", || ended(first));
     let (code, msg) = ended_once(first, false).expect("an error FINAL");
@@ -343,7 +343,7 @@ fn a_cancelled_request_is_reported_as_unsuccessful() {
     let _g = mock::lock();
     let faults = Arc::new(Faults::default());
     let rebuild: EngineFactory = Box::new(|| Err(TritonError::Unavailable("unused".into())));
-    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16).unwrap();
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let victim = submit(&w, "victim", 100_000, true);
     let done = submit(&w, "done", 2, true);
     wait_for("the victim has 2 responses", || {
@@ -370,7 +370,7 @@ fn a_fatal_device_fault_ends_every_request_and_rebuilds_the_engine_without_stepp
             Ok(engine(&faults))
         })
     };
-    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16).unwrap();
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let streaming = submit(&w, "streaming", 100_000, true);
     let whole = submit(&w, "non-streaming", 100_000, false);
     wait_for("the stream has 3 responses", || {
@@ -428,7 +428,7 @@ fn a_device_that_faults_in_every_new_context_is_marked_broken_not_rebuilt_foreve
             Ok(engine(&faults))
         })
     };
-    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16).unwrap();
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     // One request per fault: each reaches a decode, which kills that engine's context.
     for k in 0..=MAX_FATAL_REBUILDS {
         let r = submit(&w, &format!("r{k}"), 8, true);

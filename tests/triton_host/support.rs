@@ -270,10 +270,13 @@ impl Gen {
 
     /// The request, with the batch dimension (`max_batch_size: 1`).
     pub fn request(&self, id: &str, stream: bool) -> Value {
+        // The prompt is echoed in non-streaming responses (the committed config's
+        // exclude_input_in_output parameter leaves it out by default).
         let mut inputs = json!({
             "text_input": {"data": [[self.prompt]]},
             "max_tokens": {"data": [[self.max_tokens]]},
             "stream": {"data": [[stream]]},
+            "exclude_input_in_output": {"data": [[false]]},
         });
         if self.temperature > 0.0 {
             inputs["temperature"] = json!({"data": [[self.temperature]]});
