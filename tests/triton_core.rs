@@ -377,8 +377,9 @@ fn custom_metrics_count_sequences_tokens_kv_and_weights() {
     assert_eq!(m(&during, "unweight_active_sequences"), 1.0, "{during}");
     let used = m(&during, "unweight_kv_cache_used_tokens");
     let want = expected(&g);
+    // The cache holds the prompt and every generated token but the last (fed by the next step).
     assert!(
-        used >= (want.prompt_ids.len() + 5) as f64 && used <= (want.prompt_ids.len() + 40) as f64,
+        used >= (want.prompt_ids.len() + 4) as f64 && used <= (want.prompt_ids.len() + 39) as f64,
         "KV tokens in use {used}"
     );
     let o = f.finish();
