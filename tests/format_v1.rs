@@ -92,15 +92,9 @@ fn a_version_1_file_decompresses_byte_for_byte() {
     }
 }
 
-/// Writes the fixture's input checkpoint and compresses it with this build's writer. Run once, by
-/// hand, with the version-1 writer (`cargo test --test format_v1 -- --ignored`); kept only as the
-/// record of how the fixture was made.
-#[test]
-#[ignore]
-fn write_the_fixture() {
-    let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("in");
-    std::fs::create_dir(&input).unwrap();
+/// Writes the regenerated originals as a plain checkpoint in `dir`.
+fn write_originals(dir: &Path) {
+    std::fs::create_dir(dir).unwrap();
     let tensors = original_tensors();
     let views: Vec<(&str, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
@@ -111,8 +105,69 @@ fn write_the_fixture() {
             )
         })
         .collect();
-    safetensors::serialize_to_file(views, &None, &input.join("model.safetensors")).unwrap();
-    std::fs::write(input.join("config.json"), "{\"fixture\": \"v1-small\"}\n").unwrap();
+    safetensors::serialize_to_file(views, &None, &dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("config.json"), "{\"fixture\": \"v1-small\"}\n").unwrap();
+}
+
+#[test]
+fn a_version_1_file_verifies_and_inspects_with_both_floors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain");
+    write_originals(&plain);
+    let report = triton_unweight::container::verify_dirs(&plain, &fixture(), false).unwrap();
+    assert!(report.ok(), "{report:?}");
+    let r = triton_unweight::container::inspect_dir(&fixture()).unwrap();
+    let proj = r
+        .tensors
+        .iter()
+        .find(|t| t.name == "model.proj.weight")
+        .unwrap();
+    // Version 1 records no whole-value entropy: inspect measures it from the decoded values.
+    let (_, _, _, bytes) = original_tensors().remove(1);
+    let mut counts = vec![0u64; 1 << 16];
+    for p in bytes.chunks_exact(2) {
+        counts[u16::from_le_bytes([p[0], p[1]]) as usize] += 1;
+    }
+    let n = (bytes.len() / 2) as f64;
+    let h: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| -(c as f64 / n) * (c as f64 / n).log2())
+        .sum();
+    assert!((proj.value_entropy_bits.unwrap() - h).abs() < 1e-9);
+    assert!((proj.value_floor_bytes.unwrap() - n * h / 8.0).abs() < 1e-6);
+}
+
+#[test]
+fn a_damaged_version_1_file_is_an_error_naming_file_and_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture().join(f), bad.join(f)).unwrap();
+    }
+    let file = bad.join("model.safetensors");
+    let mut data = std::fs::read(&file).unwrap();
+    let last = data.len() - 1; // the last byte of the data: the matrix's code table
+    data[last] ^= 0x04;
+    std::fs::write(&file, data).unwrap();
+    let ck = Checkpoint::open(&bad).unwrap();
+    let err = ck.load("model.proj.weight").unwrap_err().to_string();
+    assert!(
+        err.contains("model.proj.weight") && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
+
+/// Writes the fixture's input checkpoint and compresses it with this build's writer. Run once, by
+/// hand, with the version-1 writer (`cargo test --test format_v1 -- --ignored`); kept only as the
+/// record of how the fixture was made.
+#[test]
+#[ignore]
+fn write_the_fixture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    write_originals(&input);
     let mut opts = triton_unweight::container::CompressOptions::default();
     opts.params.chunk_elems = 1024;
     opts.progress = false;

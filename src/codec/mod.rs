@@ -6,6 +6,7 @@
 pub mod ans;
 pub mod bf16;
 pub mod freq;
+pub mod model;
 pub mod runtime;
 pub mod simd;
 pub mod tensor;
