@@ -228,6 +228,14 @@ impl SymbolModel {
 pub fn value_histogram(bytes: &[u8]) -> Vec<u64> {
     use rayon::prelude::*;
     const PIECE: usize = 1 << 20;
+    if bytes.len() <= PIECE {
+        // One piece: count on the calling thread rather than hand it to the pool.
+        let mut h = vec![0u64; 1 << 16];
+        for p in bytes.chunks_exact(2) {
+            h[u16::from_le_bytes([p[0], p[1]]) as usize] += 1;
+        }
+        return h;
+    }
     bytes
         .par_chunks(PIECE)
         .fold(

@@ -192,14 +192,30 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
     advise_huge_pages(&mut raw);
     // One pass per chunk splits the BF16 values and codes the symbols; each worker reuses one
     // scratch buffer and keeps only an exactly sized copy of every chunk's words.
-    let pieces: Vec<(Vec<u16>, [u32; LANES])> = bytes
-        .par_chunks(chunk_bytes)
-        .zip(raw.par_chunks_mut(model::raw_len(params.chunk_elems, params.mantissa_bits)))
-        .map_init(Vec::new, |scratch, (src, r)| {
-            let (states, words) = encoder.encode_bf16(src, r, scratch);
-            (words.to_vec(), states)
-        })
-        .collect();
+    // A tensor of one chunk is coded on the calling thread: waking the pool for it costs more
+    // than the coding (a checkpoint has hundreds of norm-sized and small tensors).
+    let raw_chunk = model::raw_len(params.chunk_elems, params.mantissa_bits);
+    let small = len <= params.chunk_elems;
+    let pieces: Vec<(Vec<u16>, [u32; LANES])> = if small {
+        let mut scratch = Vec::new();
+        bytes
+            .chunks(chunk_bytes)
+            .zip(raw.chunks_mut(raw_chunk))
+            .map(|(src, r)| {
+                let (states, words) = encoder.encode_bf16(src, r, &mut scratch);
+                (words.to_vec(), states)
+            })
+            .collect()
+    } else {
+        bytes
+            .par_chunks(chunk_bytes)
+            .zip(raw.par_chunks_mut(raw_chunk))
+            .map_init(Vec::new, |scratch, (src, r)| {
+                let (states, words) = encoder.encode_bf16(src, r, scratch);
+                (words.to_vec(), states)
+            })
+            .collect()
+    };
     let total_words: usize = pieces.iter().map(|(w, _)| w.len()).sum();
     if total_words > u32::MAX as usize {
         return Err(CodecError::Invalid(format!(
@@ -223,9 +239,15 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
         dsts.push(dst);
         rest = tail;
     }
-    dsts.into_par_iter()
-        .zip(&pieces)
-        .for_each(|(dst, (words, _))| dst.copy_from_slice(words));
+    if small {
+        for (dst, (words, _)) in dsts.into_iter().zip(&pieces) {
+            dst.copy_from_slice(words);
+        }
+    } else {
+        dsts.into_par_iter()
+            .zip(&pieces)
+            .for_each(|(dst, (words, _))| dst.copy_from_slice(words));
+    }
     Ok(EncodedTensor {
         len,
         params,
@@ -377,68 +399,74 @@ pub fn decode_into(view: &EncodedView<'_>, out: &mut [u8]) -> Result<(), CodecEr
     }
     // Chunks go in pairs: the SIMD decoder runs two chunks in lockstep to hide its latency.
     let ce = p.chunk_elems;
-    out.par_chunks_mut(4 * ce)
-        .zip(view.raw.par_chunks(model::raw_len(2 * ce, p.mantissa_bits)))
-        .enumerate()
-        .try_for_each(|(g, (dst, sm))| {
-            let mut padded = [Vec::new(), Vec::new()];
-            let mut jobs = dst
-                .chunks_mut(2 * ce)
-                .zip(sm.chunks(model::raw_len(ce, p.mantissa_bits)))
-                .zip(&mut padded)
-                .enumerate()
-                .map(|(i, ((out, sm), pad))| {
-                    let c = 2 * g + i;
-                    let mut states = [0u32; LANES];
-                    for (l, s) in states.iter_mut().enumerate() {
-                        *s = read_u32(view.states, c * LANES + l);
-                    }
-                    // The decoder reads the stored bytes in place; it needs `WORD_PAD_BYTES`
-                    // readable bytes after the chunk's words, which only the last chunks lack:
-                    // they get a zero-padded copy.
-                    let (start, n_words) = (2 * bounds[c], bounds[c + 1] - bounds[c]);
-                    let words = if start + 2 * n_words + ans::WORD_PAD_BYTES <= view.exp_words.len()
-                    {
-                        &view.exp_words[start..]
-                    } else {
-                        pad.resize(2 * n_words + ans::WORD_PAD_BYTES, 0);
-                        pad[..2 * n_words]
-                            .copy_from_slice(&view.exp_words[start..start + 2 * n_words]);
-                        &pad[..]
-                    };
-                    ans::ChunkJob {
-                        states,
-                        words,
-                        n_words,
-                        raw: sm,
-                        out,
-                    }
-                });
-            let first = jobs.next().expect("a chunk group holds at least one chunk");
-            let results = match jobs.next() {
-                Some(second) => ans::decode_chunk_pair(first, second, &lut),
-                None => [
-                    ans::decode_chunk_bytes(
-                        &first.states,
-                        first.words,
-                        first.n_words,
-                        &lut,
-                        first.raw,
-                        first.out,
-                    ),
-                    Ok(()),
-                ],
-            };
-            for (i, r) in results.into_iter().enumerate() {
-                r.map_err(|e| match e {
-                    CodecError::Corrupt(m) => {
-                        CodecError::Corrupt(format!("chunk {}: {m}", 2 * g + i))
-                    }
-                    other => other,
-                })?;
-            }
-            Ok(())
-        })
+    let pair = |(g, (dst, sm)): (usize, (&mut [u8], &[u8]))| -> Result<(), CodecError> {
+        let mut padded = [Vec::new(), Vec::new()];
+        let mut jobs = dst
+            .chunks_mut(2 * ce)
+            .zip(sm.chunks(model::raw_len(ce, p.mantissa_bits)))
+            .zip(&mut padded)
+            .enumerate()
+            .map(|(i, ((out, sm), pad))| {
+                let c = 2 * g + i;
+                let mut states = [0u32; LANES];
+                for (l, s) in states.iter_mut().enumerate() {
+                    *s = read_u32(view.states, c * LANES + l);
+                }
+                // The decoder reads the stored bytes in place; it needs `WORD_PAD_BYTES`
+                // readable bytes after the chunk's words, which only the last chunks lack:
+                // they get a zero-padded copy.
+                let (start, n_words) = (2 * bounds[c], bounds[c + 1] - bounds[c]);
+                let words = if start + 2 * n_words + ans::WORD_PAD_BYTES <= view.exp_words.len() {
+                    &view.exp_words[start..]
+                } else {
+                    pad.resize(2 * n_words + ans::WORD_PAD_BYTES, 0);
+                    pad[..2 * n_words].copy_from_slice(&view.exp_words[start..start + 2 * n_words]);
+                    &pad[..]
+                };
+                ans::ChunkJob {
+                    states,
+                    words,
+                    n_words,
+                    raw: sm,
+                    out,
+                }
+            });
+        let first = jobs.next().expect("a chunk group holds at least one chunk");
+        let results = match jobs.next() {
+            Some(second) => ans::decode_chunk_pair(first, second, &lut),
+            None => [
+                ans::decode_chunk_bytes(
+                    &first.states,
+                    first.words,
+                    first.n_words,
+                    &lut,
+                    first.raw,
+                    first.out,
+                ),
+                Ok(()),
+            ],
+        };
+        for (i, r) in results.into_iter().enumerate() {
+            r.map_err(|e| match e {
+                CodecError::Corrupt(m) => CodecError::Corrupt(format!("chunk {}: {m}", 2 * g + i)),
+                other => other,
+            })?;
+        }
+        Ok(())
+    };
+    let raw_pair = model::raw_len(2 * ce, p.mantissa_bits);
+    if chunks <= 2 {
+        // One pair: decode on the calling thread rather than wake the pool for it.
+        out.chunks_mut(4 * ce)
+            .zip(view.raw.chunks(raw_pair))
+            .enumerate()
+            .try_for_each(pair)
+    } else {
+        out.par_chunks_mut(4 * ce)
+            .zip(view.raw.par_chunks(raw_pair))
+            .enumerate()
+            .try_for_each(pair)
+    }
 }
 
 /// Decodes stored parts into a new buffer of little-endian BF16 bytes.
