@@ -64,11 +64,16 @@ impl Params {
     /// The parameters `compress` uses for a tensor of `len` elements: at least 16 chunks (so
     /// that decoding a mid-sized tensor still runs in parallel, two chunks per thread), but no
     /// chunk smaller than [`MIN_CHUNK_ELEMS`] (the lane states of a chunk cost 0.1% of a 64 Ki
-    /// chunk) nor larger than `chunk_elems`, in powers of two.
+    /// chunk) nor larger than `chunk_elems`, in powers of two; and at most `len / 32` table
+    /// slots (`prob_bits` down to 12, never above `prob_bits`), because building the decoding
+    /// and encoding tables of `2^prob_bits` slots is per-tensor work that small tensors do not
+    /// amortise.
     pub fn for_tensor(self, len: usize) -> Self {
         let want = (len / 16).next_power_of_two().max(MIN_CHUNK_ELEMS);
+        let slots_bits = (len / 32).max(1).ilog2().clamp(12, super::freq::MAX_PROB_BITS);
         Self {
             chunk_elems: want.min(self.chunk_elems),
+            prob_bits: self.prob_bits.min(slots_bits),
             ..self
         }
     }
