@@ -1,4 +1,5 @@
-//! Interleaved rANS over one chunk of exponent bytes: 32 lanes, 32-bit states, 16-bit words.
+//! Interleaved rANS over one chunk of byte symbols (exponents, or ranked keys, see
+//! [`super::model`]): 32 lanes, 32-bit states, 16-bit words.
 //!
 //! Element `i` of a chunk belongs to lane `i % 32` and is that lane's symbol number `i / 32`, so a
 //! GPU warp decodes 32 consecutive weights per step, one per thread, and writes them coalesced.
@@ -18,7 +19,8 @@
 //! [`decode_chunk`] are the plain scalar reference: they define the stored bytes, and the tests
 //! hold everything else to them. [`ChunkEncoder`], [`decode_chunk_bytes`] and
 //! [`decode_chunk_pair`] are what the tensor codec runs: they pick the AVX-512 kernels of
-//! [`super::simd`] at run time when the CPU has them (and, for decoding, `prob_bits <= 12`), and
+//! [`super::simd`] at run time when the CPU has them (and, for decoding, `prob_bits <= 12` for the
+//! exponent model, `<= 15` with coded mantissa bits), and
 //! otherwise a scalar loop, always with identical results. They also work on the stored form
 //! directly (BF16 input bytes; little-endian word bytes with padding after them), so the tensor
 //! codec makes no per-chunk copies.

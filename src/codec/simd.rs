@@ -4,13 +4,16 @@
 //! step (32 symbols) is a handful of vector instructions per half. Everything here produces the
 //! same words, states and output bytes as the scalar code, and rejects exactly the inputs the
 //! scalar decoder rejects; the scalar code stays the specification and the fallback (no AVX-512
-//! at run time, other architectures, and, for decoding, `prob_bits > 12`). The choices below were
+//! at run time, other architectures, and, for decoding, `prob_bits` above
+//! [`max_simd_decode_prob_bits`]). The choices below were
 //! measured on Zen 4, where one 16-lane `vpgatherdd` costs about 14 cycles of throughput and
 //! 30 of latency, which shapes both directions.
 //!
 //! Decoder:
-//! - For `prob_bits <= 12` one decoding-table entry fits one u32: `symbol << 24 | (freq - 1) << 12
-//!   | (slot - cum)`, so a single gather yields everything 16 lanes need.
+//! - For the exponent model (`prob_bits <= 12`) one decoding-table entry fits one u32:
+//!   `symbol << 24 | (freq - 1) << 12 | (slot - cum)`, so a single gather yields everything 16
+//!   lanes need. With coded mantissa bits (`prob_bits <= 15`) the entry is
+//!   `symbol << 16 | (slot - cum)` and the frequency comes from a 256-entry table in registers.
 //! - Renormalisation: the lanes that fall below `2^16` form a 32-bit mask; 32 words are loaded
 //!   from the stream position and `vpexpandw` hands them out in ascending lane order, which is
 //!   the stream order; the position advances by the mask's popcount. One load per step keeps the

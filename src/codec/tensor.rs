@@ -70,7 +70,10 @@ impl Params {
     /// amortise.
     pub fn for_tensor(self, len: usize) -> Self {
         let want = (len / 16).next_power_of_two().max(MIN_CHUNK_ELEMS);
-        let slots_bits = (len / 32).max(1).ilog2().clamp(12, super::freq::MAX_PROB_BITS);
+        let slots_bits = (len / 32)
+            .max(1)
+            .ilog2()
+            .clamp(12, super::freq::MAX_PROB_BITS);
         Self {
             chunk_elems: want.min(self.chunk_elems),
             prob_bits: self.prob_bits.min(slots_bits),
