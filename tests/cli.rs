@@ -558,6 +558,9 @@ fn inspect_json_has_the_documented_schema_and_consistent_totals() {
                 "original_bytes",
                 "stored_bytes",
                 "exponent_entropy_bits",
+                "value_entropy_bits",
+                "exponent_floor_bytes",
+                "value_floor_bytes",
             ] {
                 assert!(r.get(key).is_some(), "row lacks `{key}`: {r}");
             }
@@ -571,6 +574,18 @@ fn inspect_json_has_the_documented_schema_and_consistent_totals() {
                 .as_f64()
                 .unwrap_or_else(|| panic!("{name}: BF16 tensor without entropy"));
             assert!((0.0..=8.0).contains(&h), "{name}: entropy {h}");
+            let hv = r["value_entropy_bits"].as_f64().unwrap();
+            assert!((h..=h + 8.0).contains(&hv), "{name}: value entropy {hv}");
+            let n = (t.bytes.len() / 2) as f64;
+            let close = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.max(1.0);
+            assert!(close(
+                r["exponent_floor_bytes"].as_f64().unwrap(),
+                n * (8.0 + h) / 8.0
+            ));
+            assert!(close(
+                r["value_floor_bytes"].as_f64().unwrap(),
+                n * hv / 8.0
+            ));
             if compressed {
                 let enc = r["encoding"].as_str().unwrap();
                 let want = if t.shape.len() >= 2 {
@@ -582,11 +597,25 @@ fn inspect_json_has_the_documented_schema_and_consistent_totals() {
                 if enc == "raw" {
                     assert_eq!(stored, original, "{name}");
                 } else {
-                    // The exponent entropy really bounds the size from below (8 raw bits plus H).
+                    // The whole-value entropy really bounds the size from below; its value is
+                    // recomputed here from the original bytes.
                     assert!(stored < original, "{name}: {stored} >= {original}");
+                    let mut counts = vec![0u64; 1 << 16];
+                    for p in t.bytes.chunks_exact(2) {
+                        counts[u16::from_le_bytes([p[0], p[1]]) as usize] += 1;
+                    }
+                    let h_value: f64 = counts
+                        .iter()
+                        .filter(|&&c| c > 0)
+                        .map(|&c| -(c as f64 / n) * (c as f64 / n).log2())
+                        .sum();
                     assert!(
-                        stored as f64 >= (t.bytes.len() / 2) as f64 * (8.0 + h) / 8.0,
-                        "{name}: beats the entropy floor"
+                        close(hv, h_value),
+                        "{name}: recorded {hv}, counted {h_value}"
+                    );
+                    assert!(
+                        stored as f64 >= n * h_value / 8.0,
+                        "{name}: beats the floor"
                     );
                 }
             } else {
@@ -683,9 +712,11 @@ fn corruption_in_any_stored_part_is_detected_and_named() {
     );
     let bytes = fs::read(&file).unwrap();
     let k = bytes[states_end] as usize + 1;
+    // Version 2 with 3 coded mantissa bits: the key of every symbol follows, 2 bytes each.
+    assert_eq!(m["rans"]["mantissa_bits"], 3);
     assert_eq!(
         index.end,
-        states_end + 1 + 3 * k,
+        states_end + 1 + 3 * k + 2 * k,
         "index part does not have the documented layout"
     );
     cases.push(("index offsets".into(), index.start + 4)); // chunk 1's offset
@@ -694,7 +725,8 @@ fn corruption_in_any_stored_part_is_detected_and_named() {
         offsets_end + 4 * 32 * (chunks - 1) + 5,
     ));
     cases.push(("index table symbol".into(), states_end + 1 + k / 2));
-    cases.push(("index table frequency".into(), index.end - 1));
+    cases.push(("index table frequency".into(), states_end + 3 * k));
+    cases.push(("index table key".into(), index.end - 1));
 
     for (i, (what, at)) in cases.iter().enumerate() {
         let bad = tmp.path().join(format!("bad-{i}"));

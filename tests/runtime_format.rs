@@ -451,8 +451,9 @@ fn real_test_model_fits_72_percent_and_round_trips_from_its_compressed_form() {
             params: Params {
                 chunk_elems: r.chunk_elems,
                 prob_bits: r.prob_bits,
+                mantissa_bits: r.mantissa_bits,
             },
-            sign_mantissa: part("sm"),
+            raw: part("sm"),
             exp_words: part("exp"),
             offsets,
             states,

@@ -107,7 +107,17 @@ fn codec_bench(
         "data set / codec", "MiB", "ratio", "compress", "decompress"
     );
     for (name, bytes, tensors) in &datasets {
-        let ours = measure_ours(bytes, tensors, repeats)?;
+        let floors = floors(bytes, tensors);
+        println!(
+            "{:<48} {:>9} {:>7.4} (exponent-only floor), {:.4} (whole-value floor)",
+            format!("{name}: floors"),
+            "",
+            floors["exponent_only"].as_f64().unwrap_or(f64::NAN),
+            floors["whole_value"].as_f64().unwrap_or(f64::NAN),
+        );
+        let v1 = measure_ours(bytes, tensors, repeats, V1_PARAMS)?;
+        print_row(&format!("{name}: unweight format v1"), bytes.len(), &v1);
+        let ours = measure_ours(bytes, tensors, repeats, Params::default())?;
         print_row(&format!("{name}: unweight"), bytes.len(), &ours);
         let theirs = match zipnn {
             Some(py) => {
@@ -117,7 +127,13 @@ fn codec_bench(
             }
             None => None,
         };
-        let mut row = json!({"dataset": name, "bytes": bytes.len(), "unweight": ours});
+        let mut row = json!({
+            "dataset": name,
+            "bytes": bytes.len(),
+            "floors": floors,
+            "unweight": ours,
+            "unweight_format_v1": v1,
+        });
         if let Some(t) = theirs {
             for (key, field) in [
                 ("compress_speedup_vs_zipnn", "compress_gbps"),
@@ -211,18 +227,47 @@ fn minilm_bf16(path: &Path) -> Result<(Vec<u8>, Vec<Range<usize>>)> {
     Ok((out, ranges))
 }
 
+/// The parameters format version 1 wrote: exponent only, 12-bit probabilities, 64 Ki chunks.
+const V1_PARAMS: Params = Params {
+    chunk_elems: 1 << 16,
+    prob_bits: 12,
+    mantissa_bits: 0,
+};
+
+/// The two order-0 floors of `bytes` cut at `tensors`, as ratios to the BF16 size, each tensor
+/// with its own statistics (as each has its own code table): exponent coded and 8 bits raw,
+/// `(8 + H(exponent)) / 16`, and the whole 16-bit value, `H(value) / 16`.
+fn floors(bytes: &[u8], tensors: &[Range<usize>]) -> Value {
+    use crate::codec::model;
+    let (mut exp, mut whole) = (0.0, 0.0);
+    for r in tensors {
+        let v = model::value_histogram(&bytes[r.clone()]);
+        let n = (r.len() / 2) as f64;
+        exp += n * (8.0 + model::entropy(&model::key_histogram(&v, 0))) / 8.0;
+        whole += n * model::entropy(&v) / 8.0;
+    }
+    json!({
+        "exponent_only": exp / bytes.len() as f64,
+        "whole_value": whole / bytes.len() as f64,
+    })
+}
+
 /// Our codec on `bytes` cut at `tensors` (byte ranges), each tensor encoded on its own with its
 /// own code table, as `compress` stores them; a tensor that would not shrink counts raw (as
 /// `compress` stores it). Timed end to end over all tensors.
-fn measure_ours(bytes: &[u8], tensors: &[Range<usize>], repeats: usize) -> Result<Value> {
-    let params = Params::default();
+fn measure_ours(
+    bytes: &[u8],
+    tensors: &[Range<usize>],
+    repeats: usize,
+    params: Params,
+) -> Result<Value> {
     let mut best_c = f64::INFINITY;
     let mut encoded = Vec::new();
     for _ in 0..repeats {
         let t = Instant::now();
         let e: Vec<_> = tensors
             .iter()
-            .map(|r| codec::encode(&bytes[r.clone()], params))
+            .map(|r| codec::encode(&bytes[r.clone()], params.for_tensor(r.len() / 2)))
             .collect::<Result<_, _>>()?;
         best_c = best_c.min(t.elapsed().as_secs_f64());
         encoded = e;
@@ -235,7 +280,7 @@ fn measure_ours(bytes: &[u8], tensors: &[Range<usize>], repeats: usize) -> Resul
         let decoded: Vec<Vec<u8>> = encoded
             .iter()
             .zip(&parts)
-            .map(|(e, p)| codec::decode(&p.view(e.len, params)))
+            .map(|(e, p)| codec::decode(&p.view(e.len, e.params)))
             .collect::<Result<_, _>>()?;
         best_d = best_d.min(t.elapsed().as_secs_f64());
         for (r, d) in tensors.iter().zip(decoded) {
@@ -251,6 +296,11 @@ fn measure_ours(bytes: &[u8], tensors: &[Range<usize>], repeats: usize) -> Resul
         .map(|(e, r)| e.stored_bytes().min(r.len()))
         .sum();
     Ok(json!({
+        "params": {
+            "chunk_elems": params.chunk_elems,
+            "prob_bits": params.prob_bits,
+            "mantissa_bits": params.mantissa_bits,
+        },
         "tensors": tensors.len(),
         "compressed_bytes": stored,
         "ratio": stored as f64 / bytes.len() as f64,

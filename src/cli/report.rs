@@ -42,44 +42,49 @@ struct Group {
     tensors: usize,
     original: u64,
     stored: u64,
-    floor: f64,
+    exp_floor: f64,
+    value_floor: f64,
 }
 
-fn table(rows: impl Iterator<Item = (String, u64, u64, Option<f64>, usize)>) {
+/// One tensor's line of a summary: name, original and stored bytes, exponent and whole-value
+/// entropy (bits per value, BF16 only), elements.
+type Row = (String, u64, u64, Option<f64>, Option<f64>, usize);
+
+fn table(rows: impl Iterator<Item = Row>) {
     let mut groups: BTreeMap<&'static str, Group> = BTreeMap::new();
     let mut total = Group::default();
-    for (name, original, stored, entropy, numel) in rows {
-        let floor = entropy.map_or(original as f64, |h| numel as f64 * (8.0 + h) / 8.0);
+    for (name, original, stored, h_exp, h_val, numel) in rows {
+        let exp_floor = h_exp.map_or(original as f64, |h| numel as f64 * (8.0 + h) / 8.0);
+        let value_floor = h_val.map_or(original as f64, |h| numel as f64 * h / 8.0);
         for g in [groups.entry(category(&name)).or_default(), &mut total] {
             g.tensors += 1;
             g.original += original;
             g.stored += stored;
-            g.floor += floor;
+            g.exp_floor += exp_floor;
+            g.value_floor += value_floor;
         }
     }
     println!(
-        "{:<20} {:>7} {:>12} {:>12} {:>7} {:>7}",
-        "group", "tensors", "original", "stored", "ratio", "floor"
+        "{:<20} {:>7} {:>12} {:>12} {:>7} {:>9} {:>11}",
+        "group", "tensors", "original", "stored", "ratio", "exp floor", "value floor"
     );
     let line = |name: &str, g: &Group| {
-        let ratio = if g.original == 0 {
-            1.0
-        } else {
-            g.stored as f64 / g.original as f64
-        };
-        let floor = if g.original == 0 {
-            1.0
-        } else {
-            g.floor / g.original as f64
+        let of = |x: f64| {
+            if g.original == 0 {
+                1.0
+            } else {
+                x / g.original as f64
+            }
         };
         println!(
-            "{:<20} {:>7} {:>12} {:>12} {:>7.4} {:>7.4}",
+            "{:<20} {:>7} {:>12} {:>12} {:>7.4} {:>9.4} {:>11.4}",
             name,
             g.tensors,
             human_bytes(g.original),
             human_bytes(g.stored),
-            ratio,
-            floor
+            of(g.stored as f64),
+            of(g.exp_floor),
+            of(g.value_floor)
         );
     };
     for (name, g) in &groups {
@@ -88,7 +93,7 @@ fn table(rows: impl Iterator<Item = (String, u64, u64, Option<f64>, usize)>) {
     line("total", &total);
 }
 
-/// Prints the summary after `compress`: sizes per tensor group, ratio and the entropy floor.
+/// Prints the summary after `compress`: sizes per tensor group, ratio and both entropy floors.
 pub fn print_compress(r: &CompressReport) {
     table(r.tensors.iter().zip(&r.stored_bytes).map(|(m, &s)| {
         let numel = m.shape.iter().product();
@@ -97,6 +102,7 @@ pub fn print_compress(r: &CompressReport) {
             m.original_bytes,
             s,
             m.exponent_entropy_bits,
+            m.value_entropy_bits,
             numel,
         )
     }));
@@ -119,21 +125,31 @@ pub fn print_compress(r: &CompressReport) {
 /// Prints `inspect` as a per-tensor table followed by the group summary.
 pub fn print_inspect(r: &InspectReport) {
     println!(
-        "{:<52} {:<16} {:<9} {:>11} {:>11} {:>7} {:>11}",
-        "tensor", "shape", "encoding", "original", "stored", "H_exp", "floor"
+        "{:<52} {:<16} {:<9} {:>11} {:>11} {:>7} {:>11} {:>7} {:>11}",
+        "tensor",
+        "shape",
+        "encoding",
+        "original",
+        "stored",
+        "H_exp",
+        "exp floor",
+        "H_value",
+        "value floor"
     );
+    let num = |x: Option<f64>, digits: usize| x.map_or("-".into(), |h| format!("{h:.digits$}"));
     for t in &r.tensors {
         let shape = format!("{:?}", t.shape);
         println!(
-            "{:<52} {:<16} {:<9} {:>11} {:>11} {:>7} {:>11}",
+            "{:<52} {:<16} {:<9} {:>11} {:>11} {:>7} {:>11} {:>7} {:>11}",
             t.name,
             shape,
             t.encoding,
             t.original_bytes,
             t.stored_bytes,
-            t.exponent_entropy_bits
-                .map_or("-".into(), |h| format!("{h:.3}")),
-            t.floor_bytes.map_or("-".into(), |f| format!("{f:.0}"))
+            num(t.exponent_entropy_bits, 3),
+            num(t.exponent_floor_bytes, 0),
+            num(t.value_entropy_bits, 3),
+            num(t.value_floor_bytes, 0),
         );
     }
     println!();
@@ -144,6 +160,7 @@ pub fn print_inspect(r: &InspectReport) {
             t.original_bytes,
             t.stored_bytes,
             t.exponent_entropy_bits,
+            t.value_entropy_bits,
             numel,
         )
     }));

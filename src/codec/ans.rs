@@ -1,4 +1,5 @@
-//! Interleaved rANS over one chunk of exponent bytes: 32 lanes, 32-bit states, 16-bit words.
+//! Interleaved rANS over one chunk of byte symbols (exponents, or ranked keys, see
+//! [`super::model`]): 32 lanes, 32-bit states, 16-bit words.
 //!
 //! Element `i` of a chunk belongs to lane `i % 32` and is that lane's symbol number `i / 32`, so a
 //! GPU warp decodes 32 consecutive weights per step, one per thread, and writes them coalesced.
@@ -18,12 +19,14 @@
 //! [`decode_chunk`] are the plain scalar reference: they define the stored bytes, and the tests
 //! hold everything else to them. [`ChunkEncoder`], [`decode_chunk_bytes`] and
 //! [`decode_chunk_pair`] are what the tensor codec runs: they pick the AVX-512 kernels of
-//! [`super::simd`] at run time when the CPU has them (and, for decoding, `prob_bits <= 12`), and
+//! [`super::simd`] at run time when the CPU has them (and, for decoding, `prob_bits <= 12` for the
+//! exponent model, `<= 15` with coded mantissa bits), and
 //! otherwise a scalar loop, always with identical results. They also work on the stored form
 //! directly (BF16 input bytes; little-endian word bytes with padding after them), so the tensor
 //! codec makes no per-chunk copies.
 
 use super::freq::FreqTable;
+use super::model::{self, SymbolModel};
 use super::CodecError;
 
 /// Number of interleaved rANS states per chunk (one per GPU warp lane).
@@ -124,17 +127,25 @@ pub fn encode_chunk(
 pub struct ChunkEncoder {
     prob_bits: u32,
     syms: [EncSymbol; 256],
+    model: SymbolModel,
     simd_table: super::simd::EncodeTable,
     simd: bool,
 }
 
 impl ChunkEncoder {
-    /// The encoder of a table, using SIMD when this CPU supports it.
+    /// The encoder of an exponent code table (format version 1's model), using SIMD when this
+    /// CPU supports it.
     pub fn new(table: &FreqTable) -> Self {
+        Self::with_model(table, &SymbolModel::exponent())
+    }
+
+    /// The encoder of a code table over the symbols of `model`.
+    pub fn with_model(table: &FreqTable, model: &SymbolModel) -> Self {
         Self {
             prob_bits: table.prob_bits(),
             syms: enc_symbols(table),
-            simd_table: super::simd::EncodeTable::new(|s| table.freq(s), |s| table.cum(s)),
+            model: model.clone(),
+            simd_table: super::simd::EncodeTable::new(table, model),
             simd: super::simd::available(),
         }
     }
@@ -145,22 +156,24 @@ impl ChunkEncoder {
         self
     }
 
-    /// Encodes one chunk of little-endian BF16 bytes (`bf16.len() == 2 × sign_mantissa.len()`):
-    /// writes its sign+mantissa bytes to `sign_mantissa` and returns the lanes' final states and
-    /// the chunk's words in decoding order, which live in `scratch` (reused between chunks, so
-    /// a thread allocates it once).
+    /// Encodes one chunk of little-endian BF16 bytes: writes its raw plane
+    /// (`model::raw_len(bf16.len() / 2, mantissa_bits)` bytes, see [`super::model`]) to `raw` and
+    /// returns the lanes' final states and the chunk's words in decoding order, which live in
+    /// `scratch` (reused between chunks, so a thread allocates it once). Every value's key must
+    /// occur in the model.
     pub fn encode_bf16<'s>(
         &self,
         bf16: &[u8],
-        sign_mantissa: &mut [u8],
+        raw: &mut [u8],
         scratch: &'s mut Vec<u16>,
     ) -> ([u32; LANES], &'s [u16]) {
-        let n = sign_mantissa.len();
-        assert_eq!(
+        let n = bf16.len() / 2;
+        let m = self.model.mantissa_bits();
+        assert!(
+            bf16.len().is_multiple_of(2) && raw.len() == model::raw_len(n, m),
+            "a chunk of {} bytes with a raw plane of {} bytes",
             bf16.len(),
-            2 * n,
-            "a chunk of {n} elements needs {} bytes",
-            2 * n
+            raw.len()
         );
         // At most one word per symbol, plus room for the SIMD kernel's full-width stores.
         if scratch.len() < n + 32 {
@@ -170,23 +183,45 @@ impl ChunkEncoder {
         if self.simd {
             // SAFETY: `simd` is only set when `simd::available()` found the kernel's features.
             let (states, count) = unsafe {
-                super::simd::encode_chunk(
-                    bf16,
-                    &self.syms,
-                    &self.simd_table,
-                    self.prob_bits,
-                    sign_mantissa,
-                    scratch,
-                )
+                if m == 0 {
+                    super::simd::encode_chunk::<false>(
+                        bf16,
+                        &self.syms,
+                        &self.model,
+                        &self.simd_table,
+                        self.prob_bits,
+                        raw,
+                        scratch,
+                    )
+                } else {
+                    super::simd::encode_chunk::<true>(
+                        bf16,
+                        &self.syms,
+                        &self.model,
+                        &self.simd_table,
+                        self.prob_bits,
+                        raw,
+                        scratch,
+                    )
+                }
             };
             return (states, &scratch[..count]);
+        }
+        let value = |i: usize| u16::from_le_bytes([bf16[2 * i], bf16[2 * i + 1]]);
+        if m == 0 {
+            for (i, r) in raw.iter_mut().enumerate() {
+                *r = super::bf16::sign_mantissa(value(i));
+            }
+        } else {
+            for (t, step) in raw.chunks_exact_mut(model::M3_STEP_BYTES).enumerate() {
+                let end = (LANES * (t + 1)).min(n);
+                model::split_step_m3((LANES * t..end).map(value), step);
+            }
         }
         let mut states = [STATE_LOW; LANES];
         let mut wp = 0usize;
         for i in (0..n).rev() {
-            let bits = u16::from_le_bytes([bf16[2 * i], bf16[2 * i + 1]]);
-            sign_mantissa[i] = super::bf16::sign_mantissa(bits);
-            let sym = &self.syms[super::bf16::exponent(bits) as usize];
+            let sym = &self.syms[self.model.symbol(value(i)) as usize];
             states[i % LANES] =
                 encode_one(states[i % LANES], sym, self.prob_bits, scratch, &mut wp);
         }
@@ -196,21 +231,30 @@ impl ChunkEncoder {
 }
 
 /// A decoding table: per slot the symbol, and `freq << 16 | (slot - cum)` for the state update;
-/// for `prob_bits <= 12` also the SIMD decoder's packed form of both.
+/// for `prob_bits <= 12` also the SIMD decoder's packed form of both; and per symbol the bits it
+/// decodes to (see [`SymbolModel::high_bits`]).
 #[derive(Clone, Debug)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the SIMD parts are x86-64 only
 pub struct DecodeTable {
     prob_bits: u32,
+    mantissa_bits: u32,
     symbol: Vec<u8>,
     update: Vec<u32>,
     packed: Vec<u32>,
+    high: Box<[u16; 256]>,
+    freqs: Box<[u16; 256]>,
     simd: bool,
 }
 
 impl DecodeTable {
-    /// Builds the decoding table of a code table, for the SIMD decoder when this CPU supports it
-    /// and the precision fits its packed entries.
+    /// Builds the decoding table of an exponent code table (format version 1's model), for the
+    /// SIMD decoder when this CPU supports it and the precision fits its packed entries.
     pub fn new(table: &FreqTable) -> Self {
+        Self::with_model(table, &SymbolModel::exponent())
+    }
+
+    /// Builds the decoding table of a code table over the symbols of `model`.
+    pub fn with_model(table: &FreqTable, model: &SymbolModel) -> Self {
         let pb = table.prob_bits();
         let mut symbol = Vec::with_capacity(1 << pb);
         let mut update = Vec::with_capacity(1 << pb);
@@ -221,17 +265,21 @@ impl DecodeTable {
                 update.push(f << 16 | (slot - c));
             }
         }
-        let simd = super::simd::available() && pb <= super::simd::MAX_SIMD_DECODE_PROB_BITS;
+        let m = model.mantissa_bits();
+        let simd = super::simd::available() && pb <= super::simd::max_simd_decode_prob_bits(m);
         let packed = if simd {
-            super::simd::pack_decode_table(&symbol, &update)
+            super::simd::pack_decode_table(&symbol, &update, m)
         } else {
             Vec::new()
         };
         Self {
             prob_bits: pb,
+            mantissa_bits: model.mantissa_bits(),
             symbol,
             update,
             packed,
+            high: Box::new(std::array::from_fn(|s| model.high_bits(s as u8))),
+            freqs: Box::new(std::array::from_fn(|s| table.freq(s as u8) as u16)),
             simd,
         }
     }
@@ -247,6 +295,23 @@ impl DecodeTable {
         self.prob_bits
     }
 
+    /// Leading mantissa bits coded with the exponent (see [`super::model`]).
+    pub fn mantissa_bits(&self) -> u32 {
+        self.mantissa_bits
+    }
+
+    /// Per symbol, the bits it decodes to, in their BF16 positions.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn high(&self) -> &[u16; 256] {
+        &self.high
+    }
+
+    /// Per symbol, its frequency (`prob_bits <= 15`, so it fits).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn freqs(&self) -> &[u16; 256] {
+        &self.freqs
+    }
+
     /// The SIMD decoder's packed entries (empty when it does not apply).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn packed(&self) -> &[u32] {
@@ -254,9 +319,10 @@ impl DecodeTable {
     }
 }
 
-/// Decodes one chunk into little-endian BF16 bytes (`out.len() == 2 × sign_mantissa.len()`),
-/// joining each decoded exponent with its sign+mantissa byte. Checks that the words are
-/// consumed exactly and every lane ends at its start state.
+/// Decodes one chunk into little-endian BF16 bytes, `out.len() / 2` elements, joining each
+/// decoded symbol's bits with the element's raw bits from `raw` (the chunk's raw plane, see
+/// [`super::model`]). Checks that the words are consumed exactly and every lane ends at its start
+/// state.
 ///
 /// `words` must hold the chunk's words followed by at least one padding word: renormalisation
 /// reads are unconditional (no unpredictable branch) and clamp to the padding, so corrupt data
@@ -267,18 +333,12 @@ pub fn decode_chunk(
     states: &[u32; LANES],
     words: &[u16],
     table: &DecodeTable,
-    sign_mantissa: &[u8],
+    raw: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
+    check_sizes(raw, out, table)?;
     let n_words = words.len() - 1;
-    decode_scalar(
-        states,
-        |p| words[p.min(n_words)],
-        n_words,
-        table,
-        sign_mantissa,
-        out,
-    )
+    decode_scalar(states, |p| words[p.min(n_words)], n_words, table, raw, out)
 }
 
 /// Bytes that must follow a chunk's words in the slice given to [`decode_chunk_bytes`].
@@ -296,14 +356,14 @@ pub struct ChunkJob<'a> {
     pub words: &'a [u8],
     /// Number of words the chunk stores.
     pub n_words: usize,
-    /// The chunk's sign+mantissa bytes.
-    pub sign_mantissa: &'a [u8],
-    /// Where its little-endian BF16 values go (`2 × sign_mantissa.len()` bytes).
+    /// The chunk's raw plane (see [`super::model`]).
+    pub raw: &'a [u8],
+    /// Where its little-endian BF16 values go (2 bytes per element).
     pub out: &'a mut [u8],
 }
 
 impl ChunkJob<'_> {
-    fn check(&self) -> Result<(), CodecError> {
+    fn check(&self, table: &DecodeTable) -> Result<(), CodecError> {
         if self.words.len() < 2 * self.n_words + WORD_PAD_BYTES {
             return Err(CodecError::Invalid(format!(
                 "{} word bytes cannot hold {} words and {WORD_PAD_BYTES} bytes of padding",
@@ -311,15 +371,22 @@ impl ChunkJob<'_> {
                 self.n_words
             )));
         }
-        if self.out.len() != 2 * self.sign_mantissa.len() {
-            return Err(CodecError::Invalid(format!(
-                "output of {} bytes for {} elements",
-                self.out.len(),
-                self.sign_mantissa.len()
-            )));
-        }
-        Ok(())
+        check_sizes(self.raw, self.out, table)
     }
+}
+
+/// Checks that a raw plane and an output buffer describe the same number of elements.
+fn check_sizes(raw: &[u8], out: &[u8], table: &DecodeTable) -> Result<(), CodecError> {
+    let n = out.len() / 2;
+    let want = model::raw_len(n, table.mantissa_bits);
+    if !out.len().is_multiple_of(2) || raw.len() != want {
+        return Err(CodecError::Invalid(format!(
+            "output of {} bytes with a raw plane of {} bytes (expected {want})",
+            out.len(),
+            raw.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Decodes one chunk, like [`decode_chunk`], straight from its stored little-endian words:
@@ -332,7 +399,7 @@ pub fn decode_chunk_bytes(
     words: &[u8],
     n_words: usize,
     table: &DecodeTable,
-    sign_mantissa: &[u8],
+    raw: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
     decode_job(
@@ -340,7 +407,7 @@ pub fn decode_chunk_bytes(
             states: *states,
             words,
             n_words,
-            sign_mantissa,
+            raw,
             out,
         },
         table,
@@ -348,7 +415,7 @@ pub fn decode_chunk_bytes(
 }
 
 fn decode_job(job: ChunkJob<'_>, table: &DecodeTable) -> Result<(), CodecError> {
-    job.check()?;
+    job.check(table)?;
     #[cfg(target_arch = "x86_64")]
     if table.simd {
         // SAFETY: `simd` is only set when `simd::available()` found the kernel's features (and
@@ -360,7 +427,7 @@ fn decode_job(job: ChunkJob<'_>, table: &DecodeTable) -> Result<(), CodecError> 
         states,
         words,
         n_words,
-        sign_mantissa,
+        raw,
         out,
     } = job;
     let words = words.as_chunks::<2>().0;
@@ -369,7 +436,7 @@ fn decode_job(job: ChunkJob<'_>, table: &DecodeTable) -> Result<(), CodecError> 
         |p| u16::from_le_bytes(words[p.min(n_words)]),
         n_words,
         table,
-        sign_mantissa,
+        raw,
         out,
     )
 }
@@ -383,10 +450,7 @@ pub fn decode_chunk_pair(
     table: &DecodeTable,
 ) -> [Result<(), CodecError>; 2] {
     #[cfg(target_arch = "x86_64")]
-    if table.simd
-        && a.sign_mantissa.len() == b.sign_mantissa.len()
-        && a.check().is_ok()
-        && b.check().is_ok()
+    if table.simd && a.out.len() == b.out.len() && a.check(table).is_ok() && b.check(table).is_ok()
     {
         // SAFETY: as in `decode_chunk_bytes`; both jobs were checked and have equal lengths.
         return unsafe { super::simd::decode_chunks([a, b], table) };
@@ -394,16 +458,22 @@ pub fn decode_chunk_pair(
     [decode_job(a, table), decode_job(b, table)]
 }
 
-/// The scalar decoder over any word source; `word(p)` must clamp `p` to the padding.
+/// Raw-plane bytes before step `t` of a chunk.
+#[inline(always)]
+pub(crate) fn raw_step_start(t: usize, mantissa_bits: u32) -> usize {
+    model::raw_len(LANES * t, mantissa_bits)
+}
+
+/// The scalar decoder over any word source; `word(p)` must clamp `p` to the padding. The sizes
+/// of `raw` and `out` have been checked.
 fn decode_scalar(
     states: &[u32; LANES],
     word: impl Fn(usize) -> u16,
     n_words: usize,
     table: &DecodeTable,
-    sign_mantissa: &[u8],
+    raw: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    debug_assert_eq!(out.len(), 2 * sign_mantissa.len());
     let mut x = *states;
     if let Some(bad) = x.iter().find(|&&s| s < STATE_LOW) {
         return Err(CodecError::Corrupt(format!(
@@ -411,42 +481,39 @@ fn decode_scalar(
         )));
     }
     let mut pos = 0usize;
-    let mut sm_steps = sign_mantissa.chunks_exact(LANES);
-    let mut out_steps = out.chunks_exact_mut(2 * LANES);
-    for (sm, o) in (&mut sm_steps).zip(&mut out_steps) {
-        // Fixed-size steps, so the lane loop is unrolled and free of bounds checks.
-        let sm: &[u8; LANES] = sm.try_into().expect("a full step");
-        let o: &mut [u8; 2 * LANES] = o.try_into().expect("a full step");
-        decode_tail(&mut x, &mut pos, &word, table, sm, o);
+    let m = table.mantissa_bits;
+    for (t, o) in out.chunks_mut(2 * LANES).enumerate() {
+        let start = raw_step_start(t, m);
+        decode_tail(&mut x, &mut pos, &word, table, &raw[start..], o);
     }
-    decode_tail(
-        &mut x,
-        &mut pos,
-        &word,
-        table,
-        sm_steps.remainder(),
-        out_steps.into_remainder(),
-    );
     check_end(&x, pos, n_words)
 }
 
-/// Decodes one step of up to 32 lanes (lanes `0..sign_mantissa.len()`) with scalar code.
+/// Decodes one step of up to 32 lanes (lanes `0..out.len() / 2`) with scalar code; `raw` starts
+/// at the step's raw bits.
 #[inline(always)]
 pub(crate) fn decode_tail(
     x: &mut [u32; LANES],
     pos: &mut usize,
     word: impl Fn(usize) -> u16,
     table: &DecodeTable,
-    sign_mantissa: &[u8],
+    raw: &[u8],
     out: &mut [u8],
 ) {
     let pb = table.prob_bits;
     let mask = (1u32 << pb) - 1;
     let (sym_t, upd_t) = (&table.symbol[..], &table.update[..]);
-    for ((xs, &sm), o) in x.iter_mut().zip(sign_mantissa).zip(out.chunks_exact_mut(2)) {
+    let m3 = table.mantissa_bits != 0;
+    for (j, (xs, o)) in x.iter_mut().zip(out.chunks_exact_mut(2)).enumerate() {
         let slot = (*xs & mask) as usize;
         let e = upd_t[slot];
-        o.copy_from_slice(&super::bf16::join(sym_t[slot], sm).to_le_bytes());
+        let s = sym_t[slot];
+        let v = if m3 {
+            table.high[s as usize] | model::raw_bits_m3(raw, j)
+        } else {
+            super::bf16::join(s, raw[j])
+        };
+        o.copy_from_slice(&v.to_le_bytes());
         let y = (e >> 16) * (*xs >> pb) + (e & 0xffff);
         let need = y < STATE_LOW;
         let w = word(*pos) as u32;
@@ -591,14 +658,14 @@ mod tests {
                         states: sa2,
                         words: &ba,
                         n_words: wa.len(),
-                        sign_mantissa: &sma,
+                        raw: &sma,
                         out: &mut oa,
                     };
                     let jb = ChunkJob {
                         states: sb2,
                         words: &bb,
                         n_words: wb.len(),
-                        sign_mantissa: &smb,
+                        raw: &smb,
                         out: &mut ob,
                     };
                     let [ra, rb] = decode_chunk_pair(ja, jb, &table);

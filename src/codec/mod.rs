@@ -1,11 +1,13 @@
-//! The lossless BF16 codec: exponents entropy-coded with chunked, 32-way interleaved rANS,
-//! sign and mantissa stored raw. Pure Rust, no I/O, no device code.
+//! The lossless BF16 codec: the exponent and the leading mantissa bits entropy-coded as one
+//! symbol with chunked, 32-way interleaved rANS, the sign and the other mantissa bits stored raw
+//! ([`model`] says which bits go where). Pure Rust, no I/O, no device code.
 //!
 //! `docs/format.md` is the normative description of the stored form; this module implements it.
 
 pub mod ans;
 pub mod bf16;
 pub mod freq;
+pub mod model;
 pub mod runtime;
 pub mod simd;
 pub mod tensor;

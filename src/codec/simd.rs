@@ -4,13 +4,16 @@
 //! step (32 symbols) is a handful of vector instructions per half. Everything here produces the
 //! same words, states and output bytes as the scalar code, and rejects exactly the inputs the
 //! scalar decoder rejects; the scalar code stays the specification and the fallback (no AVX-512
-//! at run time, other architectures, and, for decoding, `prob_bits > 12`). The choices below were
+//! at run time, other architectures, and, for decoding, `prob_bits` above
+//! [`max_simd_decode_prob_bits`]). The choices below were
 //! measured on Zen 4, where one 16-lane `vpgatherdd` costs about 14 cycles of throughput and
 //! 30 of latency, which shapes both directions.
 //!
 //! Decoder:
-//! - For `prob_bits <= 12` one decoding-table entry fits one u32: `symbol << 24 | (freq - 1) << 12
-//!   | (slot - cum)`, so a single gather yields everything 16 lanes need.
+//! - For the exponent model (`prob_bits <= 12`) one decoding-table entry fits one u32:
+//!   `symbol << 24 | (freq - 1) << 12 | (slot - cum)`, so a single gather yields everything 16
+//!   lanes need. With coded mantissa bits (`prob_bits <= 15`) the entry is
+//!   `symbol << 16 | (slot - cum)` and the frequency comes from a 256-entry table in registers.
 //! - Renormalisation: the lanes that fall below `2^16` form a 32-bit mask; 32 words are loaded
 //!   from the stream position and `vpexpandw` hands them out in ascending lane order, which is
 //!   the stream order; the position advances by the mask's popcount. One load per step keeps the
@@ -36,20 +39,33 @@
 //!   reversed order (register A = lanes 31..16, B = lanes 15..0) makes a register-form
 //!   `vpcompressw` emit them in that same order, so the buffer is reversed once at the end, as in
 //!   scalar.
-//! - The BF16 split (sign+mantissa plane, exponents) is fused into the encoder's pass over the
-//!   input.
-//!
-//! Histogram: see `histogram`; weight exponents are so concentrated that scalar counting
-//! stalls on repeated increments of the same counter.
+//! - The BF16 split (raw plane, symbols) is fused into the encoder's pass over the input.
+//! - With coded mantissa bits (`mantissa_bits = 3`, format version 2) the symbol is looked up by
+//!   key with a full gather from a 2048-entry table, and the decoder maps a symbol to its bits
+//!   with four 64-entry `vpermt2w` lookups; the raw plane's 20 bytes per step are split and
+//!   joined with a few shifts, a narrowing move and a sign mask.
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{decode_chunks, encode_chunk, histogram};
+pub(crate) use x86::{decode_chunks, encode_chunk};
 
 /// Bytes that must be readable after a chunk's words for the SIMD decoder's unaligned loads.
 pub const WORD_PAD_BYTES: usize = 64;
 
-/// Largest `prob_bits` the SIMD decoder handles (its packed table entry has 12-bit fields).
+/// Largest `prob_bits` the SIMD decoder handles for the exponent model (its packed table entry
+/// has 12-bit fields).
 pub const MAX_SIMD_DECODE_PROB_BITS: u32 = 12;
+/// Largest `prob_bits` the SIMD decoder handles with coded mantissa bits (its packed entry holds
+/// the symbol and `slot - cum` in 16 bits each; frequencies come from registers).
+pub const MAX_SIMD_DECODE_PROB_BITS_M3: u32 = 15;
+
+/// Largest `prob_bits` the SIMD decoder handles for a model.
+pub fn max_simd_decode_prob_bits(mantissa_bits: u32) -> u32 {
+    if mantissa_bits == 0 {
+        MAX_SIMD_DECODE_PROB_BITS
+    } else {
+        MAX_SIMD_DECODE_PROB_BITS_M3
+    }
+}
 
 /// Whether the AVX-512 kernels can run on this CPU (detected once, then cached by std).
 pub fn available() -> bool {
@@ -68,33 +84,44 @@ pub fn available() -> bool {
     }
 }
 
-/// The SIMD decoder's packed table for `prob_bits <= 12`: per slot
-/// `symbol << 24 | (freq - 1) << 12 | (slot - cum)`.
-pub(crate) fn pack_decode_table(symbol: &[u8], update: &[u32]) -> Vec<u32> {
+/// The SIMD decoder's packed table: per slot `symbol << 24 | (freq - 1) << 12 | (slot - cum)`
+/// for the exponent model (`prob_bits <= 12`), `symbol << 16 | (slot - cum)` with coded mantissa
+/// bits (`prob_bits <= 15`; the decoder looks the frequency up by symbol).
+pub(crate) fn pack_decode_table(symbol: &[u8], update: &[u32], mantissa_bits: u32) -> Vec<u32> {
     symbol
         .iter()
         .zip(update)
         .map(|(&s, &u)| {
             let (freq, bias) = (u >> 16, u & 0xffff);
-            (s as u32) << 24 | (freq - 1) << 12 | bias
+            if mantissa_bits == 0 {
+                (s as u32) << 24 | (freq - 1) << 12 | bias
+            } else {
+                (s as u32) << 16 | bias
+            }
         })
         .collect()
 }
 
-/// The SIMD encoder's view of a code table: `cum << 16 | freq` per exponent, and the 32
-/// consecutive exponents that hold most of the probability, which the encoder keeps in two
-/// registers and looks up with one permute. Exponents outside that window (rare in weights) fall
-/// back to a gather from the full table.
+/// The SIMD encoder's view of a code table: `cum << 16 | freq` per symbol, and the 32
+/// consecutive symbols that hold most of the probability, which the encoder keeps in two
+/// registers and looks up with one permute. Symbols outside that window (rare exponents in
+/// weights) fall back to a gather from the full table. With coded mantissa bits the lookup is by
+/// key instead (`by_key`, `2^(8 + mantissa_bits)` entries, always gathered).
 #[derive(Clone, Debug)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the SIMD parts are x86-64 only
 pub(crate) struct EncodeTable {
     entries: [u32; 256],
     base: usize,
+    by_key: Vec<u32>,
 }
 
 impl EncodeTable {
-    /// Builds the table from a code table's frequencies and cumulative frequencies.
-    pub fn new(freq: impl Fn(u8) -> u32, cum: impl Fn(u8) -> u32) -> Self {
+    /// Builds the table from a code table and the symbol model it codes.
+    pub fn new(
+        table: &crate::codec::freq::FreqTable,
+        model: &crate::codec::model::SymbolModel,
+    ) -> Self {
+        let (freq, cum) = (|s: u8| table.freq(s), |s: u8| table.cum(s));
         let mut entries = [0u32; 256];
         for (s, e) in entries.iter_mut().enumerate() {
             *e = cum(s as u8) << 16 | freq(s as u8);
@@ -102,7 +129,12 @@ impl EncodeTable {
         let base = (0..=256 - 32)
             .max_by_key(|&b| (b..b + 32).map(|s| freq(s as u8)).sum::<u32>())
             .unwrap_or(0);
-        Self { entries, base }
+        let by_key = model.ranks().iter().map(|&r| entries[r as usize]).collect();
+        Self {
+            entries,
+            base,
+            by_key,
+        }
     }
 }
 
@@ -133,6 +165,13 @@ mod x86 {
         sel: __m512i,
         odd: __m512i,
         table: *const u32,
+        /// `mantissa_bits = 3`: the 256 u16 `high_bits` of the symbols, 32 per register.
+        high: [__m512i; 8],
+        /// `mantissa_bits = 3`: the 256 u16 frequencies of the symbols, 32 per register.
+        freq: [__m512i; 8],
+        low16: __m512i,
+        low4: __m512i,
+        top: __m512i,
     }
 
     /// A chunk being decoded: both state registers and its position in its word stream.
@@ -172,7 +211,12 @@ mod x86 {
     /// and 64 writable bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
     #[inline]
-    unsafe fn step(s: &mut Stream<'_>, c: &DecodeConsts, sm: *const u8, out: *mut u8) {
+    unsafe fn step<const M3: bool>(
+        s: &mut Stream<'_>,
+        c: &DecodeConsts,
+        raw: *const u8,
+        out: *mut u8,
+    ) {
         // SAFETY: every slot is masked to `prob_bits` bits and the table has `2^prob_bits`
         // entries, so all 32 gathered addresses are in bounds.
         let (e0, e1) = unsafe {
@@ -181,6 +225,11 @@ mod x86 {
                 _mm512_i32gather_epi32::<4>(_mm512_and_si512(s.x1, c.mask), c.table.cast()),
             )
         };
+        if M3 {
+            // SAFETY: as the exponent-model step below.
+            unsafe { step_m3(s, c, e0, e1, raw, out) };
+            return;
+        }
         // y = freq · (x >> pb) + (slot - cum)
         let f0 = _mm512_add_epi32(
             _mm512_and_si512(_mm512_srli_epi32::<12>(e0), c.low12),
@@ -212,12 +261,91 @@ mod x86 {
         let w1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w));
         s.x0 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y0, k0, y0), w0);
         s.x1 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y1, k1, y1), w1);
-        // Output: the symbol (byte 3 of each entry) joined with its sign+mantissa byte.
-        let sym = _mm512_srli_epi16::<1>(_mm512_permutex2var_epi16(e0, c.odd, e1)); // sym << 7 in bits 7..14
-                                                                                    // SAFETY: the caller passes 32 readable bytes.
-        let smv = _mm512_cvtepu8_epi16(unsafe { _mm256_loadu_si256(sm.cast()) });
-        let smv = _mm512_or_si512(smv, _mm512_slli_epi16::<8>(smv));
-        let v = _mm512_ternarylogic_epi32::<0xca>(c.sel, smv, sym);
+        {
+            // Output: the symbol (byte 3 of each entry) joined with its sign+mantissa byte.
+            let sym = _mm512_srli_epi16::<1>(_mm512_permutex2var_epi16(e0, c.odd, e1)); // sym << 7 in bits 7..14
+                                                                                        // SAFETY: the caller passes 32 readable bytes.
+            let smv = _mm512_cvtepu8_epi16(unsafe { _mm256_loadu_si256(raw.cast()) });
+            let smv = _mm512_or_si512(smv, _mm512_slli_epi16::<8>(smv));
+            let v = _mm512_ternarylogic_epi32::<0xca>(c.sel, smv, sym);
+            // SAFETY: the caller passes 64 writable bytes.
+            unsafe { _mm512_storeu_si512(out.cast(), v) };
+        }
+    }
+
+    /// Looks up 32 u16 entries of a 256-entry table held in 8 registers by the symbols in
+    /// `idx` (u16 lanes, 0..=255): four 64-entry permutes picked by the symbols' bits 6 and 7.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    fn lookup256(t: &[__m512i; 8], idx: __m512i, b6: __mmask32, b7: __mmask32) -> __m512i {
+        let r0 = _mm512_permutex2var_epi16(t[0], idx, t[1]);
+        let r1 = _mm512_permutex2var_epi16(t[2], idx, t[3]);
+        let r2 = _mm512_permutex2var_epi16(t[4], idx, t[5]);
+        let r3 = _mm512_permutex2var_epi16(t[6], idx, t[7]);
+        let lo = _mm512_mask_blend_epi16(b6, r0, r1);
+        let hi = _mm512_mask_blend_epi16(b6, r2, r3);
+        _mm512_mask_blend_epi16(b7, lo, hi)
+    }
+
+    /// One step with coded mantissa bits: `e0`, `e1` are the gathered `symbol << 16 | bias`
+    /// entries of the 32 lanes. Same contract as [`step`].
+    ///
+    /// # Safety
+    /// As [`step`]; `raw` points to the step's 20 readable raw bytes.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
+    #[inline]
+    unsafe fn step_m3(
+        s: &mut Stream<'_>,
+        c: &DecodeConsts,
+        e0: __m512i,
+        e1: __m512i,
+        raw: *const u8,
+        out: *mut u8,
+    ) {
+        // The symbols, lanes 0..31 in u16 lanes (the high halves of the entries).
+        let idx = _mm512_permutex2var_epi16(e0, c.odd, e1);
+        let b6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
+        let b7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
+        let f = lookup256(&c.freq, idx, b6, b7);
+        let f0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(f));
+        let f1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(f));
+        // y = freq · (x >> pb) + (slot - cum)
+        let y0 = _mm512_add_epi32(
+            _mm512_mullo_epi32(f0, _mm512_srl_epi32(s.x0, c.shift)),
+            _mm512_and_si512(e0, c.low16),
+        );
+        let y1 = _mm512_add_epi32(
+            _mm512_mullo_epi32(f1, _mm512_srl_epi32(s.x1, c.shift)),
+            _mm512_and_si512(e1, c.low16),
+        );
+        let k0 = _mm512_cmplt_epu32_mask(y0, c.l);
+        let k1 = _mm512_cmplt_epu32_mask(y1, c.l);
+        let k = (k1 as u32) << 16 | k0 as u32;
+        let p = s.pos.min(s.n_words);
+        // SAFETY: as in `step`.
+        let w = unsafe { _mm512_loadu_si512(s.words.as_ptr().add(2 * p).cast()) };
+        s.pos += k.count_ones() as usize;
+        let w = expand_words(k, w);
+        let w0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
+        let w1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w));
+        s.x0 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y0, k0, y0), w0);
+        s.x1 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y1, k1, y1), w1);
+        // Output: the symbol's bits, the trailing mantissa nibbles and the sign bits.
+        let h = lookup256(&c.high, idx, b6, b7);
+        // SAFETY: the caller passes the step's 20 readable raw bytes.
+        let (nib, signs) = unsafe {
+            (
+                _mm512_cvtepu8_epi32(_mm_loadu_si128(raw.cast())),
+                std::ptr::read_unaligned(raw.add(16).cast::<u32>()),
+            )
+        };
+        // u32 lane j = byte j: low nibble -> u16 lane 2j, high nibble -> u16 lane 2j + 1.
+        let nv = _mm512_or_si512(
+            _mm512_and_si512(nib, c.low4),
+            _mm512_slli_epi32::<12>(_mm512_andnot_si512(c.low4, nib)),
+        );
+        let v = _mm512_or_si512(h, nv);
+        let v = _mm512_mask_mov_epi16(v, signs, _mm512_or_si512(v, c.top));
         // SAFETY: the caller passes 64 writable bytes.
         unsafe { _mm512_storeu_si512(out.cast(), v) };
     }
@@ -235,12 +363,33 @@ mod x86 {
         jobs: [ans::ChunkJob<'_>; N],
         table: &DecodeTable,
     ) -> [Result<(), CodecError>; N] {
+        // SAFETY: same contract and features.
+        unsafe {
+            if table.mantissa_bits() == 0 {
+                decode_chunks_with::<N, false>(jobs, table)
+            } else {
+                decode_chunks_with::<N, true>(jobs, table)
+            }
+        }
+    }
+
+    /// [`decode_chunks`] for one symbol model (`M3`: `mantissa_bits = 3`).
+    ///
+    /// # Safety
+    /// The CPU must support the features [`super::available`] checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
+    unsafe fn decode_chunks_with<const N: usize, const M3: bool>(
+        jobs: [ans::ChunkJob<'_>; N],
+        table: &DecodeTable,
+    ) -> [Result<(), CodecError>; N] {
         let (packed, prob_bits) = (table.packed(), table.prob_bits());
-        assert!(prob_bits <= super::MAX_SIMD_DECODE_PROB_BITS && packed.len() == 1 << prob_bits);
-        let n = jobs[0].sign_mantissa.len();
+        let m = table.mantissa_bits();
+        assert!(prob_bits <= super::max_simd_decode_prob_bits(m) && packed.len() == 1 << prob_bits);
+        assert_eq!(M3, m != 0);
+        let n = jobs[0].out.len() / 2;
         for j in &jobs {
             assert!(j.words.len() >= 2 * j.n_words + WORD_PAD_BYTES);
-            assert!(j.sign_mantissa.len() == n && j.out.len() == 2 * n);
+            assert!(j.raw.len() == crate::codec::model::raw_len(n, m) && j.out.len() == 2 * n);
         }
         let mut result: [Result<(), CodecError>; N] = std::array::from_fn(|_| Ok(()));
         if jobs
@@ -278,6 +427,17 @@ mod x86 {
             sel: _mm512_set1_epi32(0x807f_807fu32 as i32),
             odd: load_u16x32(&odd),
             table: packed.as_ptr(),
+            // SAFETY: 8 × 32 u16 = the 256 readable entries of `high`; unaligned loads.
+            high: std::array::from_fn(|r| unsafe {
+                _mm512_loadu_si512(table.high()[32 * r..].as_ptr().cast())
+            }),
+            // SAFETY: as above, for `freqs`.
+            freq: std::array::from_fn(|r| unsafe {
+                _mm512_loadu_si512(table.freqs()[32 * r..].as_ptr().cast())
+            }),
+            low16: _mm512_set1_epi32(0xffff),
+            low4: _mm512_set1_epi32(0xf),
+            top: _mm512_set1_epi16(0x8000u16 as i16),
         };
         let mut streams: [Stream<'_>; N] = std::array::from_fn(|i| Stream {
             // SAFETY: `states` is 32 readable u32; unaligned loads.
@@ -288,7 +448,7 @@ mod x86 {
             n_words: jobs[i].n_words,
             words: jobs[i].words,
         });
-        let sms: [*const u8; N] = std::array::from_fn(|i| jobs[i].sign_mantissa.as_ptr());
+        let raws: [*const u8; N] = std::array::from_fn(|i| jobs[i].raw.as_ptr());
         let mut jobs = jobs;
         let outs: [*mut u8; N] = std::array::from_fn(|i| jobs[i].out.as_mut_ptr());
         let full = n / LANES;
@@ -298,10 +458,10 @@ mod x86 {
                 // 32 sign+mantissa bytes and 64 output bytes of step `t` inside the slices,
                 // whose lengths were checked above too.
                 unsafe {
-                    step(
+                    step::<M3>(
                         &mut streams[i],
                         &c,
-                        sms[i].add(LANES * t),
+                        raws[i].add(ans::raw_step_start(t, m)),
                         outs[i].add(2 * LANES * t),
                     )
                 };
@@ -316,7 +476,7 @@ mod x86 {
             }
             let mut pos = s.pos;
             let (words, n_words) = (s.words, s.n_words);
-            let sm = &job.sign_mantissa[full * LANES..];
+            let raw = &job.raw[ans::raw_step_start(full, m)..];
             let out = &mut job.out[2 * full * LANES..];
             let words = words.as_chunks::<2>().0;
             ans::decode_tail(
@@ -324,7 +484,7 @@ mod x86 {
                 &mut pos,
                 |p| u16::from_le_bytes(words[p.min(n_words)]),
                 table,
-                sm,
+                raw,
                 out,
             );
             *r = ans::check_end(&x, pos, n_words);
@@ -332,36 +492,50 @@ mod x86 {
         result
     }
 
-    /// Splits and encodes one chunk of little-endian BF16 bytes: writes its sign+mantissa bytes
-    /// to `sign_mantissa` and its words, in stream order, to `buf[..count]`, and returns the lane
-    /// states and `count`. Identical to [`ans::encode_chunk`] on the chunk's exponents.
-    /// `buf.len()` must be at least `sign_mantissa.len() + 32`.
+    /// Splits and encodes one chunk of little-endian BF16 bytes: writes its raw plane to `raw`
+    /// and its words, in stream order, to `buf[..count]`, and returns the lane states and
+    /// `count`. Identical to [`ans::encode_chunk`] on the chunk's symbols. `M3` is
+    /// `mantissa_bits = 3` (symbols by key, gathered from `table.by_key`), otherwise the symbol is
+    /// the exponent. `buf.len()` must be at least `bf16.len() / 2 + 32`.
     ///
     /// # Safety
     /// The CPU must support the features [`super::available`] checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
-    pub(crate) unsafe fn encode_chunk(
+    pub(crate) unsafe fn encode_chunk<const M3: bool>(
         bf16: &[u8],
         syms: &[EncSymbol; 256],
+        model: &crate::codec::model::SymbolModel,
         table: &super::EncodeTable,
         prob_bits: u32,
-        sign_mantissa: &mut [u8],
+        raw: &mut [u8],
         buf: &mut [u16],
     ) -> ([u32; LANES], usize) {
-        let n = sign_mantissa.len();
-        assert_eq!(bf16.len(), 2 * n);
+        use crate::codec::model;
+        let n = bf16.len() / 2;
+        let m = model.mantissa_bits();
+        assert!(
+            bf16.len().is_multiple_of(2) && raw.len() == model::raw_len(n, m) && M3 == (m != 0)
+        );
         assert!(buf.len() >= n + 32);
+        assert!(!M3 || table.by_key.len() == 1 << (8 + m));
         let full = n / LANES;
         let mut states = [STATE_LOW; LANES];
         let mut wp = 0usize;
+        let value = |i: usize| u16::from_le_bytes([bf16[2 * i], bf16[2 * i + 1]]);
         // The partial last step comes first in encoding order; do it lane by lane.
+        if M3 && full * LANES < n {
+            let start = ans::raw_step_start(full, m);
+            model::split_step_m3((full * LANES..n).map(value), &mut raw[start..]);
+        }
         for i in (full * LANES..n).rev() {
-            let bits = u16::from_le_bytes([bf16[2 * i], bf16[2 * i + 1]]);
-            sign_mantissa[i] = crate::codec::bf16::sign_mantissa(bits);
+            let bits = value(i);
+            if !M3 {
+                raw[i] = crate::codec::bf16::sign_mantissa(bits);
+            }
             let lane = i % LANES;
             states[lane] = ans::encode_one(
                 states[lane],
-                &syms[crate::codec::bf16::exponent(bits) as usize],
+                &syms[model.symbol(bits) as usize],
                 prob_bits,
                 buf,
                 &mut wp,
@@ -400,7 +574,13 @@ mod x86 {
         let low16 = _mm512_set1_epi32(0xffff);
         let scale = _mm512_set1_epi32(1 << prob_bits);
         let xmax_shift = _mm_cvtsi32_si128(32 - prob_bits as i32);
-        let entries = table.entries.as_ptr();
+        let entries = if M3 {
+            table.by_key.as_ptr()
+        } else {
+            table.entries.as_ptr()
+        };
+        let key_mask = _mm512_set1_epi16(((1u32 << (8 + m)) - 1) as i16);
+        let low4 = _mm512_set1_epi32(0xf);
         let out = buf.as_mut_ptr();
 
         // One half-step: 16 lanes in descending lane order, with their exponents `exp` and their
@@ -409,7 +589,8 @@ mod x86 {
             |x: __m512i, exp: __m256i, d: __m256i, outside: u16, wp: &mut usize| -> __m512i {
                 let mut e = _mm512_permutex2var_epi32(win_lo, _mm512_cvtepu16_epi32(d), win_hi);
                 if outside != 0 {
-                    // SAFETY: exponents are below 256, the number of entries.
+                    // SAFETY: exponents are below 256, the number of entries; keys are below
+                    // 2^(8 + m), the number of `by_key` entries (checked above).
                     e = unsafe {
                         _mm512_mask_i32gather_epi32::<4>(
                             e,
@@ -446,25 +627,44 @@ mod x86 {
                 _mm512_add_epi32(x, _mm512_srli_epi32::<16>(e))
             };
 
-        let mut src_steps = bf16[..2 * full * LANES].chunks_exact(2 * LANES).rev();
-        let mut sm_steps = sign_mantissa[..full * LANES].chunks_exact_mut(LANES).rev();
-        for (src, sm) in (&mut src_steps).zip(&mut sm_steps) {
-            // SAFETY: `src` is exactly 64 readable bytes.
-            let v = unsafe { _mm512_loadu_si512(src.as_ptr().cast()) };
-            // sign+mantissa byte: bit 7 from bit 15, bits 0..6 from bits 0..6.
-            let s = _mm512_cvtepi16_epi8(_mm512_ternarylogic_epi32::<0xca>(
-                sign,
-                _mm512_srli_epi16::<8>(v),
-                v,
-            ));
-            // SAFETY: `sm` is exactly 32 writable bytes.
-            unsafe { _mm256_storeu_si256(sm.as_mut_ptr().cast(), s) };
-            let exp = _mm512_and_si512(
-                _mm512_srli_epi16::<7>(_mm512_permutexvar_epi16(rev_idx, v)),
-                low8,
-            );
-            let d = _mm512_sub_epi16(exp, base);
-            let outside = _mm512_cmpge_epu16_mask(d, window);
+        for t in (0..full).rev() {
+            // SAFETY: `t < full`, so the step's 64 bytes are inside `bf16`.
+            let v = unsafe { _mm512_loadu_si512(bf16.as_ptr().add(2 * LANES * t).cast()) };
+            let (exp, d, outside) = if M3 {
+                // Raw plane: 16 bytes of nibble pairs, then the 32 sign bits.
+                let nib = _mm512_cvtepi32_epi8(_mm512_or_si512(
+                    _mm512_and_si512(v, low4),
+                    _mm512_and_si512(_mm512_srli_epi32::<12>(v), _mm512_slli_epi32::<4>(low4)),
+                ));
+                let signs = _mm512_movepi16_mask(v);
+                let at = ans::raw_step_start(t, m);
+                let dst = &mut raw[at..at + model::M3_STEP_BYTES];
+                // SAFETY: `dst` is exactly 20 writable bytes.
+                unsafe {
+                    _mm_storeu_si128(dst.as_mut_ptr().cast(), nib);
+                    std::ptr::write_unaligned(dst.as_mut_ptr().add(16).cast::<u32>(), signs);
+                }
+                let key = _mm512_and_si512(
+                    _mm512_srli_epi16::<4>(_mm512_permutexvar_epi16(rev_idx, v)),
+                    key_mask,
+                );
+                (key, _mm512_setzero_si512(), u32::MAX)
+            } else {
+                // sign+mantissa byte: bit 7 from bit 15, bits 0..6 from bits 0..6.
+                let s = _mm512_cvtepi16_epi8(_mm512_ternarylogic_epi32::<0xca>(
+                    sign,
+                    _mm512_srli_epi16::<8>(v),
+                    v,
+                ));
+                // SAFETY: `raw` has one byte per element and `t < full`: 32 writable bytes.
+                unsafe { _mm256_storeu_si256(raw.as_mut_ptr().add(LANES * t).cast(), s) };
+                let exp = _mm512_and_si512(
+                    _mm512_srli_epi16::<7>(_mm512_permutexvar_epi16(rev_idx, v)),
+                    low8,
+                );
+                let d = _mm512_sub_epi16(exp, base);
+                (exp, d, _mm512_cmpge_epu16_mask(d, window))
+            };
             let (exp_a, exp_b) = (
                 _mm512_castsi512_si256(exp),
                 _mm512_extracti64x4_epi64::<1>(exp),
@@ -485,97 +685,6 @@ mod x86 {
         buf[..wp].reverse();
         (states, wp)
     }
-
-    /// Adds the exponent histogram of little-endian BF16 bytes to `h` (one thread).
-    ///
-    /// Weight exponents crowd into a few values, which makes scalar counting slow (every
-    /// increment waits for the previous one to the same counter). So the 16 most common values
-    /// of a sample are counted with vector compares into per-lane byte counters, and only the
-    /// rare exponents outside that window are counted one by one.
-    ///
-    /// # Safety
-    /// The CPU must support the features [`super::available`] checks.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,popcnt")]
-    pub(crate) unsafe fn histogram(bytes: &[u8], h: &mut [u64; 256]) {
-        let exponent =
-            |p: &[u8]| crate::codec::bf16::exponent(u16::from_le_bytes([p[0], p[1]])) as usize;
-        // Count a sample the plain way and centre the window on its densest 16 values.
-        let sample = bytes.len().min(2 * 4096) & !1;
-        let (head, rest) = bytes.split_at(sample);
-        let mut seen = [0u64; 256];
-        for p in head.chunks_exact(2) {
-            seen[exponent(p)] += 1;
-        }
-        let base = (0..=240)
-            .max_by_key(|&b| seen[b..b + 16].iter().sum::<u64>())
-            .unwrap_or(0);
-        for (o, c) in h.iter_mut().zip(seen) {
-            *o += c;
-        }
-
-        // Byte 2j of the two shifted input vectors: the low byte of `bits >> 7`, the exponent.
-        let mut even = [0u8; 64];
-        for (j, e) in even.iter_mut().enumerate() {
-            *e = 2 * j as u8;
-        }
-        // SAFETY: `even` is 64 readable bytes.
-        let even = unsafe { _mm512_loadu_si512(even.as_ptr().cast()) };
-        let basev = _mm512_set1_epi8(base as i8);
-        let sixteen = _mm512_set1_epi8(16);
-        let one = _mm512_set1_epi8(1);
-        let zero = _mm512_setzero_si512();
-        let mut acc = [zero; 16];
-        let mut blocks = rest.chunks_exact(128);
-        let mut pending = 0;
-        for blk in &mut blocks {
-            // SAFETY: `blk` is exactly 128 readable bytes.
-            let (v0, v1) = unsafe {
-                (
-                    _mm512_loadu_si512(blk.as_ptr().cast()),
-                    _mm512_loadu_si512(blk[64..].as_ptr().cast()),
-                )
-            };
-            let e = _mm512_permutex2var_epi8(
-                _mm512_srli_epi16::<7>(v0),
-                even,
-                _mm512_srli_epi16::<7>(v1),
-            );
-            let d = _mm512_sub_epi8(e, basev);
-            let mut outside = !_mm512_cmplt_epu8_mask(d, sixteen);
-            if outside != 0 {
-                let mut es = [0u8; 64];
-                // SAFETY: `es` is 64 writable bytes.
-                unsafe { _mm512_storeu_si512(es.as_mut_ptr().cast(), e) };
-                while outside != 0 {
-                    h[es[outside.trailing_zeros() as usize] as usize] += 1;
-                    outside &= outside - 1;
-                }
-            }
-            for (j, a) in acc.iter_mut().enumerate() {
-                let hit = _mm512_cmpeq_epi8_mask(d, _mm512_set1_epi8(j as i8));
-                *a = _mm512_mask_add_epi8(*a, hit, *a, one);
-            }
-            // Each byte counter gains at most 1 per block: drain them before they can wrap.
-            pending += 1;
-            if pending == 255 {
-                drain(&mut acc, &mut h[base..base + 16]);
-                pending = 0;
-            }
-        }
-        drain(&mut acc, &mut h[base..base + 16]);
-        for p in blocks.remainder().chunks_exact(2) {
-            h[exponent(p)] += 1;
-        }
-    }
-
-    /// Adds per-lane byte counters to `h` and clears them.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    fn drain(acc: &mut [__m512i; 16], h: &mut [u64]) {
-        for (a, o) in acc.iter_mut().zip(h) {
-            *o += _mm512_reduce_add_epi64(_mm512_sad_epu8(*a, _mm512_setzero_si512())) as u64;
-            *a = _mm512_setzero_si512();
-        }
-    }
 }
 
 #[cfg(test)]
@@ -584,19 +693,22 @@ mod tests {
     use rand_distr::{Distribution, Normal};
 
     use crate::codec::ans::{self, ChunkEncoder, DecodeTable, LANES};
-    use crate::codec::bf16;
     use crate::codec::freq::FreqTable;
+    use crate::codec::model::{self, SymbolModel};
 
     type Rng64 = rand_xoshiro::Xoshiro256PlusPlus;
 
-    /// `n` BF16 values: weight-like (normal, narrow exponent range) or arbitrary bit patterns.
-    fn data(n: usize, arbitrary: bool, seed: u64) -> Vec<u8> {
+    /// `n` BF16 values: weight-like (normal, narrow exponent range) or arbitrary bit patterns
+    /// (with `mantissa_bits = 3`, arbitrary over 256 keys, as many as a table numbers).
+    fn data(n: usize, arbitrary: bool, seed: u64, mb: u32) -> Vec<u8> {
         let mut rng = Rng64::seed_from_u64(seed);
         let d = Normal::new(0f32, 0.02).unwrap();
         (0..n)
             .flat_map(|_| {
-                let bits = if arbitrary {
+                let bits = if arbitrary && mb == 0 {
                     rng.gen::<u16>()
+                } else if arbitrary {
+                    rng.gen::<u16>() & 0x8fff | 0x3000
                 } else {
                     (d.sample(&mut rng).to_bits() >> 16) as u16
                 };
@@ -605,25 +717,50 @@ mod tests {
             .collect()
     }
 
-    fn table_of(bytes: &[u8], pb: u32) -> FreqTable {
-        let mut h = [0u64; 256];
-        for p in bytes.chunks_exact(2) {
-            h[bf16::exponent(u16::from_le_bytes([p[0], p[1]])) as usize] += 1;
-        }
-        FreqTable::from_histogram(&h, pb).unwrap()
+    /// A code table and the symbol model it codes.
+    struct Code {
+        t: FreqTable,
+        m: SymbolModel,
     }
 
-    /// The reference encoding of one chunk: (states, words, sign+mantissa plane).
-    fn reference(bytes: &[u8], t: &FreqTable) -> ([u32; LANES], Vec<u16>, Vec<u8>) {
+    impl Code {
+        fn dec(&self) -> DecodeTable {
+            DecodeTable::with_model(&self.t, &self.m)
+        }
+
+        fn enc(&self) -> ChunkEncoder {
+            ChunkEncoder::with_model(&self.t, &self.m)
+        }
+    }
+
+    fn table_of(bytes: &[u8], pb: u32, mb: u32) -> Code {
+        let kh = model::key_histogram(&model::value_histogram(bytes), mb);
+        let m = SymbolModel::from_key_histogram(&kh, mb).expect("at most 256 keys");
+        let t = FreqTable::from_histogram(&m.symbol_histogram(&kh), pb).unwrap();
+        Code { t, m }
+    }
+
+    /// The reference encoding of one chunk: (states, words, raw plane).
+    fn reference(bytes: &[u8], c: &Code) -> ([u32; LANES], Vec<u16>, Vec<u8>) {
         let bits: Vec<u16> = bytes
             .chunks_exact(2)
             .map(|p| u16::from_le_bytes([p[0], p[1]]))
             .collect();
-        let exps: Vec<u8> = bits.iter().map(|&b| bf16::exponent(b)).collect();
-        let sm: Vec<u8> = bits.iter().map(|&b| bf16::sign_mantissa(b)).collect();
+        let syms: Vec<u8> = bits.iter().map(|&b| c.m.symbol(b)).collect();
+        let raw = if c.m.mantissa_bits() == 0 {
+            bits.iter()
+                .map(|&b| crate::codec::bf16::sign_mantissa(b))
+                .collect()
+        } else {
+            let mut raw = vec![0u8; model::raw_len(bits.len(), 3)];
+            for (t, step) in bits.chunks(LANES).enumerate() {
+                model::split_step_m3(step.iter().copied(), &mut raw[20 * t..]);
+            }
+            raw
+        };
         let mut words = Vec::new();
-        let states = ans::encode_chunk(&exps, &ans::enc_symbols(t), t.prob_bits(), &mut words);
-        (states, words, sm)
+        let states = ans::encode_chunk(&syms, &ans::enc_symbols(&c.t), c.t.prob_bits(), &mut words);
+        (states, words, raw)
     }
 
     /// Words as stored (little-endian bytes) plus the decoder's padding.
@@ -637,14 +774,14 @@ mod tests {
 
     #[test]
     fn encoders_match_the_reference_exactly() {
-        for pb in 8..=15 {
+        for (pb, mb) in (8..=15).flat_map(|pb| [(pb, 0), (pb, 3)]) {
             for (i, &n) in SIZES.iter().enumerate() {
                 for arbitrary in [false, true] {
-                    let bytes = data(n, arbitrary, (pb as u64) << 32 | i as u64);
-                    let t = table_of(&bytes, pb);
+                    let bytes = data(n, arbitrary, (pb as u64) << 32 | i as u64, mb);
+                    let t = table_of(&bytes, pb, mb);
                     let (states, words, sm) = reference(&bytes, &t);
-                    for enc in [ChunkEncoder::new(&t), ChunkEncoder::new(&t).without_simd()] {
-                        let mut got_sm = vec![0u8; n];
+                    for enc in [t.enc(), t.enc().without_simd()] {
+                        let mut got_sm = vec![0u8; sm.len()];
                         let mut scratch = Vec::new();
                         let (got_states, got_words) =
                             enc.encode_bf16(&bytes, &mut got_sm, &mut scratch);
@@ -662,15 +799,15 @@ mod tests {
         let sizes = [4097, 33, 5000, 1];
         let all: Vec<u8> = sizes
             .iter()
-            .flat_map(|&n| data(n, false, n as u64))
+            .flat_map(|&n| data(n, false, n as u64, 3))
             .collect();
-        let t = table_of(&all, 12);
-        let enc = ChunkEncoder::new(&t);
+        let t = table_of(&all, 12, 3);
+        let enc = t.enc();
         let mut scratch = Vec::new();
         for n in sizes {
-            let bytes = data(n, false, n as u64);
-            let (states, words, _) = reference(&bytes, &t);
-            let mut sm = vec![0u8; n];
+            let bytes = data(n, false, n as u64, 3);
+            let (states, words, raw) = reference(&bytes, &t);
+            let mut sm = vec![0u8; raw.len()];
             let (s, w) = enc.encode_bf16(&bytes, &mut sm, &mut scratch);
             assert_eq!((s, w), (states, &words[..]));
         }
@@ -678,19 +815,18 @@ mod tests {
 
     #[test]
     fn decoders_match_the_reference() {
-        for pb in 8..=15 {
+        for (pb, mb) in (8..=15).flat_map(|pb| [(pb, 0), (pb, 3)]) {
             for (i, &n) in SIZES.iter().enumerate() {
                 for arbitrary in [false, true] {
-                    let bytes = data(n, arbitrary, (pb as u64) << 32 | i as u64 | 1 << 20);
-                    let t = table_of(&bytes, pb);
+                    let bytes = data(n, arbitrary, (pb as u64) << 32 | i as u64 | 1 << 20, mb);
+                    let t = table_of(&bytes, pb, mb);
                     let (states, words, sm) = reference(&bytes, &t);
                     let mut padded = words.clone();
                     padded.push(0);
                     let mut out = vec![0u8; 2 * n];
-                    ans::decode_chunk(&states, &padded, &DecodeTable::new(&t), &sm, &mut out)
-                        .unwrap();
+                    ans::decode_chunk(&states, &padded, &t.dec(), &sm, &mut out).unwrap();
                     assert_eq!(out, bytes, "reference, pb {pb} n {n}");
-                    for table in [DecodeTable::new(&t), DecodeTable::new(&t).without_simd()] {
+                    for table in [t.dec(), t.dec().without_simd()] {
                         let mut out = vec![0x55u8; 2 * n];
                         ans::decode_chunk_bytes(
                             &states,
@@ -710,14 +846,19 @@ mod tests {
 
     /// Every decoder (reference, scalar, SIMD) on the same possibly corrupt input; each must
     /// return, never panic, and they must agree on success.
-    fn decode_all(states: &[u32; LANES], words: &[u16], t: &FreqTable, sm: &[u8]) -> Vec<bool> {
+    fn decode_all(
+        states: &[u32; LANES],
+        words: &[u16],
+        t: &Code,
+        sm: &[u8],
+        n: usize,
+    ) -> Vec<bool> {
         let mut padded = words.to_vec();
         padded.push(0);
-        let mut out = vec![0u8; 2 * sm.len()];
-        let mut ok =
-            vec![ans::decode_chunk(states, &padded, &DecodeTable::new(t), sm, &mut out).is_ok()];
-        for table in [DecodeTable::new(t), DecodeTable::new(t).without_simd()] {
-            let mut out2 = vec![0u8; 2 * sm.len()];
+        let mut out = vec![0u8; 2 * n];
+        let mut ok = vec![ans::decode_chunk(states, &padded, &t.dec(), sm, &mut out).is_ok()];
+        for table in [t.dec(), t.dec().without_simd()] {
+            let mut out2 = vec![0u8; 2 * n];
             let r =
                 ans::decode_chunk_bytes(states, &stored(words), words.len(), &table, sm, &mut out2);
             if r.is_ok() && ok[0] {
@@ -731,12 +872,15 @@ mod tests {
     #[test]
     fn corrupt_chunks_are_errors_on_every_path() {
         let mut rng = Rng64::seed_from_u64(99);
-        for pb in [8, 11, 12, 13, 15] {
+        for (pb, mb) in [8, 11, 12, 13, 15]
+            .into_iter()
+            .flat_map(|pb| [(pb, 0), (pb, 3)])
+        {
             for n in [33, 4097, 32768] {
-                let bytes = data(n, false, n as u64 + pb as u64);
-                let t = table_of(&bytes, pb);
+                let bytes = data(n, false, n as u64 + pb as u64, mb);
+                let t = table_of(&bytes, pb, mb);
                 let (states, words, sm) = reference(&bytes, &t);
-                assert_eq!(decode_all(&states, &words, &t, &sm), [true; 3]);
+                assert_eq!(decode_all(&states, &words, &t, &sm, n), [true; 3]);
                 for _ in 0..20 {
                     if words.is_empty() {
                         break;
@@ -745,22 +889,24 @@ mod tests {
                     let mut w = words.clone();
                     let i = rng.gen_range(0..w.len());
                     w[i] ^= 1 << rng.gen_range(0..16);
-                    assert_eq!(
-                        decode_all(&states, &w, &t, &sm),
-                        [false; 3],
-                        "flip pb {pb} n {n} word {i}"
-                    );
+                    let r = decode_all(&states, &w, &t, &sm, n);
+                    // A flipped bit lands in a state's low bits: see the state flips below.
+                    if mb == 0 {
+                        assert_eq!(r, [false; 3], "flip pb {pb} n {n} word {i}");
+                    } else {
+                        assert!(r == [false; 3] || r == [true; 3], "flip pb {pb} n {n}");
+                    }
                     // Words cut short, or one too many.
                     let cut = rng.gen_range(0..w.len());
                     assert_eq!(
-                        decode_all(&states, &words[..cut], &t, &sm),
+                        decode_all(&states, &words[..cut], &t, &sm, n),
                         [false; 3],
                         "cut pb {pb} n {n}"
                     );
                     let mut longer = words.clone();
                     longer.insert(rng.gen_range(0..=words.len()), rng.gen());
                     assert_eq!(
-                        decode_all(&states, &longer, &t, &sm),
+                        decode_all(&states, &longer, &t, &sm, n),
                         [false; 3],
                         "insert pb {pb} n {n}"
                     );
@@ -768,14 +914,19 @@ mod tests {
                     let mut s = states;
                     let lane = rng.gen_range(0..LANES);
                     s[lane] ^= 1 << rng.gen_range(0..32);
-                    assert_eq!(
-                        decode_all(&s, &words, &t, &sm),
-                        [false; 3],
-                        "state pb {pb} n {n}"
-                    );
+                    let r = decode_all(&s, &words, &t, &sm, n);
+                    // With many frequency-1 symbols (coded mantissa bits, low precision) a flip
+                    // in a state's slot bits can move between two of them and leave the state
+                    // sequence intact: the chunk decodes, to other values, and only the
+                    // container's checksum sees it. The decoders must still agree.
+                    if mb == 0 {
+                        assert_eq!(r, [false; 3], "state pb {pb} n {n}");
+                    } else {
+                        assert!(r == [false; 3] || r == [true; 3], "state pb {pb} n {n}");
+                    }
                     s[lane] = rng.gen_range(0..ans::STATE_LOW);
                     assert_eq!(
-                        decode_all(&s, &words, &t, &sm),
+                        decode_all(&s, &words, &t, &sm, n),
                         [false; 3],
                         "low state pb {pb} n {n}"
                     );
@@ -786,7 +937,7 @@ mod tests {
                     let s: [u32; LANES] =
                         std::array::from_fn(|_| rng.gen_range(ans::STATE_LOW..=u32::MAX));
                     let w: Vec<u16> = (0..rng.gen_range(0..64)).map(|_| rng.gen()).collect();
-                    let _ = decode_all(&s, &w, &t, &sm);
+                    let _ = decode_all(&s, &w, &t, &sm, n);
                 }
             }
         }
@@ -794,13 +945,13 @@ mod tests {
 
     #[test]
     fn a_slice_without_padding_is_rejected() {
-        let bytes = data(100, false, 5);
-        let t = table_of(&bytes, 12);
+        let bytes = data(100, false, 5, 0);
+        let t = table_of(&bytes, 12, 0);
         let (states, words, sm) = reference(&bytes, &t);
         let mut w = stored(&words);
         w.pop();
         let mut out = vec![0u8; 200];
-        let table = DecodeTable::new(&t);
+        let table = t.dec();
         assert!(ans::decode_chunk_bytes(&states, &w, words.len(), &table, &sm, &mut out).is_err());
         assert!(ans::decode_chunk_bytes(
             &states,
@@ -811,20 +962,5 @@ mod tests {
             &mut out[..198]
         )
         .is_err());
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn simd_histogram_matches_the_scalar_one() {
-        if !super::available() {
-            return;
-        }
-        for n in [0, 1, 31, 32, 33, 1000, 100_003] {
-            let bytes = data(n, n % 2 == 1, n as u64);
-            let mut h = [0u64; 256];
-            // SAFETY: the features were detected above.
-            unsafe { super::histogram(&bytes, &mut h) };
-            assert_eq!(h, bf16::exponent_histogram(&bytes), "n {n}");
-        }
     }
 }

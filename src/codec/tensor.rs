@@ -21,8 +21,8 @@
 use rayon::prelude::*;
 
 use super::ans::{self, LANES};
-use super::bf16;
 use super::freq::FreqTable;
+use super::model::{self, SymbolModel};
 use super::CodecError;
 
 /// Encoding parameters. They are recorded in every compressed tensor's metadata, so the decoder
@@ -31,25 +31,56 @@ use super::CodecError;
 pub struct Params {
     /// Elements per independently decodable chunk (a multiple of 32).
     pub chunk_elems: usize,
-    /// Precision of the exponent probabilities, in bits.
+    /// Precision of the symbol probabilities, in bits.
     pub prob_bits: u32,
+    /// Leading mantissa bits coded with the exponent: 0 (format version 1's model) or
+    /// [`model::V2_MANTISSA_BITS`]. The encoder falls back to 0 for a tensor with more distinct
+    /// keys than a table numbers, and records what it used.
+    pub mantissa_bits: u32,
 }
 
 impl Default for Params {
-    /// 64 Ki elements per chunk: the 128 bytes of lane states plus the 4-byte offset cost 0.15%
-    /// at 10.6 bits per weight, and an 8B model still has ~120k chunks (~3.4k per layer) to
-    /// spread over GPU warps (see docs/format.md for the trade-off).
-    /// 12-bit probabilities: a 4 KiB decode table that fits L1 or shared memory, and a
-    /// quantisation loss of a few thousandths of a bit per weight.
+    /// Version 2's parameters (docs/format.md §5 has the measurements): the exponent and 3
+    /// leading mantissa bits coded; 15-bit probabilities, because the ~200 symbols of that model
+    /// include ~100 rare ones that each take at least one unit of probability (12 bits lose 0.0022
+    /// of the BF16 size to that, 15 bits 0.0003); 1 Mi elements per chunk, so the 132 bytes of
+    /// lane states and offset cost 0.006% of the size (64 Ki: 0.1%).
     fn default() -> Self {
         Self {
-            chunk_elems: 1 << 16,
-            prob_bits: 12,
+            chunk_elems: DEFAULT_CHUNK_ELEMS,
+            prob_bits: 15,
+            mantissa_bits: model::V2_MANTISSA_BITS,
         }
     }
 }
 
+/// Elements per chunk that version 2 writes (see [`Params::default`]).
+pub const DEFAULT_CHUNK_ELEMS: usize = 1 << 20;
+
+/// The smallest chunk [`Params::for_tensor`] picks.
+pub const MIN_CHUNK_ELEMS: usize = 1 << 16;
+
 impl Params {
+    /// The parameters `compress` uses for a tensor of `len` elements: at least 16 chunks (so
+    /// that decoding a mid-sized tensor still runs in parallel, two chunks per thread), but no
+    /// chunk smaller than [`MIN_CHUNK_ELEMS`] (the lane states of a chunk cost 0.1% of a 64 Ki
+    /// chunk) nor larger than `chunk_elems`, in powers of two; and at most `len / 32` table
+    /// slots (`prob_bits` down to 12, never above `prob_bits`), because building the decoding
+    /// and encoding tables of `2^prob_bits` slots is per-tensor work that small tensors do not
+    /// amortise.
+    pub fn for_tensor(self, len: usize) -> Self {
+        let want = (len / 16).next_power_of_two().max(MIN_CHUNK_ELEMS);
+        let slots_bits = (len / 32)
+            .max(1)
+            .ilog2()
+            .clamp(12, super::freq::MAX_PROB_BITS);
+        Self {
+            chunk_elems: want.min(self.chunk_elems),
+            prob_bits: self.prob_bits.min(slots_bits),
+            ..self
+        }
+    }
+
     /// Checks the parameters a stored tensor claims before anything is sized from them.
     pub fn validate(&self) -> Result<(), CodecError> {
         if self.chunk_elems == 0
@@ -67,23 +98,34 @@ impl Params {
                 self.prob_bits
             )));
         }
+        if self.mantissa_bits != 0 && self.mantissa_bits != model::V2_MANTISSA_BITS {
+            return Err(CodecError::Corrupt(format!(
+                "{} coded mantissa bits is unsupported (0 or {})",
+                self.mantissa_bits,
+                model::V2_MANTISSA_BITS
+            )));
+        }
         Ok(())
     }
 }
 
 /// The encoded form of one BF16 tensor, as the parts the container stores.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EncodedTensor {
     /// Number of BF16 elements.
     pub len: usize,
-    /// Parameters the tensor was encoded with.
+    /// Parameters the tensor was encoded with (`mantissa_bits` as actually used).
     pub params: Params,
-    /// Exponent histogram of the original data (kept for size reports; not stored).
-    pub histogram: [u64; 256],
-    /// One `s mmmmmmm` byte per element, in element order.
-    pub sign_mantissa: Vec<u8>,
-    /// The exponent code table.
+    /// Entropy of the exponents in bits per value (for size reports; not stored).
+    pub exponent_entropy_bits: f64,
+    /// Order-0 entropy of the whole 16-bit values in bits per value (reports; not stored).
+    pub value_entropy_bits: f64,
+    /// The raw plane: the bits the symbols do not code (see [`super::model`]).
+    pub raw: Vec<u8>,
+    /// The symbol code table.
     pub table: FreqTable,
+    /// What the symbols stand for.
+    pub model: SymbolModel,
     /// All chunks' rANS words, chunk after chunk.
     pub exp_words: Vec<u16>,
     /// `chunks + 1` word offsets into `exp_words`.
@@ -98,13 +140,21 @@ impl EncodedTensor {
         self.offsets.len() - 1
     }
 
-    /// Bytes the stored parts occupy (sign+mantissa, words, offsets, states, table).
+    /// Bytes the stored parts occupy (raw plane, words, offsets, states, table).
     pub fn stored_bytes(&self) -> usize {
-        self.sign_mantissa.len()
+        self.raw.len()
             + 2 * self.exp_words.len()
             + 4 * self.offsets.len()
             + 4 * self.states.len()
-            + self.table.to_bytes().len()
+            + self.table_bytes().len()
+    }
+
+    /// The serialised code table: the frequency table, then (with coded mantissa bits) the key
+    /// of every symbol.
+    pub fn table_bytes(&self) -> Vec<u8> {
+        let mut b = self.table.to_bytes();
+        b.extend(self.model.keys_to_bytes());
+        b
     }
 }
 
@@ -123,22 +173,57 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
         )));
     }
     let len = bytes.len() / 2;
-    let histogram = exponent_histogram(bytes);
-    let table = FreqTable::from_histogram(&histogram, params.prob_bits)?;
-    let encoder = ans::ChunkEncoder::new(&table);
+    let values = model::value_histogram(bytes);
+    let exp_hist = model::key_histogram(&values, 0);
+    let (mut params, mut model) = (params, None);
+    if params.mantissa_bits != 0 {
+        model = SymbolModel::from_key_histogram(
+            &model::key_histogram(&values, params.mantissa_bits),
+            params.mantissa_bits,
+        );
+    }
+    let (model, key_hist) = match model {
+        Some(m) => {
+            let kh = model::key_histogram(&values, m.mantissa_bits());
+            (m, kh)
+        }
+        None => {
+            // More distinct keys than a table numbers (not weights): the exponent model.
+            params.mantissa_bits = 0;
+            (SymbolModel::exponent(), exp_hist.clone())
+        }
+    };
+    let table = FreqTable::from_histogram(&model.symbol_histogram(&key_hist), params.prob_bits)?;
+    let encoder = ans::ChunkEncoder::with_model(&table, &model);
     let chunk_bytes = 2 * params.chunk_elems;
-    let mut sign_mantissa = vec![0u8; len];
-    advise_huge_pages(&mut sign_mantissa);
-    // One pass per chunk splits the BF16 values and codes the exponents; each worker reuses one
+    let mut raw = vec![0u8; model::raw_len(len, params.mantissa_bits)];
+    advise_huge_pages(&mut raw);
+    // One pass per chunk splits the BF16 values and codes the symbols; each worker reuses one
     // scratch buffer and keeps only an exactly sized copy of every chunk's words.
-    let pieces: Vec<(Vec<u16>, [u32; LANES])> = bytes
-        .par_chunks(chunk_bytes)
-        .zip(sign_mantissa.par_chunks_mut(params.chunk_elems))
-        .map_init(Vec::new, |scratch, (src, sm)| {
-            let (states, words) = encoder.encode_bf16(src, sm, scratch);
-            (words.to_vec(), states)
-        })
-        .collect();
+    // A tensor of one chunk is coded on the calling thread: waking the pool for it costs more
+    // than the coding (a checkpoint has hundreds of norm-sized and small tensors).
+    let raw_chunk = model::raw_len(params.chunk_elems, params.mantissa_bits);
+    let small = len <= params.chunk_elems;
+    let pieces: Vec<(Vec<u16>, [u32; LANES])> = if small {
+        let mut scratch = Vec::new();
+        bytes
+            .chunks(chunk_bytes)
+            .zip(raw.chunks_mut(raw_chunk))
+            .map(|(src, r)| {
+                let (states, words) = encoder.encode_bf16(src, r, &mut scratch);
+                (words.to_vec(), states)
+            })
+            .collect()
+    } else {
+        bytes
+            .par_chunks(chunk_bytes)
+            .zip(raw.par_chunks_mut(raw_chunk))
+            .map_init(Vec::new, |scratch, (src, r)| {
+                let (states, words) = encoder.encode_bf16(src, r, scratch);
+                (words.to_vec(), states)
+            })
+            .collect()
+    };
     let total_words: usize = pieces.iter().map(|(w, _)| w.len()).sum();
     if total_words > u32::MAX as usize {
         return Err(CodecError::Invalid(format!(
@@ -162,15 +247,23 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
         dsts.push(dst);
         rest = tail;
     }
-    dsts.into_par_iter()
-        .zip(&pieces)
-        .for_each(|(dst, (words, _))| dst.copy_from_slice(words));
+    if small {
+        for (dst, (words, _)) in dsts.into_iter().zip(&pieces) {
+            dst.copy_from_slice(words);
+        }
+    } else {
+        dsts.into_par_iter()
+            .zip(&pieces)
+            .for_each(|(dst, (words, _))| dst.copy_from_slice(words));
+    }
     Ok(EncodedTensor {
         len,
         params,
-        histogram,
-        sign_mantissa,
+        exponent_entropy_bits: model::entropy(&exp_hist),
+        value_entropy_bits: model::entropy(&values),
+        raw,
         table,
+        model,
         exp_words,
         offsets,
         states,
@@ -184,9 +277,9 @@ pub struct EncodedView<'a> {
     pub len: usize,
     /// Parameters the tensor was encoded with.
     pub params: Params,
-    /// `len` sign+mantissa bytes.
-    pub sign_mantissa: &'a [u8],
-    /// Serialised code table (512 bytes).
+    /// The raw plane (see [`super::model`]).
+    pub raw: &'a [u8],
+    /// Serialised code table (see [`EncodedTensor::table_bytes`]).
     pub table: &'a [u8],
     /// rANS words as little-endian bytes.
     pub exp_words: &'a [u8],
@@ -200,8 +293,8 @@ impl EncodedTensor {
     /// Borrows the parts in their stored byte form (little-endian), for tests and in-memory use.
     pub fn to_parts(&self) -> Parts {
         Parts {
-            sign_mantissa: self.sign_mantissa.clone(),
-            table: self.table.to_bytes(),
+            raw: self.raw.clone(),
+            table: self.table_bytes(),
             exp_words: self
                 .exp_words
                 .iter()
@@ -216,8 +309,8 @@ impl EncodedTensor {
 /// Owned stored parts in byte form.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parts {
-    /// See [`EncodedView::sign_mantissa`].
-    pub sign_mantissa: Vec<u8>,
+    /// See [`EncodedView::raw`].
+    pub raw: Vec<u8>,
     /// See [`EncodedView::table`].
     pub table: Vec<u8>,
     /// See [`EncodedView::exp_words`].
@@ -234,13 +327,34 @@ impl Parts {
         EncodedView {
             len,
             params,
-            sign_mantissa: &self.sign_mantissa,
+            raw: &self.raw,
             table: &self.table,
             exp_words: &self.exp_words,
             offsets: &self.offsets,
             states: &self.states,
         }
     }
+}
+
+/// Parses a serialised code table (see [`EncodedTensor::table_bytes`]).
+pub fn parse_table(
+    bytes: &[u8],
+    prob_bits: u32,
+    mantissa_bits: u32,
+) -> Result<(FreqTable, SymbolModel), CodecError> {
+    let k = 1 + *bytes
+        .first()
+        .ok_or_else(|| CodecError::Corrupt("empty code table".into()))? as usize;
+    let freq_len = (1 + 3 * k).min(bytes.len());
+    let (freq, keys) = bytes.split_at(freq_len);
+    let table = FreqTable::from_bytes(freq, prob_bits)?;
+    if mantissa_bits != 0 && table.freq((k - 1) as u8) == 0 {
+        return Err(CodecError::Corrupt(format!(
+            "code table symbols are not the ranks 0..{k}"
+        )));
+    }
+    let model = SymbolModel::from_key_bytes(keys, k, mantissa_bits)?;
+    Ok((table, model))
 }
 
 fn read_u32(bytes: &[u8], i: usize) -> u32 {
@@ -271,7 +385,7 @@ pub fn decode_into(view: &EncodedView<'_>, out: &mut [u8]) -> Result<(), CodecEr
             )))
         }
     };
-    expect("sign_mantissa", view.sign_mantissa.len(), len)?;
+    expect("raw", view.raw.len(), model::raw_len(len, p.mantissa_bits))?;
     expect("offsets", view.offsets.len(), 4 * (chunks + 1))?;
     expect("states", view.states.len(), 4 * LANES * chunks)?;
     if !view.exp_words.len().is_multiple_of(2) {
@@ -279,8 +393,8 @@ pub fn decode_into(view: &EncodedView<'_>, out: &mut [u8]) -> Result<(), CodecEr
             "exponent stream has an odd byte length".into(),
         ));
     }
-    let table = FreqTable::from_bytes(view.table, p.prob_bits)?;
-    let lut = ans::DecodeTable::new(&table);
+    let (table, sym_model) = parse_table(view.table, p.prob_bits, p.mantissa_bits)?;
+    let lut = ans::DecodeTable::with_model(&table, &sym_model);
     let n_words = view.exp_words.len() / 2;
     let mut bounds = Vec::with_capacity(chunks + 1);
     for i in 0..=chunks {
@@ -293,98 +407,74 @@ pub fn decode_into(view: &EncodedView<'_>, out: &mut [u8]) -> Result<(), CodecEr
     }
     // Chunks go in pairs: the SIMD decoder runs two chunks in lockstep to hide its latency.
     let ce = p.chunk_elems;
-    out.par_chunks_mut(4 * ce)
-        .zip(view.sign_mantissa.par_chunks(2 * ce))
-        .enumerate()
-        .try_for_each(|(g, (dst, sm))| {
-            let mut padded = [Vec::new(), Vec::new()];
-            let mut jobs = dst
-                .chunks_mut(2 * ce)
-                .zip(sm.chunks(ce))
-                .zip(&mut padded)
-                .enumerate()
-                .map(|(i, ((out, sm), pad))| {
-                    let c = 2 * g + i;
-                    let mut states = [0u32; LANES];
-                    for (l, s) in states.iter_mut().enumerate() {
-                        *s = read_u32(view.states, c * LANES + l);
-                    }
-                    // The decoder reads the stored bytes in place; it needs `WORD_PAD_BYTES`
-                    // readable bytes after the chunk's words, which only the last chunks lack:
-                    // they get a zero-padded copy.
-                    let (start, n_words) = (2 * bounds[c], bounds[c + 1] - bounds[c]);
-                    let words = if start + 2 * n_words + ans::WORD_PAD_BYTES <= view.exp_words.len()
-                    {
-                        &view.exp_words[start..]
-                    } else {
-                        pad.resize(2 * n_words + ans::WORD_PAD_BYTES, 0);
-                        pad[..2 * n_words]
-                            .copy_from_slice(&view.exp_words[start..start + 2 * n_words]);
-                        &pad[..]
-                    };
-                    ans::ChunkJob {
-                        states,
-                        words,
-                        n_words,
-                        sign_mantissa: sm,
-                        out,
-                    }
-                });
-            let first = jobs.next().expect("a chunk group holds at least one chunk");
-            let results = match jobs.next() {
-                Some(second) => ans::decode_chunk_pair(first, second, &lut),
-                None => [
-                    ans::decode_chunk_bytes(
-                        &first.states,
-                        first.words,
-                        first.n_words,
-                        &lut,
-                        first.sign_mantissa,
-                        first.out,
-                    ),
-                    Ok(()),
-                ],
-            };
-            for (i, r) in results.into_iter().enumerate() {
-                r.map_err(|e| match e {
-                    CodecError::Corrupt(m) => {
-                        CodecError::Corrupt(format!("chunk {}: {m}", 2 * g + i))
-                    }
-                    other => other,
-                })?;
-            }
-            Ok(())
-        })
-}
-
-/// Exponent histogram of little-endian BF16 bytes, in parallel over large inputs because it is
-/// the first full pass of every compression (the AVX-512 version extracts 32 exponents per
-/// instruction pair; the counting itself stays scalar).
-fn exponent_histogram(bytes: &[u8]) -> [u64; 256] {
-    #[cfg(target_arch = "x86_64")]
-    if super::simd::available() {
-        const PIECE: usize = 1 << 20;
-        return bytes
-            .par_chunks(PIECE)
-            .fold(
-                || [0u64; 256],
-                |mut h, piece| {
-                    // SAFETY: `simd::available()` found the kernel's features.
-                    unsafe { super::simd::histogram(piece, &mut h) };
-                    h
-                },
-            )
-            .reduce(
-                || [0u64; 256],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b.iter()) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+    let pair = |(g, (dst, sm)): (usize, (&mut [u8], &[u8]))| -> Result<(), CodecError> {
+        let mut padded = [Vec::new(), Vec::new()];
+        let mut jobs = dst
+            .chunks_mut(2 * ce)
+            .zip(sm.chunks(model::raw_len(ce, p.mantissa_bits)))
+            .zip(&mut padded)
+            .enumerate()
+            .map(|(i, ((out, sm), pad))| {
+                let c = 2 * g + i;
+                let mut states = [0u32; LANES];
+                for (l, s) in states.iter_mut().enumerate() {
+                    *s = read_u32(view.states, c * LANES + l);
+                }
+                // The decoder reads the stored bytes in place; it needs `WORD_PAD_BYTES`
+                // readable bytes after the chunk's words, which only the last chunks lack:
+                // they get a zero-padded copy.
+                let (start, n_words) = (2 * bounds[c], bounds[c + 1] - bounds[c]);
+                let words = if start + 2 * n_words + ans::WORD_PAD_BYTES <= view.exp_words.len() {
+                    &view.exp_words[start..]
+                } else {
+                    pad.resize(2 * n_words + ans::WORD_PAD_BYTES, 0);
+                    pad[..2 * n_words].copy_from_slice(&view.exp_words[start..start + 2 * n_words]);
+                    &pad[..]
+                };
+                ans::ChunkJob {
+                    states,
+                    words,
+                    n_words,
+                    raw: sm,
+                    out,
+                }
+            });
+        let first = jobs.next().expect("a chunk group holds at least one chunk");
+        let results = match jobs.next() {
+            Some(second) => ans::decode_chunk_pair(first, second, &lut),
+            None => [
+                ans::decode_chunk_bytes(
+                    &first.states,
+                    first.words,
+                    first.n_words,
+                    &lut,
+                    first.raw,
+                    first.out,
+                ),
+                Ok(()),
+            ],
+        };
+        for (i, r) in results.into_iter().enumerate() {
+            r.map_err(|e| match e {
+                CodecError::Corrupt(m) => CodecError::Corrupt(format!("chunk {}: {m}", 2 * g + i)),
+                other => other,
+            })?;
+        }
+        Ok(())
+    };
+    let raw_pair = model::raw_len(2 * ce, p.mantissa_bits);
+    if chunks <= 2 {
+        // One pair: decode on the calling thread rather than wake the pool for it.
+        out.chunks_mut(4 * ce)
+            .zip(view.raw.chunks(raw_pair))
+            .enumerate()
+            .try_for_each(pair)
+    } else {
+        out.par_chunks_mut(4 * ce)
+            .zip(view.raw.par_chunks(raw_pair))
+            .enumerate()
+            .try_for_each(pair)
     }
-    bf16::exponent_histogram(bytes)
 }
 
 /// Decodes stored parts into a new buffer of little-endian BF16 bytes.
@@ -424,17 +514,67 @@ fn advise_huge_pages<T>(buf: &mut [T]) {
 mod tests {
     use super::*;
 
-    /// The tensor encoding built from the reference chunk encoder, one chunk at a time.
+    use crate::codec::bf16;
+
+    /// The tensor encoding built from the reference chunk encoder, one chunk at a time, with the
+    /// symbols and the raw plane computed naively from the definitions in `model`'s docs.
     fn reference(bytes: &[u8], params: Params) -> EncodedTensor {
         let len = bytes.len() / 2;
-        let histogram = bf16::exponent_histogram(bytes);
-        let table = FreqTable::from_histogram(&histogram, params.prob_bits).unwrap();
-        let syms = ans::enc_symbols(&table);
         let bits: Vec<u16> = (0..len).map(|i| bf16::load(bytes, i)).collect();
-        let sign_mantissa = bits.iter().map(|&b| bf16::sign_mantissa(b)).collect();
-        let exps: Vec<u8> = bits.iter().map(|&b| bf16::exponent(b)).collect();
+        let mut exp_hist = [0u64; 256];
+        let mut values = vec![0u64; 1 << 16];
+        for &b in &bits {
+            exp_hist[bf16::exponent(b) as usize] += 1;
+            values[b as usize] += 1;
+        }
+        let m = params.mantissa_bits;
+        let key = |b: u16| ((b >> (7 - m)) & ((1 << (8 + m)) - 1)) as usize;
+        let mut key_count = vec![0u64; 1 << (8 + m)];
+        for &b in &bits {
+            key_count[key(b)] += 1;
+        }
+        let mut keys: Vec<usize> = (0..key_count.len()).filter(|&k| key_count[k] > 0).collect();
+        let m = if m > 0 && keys.len() > 256 { 0 } else { m };
+        let params = Params {
+            mantissa_bits: m,
+            ..params
+        };
+        let (symbols, raw, hist, model) = if m == 0 {
+            let sm = bits.iter().map(|&b| bf16::sign_mantissa(b)).collect();
+            let exps: Vec<u8> = bits.iter().map(|&b| bf16::exponent(b)).collect();
+            (exps, sm, exp_hist, SymbolModel::exponent())
+        } else {
+            if keys.is_empty() {
+                keys.push(0);
+            }
+            keys.sort_by_key(|&k| (std::cmp::Reverse(key_count[k]), k));
+            let mut rank = vec![0u8; key_count.len()];
+            let mut hist = [0u64; 256];
+            for (r, &k) in keys.iter().enumerate() {
+                rank[k] = r as u8;
+                hist[r] = key_count[k];
+            }
+            let mut raw = vec![0u8; 20 * len.div_ceil(32)];
+            for (i, &b) in bits.iter().enumerate() {
+                raw[20 * (i / 32) + (i % 32) / 2] |= ((b & 0xf) as u8) << (4 * (i % 2));
+                raw[20 * (i / 32) + 16 + (i % 32) / 8] |= ((b >> 15) as u8) << (i % 8);
+            }
+            let key_bytes: Vec<u8> = keys
+                .iter()
+                .flat_map(|&k| (k as u16).to_le_bytes())
+                .collect();
+            let model = SymbolModel::from_key_bytes(&key_bytes, keys.len(), m).unwrap();
+            (
+                bits.iter().map(|&b| rank[key(b)]).collect(),
+                raw,
+                hist,
+                model,
+            )
+        };
+        let table = FreqTable::from_histogram(&hist, params.prob_bits).unwrap();
+        let syms = ans::enc_symbols(&table);
         let (mut exp_words, mut offsets, mut states) = (Vec::new(), vec![0u32], Vec::new());
-        for c in exps.chunks(params.chunk_elems) {
+        for c in symbols.chunks(params.chunk_elems) {
             states.extend(ans::encode_chunk(
                 c,
                 &syms,
@@ -446,13 +586,26 @@ mod tests {
         EncodedTensor {
             len,
             params,
-            histogram,
-            sign_mantissa,
+            exponent_entropy_bits: bf16::entropy_bits(&exp_hist),
+            value_entropy_bits: model::entropy(&values),
+            raw,
             table,
+            model,
             exp_words,
             offsets,
             states,
         }
+    }
+
+    /// Weight-like values: N(0, 0.02) BF16.
+    fn normal(n: usize, seed: u64) -> Vec<u8> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+        let d = Normal::new(0f32, 0.02).unwrap();
+        (0..n)
+            .flat_map(|_| crate::model::synth::f32_to_bf16(d.sample(&mut rng)).to_le_bytes())
+            .collect()
     }
 
     fn weights(n: usize, seed: u32) -> Vec<u8> {
@@ -473,6 +626,7 @@ mod tests {
 
     #[test]
     fn encode_matches_the_reference_and_decodes_back() {
+        let mut fell_back = 0;
         for (n, chunk_elems, prob_bits) in [
             (0, 32, 12),
             (1, 32, 12),
@@ -482,43 +636,62 @@ mod tests {
             (70_001, 1024, 15),
             (5 * 64 + 7, 64, 13),
         ] {
-            let bytes = weights(n, n as u32);
-            let params = Params {
-                chunk_elems,
-                prob_bits,
-            };
-            let enc = encode(&bytes, params).unwrap();
-            assert_eq!(enc, reference(&bytes, params), "n {n} params {params:?}");
-            let parts = enc.to_parts();
-            assert_eq!(
-                decode(&parts.view(n, params)).unwrap(),
-                bytes,
-                "n {n} params {params:?}"
-            );
+            for mantissa_bits in [0, 3] {
+                // `weights` has outliers over ~200 exponents: large ones fall back to 0.
+                for (bytes, is_normal) in
+                    [(weights(n, n as u32), false), (normal(n, n as u64), true)]
+                {
+                    let params = Params {
+                        chunk_elems,
+                        prob_bits,
+                        mantissa_bits,
+                    };
+                    let enc = encode(&bytes, params).unwrap();
+                    let want = reference(&bytes, params);
+                    assert_eq!(enc, want, "n {n} params {params:?}");
+                    if mantissa_bits == 3 && enc.params.mantissa_bits == 0 {
+                        assert!(!is_normal, "normal weights use the v2 model, n {n}");
+                        fell_back += 1;
+                    }
+                    let parts = enc.to_parts();
+                    assert_eq!(
+                        decode(&parts.view(n, enc.params)).unwrap(),
+                        bytes,
+                        "n {n} params {params:?}"
+                    );
+                }
+            }
         }
+        assert!(
+            fell_back > 0,
+            "the fallback to the exponent model is exercised"
+        );
     }
 
     #[test]
     fn a_corrupt_chunk_is_named_whichever_half_of_a_pair_it_is() {
-        let params = Params {
-            chunk_elems: 1024,
-            prob_bits: 12,
-        };
-        let n = 5 * 1024 + 100;
-        let bytes = weights(n, 7);
-        let enc = encode(&bytes, params).unwrap();
-        for c in 0..enc.chunks() {
-            let mut parts = enc.to_parts();
-            // A state outside the normalised range, in lane 5 of chunk `c`.
-            parts.states[4 * (c * LANES + 5)..][..4].copy_from_slice(&7u32.to_le_bytes());
-            let err = decode(&parts.view(n, params)).unwrap_err();
-            assert!(err.to_string().contains(&format!("chunk {c}:")), "{err}");
-            // One flipped word in the middle of chunk `c`.
-            let mut parts = enc.to_parts();
-            let w = (enc.offsets[c] + enc.offsets[c + 1]) as usize / 2;
-            parts.exp_words[2 * w] ^= 0x10;
-            let err = decode(&parts.view(n, params)).unwrap_err();
-            assert!(err.to_string().contains(&format!("chunk {c}:")), "{err}");
+        for bytes in [weights(5 * 1024 + 100, 7), normal(5 * 1024 + 100, 7)] {
+            let params = Params {
+                chunk_elems: 1024,
+                prob_bits: 12,
+                mantissa_bits: 3,
+            };
+            let n = bytes.len() / 2;
+            let enc = encode(&bytes, params).unwrap();
+            let params = enc.params;
+            for c in 0..enc.chunks() {
+                let mut parts = enc.to_parts();
+                // A state outside the normalised range, in lane 5 of chunk `c`.
+                parts.states[4 * (c * LANES + 5)..][..4].copy_from_slice(&7u32.to_le_bytes());
+                let err = decode(&parts.view(n, params)).unwrap_err();
+                assert!(err.to_string().contains(&format!("chunk {c}:")), "{err}");
+                // One flipped word in the middle of chunk `c`.
+                let mut parts = enc.to_parts();
+                let w = (enc.offsets[c] + enc.offsets[c + 1]) as usize / 2;
+                parts.exp_words[2 * w] ^= 0x10;
+                let err = decode(&parts.view(n, params)).unwrap_err();
+                assert!(err.to_string().contains(&format!("chunk {c}:")), "{err}");
+            }
         }
     }
 }

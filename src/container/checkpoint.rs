@@ -280,8 +280,9 @@ impl Checkpoint {
                     params: Params {
                         chunk_elems: r.chunk_elems,
                         prob_bits: r.prob_bits,
+                        mantissa_bits: r.mantissa_bits,
                     },
-                    sign_mantissa: parts[0],
+                    raw: parts[0],
                     exp_words: parts[1],
                     offsets,
                     states,
@@ -424,6 +425,7 @@ fn compressed_entries(
                 Params {
                     chunk_elems: r.chunk_elems,
                     prob_bits: r.prob_bits,
+                    mantissa_bits: r.mantissa_bits,
                 }
                 .validate()
                 .map_err(|e| ContainerError::corrupt(path, &m.name, e.to_string()))?;

@@ -22,7 +22,7 @@ use super::meta::{
 use super::reader::dtype_name;
 use super::writer::{header_reserve, OutputDir, SafetensorsWriter};
 use super::ContainerError;
-use crate::codec::{self, bf16, Params};
+use crate::codec::{self, Params};
 
 /// Settings of one compression run.
 #[derive(Clone, Debug)]
@@ -226,10 +226,12 @@ fn header_bound(ck: &Checkpoint, fi: usize, user_meta: &HashMap<String, String>)
             checksum: widest.clone(),
             // The longest text an f64 can print as.
             exponent_entropy_bits: Some(-2.2250738585072014e-308),
+            value_entropy_bits: Some(-2.2250738585072014e-308),
             rans: candidate.then(|| RansMeta {
                 chunk_elems: usize::MAX,
                 prob_bits: u32::MAX,
                 lanes: usize::MAX,
+                mantissa_bits: u32::MAX,
                 parts_checksum: widest.clone(),
             }),
         });
@@ -269,30 +271,32 @@ fn compress_tensor(
         original_bytes: bytes.len() as u64,
         checksum: meta::checksum_of(bytes),
         exponent_entropy_bits: None,
+        value_entropy_bits: None,
         rans: None,
     };
     if dtype == Dtype::BF16 {
-        let encode = is_candidate(dtype, shape);
-        let histogram = if encode {
-            let enc = codec::encode(bytes, params)
+        if is_candidate(dtype, shape) {
+            let enc = codec::encode(bytes, params.for_tensor(bytes.len() / 2))
                 .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
-            m.exponent_entropy_bits = Some(bf16::entropy_bits(&enc.histogram));
+            m.exponent_entropy_bits = Some(enc.exponent_entropy_bits);
+            m.value_entropy_bits = Some(enc.value_entropy_bits);
             let exp: Vec<u8> = enc.exp_words.iter().flat_map(|w| w.to_le_bytes()).collect();
             let index: Vec<u8> = enc
                 .offsets
                 .iter()
                 .chain(&enc.states)
                 .flat_map(|w| w.to_le_bytes())
-                .chain(enc.table.to_bytes())
+                .chain(enc.table_bytes())
                 .collect();
-            let parts: [&[u8]; 3] = [&enc.sign_mantissa, &exp, &index];
+            let parts: [&[u8]; 3] = [&enc.raw, &exp, &index];
             let stored: usize = parts.iter().map(|p| p.len()).sum();
             if stored < bytes.len() {
                 m.encoding = Encoding::ExpRans;
                 m.rans = Some(RansMeta {
-                    chunk_elems: params.chunk_elems,
-                    prob_bits: params.prob_bits,
+                    chunk_elems: enc.params.chunk_elems,
+                    prob_bits: enc.params.prob_bits,
                     lanes: codec::ans::LANES,
+                    mantissa_bits: enc.params.mantissa_bits,
                     parts_checksum: meta::checksum_of_parts(parts.iter().copied()),
                 });
                 for (p, data) in meta::PARTS.iter().zip(parts) {
@@ -300,12 +304,11 @@ fn compress_tensor(
                 }
                 return Ok((m, stored as u64));
             }
-            None
         } else {
-            Some(bf16::exponent_histogram(bytes))
-        };
-        if let Some(h) = histogram {
-            m.exponent_entropy_bits = Some(bf16::entropy_bits(&h));
+            let v = codec::model::value_histogram(bytes);
+            m.exponent_entropy_bits =
+                Some(codec::model::entropy(&codec::model::key_histogram(&v, 0)));
+            m.value_entropy_bits = Some(codec::model::entropy(&v));
         }
     }
     writer.add(name, dtype, shape, bytes)?;

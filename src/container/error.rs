@@ -42,7 +42,7 @@ pub enum ContainerError {
         msg: String,
     },
     /// A compressed file written by a newer (or unknown) version of the format.
-    #[error("{}: unweight format version {found} is not supported (this build reads version {supported})", path.display())]
+    #[error("{}: unweight format version {found} is not supported (this build reads versions 1 to {supported})", path.display())]
     UnsupportedVersion {
         /// The file.
         path: PathBuf,

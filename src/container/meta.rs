@@ -4,13 +4,17 @@
 //!
 //! Logical tensors are what the original checkpoint held. A `raw` tensor is stored unchanged
 //! under its own name; an `exp-rans` tensor is stored as the three U8 parts named by
-//! [`part_name`]: `sm` (sign+mantissa bytes), `exp` (rANS words) and `index` (chunk offsets,
+//! [`part_name`]: `sm` (the raw plane: sign and uncoded mantissa bits), `exp` (rANS words) and `index` (chunk offsets,
 //! lane states and the code table, concatenated). `docs/format.md` is the normative description.
 
 use serde::{Deserialize, Serialize};
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes; it reads this one and every earlier one (from
+/// [`OLDEST_VERSION`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads. Version 1 differs only in that it codes the
+/// exponent alone (`mantissa_bits` 0, absent from its metadata).
+pub const OLDEST_VERSION: u32 = 1;
 /// The `__metadata__` key that holds [`FileMeta`] as a JSON string.
 pub const META_KEY: &str = "unweight";
 /// The value of [`FileMeta::format`]: tells an unweight file from any other safetensors file.
@@ -63,6 +67,10 @@ pub struct TensorMeta {
     /// Entropy of the exponent field in bits per value (BF16 tensors only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exponent_entropy_bits: Option<f64>,
+    /// Order-0 entropy of the whole 16-bit values in bits per value (BF16 tensors, version 2
+    /// and later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_entropy_bits: Option<f64>,
     /// Parameters of an `exp-rans` tensor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rans: Option<RansMeta>,
@@ -75,8 +83,12 @@ pub struct RansMeta {
     pub chunk_elems: usize,
     /// Probability precision in bits.
     pub prob_bits: u32,
-    /// Interleaved lanes per chunk (always 32 in version 1).
+    /// Interleaved lanes per chunk (always 32).
     pub lanes: usize,
+    /// Leading mantissa bits coded with the exponent: 0 or 3 (version 2; absent, meaning 0, in
+    /// version 1).
+    #[serde(default)]
+    pub mantissa_bits: u32,
     /// `xxh3-64:<hex>` over the stored parts, in [`PARTS`] order, checked before decoding.
     pub parts_checksum: String,
 }

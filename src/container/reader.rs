@@ -9,7 +9,7 @@ use memmap2::Mmap;
 use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors};
 
-use super::meta::{FileMeta, FORMAT_NAME, FORMAT_VERSION, META_KEY};
+use super::meta::{FileMeta, FORMAT_NAME, FORMAT_VERSION, META_KEY, OLDEST_VERSION};
 use super::ContainerError;
 
 /// One memory-mapped, validated safetensors file.
@@ -151,7 +151,7 @@ fn parse_file_meta(path: &Path, json: &str) -> Result<FileMeta, ContainerError> 
         ));
     }
     match value.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == FORMAT_VERSION as u64 => {}
+        Some(v) if (OLDEST_VERSION as u64..=FORMAT_VERSION as u64).contains(&v) => {}
         other => {
             return Err(ContainerError::UnsupportedVersion {
                 path: path.to_path_buf(),
@@ -161,9 +161,23 @@ fn parse_file_meta(path: &Path, json: &str) -> Result<FileMeta, ContainerError> 
             })
         }
     }
-    serde_json::from_value(value).map_err(|e| {
+    let fm: FileMeta = serde_json::from_value(value).map_err(|e| {
         ContainerError::checkpoint(path, format!("`{META_KEY}` metadata is malformed: {e}"))
-    })
+    })?;
+    if fm.version == 1 {
+        if let Some(t) = fm
+            .tensors
+            .iter()
+            .find(|t| t.rans.as_ref().is_some_and(|r| r.mantissa_bits != 0))
+        {
+            return Err(ContainerError::corrupt(
+                path,
+                &t.name,
+                "a version 1 file cannot code mantissa bits",
+            ));
+        }
+    }
+    Ok(fm)
 }
 
 /// The safetensors name of a dtype ("BF16", "F32", ...).

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use safetensors::Dtype;
 
 use super::LlamaConfig;
-use crate::codec::{ans, freq::FreqTable, CodecError};
+use crate::codec::{ans, model::raw_len, CodecError};
 use crate::container::meta::{part_name, Encoding};
 use crate::container::{Checkpoint, ContainerError, TensorEntry};
 
@@ -149,7 +149,10 @@ pub struct CompressedMatrix {
     pub len: usize,
     /// Elements per chunk.
     pub chunk_elems: usize,
-    sign_mantissa: Vec<u8>,
+    /// The raw plane (see [`crate::codec::model`]).
+    raw: Vec<u8>,
+    /// Leading mantissa bits coded with the exponent.
+    mantissa_bits: u32,
     /// The words of every chunk, followed by [`ans::WORD_PAD_BYTES`] bytes of zero padding.
     exp_words: Vec<u8>,
     offsets: Vec<u32>,
@@ -196,16 +199,14 @@ impl CompressedMatrix {
             &self.exp_words[2 * w0..],
             w1 - w0,
             &self.table,
-            &self.sign_mantissa[rg],
+            &self.raw[raw_len(rg.start, self.mantissa_bits)..raw_len(rg.end, self.mantissa_bits)],
             out,
         )
     }
 
     /// Bytes held in memory (parts; the decoding table not counted).
     pub fn resident_bytes(&self) -> usize {
-        self.sign_mantissa.len()
-            + self.exp_words.len()
-            + 4 * (self.offsets.len() + self.states.len())
+        self.raw.len() + self.exp_words.len() + 4 * (self.offsets.len() + self.states.len())
     }
 
     /// Takes the parts of a tensor encoded in memory (tests, and converting weights without a
@@ -216,11 +217,12 @@ impl CompressedMatrix {
         Self {
             len: enc.len,
             chunk_elems: enc.params.chunk_elems,
-            sign_mantissa: enc.sign_mantissa.clone(),
+            raw: enc.raw.clone(),
+            mantissa_bits: enc.params.mantissa_bits,
             exp_words,
             offsets: enc.offsets.clone(),
             states: enc.states.clone(),
-            table: ans::DecodeTable::new(&enc.table),
+            table: ans::DecodeTable::with_model(&enc.table, &enc.model),
         }
     }
 
@@ -245,7 +247,10 @@ impl CompressedMatrix {
         let len = entry.numel();
         let chunks = len.div_ceil(meta.chunk_elems);
         let (off_bytes, st_bytes) = (4 * (chunks + 1), 4 * ans::LANES * chunks);
-        if index.len() <= off_bytes + st_bytes || sm.len() != len || exp.len() % 2 != 0 {
+        if index.len() <= off_bytes + st_bytes
+            || sm.len() != raw_len(len, meta.mantissa_bits)
+            || exp.len() % 2 != 0
+        {
             return Err(corrupt("parts have inconsistent sizes".into()));
         }
         let u32s = |b: &[u8]| {
@@ -263,23 +268,27 @@ impl CompressedMatrix {
                 "chunk offsets are not increasing from 0 to the stream end".into(),
             ));
         }
-        let table = FreqTable::from_bytes(&index[off_bytes + st_bytes..], meta.prob_bits).map_err(
-            |source| WeightError::Codec {
-                tensor: name.clone(),
-                source,
-            },
-        )?;
+        let (table, model) = crate::codec::tensor::parse_table(
+            &index[off_bytes + st_bytes..],
+            meta.prob_bits,
+            meta.mantissa_bits,
+        )
+        .map_err(|source| WeightError::Codec {
+            tensor: name.clone(),
+            source,
+        })?;
         let mut exp_words = Vec::with_capacity(exp.len() + ans::WORD_PAD_BYTES);
         exp_words.extend_from_slice(exp);
         exp_words.resize(exp.len() + ans::WORD_PAD_BYTES, 0);
         Ok(Self {
             len,
             chunk_elems: meta.chunk_elems,
-            sign_mantissa: sm.to_vec(),
+            raw: sm.to_vec(),
+            mantissa_bits: meta.mantissa_bits,
             exp_words,
             offsets,
             states,
-            table: ans::DecodeTable::new(&table),
+            table: ans::DecodeTable::with_model(&table, &model),
         })
     }
 }

@@ -320,7 +320,7 @@ mod tests {
             let bytes = matrix(rows, cols, (rows * cols) as u64);
             let params = Params {
                 chunk_elems: chunk,
-                prob_bits: 12,
+                ..Params::default()
             };
             let enc = codec::encode(&bytes, params).unwrap();
             let cm = CompressedMatrix::from_encoded(&enc);
