@@ -14,6 +14,7 @@
 //! | `weights_dir` | checkpoint directory (plain or compressed); relative paths are taken from the version folder | the version folder |
 //! | `max_concurrent_sequences` | sequences decoded together per instance (KV-cache slots) | 64 |
 //! | `max_sequence_length` | tokens per sequence, prompt included | the model's `max_position_embeddings` |
+//! | `max_prefill_tokens` | prompt tokens prefilled per engine step, over all prompts: longer prompts are prefilled in chunks while running streams keep decoding (smaller: shorter stalls of running streams, longer time to first token) | 256 |
 //! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | CPU: `max_concurrent_sequences` × `max_sequence_length` tokens; GPU: `kv_cache_fraction` |
 //! | `kv_cache_fraction` | GPU, without `kv_cache_bytes`: fraction of the device memory left after weights and work buffers given to the KV cache, in (0, 1] | 0.9 |
 //! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
@@ -80,6 +81,8 @@ pub struct ModelConfig {
     pub max_concurrent_sequences: usize,
     /// Tokens per sequence; `None` for the model's own limit.
     pub max_sequence_length: Option<usize>,
+    /// Prompt tokens prefilled per engine step (the chunk budget of chunked prefill).
+    pub max_prefill_tokens: usize,
     /// KV-cache budget per instance in bytes; `None` for the defaults.
     pub kv_cache_bytes: Option<u64>,
     /// GPU instances without `kv_cache_bytes`: the fraction of the device memory left after
@@ -95,10 +98,11 @@ pub struct ModelConfig {
     pub instance_groups: Vec<InstanceGroup>,
 }
 
-const KNOWN_PARAMETERS: [&str; 8] = [
+const KNOWN_PARAMETERS: [&str; 9] = [
     "weights_dir",
     "max_concurrent_sequences",
     "max_sequence_length",
+    "max_prefill_tokens",
     "kv_cache_bytes",
     "kv_cache_fraction",
     "device",
@@ -170,6 +174,10 @@ impl ModelConfig {
             .get("max_sequence_length")
             .map(|s| positive("parameters.max_sequence_length", s))
             .transpose()?;
+        let max_prefill_tokens = match params.get("max_prefill_tokens") {
+            None => crate::engine::DEFAULT_PREFILL_CHUNK,
+            Some(s) => positive("parameters.max_prefill_tokens", s)?,
+        };
         let kv_cache_bytes = params
             .get("kv_cache_bytes")
             .map(|s| bytes("parameters.kv_cache_bytes", s))
@@ -253,6 +261,7 @@ impl ModelConfig {
             weights_dir,
             max_concurrent_sequences,
             max_sequence_length,
+            max_prefill_tokens,
             kv_cache_bytes,
             kv_cache_fraction,
             device,
@@ -407,6 +416,7 @@ mod tests {
             "weights_dir": {"string_value": "compressed"},
             "max_concurrent_sequences": {"string_value": "32"},
             "max_sequence_length": {"string_value": "4096"},
+            "max_prefill_tokens": {"string_value": "64"},
             "kv_cache_bytes": {"string_value": "8Gi"},
             "kv_cache_fraction": {"string_value": "0.75"},
             "device": {"string_value": "auto"},
@@ -444,6 +454,7 @@ mod tests {
         assert_eq!(c.weights_dir, Path::new("/models/m/1/compressed"));
         assert_eq!(c.max_concurrent_sequences, 32);
         assert_eq!(c.max_sequence_length, Some(4096));
+        assert_eq!(c.max_prefill_tokens, 64);
         assert_eq!(c.kv_cache_bytes, Some(8 << 30));
         assert_eq!(c.kv_cache_fraction, 0.75);
         assert_eq!(c.device, DeviceChoice::Auto);
@@ -472,6 +483,7 @@ mod tests {
         assert_eq!(c.weights_dir, Path::new("/models/m/1"));
         assert_eq!(c.max_concurrent_sequences, DEFAULT_MAX_CONCURRENT_SEQUENCES);
         assert_eq!(c.max_sequence_length, None);
+        assert_eq!(c.max_prefill_tokens, crate::engine::DEFAULT_PREFILL_CHUNK);
         assert_eq!(c.kv_cache_bytes, None);
         assert_eq!(c.kv_cache_fraction, DEFAULT_KV_CACHE_FRACTION);
         assert_eq!(c.plan, PlanChoice::Auto);
@@ -552,6 +564,10 @@ mod tests {
             (
                 with_param("max_sequence_length", "-5"),
                 "parameters.max_sequence_length",
+            ),
+            (
+                with_param("max_prefill_tokens", "0"),
+                "parameters.max_prefill_tokens",
             ),
             (with_param("plan", "fastest"), "parameters.plan"),
             (

@@ -36,6 +36,8 @@ pub(super) struct Served {
     pub context: usize,
     /// Sequences running at once per instance (`max_concurrent_sequences`).
     pub max_sequences: usize,
+    /// Prompt tokens prefilled per engine step (`max_prefill_tokens`).
+    max_prefill_tokens: usize,
     /// Tokens for a request without `max_tokens`.
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
@@ -191,6 +193,7 @@ impl Served {
             eos,
             context,
             max_sequences,
+            max_prefill_tokens: config.max_prefill_tokens,
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
             weight_stored_bytes,
@@ -284,7 +287,7 @@ impl Served {
         let eopts = EngineOptions {
             eos_token_ids: self.eos.clone(),
             max_batch: self.max_sequences,
-            ..EngineOptions::for_config(&self.cfg)
+            max_prefill_tokens: self.max_prefill_tokens,
         };
         let detok: Arc<dyn Detokenizer> = self.tokenizer.clone();
         Ok(Engine::new(backend, Some(detok), eopts))

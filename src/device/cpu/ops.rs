@@ -5,20 +5,23 @@
 
 use rayon::prelude::*;
 
-/// Sum of `a[i] · b[i]` with eight interleaved partial sums (a fixed order that vectorises).
-#[inline]
+/// Sum of `a[i] · b[i]` with eight interleaved partial sums (a fixed order that vectorises):
+/// element `k` below the last multiple of 8 goes to partial sum `k % 8` (a multiply, then an
+/// add: no fused multiply-add), the partial sums are added by a fixed tree, the rest one by one.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    let full = n / 8 * 8;
+    let (a, b) = (a[..n].chunks_exact(8), b[..n].chunks_exact(8));
+    let (ra, rb) = (a.remainder(), b.remainder());
     let mut acc = [0f32; 8];
-    for k in (0..full).step_by(8) {
+    for (x, y) in a.zip(b) {
         for i in 0..8 {
-            acc[i] += a[k + i] * b[k + i];
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for k in full..n {
-        s += a[k] * b[k];
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
     }
     s
 }
@@ -109,61 +112,13 @@ pub fn attention(
 ) {
     let group = heads / kv_heads;
     let kv_dim = kv_heads * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let n = queries.len();
-    // One task: tile `i / kv_heads`, key/value head `i % kv_heads`; returns its outputs,
-    // `[token in tile][head in group][head_dim]`.
-    let task = |i: usize| -> Vec<f32> {
-        let (t0, g) = ((i / kv_heads) * ATTN_TILE, i % kv_heads);
-        let tile = &queries[t0..(t0 + ATTN_TILE).min(n)];
-        let off = g * head_dim;
-        let most = tile.iter().map(|x| x.positions).max().unwrap_or(0);
-        let rows = tile.len() * group;
-        let query = |ti: usize, hh: usize| {
-            let idx = (t0 + ti) * heads + g * group + hh;
-            &q[idx * head_dim..(idx + 1) * head_dim]
-        };
-        let mut scores = vec![0f32; rows * most];
-        for j in 0..most {
-            for (ti, kv) in tile.iter().enumerate() {
-                if j >= kv.positions {
-                    continue;
-                }
-                let at = (j % kv.block_tokens) * kv_dim + off;
-                let k = &kv.keys[j / kv.block_tokens][at..at + head_dim];
-                for hh in 0..group {
-                    scores[(ti * group + hh) * most + j] = dot(query(ti, hh), k) * scale;
-                }
-            }
-        }
-        let mut sums = vec![0f32; rows];
-        for (row, sum) in sums.iter_mut().enumerate() {
-            let s = &mut scores[row * most..row * most + tile[row / group].positions];
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            for x in s.iter_mut() {
-                *x = (*x - max).exp();
-                *sum += *x;
-            }
-        }
-        let mut o = vec![0f32; rows * head_dim];
-        for j in 0..most {
-            for (ti, kv) in tile.iter().enumerate() {
-                if j >= kv.positions {
-                    continue;
-                }
-                let at = (j % kv.block_tokens) * kv_dim + off;
-                let v = &kv.values[j / kv.block_tokens][at..at + head_dim];
-                for hh in 0..group {
-                    let row = ti * group + hh;
-                    let p = scores[row * most + j] / sums[row];
-                    for (a, &b) in o[row * head_dim..(row + 1) * head_dim].iter_mut().zip(v) {
-                        *a += p * b;
-                    }
-                }
-            }
-        }
-        o
+    let shape = AttnShape {
+        heads,
+        kv_heads,
+        head_dim,
     };
+    let task = |i: usize| attention_task(q, queries, shape, i);
     let tasks = n.div_ceil(ATTN_TILE) * kv_heads;
     // Threads only pay off past a few hundred thousand multiply-adds (long prompts, big
     // batches); a decode step of a short sequence runs inline.
@@ -184,6 +139,143 @@ pub fn attention(
             out[at..at + group * head_dim].copy_from_slice(src);
         }
     }
+}
+
+/// Head counts and width of an attention call.
+#[derive(Clone, Copy)]
+struct AttnShape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// One task of [`attention`] (tile `i / kv_heads`, key/value head `i % kv_heads`), compiled for
+/// AVX2 when the CPU has it: the same operations in the same order, eight lanes at a time, so
+/// the bits do not depend on which version runs.
+fn attention_task(q: &[f32], queries: &[AttnQuery<'_>], shape: AttnShape, i: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            return unsafe { attention_task_avx2(q, queries, shape, i) };
+        }
+    }
+    attention_task_body(q, queries, shape, i, dot)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attention_task_avx2(
+    q: &[f32],
+    queries: &[AttnQuery<'_>],
+    shape: AttnShape,
+    i: usize,
+) -> Vec<f32> {
+    // SAFETY: this function only runs on CPUs with AVX2.
+    attention_task_body(q, queries, shape, i, |a, b| unsafe { dot_avx2(a, b) })
+}
+
+/// [`dot`] with AVX2 intrinsics: the eight partial sums are the lanes of one register (a
+/// multiply, then an add), reduced by the same tree (`lane i + lane i+4`, then `(0+1) + (2+3)`),
+/// the rest added one by one: the same bits.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let full = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut k = 0;
+    while k < full {
+        // SAFETY: k + 8 <= n, inside both slices.
+        unsafe {
+            let x = _mm256_loadu_ps(a.as_ptr().add(k));
+            let y = _mm256_loadu_ps(b.as_ptr().add(k));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+        }
+        k += 8;
+    }
+    // [a0+a4, a1+a5, a2+a6, a3+a7], then [(0)+(1), (2)+(3), ..], then their sum.
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let p = _mm_hadd_ps(h, h);
+    let mut s = _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+    for i in full..n {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// The task's arithmetic; returns its outputs, `[token in tile][head in group][head_dim]`.
+#[inline(always)]
+fn attention_task_body(
+    q: &[f32],
+    queries: &[AttnQuery<'_>],
+    shape: AttnShape,
+    i: usize,
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) -> Vec<f32> {
+    let AttnShape {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
+    let group = heads / kv_heads;
+    let kv_dim = kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let n = queries.len();
+    let (t0, g) = ((i / kv_heads) * ATTN_TILE, i % kv_heads);
+    let tile = &queries[t0..(t0 + ATTN_TILE).min(n)];
+    let off = g * head_dim;
+    let most = tile.iter().map(|x| x.positions).max().unwrap_or(0);
+    let rows = tile.len() * group;
+    let query = |ti: usize, hh: usize| {
+        let idx = (t0 + ti) * heads + g * group + hh;
+        &q[idx * head_dim..(idx + 1) * head_dim]
+    };
+    let mut scores = vec![0f32; rows * most];
+    for j in 0..most {
+        for (ti, kv) in tile.iter().enumerate() {
+            if j >= kv.positions {
+                continue;
+            }
+            let at = (j % kv.block_tokens) * kv_dim + off;
+            let k = &kv.keys[j / kv.block_tokens][at..at + head_dim];
+            for hh in 0..group {
+                scores[(ti * group + hh) * most + j] = dot(query(ti, hh), k) * scale;
+            }
+        }
+    }
+    let mut sums = vec![0f32; rows];
+    for (row, sum) in sums.iter_mut().enumerate() {
+        let s = &mut scores[row * most..row * most + tile[row / group].positions];
+        let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for x in s.iter_mut() {
+            *x = (*x - max).exp();
+            *sum += *x;
+        }
+    }
+    let mut o = vec![0f32; rows * head_dim];
+    for j in 0..most {
+        for (ti, kv) in tile.iter().enumerate() {
+            if j >= kv.positions {
+                continue;
+            }
+            let at = (j % kv.block_tokens) * kv_dim + off;
+            let v = &kv.values[j / kv.block_tokens][at..at + head_dim];
+            for hh in 0..group {
+                let row = ti * group + hh;
+                let p = scores[row * most + j] / sums[row];
+                for (a, &b) in o[row * head_dim..(row + 1) * head_dim].iter_mut().zip(v) {
+                    *a += p * b;
+                }
+            }
+        }
+    }
+    o
 }
 
 #[cfg(test)]
@@ -228,6 +320,23 @@ mod tests {
             }
         }
         out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_dot_equals_the_portable_dot_bitwise() {
+        if !is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(9);
+        for n in [0, 1, 7, 8, 9, 63, 64, 65, 128, 200] {
+            let a: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+            // SAFETY: AVX2 checked above.
+            let fast = unsafe { dot_avx2(&a, &b) };
+            assert_eq!(fast.to_bits(), dot(&a, &b).to_bits(), "n {n}");
+        }
     }
 
     #[test]
