@@ -645,9 +645,7 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
         for i in 0..batch {
             let seq = b.new_sequence()?;
             seqs.push((seq, 0));
-            let prompt: Vec<u32> = (0..a.prompt_len + i)
-                .map(|j| ((j as u64 * 2654435761 + i as u64 * 40503 + 17) % vocab) as u32)
-                .collect();
+            let prompt = super::bench_decode::bench_prompt(a.prompt_len + i, i, vocab as u32);
             let logits = b.prefill(seq, &prompt)?;
             next.push(argmax(&logits));
             seqs[i].1 = prompt.len();

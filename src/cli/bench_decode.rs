@@ -238,11 +238,12 @@ fn measure_all(
     Ok((rows, prefill_rows))
 }
 
-/// The prompt of `len` tokens every prefill measurement uses (scripts/hf_prefill.py builds the
-/// same one).
-fn prefill_prompt(len: usize, vocab: u32) -> Vec<u32> {
+/// The fixed pseudo-random prompt of `len` tokens number `salt` of the decode benchmarks
+/// (every sequence of a batch its own); salt 0 is the one every prefill measurement uses, which
+/// scripts/hf_prefill.py builds too.
+pub(super) fn bench_prompt(len: usize, salt: usize, vocab: u32) -> Vec<u32> {
     (0..len as u64)
-        .map(|i| ((i * 2654435761 + 17) % u64::from(vocab)) as u32)
+        .map(|i| ((i * 2654435761 + salt as u64 * 40503 + 17) % u64::from(vocab)) as u32)
         .collect()
 }
 
@@ -251,7 +252,7 @@ fn prefill_prompt(len: usize, vocab: u32) -> Vec<u32> {
 fn measure_prefill(backend: &mut CpuBackend, len: usize) -> Result<(f64, Vec<u32>)> {
     use crate::device::Backend;
     let vocab = backend.config().vocab_size as u32;
-    let prompt = prefill_prompt(len, vocab);
+    let prompt = bench_prompt(len, 0, vocab);
     let seq = backend.new_sequence()?;
     let t = Instant::now();
     let result = backend.prefill(seq, &prompt);
@@ -327,9 +328,7 @@ fn measure<B: crate::device::Backend>(
     let mut ids = Vec::new();
     for b in 0..batch {
         // A fixed pseudo-random prompt per sequence, lengths prompt_len + b.
-        let prompt = (0..a.prompt_len + b)
-            .map(|i| ((i as u64 * 2654435761 + b as u64 * 40503 + 17) % vocab as u64) as u32)
-            .collect();
+        let prompt = bench_prompt(a.prompt_len + b, b, vocab);
         let mut r = Request::greedy(prompt, a.tokens + 1);
         r.ignore_eos = true;
         ids.push(engine.add(r)?);
@@ -378,18 +377,14 @@ fn measure_interference(model: &Path, len: usize, chunks: &[usize]) -> Result<Ve
         };
         let backend = CpuBackend::load(model, WeightMode::Decoded, &opts)
             .with_context(|| format!("loading {}", model.display()))?;
-        let vocab = backend.config().vocab_size as u64;
+        let vocab = backend.config().vocab_size as u32;
         let eopts = EngineOptions {
             max_batch: 8,
             max_prefill_tokens: chunk,
             ..EngineOptions::for_config(backend.config())
         };
         let mut engine = Engine::new(backend, None, eopts);
-        let prompt = |n: usize, salt: u64| -> Vec<u32> {
-            (0..n as u64)
-                .map(|i| ((i * 2654435761 + salt * 40503 + 17) % vocab) as u32)
-                .collect()
-        };
+        let prompt = |n: usize, salt: usize| bench_prompt(n, salt, vocab);
         let mut streams = Vec::new();
         for b in 0..4 {
             let mut r = Request::greedy(prompt(16, b), 1 << 20);

@@ -203,6 +203,39 @@ mod x86 {
         r
     }
 
+    /// Moves the 32 lane states past one symbol each, given the symbols' frequencies `f` and
+    /// biases `b` (`slot - cum`; lanes 0..15 in `[0]`, 16..31 in `[1]`): `x = f · (x >> pb) + b`,
+    /// then every lane that fell below L takes the next 16-bit word, lanes 0..15 first, then
+    /// 16..31, each in ascending lane order. Shared by both models' steps.
+    ///
+    /// # Safety
+    /// `s.words` has `WORD_PAD_BYTES` bytes after its `s.n_words` words.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
+    #[inline]
+    unsafe fn advance(s: &mut Stream<'_>, c: &DecodeConsts, f: [__m512i; 2], b: [__m512i; 2]) {
+        let y0 = _mm512_add_epi32(
+            _mm512_mullo_epi32(f[0], _mm512_srl_epi32(s.x0, c.shift)),
+            b[0],
+        );
+        let y1 = _mm512_add_epi32(
+            _mm512_mullo_epi32(f[1], _mm512_srl_epi32(s.x1, c.shift)),
+            b[1],
+        );
+        let k0 = _mm512_cmplt_epu32_mask(y0, c.l);
+        let k1 = _mm512_cmplt_epu32_mask(y1, c.l);
+        let k = (k1 as u32) << 16 | k0 as u32;
+        let p = s.pos.min(s.n_words);
+        // SAFETY: `p <= n_words` and `words` has `WORD_PAD_BYTES >= 64` bytes after the chunk's
+        // `2 · n_words`, so the 64-byte unaligned load is in bounds.
+        let w = unsafe { _mm512_loadu_si512(s.words.as_ptr().add(2 * p).cast()) };
+        s.pos += k.count_ones() as usize;
+        let w = expand_words(k, w);
+        let w0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
+        let w1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w));
+        s.x0 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y0, k0, y0), w0);
+        s.x1 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y1, k1, y1), w1);
+    }
+
     /// Decodes one full step (32 symbols) of one chunk.
     ///
     /// # Safety
@@ -239,28 +272,15 @@ mod x86 {
             _mm512_and_si512(_mm512_srli_epi32::<12>(e1), c.low12),
             c.one,
         );
-        let y0 = _mm512_add_epi32(
-            _mm512_mullo_epi32(f0, _mm512_srl_epi32(s.x0, c.shift)),
-            _mm512_and_si512(e0, c.low12),
-        );
-        let y1 = _mm512_add_epi32(
-            _mm512_mullo_epi32(f1, _mm512_srl_epi32(s.x1, c.shift)),
-            _mm512_and_si512(e1, c.low12),
-        );
-        let k0 = _mm512_cmplt_epu32_mask(y0, c.l);
-        let k1 = _mm512_cmplt_epu32_mask(y1, c.l);
-        let k = (k1 as u32) << 16 | k0 as u32;
-        let p = s.pos.min(s.n_words);
-        // SAFETY: `p <= n_words` and `words` has `WORD_PAD_BYTES >= 64` bytes after the chunk's
-        // `2 · n_words`, so the 64-byte unaligned load is in bounds.
-        let w = unsafe { _mm512_loadu_si512(s.words.as_ptr().add(2 * p).cast()) };
-        s.pos += k.count_ones() as usize;
-        // Lanes 0..15 take the first words, then lanes 16..31, each in ascending lane order.
-        let w = expand_words(k, w);
-        let w0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
-        let w1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w));
-        s.x0 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y0, k0, y0), w0);
-        s.x1 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y1, k1, y1), w1);
+        // SAFETY: as this function's own contract.
+        unsafe {
+            advance(
+                s,
+                c,
+                [f0, f1],
+                [_mm512_and_si512(e0, c.low12), _mm512_and_si512(e1, c.low12)],
+            )
+        };
         {
             // Output: the symbol (byte 3 of each entry) joined with its sign+mantissa byte.
             let sym = _mm512_srli_epi16::<1>(_mm512_permutex2var_epi16(e0, c.odd, e1)); // sym << 7 in bits 7..14
@@ -310,26 +330,15 @@ mod x86 {
         let f0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(f));
         let f1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(f));
         // y = freq · (x >> pb) + (slot - cum)
-        let y0 = _mm512_add_epi32(
-            _mm512_mullo_epi32(f0, _mm512_srl_epi32(s.x0, c.shift)),
-            _mm512_and_si512(e0, c.low16),
-        );
-        let y1 = _mm512_add_epi32(
-            _mm512_mullo_epi32(f1, _mm512_srl_epi32(s.x1, c.shift)),
-            _mm512_and_si512(e1, c.low16),
-        );
-        let k0 = _mm512_cmplt_epu32_mask(y0, c.l);
-        let k1 = _mm512_cmplt_epu32_mask(y1, c.l);
-        let k = (k1 as u32) << 16 | k0 as u32;
-        let p = s.pos.min(s.n_words);
         // SAFETY: as in `step`.
-        let w = unsafe { _mm512_loadu_si512(s.words.as_ptr().add(2 * p).cast()) };
-        s.pos += k.count_ones() as usize;
-        let w = expand_words(k, w);
-        let w0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(w));
-        let w1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(w));
-        s.x0 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y0, k0, y0), w0);
-        s.x1 = _mm512_or_si512(_mm512_mask_slli_epi32::<16>(y1, k1, y1), w1);
+        unsafe {
+            advance(
+                s,
+                c,
+                [f0, f1],
+                [_mm512_and_si512(e0, c.low16), _mm512_and_si512(e1, c.low16)],
+            )
+        };
         // Output: the symbol's bits, the trailing mantissa nibbles and the sign bits.
         let h = lookup256(&c.high, idx, b6, b7);
         // SAFETY: the caller passes the step's 20 readable raw bytes.

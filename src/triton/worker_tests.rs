@@ -248,19 +248,25 @@ fn ended_once(r: *mut sys::TRITONBACKEND_Request, success: bool) -> Option<(u32,
     })
 }
 
-#[test]
-fn a_panicking_engine_ends_every_request_with_internal_and_is_rebuilt() {
-    let _g = mock::lock();
-    log::install();
-    let faults = Arc::new(Faults::default());
+/// An engine factory over `faults` that counts the engines it builds.
+fn counting_rebuild(faults: &Arc<Faults>) -> (EngineFactory, Arc<AtomicUsize>) {
     let builds = Arc::new(AtomicUsize::new(0));
     let rebuild: EngineFactory = {
-        let (faults, builds) = (Arc::clone(&faults), Arc::clone(&builds));
+        let (faults, builds) = (Arc::clone(faults), Arc::clone(&builds));
         Box::new(move || {
             builds.fetch_add(1, Ordering::SeqCst);
             Ok(engine(&faults))
         })
     };
+    (rebuild, builds)
+}
+
+#[test]
+fn a_panicking_engine_ends_every_request_with_internal_and_is_rebuilt() {
+    let _g = mock::lock();
+    log::install();
+    let faults = Arc::new(Faults::default());
+    let (rebuild, builds) = counting_rebuild(&faults);
     let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let streaming = submit(&w, "streaming", 100_000, true);
     let whole = submit(&w, "non-streaming", 100_000, false);
@@ -362,14 +368,7 @@ fn a_fatal_device_fault_ends_every_request_and_rebuilds_the_engine_without_stepp
     let _g = mock::lock();
     log::install();
     let faults = Arc::new(Faults::default());
-    let builds = Arc::new(AtomicUsize::new(0));
-    let rebuild: EngineFactory = {
-        let (faults, builds) = (Arc::clone(&faults), Arc::clone(&builds));
-        Box::new(move || {
-            builds.fetch_add(1, Ordering::SeqCst);
-            Ok(engine(&faults))
-        })
-    };
+    let (rebuild, builds) = counting_rebuild(&faults);
     let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let streaming = submit(&w, "streaming", 100_000, true);
     let whole = submit(&w, "non-streaming", 100_000, false);
@@ -420,14 +419,7 @@ fn a_device_that_faults_in_every_new_context_is_marked_broken_not_rebuilt_foreve
     let _g = mock::lock();
     let faults = Arc::new(Faults::default());
     faults.fatal_decode.store(true, Ordering::SeqCst);
-    let builds = Arc::new(AtomicUsize::new(0));
-    let rebuild: EngineFactory = {
-        let (faults, builds) = (Arc::clone(&faults), Arc::clone(&builds));
-        Box::new(move || {
-            builds.fetch_add(1, Ordering::SeqCst);
-            Ok(engine(&faults))
-        })
-    };
+    let (rebuild, builds) = counting_rebuild(&faults);
     let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     // One request per fault: each reaches a decode, which kills that engine's context.
     for k in 0..=MAX_FATAL_REBUILDS {

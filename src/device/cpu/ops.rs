@@ -90,6 +90,22 @@ pub struct AttnQuery<'a> {
     pub block_tokens: usize,
 }
 
+impl AttnQuery<'_> {
+    /// The elements `cols` of position `j`'s row (`kv_dim` wide) in `blocks` of `block_tokens`
+    /// positions: row `j % block_tokens` of block `j / block_tokens`.
+    #[inline(always)]
+    fn row<'b>(
+        blocks: &[&'b [f32]],
+        block_tokens: usize,
+        j: usize,
+        kv_dim: usize,
+        cols: std::ops::Range<usize>,
+    ) -> &'b [f32] {
+        let at = (j % block_tokens) * kv_dim;
+        &blocks[j / block_tokens][at + cols.start..at + cols.end]
+    }
+}
+
 /// Query tokens per attention task. The tokens of a prompt read the same key and value rows, so
 /// a tile of them (× the query heads of one key/value head) uses each row it loads many times
 /// while it is in L1, instead of every (token, head) pair streaming the whole cache again.
@@ -242,8 +258,7 @@ fn attention_task_body(
             if j >= kv.positions {
                 continue;
             }
-            let at = (j % kv.block_tokens) * kv_dim + off;
-            let k = &kv.keys[j / kv.block_tokens][at..at + head_dim];
+            let k = AttnQuery::row(&kv.keys, kv.block_tokens, j, kv_dim, off..off + head_dim);
             for hh in 0..group {
                 scores[(ti * group + hh) * most + j] = dot(query(ti, hh), k) * scale;
             }
@@ -264,8 +279,7 @@ fn attention_task_body(
             if j >= kv.positions {
                 continue;
             }
-            let at = (j % kv.block_tokens) * kv_dim + off;
-            let v = &kv.values[j / kv.block_tokens][at..at + head_dim];
+            let v = AttnQuery::row(&kv.values, kv.block_tokens, j, kv_dim, off..off + head_dim);
             for hh in 0..group {
                 let row = ti * group + hh;
                 let p = scores[row * most + j] / sums[row];
@@ -299,8 +313,7 @@ mod tests {
             let kv = &queries[idx / heads];
             let off = (idx % heads / group) * hd;
             let row = |blocks: &[&[f32]], j: usize| {
-                let at = (j % kv.block_tokens) * kv_dim + off;
-                blocks[j / kv.block_tokens][at..at + hd].to_vec()
+                AttnQuery::row(blocks, kv.block_tokens, j, kv_dim, off..off + hd).to_vec()
             };
             let qa = &q[idx * hd..(idx + 1) * hd];
             let mut s: Vec<f32> = (0..kv.positions)

@@ -497,6 +497,28 @@ pub(crate) fn decode_inputs(
     (tokens, pos, slots)
 }
 
+/// Builds a backend with `opts` whose [`PlanSource::Auto`] was resolved to `plan` (from
+/// `source`), and labels and logs where its plan came from.
+fn with_resolved_plan(
+    opts: &CudaOptions,
+    plan: PlanSource,
+    source: String,
+    build: impl FnOnce(&CudaOptions) -> Result<CudaBackend, DeviceError>,
+) -> Result<CudaBackend, DeviceError> {
+    let opts = CudaOptions {
+        plan,
+        ..opts.clone()
+    };
+    let mut b = build(&opts)?;
+    b.plan.source = if opts.twin {
+        format!("{source} (raw twin)")
+    } else {
+        source
+    };
+    tracing::info!(plan = %b.plan.source, "CUDA backend plan");
+    Ok(b)
+}
+
 /// The plan [`PlanSource::Auto`] resolves to: `dir`'s tuning table for this device, or one made
 /// now from `samples` (and saved there); should tuning fail, the default plan, with a warning.
 /// Returns the plan and where it came from.
@@ -547,18 +569,9 @@ impl CudaBackend {
             let (plan, source) = resolve_auto(&cfg, &tune_dir, opts, || {
                 super::tune::checkpoint_samples(&ckpt, &cfg)
             })?;
-            let opts = CudaOptions {
-                plan,
-                ..opts.clone()
-            };
-            let mut b = Self::load_streamed(cfg, &ckpt, &opts)?;
-            b.plan.source = if opts.twin {
-                format!("{source} (raw twin)")
-            } else {
-                source
-            };
-            tracing::info!(plan = %b.plan.source, "CUDA backend plan");
-            return Ok(b);
+            return with_resolved_plan(opts, plan, source, |opts| {
+                Self::load_streamed(cfg, &ckpt, opts)
+            });
         }
         Self::load_streamed(cfg, &ckpt, opts)
     }
@@ -599,18 +612,7 @@ impl CudaBackend {
     ) -> Result<Self, DeviceError> {
         if let PlanSource::Auto { dir: Some(dir) } = &opts.plan {
             let (plan, source) = resolve_auto(&cfg, dir, opts, || super::tune::layer0_samples(w))?;
-            let opts = CudaOptions {
-                plan,
-                ..opts.clone()
-            };
-            let mut b = Self::from_weights(cfg, w, &opts)?;
-            b.plan.source = if opts.twin {
-                format!("{source} (raw twin)")
-            } else {
-                source
-            };
-            tracing::info!(plan = %b.plan.source, "CUDA backend plan");
-            return Ok(b);
+            return with_resolved_plan(opts, plan, source, |opts| Self::from_weights(cfg, w, opts));
         }
         Self::build(cfg, opts, |ctx, _k, plan| {
             let st = |r: Role| plan.storage(r);
