@@ -9,6 +9,8 @@ use serde_json::json;
 
 use super::report::human_bytes;
 use crate::container::Checkpoint;
+use crate::device::cuda::backend::{resolve_plan, role_shapes, WorkBuffers};
+use crate::device::cuda::{CudaOptions, PlanSource};
 use crate::model::memory::{self, Dims, Fit, Target};
 use crate::model::{LlamaConfig, LlamaShape};
 
@@ -38,6 +40,27 @@ pub struct PlanMemoryArgs {
     json: bool,
 }
 
+/// Multiprocessors of the GPUs the plan is for (H100 SXM and H200): the default plan's GEMV
+/// splits, and so its partial-sum buffer, depend on it.
+const HOPPER_SMS: usize = 132;
+
+/// Device bytes of the CUDA engine's work buffers for `cfg` with the Triton backend's defaults
+/// (decode batches of up to 64, 512-token prefill passes) and `context` positions, under `plan`:
+/// the raw baseline for BF16, the untuned default plan for compressed weights (a tuning table
+/// made on the device may choose other decode chunks; the load log states the real figure).
+fn work_bytes(cfg: &LlamaConfig, plan: PlanSource, context: usize) -> Result<u64> {
+    let opts = CudaOptions {
+        max_sequences: 64,
+        max_prefill_tokens: 512,
+        max_context: Some(context),
+        plan,
+        ..CudaOptions::default()
+    };
+    let shapes = role_shapes(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plan = resolve_plan(&opts, &shapes, HOPPER_SMS, cfg.tie_word_embeddings);
+    Ok(WorkBuffers::new(cfg, &plan, &shapes, &opts, context).device_bytes() as u64)
+}
+
 /// Runs the command.
 pub fn run(a: &PlanMemoryArgs) -> Result<()> {
     if !(a.gpu_mem_gib.is_finite() && a.gpu_mem_gib > 0.0) {
@@ -49,12 +72,14 @@ pub fn run(a: &PlanMemoryArgs) -> Result<()> {
     if !(a.kv_fraction.is_finite() && a.kv_fraction > 0.0 && a.kv_fraction <= 1.0) {
         bail!("--kv-fraction must be in (0, 1], got {}", a.kv_fraction);
     }
-    let (name, dims, max_positions, weights) = match (&a.shape, &a.dir) {
+    let (name, cfg, weights) = match (&a.shape, &a.dir) {
         (Some(shape), _) => {
             let s = LlamaShape::preset(shape).expect("clap restricts the shape to presets");
-            let d = Dims::of_shape(&s);
-            let w = memory::weight_bytes_synthetic(&d, 0.02, 0).map_err(anyhow::Error::msg)?;
-            (s.name.to_string(), d, s.max_positions, w)
+            let cfg = LlamaConfig::from_json(s.config_json().as_object().expect("an object"))
+                .with_context(|| format!("the {shape} preset's config"))?;
+            let w = memory::weight_bytes_synthetic(&Dims::of_shape(&s), 0.02, 0)
+                .map_err(anyhow::Error::msg)?;
+            (s.name.to_string(), cfg, w)
         }
         (None, Some(dir)) => {
             let cfg =
@@ -65,10 +90,11 @@ pub fn run(a: &PlanMemoryArgs) -> Result<()> {
             let w = memory::weight_bytes_of_checkpoint(&ckpt, &d)
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("measuring the weights of {}", dir.display()))?;
-            (dir.display().to_string(), d, cfg.max_position_embeddings, w)
+            (dir.display().to_string(), cfg, w)
         }
         (None, None) => bail!("give a checkpoint DIR or --shape"),
     };
+    let (dims, max_positions) = (Dims::of_config(&cfg), cfg.max_position_embeddings);
     let context = a.context.unwrap_or(8192.min(max_positions));
     if context == 0 || context > max_positions {
         bail!("--context must be in 1..={max_positions} (the model's limit), got {context}");
@@ -77,12 +103,19 @@ pub fn run(a: &PlanMemoryArgs) -> Result<()> {
         gpu_bytes: (a.gpu_mem_gib * (1u64 << 30) as f64) as u64,
         context,
         kv_fraction: a.kv_fraction,
-        // The CUDA engine's defaults: 512-token prefill passes, decode batches of up to 64.
-        step_tokens: 512,
-        batch: 64,
     };
-    let bf16 = memory::fit(&dims, weights.bf16, false, &target);
-    let compressed = memory::fit(&dims, weights.compressed, true, &target);
+    let bf16 = memory::fit(
+        &dims,
+        weights.bf16,
+        work_bytes(&cfg, PlanSource::Baseline, context)?,
+        &target,
+    );
+    let compressed = memory::fit(
+        &dims,
+        weights.compressed,
+        work_bytes(&cfg, PlanSource::Compressed, context)?,
+        &target,
+    );
     if a.json {
         let out = json!({
             "model": name,

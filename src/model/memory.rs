@@ -113,37 +113,6 @@ impl Dims {
     pub fn kv_bytes_per_token(&self) -> u64 {
         (2 * self.layers * self.kv_heads * self.head_dim * 2) as u64
     }
-
-    /// Work buffers of one CUDA engine step for `tokens` tokens at most (activations in f32 and
-    /// BF16, logits for the decode batch, RoPE tables for `context` positions), as
-    /// `CudaBackend` allocates them, plus, for compressed weights, room to decode the largest
-    /// matrix to BF16 for a cuBLAS prefill. An estimate: the exact figure depends on the plan.
-    pub fn workspace_bytes(
-        &self,
-        tokens: usize,
-        batch: usize,
-        context: usize,
-        compressed: bool,
-    ) -> u64 {
-        let (h, im, v) = (self.hidden, self.intermediate, self.vocab);
-        let (qd, kvd) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let (cap, rows) = (tokens as u64, 2 * tokens as u64);
-        let (h, im, v, qd, kvd) = (h as u64, im as u64, v as u64, qd as u64, kvd as u64);
-        let f32s =
-            cap * (3 * h + 2 * qd + im) + rows * (qd + 2 * kvd + h + 2 * im) + 3 * batch as u64 * v;
-        let bf16s = rows * (h + qd + im);
-        let rope = 4 * context as u64 * self.head_dim as u64;
-        let scratch = if compressed {
-            self.matrices()
-                .iter()
-                .map(|&(_, r, c, _)| 2 * (r * c) as u64)
-                .max()
-                .unwrap_or(0)
-        } else {
-            0
-        };
-        4 * f32s + 2 * bf16s + rope + scratch
-    }
 }
 
 /// Weight bytes on the device, BF16 and compressed, and how the compressed figure was found.
@@ -238,10 +207,6 @@ pub struct Target {
     /// Fraction of the memory left after weights, work buffers and the reserve given to the KV
     /// cache (as vLLM's `gpu_memory_utilization`, applied to what is left).
     pub kv_fraction: f64,
-    /// Tokens one engine step handles at most (work buffers are sized for it).
-    pub step_tokens: usize,
-    /// Sequences decoded together at most (logits buffers).
-    pub batch: usize,
 }
 
 /// One weight form's plan.
@@ -262,10 +227,11 @@ pub struct Fit {
     pub fits: bool,
 }
 
-/// Plans one weight form.
-pub fn fit(d: &Dims, weights_bytes: u64, compressed: bool, t: &Target) -> Fit {
-    let workspace_bytes =
-        d.workspace_bytes(t.step_tokens, t.batch, t.context, compressed) + DEVICE_RESERVE;
+/// Plans one weight form: `weights_bytes` of weights and `work_bytes` of the engine's work
+/// buffers (the CUDA backend's `WorkBuffers` for this form's plan) on the device, plus
+/// [`DEVICE_RESERVE`]; the KV cache gets its fraction of the rest.
+pub fn fit(d: &Dims, weights_bytes: u64, work_bytes: u64, t: &Target) -> Fit {
+    let workspace_bytes = work_bytes + DEVICE_RESERVE;
     let left = t.gpu_bytes.saturating_sub(weights_bytes + workspace_bytes);
     let kv_bytes = (left as f64 * t.kv_fraction.clamp(0.0, 1.0)) as u64;
     let block = d.kv_bytes_per_token() * BLOCK_TOKENS as u64;
@@ -310,11 +276,10 @@ mod tests {
             gpu_bytes: 80 << 30,
             context: 8192,
             kv_fraction: 0.9,
-            step_tokens: 512,
-            batch: 64,
         };
-        let small = fit(&d, 10 << 30, true, &t);
-        let big = fit(&d, 16 << 30, false, &t);
+        let small = fit(&d, 10 << 30, 300 << 20, &t);
+        let big = fit(&d, 16 << 30, 200 << 20, &t);
+        assert_eq!(small.workspace_bytes, (300 << 20) + DEVICE_RESERVE);
         assert!(small.fits && big.fits);
         let left = (80u64 << 30) - (10 << 30) - small.workspace_bytes;
         assert_eq!(small.kv_bytes, (left as f64 * 0.9) as u64);
@@ -323,7 +288,7 @@ mod tests {
         assert_eq!(small.sequences, small.kv_tokens / 8192);
         assert!(small.kv_tokens > big.kv_tokens);
         // Weights larger than the device: does not fit, no KV.
-        let none = fit(&d, 90 << 30, false, &t);
+        let none = fit(&d, 90 << 30, 200 << 20, &t);
         assert!(!none.fits);
         assert_eq!((none.kv_tokens, none.sequences), (0, 0));
     }

@@ -429,6 +429,150 @@ fn partial_len(plan: &Plan, shapes: &RoleShapes) -> usize {
     most
 }
 
+/// Bytes of each work buffer a [`CudaBackend`] allocates on the device, for the larger of a
+/// decode batch and a prefill chunk. The constructor allocates exactly these and
+/// `unweight plan-memory` counts them, so the planner's workspace is the engine's, not an
+/// estimate that drifts from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkBuffers {
+    /// Rows one pass handles at most: `max(max_sequences, max_prefill_tokens)`.
+    pub cap: usize,
+    /// Token ids, positions and cache slots of a pass (i32 each).
+    pub tokens: usize,
+    /// See [`WorkBuffers::tokens`].
+    pub pos: usize,
+    /// See [`WorkBuffers::tokens`].
+    pub slot: usize,
+    /// The residual stream (f32).
+    pub x: usize,
+    /// Normed activations as hi + lo BF16 rows.
+    pub xb: usize,
+    /// f32 twins of the GEMV inputs (normed activations, attention output, MLP product).
+    pub xf: usize,
+    /// See [`WorkBuffers::xf`].
+    pub af: usize,
+    /// See [`WorkBuffers::xf`].
+    pub mf: usize,
+    /// BF16 scratch of the plan's chunked decodes (the largest chunk any tbe3 matrix decodes
+    /// into before a cuBLAS product); at least 16 bytes.
+    pub scratch: usize,
+    /// f32 split-K partial sums of the plan's GEMVs.
+    pub partial: usize,
+    /// Products and their BF16 forms, hi + lo rows where a GEMM reads them.
+    pub qkv: usize,
+    /// See [`WorkBuffers::qkv`].
+    pub q: usize,
+    /// See [`WorkBuffers::qkv`].
+    pub ab: usize,
+    /// See [`WorkBuffers::qkv`].
+    pub y: usize,
+    /// See [`WorkBuffers::qkv`].
+    pub gu: usize,
+    /// See [`WorkBuffers::qkv`].
+    pub mb: usize,
+    /// Logits of a decode batch (raw products and final f32), and its greedy ids.
+    pub logits_raw: usize,
+    /// See [`WorkBuffers::logits_raw`].
+    pub logits: usize,
+    /// See [`WorkBuffers::logits_raw`].
+    pub ids: usize,
+    /// RoPE cosine and sine tables for `max_context` positions.
+    pub rope: usize,
+    /// The cuBLAS handle's fixed workspace.
+    pub cublas: usize,
+}
+
+impl WorkBuffers {
+    /// The buffers of a backend for `cfg` under `opts`, with `plan` resolved for `shapes`
+    /// ([`resolve_plan`]) and `max_context` positions of RoPE tables.
+    pub fn new(
+        cfg: &LlamaConfig,
+        plan: &Plan,
+        shapes: &RoleShapes,
+        opts: &CudaOptions,
+        max_context: usize,
+    ) -> Self {
+        let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let lcap = opts.max_sequences;
+        let cap = lcap.max(opts.max_prefill_tokens);
+        let rows = 2 * cap; // hi + lo rows (allocated even when not split: simpler, small)
+        Self {
+            cap,
+            tokens: 4 * cap,
+            pos: 4 * cap,
+            slot: 4 * cap,
+            x: 4 * cap * h,
+            xb: 2 * rows * h,
+            xf: 4 * cap * h,
+            af: 4 * cap * qd,
+            mf: 4 * cap * im,
+            scratch: plan.scratch_bytes(shapes, cap).max(16),
+            partial: 4 * partial_len(plan, shapes).max(1),
+            qkv: 4 * rows * (qd + 2 * kvd),
+            q: 4 * cap * qd,
+            ab: 2 * rows * qd,
+            y: 4 * rows * h,
+            gu: 4 * rows * 2 * im,
+            mb: 2 * rows * im,
+            logits_raw: 4 * 2 * lcap * v,
+            logits: 4 * lcap * v,
+            ids: 4 * lcap,
+            rope: 2 * 4 * max_context * (cfg.head_dim / 2),
+            cublas: super::driver::CUBLAS_WORKSPACE,
+        }
+    }
+
+    /// Device bytes of all of them.
+    pub fn device_bytes(&self) -> usize {
+        let Self {
+            cap: _,
+            tokens,
+            pos,
+            slot,
+            x,
+            xb,
+            xf,
+            af,
+            mf,
+            scratch,
+            partial,
+            qkv,
+            q,
+            ab,
+            y,
+            gu,
+            mb,
+            logits_raw,
+            logits,
+            ids,
+            rope,
+            cublas,
+        } = *self;
+        tokens
+            + pos
+            + slot
+            + x
+            + xb
+            + xf
+            + af
+            + mf
+            + scratch
+            + partial
+            + qkv
+            + q
+            + ab
+            + y
+            + gu
+            + mb
+            + logits_raw
+            + logits
+            + ids
+            + rope
+            + cublas
+    }
+}
+
 /// The decode batch buckets for `max_sequences` live sequences: powers of two below it, then
 /// `max_sequences` itself (one CUDA graph each).
 pub(crate) fn decode_buckets(max_sequences: usize) -> Vec<usize> {
@@ -807,8 +951,7 @@ impl CudaBackend {
         let plan = resolve_plan(opts, &shapes, sms, cfg.tie_word_embeddings);
         let weights = make(&ctx, &k, &plan)?;
         ctx.sync()?;
-        let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let (h, v, kvd) = (cfg.hidden_size, cfg.vocab_size, cfg.kv_dim());
         let mut weight_bytes = 0;
         for lw in &weights.layers {
             weight_bytes += lw.qkv.bytes() + lw.o.bytes() + lw.gate_up.bytes() + lw.down.bytes();
@@ -822,12 +965,10 @@ impl CudaBackend {
                 0
             }
             + 4 * h * (2 * weights.layers.len() + 1);
-        // Work buffers for the larger of a decode batch and a prefill chunk.
-        let max_batch = opts.max_sequences;
-        let cap = max_batch.max(opts.max_prefill_tokens);
-        let rows = 2 * cap; // hi + lo rows (allocated even when not split: simpler, small)
-        let f32b = |elems: usize| DevBuf::new(&ctx, 4 * elems);
-        let bf16b = |elems: usize| DevBuf::new(&ctx, 2 * elems);
+        // Work buffers for the larger of a decode batch and a prefill chunk (sized by
+        // `WorkBuffers`, which `unweight plan-memory` counts too).
+        let wb = WorkBuffers::new(&cfg, &plan, &shapes, opts, max_context);
+        let (cap, lcap) = (wb.cap, opts.max_sequences);
         let inv_freq = cfg.rope_inv_freq();
         let half = hd / 2;
         let (mut cos, mut sin) = (
@@ -842,30 +983,31 @@ impl CudaBackend {
                 sin[p * half + i] = a.sin() as f32;
             }
         }
-        let lcap = max_batch;
+        let buf = |bytes: usize| DevBuf::new(&ctx, bytes);
         let bufs = Bufs {
-            tokens: DevBuf::new(&ctx, 4 * cap)?,
-            pos: DevBuf::new(&ctx, 4 * cap)?,
-            slot: DevBuf::new(&ctx, 4 * cap)?,
-            x: f32b(cap * h)?,
-            xb: bf16b(rows * h)?,
-            xf: f32b(cap * h)?,
-            af: f32b(cap * qd)?,
-            mf: f32b(cap * im)?,
-            scratch: DevBuf::new(&ctx, plan.scratch_bytes(&shapes, cap).max(16))?,
-            partial: f32b(partial_len(&plan, &shapes).max(1))?,
-            qkv: f32b(rows * (qd + 2 * kvd))?,
-            q: f32b(cap * qd)?,
-            ab: bf16b(rows * qd)?,
-            y: f32b(rows * h)?,
-            gu: f32b(rows * 2 * im)?,
-            mb: bf16b(rows * im)?,
-            logits_raw: f32b(2 * lcap * v)?,
-            logits: f32b(lcap * v)?,
-            ids: DevBuf::new(&ctx, 4 * lcap)?,
+            tokens: buf(wb.tokens)?,
+            pos: buf(wb.pos)?,
+            slot: buf(wb.slot)?,
+            x: buf(wb.x)?,
+            xb: buf(wb.xb)?,
+            xf: buf(wb.xf)?,
+            af: buf(wb.af)?,
+            mf: buf(wb.mf)?,
+            scratch: buf(wb.scratch)?,
+            partial: buf(wb.partial)?,
+            qkv: buf(wb.qkv)?,
+            q: buf(wb.q)?,
+            ab: buf(wb.ab)?,
+            y: buf(wb.y)?,
+            gu: buf(wb.gu)?,
+            mb: buf(wb.mb)?,
+            logits_raw: buf(wb.logits_raw)?,
+            logits: buf(wb.logits)?,
+            ids: buf(wb.ids)?,
             cos: DevBuf::from_host(&ctx, &cos)?,
             sin: DevBuf::from_host(&ctx, &sin)?,
         };
+        debug_assert_eq!(2 * 4 * cos.len(), wb.rope);
         let host_logits = PinnedBuf::new(&ctx, lcap * v)?;
         // The KV cache from what is left.
         let (free, _) = ctx.mem_info()?;
@@ -1404,6 +1546,43 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_buffers_hold_one_pass_and_decode_chunks_not_whole_matrices() {
+        let shape = crate::model::LlamaShape::preset("llama-3.1-70b").unwrap();
+        let cfg = LlamaConfig::from_json(shape.config_json().as_object().unwrap()).unwrap();
+        let shapes = role_shapes(&cfg).unwrap();
+        let opts = |plan| CudaOptions {
+            max_sequences: 64,
+            max_prefill_tokens: 512,
+            plan,
+            ..CudaOptions::default()
+        };
+        let of = |plan: PlanSource| {
+            let o = opts(plan);
+            let p = resolve_plan(&o, &shapes, 132, cfg.tie_word_embeddings);
+            WorkBuffers::new(&cfg, &p, &shapes, &o, 8192)
+        };
+        let (raw, comp) = (of(PlanSource::Baseline), of(PlanSource::Compressed));
+        // Rows of a pass: the larger of the decode batch and the prefill chunk.
+        assert_eq!(comp.cap, 512);
+        assert_eq!(comp.x, 4 * 512 * cfg.hidden_size);
+        assert_eq!(comp.logits, 4 * 64 * cfg.vocab_size);
+        // RoPE tables: cos and sin, f32, half a head per position.
+        assert_eq!(comp.rope, 2 * 4 * 8192 * cfg.head_dim / 2);
+        // Raw weights decode nothing; compressed ones decode chunks of at most 16 MiB, far
+        // less than one matrix in BF16 (lm_head alone is 2.1 GB).
+        assert_eq!(raw.scratch, 16);
+        assert!(comp.scratch > 16 && comp.scratch <= super::super::plan::DEFAULT_CHUNK_BYTES);
+        let largest = 2 * cfg.vocab_size * cfg.hidden_size;
+        assert!(comp.device_bytes() < largest, "{}", comp.device_bytes());
+        // The total is every buffer: at least the activations and the logits.
+        assert!(comp.device_bytes() > comp.x + comp.xb + comp.gu + comp.logits_raw + comp.rope);
+        assert_eq!(
+            comp.device_bytes() - comp.scratch - comp.partial,
+            raw.device_bytes() - raw.scratch - raw.partial
+        );
+    }
 
     #[test]
     fn buckets_cover_every_batch_up_to_max_sequences() {

@@ -691,7 +691,7 @@ impl Drop for Graph {
 
 /// Bytes of cuBLAS workspace given to the handle (so that graph capture never makes cuBLAS
 /// allocate).
-const CUBLAS_WORKSPACE: usize = 32 << 20;
+pub(crate) const CUBLAS_WORKSPACE: usize = 32 << 20;
 
 /// A cuBLAS handle bound to the context's stream, with its own workspace.
 pub struct Cublas {
