@@ -68,8 +68,11 @@ struct PlanRun {
     weight_memory: usize,
     bf16_weight_memory: usize,
     kv_bytes: usize,
+    /// Sequences the KV cache holds at once (batches above it were not run).
+    kv_sequences: usize,
     rows: Vec<Value>,
-    tokens_per_s: Vec<f64>,
+    /// (batch, tokens/s) of every batch size run.
+    tokens_per_s: Vec<(usize, f64)>,
     /// Buckets whose CUDA graph capture failed (they ran eagerly), with the error.
     graph_failures: Vec<Value>,
 }
@@ -170,6 +173,9 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         max_context: Some(max_context),
         split_activations: !a.bf16_activations,
         graphs: !a.no_graphs,
+        // As the Triton backend's default (`kv_cache_fraction`), so the KV capacity reported
+        // is what a served instance would get.
+        kv_fraction: 0.9,
         ..CudaOptions::default()
     };
     let compressed_source = || match &table {
@@ -213,6 +219,8 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
                 "weight_memory": r.weight_memory,
                 "bf16_weight_memory": r.bf16_weight_memory,
                 "kv_cache_bytes": r.kv_bytes,
+                "kv_cache_sequences": r.kv_sequences,
+                "batches_not_run": a.batch.iter().filter(|&&b| b > r.kv_sequences).collect::<Vec<_>>(),
                 "graph_failures": r.graph_failures,
             }))
             .collect::<Vec<_>>());
@@ -240,10 +248,17 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         let t = Instant::now();
         let mut backend = source.build(&opts)?;
         let load_s = t.elapsed().as_secs_f64();
-        if backend.kv_capacity().max_sequences < max_batch {
+        let kv = backend.kv_capacity();
+        println!(
+            "{name}: KV cache left after the weights: {:.2} GiB, {} sequences of {} positions",
+            backend.kv_bytes() as f64 / (1u64 << 30) as f64,
+            kv.max_sequences,
+            kv.max_context
+        );
+        if a.check_twin && name == "compressed" && kv.max_sequences < max_batch {
             bail!(
-                "the KV cache holds {} sequences, fewer than the largest batch {max_batch}",
-                backend.kv_capacity().max_sequences
+                "--check-twin needs the largest batch {max_batch}, but the KV cache holds {} sequences",
+                kv.max_sequences
             );
         }
         let label = match (name.as_str(), &table) {
@@ -319,7 +334,15 @@ fn measure_plan(
     let mut rows = Vec::new();
     let mut tps = Vec::new();
     let mut verdicts = Vec::new();
+    let fit = backend.kv_capacity().max_sequences;
     for &batch in &a.batch {
+        if batch > fit {
+            // A model that leaves little memory (BF16 Llama-3.1-70B on one GPU) runs the batch
+            // sizes its KV cache holds; the others are reported, not silently dropped.
+            println!("{batch:>6} not run: the KV cache holds {fit} sequences");
+            verdicts.push(format!("batch {batch}: not run (KV holds {fit})"));
+            continue;
+        }
         let r = measure(backend, batch, a)?;
         let gbps = wbytes as f64 / (r.gpu_ms * 1e-3) / 1e9;
         let frac = gbps * 1e9 / copy_bw;
@@ -345,7 +368,7 @@ fn measure_plan(
             r.device_path_ms,
             if device_cheaper { "device" } else { "logits" }
         );
-        tps.push(tokens_per_s);
+        tps.push((batch, tokens_per_s));
         verdicts.push(format!(
             "batch {batch}: {} ({:.3} ms device argmax + ids vs {:.3} ms logits copy + CPU argmax)",
             if device_cheaper { "device" } else { "logits" },
@@ -395,6 +418,7 @@ fn measure_plan(
         weight_memory: backend.weight_memory_bytes(),
         bf16_weight_memory: backend.bf16_weight_bytes(),
         kv_bytes: backend.kv_bytes(),
+        kv_sequences: fit,
         rows,
         tokens_per_s: tps,
         graph_failures,
@@ -430,18 +454,28 @@ fn compare_runs(runs: &[PlanRun], batches: &[usize]) -> Value {
         "{:>6} {:>12} {:>12} {:>8} {:>9} {:>9}",
         "batch", "base tok/s", "comp tok/s", "speedup", "base gpu", "comp gpu"
     );
-    let gpu_ms = |r: &PlanRun, i: usize| r.rows[i]["gpu_ms_per_step"].as_f64().unwrap_or(0.0);
+    let row = |r: &PlanRun, b: usize| {
+        let tps = r.tokens_per_s.iter().find(|&&(n, _)| n == b)?.1;
+        let gpu = r
+            .rows
+            .iter()
+            .find(|row| row["batch"] == json!(b))
+            .and_then(|row| row["gpu_ms_per_step"].as_f64())
+            .unwrap_or(0.0);
+        Some((tps, gpu))
+    };
     let rows: Vec<Value> = batches
         .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            let (bt, ct) = (base.tokens_per_s[i], comp.tokens_per_s[i]);
-            let (bg, cg) = (gpu_ms(base, i), gpu_ms(comp, i));
+        .filter_map(|&b| {
+            let (Some((bt, bg)), Some((ct, cg))) = (row(base, b), row(comp, b)) else {
+                println!("{b:>6} (not run by both plans: their KV caches differ)");
+                return None;
+            };
             println!(
                 "{b:>6} {bt:>12.1} {ct:>12.1} {:>7.3}x {bg:>8.3}ms {cg:>7.3}ms",
                 ct / bt
             );
-            json!({
+            Some(json!({
                 "batch": b,
                 "tokens_per_s_baseline": bt,
                 "tokens_per_s_compressed": ct,
@@ -449,7 +483,7 @@ fn compare_runs(runs: &[PlanRun], batches: &[usize]) -> Value {
                 "gpu_ms_baseline": bg,
                 "gpu_ms_compressed": cg,
                 "gpu_speedup": if cg > 0.0 { bg / cg } else { 0.0 },
-            })
+            }))
         })
         .collect();
     json!({
@@ -462,6 +496,10 @@ fn compare_runs(runs: &[PlanRun], batches: &[usize]) -> Value {
         "weight_bytes_ratio": ratio,
         "weight_goal": WEIGHT_GOAL,
         "weight_goal_met": ratio <= WEIGHT_GOAL,
+        "kv_cache_bytes_baseline": base.kv_bytes,
+        "kv_cache_bytes_compressed": comp.kv_bytes,
+        "kv_cache_sequences_baseline": base.kv_sequences,
+        "kv_cache_sequences_compressed": comp.kv_sequences,
         "by_batch": rows,
     })
 }
