@@ -16,7 +16,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::codec::runtime::{decode, encode_le_bytes, RuntimeMatrix, Shape};
+use rayon::prelude::*;
+
+use crate::codec::runtime::{decode_tile, encode_le_bytes, RuntimeMatrix, RuntimeView, Shape};
+use crate::codec::CodecError;
 use crate::container::Checkpoint;
 use crate::device::DeviceError;
 use crate::model::weights::{load_matrix, load_vector, MatrixData, WeightMode};
@@ -163,13 +166,23 @@ struct Producer<'a> {
     abandoned: Option<String>,
 }
 
-/// Little-endian bytes of BF16 bit patterns.
-fn le_bytes(bits: &[u16]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 * bits.len());
-    for b in bits {
-        out.extend_from_slice(&b.to_le_bytes());
-    }
-    out
+/// The matrix of a runtime image as little-endian BF16 bytes, decoded tile by tile (tiles in
+/// parallel) straight into the byte buffer: no second whole-matrix copy.
+fn decode_le_bytes(view: &RuntimeView<'_>) -> Result<Vec<u8>, CodecError> {
+    let tile = view.shape().tile_elems;
+    let mut out = vec![0u8; 2 * view.shape().len()];
+    out.par_chunks_mut(2 * tile).enumerate().try_for_each_init(
+        Vec::new,
+        |bits: &mut Vec<u16>, (t, o)| {
+            bits.resize(o.len() / 2, 0);
+            decode_tile(view, t, bits)?;
+            for (d, b) in o.chunks_exact_mut(2).zip(bits.iter()) {
+                d.copy_from_slice(&b.to_le_bytes());
+            }
+            Ok(())
+        },
+    )?;
+    Ok(out)
 }
 
 impl Producer<'_> {
@@ -266,11 +279,10 @@ impl Producer<'_> {
                             let view = m.view().map_err(|e| {
                                 DeviceError::Invalid(format!("{what}: persisted image: {e}"))
                             })?;
-                            let bits = decode(&view).map_err(|e| {
+                            let bytes = decode_le_bytes(&view).map_err(|e| {
                                 DeviceError::Invalid(format!("{what}: persisted image: {e}"))
                             })?;
-                            drop(m);
-                            HostLinear::Raw(le_bytes(&bits))
+                            HostLinear::Raw(bytes)
                         }
                     };
                     self.times.persisted_read_s += t.elapsed().as_secs_f64();
