@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -247,7 +247,9 @@ impl PersistedReader {
 pub struct PersistedWriter {
     path: PathBuf,
     tmp: PathBuf,
-    out: Option<BufWriter<File>>,
+    /// Unbuffered: each image is one large write, and a buffer would be host memory held for
+    /// the whole load.
+    out: Option<File>,
     offset: u64,
     index: Index,
 }
@@ -282,7 +284,7 @@ impl PersistedWriter {
             std::process::id(),
             WRITERS.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut out = BufWriter::with_capacity(1 << 22, File::create(&tmp)?);
+        let mut out = File::create(&tmp)?;
         let mut w = Self {
             path: path.to_path_buf(),
             tmp,
@@ -328,9 +330,8 @@ impl PersistedWriter {
         out.write_all(&index)?;
         out.write_all(&(index.len() as u64).to_le_bytes())?;
         out.write_all(&MAGIC)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        drop(file);
+        out.sync_all()?;
+        drop(out);
         std::fs::rename(&self.tmp, &self.path)?;
         Ok(self.path.clone())
     }
