@@ -224,6 +224,7 @@ impl Producer<'_> {
         Ok(bytes)
     }
 
+    /// Encodes `bytes` (a `shape` BF16 matrix) into its tbe3 image, counting it.
     fn encode(
         &mut self,
         what: &str,
