@@ -1421,3 +1421,48 @@ fn bench_load_streams_the_same_runtime_forms_as_the_whole_model_path() {
     let rt = |i: usize| rows[i]["runtime_bytes"].as_u64().unwrap();
     assert!(rt(0) < rt(2), "tbe3 {} vs BF16 {}", rt(0), rt(2));
 }
+
+#[test]
+fn bench_load_persisted_computes_the_runtime_form_once_then_reads_it() {
+    let tmp = tempdir();
+    let (_, comp) = tiny_pair(tmp.path());
+    let out = tmp.path().join("load.json");
+    uw!("bench", "load", &comp, "--path", "streamed", "--out", &out).ok();
+    uw!(
+        "bench",
+        "load",
+        &comp,
+        "--path",
+        "persisted",
+        "--fresh",
+        "--out",
+        &out
+    )
+    .ok();
+    assert!(comp.join("runtime/tbe3.bin").is_file());
+    uw!("bench", "load", &comp, "--path", "persisted", "--out", &out).ok();
+    let doc: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
+    let rows = doc["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{doc}");
+    let (computed, first, later) = (&rows[0], &rows[1], &rows[2]);
+    assert_eq!(computed["runtime_form"], "computed");
+    assert_eq!(first["runtime_form"], "computed and persisted");
+    assert_eq!(later["runtime_form"], "read from the persisted copy");
+    let n = |r: &Value, k: &str| r[k].as_u64().unwrap();
+    // The first load encodes every linear layer (the file serves any plan), a later one none.
+    assert!(n(first, "encoded_layers") >= n(computed, "encoded_layers"));
+    assert!(n(computed, "encoded_layers") > 0);
+    assert_eq!(n(later, "encoded_layers"), 0);
+    assert_eq!(
+        n(later, "persisted_layers_read"),
+        n(first, "encoded_layers")
+    );
+    // The same pieces reach the upload either way.
+    for k in ["pieces", "runtime_bytes", "largest_runtime_piece_bytes"] {
+        assert_eq!(computed[k], later[k], "{k}: {doc}");
+        assert_eq!(computed[k], first[k], "{k}: {doc}");
+    }
+    assert!(n(later, "persisted_file_bytes") > 0 && later["load_average_before"].is_number());
+    // --fresh only goes with the persisted path.
+    uw!("bench", "load", &comp, "--path", "streamed", "--fresh").error_mentions(&["--fresh"]);
+}

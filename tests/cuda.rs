@@ -1243,3 +1243,65 @@ fn engine_greedy_ids_on_the_device_equal_the_logits_path() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// One device copy per (model, GPU), and the runtime form computed once per model.
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn two_instances_of_one_model_share_one_device_copy_and_later_loads_read_the_runtime_form() {
+    use triton_unweight::device::cuda::persist::runtime_path;
+    require_gpu();
+    let dir = synth("tiny", 31);
+    let m = model(&dir);
+    let opts = CudaOptions {
+        plan: PlanSource::Compressed,
+        max_sequences: 4,
+        kv_budget_bytes: Some(64 << 20),
+        ..CudaOptions::default()
+    };
+    let prompt = [1u32, 17, 300, 5, 911];
+    let logits = |b: &mut CudaBackend| {
+        let s = b.new_sequence().unwrap();
+        let l = b.prefill(s, &prompt).unwrap();
+        b.free_sequence(s);
+        l
+    };
+    let mut a = gpu_backend(&m, opts.clone());
+    assert!(!a.reused_weights(), "the first instance loads");
+    assert!(
+        runtime_path(&m).is_file(),
+        "the first load persists the runtime form"
+    );
+    let mut b = gpu_backend(&m, opts.clone());
+    assert!(
+        b.reused_weights(),
+        "the second instance shares the first's copy"
+    );
+    assert!(a.shares_weights_with(&b));
+    let (la, lb) = (logits(&mut a), logits(&mut b));
+    assert!(la == lb, "two instances on one copy give the same logits");
+    // Another storage form is another copy.
+    let c = gpu_backend(
+        &m,
+        CudaOptions {
+            plan: PlanSource::Baseline,
+            ..opts.clone()
+        },
+    );
+    assert!(!c.reused_weights() && !c.shares_weights_with(&a));
+    drop(c);
+    // One instance goes (a rebuild drops the old engine first): the other still holds the copy.
+    drop(a);
+    let mut a2 = gpu_backend(&m, opts.clone());
+    assert!(a2.reused_weights() && a2.shares_weights_with(&b));
+    assert!(logits(&mut a2) == la);
+    // The last one goes: the copy is freed, and the next load reads the persisted form.
+    drop((a2, b));
+    let mut d = gpu_backend(&m, opts);
+    assert!(!d.reused_weights());
+    assert!(
+        logits(&mut d) == la,
+        "loaded from the persisted form: the same logits"
+    );
+}

@@ -15,7 +15,9 @@ use triton_unweight::codec::runtime::{decode, Shape};
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
 use triton_unweight::device::cuda::backend::role_shapes;
 use triton_unweight::device::cuda::plan::{Plan, Storage};
-use triton_unweight::device::cuda::stream::{stream_weights, HostLinear, Slot, WeightSink};
+use triton_unweight::device::cuda::stream::{
+    stream_weights, stream_weights_persisted, HostLinear, Persisted, Slot, WeightSink,
+};
 use triton_unweight::device::DeviceError;
 use triton_unweight::model::synth::{synth_checkpoint, SynthOptions};
 use triton_unweight::model::weights::{LlamaWeights, Matrix, MatrixData, WeightMode};
@@ -216,7 +218,7 @@ fn streaming_holds_a_few_layers_not_the_model_and_gives_the_cpu_engines_weights(
     assert!(whole >= model_bf16, "{whole} < {model_bf16}");
 
     // Every piece equals the CPU engine's weights: raw bit for bit, tbe3 decoding to them.
-    for plan in [Plan::baseline(), tbe3] {
+    for plan in [Plan::baseline(), tbe3.clone()] {
         let mut keep = Keep::default();
         stream_weights(&ckpt, &cfg, &plan, &mut keep).unwrap();
         assert_eq!(keep.vectors.len(), 2 * cfg.num_hidden_layers + 1);
@@ -247,6 +249,26 @@ fn streaming_holds_a_few_layers_not_the_model_and_gives_the_cpu_engines_weights(
             };
             assert!(got == want, "{slot:?}: the uploaded form differs");
         }
+    }
+
+    // The load as the CUDA backend runs it (the runtime form persisted next to the weights):
+    // the first load, which also writes every image, and a later one, which reads them back,
+    // hold no more than computing does.
+    for (name, want) in [("first", "written"), ("later", "read")] {
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let before = reset_peak();
+        let mut sink = Discard::default();
+        let (_, p) = stream_weights_persisted(&ckpt, &cfg, &tbe3, &mut sink, &dir).unwrap();
+        let peak = PEAK.load(Ordering::SeqCst) - before;
+        eprintln!("persisted, {name} load: peak {peak} bytes over the start ({p:?})");
+        match (want, &p) {
+            ("written", Persisted::Written { .. }) | ("read", Persisted::Read(_)) => {}
+            _ => panic!("{name} load: {p:?}"),
+        }
+        assert!(
+            peak <= 3 * largest_fused,
+            "{name} persisted load: {peak} bytes held, over 3 × {largest_fused}"
+        );
     }
 
     // A corrupt tensor fails the stream naming it (checksums are verified on the way).

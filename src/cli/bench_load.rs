@@ -2,8 +2,12 @@
 //! upload), by the streamed path the CUDA backend takes (`device::cuda::stream`: read, decode,
 //! encode the runtime form, drop; one fused layer at a time) or by the path it took before
 //! (`--path whole`: decode the whole model to BF16 first, keep it, then fuse and encode each
-//! layer), so the two are measured the same way: wall time and the process's peak RSS
-//! (`getrusage`), one path per process (peak RSS is per process). Runs without a GPU.
+//! layer), or by the path the CUDA backend takes now (`--path persisted`: streamed, with the tbe3
+//! runtime form read from `<dir>/runtime/tbe3.bin` when it is there, else computed and written
+//! there; `--fresh` removes it first, to measure the first load), so they are measured the same
+//! way: wall time and the process's peak RSS (`getrusage`), one path per process (peak RSS is
+//! per process), with the system load average before and after (the machine may be shared).
+//! Runs without a GPU.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,8 +19,11 @@ use serde_json::json;
 use crate::codec::runtime::{encode_le_bytes, Shape};
 use crate::container::Checkpoint;
 use crate::device::cuda::backend::{resolve_plan, role_shapes};
+use crate::device::cuda::persist::runtime_path;
 use crate::device::cuda::plan::Storage;
-use crate::device::cuda::stream::{stream_weights, HostLinear, Slot, WeightSink};
+use crate::device::cuda::stream::{
+    stream_weights, stream_weights_persisted, HostLinear, Persisted, Slot, WeightSink,
+};
 use crate::device::cuda::{CudaOptions, PlanSource};
 use crate::device::DeviceError;
 use crate::model::weights::{LlamaWeights, Matrix, MatrixData, WeightMode};
@@ -29,6 +36,9 @@ pub enum LoadPath {
     Streamed,
     /// The whole model decoded to BF16 first and kept (the load before streaming).
     Whole,
+    /// Streamed, the runtime form read from its persisted copy, or computed and persisted when
+    /// there is none (the CUDA backend's load).
+    Persisted,
 }
 
 /// `unweight bench load` arguments.
@@ -46,6 +56,10 @@ pub struct LoadArgs {
     /// Multiprocessors assumed by the plan (an H100 SXM / H200 has 132).
     #[arg(long, default_value_t = 132)]
     pub sms: usize,
+    /// With `--path persisted`: remove the persisted runtime form first (measures the first
+    /// load, which computes and writes it).
+    #[arg(long)]
+    pub fresh: bool,
     /// Add the result to this JSON file (`results`, one row per run; stamped with the date,
     /// commit and machine).
     #[arg(long)]
@@ -72,6 +86,16 @@ impl WeightSink for Discard {
         self.largest = self.largest.max(f.host_bytes());
         Ok(())
     }
+}
+
+/// The 1-minute load average (`/proc/loadavg`), or `None` where it cannot be read.
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn peak_rss_bytes() -> u64 {
@@ -149,12 +173,32 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         ..CudaOptions::default()
     };
     let plan = resolve_plan(&opts, &shapes, args.sms, cfg.tie_word_embeddings);
+    let persisted_file = runtime_path(&args.dir);
+    if args.fresh {
+        anyhow::ensure!(
+            args.path == LoadPath::Persisted,
+            "--fresh goes with --path persisted"
+        );
+        match std::fs::remove_file(&persisted_file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", persisted_file.display()))
+            }
+            _ => {}
+        }
+    }
+    let load0 = load_average();
     let rss0 = peak_rss_bytes();
     let t0 = Instant::now();
     let ckpt = Checkpoint::open(&args.dir)?;
     let mut sink = Discard::default();
+    let mut persisted = Persisted::Off;
     let times = match args.path {
         LoadPath::Streamed => Some(stream_weights(&ckpt, &cfg, &plan, &mut sink)?),
+        LoadPath::Persisted => {
+            let (t, p) = stream_weights_persisted(&ckpt, &cfg, &plan, &mut sink, &args.dir)?;
+            persisted = p;
+            Some(t)
+        }
         LoadPath::Whole => {
             whole(&ckpt, &cfg, &plan, &mut sink)?;
             None
@@ -168,6 +212,17 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         .map(|e| 2 * e.shape.iter().product::<usize>())
         .sum();
     let path = format!("{:?}", args.path).to_lowercase();
+    let runtime_form = match &persisted {
+        Persisted::Off => "computed".to_string(),
+        Persisted::Read(_) => "read from the persisted copy".to_string(),
+        Persisted::Written { replaced: None, .. } => "computed and persisted".to_string(),
+        Persisted::Written {
+            replaced: Some(why),
+            ..
+        } => format!("computed and persisted (replacing one that {why})"),
+        Persisted::NotSaved(why) => format!("computed, not persisted: {why}"),
+    };
+    let file_bytes = std::fs::metadata(&persisted_file).map(|m| m.len()).ok();
     let row = json!({
         "model": args.dir.display().to_string(),
         "path": path,
@@ -182,6 +237,15 @@ pub fn run(args: &LoadArgs) -> Result<()> {
         "threads": rayon::current_num_threads(),
         "read_decode_seconds": times.map(|t| t.read_decode_s),
         "encode_seconds": times.map(|t| t.encode_s),
+        "encoded_layers": times.map(|t| t.encoded),
+        "persisted_layers_read": times.map(|t| t.from_persisted),
+        "persisted_read_seconds": times.map(|t| t.persisted_read_s),
+        "persisted_write_seconds": times.map(|t| t.persisted_write_s),
+        "runtime_form": runtime_form,
+        "persisted_file_bytes": if args.path == LoadPath::Persisted { file_bytes } else { None },
+        "stored_bytes": ckpt.entries().iter().map(|e| ckpt.stored_bytes(e) as u64).sum::<u64>(),
+        "load_average_before": load0,
+        "load_average_after": load_average(),
     });
     println!(
         "load {path} ({} plan): {seconds:.2} s, peak RSS {:.1} MiB (model {:.1} MiB BF16, \
@@ -194,10 +258,21 @@ pub fn run(args: &LoadArgs) -> Result<()> {
     );
     if let Some(t) = times {
         println!(
-            "  read + decode {:.2} s, tbe3 encode {:.2} s",
-            t.read_decode_s, t.encode_s
+            "  read + decode {:.2} s, tbe3 encode {:.2} s ({} layers), persisted form read {:.2} s \
+             ({} layers), written {:.2} s; runtime form {runtime_form}",
+            t.read_decode_s,
+            t.encode_s,
+            t.encoded,
+            t.persisted_read_s,
+            t.from_persisted,
+            t.persisted_write_s
         );
     }
+    println!(
+        "  load average {} before, {} after",
+        load0.map_or("?".into(), |l| format!("{l:.2}")),
+        load_average().map_or("?".into(), |l| format!("{l:.2}"))
+    );
     if let Some(out) = &args.out {
         // One file gathers the runs (one path per process): each run appends its row and the
         // file is restamped with the date, commit and machine.

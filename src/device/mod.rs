@@ -16,6 +16,7 @@
 pub mod blocks;
 pub mod cpu;
 pub mod cuda;
+pub mod shared;
 
 pub use blocks::KvUsage;
 

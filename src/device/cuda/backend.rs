@@ -35,14 +35,16 @@ use super::driver::{Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, 
 use super::kernels::{Kernels, Product, ATTN_MAX_HEAD_DIM};
 use super::kv::KvCache;
 use super::linear::{Form, Input, Linear, Products};
+use super::persist::weights_identity;
 use super::plan::{Plan, Role, RoleShapes, Storage, Strategy, TuneTable};
-use super::stream::{stream_weights, HostLinear, Slot, WeightSink};
+use super::stream::{stream_weights_persisted, HostLinear, Slot, WeightSink};
 use super::tbe3::{
     gemv_geometry_with_split, multiprocessors, DeviceTbe3, Tbe3Kernels, MAX_GEMV_BATCH,
 };
 use crate::codec::runtime::Shape;
 use crate::container::Checkpoint;
-use crate::device::{Backend, DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
+use crate::device::shared::Registry;
+use crate::device::{Backend, DecodeItem, DeviceError, FaultKind, KvCapacity, Logits, SeqId};
 use crate::model::weights::{LlamaWeights, Matrix, MatrixData, WeightError};
 use crate::model::LlamaConfig;
 
@@ -180,6 +182,8 @@ struct LayerW {
     down: Linear,
 }
 
+/// The device weights of one model in one plan's storage forms; shared by the instances that
+/// run the same weights in the same forms on the same device ([`device_weights`]).
 struct Weights {
     /// The embedding table, raw or tbe3 (`Plan::embed`); a tied lm_head's product reads it.
     embed: Linear,
@@ -187,6 +191,36 @@ struct Weights {
     norm: DevBuf,
     /// The output projection; `None` when tied: the product then reads the raw embedding.
     lm_head: Option<Linear>,
+}
+
+/// What makes two loads' device weights interchangeable: the same stored weights
+/// ([`weights_identity`]), the same device, and the same storage form for every layer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct WeightsKey {
+    identity: String,
+    ordinal: usize,
+    storage: String,
+}
+
+impl WeightsKey {
+    /// The key of `identity`'s weights on device `ordinal` stored as `plan` says.
+    fn new(identity: String, ordinal: usize, plan: &Plan) -> Self {
+        let roles: Vec<Storage> = Role::ALL.iter().map(|&r| plan.storage(r)).collect();
+        Self {
+            identity,
+            ordinal,
+            storage: format!("embed {:?}, {roles:?}", plan.embed),
+        }
+    }
+}
+
+/// The process's device weights loaded from checkpoints ([`CudaBackend::load`]), one copy per
+/// (weights, device, storage forms): instances of one model on one GPU share it
+/// (docs/cuda.md, "Shared device weights").
+fn device_weights() -> &'static Registry<WeightsKey, Weights> {
+    static REGISTRY: std::sync::OnceLock<Registry<WeightsKey, Weights>> =
+        std::sync::OnceLock::new();
+    REGISTRY.get_or_init(Registry::new)
 }
 
 /// Work buffers, sized for `cap` tokens (`2 cap` rows where split) at construction.
@@ -239,7 +273,11 @@ pub struct CudaBackend {
     host_logits: PinnedBuf,
     kv: KvCache,
     bufs: Bufs,
-    weights: Weights,
+    /// Possibly shared with other instances ([`device_weights`]); `shared_key` is its key there.
+    weights: Arc<Weights>,
+    shared_key: Option<WeightsKey>,
+    /// Whether the weights were already on the device, loaded by another instance.
+    reused_weights: bool,
     blas: Cublas,
     k: Kernels,
     t3: Tbe3Kernels,
@@ -692,13 +730,20 @@ fn resolve_auto<'a>(
     )
 }
 
+/// What a `build` closure makes: the device weights, their key in [`device_weights`] when
+/// they are shared there, and whether they were already there (loaded by another instance).
+type Made = (Arc<Weights>, Option<WeightsKey>, bool);
+
 /// Largest number of tokens one pass may take: the attention grid's y dimension.
 pub(crate) const MAX_PASS_TOKENS: usize = 65535;
 
 impl CudaBackend {
     /// Reads `config.json` and streams the weights of a checkpoint directory to the device
-    /// tensor by tensor ([`stream_weights`]: read, decode, encode the plan's runtime form,
-    /// upload, drop), so no host copy of the model is made or kept. With
+    /// tensor by tensor ([`stream_weights_persisted`]: read, decode, encode the plan's runtime
+    /// form, upload, drop), so no host copy of the model is made or kept. The tbe3 images are
+    /// computed once per model: persisted in `dir/runtime/` at the first load and read from
+    /// there by later ones. Another instance's device copy of the same weights in the same
+    /// forms on the same GPU is shared instead of loading again. With
     /// [`PlanSource::Auto`] the tuning table of `dir` is used, or made from layer 0's matrices
     /// read from the checkpoint; should tuning fail, the default plan is used with a warning.
     pub fn load(dir: &Path, opts: &CudaOptions) -> Result<Self, DeviceError> {
@@ -720,7 +765,10 @@ impl CudaBackend {
         Self::load_streamed(cfg, &ckpt, opts)
     }
 
-    /// [`CudaBackend::load`] once the plan is known (not [`PlanSource::Auto`]).
+    /// [`CudaBackend::load`] once the plan is known (not [`PlanSource::Auto`]): the device copy
+    /// another instance of the same weights in the same forms holds on this device, else the
+    /// weights streamed to the device with the runtime form persisted in the model directory
+    /// ([`stream_weights_persisted`]: read from there when it was persisted before).
     fn load_streamed(
         cfg: LlamaConfig,
         ckpt: &Checkpoint,
@@ -728,20 +776,47 @@ impl CudaBackend {
     ) -> Result<Self, DeviceError> {
         let layers = cfg.num_hidden_layers;
         let model = cfg.clone();
+        let dir = ckpt.dir().to_path_buf();
+        let identity = weights_identity(ckpt);
         Self::build(cfg, opts, |ctx, _k, plan| {
-            let mut sink = UploadSink {
-                ctx,
-                linears: Default::default(),
-                vectors: Default::default(),
+            let upload = || {
+                let mut sink = UploadSink {
+                    ctx,
+                    linears: Default::default(),
+                    vectors: Default::default(),
+                };
+                let (t, persisted) = stream_weights_persisted(ckpt, &model, plan, &mut sink, &dir)?;
+                tracing::info!(
+                    read_decode_s = t.read_decode_s,
+                    encode_s = t.encode_s,
+                    encoded = t.encoded,
+                    persisted_read_s = t.persisted_read_s,
+                    from_persisted = t.from_persisted,
+                    persisted_write_s = t.persisted_write_s,
+                    upload_s = t.sink_s,
+                    runtime_form = ?persisted,
+                    "weights streamed to the device"
+                );
+                sink.finish(layers)
             };
-            let t = stream_weights(ckpt, &model, plan, &mut sink)?;
-            tracing::info!(
-                read_decode_s = t.read_decode_s,
-                encode_s = t.encode_s,
-                upload_s = t.sink_s,
-                "weights streamed to the device"
-            );
-            sink.finish(layers)
+            match &identity {
+                Ok(id) => {
+                    let key = WeightsKey::new(id.clone(), opts.ordinal, plan);
+                    let (w, reused) = device_weights().get_or_load(&key, upload)?;
+                    if reused {
+                        tracing::info!(
+                            ordinal = opts.ordinal,
+                            "the weights are already on this GPU (another instance of the \
+                             model): sharing that copy"
+                        );
+                    }
+                    Ok((w, Some(key), reused))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the weights' identity could not be read; this instance's device copy is not shared");
+                    Ok((Arc::new(upload()?), None, false))
+                }
+            }
         })
     }
 
@@ -782,7 +857,7 @@ impl CudaBackend {
                     })
                 })
                 .collect::<Result<Vec<_>, DeviceError>>()?;
-            Ok(Weights {
+            let w = Weights {
                 embed: upload_linear(ctx, &[&w.embed_tokens], plan.embed)?,
                 layers,
                 norm: DevBuf::from_host(ctx, &w.norm)?,
@@ -791,7 +866,8 @@ impl CudaBackend {
                     .as_ref()
                     .map(|m| upload_linear(ctx, &[m], st(Role::LmHead)))
                     .transpose()?,
-            })
+            };
+            Ok((Arc::new(w), None, false))
         })
     }
 
@@ -901,19 +977,20 @@ impl CudaBackend {
                     Linear::raw(b, v, h)?
                 }
             };
-            Ok(Weights {
+            let w = Weights {
                 embed,
                 layers: ls,
                 norm: ones(h)?,
                 lm_head,
-            })
+            };
+            Ok((Arc::new(w), None, false))
         })
     }
 
     fn build(
         cfg: LlamaConfig,
         opts: &CudaOptions,
-        make: impl FnOnce(&Arc<Context>, &Kernels, &Plan) -> Result<Weights, DeviceError>,
+        make: impl FnOnce(&Arc<Context>, &Kernels, &Plan) -> Result<Made, DeviceError>,
     ) -> Result<Self, DeviceError> {
         let hd = cfg.head_dim;
         if !hd.is_multiple_of(32) || hd > ATTN_MAX_HEAD_DIM {
@@ -949,7 +1026,7 @@ impl CudaBackend {
         let sms = multiprocessors(&ctx)?;
         let shapes = role_shapes(&cfg)?;
         let plan = resolve_plan(opts, &shapes, sms, cfg.tie_word_embeddings);
-        let weights = make(&ctx, &k, &plan)?;
+        let (weights, shared_key, reused_weights) = make(&ctx, &k, &plan)?;
         ctx.sync()?;
         let (h, v, kvd) = (cfg.hidden_size, cfg.vocab_size, cfg.kv_dim());
         let mut weight_bytes = 0;
@@ -1034,6 +1111,8 @@ impl CudaBackend {
             kv,
             bufs,
             weights,
+            shared_key,
+            reused_weights,
             blas,
             k,
             t3,
@@ -1479,7 +1558,8 @@ impl Backend for CudaBackend {
         for &t in tokens {
             self.check_token(t)?;
         }
-        let logits = self.prefill_inner(seq, len, tokens)?;
+        let r = self.prefill_inner(seq, len, tokens);
+        let logits = self.on_fault(r.map_err(DeviceError::from))?;
         self.kv.set_len(seq, len + tokens.len());
         Ok(logits)
     }
@@ -1493,7 +1573,8 @@ impl Backend for CudaBackend {
                 data: Vec::new(),
             });
         }
-        let data = self.decode_inner(batch)?;
+        let r = self.decode_inner(batch);
+        let data = self.on_fault(r.map_err(DeviceError::from))?;
         for it in batch {
             self.kv.set_len(it.seq, it.pos + 1);
         }
@@ -1507,8 +1588,10 @@ impl Backend for CudaBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.run_decode(batch)?;
-        let ids = self.device_argmax(batch.len())?;
+        let r = self
+            .run_decode(batch)
+            .and_then(|()| self.device_argmax(batch.len()));
+        let ids = self.on_fault(r.map_err(DeviceError::from))?;
         for it in batch {
             self.kv.set_len(it.seq, it.pos + 1);
         }
@@ -1517,6 +1600,36 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Passes a step's result through; on a fatal fault (the context is dead, and with it every
+    /// buffer in it) the shared device copy of the weights is first forgotten by
+    /// [`device_weights`], so that no engine built from now on (this instance's rebuild, a new
+    /// instance) is handed memory of the dead context. Instances still holding it keep it until
+    /// their own step faults and they are rebuilt.
+    fn on_fault<T>(&self, r: Result<T, DeviceError>) -> Result<T, DeviceError> {
+        if let (Err(e), Some(key)) = (&r, &self.shared_key) {
+            if e.kind() == FaultKind::Fatal && device_weights().invalidate(key, &self.weights) {
+                tracing::warn!(
+                    ordinal = self.opts.ordinal,
+                    "fatal device fault: the shared device copy of the weights will not be \
+                     reused; engines built from now on upload their own"
+                );
+            }
+        }
+        r
+    }
+
+    /// Whether `other` runs on the very same device copy of the weights (instances of one
+    /// model on one GPU share it).
+    pub fn shares_weights_with(&self, other: &CudaBackend) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+    }
+
+    /// Whether this backend found its weights already on the device (loaded by another
+    /// instance of the same model) instead of loading them.
+    pub fn reused_weights(&self) -> bool {
+        self.reused_weights
+    }
+
     /// The checks of a decode batch, before anything runs: distinct sequences, each at its
     /// length, with room for one more token, and tokens inside the vocabulary.
     fn check_batch(&self, batch: &[DecodeItem]) -> Result<(), DeviceError> {

@@ -23,6 +23,7 @@ pub mod kernels;
 mod kv;
 pub mod linear;
 pub mod mma;
+pub mod persist;
 pub mod plan;
 pub mod stream;
 pub mod tbe3;
