@@ -3,7 +3,8 @@
 //!
 //! For every plain BF16 checkpoint given (and all-MiniLM-L6-v2, rounded to BF16 and written as
 //! one, with `--minilm`) it times, best of `--repeats`: `compress` with format version 2's
-//! parameters and with version 1's, and `decompress` of each result. The input is read from the
+//! parameters and with version 1's, and `decompress` of each result; the repeats of the codecs
+//! are interleaved, so a change of load on a shared machine hits them alike. The input is read from the
 //! page cache after the first repeat and the output goes to the page cache (no fsync), the same
 //! for every repeat and every format. ZipNN gets the concatenation of the checkpoint's tensor
 //! bytes in memory (`scripts/zipnn_bench.py`): no file I/O at all on its side, so the comparison
@@ -85,9 +86,51 @@ fn measure_all(args: &CliArgs, repeats: usize, threads: usize, work: &Path) -> R
     for (name, dir) in &models {
         let bytes = tensor_bytes(dir)?;
         let total = bytes.len();
-        let v2 = measure_ours(dir, work, repeats, Params::default(), total)?;
+        let formats = [Params::default(), super::bench::V1_PARAMS];
+        let mut runs: Vec<Run> = formats
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| Run::new(p, work.join(format!("f{i}"))))
+            .collect();
+        let mut zipnn: Option<Value> = None;
+        // Repeats are interleaved (v2, v1, ZipNN, v2, ...) so that a change in the machine's
+        // load hits every codec alike.
+        for _ in 0..repeats {
+            for run in &mut runs {
+                run.compress(dir)?;
+            }
+            if let Some(py) = &args.zipnn_python {
+                let z = super::bench::measure_zipnn(py, &bytes, threads, 1)?;
+                zipnn = Some(match zipnn {
+                    None => z,
+                    Some(mut best) => {
+                        for f in ["compress_gbps", "decompress_gbps"] {
+                            if z[f].as_f64() > best[f].as_f64() {
+                                best[f] = z[f].clone();
+                            }
+                        }
+                        best
+                    }
+                });
+            }
+        }
+        for _ in 0..repeats {
+            for run in &mut runs {
+                run.decompress()?;
+            }
+        }
+        let original = tensor_bytes(dir)?;
+        let [v2, v1] = [&runs[0], &runs[1]].map(|r| r.result(total));
+        for run in &runs {
+            // The round trip must give the tensors back exactly.
+            if tensor_bytes(&run.back)? != original {
+                bail!(
+                    "{}: compress + decompress is not byte-identical",
+                    dir.display()
+                );
+            }
+        }
         print_row(&format!("{name}: unweight compress/decompress"), total, &v2);
-        let v1 = measure_ours(dir, work, repeats, super::bench::V1_PARAMS, total)?;
         print_row(&format!("{name}: unweight format v1"), total, &v1);
         let mut row = json!({
             "checkpoint": name,
@@ -96,12 +139,16 @@ fn measure_all(args: &CliArgs, repeats: usize, threads: usize, work: &Path) -> R
             "unweight_format_v1": v1,
             "decompress_v2_over_v1": ratio(&v2, &v1, "decompress_gbps"),
         });
-        if let Some(py) = &args.zipnn_python {
-            let z = super::bench::measure_zipnn(py, &bytes, threads, repeats)?;
+        if let Some(mut z) = zipnn {
+            z["repeats"] = json!(repeats);
             print_row(&format!("{name}: zipnn (in memory)"), total, &z);
             row["compress_speedup_vs_zipnn"] = ratio(&v2, &z, "compress_gbps");
             row["decompress_speedup_vs_zipnn"] = ratio(&v2, &z, "decompress_gbps");
             row["zipnn"] = z;
+        }
+        for run in &runs {
+            let _ = std::fs::remove_dir_all(&run.comp);
+            let _ = std::fs::remove_dir_all(&run.back);
         }
         results.push(row);
     }
@@ -162,61 +209,71 @@ fn tensor_bytes(dir: &Path) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// `compress` into `work` with `params`, then `decompress` of the result, each timed end to end
-/// (directory in, directory out), best of `repeats`; `total` is the checkpoint's tensor bytes.
-fn measure_ours(
-    dir: &Path,
-    work: &Path,
-    repeats: usize,
+/// One format's `compress` and `decompress` runs (directory in, directory out), best times.
+struct Run {
     params: Params,
-    total: usize,
-) -> Result<Value> {
-    let comp = work.join("compressed");
-    let back = work.join("decompressed");
-    let opts = CompressOptions {
-        params,
-        force: true,
-        progress: false,
-    };
-    let (mut best_c, mut best_d) = (f64::INFINITY, f64::INFINITY);
-    let mut stored = 0u64;
-    for _ in 0..repeats {
-        let _ = std::fs::remove_dir_all(&comp);
+    comp: PathBuf,
+    back: PathBuf,
+    best_c: f64,
+    best_d: f64,
+    stored: u64,
+}
+
+impl Run {
+    fn new(params: Params, dir: PathBuf) -> Self {
+        Self {
+            params,
+            comp: dir.join("compressed"),
+            back: dir.join("decompressed"),
+            best_c: f64::INFINITY,
+            best_d: f64::INFINITY,
+            stored: 0,
+        }
+    }
+
+    /// One timed `compress` of `dir`.
+    fn compress(&mut self, dir: &Path) -> Result<()> {
+        let opts = CompressOptions {
+            params: self.params,
+            force: true,
+            progress: false,
+        };
+        let _ = std::fs::remove_dir_all(&self.comp);
         let t = Instant::now();
-        let r = container::compress_dir(dir, &comp, &opts)
+        let r = container::compress_dir(dir, &self.comp, &opts)
             .with_context(|| format!("compressing {}", dir.display()))?;
-        best_c = best_c.min(t.elapsed().as_secs_f64());
-        stored = r.stored_bytes.iter().sum();
+        self.best_c = self.best_c.min(t.elapsed().as_secs_f64());
+        self.stored = r.stored_bytes.iter().sum();
+        Ok(())
     }
-    for _ in 0..repeats {
-        let _ = std::fs::remove_dir_all(&back);
+
+    /// One timed `decompress` of the last `compress`.
+    fn decompress(&mut self) -> Result<()> {
+        let _ = std::fs::remove_dir_all(&self.back);
         let t = Instant::now();
-        container::decompress_dir(&comp, &back, true, false)
-            .with_context(|| format!("decompressing {}", comp.display()))?;
-        best_d = best_d.min(t.elapsed().as_secs_f64());
+        container::decompress_dir(&self.comp, &self.back, true, false)
+            .with_context(|| format!("decompressing {}", self.comp.display()))?;
+        self.best_d = self.best_d.min(t.elapsed().as_secs_f64());
+        Ok(())
     }
-    // The round trip must give the tensors back exactly.
-    if tensor_bytes(&back)? != tensor_bytes(dir)? {
-        bail!(
-            "{}: compress + decompress is not byte-identical",
-            dir.display()
-        );
+
+    /// The results; `total` is the checkpoint's tensor bytes.
+    fn result(&self, total: usize) -> Value {
+        let p = self.params;
+        json!({
+            "params": {
+                "chunk_elems": p.chunk_elems,
+                "prob_bits": p.prob_bits,
+                "mantissa_bits": p.mantissa_bits,
+            },
+            "compressed_bytes": self.stored,
+            "ratio": self.stored as f64 / total as f64,
+            "compress_gbps": total as f64 / self.best_c / 1e9,
+            "decompress_gbps": total as f64 / self.best_d / 1e9,
+            "compress_seconds": self.best_c,
+            "decompress_seconds": self.best_d,
+        })
     }
-    let _ = std::fs::remove_dir_all(&back);
-    let _ = std::fs::remove_dir_all(&comp);
-    Ok(json!({
-        "params": {
-            "chunk_elems": params.chunk_elems,
-            "prob_bits": params.prob_bits,
-            "mantissa_bits": params.mantissa_bits,
-        },
-        "compressed_bytes": stored,
-        "ratio": stored as f64 / total as f64,
-        "compress_gbps": total as f64 / best_c / 1e9,
-        "decompress_gbps": total as f64 / best_d / 1e9,
-        "compress_seconds": best_c,
-        "decompress_seconds": best_d,
-    }))
 }
 
 /// Writes the F32 tensors of a safetensors file, rounded to BF16 with their names and shapes,
