@@ -4,7 +4,7 @@
 CARGO ?= cargo
 export NVCC ?= $(shell cat .cuda/NVCC_PATH 2>/dev/null)
 
-.PHONY: demo test setup bench-codec lint
+.PHONY: demo test setup bench-codec bench-cli lint
 
 setup:
 	@scripts/setup
@@ -42,3 +42,17 @@ bench-codec: setup
 		--zipnn-python "$$(scripts/bench-env)" \
 		--minilm .cache/minilm/model.safetensors \
 		--out bench/results/codec.json
+
+# The whole compress/decompress commands (file in, file out), formats v2 and v1, next to ZipNN on
+# the same tensors; the real test model, a synthetic SmolLM2-shaped checkpoint and MiniLM as BF16.
+# Writes bench/results/cli.json (commit it with the README table when it changes).
+bench-cli: setup
+	$(CARGO) build --release --locked
+	$(CARGO) run --release --locked -- fetch-test-model --out .cache/smollm2
+	scripts/fetch-minilm .cache/minilm
+	target/release/unweight synth --shape smollm2-135m --out target/bench-synth-smollm2 --force
+	target/release/unweight bench cli \
+		--model .cache/smollm2 --model target/bench-synth-smollm2 \
+		--minilm .cache/minilm/model.safetensors \
+		--zipnn-python "$$(scripts/bench-env)" \
+		--out bench/results/cli.json

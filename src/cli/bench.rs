@@ -43,6 +43,9 @@ pub enum BenchCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The whole compress and decompress commands (file in, file out), formats v2 and v1, next
+    /// to ZipNN on the same tensors.
+    Cli(super::bench_cli::CliArgs),
     /// Decode tokens/s of a model, plain vs compressed (CPU: decoded at load and on the fly;
     /// CUDA: the baseline and the compressed plan side by side).
     Decode(Box<super::bench_decode::DecodeArgs>),
@@ -70,6 +73,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             minilm.as_deref(),
             out.as_deref(),
         ),
+        BenchCommand::Cli(args) => super::bench_cli::run(&args),
         BenchCommand::Decode(args) => super::bench_decode::run(*args),
         BenchCommand::Kernels(args) => super::bench_kernels::run(&args),
         BenchCommand::Load(args) => super::bench_load::run(&args),
@@ -228,7 +232,7 @@ fn minilm_bf16(path: &Path) -> Result<(Vec<u8>, Vec<Range<usize>>)> {
 }
 
 /// The parameters format version 1 wrote: exponent only, 12-bit probabilities, 64 Ki chunks.
-const V1_PARAMS: Params = Params {
+pub(super) const V1_PARAMS: Params = Params {
     chunk_elems: 1 << 16,
     prob_bits: 12,
     mantissa_bits: 0,
@@ -309,7 +313,12 @@ fn measure_ours(
     }))
 }
 
-fn measure_zipnn(python: &Path, bytes: &[u8], threads: usize, repeats: usize) -> Result<Value> {
+pub(super) fn measure_zipnn(
+    python: &Path,
+    bytes: &[u8],
+    threads: usize,
+    repeats: usize,
+) -> Result<Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/zipnn_bench.py");
     let tmp = std::env::temp_dir().join(format!("unweight-bench-{}.bf16", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;

@@ -231,8 +231,8 @@ impl ChunkEncoder {
 }
 
 /// A decoding table: per slot the symbol, and `freq << 16 | (slot - cum)` for the state update;
-/// for `prob_bits <= 12` also the SIMD decoder's packed form of both; and per symbol the bits it
-/// decodes to (see [`SymbolModel::high_bits`]).
+/// the SIMD decoder's packed form of both when it applies (see [`super::simd`]); and per symbol
+/// the bits it decodes to (see [`SymbolModel::high_bits`]).
 #[derive(Clone, Debug)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the SIMD parts are x86-64 only
 pub struct DecodeTable {
@@ -240,9 +240,8 @@ pub struct DecodeTable {
     mantissa_bits: u32,
     symbol: Vec<u8>,
     update: Vec<u32>,
-    packed: Vec<u32>,
+    packed: Packed,
     high: Box<[u16; 256]>,
-    freqs: Box<[u16; 256]>,
     simd: bool,
 }
 
@@ -267,10 +266,13 @@ impl DecodeTable {
         }
         let m = model.mantissa_bits();
         let simd = super::simd::available() && pb <= super::simd::max_simd_decode_prob_bits(m);
-        let packed = if simd {
-            super::simd::pack_decode_table(&symbol, &update, m)
-        } else {
-            Vec::new()
+        let high: Box<[u16; 256]> = Box::new(std::array::from_fn(|s| model.high_bits(s as u8)));
+        let packed = match (simd, m) {
+            (false, _) => Packed::None,
+            (true, 0) => Packed::Exponent(super::simd::pack_decode_table(&symbol, &update)),
+            (true, _) => {
+                Packed::Mantissa(super::simd::pack_decode_table_m3(&symbol, &update, &high))
+            }
         };
         Self {
             prob_bits: pb,
@@ -278,8 +280,7 @@ impl DecodeTable {
             symbol,
             update,
             packed,
-            high: Box::new(std::array::from_fn(|s| model.high_bits(s as u8))),
-            freqs: Box::new(std::array::from_fn(|s| table.freq(s as u8) as u16)),
+            high,
             simd,
         }
     }
@@ -300,23 +301,35 @@ impl DecodeTable {
         self.mantissa_bits
     }
 
-    /// Per symbol, the bits it decodes to, in their BF16 positions.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(crate) fn high(&self) -> &[u16; 256] {
-        &self.high
-    }
-
-    /// Per symbol, its frequency (`prob_bits <= 15`, so it fits).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(crate) fn freqs(&self) -> &[u16; 256] {
-        &self.freqs
-    }
-
-    /// The SIMD decoder's packed entries (empty when it does not apply).
+    /// The SIMD decoder's packed entries of the exponent model (empty when it does not apply).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn packed(&self) -> &[u32] {
-        &self.packed
+        match &self.packed {
+            Packed::Exponent(p) => p,
+            _ => &[],
+        }
     }
+
+    /// The SIMD decoder's packed entries with coded mantissa bits (empty when they do not apply).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn packed_m3(&self) -> &[u64] {
+        match &self.packed {
+            Packed::Mantissa(p) => p,
+            _ => &[],
+        }
+    }
+}
+
+/// The SIMD decoder's form of a decoding table, by symbol model.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Packed {
+    /// The SIMD decoder does not apply.
+    None,
+    /// Exponent model: u32 entries.
+    Exponent(Vec<u32>),
+    /// Coded mantissa bits: u64 entries.
+    Mantissa(Vec<u64>),
 }
 
 /// Decodes one chunk into little-endian BF16 bytes, `out.len() / 2` elements, joining each

@@ -41,9 +41,9 @@
 //!   scalar.
 //! - The BF16 split (raw plane, symbols) is fused into the encoder's pass over the input.
 //! - With coded mantissa bits (`mantissa_bits = 3`, format version 2) the symbol is looked up by
-//!   key with a full gather from a 2048-entry table, and the decoder maps a symbol to its bits
-//!   with four 64-entry `vpermt2w` lookups; the raw plane's 20 bytes per step are split and
-//!   joined with a few shifts, a narrowing move and a sign mask.
+//!   key with a full gather from a 2048-entry table, and the decoder's u64 entries carry the
+//!   symbol's bits; the raw plane's 20 bytes per step are split and joined with a few shifts, a
+//!   narrowing move and a sign mask.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{decode_chunks, encode_chunk};
@@ -55,7 +55,7 @@ pub const WORD_PAD_BYTES: usize = 64;
 /// has 12-bit fields).
 pub const MAX_SIMD_DECODE_PROB_BITS: u32 = 12;
 /// Largest `prob_bits` the SIMD decoder handles with coded mantissa bits (its packed entry holds
-/// the symbol and `slot - cum` in 16 bits each; frequencies come from registers).
+/// the frequency and `slot - cum` in 16 bits each).
 pub const MAX_SIMD_DECODE_PROB_BITS_M3: u32 = 15;
 
 /// Largest `prob_bits` the SIMD decoder handles for a model.
@@ -84,21 +84,27 @@ pub fn available() -> bool {
     }
 }
 
-/// The SIMD decoder's packed table: per slot `symbol << 24 | (freq - 1) << 12 | (slot - cum)`
-/// for the exponent model (`prob_bits <= 12`), `symbol << 16 | (slot - cum)` with coded mantissa
-/// bits (`prob_bits <= 15`; the decoder looks the frequency up by symbol).
-pub(crate) fn pack_decode_table(symbol: &[u8], update: &[u32], mantissa_bits: u32) -> Vec<u32> {
+/// The SIMD decoder's packed table of the exponent model (`prob_bits <= 12`): per slot
+/// `symbol << 24 | (freq - 1) << 12 | (slot - cum)`.
+pub(crate) fn pack_decode_table(symbol: &[u8], update: &[u32]) -> Vec<u32> {
     symbol
         .iter()
         .zip(update)
         .map(|(&s, &u)| {
             let (freq, bias) = (u >> 16, u & 0xffff);
-            if mantissa_bits == 0 {
-                (s as u32) << 24 | (freq - 1) << 12 | bias
-            } else {
-                (s as u32) << 16 | bias
-            }
+            (s as u32) << 24 | (freq - 1) << 12 | bias
         })
+        .collect()
+}
+
+/// The SIMD decoder's packed table with coded mantissa bits (`prob_bits <= 15`): per slot one
+/// u64, `high_bits(symbol) << 32 | freq << 16 | (slot - cum)`, so one gather yields everything
+/// a lane needs: the state update and the bits the symbol decodes to.
+pub(crate) fn pack_decode_table_m3(symbol: &[u8], update: &[u32], high: &[u16; 256]) -> Vec<u64> {
+    symbol
+        .iter()
+        .zip(update)
+        .map(|(&s, &u)| (high[s as usize] as u64) << 32 | u as u64)
         .collect()
 }
 
@@ -165,10 +171,12 @@ mod x86 {
         sel: __m512i,
         odd: __m512i,
         table: *const u32,
-        /// `mantissa_bits = 3`: the 256 u16 `high_bits` of the symbols, 32 per register.
-        high: [__m512i; 8],
-        /// `mantissa_bits = 3`: the 256 u16 frequencies of the symbols, 32 per register.
-        freq: [__m512i; 8],
+        /// `mantissa_bits = 3`: the packed u64 entries.
+        table64: *const u64,
+        /// `mantissa_bits = 3`: picks the low u32 of 16 u64 entries held in two registers.
+        even32: __m512i,
+        /// `mantissa_bits = 3`: picks u16 number 2 (the high bits) of 16 u64 entries.
+        word2: __m512i,
         low16: __m512i,
         low4: __m512i,
         top: __m512i,
@@ -250,6 +258,11 @@ mod x86 {
         raw: *const u8,
         out: *mut u8,
     ) {
+        if M3 {
+            // SAFETY: the same contract.
+            unsafe { step_m3(s, c, raw, out) };
+            return;
+        }
         // SAFETY: every slot is masked to `prob_bits` bits and the table has `2^prob_bits`
         // entries, so all 32 gathered addresses are in bounds.
         let (e0, e1) = unsafe {
@@ -258,11 +271,6 @@ mod x86 {
                 _mm512_i32gather_epi32::<4>(_mm512_and_si512(s.x1, c.mask), c.table.cast()),
             )
         };
-        if M3 {
-            // SAFETY: as the exponent-model step below.
-            unsafe { step_m3(s, c, e0, e1, raw, out) };
-            return;
-        }
         // y = freq · (x >> pb) + (slot - cum)
         let f0 = _mm512_add_epi32(
             _mm512_and_si512(_mm512_srli_epi32::<12>(e0), c.low12),
@@ -293,54 +301,47 @@ mod x86 {
         }
     }
 
-    /// Looks up 32 u16 entries of a 256-entry table held in 8 registers by the symbols in
-    /// `idx` (u16 lanes, 0..=255): four 64-entry permutes picked by the symbols' bits 6 and 7.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    fn lookup256(t: &[__m512i; 8], idx: __m512i, b6: __mmask32, b7: __mmask32) -> __m512i {
-        let r0 = _mm512_permutex2var_epi16(t[0], idx, t[1]);
-        let r1 = _mm512_permutex2var_epi16(t[2], idx, t[3]);
-        let r2 = _mm512_permutex2var_epi16(t[4], idx, t[5]);
-        let r3 = _mm512_permutex2var_epi16(t[6], idx, t[7]);
-        let lo = _mm512_mask_blend_epi16(b6, r0, r1);
-        let hi = _mm512_mask_blend_epi16(b6, r2, r3);
-        _mm512_mask_blend_epi16(b7, lo, hi)
-    }
-
-    /// One step with coded mantissa bits: `e0`, `e1` are the gathered `symbol << 16 | bias`
-    /// entries of the 32 lanes. Same contract as [`step`].
+    /// One step with coded mantissa bits. Same contract as [`step`], with `c.table64` the
+    /// packed u64 table of `2^prob_bits` entries.
     ///
     /// # Safety
     /// As [`step`]; `raw` points to the step's 20 readable raw bytes.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt")]
     #[inline]
-    unsafe fn step_m3(
-        s: &mut Stream<'_>,
-        c: &DecodeConsts,
-        e0: __m512i,
-        e1: __m512i,
-        raw: *const u8,
-        out: *mut u8,
-    ) {
-        // The symbols, lanes 0..31 in u16 lanes (the high halves of the entries).
-        let idx = _mm512_permutex2var_epi16(e0, c.odd, e1);
-        let b6 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(64));
-        let b7 = _mm512_test_epi16_mask(idx, _mm512_set1_epi16(128));
-        let f = lookup256(&c.freq, idx, b6, b7);
-        let f0 = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(f));
-        let f1 = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(f));
+    unsafe fn step_m3(s: &mut Stream<'_>, c: &DecodeConsts, raw: *const u8, out: *mut u8) {
+        let (s0, s1) = (
+            _mm512_and_si512(s.x0, c.mask),
+            _mm512_and_si512(s.x1, c.mask),
+        );
+        // SAFETY: every slot is masked to `prob_bits` bits and the table has `2^prob_bits`
+        // entries, so all 32 gathered addresses are in bounds.
+        let g = unsafe {
+            [
+                _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(s0), c.table64.cast()),
+                _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(s0), c.table64.cast()),
+                _mm512_i32gather_epi64::<8>(_mm512_castsi512_si256(s1), c.table64.cast()),
+                _mm512_i32gather_epi64::<8>(_mm512_extracti64x4_epi64::<1>(s1), c.table64.cast()),
+            ]
+        };
+        // `freq << 16 | bias` of lanes 0..15 and 16..31.
+        let d0 = _mm512_permutex2var_epi32(g[0], c.even32, g[1]);
+        let d1 = _mm512_permutex2var_epi32(g[2], c.even32, g[3]);
         // y = freq · (x >> pb) + (slot - cum)
         // SAFETY: as in `step`.
         unsafe {
             advance(
                 s,
                 c,
-                [f0, f1],
-                [_mm512_and_si512(e0, c.low16), _mm512_and_si512(e1, c.low16)],
+                [_mm512_srli_epi32::<16>(d0), _mm512_srli_epi32::<16>(d1)],
+                [_mm512_and_si512(d0, c.low16), _mm512_and_si512(d1, c.low16)],
             )
         };
+        // The symbols' bits: u16 number 2 of each entry, lanes 0..15 then 16..31.
+        let h = _mm512_inserti64x4::<1>(
+            _mm512_permutex2var_epi16(g[0], c.word2, g[1]),
+            _mm512_castsi512_si256(_mm512_permutex2var_epi16(g[2], c.word2, g[3])),
+        );
         // Output: the symbol's bits, the trailing mantissa nibbles and the sign bits.
-        let h = lookup256(&c.high, idx, b6, b7);
         // SAFETY: the caller passes the step's 20 readable raw bytes.
         let (nib, signs) = unsafe {
             (
@@ -391,9 +392,10 @@ mod x86 {
         jobs: [ans::ChunkJob<'_>; N],
         table: &DecodeTable,
     ) -> [Result<(), CodecError>; N] {
-        let (packed, prob_bits) = (table.packed(), table.prob_bits());
+        let (packed, packed_m3, prob_bits) = (table.packed(), table.packed_m3(), table.prob_bits());
         let m = table.mantissa_bits();
-        assert!(prob_bits <= super::max_simd_decode_prob_bits(m) && packed.len() == 1 << prob_bits);
+        assert!(prob_bits <= super::max_simd_decode_prob_bits(m));
+        assert!(if M3 { packed_m3.len() } else { packed.len() } == 1 << prob_bits);
         assert_eq!(M3, m != 0);
         let n = jobs[0].out.len() / 2;
         for j in &jobs {
@@ -424,8 +426,13 @@ mod x86 {
             return result;
         }
         let mut odd = [0u16; 32];
-        for (j, o) in odd.iter_mut().enumerate() {
-            *o = 2 * j as u16 + 1;
+        let mut word2 = [0u16; 32];
+        let mut even32 = [0u16; 32];
+        for j in 0..32 {
+            odd[j] = 2 * j as u16 + 1;
+            word2[j] = if j < 16 { 4 * j as u16 + 2 } else { 0 };
+            // u32 index 2j in the low and zero in the high half of u32 lane j (j < 16).
+            even32[j] = if j % 2 == 0 { j as u16 } else { 0 };
         }
         let c = DecodeConsts {
             mask: _mm512_set1_epi32(((1u32 << prob_bits) - 1) as i32),
@@ -436,14 +443,9 @@ mod x86 {
             sel: _mm512_set1_epi32(0x807f_807fu32 as i32),
             odd: load_u16x32(&odd),
             table: packed.as_ptr(),
-            // SAFETY: 8 × 32 u16 = the 256 readable entries of `high`; unaligned loads.
-            high: std::array::from_fn(|r| unsafe {
-                _mm512_loadu_si512(table.high()[32 * r..].as_ptr().cast())
-            }),
-            // SAFETY: as above, for `freqs`.
-            freq: std::array::from_fn(|r| unsafe {
-                _mm512_loadu_si512(table.freqs()[32 * r..].as_ptr().cast())
-            }),
+            table64: packed_m3.as_ptr(),
+            even32: load_u16x32(&even32),
+            word2: load_u16x32(&word2),
             low16: _mm512_set1_epi32(0xffff),
             low4: _mm512_set1_epi32(0xf),
             top: _mm512_set1_epi16(0x8000u16 as i16),

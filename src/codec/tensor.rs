@@ -492,7 +492,7 @@ pub fn decode(view: &EncodedView<'_>) -> Result<Vec<u8>, CodecError> {
 /// decode and stopped it from scaling past one thread. With transparent huge pages in `madvise`
 /// mode, the usual default, this makes it one fault per 2 MiB. Only a hint: errors are ignored,
 /// and the contents are unaffected.
-fn advise_huge_pages<T>(buf: &mut [T]) {
+pub(crate) fn advise_huge_pages<T>(buf: &mut [T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
