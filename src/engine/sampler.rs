@@ -1,15 +1,16 @@
 //! Choosing the next token from a row of logits: greedy, or temperature / top-k / top-p sampling
-//! from a seeded RNG owned by one request, after the OpenAI-style frequency and presence
-//! penalties on the tokens generated so far.
+//! with a counter-based random draw keyed by the request's seed and the token's position, after
+//! the OpenAI-style frequency and presence penalties on the tokens generated so far.
 //!
-//! Deterministic: the same logits, parameters and seed give the same token on every machine and
-//! in any batch, because each request has its own RNG that draws exactly one number per sampled
-//! token, candidates are ordered by (logit descending, id ascending), and probabilities are
-//! computed in f64 in that fixed order.
+//! The semantics are those of docs/sampling.md, written so that a GPU kernel reproduces them
+//! exactly: after the one `f32` exponential ([`weight`], plain `f32` multiplies and adds), every
+//! step is integer arithmetic on fixed-point weights (sums that do not depend on their order,
+//! selection by an integer key), and the random number is Philox4x32-10 of (seed, position), so
+//! a token never depends on the batch it ran in, on the draws before it, nor on a preemption.
+//! No full sort of the vocabulary: the candidates are the tokens within 2^-32 of the best, and
+//! top-k and top-p find their cut by partial selection.
 
-use rand::{Rng, SeedableRng};
-use rand_xoshiro::Xoshiro256PlusPlus;
-
+use super::philox;
 use super::EngineError;
 
 /// How a request picks its tokens.
@@ -22,7 +23,8 @@ pub struct SamplingParams {
     /// Keep the smallest set of most likely tokens whose probability reaches `top_p`; 1 keeps
     /// all.
     pub top_p: f32,
-    /// Seed of the request's RNG.
+    /// Key of the request's random draws (docs/sampling.md): with the token's position it
+    /// decides each draw.
     pub seed: u64,
     /// Subtracted from a token's logit once for every time the request generated it
     /// (OpenAI's `frequency_penalty`); in [-2, 2], 0 = off.
@@ -104,18 +106,75 @@ impl SamplingParams {
     }
 }
 
-/// A request's sampler: its parameters and its RNG.
+/// The fixed-point weight of the most likely token: a token's weight is its probability
+/// relative to the most likely token's, times 2^32, rounded down ([`weight`]).
+pub const WEIGHT_ONE: u64 = 1 << 32;
+
+/// The least scaled logit gap `t = (logit - max) / temperature × log2(e)` of a candidate: a
+/// token further below the best (relative probability under 2^-32, a weight of at most 1) is
+/// not a candidate. Half the 64-bit uniform's resolution would not see it either.
+pub const T_MIN: f32 = -32.0;
+
+/// 2^f = e^(f ln 2) on [-0.5, 0.5] as the Taylor polynomial of degree 7: (ln 2)^k / k!,
+/// k = 0..=7, rounded to `f32` (truncation error below 3e-9 relative).
+const EXP2_POLY: [f32; 8] = [
+    1.0,
+    6.931472e-1,
+    2.402265e-1,
+    5.550411e-2,
+    9.618129e-3,
+    1.333_355_8e-3,
+    1.540353e-4,
+    1.525_273_4e-5,
+];
+
+/// 1.5 × 2^23: `(t + ROUND) - ROUND` rounds an `f32` of magnitude below 2^22 to the nearest
+/// integer (ties to even), exactly, with two IEEE additions.
+const ROUND: f32 = 12_582_912.0;
+
+/// The fixed-point weight of a token whose scaled gap is `t` (`T_MIN <= t <= 0`):
+/// floor(2^t × 2^32), with 2^t computed as 2^r × P(f), r = t rounded to the nearest integer,
+/// f = t - r, P = `EXP2_POLY` (the degree-7 Taylor polynomial of 2^f) by Horner's rule, every
+/// operation a separately rounded `f32` add or multiply (a CUDA kernel uses
+/// `__fadd_rn`/`__fmul_rn`, no fused multiply-add, and gets the same bits). Exactly [`WEIGHT_ONE`] at `t = 0`; within 1e-6 relative of 2^(t+32)
+/// elsewhere (tested).
+pub fn weight(t: f32) -> u64 {
+    debug_assert!((T_MIN..=0.0).contains(&t), "t = {t}");
+    let r = (t + ROUND) - ROUND;
+    let f = t - r;
+    let mut p = EXP2_POLY[7];
+    for &c in EXP2_POLY[..7].iter().rev() {
+        p = p * f + c;
+    }
+    // 2^(32 + r), r in [-32, 0]: an exact power of two, so the product is exact.
+    let scale = f32::from_bits(((32 + r as i32 + 127) as u32) << 23);
+    (p * scale) as u64
+}
+
+/// The total order of tokens that top-k and top-p cut: larger logit first, and among equal
+/// logits (±0 equal) the lower id first. A larger key is a better token; the key is the
+/// logit's bits made monotone in the top 32 bits and the complement of the id in the low 32.
+pub fn rank_key(logit: f32, id: u32) -> u64 {
+    let bits = (logit + 0.0).to_bits(); // -0 + 0 = +0
+    let ordered = if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    };
+    (u64::from(ordered) << 32) | u64::from(u32::MAX - id)
+}
+
+/// A request's sampler: its parameters. It holds no state between tokens: each draw is a
+/// function of the request's seed and the token's position.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Xoshiro256PlusPlus,
 }
 
 impl Sampler {
-    /// A sampler seeded from `params.seed`.
+    /// A sampler with these parameters.
     pub fn new(params: SamplingParams) -> Self {
-        let rng = Xoshiro256PlusPlus::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self { params }
     }
 
     /// The parameters.
@@ -123,64 +182,146 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token. NaN logits count as impossible tokens.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Picks the token at `position` (how many tokens the request generated before it) from
+    /// `logits` (penalties and masks already applied): [`argmax`] when greedy, otherwise the
+    /// inverse CDF, over the [`kept`](Sampler::kept) tokens in id order, of the uniform that
+    /// Philox4x32-10 gives for (seed, position). NaN logits are impossible tokens; a row with
+    /// nothing above -inf gives [`argmax`]'s answer (0).
+    pub fn sample(&self, logits: &[f32], position: u64) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let probs = self.distribution(logits);
-        let u: f64 = self.rng.gen();
-        let total: f64 = probs.iter().map(|&(_, p)| p).sum();
-        let mut target = u * total;
-        for &(id, p) in &probs {
-            if target < p {
-                return id;
-            }
-            target -= p;
+        let kept = self.kept(logits);
+        let total: u64 = kept.iter().map(|&(_, w)| w).sum();
+        if total == 0 {
+            return argmax(logits);
         }
-        probs.last().map_or_else(|| argmax(logits), |&(id, _)| id)
+        let x = philox::draw_word(self.params.seed, position);
+        pick(&kept, total, x)
     }
 
-    /// The candidates left after temperature, top-k and top-p, with their (unnormalised)
-    /// probabilities, most likely first.
-    pub fn distribution(&self, logits: &[f32]) -> Vec<(u32, f64)> {
+    /// The tokens that can be drawn (after temperature, top-k and top-p) with their fixed-point
+    /// weights, in id order. Empty when nothing is above -inf.
+    pub fn kept(&self, logits: &[f32]) -> Vec<(u32, u64)> {
         let p = &self.params;
-        let mut order: Vec<u32> = (0..logits.len() as u32)
-            .filter(|&i| !logits[i as usize].is_nan())
-            .collect();
-        let by_logit = |a: &u32, b: &u32| {
-            logits[*b as usize]
-                .total_cmp(&logits[*a as usize])
-                .then(a.cmp(b))
-        };
-        if p.top_k > 0 && p.top_k < order.len() {
-            order.select_nth_unstable_by(p.top_k - 1, by_logit);
-            order.truncate(p.top_k);
+        let mut cands = candidates(logits, p.temperature);
+        let key = |&(i, _): &(u32, u64)| rank_key(logits[i as usize], i);
+        let mut threshold = 0u64;
+        if p.top_k > 0 && p.top_k < cands.len() {
+            let mut keys: Vec<u64> = cands.iter().map(key).collect();
+            let (_, kth, _) = keys.select_nth_unstable_by(p.top_k - 1, |a, b| b.cmp(a));
+            threshold = *kth;
         }
-        order.sort_unstable_by(by_logit);
-        let Some(&best) = order.first() else {
-            return Vec::new();
-        };
-        let max = logits[best as usize] as f64;
-        let t = p.temperature.max(f32::MIN_POSITIVE) as f64;
-        let mut probs: Vec<(u32, f64)> = order
-            .iter()
-            .map(|&i| (i, ((logits[i as usize] as f64 - max) / t).exp()))
-            .collect();
         if p.top_p < 1.0 {
-            let total: f64 = probs.iter().map(|&(_, q)| q).sum();
-            let (mut cum, mut keep) = (0.0, probs.len());
-            for (n, &(_, q)) in probs.iter().enumerate() {
-                cum += q;
-                if cum >= p.top_p as f64 * total {
-                    keep = n + 1;
-                    break;
-                }
+            let mut items: Vec<(u64, u64)> = cands
+                .iter()
+                .map(|c| (key(c), c.1))
+                .filter(|&(k, _)| k >= threshold)
+                .collect();
+            let total: u64 = items.iter().map(|&(_, w)| w).sum();
+            if total > 0 {
+                threshold = nucleus_cut(&mut items, top_p_need(p.top_p, total));
             }
-            probs.truncate(keep);
         }
-        probs
+        if threshold > 0 {
+            cands.retain(|c| key(c) >= threshold);
+        }
+        cands
     }
+}
+
+/// The weight the top-p nucleus must reach out of `total`: ceil(P × total / 2^32), where
+/// P = ceil(top_p × 2^32) (`top_p` rounded up to 32 fractional bits); at least 1.
+pub fn top_p_need(top_p: f32, total: u64) -> u64 {
+    let p32 = (f64::from(top_p) * WEIGHT_ONE as f64).ceil() as u128;
+    let need = (p32 * u128::from(total)).div_ceil(u128::from(WEIGHT_ONE));
+    (need as u64).max(1)
+}
+
+/// The candidates of a row at a temperature > 0: every token whose scaled gap to the best
+/// logit `t = ((logit - max) / temperature) × log2(e)` (`f32`, in that order) is at least
+/// [`T_MIN`], with its [`weight`], in id order. A row whose best logit is +inf has the +inf
+/// tokens as its candidates, each of weight [`WEIGHT_ONE`].
+fn candidates(logits: &[f32], temperature: f32) -> Vec<(u32, u64)> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return Vec::new();
+    }
+    if max == f32::INFINITY {
+        return (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize] == f32::INFINITY)
+            .map(|i| (i, WEIGHT_ONE))
+            .collect();
+    }
+    let mut out = Vec::new();
+    for (i, &l) in logits.iter().enumerate() {
+        let t = (l - max) / temperature * std::f32::consts::LOG2_E;
+        if t >= T_MIN {
+            out.push((i as u32, weight(t)));
+        }
+    }
+    out
+}
+
+/// The key of the token that completes the top-p nucleus: the smallest prefix of `items`
+/// (key, weight) in descending key order whose weights sum to at least `need` ends at it.
+/// Quickselect on the weights (expected linear time, deterministic pivots), so nothing is
+/// sorted; the sums are integers, so the answer is that of a full sort exactly.
+/// Requires 0 < `need` <= the sum of the weights and distinct keys.
+fn nucleus_cut(items: &mut [(u64, u64)], mut need: u64) -> u64 {
+    let (mut lo, mut hi) = (0, items.len());
+    loop {
+        let s = &mut items[lo..hi];
+        if s.len() <= 1 {
+            return s.first().map_or(u64::MAX, |&(k, _)| k);
+        }
+        // Median of the first, middle and last keys as the pivot, moved to the front.
+        let (a, b, c) = (0, s.len() / 2, s.len() - 1);
+        let (ka, kb, kc) = (s[a].0, s[b].0, s[c].0);
+        let m = if (ka <= kb) == (kb <= kc) {
+            b
+        } else if (kb <= ka) == (ka <= kc) {
+            a
+        } else {
+            c
+        };
+        s.swap(0, m);
+        let pivot = s[0];
+        // Keys above the pivot to s[1..=above].
+        let mut above = 0;
+        let mut mass = 0u64;
+        for j in 1..s.len() {
+            if s[j].0 > pivot.0 {
+                above += 1;
+                mass += s[j].1;
+                s.swap(j, above);
+            }
+        }
+        if mass >= need {
+            (lo, hi) = (lo + 1, lo + 1 + above);
+        } else if mass + pivot.1 >= need {
+            return pivot.0;
+        } else {
+            need -= mass + pivot.1;
+            lo += 1 + above;
+        }
+    }
+}
+
+/// The inverse CDF: the first token of `kept` (id order) whose running sum of weights exceeds
+/// floor(x × total / 2^32).
+fn pick(kept: &[(u32, u64)], total: u64, x: u32) -> u32 {
+    let target = ((u128::from(x) * u128::from(total)) >> 32) as u64;
+    let mut cum = 0u64;
+    for &(id, w) in kept {
+        cum += w;
+        if cum > target {
+            return id;
+        }
+    }
+    // target < total, so the loop returned; the last token is the answer of a total that
+    // rounding could never reach.
+    kept.last().map_or(0, |&(id, _)| id)
 }
 
 /// The most likely token (the lowest id among equal maxima; NaN never wins; 0 when nothing is
@@ -231,11 +372,11 @@ mod tests {
     fn greedy_takes_the_first_maximum_and_skips_nan() {
         assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, -1.0, -2.0]), 1);
-        let mut s = Sampler::new(params(0.0, 0, 1.0, 9));
-        assert_eq!(s.sample(&[0.1, 0.2, 5.0]), 2);
+        let s = Sampler::new(params(0.0, 0, 1.0, 9));
+        assert_eq!(s.sample(&[0.1, 0.2, 5.0], 0), 2);
         // top_k = 1 is greedy at any temperature.
-        let mut s = Sampler::new(params(2.0, 1, 1.0, 9));
-        assert_eq!(s.sample(&[0.1, 7.0, 5.0]), 1);
+        let s = Sampler::new(params(2.0, 1, 1.0, 9));
+        assert_eq!(s.sample(&[0.1, 7.0, 5.0], 3), 1);
     }
 
     /// The edge cases the CUDA kernel `argmax_rows` must reproduce (tests/cuda.rs checks it
@@ -252,69 +393,311 @@ mod tests {
         assert_eq!(argmax(&[1.0, -0.0, 0.0, 5.0, -0.0]), 3);
         assert_eq!(argmax(&[-1.0, -0.0, 0.0]), 1);
         assert_eq!(argmax(&[0.0, 1e-45, 1e-45]), 1);
-        // Greedy sampling is this function, and draws nothing from the RNG.
-        let mut s = Sampler::new(params(0.0, 0, 1.0, 3));
-        let before = s.rng.clone();
-        assert_eq!(s.sample(&[nan, 0.5, 0.5]), 1);
-        assert_eq!(s.rng, before);
+        // A sampled row with nothing above -inf gives argmax's answer too.
+        let s = Sampler::new(params(0.8, 0, 0.95, 3));
+        assert_eq!(s.sample(&[nan, -inf, nan], 5), 0);
+        // A +inf best: the +inf tokens share the draw, nothing else is possible.
+        for pos in 0..64 {
+            assert!(matches!(s.sample(&[-inf, 2.0, inf, inf, nan], pos), 2 | 3));
+        }
     }
 
-    #[test]
-    fn same_seed_same_tokens_other_seed_other_tokens() {
-        let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
-        let run = |seed| {
-            let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
-            (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
-        };
-        assert_eq!(run(5), run(5));
-        assert_ne!(run(5), run(6));
+    fn rows(seed: u64, n: usize, len: usize) -> Vec<Vec<f32>> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                (0..len)
+                    // Quantized to tenths so that rows have ties.
+                    .map(|_| (rng.gen_range(-80..80) as f32) / 10.0)
+                    .collect()
+            })
+            .collect()
     }
 
+    /// Greedy (temperature 0, or top_k 1) is argmax, lowest id among ties, at every position;
+    /// a cold temperature (every other token below 2^-32 of the best) draws it too.
     #[test]
-    fn top_k_keeps_the_k_best() {
-        let s = Sampler::new(params(1.0, 2, 1.0, 0));
-        let d = s.distribution(&[1.0, 4.0, 3.0, 4.0]);
-        // Ties go to the lower id: ids 1 and 3 (logit 4) beat id 2.
-        assert_eq!(d.iter().map(|&(i, _)| i).collect::<Vec<_>>(), vec![1, 3]);
-        let mut s = Sampler::new(params(1.0, 2, 1.0, 3));
-        for _ in 0..200 {
-            assert!(matches!(s.sample(&[1.0, 4.0, 3.0, 4.0]), 1 | 3));
+    fn greedy_equals_argmax() {
+        for (r, row) in rows(1, 200, 300).iter().enumerate() {
+            let r = r as u64;
+            let best = argmax(row);
+            let first = row.iter().position(|&l| l == row[best as usize]).unwrap();
+            assert_eq!(best as usize, first);
+            assert_eq!(Sampler::new(params(0.0, 0, 1.0, r)).sample(row, r), best);
+            assert_eq!(Sampler::new(params(1.5, 1, 0.3, r)).sample(row, r), best);
+            let ties = row.iter().filter(|&&l| l == row[best as usize]).count();
+            if ties == 1 {
+                let cold = Sampler::new(params(1e-3, 0, 1.0, r));
+                assert_eq!(cold.kept(row), vec![(best, WEIGHT_ONE)]);
+                assert_eq!(cold.sample(row, r), best);
+            }
+        }
+    }
+
+    /// `weight` is floor(2^(t + 32)) to a millionth, exactly 2^32 at 0, and never decreases.
+    #[test]
+    fn weight_is_a_fixed_point_exp2() {
+        assert_eq!(weight(0.0), WEIGHT_ONE);
+        assert_eq!(weight(-0.0), WEIGHT_ONE);
+        assert_eq!(weight(-1.0), WEIGHT_ONE / 2);
+        assert_eq!(weight(-32.0), 1);
+        let mut last = 0u64;
+        for i in 0..=(32 << 12) {
+            let t = -32.0 + i as f32 / 4096.0;
+            let w = weight(t);
+            let exact = (f64::from(t) + 32.0).exp2();
+            assert!(
+                (w as f64 - exact).abs() <= exact * 1e-6 + 1.0,
+                "t {t}: {w} vs {exact}"
+            );
+            assert!(w >= last, "t {t}: {w} < {last}");
+            last = w;
+        }
+    }
+
+    /// The key orders by logit (±0 equal, -inf lowest) and then by id, lower first.
+    #[test]
+    fn rank_key_is_logit_then_lower_id() {
+        let inf = f32::INFINITY;
+        let vals = [
+            -inf, -3.0e38, -2.5, -1e-45, -0.0, 0.0, 1e-45, 0.5, 3.0e38, inf,
+        ];
+        for &a in &vals {
+            for &b in &vals {
+                for (i, j) in [(0u32, 1u32), (1, 0), (7, 7), (0, u32::MAX - 1)] {
+                    let want = a > b || (a == b && i < j);
+                    assert_eq!(rank_key(a, i) > rank_key(b, j), want, "{a}#{i} vs {b}#{j}");
+                }
+            }
+        }
+    }
+
+    /// The kept set by sorting: top-k and top-p as the documentation defines them, from the
+    /// same weights, for the partial selection to be compared with.
+    fn kept_by_sorting(s: &Sampler, logits: &[f32]) -> Vec<(u32, u64)> {
+        let p = s.params();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut c: Vec<(u32, u64)> = (0..logits.len() as u32)
+            .filter_map(|i| {
+                let t = (logits[i as usize] - max) / p.temperature * std::f32::consts::LOG2_E;
+                (t >= T_MIN).then(|| (i, weight(t)))
+            })
+            .collect();
+        c.sort_by_key(|&(i, _)| std::cmp::Reverse(rank_key(logits[i as usize], i)));
+        if p.top_k > 0 {
+            c.truncate(p.top_k);
+        }
+        let need = top_p_need(p.top_p, c.iter().map(|x| x.1).sum());
+        let mut cum = 0;
+        let n = c
+            .iter()
+            .position(|x| {
+                cum += x.1;
+                cum >= need
+            })
+            .unwrap();
+        c.truncate(n + 1);
+        c.sort_by_key(|x| x.0);
+        c
+    }
+
+    /// Partial selection (no sort) keeps exactly what a full sort keeps, on rows with ties, and
+    /// on a vocabulary-sized row.
+    #[test]
+    fn partial_selection_keeps_what_a_sort_keeps() {
+        let mut all = rows(2, 60, 500);
+        all.extend(rows(3, 2, 49_152));
+        for (r, row) in all.iter().enumerate() {
+            for (t, k, p) in [
+                (0.8, 0, 0.95),
+                (1.0, 40, 1.0),
+                (0.5, 0, 0.5),
+                (2.0, 100, 0.9),
+                (1.3, 3, 0.01),
+            ] {
+                let s = Sampler::new(params(t, k, p, 0));
+                assert_eq!(
+                    s.kept(row),
+                    kept_by_sorting(&s, row),
+                    "row {r}, {t} {k} {p}"
+                );
+            }
         }
     }
 
     #[test]
+    fn top_k_keeps_the_k_best_ties_to_the_lower_id() {
+        let s = Sampler::new(params(1.0, 2, 1.0, 0));
+        let ids = |v: Vec<(u32, u64)>| v.iter().map(|&(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(ids(s.kept(&[1.0, 4.0, 3.0, 4.0])), vec![1, 3]);
+        assert_eq!(ids(s.kept(&[4.0, 3.0, 4.0, 4.0])), vec![0, 2]);
+        for pos in 0..200 {
+            assert!(matches!(s.sample(&[1.0, 4.0, 3.0, 4.0], pos), 1 | 3));
+        }
+    }
+
+    /// The nucleus is the smallest prefix reaching top_p, the token that crosses it included.
+    #[test]
     fn top_p_keeps_the_smallest_nucleus() {
-        // Probabilities 0.5, 0.25, 0.125, 0.125 (logits ln of them).
-        let logits = [0.5f32.ln(), 0.25f32.ln(), 0.125f32.ln(), 0.125f32.ln()];
+        // Probabilities 0.5, 0.25, 0.125, 0.125 (logits: their base-2 logarithms × ln 2).
+        let logits = [-1.0f32, -2.0, -3.0, -3.0].map(|x| x * std::f32::consts::LN_2);
         let ids = |top_p| {
             Sampler::new(params(1.0, 0, top_p, 0))
-                .distribution(&logits)
+                .kept(&logits)
                 .iter()
                 .map(|&(i, _)| i)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(ids(0.5), vec![0]);
-        assert_eq!(ids(0.6), vec![0, 1]);
-        assert_eq!(ids(0.75), vec![0, 1]);
-        assert_eq!(ids(0.8), vec![0, 1, 2]);
+        assert_eq!(ids(0.3), vec![0]);
+        assert_eq!(ids(0.49), vec![0]);
+        assert_eq!(ids(0.51), vec![0, 1]);
+        assert_eq!(ids(0.74), vec![0, 1]);
+        assert_eq!(ids(0.76), vec![0, 1, 2]);
+        assert_eq!(ids(0.87), vec![0, 1, 2]);
+        assert_eq!(ids(0.99), vec![0, 1, 2, 3]);
         assert_eq!(ids(1.0), vec![0, 1, 2, 3]);
     }
 
+    /// Each draw is a function of (seed, position) alone: drawing the positions backwards or
+    /// skipping some gives the same tokens; another seed gives others.
     #[test]
-    fn temperature_sharpens_and_flattens() {
-        let logits = [0.0f32, 1.0];
-        let p1 = |t: f32| {
-            let d = Sampler::new(params(t, 0, 1.0, 0)).distribution(&logits);
-            let total: f64 = d.iter().map(|&(_, p)| p).sum();
-            d.iter().find(|&&(i, _)| i == 1).unwrap().1 / total
-        };
-        let e = std::f64::consts::E;
-        assert!((p1(1.0) - e / (1.0 + e)).abs() < 1e-12);
-        assert!(p1(0.25) > 0.98 && p1(4.0) < 0.57 && p1(4.0) > 0.5);
-        // Empirical frequency at T = 1 matches e / (1 + e) ≈ 0.731.
-        let mut s = Sampler::new(params(1.0, 0, 1.0, 11));
-        let ones = (0..20000).filter(|_| s.sample(&logits) == 1).count() as f64 / 20000.0;
-        assert!((ones - 0.731).abs() < 0.015, "{ones}");
+    fn draws_depend_on_seed_and_position_only() {
+        let row: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
+        let s = Sampler::new(params(1.0, 0, 1.0, 5));
+        let forward: Vec<u32> = (0..64).map(|pos| s.sample(&row, pos)).collect();
+        let backward: Vec<u32> = (0..64).rev().map(|pos| s.sample(&row, pos)).collect();
+        assert_eq!(forward, backward.into_iter().rev().collect::<Vec<_>>());
+        assert_eq!(s.sample(&row, 40), forward[40]);
+        let again = Sampler::new(params(1.0, 0, 1.0, 5));
+        assert_eq!(
+            (0..64).map(|p| again.sample(&row, p)).collect::<Vec<_>>(),
+            forward
+        );
+        let other = Sampler::new(params(1.0, 0, 1.0, 6));
+        assert_ne!(
+            (0..64).map(|p| other.sample(&row, p)).collect::<Vec<_>>(),
+            forward
+        );
+    }
+
+    /// The distribution the documentation defines, computed independently in f64 with the
+    /// exact exponential: order by (logit desc, id asc), keep the top k, softmax at the
+    /// temperature over them, keep the smallest prefix reaching top_p (the crossing token
+    /// included), renormalize. Asserts that no cumulative sum lies within 1e-4 of top_p, so that
+    /// the set does not hinge on rounding.
+    fn exact_distribution(logits: &[f32], t: f64, k: usize, p: f64) -> Vec<(u32, f64)> {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .partial_cmp(&logits[a as usize])
+                .unwrap()
+                .then(a.cmp(&b))
+        });
+        if k > 0 {
+            order.truncate(k);
+        }
+        let max = f64::from(logits[order[0] as usize]);
+        let w: Vec<f64> = order
+            .iter()
+            .map(|&i| ((f64::from(logits[i as usize]) - max) / t).exp())
+            .collect();
+        let total: f64 = w.iter().sum();
+        let mut keep = order.len();
+        let mut cum = 0.0;
+        for (n, x) in w.iter().enumerate().take_while(|_| p < 1.0) {
+            cum += x / total;
+            assert!(
+                (cum - p).abs() > 1e-4,
+                "top_p {p} too close to a cumulative sum"
+            );
+            if cum >= p {
+                keep = n + 1;
+                break;
+            }
+        }
+        let kept: f64 = w[..keep].iter().sum();
+        let mut d: Vec<(u32, f64)> = (0..keep).map(|n| (order[n], w[n] / kept)).collect();
+        d.sort_by_key(|x| x.0);
+        d
+    }
+
+    /// Pearson's chi-square statistic of `counts` against `probs` over `n` draws, bins with an
+    /// expected count under 5 pooled; and its degrees of freedom.
+    fn chi_square(counts: &[u64], probs: &[f64], n: u64) -> (f64, usize) {
+        let (mut stat, mut bins) = (0.0, 0);
+        let (mut pool_o, mut pool_e) = (0.0, 0.0);
+        for (&o, &p) in counts.iter().zip(probs) {
+            let e = p * n as f64;
+            if e < 5.0 {
+                pool_o += o as f64;
+                pool_e += e;
+            } else {
+                stat += (o as f64 - e).powi(2) / e;
+                bins += 1;
+            }
+        }
+        if pool_e > 0.0 {
+            stat += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
+            bins += 1;
+        }
+        (stat, bins - 1)
+    }
+
+    /// Upper 0.1% points of the chi-square distribution, degrees of freedom 1..=12.
+    const CHI2_999: [f64; 12] = [
+        10.828, 13.816, 16.266, 18.467, 20.515, 22.458, 24.322, 26.124, 27.877, 29.588, 31.264,
+        32.909,
+    ];
+
+    /// The sampler's token frequencies over many draws (8 seeds × 5,000 positions) fit the
+    /// exact distribution (chi-square at the 0.1% level, deterministic seeds), for several
+    /// temperature / top-k / top-p settings; and the same test rejects the distribution of a
+    /// temperature 15% off, so it can fail.
+    #[test]
+    fn frequencies_fit_the_exact_distribution() {
+        // Twelve tokens, the logits not in id order.
+        let logits = [
+            0.7f32, -1.0, 2.0, -6.0, 1.2, 0.0, -3.0, 1.5, -0.5, 1.0, -2.0, 0.3,
+        ];
+        let n: u64 = 40_000;
+        for (ci, &(t, k, p)) in [
+            (0.8f32, 0usize, 0.95f32),
+            (1.3, 5, 1.0),
+            (0.7, 8, 0.8),
+            (1.0, 0, 1.0),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let want = exact_distribution(&logits, f64::from(t), k, f64::from(p));
+            let mut counts = vec![0u64; logits.len()];
+            for d in 0..n {
+                let seed = 1000 * ci as u64 + d / 5000;
+                let s = Sampler::new(params(t, k, p, seed));
+                counts[s.sample(&logits, d % 5000) as usize] += 1;
+            }
+            let kept: Vec<u32> = want.iter().map(|x| x.0).collect();
+            for (id, &c) in counts.iter().enumerate() {
+                assert!(
+                    c == 0 || kept.contains(&(id as u32)),
+                    "token {id} drawn {c} times"
+                );
+            }
+            let obs: Vec<u64> = kept.iter().map(|&i| counts[i as usize]).collect();
+            let probs: Vec<f64> = want.iter().map(|x| x.1).collect();
+            let (stat, df) = chi_square(&obs, &probs, n);
+            assert!(
+                stat < CHI2_999[df - 1],
+                "T {t} k {k} p {p}: chi-square {stat:.1} with {df} df; counts {obs:?} vs {probs:?}"
+            );
+            if p == 1.0 {
+                let off = exact_distribution(&logits, f64::from(t) * 1.15, k, 1.0);
+                let probs: Vec<f64> = off.iter().map(|x| x.1).collect();
+                let (stat, df) = chi_square(&obs, &probs, n);
+                assert!(stat > CHI2_999[df - 1], "T {t}: a wrong temperature passed");
+            }
+        }
     }
 
     #[test]
