@@ -1073,6 +1073,7 @@ fn bench_decode_compares_the_three_weight_forms() {
         "1,3",
         "--tokens",
         "3",
+        "--sampling",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -1087,6 +1088,16 @@ fn bench_decode_compares_the_three_weight_forms() {
     assert!(rows
         .iter()
         .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0));
+    // --sampling: greedy and sampled side by side per batch size, then the sampler alone.
+    let sampling = doc["sampling"].as_array().unwrap();
+    assert_eq!(sampling.len(), 3, "{sampling:?}");
+    for (r, batch) in sampling.iter().zip([1, 3]) {
+        assert_eq!(r["batch"], batch);
+        for k in ["greedy_tokens_per_s", "sampled_tokens_per_s", "host_ms_per_step_sampled"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+    }
+    assert!(sampling[2]["sampler_us_per_row"].as_f64().unwrap() > 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ impl SamplingParams {
 /// relative to the most likely token's, times 2^32, rounded down ([`weight`]).
 pub const WEIGHT_ONE: u64 = 1 << 32;
 
-/// The least scaled logit gap `t = (logit - max) / temperature × log2(e)` of a candidate: a
+/// The least scaled logit gap `t = (logit - max) × gap_scale(temperature)` of a candidate: a
 /// token further below the best (relative probability under 2^-32, a weight of at most 1) is
 /// not a candidate. Half the 64-bit uniform's resolution would not see it either.
 pub const T_MIN: f32 = -32.0;
@@ -132,23 +132,45 @@ const EXP2_POLY: [f32; 8] = [
 /// integer (ties to even), exactly, with two IEEE additions.
 const ROUND: f32 = 12_582_912.0;
 
-/// The fixed-point weight of a token whose scaled gap is `t` (`T_MIN <= t <= 0`):
-/// floor(2^t × 2^32), with 2^t computed as 2^r × P(f), r = t rounded to the nearest integer,
-/// f = t - r, P = `EXP2_POLY` (the degree-7 Taylor polynomial of 2^f) by Horner's rule, every
-/// operation a separately rounded `f32` add or multiply (a CUDA kernel uses
-/// `__fadd_rn`/`__fmul_rn`, no fused multiply-add, and gets the same bits). Exactly [`WEIGHT_ONE`] at `t = 0`; within 1e-6 relative of 2^(t+32)
-/// elsewhere (tested).
-pub fn weight(t: f32) -> u64 {
-    debug_assert!((T_MIN..=0.0).contains(&t), "t = {t}");
-    let r = (t + ROUND) - ROUND;
+/// 2^23: an `f32` at least this large is an integer.
+const TWO_23: f32 = 8_388_608.0;
+
+/// [`weight`] as an `f32` (an integer in [0, 2^32], exactly representable): the form the row
+/// pass computes, branch-free so that it vectorizes. `t` must be in [`T_MIN`], 0.
+#[inline(always)]
+fn weight_f32(t: f32) -> f32 {
+    let big = t + ROUND;
+    let r = big - ROUND;
     let f = t - r;
     let mut p = EXP2_POLY[7];
     for &c in EXP2_POLY[..7].iter().rev() {
         p = p * f + c;
     }
-    // 2^(32 + r), r in [-32, 0]: an exact power of two, so the product is exact.
-    let scale = f32::from_bits(((32 + r as i32 + 127) as u32) << 23);
-    (p * scale) as u64
+    // 2^(32 + r), r in [-32, 0]: an exact power of two, so the product is exact. r as an
+    // integer is in the low bits of `big` (1.5 × 2^23 + r), read without a conversion.
+    let ri = big.to_bits() as i32 - 0x4B40_0000;
+    let scale = f32::from_bits(((32 + ri + 127) as u32) << 23);
+    let v = p * scale;
+    // floor(v): v is an integer from 2^23 on; below, round to nearest and step back if above.
+    let n = (v + TWO_23) - TWO_23;
+    let n = if n > v { n - 1.0 } else { n };
+    if v >= TWO_23 {
+        v
+    } else {
+        n
+    }
+}
+
+/// The fixed-point weight of a token whose scaled gap is `t` (`T_MIN <= t <= 0`):
+/// floor(2^t × 2^32), with 2^t computed as 2^r × P(f), r = t rounded to the nearest integer,
+/// f = t - r, P = `EXP2_POLY` (the degree-7 Taylor polynomial of 2^f) by Horner's rule, every
+/// operation a separately rounded `f32` add or multiply (a CUDA kernel uses
+/// `__fadd_rn`/`__fmul_rn`, no fused multiply-add, and gets the same bits). Exactly
+/// [`WEIGHT_ONE`] at `t = 0`, at least 1 everywhere, within 1e-6 relative of 2^(t+32)
+/// elsewhere (tested).
+pub fn weight(t: f32) -> u64 {
+    debug_assert!((T_MIN..=0.0).contains(&t), "t = {t}");
+    weight_f32(t) as u64
 }
 
 /// The total order of tokens that top-k and top-p cut: larger logit first, and among equal
@@ -191,42 +213,297 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let kept = self.kept(logits);
-        let total: u64 = kept.iter().map(|&(_, w)| w).sum();
-        if total == 0 {
-            return argmax(logits);
-        }
         let x = philox::draw_word(self.params.seed, position);
-        pick(&kept, total, x)
+        SCRATCH.with(|s| {
+            let mut guard = s.borrow_mut();
+            let w: &mut Vec<f32> = &mut guard;
+            match self.cut(logits, w) {
+                Cut::Nothing => argmax(logits),
+                Cut::List(kept) => {
+                    let total = kept.iter().map(|&(_, w)| w).sum();
+                    pick(kept.into_iter(), total, x)
+                }
+                Cut::Threshold(th) => {
+                    let w: &[f32] = w;
+                    let kept = (0..logits.len() as u32)
+                        .filter(|&i| th.keeps(logits, w, i))
+                        .map(|i| (i, int(w[i as usize])));
+                    pick(kept, th.total, x)
+                }
+            }
+        })
     }
 
     /// The tokens that can be drawn (after temperature, top-k and top-p) with their fixed-point
     /// weights, in id order. Empty when nothing is above -inf.
     pub fn kept(&self, logits: &[f32]) -> Vec<(u32, u64)> {
+        let mut w = Vec::new();
+        match self.cut(logits, &mut w) {
+            Cut::Nothing => Vec::new(),
+            Cut::List(kept) => kept,
+            Cut::Threshold(th) => (0..logits.len() as u32)
+                .filter(|&i| th.keeps(logits, &w, i))
+                .map(|i| (i, int(w[i as usize])))
+                .collect(),
+        }
+    }
+
+    /// Computes the weights into `w` and finds the kept set (steps 4 to 8 of
+    /// docs/sampling.md), without sorting the row: the weights' histogram finds the bin where a
+    /// cut falls and only that bin's tokens are ranked by quickselect.
+    fn cut(&self, logits: &[f32], w: &mut Vec<f32>) -> Cut {
         let p = &self.params;
-        let mut cands = candidates(logits, p.temperature);
-        let key = |&(i, _): &(u32, u64)| rank_key(logits[i as usize], i);
-        let mut threshold = 0u64;
-        if p.top_k > 0 && p.top_k < cands.len() {
-            let mut keys: Vec<u64> = cands.iter().map(key).collect();
-            let (_, kth, _) = keys.select_nth_unstable_by(p.top_k - 1, |a, b| b.cmp(a));
-            threshold = *kth;
+        let max = row_max(logits);
+        if max == f32::NEG_INFINITY {
+            return Cut::Nothing;
+        }
+        if max == f32::INFINITY {
+            w.clear();
+            w.extend(logits.iter().map(|&l| {
+                if l == f32::INFINITY {
+                    WEIGHT_ONE as f32
+                } else {
+                    0.0
+                }
+            }));
+        } else {
+            row_weights(logits, max, gap_scale(p.temperature), w);
+        }
+        // The histogram of the tokens of weight 2^22 and more (t >= -10) suffices when they
+        // reach the cut, which is the common case; otherwise that of all of them.
+        let (high, total) = Histogram::scan(w, HIGH_BIN);
+        let mut th = Threshold {
+            key: 0,
+            full_bits: bin_floor_bits(0),
+            low_bits: bin_floor_bits(0),
+            total,
+        };
+        let k = p.top_k as u64;
+        if p.top_k > 0 && k < w.iter().filter(|&&x| x != 0.0).count() as u64 {
+            // The top k by rank, found by count; then top-p among just them.
+            let hist = if high.count.iter().sum::<u64>() >= k {
+                high
+            } else {
+                Histogram::scan(w, 0).0
+            };
+            th = cut_at(logits, w, &hist.count, k, |_| 1);
+            let mut kept: Vec<(u32, u64)> = (0..logits.len() as u32)
+                .filter(|&i| th.keeps(logits, w, i))
+                .map(|i| (i, int(w[i as usize])))
+                .collect();
+            if p.top_p < 1.0 {
+                let mut items: Vec<(u64, u64)> = kept
+                    .iter()
+                    .map(|&(i, wi)| (rank_key(logits[i as usize], i), wi))
+                    .collect();
+                let need = top_p_need(p.top_p, items.iter().map(|x| x.1).sum());
+                let key = nucleus_cut(&mut items, need);
+                kept.retain(|&(i, _)| rank_key(logits[i as usize], i) >= key);
+            }
+            return Cut::List(kept);
         }
         if p.top_p < 1.0 {
-            let mut items: Vec<(u64, u64)> = cands
-                .iter()
-                .map(|c| (key(c), c.1))
-                .filter(|&(k, _)| k >= threshold)
-                .collect();
-            let total: u64 = items.iter().map(|&(_, w)| w).sum();
-            if total > 0 {
-                threshold = nucleus_cut(&mut items, top_p_need(p.top_p, total));
+            let need = top_p_need(p.top_p, th.total);
+            let hist = if high.mass.iter().sum::<u64>() >= need {
+                high
+            } else {
+                Histogram::scan(w, 0).0
+            };
+            th = cut_at(logits, w, &hist.mass, need, int);
+        }
+        Cut::Threshold(th)
+    }
+}
+
+thread_local! {
+    /// The weights of the row being sampled, reused between calls (a vocabulary of f32).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What [`Sampler::cut`] kept.
+enum Cut {
+    /// Nothing above -inf.
+    Nothing,
+    /// The kept tokens and their weights, in id order (after a top-k).
+    List(Vec<(u32, u64)>),
+    /// Every token whose rank key is at least a threshold.
+    Threshold(Threshold),
+}
+
+/// The kept tokens as the ones ranked at or above `key`, with shortcuts on the weight's bits:
+/// a weight of at least `full_bits` is above the cut's bin, one below `low_bits` under it.
+struct Threshold {
+    key: u64,
+    full_bits: u32,
+    low_bits: u32,
+    /// The sum over the kept tokens of the metric the cut counted: their weights (the sum the
+    /// draw needs) when the cut was by weight or there was none; their number after a top-k
+    /// cut (then unused: the kept tokens are listed).
+    total: u64,
+}
+
+impl Threshold {
+    #[inline]
+    fn keeps(&self, logits: &[f32], w: &[f32], i: u32) -> bool {
+        let b = w[i as usize].to_bits();
+        b >= self.full_bits
+            || (b >= self.low_bits && b != 0 && rank_key(logits[i as usize], i) >= self.key)
+    }
+}
+
+/// A weight (an integer-valued `f32` below 2^33) as an integer, by the signed conversion (one
+/// instruction; the unsigned one is several).
+#[inline(always)]
+fn int(x: f32) -> u64 {
+    x as i64 as u64
+}
+
+/// Bins of the weights by their `f32` exponent and top three mantissa bits: 8 bins per octave,
+/// 257 over [1, 2^32]. The weight is non-decreasing in the logit, so a higher bin holds only
+/// higher-ranked tokens.
+const BINS: usize = 257;
+
+fn bin_of(bits: u32) -> usize {
+    ((bits - 0x3F80_0000) >> 20) as usize
+}
+
+fn bin_floor_bits(b: usize) -> u32 {
+    0x3F80_0000 + ((b as u32) << 20)
+}
+
+/// Counts and weight sums per bin.
+struct Histogram {
+    count: [u64; BINS],
+    mass: [u64; BINS],
+}
+
+/// The bin of weight 2^22 (t = -10).
+const HIGH_BIN: usize = 22 * 8;
+
+impl Histogram {
+    /// The histogram of the weights in bins `from` and above, and the sum of all the weights.
+    fn scan(w: &[f32], from: usize) -> (Self, u64) {
+        let floor = bin_floor_bits(from);
+        let mut h = Histogram {
+            count: [0; BINS],
+            mass: [0; BINS],
+        };
+        // Weights are integers below 2^33: their sums are exact in f64 (below 2^53) in any
+        // order, and the conversion is one instruction.
+        let mut mass = [0f64; BINS];
+        let mut total = [0f64; 4];
+        let chunks = w.chunks_exact(4);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for k in 0..4 {
+                total[k] += f64::from(c[k]);
+                if c[k].to_bits() >= floor {
+                    let b = bin_of(c[k].to_bits());
+                    h.count[b] += 1;
+                    mass[b] += f64::from(c[k]);
+                }
             }
         }
-        if threshold > 0 {
-            cands.retain(|c| key(c) >= threshold);
+        for &x in rest {
+            total[0] += f64::from(x);
+            if x.to_bits() >= floor {
+                let b = bin_of(x.to_bits());
+                h.count[b] += 1;
+                mass[b] += f64::from(x);
+            }
         }
-        cands
+        h.mass = mass.map(|m| m as u64);
+        (h, total.iter().sum::<f64>() as u64)
+    }
+}
+
+/// The threshold of the shortest prefix by rank whose `metric` (per bin in `per_bin`, per token
+/// by `of_weight`) sums to at least `need`: the bins from the top until the one where the sum
+/// crosses, then quickselect among that bin's tokens. Requires 0 < `need` <= the total.
+fn cut_at(
+    logits: &[f32],
+    w: &[f32],
+    per_bin: &[u64; BINS],
+    need: u64,
+    of_weight: impl Fn(f32) -> u64,
+) -> Threshold {
+    let (mut above, mut b) = (0, BINS - 1);
+    while b > 0 && above + per_bin[b] < need {
+        above += per_bin[b];
+        b -= 1;
+    }
+    let (low, full) = (bin_floor_bits(b), bin_floor_bits(b + 1));
+    let mut items: Vec<(u64, u64)> = Vec::new();
+    for (i, (&x, &l)) in w.iter().zip(logits).enumerate() {
+        if (low..full).contains(&x.to_bits()) {
+            items.push((rank_key(l, i as u32), of_weight(x)));
+        }
+    }
+    let key = nucleus_cut(&mut items, need - above);
+    let inside: u64 = items.iter().filter(|x| x.0 >= key).map(|x| x.1).sum();
+    Threshold {
+        key,
+        full_bits: full,
+        low_bits: low,
+        total: above + inside,
+    }
+}
+
+/// The factor of the logit gaps: `t = (logit - max) × gap_scale`, with
+/// gap_scale = min(log2(e) / temperature, f32::MAX) (one correctly rounded `f32` division; the
+/// minimum keeps a subnormal temperature from making 0 × inf).
+pub fn gap_scale(temperature: f32) -> f32 {
+    (std::f32::consts::LOG2_E / temperature).min(f32::MAX)
+}
+
+/// The largest non-NaN logit (-inf when there is none), eight lanes at a time.
+fn row_max(logits: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    for (k, &x) in rest.iter().enumerate() {
+        acc[k] = if x > acc[k] { x } else { acc[k] };
+    }
+    acc.iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, |a, x| if x > a { x } else { a })
+}
+
+/// Steps 4 and 5 of docs/sampling.md over a whole row: `w[i]` = the weight of token i, 0 for
+/// a token that is not a candidate. Compiled for AVX2 when the CPU has it: the same `f32`
+/// operations eight lanes at a time, so the same bits.
+fn row_weights(logits: &[f32], max: f32, scale: f32, w: &mut Vec<f32>) {
+    w.resize(logits.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { row_weights_avx2(logits, max, scale, w) };
+            return;
+        }
+    }
+    row_weights_body(logits, max, scale, w);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_weights_avx2(logits: &[f32], max: f32, scale: f32, w: &mut [f32]) {
+    row_weights_body(logits, max, scale, w);
+}
+
+/// Branch-free, so the compiler vectorizes it.
+#[inline(always)]
+fn row_weights_body(logits: &[f32], max: f32, scale: f32, w: &mut [f32]) {
+    for (o, &l) in w.iter_mut().zip(logits) {
+        let t = (l - max) * scale;
+        let candidate = t >= T_MIN;
+        let x = weight_f32(if candidate { t } else { 0.0 });
+        *o = if candidate { x } else { 0.0 };
     }
 }
 
@@ -236,31 +513,6 @@ pub fn top_p_need(top_p: f32, total: u64) -> u64 {
     let p32 = (f64::from(top_p) * WEIGHT_ONE as f64).ceil() as u128;
     let need = (p32 * u128::from(total)).div_ceil(u128::from(WEIGHT_ONE));
     (need as u64).max(1)
-}
-
-/// The candidates of a row at a temperature > 0: every token whose scaled gap to the best
-/// logit `t = ((logit - max) / temperature) × log2(e)` (`f32`, in that order) is at least
-/// [`T_MIN`], with its [`weight`], in id order. A row whose best logit is +inf has the +inf
-/// tokens as its candidates, each of weight [`WEIGHT_ONE`].
-fn candidates(logits: &[f32], temperature: f32) -> Vec<(u32, u64)> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return Vec::new();
-    }
-    if max == f32::INFINITY {
-        return (0..logits.len() as u32)
-            .filter(|&i| logits[i as usize] == f32::INFINITY)
-            .map(|i| (i, WEIGHT_ONE))
-            .collect();
-    }
-    let mut out = Vec::new();
-    for (i, &l) in logits.iter().enumerate() {
-        let t = (l - max) / temperature * std::f32::consts::LOG2_E;
-        if t >= T_MIN {
-            out.push((i as u32, weight(t)));
-        }
-    }
-    out
 }
 
 /// The key of the token that completes the top-p nucleus: the smallest prefix of `items`
@@ -308,20 +560,22 @@ fn nucleus_cut(items: &mut [(u64, u64)], mut need: u64) -> u64 {
     }
 }
 
-/// The inverse CDF: the first token of `kept` (id order) whose running sum of weights exceeds
-/// floor(x × total / 2^32).
-fn pick(kept: &[(u32, u64)], total: u64, x: u32) -> u32 {
+/// The inverse CDF: the first of the `kept` tokens (id order) whose running sum of weights
+/// exceeds floor(x × total / 2^32).
+fn pick(kept: impl Iterator<Item = (u32, u64)>, total: u64, x: u32) -> u32 {
     let target = ((u128::from(x) * u128::from(total)) >> 32) as u64;
     let mut cum = 0u64;
-    for &(id, w) in kept {
+    let mut last = 0;
+    for (id, w) in kept {
         cum += w;
         if cum > target {
             return id;
         }
+        last = id;
     }
     // target < total, so the loop returned; the last token is the answer of a total that
     // rounding could never reach.
-    kept.last().map_or(0, |&(id, _)| id)
+    last
 }
 
 /// The most likely token (the lowest id among equal maxima; NaN never wins; 0 when nothing is
@@ -456,6 +710,43 @@ mod tests {
         }
     }
 
+    /// The AVX2 row pass gives the bits of the portable loop and of `weight` token by token.
+    #[test]
+    fn row_weights_are_the_same_bits_on_every_path() {
+        for row in rows(4, 4, 1001) {
+            let (max, scale) = (row_max(&row), gap_scale(0.7));
+            let mut portable = vec![0.0; row.len()];
+            row_weights_body(&row, max, scale, &mut portable);
+            for (i, &l) in row.iter().enumerate() {
+                let t = (l - max) * scale;
+                let want = if t >= T_MIN { weight(t) } else { 0 };
+                assert_eq!(portable[i] as u64, want, "token {i}");
+            }
+            let mut dispatched = Vec::new();
+            row_weights(&row, max, scale, &mut dispatched);
+            let ints: Vec<u64> = portable.iter().map(|&x| x as u64).collect();
+            let (high, total) = Histogram::scan(&portable, HIGH_BIN);
+            assert_eq!(total, ints.iter().sum::<u64>());
+            let high_ints = || ints.iter().filter(|&&x| x >= 1 << 22);
+            assert_eq!(high.mass.iter().sum::<u64>(), high_ints().sum::<u64>());
+            assert_eq!(high.count.iter().sum::<u64>(), high_ints().count() as u64);
+            assert_eq!(bits(&dispatched), bits(&portable));
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") {
+                let mut fast = vec![0.0; row.len()];
+                // SAFETY: the CPU has AVX2.
+                unsafe { row_weights_avx2(&row, max, scale, &mut fast) };
+                assert_eq!(bits(&fast), bits(&portable));
+            } else {
+                eprintln!("row_weights_avx2: skipped: no AVX2 on this CPU");
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
     /// The key orders by logit (±0 equal, -inf lowest) and then by id, lower first.
     #[test]
     fn rank_key_is_logit_then_lower_id() {
@@ -480,7 +771,7 @@ mod tests {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut c: Vec<(u32, u64)> = (0..logits.len() as u32)
             .filter_map(|i| {
-                let t = (logits[i as usize] - max) / p.temperature * std::f32::consts::LOG2_E;
+                let t = (logits[i as usize] - max) * gap_scale(p.temperature);
                 (t >= T_MIN).then(|| (i, weight(t)))
             })
             .collect();
