@@ -1093,7 +1093,11 @@ fn bench_decode_compares_the_three_weight_forms() {
     assert_eq!(sampling.len(), 3, "{sampling:?}");
     for (r, batch) in sampling.iter().zip([1, 3]) {
         assert_eq!(r["batch"], batch);
-        for k in ["greedy_tokens_per_s", "sampled_tokens_per_s", "host_ms_per_step_sampled"] {
+        for k in [
+            "greedy_tokens_per_s",
+            "sampled_tokens_per_s",
+            "host_ms_per_step_sampled",
+        ] {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
         }
     }

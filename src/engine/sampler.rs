@@ -112,7 +112,7 @@ pub const WEIGHT_ONE: u64 = 1 << 32;
 
 /// The least scaled logit gap `t = (logit - max) × gap_scale(temperature)` of a candidate: a
 /// token further below the best (relative probability under 2^-32, a weight of at most 1) is
-/// not a candidate. Half the 64-bit uniform's resolution would not see it either.
+/// not a candidate; the draw's 32-bit uniform resolves nothing finer either.
 pub const T_MIN: f32 = -32.0;
 
 /// 2^f = e^(f ln 2) on [-0.5, 0.5] as the Taylor polynomial of degree 7: (ln 2)^k / k!,
