@@ -694,6 +694,128 @@ fn sampling_is_deterministic_for_a_seed() {
     assert_ne!(run(1), run(2));
 }
 
+/// Top-p sampling hot enough that the tiny model's tokens vary (its logits are spread wide).
+fn nucleus(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 3.0,
+        top_p: 0.98,
+        seed,
+        ..SamplingParams::default()
+    }
+}
+
+/// A sampled request's tokens are those it generates alone whatever else is in the batch
+/// (other sampled and greedy requests joining at other steps): each draw is keyed by its seed
+/// and position only.
+#[test]
+fn sampled_tokens_do_not_depend_on_the_batch() {
+    let prompts = [PROMPT.to_vec(), PROMPT[..4].to_vec(), PROMPT[3..].to_vec()];
+    let request = |i: usize| Request {
+        sampling: if i == 1 {
+            SamplingParams::default()
+        } else {
+            nucleus(40 + i as u64)
+        },
+        ..Request::greedy(prompts[i].clone(), 10)
+    };
+    let alone: Vec<Vec<u32>> = (0..3)
+        .map(|i| {
+            let mut e = engine(false);
+            e.add(request(i)).unwrap();
+            run_all(&mut e).remove(0).1
+        })
+        .collect();
+    let mut e = engine(false);
+    let mut got = vec![Vec::new(); 3];
+    let mut ids = vec![e.add(request(0)).unwrap()];
+    for step in 0..30 {
+        if step == 2 || step == 5 {
+            ids.push(e.add(request(ids.len())).unwrap());
+        }
+        for ev in e.step().unwrap() {
+            if let Event::Token { id, token, .. } = ev {
+                got[ids.iter().position(|&i| i == id).unwrap()].push(token);
+            }
+        }
+    }
+    assert_eq!(got, alone);
+    // The same prompt under another seed goes elsewhere (the draws are not all the argmax).
+    let mut e = engine(false);
+    e.add(Request {
+        sampling: nucleus(7),
+        ..request(0)
+    })
+    .unwrap();
+    assert_ne!(run_all(&mut e).remove(0).1, alone[0]);
+}
+
+/// Sampled requests preempted and recomputed (a cache of 8 blocks for six of them) finish with
+/// exactly the tokens they generate alone.
+#[test]
+fn preempted_sampled_requests_draw_the_same_tokens() {
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|r| (0..20u32).map(|i| (r * 101 + i * 13 + 1) % 500).collect())
+        .collect();
+    let request = |r: usize| Request {
+        sampling: nucleus(r as u64),
+        ..Request::greedy(prompts[r].clone(), 30)
+    };
+    let alone: Vec<Vec<u32>> = (0..6)
+        .map(|r| {
+            let mut e = engine(false);
+            e.add(request(r)).unwrap();
+            run_all(&mut e).remove(0).1
+        })
+        .collect();
+    let mut e = paged_engine(8, 16);
+    for r in 0..6 {
+        e.add(request(r)).unwrap();
+    }
+    let got: Vec<Vec<u32>> = run_all(&mut e).into_iter().map(|r| r.1).collect();
+    assert!(e.stats().preemptions > 0, "the cache was meant to fill");
+    assert_eq!(got, alone);
+}
+
+/// A request's stop tokens end it like an end-of-sequence token (not emitted), also with
+/// `ignore_eos`; `min_tokens` masks them until reached; ids outside the vocabulary are refused.
+#[test]
+fn stop_tokens_end_the_sequence_and_min_tokens_masks_them() {
+    let greedy = greedy_run(&mut backend(tiny().0, WeightMode::Decoded), &PROMPT, 8).1;
+    let stop = greedy[3];
+    let first = greedy.iter().position(|&t| t == stop).unwrap();
+    let never = (0..).find(|t| !greedy.contains(t)).unwrap();
+    let mut e = engine(true);
+    e.add(Request {
+        stop_token_ids: vec![never, stop],
+        ignore_eos: true,
+        ..Request::greedy(PROMPT.to_vec(), 50)
+    })
+    .unwrap();
+    e.add(Request {
+        stop_token_ids: vec![stop],
+        min_tokens: first + 2,
+        ..Request::greedy(PROMPT.to_vec(), 8)
+    })
+    .unwrap();
+    let r = run_all(&mut e);
+    assert_eq!(
+        (r[0].1.clone(), r[0].3),
+        (greedy[..first].to_vec(), StopReason::StopToken)
+    );
+    assert!(!r[0].2.contains(&format!("<{stop}>")));
+    let out = &r[1].1;
+    assert_eq!(out[..first], greedy[..first]);
+    assert!(!out[..first + 2].contains(&stop), "{out:?}");
+    let vocab = backend(tiny().0, WeightMode::Decoded).config().vocab_size as u32;
+    let err = e
+        .add(Request {
+            stop_token_ids: vec![vocab],
+            ..Request::greedy(PROMPT.to_vec(), 4)
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("stop token"), "{err}");
+}
+
 /// The greedy continuation of PROMPT, its token 3 made the end-of-sequence token, the position
 /// where that token first appears, and an engine that knows it as EOS.
 fn engine_with_greedy_eos() -> (Vec<u32>, u32, usize, Engine<CpuBackend>) {
@@ -951,6 +1073,7 @@ fn bench_decode_compares_the_three_weight_forms() {
         "1,3",
         "--tokens",
         "3",
+        "--sampling",
         "--out",
         out.to_str().unwrap(),
     ]);
@@ -965,6 +1088,20 @@ fn bench_decode_compares_the_three_weight_forms() {
     assert!(rows
         .iter()
         .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0));
+    // --sampling: greedy and sampled side by side per batch size, then the sampler alone.
+    let sampling = doc["sampling"].as_array().unwrap();
+    assert_eq!(sampling.len(), 3, "{sampling:?}");
+    for (r, batch) in sampling.iter().zip([1, 3]) {
+        assert_eq!(r["batch"], batch);
+        for k in [
+            "greedy_tokens_per_s",
+            "sampled_tokens_per_s",
+            "host_ms_per_step_sampled",
+        ] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+    }
+    assert!(sampling[2]["sampler_us_per_row"].as_f64().unwrap() > 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------

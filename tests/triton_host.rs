@@ -341,6 +341,13 @@ fn non_streaming_generation_matches_the_cli() {
     }});
     // A stop word ends generation and is not returned.
     let stopped = Gen::greedy("The capital of France is", 12).with_stop(".");
+    // So does a stop token: the greedy continuation's fourth token, given as an id.
+    let stop_token = want.ids[3];
+    let by_stop_token = json!({"id": "stop-token", "inputs": {
+        "input_ids": {"data": [want.prompt_ids.clone()]},
+        "max_tokens": {"data": [[greedy.max_tokens]]},
+        "stop_token_ids": {"data": [[stop_token, 49151]]},
+    }});
     // Only the outputs asked for come back.
     let mut only_text = greedy.request("only-text", false);
     only_text["outputs"] = json!(["text_output"]);
@@ -352,6 +359,7 @@ fn non_streaming_generation_matches_the_cli() {
         nucleus.request("top-k-top-p", false),
         by_ids,
         stopped.request("stop-word", false),
+        by_stop_token,
     ]);
     let (code, report) = repo.run(reqs, &[]);
     let report = clean(code, report);
@@ -392,6 +400,18 @@ fn non_streaming_generation_matches_the_cli() {
         scalar(resp, "text_output").as_str().unwrap(),
         format!("{}{}", stopped.prompt, want.text),
         "stop word: text up to it"
+    );
+    assert_eq!(scalar(resp, "finish_reason"), "stop");
+
+    let r = request(&report, "stop-token");
+    completed(r);
+    let resp = &responses(r)[0];
+    let greedy_ids = expected(&greedy).ids;
+    let first = greedy_ids.iter().position(|&t| t == stop_token).unwrap();
+    assert_eq!(
+        ids(resp),
+        greedy_ids[..first],
+        "stop token: the ids before it, without it"
     );
     assert_eq!(scalar(resp, "finish_reason"), "stop");
 }
@@ -731,6 +751,12 @@ fn bad_requests_get_invalid_arg_naming_the_input_while_others_stream() {
             "empty-stop-word",
             json!({"text_input": text("Hi"), "stop_words": {"data": [["x", ""]]}}),
             "stop_words",
+            false,
+        ),
+        (
+            "stop-token-out-of-vocab",
+            json!({"text_input": text("Hi"), "stop_token_ids": {"data": [[2, 49152]]}}),
+            "stop_token_ids",
             false,
         ),
         (

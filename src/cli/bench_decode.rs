@@ -90,6 +90,11 @@ pub struct DecodeArgs {
         requires = "interference"
     )]
     pub(super) prefill_chunks: Vec<usize>,
+    /// CPU only: also measure sampled decoding (temperature 0.8, top-p 0.95) next to greedy at
+    /// each batch size, and the engine's host time per decode step (plain checkpoint;
+    /// bench_sampling.rs).
+    #[arg(long)]
+    pub(super) sampling: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub(super) out: Option<PathBuf>,
@@ -104,8 +109,8 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         bail!("--prefill lengths, --interference and --prefill-chunks must be at least 1");
     }
     if a.device == "cuda" {
-        if !a.prefill.is_empty() || a.interference.is_some() {
-            bail!("--prefill and --interference are measured on the CPU only for now");
+        if !a.prefill.is_empty() || a.interference.is_some() || a.sampling {
+            bail!("--prefill, --interference and --sampling are measured on the CPU only for now");
         }
         return super::bench_cuda::run(&a);
     }
@@ -146,6 +151,11 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         Some(len) => measure_interference(&model, len, &a.prefill_chunks)?,
         None => Vec::new(),
     };
+    let sampling = if a.sampling {
+        super::bench_sampling::measure_sampling(&model, &a.batch, a.tokens, a.prompt_len)?
+    } else {
+        Vec::new()
+    };
     let hf = match &a.hf_python {
         Some(py) => Some(hf_prefill(py, &model, &a.prefill, &prefill)?),
         None => None,
@@ -160,6 +170,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             "results": rows,
             "prefill": prefill,
             "interference": interference,
+            "sampling": sampling,
             "hf_transformers_prefill": hf,
         });
         super::bench::write_results(out, doc, rayon::current_num_threads())?;

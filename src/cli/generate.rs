@@ -152,6 +152,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         sampling,
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        stop_token_ids: Vec::new(),
         ignore_eos: false,
         min_tokens: 0,
     };

@@ -15,6 +15,7 @@
 pub mod detok;
 #[cfg(test)]
 mod paging_tests;
+pub mod philox;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
@@ -558,28 +559,30 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Samples the next token of `s`, with end-of-sequence tokens masked while the sequence has
-    /// fewer than its `min_tokens`.
+    /// Samples the next token of `s` at its position, with end-of-sequence tokens (unless
+    /// ignored) and its stop tokens masked while the sequence has fewer than its `min_tokens`
+    /// (docs/sampling.md: penalties, masks, then the sampler).
     fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
-        let penalized;
-        let logits = if s.sampler.params().has_penalties() {
-            let mut row = logits.to_vec();
-            s.sampler.params().apply_penalties(&mut row, &s.output);
-            penalized = row;
-            &penalized[..]
-        } else {
-            logits
-        };
-        if s.masks_eos() {
-            let mut masked = logits.to_vec();
-            for &t in &self.opts.eos_token_ids {
-                if let Some(l) = masked.get_mut(t as usize) {
+        let position = s.position();
+        let masks = s.masks_eos();
+        if !masks && !s.sampler.params().has_penalties() {
+            return s.sampler.sample(logits, position);
+        }
+        let mut row = logits.to_vec();
+        s.sampler.params().apply_penalties(&mut row, &s.output);
+        if masks {
+            let eos: &[u32] = if s.request.ignore_eos {
+                &[]
+            } else {
+                &self.opts.eos_token_ids
+            };
+            for &t in eos.iter().chain(&s.request.stop_token_ids) {
+                if let Some(l) = row.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;
                 }
             }
-            return s.sampler.sample(&masked);
         }
-        s.sampler.sample(logits)
+        s.sampler.sample(&row, position)
     }
 
     /// Takes a sampled token for a running sequence; returns whether it keeps running.

@@ -20,11 +20,14 @@ pub struct Request {
     /// Text at which generation stops (the stop string itself is not returned). Needs an engine
     /// with a tokenizer.
     pub stop: Vec<String>,
+    /// Token ids at which generation stops, as at an end-of-sequence token (the stop token is
+    /// not part of the output); honoured even with `ignore_eos`.
+    pub stop_token_ids: Vec<u32>,
     /// Keep generating through end-of-sequence tokens (benchmarks).
     pub ignore_eos: bool,
-    /// End-of-sequence tokens are never sampled before this many tokens were generated (their
-    /// logits are masked), so the output has at least this many tokens unless a stop string or
-    /// the context ends it first. At most `max_tokens`.
+    /// End-of-sequence tokens and the request's stop tokens are never sampled before this many
+    /// tokens were generated (their logits are masked), so the output has at least this many
+    /// tokens unless a stop string or the context ends it first. At most `max_tokens`.
     pub min_tokens: usize,
 }
 
@@ -36,13 +39,15 @@ impl Request {
             sampling: SamplingParams::default(),
             max_tokens,
             stop: Vec::new(),
+            stop_token_ids: Vec::new(),
             ignore_eos: false,
             min_tokens: 0,
         }
     }
 
     /// Checks the request against the model: a non-empty prompt of in-vocabulary ids that
-    /// leaves room for one generated token, a positive token limit, valid sampling parameters.
+    /// leaves room for one generated token, a positive token limit, stop tokens in the
+    /// vocabulary, valid sampling parameters.
     pub fn validate(
         &self,
         vocab: usize,
@@ -75,6 +80,11 @@ impl Request {
         }
         if !self.stop.is_empty() && !has_tokenizer {
             return bad("stop strings need an engine with a tokenizer".into());
+        }
+        if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
+            return bad(format!(
+                "stop token {t} is outside the vocabulary of {vocab}"
+            ));
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("a stop string is empty".into());

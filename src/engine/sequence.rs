@@ -17,6 +17,8 @@ use crate::device::SeqId;
 pub enum StopReason {
     /// The model produced an end-of-sequence token (not part of the output).
     Eos,
+    /// The model produced one of the request's stop tokens (not part of the output).
+    StopToken,
     /// The text reached one of the request's stop strings (cut before it).
     StopString,
     /// `max_tokens` tokens were generated.
@@ -32,6 +34,7 @@ impl StopReason {
     pub fn as_str(self) -> &'static str {
         match self {
             StopReason::Eos => "eos",
+            StopReason::StopToken => "stop_token",
             StopReason::StopString => "stop_string",
             StopReason::MaxTokens => "max_tokens",
             StopReason::ContextFull => "context_full",
@@ -144,10 +147,18 @@ impl Sequence {
         self.total_len() - usize::from(!self.output.is_empty())
     }
 
-    /// Whether the next token is chosen with the end-of-sequence tokens masked: fewer than the
-    /// request's `min_tokens` were generated and it does not ignore them.
+    /// Whether the next token is chosen with the end-of-sequence tokens (unless ignored) and the
+    /// request's stop tokens masked: fewer than the request's `min_tokens` were generated and
+    /// there is something to mask.
     pub fn masks_eos(&self) -> bool {
-        !self.request.ignore_eos && self.output.len() < self.request.min_tokens
+        self.output.len() < self.request.min_tokens
+            && (!self.request.ignore_eos || !self.request.stop_token_ids.is_empty())
+    }
+
+    /// The position of the next token to sample: how many tokens the sequence generated
+    /// (the counter of its random draw, docs/sampling.md).
+    pub fn position(&self) -> u64 {
+        self.output.len() as u64
     }
 
     /// Whether the next token is exactly [`argmax`](crate::device::argmax) of the raw logits:
@@ -160,7 +171,7 @@ impl Sequence {
         p.is_greedy() && !p.has_penalties() && !self.masks_eos()
     }
 
-    /// Takes a sampled token: checks end-of-sequence, decodes text, applies stop strings and
+    /// Takes a sampled token: checks end-of-sequence and stop tokens, decodes text, applies stop strings and
     /// the token limit. `context` is the most tokens the sequence may hold.
     pub fn accept(
         &mut self,
@@ -169,12 +180,19 @@ impl Sequence {
         detok: Option<&dyn Detokenizer>,
         context: usize,
     ) -> Result<Accepted, String> {
-        if !self.request.ignore_eos && eos.contains(&token) {
+        let end = if self.request.stop_token_ids.contains(&token) {
+            Some(StopReason::StopToken)
+        } else if !self.request.ignore_eos && eos.contains(&token) {
+            Some(StopReason::Eos)
+        } else {
+            None
+        };
+        if let Some(reason) = end {
             let text_delta = self.finish_text(detok)?;
             return Ok(Accepted {
                 emitted: false,
                 text_delta,
-                stop: Some(StopReason::Eos),
+                stop: Some(reason),
             });
         }
         self.output.push(token);

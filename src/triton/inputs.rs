@@ -92,10 +92,13 @@ pub struct GenerateInputs {
     pub exclude_input: Option<bool>,
     /// `min_length`.
     pub min_length: usize,
+    /// `stop_token_ids` (each ≥ 0; checked against the vocabulary in
+    /// [`GenerateInputs::check_against`]).
+    pub stop_token_ids: Vec<u32>,
 }
 
 /// The inputs a request may carry; anything else is an error.
-pub const KNOWN_INPUTS: [&str; 14] = [
+pub const KNOWN_INPUTS: [&str; 15] = [
     "text_input",
     "input_ids",
     "max_tokens",
@@ -110,6 +113,7 @@ pub const KNOWN_INPUTS: [&str; 14] = [
     "stop_words",
     "exclude_input_in_output",
     "min_length",
+    "stop_token_ids",
 ];
 
 fn invalid(name: &str, what: impl std::fmt::Display) -> TritonError {
@@ -425,6 +429,21 @@ impl GenerateInputs {
             .map(|i| scalar_i32(i, batched).and_then(|v| non_negative("min_length", v)))
             .transpose()?
             .unwrap_or(0);
+        let stop_token_ids = match get("stop_token_ids") {
+            None => Vec::new(),
+            Some(i) => int32s(i, batched)?
+                .into_iter()
+                .enumerate()
+                .map(|(k, t)| {
+                    u32::try_from(t).map_err(|_| {
+                        invalid(
+                            "stop_token_ids",
+                            format!("element {k} is {t}, not a token id"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
 
         Ok(Self {
             prompt,
@@ -439,12 +458,14 @@ impl GenerateInputs {
             stop_words,
             exclude_input,
             min_length,
+            stop_token_ids,
         })
     }
 
     /// The checks that need the model: token ids inside the vocabulary, a prompt that leaves
     /// room for one token in the context, `max_tokens` no larger than the context (a larger
-    /// value could never be honoured), `min_length` no larger than the token limit. `prompt` is
+    /// value could never be honoured), `min_length` no larger than the token limit, stop token
+    /// ids inside the vocabulary. `prompt` is
     /// the tokenized prompt; `max_tokens` the limit in force (given or default).
     pub fn check_against(
         &self,
@@ -486,6 +507,17 @@ impl GenerateInputs {
             return Err(invalid(
                 "max_tokens",
                 format!("{max_tokens} is more than the context of {context} tokens"),
+            ));
+        }
+        if let Some((k, &t)) = self
+            .stop_token_ids
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= vocab)
+        {
+            return Err(invalid(
+                "stop_token_ids",
+                format!("element {k} is {t}, outside the vocabulary [0, {vocab})"),
             ));
         }
         if self.min_length > max_tokens {
@@ -583,6 +615,12 @@ mod tests {
             i32_input("min_length", 3),
             f32_input("frequency_penalty", 0.5),
             f32_input("presence_penalty", -0.25),
+            RawInput {
+                name: "stop_token_ids".into(),
+                datatype: DataType::Int32,
+                shape: vec![1, 2],
+                data: [2i32, 49151].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            },
         ];
         let g = GenerateInputs::parse(&inputs, true).unwrap();
         assert_eq!(
@@ -600,6 +638,7 @@ mod tests {
                 stop_words: vec!["\n\n".into(), "END".into()],
                 exclude_input: Some(true),
                 min_length: 3,
+                stop_token_ids: vec![2, 49151],
             }
         );
         // Without the batch dimension (max_batch_size 0) and with defaults.
@@ -801,6 +840,30 @@ mod tests {
                 ],
                 "input 'stop_words': element 1 is empty",
             ),
+            (
+                vec![
+                    text("a"),
+                    RawInput {
+                        name: "stop_token_ids".into(),
+                        datatype: DataType::Int32,
+                        shape: vec![1, 2],
+                        data: [4i32, -1].iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    },
+                ],
+                "input 'stop_token_ids': element 1 is -1, not a token id",
+            ),
+            (
+                vec![
+                    text("a"),
+                    RawInput {
+                        name: "stop_token_ids".into(),
+                        datatype: DataType::Int64,
+                        shape: vec![1, 1],
+                        data: 4i64.to_le_bytes().to_vec(),
+                    },
+                ],
+                "input 'stop_token_ids': data type INT64, expected INT32",
+            ),
         ];
         for (inputs, want) in cases {
             let got = err(&inputs);
@@ -836,6 +899,18 @@ mod tests {
         assert!(
             min.contains("input 'min_length': 5 is more than max_tokens (4)"),
             "{min}"
+        );
+        let stops = GenerateInputs {
+            stop_token_ids: vec![3, 100],
+            ..g.clone()
+        };
+        let outside = stops
+            .check_against(&[1, 2], 8, 100, 10)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            outside.contains("input 'stop_token_ids': element 1 is 100, outside the vocabulary"),
+            "{outside}"
         );
         let empty = g.check_against(&[], 4, 100, 10).unwrap_err().to_string();
         assert!(empty.contains("empty after tokenization"), "{empty}");

@@ -353,6 +353,7 @@ impl Served {
             },
             max_tokens,
             stop: g.stop_words,
+            stop_token_ids: g.stop_token_ids,
             ignore_eos: false,
             min_tokens: g.min_length,
         };

@@ -589,7 +589,7 @@ impl Serving<'_> {
 /// The OpenAI-style finish reason.
 fn finish_reason(r: StopReason) -> &'static str {
     match r {
-        StopReason::Eos | StopReason::StopString => "stop",
+        StopReason::Eos | StopReason::StopToken | StopReason::StopString => "stop",
         StopReason::MaxTokens | StopReason::ContextFull => "length",
         StopReason::Cancelled => "cancelled",
     }
