@@ -79,7 +79,8 @@ pub struct GenerateInputs {
     pub top_p: f32,
     /// `top_k` (0 = off).
     pub top_k: usize,
-    /// `random_seed`, or `seed` (the name Triton's OpenAI-compatible frontend sends).
+    /// `random_seed`, or `seed` (the name Triton's OpenAI-compatible frontend sends); a random
+    /// one per request when neither is given.
     pub seed: u64,
     /// `frequency_penalty` (in [-2, 2]; 0 = off).
     pub frequency_penalty: f32,
@@ -399,7 +400,9 @@ impl GenerateInputs {
                 ))
             }
             (Some(i), None) | (None, Some(i)) => scalar_u64(i, batched)?,
-            (None, None) => 0,
+            // No seed: a fresh one per request, so two unseeded sampled requests for the same
+            // prompt differ (as OpenAI's and vLLM's do); give a seed to reproduce a generation.
+            (None, None) => rand::random::<u64>(),
         };
         let penalty = |name: &str| -> Result<f32, TritonError> {
             match get(name) {
@@ -667,6 +670,12 @@ mod tests {
         };
         let g = GenerateInputs::parse(&[text("a"), seed("seed", 7)], true).unwrap();
         assert_eq!(g.seed, 7);
+        // No seed: each request draws its own, so unseeded sampled requests differ.
+        let (a, b) = (
+            GenerateInputs::parse(&[text("a")], true).unwrap().seed,
+            GenerateInputs::parse(&[text("a")], true).unwrap().seed,
+        );
+        assert_ne!(a, b);
         let g = GenerateInputs::parse(&[text("a"), seed("random_seed", 8)], true).unwrap();
         assert_eq!(g.seed, 8);
         let e = GenerateInputs::parse(&[text("a"), seed("seed", 7), seed("random_seed", 8)], true)
