@@ -4,14 +4,15 @@
 //! Embedding, RMSNorm, RoPE (Hugging Face rotate_half, Llama 3 frequency scaling), grouped-query
 //! attention over an f32 KV cache, SwiGLU MLP, residuals, final norm and `lm_head` (the embedding
 //! when tied). Matrix products run over output rows in parallel (`matmul`) on weights decoded
-//! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs over (token,
-//! head) pairs in parallel. A prompt goes through as one `tokens × hidden` matrix; a decode step
+//! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs flash-style over
+//! tiles of tokens per key/value head in parallel (`attn`). A prompt goes through as one `tokens × hidden` matrix; a decode step
 //! takes one token from each of several sequences at their own positions.
 //!
 //! Invariant: a token's logits are a function of its sequence's tokens alone, bit for bit: the
 //! batch it shares, the grouping of a prompt into prefill calls and the weight mode never change
 //! the arithmetic (see `kernel` and `ops`).
 
+mod attn;
 mod kernel;
 mod kv;
 mod matmul;
@@ -221,7 +222,12 @@ impl CpuBackend {
                 .iter()
                 .map(|it| self.kv.read(it.seq, l, it.pos + 1))
                 .collect::<Result<Vec<_>, DeviceError>>()?;
-            ops::attention(&q, &queries, heads, kvh, hd, &mut att);
+            let shape = attn::AttnShape {
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+            };
+            attn::attention(kind, &q, &queries, shape, &mut att);
             matmul::matmul(kind, &lw.o_proj, &att, n, &mut o)?;
             ops::add(&mut x, &o);
             ops::rmsnorm(&x, &lw.post_attention_norm, eps, &mut xn);
