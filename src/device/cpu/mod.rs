@@ -4,13 +4,14 @@
 //! Embedding, RMSNorm, RoPE (Hugging Face rotate_half, Llama 3 frequency scaling), grouped-query
 //! attention over an f32 KV cache, SwiGLU MLP, residuals, final norm and `lm_head` (the embedding
 //! when tied). Matrix products run over output rows in parallel (`matmul`) on weights decoded
-//! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs flash-style over
-//! tiles of tokens per key/value head in parallel (`attn`). A prompt goes through as one `tokens × hidden` matrix; a decode step
-//! takes one token from each of several sequences at their own positions.
+//! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs flash style
+//! over tiles of tokens per key/value head in parallel (`attn`). A step goes through as one
+//! `rows × hidden` matrix: a prompt's tokens, one token from each of several decoding sequences
+//! at their own positions, or both at once (`Backend::step`).
 //!
 //! Invariant: a token's logits are a function of its sequence's tokens alone, bit for bit: the
 //! batch it shares, the grouping of a prompt into prefill calls and the weight mode never change
-//! the arithmetic (see `kernel` and `ops`).
+//! the arithmetic (see `kernel` and `attn`).
 
 mod attn;
 mod kernel;
