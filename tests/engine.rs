@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::Value;
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
 use triton_unweight::device::cpu::{CpuBackend, CpuOptions, KV_BLOCK_TOKENS};
-use triton_unweight::device::{Backend, DecodeItem, DeviceError, SeqId};
+use triton_unweight::device::{Backend, ChunkItem, DecodeItem, DeviceError, SeqId};
 use triton_unweight::engine::{
     Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams, StopReason,
 };
@@ -189,6 +189,164 @@ fn batched_decode_equals_decoding_each_alone() {
             }
         }
     }
+}
+
+/// A fused step (prompt chunks of two sequences and the decode rows of two others through the
+/// model as one matrix) gives every row the bits it gets alone: each decode row those of the
+/// same token decoded alone, each chunk's row those of prefilling the same tokens alone (the
+/// second chunk continuing a prompt past a KV block boundary); a failed fused step changes no
+/// sequence.
+#[test]
+fn a_fused_step_gives_every_row_its_bits_alone() {
+    let (plain, _) = tiny();
+    let long: Vec<u32> = (0..KV_BLOCK_TOKENS as u32 + 7)
+        .map(|i| i * 37 % 1000)
+        .collect();
+    let split = KV_BLOCK_TOKENS - 3;
+    // Alone: two decoding sequences, one prompt prefilled whole, one in two pieces.
+    let mut alone = backend(plain, WeightMode::Decoded);
+    let runs: Vec<_> = [&PROMPT[..3], &PROMPT[..]]
+        .iter()
+        .map(|p| greedy_run(&mut alone, p, 1))
+        .collect();
+    let s = alone.new_sequence().unwrap();
+    let whole = bits(&alone.prefill(s, &PROMPT[2..8]).unwrap());
+    let s = alone.new_sequence().unwrap();
+    alone.prefill(s, &long[..split]).unwrap();
+    let continued = bits(&alone.prefill(s, &long[split..]).unwrap());
+    // Fused.
+    let mut b = backend(plain, WeightMode::Decoded);
+    assert!(b.fuses_steps());
+    let dec: Vec<SeqId> = (0..2).map(|_| b.new_sequence().unwrap()).collect();
+    let firsts = [
+        argmax(&b.prefill(dec[0], &PROMPT[..3]).unwrap()),
+        argmax(&b.prefill(dec[1], &PROMPT).unwrap()),
+    ];
+    let (p0, p1) = (b.new_sequence().unwrap(), b.new_sequence().unwrap());
+    b.prefill(p1, &long[..split]).unwrap();
+    let chunks = [
+        ChunkItem {
+            seq: p0,
+            tokens: &PROMPT[2..8],
+        },
+        ChunkItem {
+            seq: p1,
+            tokens: &long[split..],
+        },
+    ];
+    let batch = [
+        DecodeItem {
+            seq: dec[0],
+            token: firsts[0],
+            pos: 3,
+        },
+        DecodeItem {
+            seq: dec[1],
+            token: firsts[1],
+            pos: PROMPT.len(),
+        },
+    ];
+    // A bad row fails the whole step and leaves every sequence as it was.
+    let bad = [
+        batch[0],
+        DecodeItem {
+            token: 1 << 30,
+            ..batch[1]
+        },
+    ];
+    assert!(matches!(
+        b.step(&chunks, &bad),
+        Err(DeviceError::BadToken { .. })
+    ));
+    assert_eq!(b.sequence_len(p0).unwrap(), 0);
+    assert_eq!(b.sequence_len(p1).unwrap(), split);
+    let out = b.step(&chunks, &batch).unwrap();
+    assert_eq!(out.rows(), 4);
+    same_bits(&bits(out.row(0)), &whole, "chunk of a new prompt");
+    same_bits(&bits(out.row(1)), &continued, "chunk continuing a prompt");
+    for (i, run) in runs.iter().enumerate() {
+        same_bits(&bits(out.row(2 + i)), &run.0[1], &format!("decode row {i}"));
+    }
+    assert_eq!(b.sequence_len(p1).unwrap(), long.len());
+    assert_eq!(b.sequence_len(dec[1]).unwrap(), PROMPT.len() + 1);
+}
+
+/// Records what each [`Backend::step`] call held: (chunk lengths, decode rows).
+struct StepLog {
+    inner: CpuBackend,
+    calls: Vec<(Vec<usize>, usize)>,
+    decodes: usize,
+}
+
+impl Backend for StepLog {
+    forward_backend_to_inner!();
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.decodes += 1;
+        self.inner.decode(batch)
+    }
+    fn fuses_steps(&self) -> bool {
+        true
+    }
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.calls
+            .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
+        self.inner.step(chunks, batch)
+    }
+}
+
+#[test]
+fn a_fusing_engine_runs_chunks_and_decode_rows_in_one_call_per_step() {
+    // Two streams decoding when a 40-token prompt arrives, 16 prompt tokens per step: each of
+    // the three admission steps is one call holding the chunk and both decode rows, and every
+    // request generates what it generates alone.
+    let long: Vec<u32> = (0..40u32).map(|i| (i * 53 + 11) % 700).collect();
+    let alone = |p: &[u32], n: usize| {
+        let mut e = engine(false);
+        e.add(Request::greedy(p.to_vec(), n)).unwrap();
+        run_all(&mut e).remove(0).1
+    };
+    let b = StepLog {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        calls: Vec::new(),
+        decodes: 0,
+    };
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        ..EngineOptions::for_config(b.config())
+    };
+    let mut e = Engine::new(b, None, opts);
+    let a = e.add(Request::greedy(PROMPT.to_vec(), 8)).unwrap();
+    let c = e.add(Request::greedy(PROMPT[3..].to_vec(), 8)).unwrap();
+    let mut got: std::collections::HashMap<RequestId, Vec<u32>> = Default::default();
+    let mut take = |events: Vec<Event>| {
+        for ev in events {
+            if let Event::Token { id, token, .. } = ev {
+                got.entry(id).or_default().push(token);
+            }
+        }
+    };
+    take(e.step().unwrap()); // both short prompts: 9 + 6 tokens in one call
+    take(e.step().unwrap()); // one decode step
+    let l = e.add(Request::greedy(long.clone(), 3)).unwrap();
+    while e.has_work() {
+        take(e.step().unwrap());
+    }
+    let calls = &e.backend().calls;
+    assert_eq!(calls[0], (vec![9, 6], 0));
+    assert_eq!(calls[1], (vec![], 2));
+    assert_eq!(calls[2..5], [(vec![16], 2), (vec![16], 2), (vec![8], 2)]);
+    assert_eq!(e.backend().decodes, 0, "no separate decode calls");
+    assert_eq!(got[&a], alone(&PROMPT, 8));
+    assert_eq!(got[&c], alone(&PROMPT[3..], 8));
+    assert_eq!(got[&l], alone(&long, 3));
 }
 
 #[test]

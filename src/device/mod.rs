@@ -38,6 +38,16 @@ pub struct DecodeItem {
     pub pos: usize,
 }
 
+/// One sequence's prompt chunk in a fused step ([`Backend::step`]): `tokens` go in at the
+/// sequence's next positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkItem<'a> {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Its next prompt tokens (at least one).
+    pub tokens: &'a [u32],
+}
+
 /// Logits of a step: one row of `vocab` f32 values per sequence, in request order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Logits {
@@ -252,6 +262,37 @@ pub trait Backend: Send {
         let logits = self.decode(batch)?;
         Ok((0..batch.len()).map(|i| argmax(logits.row(i))).collect())
     }
+
+    /// Whether [`Backend::step`] runs prompt chunks and decode rows through the model in one
+    /// pass. The engine then schedules them as one step (one weight read for every row, so a
+    /// prompt being admitted costs the running streams its chunk's compute, not a step of its
+    /// own); otherwise it keeps separate [`Backend::prefill`] and [`Backend::decode_argmax`]
+    /// calls.
+    fn fuses_steps(&self) -> bool {
+        false
+    }
+
+    /// Prompt chunks of distinct sequences and a decode batch (of other sequences) as one step:
+    /// returns one row of logits per chunk (after its last token), then one per decode item, in
+    /// order. A row's logits are those [`Backend::prefill`] or [`Backend::decode`] would give it
+    /// alone. The default runs the parts one after the other (so a failure part way leaves the
+    /// chunks before it applied); a backend that [`fuses_steps`](Backend::fuses_steps) runs
+    /// them in one pass, all or nothing.
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<Logits, DeviceError> {
+        let vocab = self.config().vocab_size;
+        let mut data = Vec::with_capacity((chunks.len() + batch.len()) * vocab);
+        for c in chunks {
+            data.extend(self.prefill(c.seq, c.tokens)?);
+        }
+        if !batch.is_empty() {
+            data.extend(self.decode(batch)?.data);
+        }
+        Ok(Logits { vocab, data })
+    }
 }
 
 impl<B: Backend + ?Sized> Backend for Box<B> {
@@ -284,6 +325,16 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
         (**self).decode_argmax(batch)
+    }
+    fn fuses_steps(&self) -> bool {
+        (**self).fuses_steps()
+    }
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<Logits, DeviceError> {
+        (**self).step(chunks, batch)
     }
 }
 

@@ -30,7 +30,7 @@ pub use request::{Request, RequestId};
 pub use sampler::{Sampler, SamplingParams};
 pub use sequence::{Sequence, SequenceState, StopReason};
 
-use crate::device::{Backend, DecodeItem, DeviceError, KvUsage, Logits};
+use crate::device::{Backend, ChunkItem, DecodeItem, DeviceError, KvUsage, Logits};
 use crate::model::LlamaConfig;
 
 /// What can go wrong in the engine.
@@ -307,6 +307,10 @@ impl<B: Backend> Engine<B> {
         self.stats.steps += 1;
         // Prompts being prefilled continue first, in admission order.
         let mut budget = self.opts.max_prefill_tokens.max(1);
+        // A backend that fuses steps gets this step's chunks together with the decode batch
+        // (below); they are queued here, their sequences staying in `prefilling` until it ran.
+        let fused = self.backend.fuses_steps();
+        let mut queued: Vec<(RequestId, usize)> = Vec::new();
         let mut admitted = Vec::new();
         let mut still = Vec::with_capacity(self.prefilling.len());
         let mut queue = std::mem::take(&mut self.prefilling).into_iter();
@@ -317,6 +321,11 @@ impl<B: Backend> Engine<B> {
             }
             let chunk = (s.kv_len() - s.prefilled).min(budget);
             budget -= chunk;
+            if fused {
+                queued.push((s.id, chunk));
+                still.push(s);
+                continue;
+            }
             match self.prefill_chunk(s, chunk, events) {
                 Ok(Some(s)) if !s.prefill_done() => still.push(s),
                 Ok(Some(s)) => admitted.push(s),
@@ -373,6 +382,12 @@ impl<B: Backend> Engine<B> {
                 .pop_front()
                 .expect("the plan admits waiting requests in order");
             let result = match self.backend.new_sequence() {
+                Ok(seq) if fused => {
+                    s.state = SequenceState::Running(seq);
+                    queued.push((s.id, chunk));
+                    self.prefilling.push(s);
+                    continue;
+                }
                 Ok(seq) => {
                     s.state = SequenceState::Running(seq);
                     self.prefill_chunk(s, chunk, events)
@@ -395,20 +410,12 @@ impl<B: Backend> Engine<B> {
             }
         }
 
-        self.preempt_for_decode(&mut admitted);
+        self.preempt_for_decode(&mut admitted, &mut queued);
+        if fused {
+            return self.fused_step(queued, events);
+        }
         if !self.running.is_empty() {
-            let batch: Vec<DecodeItem> = self
-                .running
-                .iter()
-                .map(|s| DecodeItem {
-                    seq: s.seq_id().expect("running sequences hold a slot"),
-                    token: *s
-                        .output
-                        .last()
-                        .expect("a running sequence has sampled a token"),
-                    pos: s.total_len() - 1,
-                })
-                .collect();
+            let batch = self.decode_batch();
             // Only what the step needs comes back: the greedy ids when every row's choice is the
             // plain argmax, the logits otherwise (the same tokens either way).
             let result = if self.running.iter().all(Sequence::argmax_suffices) {
@@ -438,31 +445,162 @@ impl<B: Backend> Engine<B> {
                 }
             };
             self.stats.decode_tokens += batch.len() as u64;
-            let mut still = Vec::with_capacity(self.running.len());
-            let mut failure = None;
-            for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
-                let token = match &out {
-                    StepOutput::Tokens(ids) => ids[i],
-                    StepOutput::Logits(logits) => self.sample(&mut s, logits.row(i)),
-                };
-                match self.accept(&mut s, token, events) {
-                    Ok(true) => still.push(s),
-                    Ok(false) => {}
-                    Err(e) => {
-                        self.backend.free_sequence(s.seq_id().expect("running"));
-                        self.failed.push(s.id);
-                        failure.get_or_insert(e);
-                    }
-                }
-            }
-            self.running = still;
-            if let Some(e) = failure {
+            if let Err(e) = self.accept_decoded(out, events) {
                 self.running.extend(admitted);
                 return Err(e);
             }
         }
         self.running.extend(admitted);
         Ok(())
+    }
+
+    /// The decode rows of the running sequences, in order.
+    fn decode_batch(&self) -> Vec<DecodeItem> {
+        self.running
+            .iter()
+            .map(|s| DecodeItem {
+                seq: s.seq_id().expect("running sequences hold a slot"),
+                token: *s
+                    .output
+                    .last()
+                    .expect("a running sequence has sampled a token"),
+                pos: s.total_len() - 1,
+            })
+            .collect()
+    }
+
+    /// Samples and accepts every running sequence's token of a decode step (row `i` for
+    /// running sequence `i`); the ones that end leave `running`.
+    fn accept_decoded(
+        &mut self,
+        out: StepOutput,
+        events: &mut Vec<Event>,
+    ) -> Result<(), EngineError> {
+        let mut still = Vec::with_capacity(self.running.len());
+        let mut failure = None;
+        for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
+            let token = match &out {
+                StepOutput::Tokens(ids) => ids[i],
+                StepOutput::Logits(logits) => self.sample(&mut s, logits.row(i)),
+            };
+            match self.accept(&mut s, token, events) {
+                Ok(true) => still.push(s),
+                Ok(false) => {}
+                Err(e) => {
+                    self.backend.free_sequence(s.seq_id().expect("running"));
+                    self.failed.push(s.id);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        self.running = still;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The rest of a step on a backend that [`fuses_steps`](Backend::fuses_steps): the queued
+    /// prompt chunks (sequences in `prefilling`) and the running sequences' decode rows go to
+    /// the device as one [`Backend::step`]; a prompt whose last chunk ran yields its first
+    /// token (it decodes from the next step), then every running sequence its next one. On an
+    /// error every sequence of the step is dropped (its slot freed, its id listed for
+    /// [`Engine::take_failed`]); the prompts not in it keep their place.
+    fn fused_step(
+        &mut self,
+        queued: Vec<(RequestId, usize)>,
+        events: &mut Vec<Event>,
+    ) -> Result<(), EngineError> {
+        let mut parts: Vec<(usize, Vec<u32>, usize, usize)> = Vec::with_capacity(queued.len());
+        for (id, chunk) in &queued {
+            let i = self
+                .prefilling
+                .iter()
+                .position(|s| s.id == *id)
+                .expect("queued chunks belong to prompts being prefilled");
+            let s = &self.prefilling[i];
+            parts.push((i, s.prefill_tokens(), s.prefilled, s.prefilled + chunk));
+        }
+        let chunks: Vec<ChunkItem<'_>> = parts
+            .iter()
+            .map(|(i, tokens, from, to)| ChunkItem {
+                seq: self.prefilling[*i]
+                    .seq_id()
+                    .expect("a sequence being prefilled holds a handle"),
+                tokens: &tokens[*from..*to],
+            })
+            .collect();
+        let batch = self.decode_batch();
+        if chunks.is_empty() && batch.is_empty() {
+            return Ok(());
+        }
+        let mut logits = match self.backend.step(&chunks, &batch) {
+            Ok(l) => l,
+            Err(e) => {
+                let ids: Vec<RequestId> = queued.iter().map(|q| q.0).collect();
+                let (dropped, kept): (Vec<Sequence>, Vec<Sequence>) =
+                    std::mem::take(&mut self.prefilling)
+                        .into_iter()
+                        .partition(|s| ids.contains(&s.id));
+                self.prefilling = kept;
+                for s in dropped.into_iter().chain(std::mem::take(&mut self.running)) {
+                    self.backend
+                        .free_sequence(s.seq_id().expect("holds a slot"));
+                    self.failed.push(s.id);
+                }
+                return Err(e.into());
+            }
+        };
+        let vocab = logits.vocab;
+        let decode = Logits {
+            vocab,
+            data: logits.data.split_off(chunks.len() * vocab),
+        };
+        drop(chunks);
+        // The prompts' chunks: advance them, and sample the first token of those now complete.
+        let mut first: Vec<Option<usize>> = vec![None; self.prefilling.len()];
+        for (row, (i, _, _, to)) in parts.into_iter().enumerate() {
+            let s = &mut self.prefilling[i];
+            self.stats.prefill_tokens += (to - s.prefilled) as u64;
+            s.prefilled = to;
+            first[i] = Some(row);
+        }
+        let mut admitted = Vec::new();
+        let mut still = Vec::with_capacity(self.prefilling.len());
+        let mut failure = None;
+        for (i, mut s) in std::mem::take(&mut self.prefilling).into_iter().enumerate() {
+            if !s.prefill_done() {
+                still.push(s);
+                continue;
+            }
+            if !s.output.is_empty() {
+                // Recomputed after a preemption: its last token is fed by the next decode.
+                admitted.push(s);
+                continue;
+            }
+            let row = first[i].expect("a prompt completes only in a step that ran its chunk");
+            let token = self.sample(&mut s, &logits.data[row * vocab..(row + 1) * vocab]);
+            match self.accept(&mut s, token, events) {
+                Ok(true) => admitted.push(s),
+                Ok(false) => {}
+                Err(e) => {
+                    self.backend
+                        .free_sequence(s.seq_id().expect("holds a slot"));
+                    self.failed.push(s.id);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        self.prefilling = still;
+        if !batch.is_empty() {
+            self.stats.decode_tokens += batch.len() as u64;
+        }
+        let result = self.accept_decoded(StepOutput::Logits(decode), events);
+        self.running.extend(admitted);
+        match failure {
+            Some(e) => Err(e),
+            None => result,
+        }
     }
 
     /// Prefills the next `chunk` tokens of `s`'s [`Sequence::prefill_tokens`] into its KV cache.
@@ -518,10 +656,23 @@ impl<B: Backend> Engine<B> {
     /// Preempts the newest sequences (running or admitted this step) until the running ones'
     /// decode has the blocks it needs (the policy in [`Engine::step`]). When nothing is left
     /// to preempt the decode runs anyway and its [`DeviceError::KvFull`] fails the step.
-    fn preempt_for_decode(&mut self, admitted: &mut Vec<Sequence>) {
+    fn preempt_for_decode(
+        &mut self,
+        admitted: &mut Vec<Sequence>,
+        queued: &mut Vec<(RequestId, usize)>,
+    ) {
         loop {
             let kv = self.backend.kv_usage();
-            if self.decode_blocks(kv.block_tokens) <= kv.free_blocks {
+            // Blocks the queued chunks of a fused step will take (none otherwise).
+            queued.retain(|(id, _)| self.prefilling.iter().any(|s| s.id == *id));
+            let chunk_blocks: usize = queued
+                .iter()
+                .map(|(id, chunk)| {
+                    let s = self.prefilling.iter().find(|s| s.id == *id).expect("kept");
+                    kv.blocks_for(s.prefilled + chunk) - kv.blocks_for(s.prefilled)
+                })
+                .sum();
+            if self.decode_blocks(kv.block_tokens) + chunk_blocks <= kv.free_blocks {
                 return;
             }
             if self.running.len() + admitted.len() + self.prefilling.len() < 2 {

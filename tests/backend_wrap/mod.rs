@@ -3,7 +3,9 @@
 
 /// Expands, inside `impl Backend for Wrapper`, to the methods forwarded unchanged to
 /// `self.inner`: everything but `decode` and `decode_argmax`, which each wrapper writes itself
-/// (`decode_argmax` keeps the trait's default unless the wrapper overrides it).
+/// (`decode_argmax` keeps the trait's default unless the wrapper overrides it). `fuses_steps`
+/// and `step` keep the trait's defaults too (a wrapped engine takes the separate prefill and
+/// decode calls it counts) unless the wrapper overrides them.
 macro_rules! forward_backend_to_inner {
     () => {
         fn config(&self) -> &triton_unweight::model::LlamaConfig {

@@ -1,7 +1,8 @@
 //! The CPU backend's paged KV cache: a [`BlockManager`] (block tables, free list, handles) over
 //! a pool of blocks, each holding `block_tokens` positions of every layer's keys and values.
 //!
-//! A block is one allocation, `[layer][k | v][position in block][kv_dim]` f32, made the first
+//! A block is one allocation, per layer the keys `[kv_dim][position in block]` then the values
+//! `[position in block][kv_dim]` (f32; the layouts [`AttnQuery`] reads), made the first
 //! time its id is handed out and kept for reuse after the sequence that held it ends (the pool
 //! grows to the most blocks ever held at once, never past `total_blocks`). Capacity is counted
 //! in blocks, that is in tokens actually held: a sequence of 100 tokens takes
@@ -11,12 +12,12 @@
 //! alone would move the CPU away from the CUDA engine's f32 cache, which the GPU tests compare it
 //! with at tolerances of 1e-4 (docs/engine.md, "KV cache").
 
-use super::ops::AttnQuery;
+use super::attn::{AttnQuery, KEY_BLOCK};
 use crate::device::blocks::BlockManager;
 use crate::device::{DeviceError, KvUsage, SeqId};
 
-/// Positions per block.
-pub const BLOCK_TOKENS: usize = 16;
+/// Positions per block: the key block of the attention's online softmax.
+pub const BLOCK_TOKENS: usize = KEY_BLOCK;
 
 /// Every sequence's keys and values, in blocks.
 pub struct KvCache {
@@ -131,9 +132,11 @@ impl KvCache {
         let block = self.pool[b as usize]
             .as_mut()
             .expect("reserve allocates every block it hands out");
-        let at = (pos % BLOCK_TOKENS) * kvd;
-        block[ko + at..ko + at + kvd].copy_from_slice(k);
-        block[vo + at..vo + at + kvd].copy_from_slice(v);
+        let j = pos % BLOCK_TOKENS;
+        for (c, &kc) in k.iter().enumerate() {
+            block[ko + c * BLOCK_TOKENS + j] = kc;
+        }
+        block[vo + j * kvd..vo + (j + 1) * kvd].copy_from_slice(v);
         Ok(())
     }
 
@@ -167,7 +170,6 @@ impl KvCache {
             keys,
             values,
             positions,
-            block_tokens: BLOCK_TOKENS,
         })
     }
 }
@@ -208,12 +210,19 @@ mod tests {
             let r = kv.read(a, l, n).unwrap();
             assert_eq!(r.keys.len(), 3);
             for p in 0..n {
-                let (blk, at) = (p / BLOCK_TOKENS, (p % BLOCK_TOKENS) * kvd);
-                assert_eq!(&r.keys[blk][at..at + kvd], &val(0, l, p, false)[..]);
-                assert_eq!(&r.values[blk][at..at + kvd], &val(0, l, p, true)[..]);
+                let (blk, j) = (p / BLOCK_TOKENS, p % BLOCK_TOKENS);
+                let key: Vec<f32> = (0..kvd)
+                    .map(|c| r.keys[blk][c * BLOCK_TOKENS + j])
+                    .collect();
+                assert_eq!(key, val(0, l, p, false));
+                assert_eq!(
+                    &r.values[blk][j * kvd..(j + 1) * kvd],
+                    &val(0, l, p, true)[..]
+                );
             }
             let r = kv.read(b, l, 5).unwrap();
-            assert_eq!(&r.keys[0][4 * kvd..5 * kvd], &val(1, l, 4, false)[..]);
+            assert_eq!(r.keys[0][2 * BLOCK_TOKENS + 4], val(1, l, 4, false)[2]);
+            assert_eq!(&r.values[0][4 * kvd..5 * kvd], &val(1, l, 4, true)[..]);
         }
         // Writing past what was reserved is an error, not a write into someone else's block.
         assert!(kv.write(b, 0, BLOCK_TOKENS, &[0.0; 4], &[0.0; 4]).is_err());

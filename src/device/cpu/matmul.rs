@@ -111,12 +111,34 @@ pub fn matmul(
         }
         MatrixData::Compressed(m) => on_the_fly(kind, w, m, x, n, &mut yt)?,
     }
-    for (r, ys) in yt.chunks(n).enumerate() {
-        for (t, &v) in ys.iter().enumerate() {
-            out[t * w.rows + r] = v;
-        }
-    }
+    transpose(&yt, w.rows, n, out);
     Ok(())
+}
+
+/// `out (n × rows) = ytᵀ`, in tiles of 16 × 16 so that both sides stay in cache lines (a
+/// column-by-column transpose of a prompt's product misses the cache on every store), parallel
+/// over tiles of tokens when there are several.
+fn transpose(yt: &[f32], rows: usize, n: usize, out: &mut [f32]) {
+    const T: usize = 16;
+    let tile = |t0: usize, out: &mut [f32]| {
+        let t1 = (t0 + T).min(n);
+        for r0 in (0..rows).step_by(T) {
+            let r1 = (r0 + T).min(rows);
+            for r in r0..r1 {
+                let src = &yt[r * n + t0..r * n + t1];
+                for (t, &v) in src.iter().enumerate() {
+                    out[t * rows + r] = v;
+                }
+            }
+        }
+    };
+    if n > T {
+        out.par_chunks_mut(T * rows)
+            .enumerate()
+            .for_each(|(i, o)| tile(i * T, o));
+    } else {
+        tile(0, out);
+    }
 }
 
 /// A piece of a row cut by a task's chunk range: row, first element within the row, BF16 bytes.

@@ -4,14 +4,16 @@
 //! Embedding, RMSNorm, RoPE (Hugging Face rotate_half, Llama 3 frequency scaling), grouped-query
 //! attention over an f32 KV cache, SwiGLU MLP, residuals, final norm and `lm_head` (the embedding
 //! when tied). Matrix products run over output rows in parallel (`matmul`) on weights decoded
-//! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs over (token,
-//! head) pairs in parallel. A prompt goes through as one `tokens × hidden` matrix; a decode step
-//! takes one token from each of several sequences at their own positions.
+//! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs flash style
+//! over tiles of tokens per key/value head in parallel (`attn`). A step goes through as one
+//! `rows × hidden` matrix: a prompt's tokens, one token from each of several decoding sequences
+//! at their own positions, or both at once (`Backend::step`).
 //!
 //! Invariant: a token's logits are a function of its sequence's tokens alone, bit for bit: the
 //! batch it shares, the grouping of a prompt into prefill calls and the weight mode never change
-//! the arithmetic (see `kernel` and `ops`).
+//! the arithmetic (see `kernel` and `attn`).
 
+mod attn;
 mod kernel;
 mod kv;
 mod matmul;
@@ -25,7 +27,9 @@ pub use kernel::KernelKind;
 pub use kv::BLOCK_TOKENS as KV_BLOCK_TOKENS;
 
 use self::kv::KvCache;
-use super::{Backend, DecodeItem, DeviceError, KvCapacity, KvUsage, Logits, SeqId, WeightMemory};
+use super::{
+    Backend, ChunkItem, DecodeItem, DeviceError, KvCapacity, KvUsage, Logits, SeqId, WeightMemory,
+};
 use crate::container::Checkpoint;
 use crate::model::weights::{bf16_to_f32, LlamaWeights, WeightError, WeightMode};
 use crate::model::LlamaConfig;
@@ -221,7 +225,12 @@ impl CpuBackend {
                 .iter()
                 .map(|it| self.kv.read(it.seq, l, it.pos + 1))
                 .collect::<Result<Vec<_>, DeviceError>>()?;
-            ops::attention(&q, &queries, heads, kvh, hd, &mut att);
+            let shape = attn::AttnShape {
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+            };
+            attn::attention(kind, &q, &queries, shape, &mut att);
             matmul::matmul(kind, &lw.o_proj, &att, n, &mut o)?;
             ops::add(&mut x, &o);
             ops::rmsnorm(&x, &lw.post_attention_norm, eps, &mut xn);
@@ -280,39 +289,61 @@ impl Backend for CpuBackend {
     }
 
     fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
-        if tokens.is_empty() {
-            return Err(DeviceError::Invalid(
-                "prefill of an empty token list".into(),
-            ));
-        }
-        let len = self.kv.len(seq)?;
-        self.check_room(seq, len + tokens.len())?;
-        for &t in tokens {
-            self.check_token(t)?;
-        }
-        let items: Vec<Item> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, &token)| Item {
-                seq,
-                token,
-                pos: len + i,
-            })
-            .collect();
-        self.forward(&items, &[items.len() - 1])
+        Ok(self.step(&[ChunkItem { seq, tokens }], &[])?.data)
     }
 
     fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
+        self.step(&[], batch)
+    }
+
+    fn fuses_steps(&self) -> bool {
+        true
+    }
+
+    /// Every chunk's tokens and every decode row go through the model as one `rows × hidden`
+    /// matrix (each weight read once for all of them); attention runs per token over its own
+    /// sequence's positions, so every row's bits are those of the row alone.
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<Logits, DeviceError> {
         let vocab = self.cfg.vocab_size;
         let mut seen = std::collections::HashSet::new();
+        let mut items = Vec::new();
+        let mut want = Vec::with_capacity(chunks.len() + batch.len());
+        for c in chunks {
+            if c.tokens.is_empty() {
+                return Err(DeviceError::Invalid(
+                    "prefill of an empty token list".into(),
+                ));
+            }
+            let len = self.kv.len(c.seq)?;
+            if !seen.insert(c.seq) {
+                return Err(DeviceError::Invalid(format!(
+                    "sequence {:?} appears twice in one step",
+                    c.seq
+                )));
+            }
+            self.check_room(c.seq, len + c.tokens.len())?;
+            for (i, &token) in c.tokens.iter().enumerate() {
+                self.check_token(token)?;
+                items.push(Item {
+                    seq: c.seq,
+                    token,
+                    pos: len + i,
+                });
+            }
+            want.push(items.len() - 1);
+        }
         for it in batch {
+            let len = self.kv.len(it.seq)?;
             if !seen.insert(it.seq) {
                 return Err(DeviceError::Invalid(format!(
                     "sequence {:?} appears twice in one decode batch",
                     it.seq
                 )));
             }
-            let len = self.kv.len(it.seq)?;
             if it.pos != len {
                 return Err(DeviceError::BadPosition {
                     seq: it.seq,
@@ -322,22 +353,19 @@ impl Backend for CpuBackend {
             }
             self.check_room(it.seq, len + 1)?;
             self.check_token(it.token)?;
+            want.push(items.len());
+            items.push(Item {
+                seq: it.seq,
+                token: it.token,
+                pos: it.pos,
+            });
         }
-        if batch.is_empty() {
+        if items.is_empty() {
             return Ok(Logits {
                 vocab,
                 data: Vec::new(),
             });
         }
-        let items: Vec<Item> = batch
-            .iter()
-            .map(|d| Item {
-                seq: d.seq,
-                token: d.token,
-                pos: d.pos,
-            })
-            .collect();
-        let want: Vec<usize> = (0..items.len()).collect();
         Ok(Logits {
             vocab,
             data: self.forward(&items, &want)?,
