@@ -259,13 +259,34 @@ pub fn value_histogram(bytes: &[u8]) -> Vec<u64> {
         )
 }
 
-/// The key histogram of `mantissa_bits` from a whole-value histogram.
+/// The key histogram of `mantissa_bits` from a whole-value histogram (65,536 counts).
+///
+/// A key's bit patterns are a run of `2^(7 - mantissa_bits)` consecutive values, once with the
+/// sign clear and once with it set ([`key`] drops the sign and the low mantissa bits), so each
+/// count is two contiguous sums: no per-value index arithmetic, no scattered adds. This runs
+/// for every tensor `compress` codes, and was a tenth of coding a small model's tensors.
 pub fn key_histogram(value_histogram: &[u64], mantissa_bits: u32) -> Vec<u64> {
+    assert_eq!(value_histogram.len(), 1 << 16, "a whole-value histogram");
+    let run = 1usize << (7 - mantissa_bits);
     let mut h = vec![0u64; 1 << (8 + mantissa_bits)];
-    for (v, &c) in value_histogram.iter().enumerate() {
-        h[key(v as u16, mantissa_bits)] += c;
+    for half in value_histogram.chunks_exact(1 << 15) {
+        for (count, values) in h.iter_mut().zip(half.chunks_exact(run)) {
+            *count += values.iter().sum::<u64>();
+        }
     }
     h
+}
+
+/// The key histogram of `to_bits` mantissa bits from one of `from_bits` (at least `to_bits`):
+/// the keys that differ only in the dropped low bits summed, as [`key_histogram`] would count
+/// them, without another pass over the 65,536 values.
+pub fn coarser_key_histogram(key_histogram: &[u64], from_bits: u32, to_bits: u32) -> Vec<u64> {
+    assert!(to_bits <= from_bits);
+    assert_eq!(key_histogram.len(), 1 << (8 + from_bits));
+    key_histogram
+        .chunks_exact(1 << (from_bits - to_bits))
+        .map(|c| c.iter().sum())
+        .collect()
 }
 
 /// Shannon entropy in bits per symbol of any histogram (0 for an empty one).
@@ -289,6 +310,34 @@ pub fn entropy(histogram: &[u64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_histograms_count_every_value_under_its_key() {
+        // Independent of the run arithmetic: every value counted under `key` one by one.
+        let mut values = vec![0u64; 1 << 16];
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for v in values.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *v = x % 1000;
+        }
+        for m in 0..=7 {
+            let mut want = vec![0u64; 1 << (8 + m)];
+            for (v, &c) in values.iter().enumerate() {
+                want[key(v as u16, m)] += c;
+            }
+            let kh = key_histogram(&values, m);
+            assert_eq!(kh, want, "mantissa bits {m}");
+            for to in 0..=m {
+                assert_eq!(
+                    coarser_key_histogram(&kh, m, to),
+                    key_histogram(&values, to),
+                    "{m} -> {to}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn raw_bits_and_high_bits_rebuild_every_pattern() {

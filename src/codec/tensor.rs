@@ -174,19 +174,15 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
     }
     let len = bytes.len() / 2;
     let values = model::value_histogram(bytes);
-    let exp_hist = model::key_histogram(&values, 0);
-    let (mut params, mut model) = (params, None);
-    if params.mantissa_bits != 0 {
-        model = SymbolModel::from_key_histogram(
-            &model::key_histogram(&values, params.mantissa_bits),
-            params.mantissa_bits,
-        );
-    }
+    // One pass over the 65,536 value counts: the keys of the asked mantissa bits; the exponent
+    // histogram is their sum over the mantissa bits.
+    let wanted = model::key_histogram(&values, params.mantissa_bits);
+    let exp_hist = model::coarser_key_histogram(&wanted, params.mantissa_bits, 0);
+    let mut params = params;
+    let model = SymbolModel::from_key_histogram(&wanted, params.mantissa_bits)
+        .filter(|m| m.mantissa_bits() == params.mantissa_bits);
     let (model, key_hist) = match model {
-        Some(m) => {
-            let kh = model::key_histogram(&values, m.mantissa_bits());
-            (m, kh)
-        }
+        Some(m) => (m, wanted),
         None => {
             // More distinct keys than a table numbers (not weights): the exponent model.
             params.mantissa_bits = 0;
