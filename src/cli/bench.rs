@@ -175,7 +175,9 @@ pub(super) fn write_results(out: &Path, mut doc: Value, threads: usize) -> Resul
     Ok(())
 }
 
-fn print_row(name: &str, bytes: usize, r: &Value) {
+/// One table row of a codec measurement: name, MiB, ratio, compress and decompress GB/s (the
+/// in-memory `bench codec` and the whole-CLI `bench cli` print the same columns).
+pub(super) fn print_row(name: &str, bytes: usize, r: &Value) {
     println!(
         "{:<48} {:>9.1} {:>7.4} {:>10.2} {:>10.2}",
         name,

@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
+use super::bench::print_row;
 use crate::codec::Params;
 use crate::container::{self, CompressOptions, SafetensorsFile};
 
@@ -173,17 +174,6 @@ fn ratio(a: &Value, b: &Value, field: &str) -> Value {
         (Some(x), Some(y)) if y > 0.0 => json!(x / y),
         _ => Value::Null,
     }
-}
-
-fn print_row(name: &str, bytes: usize, r: &Value) {
-    println!(
-        "{:<44} {:>8.1} {:>7.4} {:>10.2} {:>10.2}",
-        name,
-        bytes as f64 / (1 << 20) as f64,
-        r["ratio"].as_f64().unwrap_or(f64::NAN),
-        r["compress_gbps"].as_f64().unwrap_or(f64::NAN),
-        r["decompress_gbps"].as_f64().unwrap_or(f64::NAN)
-    );
 }
 
 /// The first line of /proc/loadavg's three averages (empty where there is none).
