@@ -876,13 +876,7 @@ fn sampled_tokens_do_not_depend_on_the_batch() {
         },
         ..Request::greedy(prompts[i].clone(), 10)
     };
-    let alone: Vec<Vec<u32>> = (0..3)
-        .map(|i| {
-            let mut e = engine(false);
-            e.add(request(i)).unwrap();
-            run_all(&mut e).remove(0).1
-        })
-        .collect();
+    let alone = tokens_alone(3, request);
     let mut e = engine(false);
     let mut got = vec![Vec::new(); 3];
     let mut ids = vec![e.add(request(0)).unwrap()];
@@ -907,6 +901,17 @@ fn sampled_tokens_do_not_depend_on_the_batch() {
     assert_ne!(run_all(&mut e).remove(0).1, alone[0]);
 }
 
+/// The tokens each of requests `0..n` generates alone, on a fresh engine each.
+fn tokens_alone(n: usize, request: impl Fn(usize) -> Request) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|i| {
+            let mut e = engine(false);
+            e.add(request(i)).unwrap();
+            run_all(&mut e).remove(0).1
+        })
+        .collect()
+}
+
 /// Sampled requests preempted and recomputed (a cache of 8 blocks for six of them) finish with
 /// exactly the tokens they generate alone.
 #[test]
@@ -918,13 +923,7 @@ fn preempted_sampled_requests_draw_the_same_tokens() {
         sampling: nucleus(r as u64),
         ..Request::greedy(prompts[r].clone(), 30)
     };
-    let alone: Vec<Vec<u32>> = (0..6)
-        .map(|r| {
-            let mut e = engine(false);
-            e.add(request(r)).unwrap();
-            run_all(&mut e).remove(0).1
-        })
-        .collect();
+    let alone = tokens_alone(6, request);
     let mut e = paged_engine(8, 16);
     for r in 0..6 {
         e.add(request(r)).unwrap();
