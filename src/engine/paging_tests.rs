@@ -102,22 +102,7 @@ fn engine(blocks: usize, max_batch: usize) -> Engine<Paged> {
 }
 
 fn engine_with(blocks: usize, block_tokens: usize, max_batch: usize) -> Engine<Paged> {
-    let cfg = LlamaConfig {
-        hidden_size: 8,
-        intermediate_size: 16,
-        num_hidden_layers: 1,
-        num_attention_heads: 1,
-        num_key_value_heads: 1,
-        head_dim: 8,
-        rms_norm_eps: 1e-6,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        tie_word_embeddings: false,
-        vocab_size: VOCAB,
-        max_position_embeddings: 4096,
-        bos_token_id: None,
-        eos_token_ids: Vec::new(),
-    };
+    let cfg = LlamaConfig::tiny_for_tests(VOCAB);
     let backend = Paged {
         cfg,
         blocks: BlockManager::new(blocks, block_tokens, 16, 4096),

@@ -111,6 +111,28 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// A one-layer, 8-wide configuration with `vocab` tokens, for the engine and worker tests
+    /// whose fake backends only need the dimensions.
+    #[cfg(test)]
+    pub(crate) fn tiny_for_tests(vocab: usize) -> Self {
+        Self {
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 1,
+            num_attention_heads: 1,
+            num_key_value_heads: 1,
+            head_dim: 8,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            vocab_size: vocab,
+            max_position_embeddings: 4096,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        }
+    }
+
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
         let path = dir.join("config.json");
