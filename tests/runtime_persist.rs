@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use triton_unweight::codec::runtime::Shape;
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
-use triton_unweight::device::cuda::backend::role_shapes;
 use triton_unweight::device::cuda::persist::runtime_path;
 use triton_unweight::device::cuda::plan::{Plan, Role, Storage};
+use triton_unweight::device::cuda::sizing::role_shapes;
 use triton_unweight::device::cuda::stream::{
     stream_weights, stream_weights_persisted, HostLinear, Persisted, Slot, StreamTimes, WeightSink,
 };

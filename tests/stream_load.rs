@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use triton_unweight::codec::runtime::{decode, Shape};
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
-use triton_unweight::device::cuda::backend::role_shapes;
 use triton_unweight::device::cuda::plan::{Plan, Storage};
+use triton_unweight::device::cuda::sizing::role_shapes;
 use triton_unweight::device::cuda::stream::{
     stream_weights, stream_weights_persisted, HostLinear, Persisted, Slot, WeightSink,
 };

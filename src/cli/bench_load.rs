@@ -18,9 +18,10 @@ use serde_json::json;
 
 use crate::codec::runtime::{encode_le_bytes, Shape};
 use crate::container::Checkpoint;
-use crate::device::cuda::backend::{resolve_plan, role_shapes};
+use crate::device::cuda::options::resolve_plan;
 use crate::device::cuda::persist::runtime_path;
 use crate::device::cuda::plan::Storage;
+use crate::device::cuda::sizing::role_shapes;
 use crate::device::cuda::stream::{
     stream_weights, stream_weights_persisted, HostLinear, Persisted, Slot, WeightSink,
 };

@@ -9,7 +9,8 @@ use serde_json::json;
 
 use super::report::human_bytes;
 use crate::container::Checkpoint;
-use crate::device::cuda::backend::{resolve_plan, role_shapes, WorkBuffers};
+use crate::device::cuda::options::resolve_plan;
+use crate::device::cuda::sizing::{role_shapes, WorkBuffers};
 use crate::device::cuda::{CudaOptions, PlanSource};
 use crate::model::memory::{self, Dims, Fit, Target};
 use crate::model::{LlamaConfig, LlamaShape};

@@ -23,14 +23,18 @@ pub mod kernels;
 mod kv;
 pub mod linear;
 pub mod mma;
+pub mod options;
 pub mod persist;
 pub mod plan;
+pub mod sizing;
 pub mod stream;
 pub mod tbe3;
 pub mod tune;
+mod weights;
 
-pub use backend::{CudaBackend, CudaOptions, PlanChoice, PlanSource, StepTiming};
+pub use backend::{CudaBackend, StepTiming};
 pub use harness::KernelHarness;
+pub use options::{CudaOptions, PlanChoice, PlanSource};
 
 use std::sync::Arc;
 

@@ -570,7 +570,7 @@ pub fn synthetic_samples(
     seed: u64,
     sigma: f32,
 ) -> Result<Vec<Sample<'static>>, DeviceError> {
-    let shapes = super::backend::role_shapes(cfg)?;
+    let shapes = super::sizing::role_shapes(cfg)?;
     Ok(shapes
         .iter()
         .enumerate()
@@ -1223,7 +1223,7 @@ mod tests {
         let cfg = LlamaConfig::from_dir(&out).unwrap();
         let ckpt = Checkpoint::open(&out).unwrap();
         let w = LlamaWeights::load(&ckpt, &cfg, WeightMode::Decoded).unwrap();
-        let shapes = super::super::backend::role_shapes(&cfg).unwrap();
+        let shapes = super::super::sizing::role_shapes(&cfg).unwrap();
         let a = layer0_samples(&w).unwrap();
         let b = checkpoint_samples(&ckpt, &cfg).unwrap();
         let roles: Vec<Role> = a.iter().map(|s| s.0).collect();
