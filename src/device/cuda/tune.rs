@@ -31,7 +31,7 @@ use super::tbe3::{self, gemv_geometry_with_split, Tbe3Kernels, MAX_GEMV_BATCH};
 use crate::codec::runtime::Shape;
 use crate::container::Checkpoint;
 use crate::device::DeviceError;
-use crate::model::weights::{LlamaWeights, Matrix, MatrixData};
+use crate::model::weights::{LlamaWeights, Matrix};
 use crate::model::LlamaConfig;
 
 /// Largest matrix (BF16 bytes) for which tbe3 storage with a whole-matrix decode
@@ -418,16 +418,6 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-fn bf16_of(m: &Matrix) -> Result<&[u8], DeviceError> {
-    match &m.data {
-        MatrixData::Bf16(b) => Ok(b),
-        MatrixData::Compressed(_) => Err(DeviceError::Invalid(format!(
-            "{}: tuning needs weights decoded at load (WeightMode::Decoded)",
-            m.name
-        ))),
-    }
-}
-
 /// Parts stacked row-wise (`[(name, bytes, rows, cols)]`): borrowed when there is one.
 fn fuse<'a>(role: Role, parts: &[(&str, &'a [u8], usize, usize)]) -> Result<Sample<'a>, String> {
     let cols = parts[0].3;
@@ -476,7 +466,14 @@ pub fn layer0_samples(w: &LlamaWeights) -> Result<Vec<Sample<'_>>, DeviceError> 
         .map(|(role, ms)| {
             let parts = ms
                 .iter()
-                .map(|m| Ok((m.name.as_str(), bf16_of(m)?, m.rows, m.cols)))
+                .map(|m| {
+                    Ok((
+                        m.name.as_str(),
+                        super::weights::bf16_bytes(m, "tuning")?,
+                        m.rows,
+                        m.cols,
+                    ))
+                })
                 .collect::<Result<Vec<_>, DeviceError>>()?;
             fuse(*role, &parts).map_err(DeviceError::Invalid)
         })
@@ -1231,7 +1228,12 @@ mod tests {
         let l0 = &w.layers[0];
         let cat = |ms: &[&Matrix]| -> Vec<u8> {
             ms.iter()
-                .flat_map(|m| bf16_of(m).unwrap().iter().copied())
+                .flat_map(|m| {
+                    super::super::weights::bf16_bytes(m, "tuning")
+                        .unwrap()
+                        .iter()
+                        .copied()
+                })
                 .collect()
         };
         let expect = [

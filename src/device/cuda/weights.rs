@@ -66,15 +66,20 @@ pub(super) fn device_weights() -> &'static Registry<WeightsKey, Weights> {
     REGISTRY.get_or_init(Registry::new)
 }
 
-fn bf16_bytes(m: &Matrix) -> Result<&[u8], DeviceError> {
+/// `m`'s BF16 bytes; an error naming `m` and `who` (what needs them) when `m` is still
+/// compressed, which the device paths that take host weights cannot read.
+pub(super) fn bf16_bytes<'a>(m: &'a Matrix, who: &str) -> Result<&'a [u8], DeviceError> {
     match &m.data {
         MatrixData::Bf16(bytes) => Ok(bytes),
         MatrixData::Compressed(_) => Err(DeviceError::Invalid(format!(
-            "{}: the CUDA backend takes weights decoded at load (WeightMode::Decoded)",
+            "{}: {who} takes weights decoded at load (WeightMode::Decoded)",
             m.name
         ))),
     }
 }
+
+/// Who needs decoded weights, in [`bf16_bytes`]'s errors.
+const BACKEND: &str = "the CUDA backend";
 
 /// Uploads matrices stacked row-wise as one linear layer (fused q|k|v, gate|up) in `storage`.
 pub(super) fn upload_linear(
@@ -93,11 +98,11 @@ pub(super) fn upload_linear(
     let name = parts.iter().map(|m| m.name.as_str()).collect::<Vec<_>>();
     let wrap = |e: GpuError| DeviceError::Cuda(e.context(name.join(" | ")));
     if let [one] = parts {
-        return Linear::upload(ctx, bf16_bytes(one)?, rows, cols, storage).map_err(wrap);
+        return Linear::upload(ctx, bf16_bytes(one, BACKEND)?, rows, cols, storage).map_err(wrap);
     }
     let mut bytes = Vec::with_capacity(2 * rows * cols);
     for m in parts {
-        bytes.extend_from_slice(bf16_bytes(m)?);
+        bytes.extend_from_slice(bf16_bytes(m, BACKEND)?);
     }
     Linear::upload(ctx, &bytes, rows, cols, storage).map_err(wrap)
 }
