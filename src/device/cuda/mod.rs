@@ -30,7 +30,7 @@ pub mod sizing;
 pub mod stream;
 pub mod tbe3;
 pub mod tune;
-mod weights;
+pub(crate) mod weights;
 
 pub use backend::{CudaBackend, StepTiming};
 pub use harness::KernelHarness;

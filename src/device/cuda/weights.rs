@@ -68,7 +68,7 @@ pub(super) fn device_weights() -> &'static Registry<WeightsKey, Weights> {
 
 /// `m`'s BF16 bytes; an error naming `m` and `who` (what needs them) when `m` is still
 /// compressed, which the device paths that take host weights cannot read.
-pub(super) fn bf16_bytes<'a>(m: &'a Matrix, who: &str) -> Result<&'a [u8], DeviceError> {
+pub(crate) fn bf16_bytes<'a>(m: &'a Matrix, who: &str) -> Result<&'a [u8], DeviceError> {
     match &m.data {
         MatrixData::Bf16(bytes) => Ok(bytes),
         MatrixData::Compressed(_) => Err(DeviceError::Invalid(format!(

@@ -15,24 +15,28 @@
 //! Everything here except [`tune`], [`tune_key`] and [`table_for_model`] is CPU-side and
 //! unit-tested without a GPU.
 
-use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+mod samples;
+mod table;
+
+pub use samples::{checkpoint_samples, layer0_samples, synthetic_samples, MatrixSource, Sample};
+pub use table::{
+    fits_model, kernels_hash, read_table, rfc3339, sanitize_device, table_path, tune_key, usable,
+    write_table,
+};
+
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::driver::{self, Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph};
 use super::kernels::{self, Kernels};
 use super::linear::{Form, Input, Linear, Products};
 use super::plan::{
-    self, Role, RoleShapes, Storage, Strategy, Timing, TuneEntry, TuneKey, TuneTable, TUNE_BATCHES,
-    TUNE_FORMAT,
+    self, Role, RoleShapes, Storage, Strategy, Timing, TuneEntry, TuneTable, TUNE_BATCHES,
 };
 use super::tbe3::{self, gemv_geometry_with_split, Tbe3Kernels, MAX_GEMV_BATCH};
 use crate::codec::runtime::Shape;
-use crate::container::Checkpoint;
 use crate::device::DeviceError;
-use crate::model::weights::{LlamaWeights, Matrix};
-use crate::model::LlamaConfig;
 
 /// Largest matrix (BF16 bytes) for which tbe3 storage with a whole-matrix decode
 /// (`Cublas { chunk_rows: 0 }` on tbe3) is a candidate. The whole decode needs a scratch buffer
@@ -104,198 +108,8 @@ impl TuneOptions {
         Ok(())
     }
 }
-
-/// Where a tuned matrix's values come from.
-pub enum MatrixSource<'a> {
-    /// Little-endian BF16 bytes (`2 × rows × cols`): a real model's layer-0 matrix, q|k|v and
-    /// gate|up stacked row-wise as the backend fuses them.
-    Bf16(Cow<'a, [u8]>),
-    /// N(0, `sigma`) BF16 generated on the device from `seed` (downloaded once for the tbe3
-    /// encode).
-    Synthetic {
-        /// Generator seed.
-        seed: u64,
-        /// Standard deviation.
-        sigma: f32,
-    },
-}
-
-impl std::fmt::Debug for MatrixSource<'_> {
-    /// The byte count, not the bytes (a sample can be a gigabyte).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MatrixSource::Bf16(b) => write!(f, "Bf16({} bytes)", b.len()),
-            MatrixSource::Synthetic { seed, sigma } => {
-                write!(f, "Synthetic {{ seed: {seed}, sigma: {sigma} }}")
-            }
-        }
-    }
-}
-
-/// One matrix to tune: its role, rows, columns and values.
-pub type Sample<'a> = (Role, usize, usize, MatrixSource<'a>);
-
 // ---------------------------------------------------------------------------------------------
-// CPU side: the key, the file, the candidate list.
-
-/// Hex xxh3-64 of every embedded fatbin (family name and bytes, in order) and the nvcc version
-/// that built them: changes whenever a kernel, its compile flags or the compiler change.
-pub fn kernels_hash() -> String {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    for (family, bytes) in kernels::fatbins() {
-        h.update(&(family.len() as u64).to_le_bytes());
-        h.update(family.as_bytes());
-        h.update(&(bytes.len() as u64).to_le_bytes());
-        h.update(bytes);
-    }
-    h.update(kernels::nvcc_version().unwrap_or("no nvcc").as_bytes());
-    format!("{:016x}", h.digest())
-}
-
-/// What a table measured on `ctx`'s device must match to be used there.
-pub fn tune_key(ctx: &Context) -> GpuResult<TuneKey> {
-    Ok(TuneKey {
-        device: driver::device_name(ctx.device())?,
-        driver: driver::driver_version()?,
-        kernels: kernels_hash(),
-        format: TUNE_FORMAT,
-    })
-}
-
-/// `device` as a file name: characters outside `[A-Za-z0-9._-]` become `_` (an empty name
-/// becomes `unknown`).
-pub fn sanitize_device(device: &str) -> String {
-    let s: String = device
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.is_empty() || s.chars().all(|c| c == '.') {
-        "unknown".into()
-    } else {
-        s
-    }
-}
-
-/// Where a model's table for `device` lives: `<model_dir>/tune/<device, sanitized>.json`, so
-/// one model directory holds a table per kind of GPU it has been served on.
-pub fn table_path(model_dir: &Path, device: &str) -> PathBuf {
-    model_dir
-        .join("tune")
-        .join(format!("{}.json", sanitize_device(device)))
-}
-
-/// Reads a tuning table: `Ok(None)` when the file does not exist, an error naming the file when
-/// it cannot be read or is not a table.
-pub fn read_table(path: &Path) -> Result<Option<TuneTable>, DeviceError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(DeviceError::Invalid(format!(
-                "reading tuning table {}: {e}",
-                path.display()
-            )))
-        }
-    };
-    serde_json::from_str(&text).map(Some).map_err(|e| {
-        DeviceError::Invalid(format!(
-            "tuning table {} is not a valid table: {e}",
-            path.display()
-        ))
-    })
-}
-
-/// Writes `table` as pretty JSON to `path`, creating its directory; atomically (a temporary
-/// file in the same directory, then a rename), so a reader never sees half a table.
-pub fn write_table(path: &Path, table: &TuneTable) -> Result<(), DeviceError> {
-    use std::io::Write;
-    let err = |what: &str, e: std::io::Error| {
-        DeviceError::Invalid(format!("{what} tuning table {}: {e}", path.display()))
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| err("creating the directory of", e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "table.json".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let text = serde_json::to_string_pretty(table)
-        .map_err(|e| DeviceError::Invalid(format!("serialising tuning table: {e}")))?;
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()
-    };
-    if let Err(e) = write().and_then(|()| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err("writing", e));
-    }
-    Ok(())
-}
-
-/// Whether a table measured under `table.key` applies where `key` holds; the error names each
-/// field that differs and both values.
-pub fn usable(table: &TuneTable, key: &TuneKey) -> Result<(), String> {
-    let (t, k) = (&table.key, key);
-    let mut diff = Vec::new();
-    if t.device != k.device {
-        diff.push(format!(
-            "device: measured on {:?}, this is {:?}",
-            t.device, k.device
-        ));
-    }
-    if t.driver != k.driver {
-        diff.push(format!(
-            "driver: measured with CUDA {}, this is {}",
-            t.driver, k.driver
-        ));
-    }
-    if t.kernels != k.kernels {
-        diff.push(format!(
-            "kernels: measured with build {}, this is {}",
-            t.kernels, k.kernels
-        ));
-    }
-    if t.format != k.format {
-        diff.push(format!(
-            "format: table format {}, this build reads {}",
-            t.format, k.format
-        ));
-    }
-    if diff.is_empty() {
-        Ok(())
-    } else {
-        Err(diff.join("; "))
-    }
-}
-
-/// Whether every entry of `table` was measured on the shape the model gives its role (a table
-/// copied from another model is not used: its entries would all be ignored).
-pub fn fits_model(table: &TuneTable, shapes: &RoleShapes) -> Result<(), String> {
-    for e in &table.entries {
-        match shapes.get(&e.role) {
-            Some(s) if s.rows == e.rows && s.cols == e.cols => {}
-            Some(s) => {
-                return Err(format!(
-                    "{:?} was measured as {} × {}, this model's is {} × {}",
-                    e.role, e.rows, e.cols, s.rows, s.cols
-                ))
-            }
-            None => return Err(format!("{:?} is not a role of this model", e.role)),
-        }
-    }
-    Ok(())
-}
+// CPU side: the candidate list.
 
 /// `batches` in measuring order: those of [`BATCH_PRIORITY`] first in its order, any others
 /// after, ascending; duplicates dropped.
@@ -394,195 +208,6 @@ pub fn work_sizes(
         }
     }
     (scratch, partial)
-}
-
-/// `t` as RFC 3339 UTC (`2026-11-27T08:15:02Z`).
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Parts stacked row-wise (`[(name, bytes, rows, cols)]`): borrowed when there is one.
-fn fuse<'a>(role: Role, parts: &[(&str, &'a [u8], usize, usize)]) -> Result<Sample<'a>, String> {
-    let cols = parts[0].3;
-    let mut rows = 0;
-    for &(name, bytes, r, c) in parts {
-        if c != cols {
-            return Err(format!(
-                "{name} has {c} columns, {} has {cols}: they cannot be fused",
-                parts[0].0
-            ));
-        }
-        if bytes.len() != 2 * r * c {
-            return Err(format!(
-                "{name}: {} bytes for a {r} × {c} BF16 matrix",
-                bytes.len()
-            ));
-        }
-        rows += r;
-    }
-    let data = if let [one] = parts {
-        Cow::Borrowed(one.1)
-    } else {
-        Cow::Owned(parts.iter().flat_map(|p| p.1.iter().copied()).collect())
-    };
-    Ok((role, rows, cols, MatrixSource::Bf16(data)))
-}
-
-/// The matrices a model is tuned on: layer 0's q|k|v, o, gate|up and down, fused as the backend
-/// runs them, and the output projection (the embedding when tied). Every layer of a Llama has
-/// the same shapes, and the timings depend on the shape and, through the escapes, a little on
-/// the values, so one layer's real values stand for all.
-pub fn layer0_samples(w: &LlamaWeights) -> Result<Vec<Sample<'_>>, DeviceError> {
-    let l = w
-        .layers
-        .first()
-        .ok_or_else(|| DeviceError::Invalid("a model without layers cannot be tuned".into()))?;
-    let groups: [(Role, Vec<&Matrix>); 5] = [
-        (Role::Qkv, vec![&l.q_proj, &l.k_proj, &l.v_proj]),
-        (Role::O, vec![&l.o_proj]),
-        (Role::GateUp, vec![&l.gate_proj, &l.up_proj]),
-        (Role::Down, vec![&l.down_proj]),
-        (Role::LmHead, vec![w.output()]),
-    ];
-    groups
-        .iter()
-        .map(|(role, ms)| {
-            let parts = ms
-                .iter()
-                .map(|m| {
-                    Ok((
-                        m.name.as_str(),
-                        super::weights::bf16_bytes(m, "tuning")?,
-                        m.rows,
-                        m.cols,
-                    ))
-                })
-                .collect::<Result<Vec<_>, DeviceError>>()?;
-            fuse(*role, &parts).map_err(DeviceError::Invalid)
-        })
-        .collect()
-}
-
-/// [`layer0_samples`] read straight from a checkpoint (decoded and checksum-verified when
-/// compressed), without loading the other layers: what `unweight tune <MODEL_DIR>` tunes on.
-pub fn checkpoint_samples(
-    ckpt: &Checkpoint,
-    cfg: &LlamaConfig,
-) -> Result<Vec<Sample<'static>>, DeviceError> {
-    let (h, im, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-    let p = "model.layers.0";
-    let out_name = if cfg.tie_word_embeddings {
-        "model.embed_tokens.weight".to_string()
-    } else {
-        "lm_head.weight".to_string()
-    };
-    // (role, [(tensor, rows, cols)]) in the backend's fusing order.
-    type Parts = Vec<(String, usize, usize)>;
-    let groups: Vec<(Role, Parts)> = vec![
-        (
-            Role::Qkv,
-            vec![
-                (format!("{p}.self_attn.q_proj.weight"), qd, h),
-                (format!("{p}.self_attn.k_proj.weight"), kvd, h),
-                (format!("{p}.self_attn.v_proj.weight"), kvd, h),
-            ],
-        ),
-        (
-            Role::O,
-            vec![(format!("{p}.self_attn.o_proj.weight"), h, qd)],
-        ),
-        (
-            Role::GateUp,
-            vec![
-                (format!("{p}.mlp.gate_proj.weight"), im, h),
-                (format!("{p}.mlp.up_proj.weight"), im, h),
-            ],
-        ),
-        (
-            Role::Down,
-            vec![(format!("{p}.mlp.down_proj.weight"), h, im)],
-        ),
-        (Role::LmHead, vec![(out_name, v, h)]),
-    ];
-    let dir = ckpt.dir().display().to_string();
-    let mut out = Vec::new();
-    for (role, parts) in groups {
-        let mut loaded = Vec::new();
-        for (name, rows, cols) in &parts {
-            let e = ckpt.entry(name).ok_or_else(|| {
-                DeviceError::Invalid(format!("{dir}: no tensor {name} to tune on"))
-            })?;
-            if e.shape != [*rows, *cols] || e.dtype != safetensors::Dtype::BF16 {
-                return Err(DeviceError::Invalid(format!(
-                    "{dir}: {name} is {:?} {:?}, expected BF16 [{rows}, {cols}]",
-                    e.dtype, e.shape
-                )));
-            }
-            let bytes = ckpt
-                .load_entry(e)
-                .map_err(|err| DeviceError::Invalid(format!("{dir}: {name}: {err}")))?
-                .into_owned();
-            ckpt.release(e);
-            loaded.push((name.as_str(), bytes, *rows, *cols));
-        }
-        let refs: Vec<(&str, &[u8], usize, usize)> = loaded
-            .iter()
-            .map(|(n, b, r, c)| (*n, b.as_slice(), *r, *c))
-            .collect();
-        let (role, rows, cols, src) = fuse(role, &refs).map_err(DeviceError::Invalid)?;
-        let MatrixSource::Bf16(data) = src else {
-            unreachable!("fuse returns BF16 bytes")
-        };
-        out.push((
-            role,
-            rows,
-            cols,
-            MatrixSource::Bf16(Cow::Owned(data.into_owned())),
-        ));
-    }
-    Ok(out)
-}
-
-/// Synthetic N(0, `sigma`) matrices of every role of `cfg` (seeds `seed + role index`).
-pub fn synthetic_samples(
-    cfg: &LlamaConfig,
-    seed: u64,
-    sigma: f32,
-) -> Result<Vec<Sample<'static>>, DeviceError> {
-    let shapes = super::sizing::role_shapes(cfg)?;
-    Ok(shapes
-        .iter()
-        .enumerate()
-        .map(|(i, (&role, s))| {
-            (
-                role,
-                s.rows,
-                s.cols,
-                MatrixSource::Synthetic {
-                    seed: seed.wrapping_add(i as u64),
-                    sigma,
-                },
-            )
-        })
-        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -972,6 +597,11 @@ pub fn table_for_model<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::container::Checkpoint;
+    use crate::device::cuda::plan::{TuneKey, TUNE_FORMAT};
+    use crate::model::weights::{LlamaWeights, Matrix};
+    use crate::model::LlamaConfig;
+    use std::time::UNIX_EPOCH;
 
     fn key() -> TuneKey {
         TuneKey {
