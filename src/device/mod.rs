@@ -263,6 +263,15 @@ pub trait Backend: Send {
         Ok((0..batch.len()).map(|i| argmax(logits.row(i))).collect())
     }
 
+    /// A fatal error when the device context this backend runs in died since it was built,
+    /// whoever faulted: every instance on a GPU shares the device's context, so one instance's
+    /// sticky fault kills it for all, and a new context can only be made once every holder has
+    /// let go. The serving layer asks before each step and while idle, and replaces the engine
+    /// on `Some` without stepping it again. `None` by default (nothing shared: the CPU).
+    fn context_lost(&self) -> Option<DeviceError> {
+        None
+    }
+
     /// Whether [`Backend::step`] runs prompt chunks and decode rows through the model in one
     /// pass. The engine then schedules them as one step (one weight read for every row, so a
     /// prompt being admitted costs the running streams its chunk's compute, not a step of its
@@ -325,6 +334,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
         (**self).decode_argmax(batch)
+    }
+    fn context_lost(&self) -> Option<DeviceError> {
+        (**self).context_lost()
     }
     fn fuses_steps(&self) -> bool {
         (**self).fuses_steps()

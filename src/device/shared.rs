@@ -1,18 +1,27 @@
+//! What the instances on one device share, and how they let go of it together when its context
+//! dies.
+//!
 //! One copy of a model's device weights per device, shared by every instance that runs the same
 //! weights in the same form there: a process-wide [`Registry`] keyed by (weights identity,
 //! device, storage form) holding a [`Weak`] to what was uploaded. The first instance loads the
 //! payload; the next ones (and an engine rebuilt while another instance still holds the copy)
 //! get the same [`Arc`]. The copy is freed when its last user drops it, and a fatal fault
 //! ([`Registry::invalidate`]) makes the registry forget it, so no engine built afterwards reuses
-//! memory of a dead context, while the instances still holding it keep their (dead) copy until
-//! their own fault rebuilds them.
+//! memory of a dead context.
 //!
-//! Generic over the payload so that the sharing logic is unit-tested on the CPU with a fake one;
-//! the CUDA backend keeps its device weights in one (`cuda::backend`).
+//! The context itself: every instance on a GPU retains the device's one primary context, so a
+//! sticky fault in one kills it for all. [`ContextEpochs`] numbers its generations: the faulting
+//! instance ends one, the others see that and let go (the dead weights with them), and a new
+//! context is made only once no one holds the dead one, so no rebuilt engine lands in it.
+//!
+//! Generic and host-only, so that the sharing and the hand-over are unit-tested on the CPU with
+//! fakes; the CUDA backend keeps its device weights in a [`Registry`] (`cuda::weights`) and each
+//! of its contexts holds a [`ContextLease`] (`cuda::driver::Context`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 /// One key's place: loads of one key wait on its lock, loads of other keys do not.
 type Cell<T> = Arc<Mutex<Weak<T>>>;
@@ -103,6 +112,137 @@ impl<K: Eq + Hash + Clone, T> Registry<K, T> {
                     > 0
             })
             .count()
+    }
+}
+
+/// Which generation of each device's context is alive, and who still holds the older ones.
+///
+/// Every instance on a GPU retains the same primary context, so a sticky fault in one (an
+/// illegal address, say) kills it for all of them, and the driver makes a fresh one only once
+/// every holder has released the dead one. A backend holds a [`ContextLease`] for as long as it
+/// holds the context; the one that gets a fatal fault ends the generation
+/// ([`ContextLease::mark_lost`]); the others see it ([`ContextLease::lost`]) at their next step,
+/// or within a moment when idle, and let go; and a new lease, taken before a new context is
+/// made, waits until no holder of a dead generation is left ([`ContextEpochs::acquire`]), so a
+/// rebuilt engine never retains the dead context again.
+#[derive(Debug, Default)]
+pub struct ContextEpochs {
+    devices: Mutex<HashMap<usize, DeviceEpoch>>,
+    released: Condvar,
+}
+
+/// One device's current generation and the number of leases of each live one.
+#[derive(Debug, Default)]
+struct DeviceEpoch {
+    current: u64,
+    holders: BTreeMap<u64, usize>,
+}
+
+impl DeviceEpoch {
+    /// Leases still held on generations that are dead.
+    fn stale(&self) -> usize {
+        self.holders.range(..self.current).map(|(_, n)| n).sum()
+    }
+}
+
+impl ContextEpochs {
+    /// No device has lost a context yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn devices(&self) -> std::sync::MutexGuard<'_, HashMap<usize, DeviceEpoch>> {
+        self.devices.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A lease on device `ordinal`'s live context generation, taken before the context is
+    /// retained: immediately when no one holds a dead generation of it, else once they have all
+    /// let go, waiting at most `wait`. The error says how many holders of the dead context are
+    /// left.
+    pub fn acquire(
+        self: &Arc<Self>,
+        ordinal: usize,
+        wait: Duration,
+    ) -> Result<ContextLease, String> {
+        let deadline = Instant::now() + wait;
+        let mut devices = self.devices();
+        loop {
+            let dev = devices.entry(ordinal).or_default();
+            let stale = dev.stale();
+            if stale == 0 {
+                *dev.holders.entry(dev.current).or_default() += 1;
+                return Ok(ContextLease {
+                    epochs: Arc::clone(self),
+                    ordinal,
+                    epoch: dev.current,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "device {ordinal}'s context was lost to a fatal fault and {stale} holder(s) \
+                     of it have not let go after {} s: a new context can only be made once \
+                     they have",
+                    wait.as_secs_f64()
+                ));
+            }
+            devices = self
+                .released
+                .wait_timeout(devices, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// A hold on one generation of a device's context (see [`ContextEpochs`]); released on drop.
+#[derive(Debug)]
+pub struct ContextLease {
+    epochs: Arc<ContextEpochs>,
+    ordinal: usize,
+    epoch: u64,
+}
+
+impl ContextLease {
+    /// Whether this generation of the context is dead (a holder got a fatal fault in it).
+    pub fn lost(&self) -> bool {
+        self.epochs
+            .devices()
+            .get(&self.ordinal)
+            .is_some_and(|d| d.current > self.epoch)
+    }
+
+    /// This generation got a fatal fault: every holder is to let go, and new leases wait until
+    /// they have. Returns whether this call ended it (false: already ended by another holder).
+    pub fn mark_lost(&self) -> bool {
+        let mut devices = self.epochs.devices();
+        let dev = devices.entry(self.ordinal).or_default();
+        if dev.current != self.epoch {
+            return false;
+        }
+        dev.current += 1;
+        true
+    }
+
+    /// The device this lease is on.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+}
+
+impl Drop for ContextLease {
+    fn drop(&mut self) {
+        let mut devices = self.epochs.devices();
+        if let Some(dev) = devices.get_mut(&self.ordinal) {
+            if let Some(n) = dev.holders.get_mut(&self.epoch) {
+                *n -= 1;
+                if *n == 0 {
+                    dev.holders.remove(&self.epoch);
+                }
+            }
+        }
+        drop(devices);
+        self.epochs.released.notify_all();
     }
 }
 
@@ -241,5 +381,46 @@ mod tests {
         assert_eq!(f.made(), 1);
         assert_eq!(got.iter().filter(|g| !g.1).count(), 1);
         assert!(got.iter().all(|g| Arc::ptr_eq(&g.0, &got[0].0)));
+    }
+
+    #[test]
+    fn a_lost_context_is_seen_by_every_holder_and_a_new_one_waits_until_all_let_go() {
+        let epochs = ContextEpochs::new();
+        let a = epochs.acquire(0, Duration::ZERO).unwrap();
+        let b = epochs.acquire(0, Duration::ZERO).unwrap();
+        let other_device = epochs.acquire(1, Duration::ZERO).unwrap();
+        assert!(!a.lost() && !b.lost());
+        // a faults: the generation ends once, for both holders, and for no other device.
+        assert!(a.mark_lost());
+        assert!(
+            !b.mark_lost(),
+            "a second fault in the dead context ends nothing new"
+        );
+        assert!(a.lost() && b.lost() && !other_device.lost());
+        // a let go, b has not yet: no new lease on device 0 (device 1 is unaffected).
+        drop(a);
+        let err = epochs.acquire(0, Duration::from_millis(20)).unwrap_err();
+        assert!(
+            err.contains("device 0") && err.contains("1 holder"),
+            "{err}"
+        );
+        assert!(epochs.acquire(1, Duration::ZERO).is_ok());
+        // A rebuild waiting for b gets its lease as soon as b lets go, in the new generation.
+        let waiter = {
+            let epochs = Arc::clone(&epochs);
+            std::thread::spawn(move || epochs.acquire(0, Duration::from_secs(10)))
+        };
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            !waiter.is_finished(),
+            "the rebuild must wait for the dead context's holder"
+        );
+        drop(b);
+        let fresh = waiter.join().unwrap().unwrap();
+        assert!(!fresh.lost());
+        // Later leases join the live generation at once.
+        let again = epochs.acquire(0, Duration::ZERO).unwrap();
+        assert!(!again.lost());
+        assert!(fresh.mark_lost() && again.lost());
     }
 }

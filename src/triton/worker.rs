@@ -28,6 +28,10 @@ use super::request::{now_ns, InstanceHandle, OutputTensor, Pending, Wanted};
 use crate::device::{Backend, FaultKind};
 use crate::engine::{Engine, EngineError, Event, Request, RequestId, StopReason};
 
+/// How often an idle engine thread wakes to ask whether its device context was lost
+/// ([`Serving::check_context`]): a rebuild in another instance waits for it to let go.
+const IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Fatal device faults in a row (no request completed between them) after which the instance
 /// stops rebuilding its engine and refuses new requests: a device that faults again in every
 /// new context is broken, and rebuilding it forever would only fail every request more slowly.
@@ -292,8 +296,12 @@ impl Serving<'_> {
     /// One round: take what arrived (sleeping only when there is nothing to compute), admit
     /// it, poll cancellations, run one engine step and send its responses.
     fn turn(&mut self, rx: &mpsc::Receiver<Command>) {
-        self.receive(rx);
+        let idle = self.receive(rx);
         if self.stopping {
+            return;
+        }
+        self.check_context();
+        if idle {
             return;
         }
         self.admit();
@@ -315,12 +323,21 @@ impl Serving<'_> {
         }
     }
 
-    fn receive(&mut self, rx: &mpsc::Receiver<Command>) {
+    /// Takes what arrived; with nothing to compute, sleeps until something does, waking every
+    /// [`IDLE_POLL`] while there is an engine (to notice a lost device context, see
+    /// [`Serving::check_context`]). Returns true when it woke with nothing new.
+    fn receive(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
         let busy = !self.queued.is_empty() || self.engine.as_ref().is_some_and(Engine::has_work);
         if !busy {
-            match rx.recv() {
+            let got = if self.engine.is_some() {
+                rx.recv_timeout(IDLE_POLL)
+            } else {
+                rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            };
+            match got {
                 Ok(c) => self.take(c),
-                Err(_) => self.stopping = true,
+                Err(mpsc::RecvTimeoutError::Timeout) => return true,
+                Err(mpsc::RecvTimeoutError::Disconnected) => self.stopping = true,
             }
         }
         while !self.stopping {
@@ -329,6 +346,7 @@ impl Serving<'_> {
                 Err(_) => break,
             }
         }
+        false
     }
 
     fn take(&mut self, c: Command) {
@@ -411,6 +429,20 @@ impl Serving<'_> {
                     }
                 }
             }
+        }
+    }
+
+    /// Replaces the engine, without stepping it again, when its device context was lost to a
+    /// fatal fault since it was built, in this instance or another one on the same GPU
+    /// ([`Backend::context_lost`]): holding on to it would keep the dead context alive and stop
+    /// every instance there from getting a new one.
+    fn check_context(&mut self) {
+        let lost = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.backend().context_lost());
+        if let Some(e) = lost {
+            self.fatal(EngineError::Device(e));
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::super::{log, mock, sys};
 use super::*;
+use crate::device::shared::{ContextEpochs, ContextLease};
 use crate::device::{DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
 use crate::engine::EngineOptions;
 use crate::model::LlamaConfig;
@@ -46,12 +47,28 @@ struct Fake {
     faults: Arc<Faults>,
     /// A fatal fault happened: every call fails.
     dead: bool,
+    /// Its hold on the (fake) device context shared with other instances, if any: a fatal
+    /// fault ends its generation for all of them.
+    lease: Option<ContextLease>,
+    /// Where its drop is recorded (`dropped <name>`), if anywhere.
+    journal: Option<(String, Journal)>,
+}
+
+/// What happened, in order, across instances.
+type Journal = Arc<std::sync::Mutex<Vec<String>>>;
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        if let Some((name, journal)) = &self.journal {
+            journal.lock().unwrap().push(format!("dropped {name}"));
+        }
+    }
 }
 
 impl Fake {
-    /// Fails (and counts the call) once the backend is dead.
+    /// Fails (and counts the call) once the backend is dead, or its shared context is.
     fn alive(&self) -> Result<(), DeviceError> {
-        if self.dead {
+        if self.dead || self.lease.as_ref().is_some_and(ContextLease::lost) {
             self.faults.calls_after_death.fetch_add(1, Ordering::SeqCst);
             return Err(illegal_address());
         }
@@ -68,6 +85,16 @@ fn logits_row() -> Vec<f32> {
 impl Backend for Fake {
     fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    fn context_lost(&self) -> Option<DeviceError> {
+        let lost = self.lease.as_ref().is_some_and(ContextLease::lost) && !self.dead;
+        lost.then(|| {
+            DeviceError::Cuda(crate::device::cuda::driver::GpuError {
+                message: "device 0's context was lost to a fatal fault".into(),
+                kind: FaultKind::Fatal,
+            })
+        })
     }
 
     fn kv_capacity(&self) -> crate::device::KvCapacity {
@@ -133,6 +160,9 @@ impl Backend for Fake {
         self.alive()?;
         if self.faults.fatal_decode.load(Ordering::SeqCst) {
             self.dead = true;
+            if let Some(lease) = &self.lease {
+                lease.mark_lost();
+            }
             return Err(illegal_address());
         }
         for item in batch {
@@ -149,6 +179,15 @@ impl Backend for Fake {
 }
 
 fn engine(faults: &Arc<Faults>) -> Engine<Box<dyn Backend>> {
+    engine_on(faults, None, None)
+}
+
+/// An engine over a fake holding `lease` on a shared context, recording its drop in `journal`.
+fn engine_on(
+    faults: &Arc<Faults>,
+    lease: Option<ContextLease>,
+    journal: Option<(String, Journal)>,
+) -> Engine<Box<dyn Backend>> {
     let cfg = LlamaConfig::tiny_for_tests(VOCAB);
     let backend: Box<dyn Backend> = Box::new(Fake {
         cfg,
@@ -156,6 +195,8 @@ fn engine(faults: &Arc<Faults>) -> Engine<Box<dyn Backend>> {
         next: 0,
         faults: Arc::clone(faults),
         dead: false,
+        lease,
+        journal,
     });
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
@@ -396,6 +437,102 @@ fn a_fatal_device_fault_ends_every_request_and_rebuilds_the_engine_without_stepp
     assert_eq!(ended_once(after, true), None);
     w.stop().unwrap();
     assert_eq!(faults.calls_after_death.load(Ordering::SeqCst), 0);
+    assert_eq!(mock::with(|h| h.live_errors), 0);
+}
+
+#[test]
+fn a_fatal_fault_in_one_instance_makes_every_instance_on_the_device_let_go_before_any_rebuilds() {
+    let _g = mock::lock();
+    let epochs = ContextEpochs::new();
+    let journal: Journal = Arc::default();
+    // Three instances on one device: a faults, b is serving, c is idle.
+    let names = ["a", "b", "c"];
+    let faults: Vec<Arc<Faults>> = names.iter().map(|_| Arc::default()).collect();
+    let builds = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<Worker> = names
+        .iter()
+        .zip(&faults)
+        .map(|(&name, f)| {
+            let lease = epochs.acquire(0, Duration::ZERO).unwrap();
+            let first = engine_on(f, Some(lease), Some((name.into(), Arc::clone(&journal))));
+            let rebuild: EngineFactory = {
+                let (f, epochs, journal, builds) = (
+                    Arc::clone(f),
+                    Arc::clone(&epochs),
+                    Arc::clone(&journal),
+                    Arc::clone(&builds),
+                );
+                Box::new(move || {
+                    // As `driver::Context::new`: wait for the dead context's holders.
+                    let lease = epochs
+                        .acquire(0, Duration::from_secs(10))
+                        .map_err(TritonError::Unavailable)?;
+                    journal.lock().unwrap().push(format!("built {name}"));
+                    builds.fetch_add(1, Ordering::SeqCst);
+                    Ok(engine_on(
+                        &f,
+                        Some(lease),
+                        Some((name.into(), Arc::clone(&journal))),
+                    ))
+                })
+            };
+            Worker::spawn(&format!("m_{name}"), first, rebuild, instance(), 16, None).unwrap()
+        })
+        .collect();
+    let ra = submit(&workers[0], "ra", 100_000, true);
+    let rb = submit(&workers[1], "rb", 100_000, true);
+    wait_for("both streams have 3 responses", || {
+        [ra, rb]
+            .iter()
+            .all(|&r| mock::on_request(r, |m| m.responses.len() >= 3))
+    });
+    faults[0].fatal_decode.store(true, Ordering::SeqCst);
+    wait_for("both requests ended", || ended(ra) && ended(rb));
+    let (code, msg) = ended_once(ra, false).expect("an error FINAL");
+    assert_eq!(code, sys::TRITONSERVER_ERROR_INTERNAL, "{msg}");
+    assert!(msg.contains("ILLEGAL_ADDRESS"), "{msg}");
+    let (code, msg) = ended_once(rb, false).expect("an error FINAL");
+    assert_eq!(code, sys::TRITONSERVER_ERROR_INTERNAL, "{msg}");
+    // b learns it from its own step in flight (the sticky error) or before its next one.
+    assert!(msg.contains("instance m_b"), "{msg}");
+    assert!(
+        msg.contains("context was lost") || msg.contains("ILLEGAL_ADDRESS"),
+        "{msg}"
+    );
+    // Every instance, the idle one too, let go and was rebuilt, and no rebuild happened while
+    // any of them still held the dead context.
+    wait_for("three rebuilds", || builds.load(Ordering::SeqCst) == 3);
+    let events = journal.lock().unwrap().clone();
+    let last_drop = events
+        .iter()
+        .rposition(|e| e.starts_with("dropped"))
+        .unwrap();
+    let first_build = events.iter().position(|e| e.starts_with("built")).unwrap();
+    assert!(last_drop < first_build, "{events:?}");
+    assert_eq!(
+        events.iter().filter(|e| e.starts_with("dropped")).count(),
+        3,
+        "{events:?}"
+    );
+    // b stepped the dead context at most once (the step in flight when it died); c never.
+    assert!(faults[1].calls_after_death.load(Ordering::SeqCst) <= 1);
+    assert_eq!(faults[2].calls_after_death.load(Ordering::SeqCst), 0);
+    // All three serve again, in the new context.
+    faults[0].fatal_decode.store(false, Ordering::SeqCst);
+    let after: Vec<_> = workers
+        .iter()
+        .enumerate()
+        .map(|(i, w)| submit(w, &format!("after{i}"), 3, true))
+        .collect();
+    wait_for("the requests after the fault ended", || {
+        after.iter().all(|&r| ended(r))
+    });
+    for r in after {
+        assert_eq!(ended_once(r, true), None);
+    }
+    for w in workers {
+        w.stop().unwrap();
+    }
     assert_eq!(mock::with(|h| h.live_errors), 0);
 }
 

@@ -1049,6 +1049,19 @@ impl Backend for CudaBackend {
 
     /// The step of `decode`, then the argmax kernel over its logits on the device: only
     /// `batch.len()` i32 ids come back (Llama 3 at batch 128: 512 bytes instead of 64 MB).
+    fn context_lost(&self) -> Option<DeviceError> {
+        self.ctx.lost().then(|| {
+            DeviceError::Cuda(GpuError {
+                message: format!(
+                    "device {}'s context was lost to a fatal fault (in this instance or another \
+                     on the same GPU)",
+                    self.ctx.ordinal()
+                ),
+                kind: FaultKind::Fatal,
+            })
+        })
+    }
+
     fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
         self.check_batch(batch)?;
         if batch.is_empty() {
@@ -1067,13 +1080,25 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// Passes a step's result through; on a fatal fault (the context is dead, and with it every
-    /// buffer in it) the shared device copy of the weights is first forgotten by
-    /// [`device_weights`], so that no engine built from now on (this instance's rebuild, a new
-    /// instance) is handed memory of the dead context. Instances still holding it keep it until
-    /// their own step faults and they are rebuilt.
+    /// buffer in it) the context is marked lost for every instance on the device
+    /// ([`Context::mark_lost`]: they see it through [`Backend::context_lost`] and let go), and
+    /// the shared device copy of the weights is forgotten by [`device_weights`], so that no
+    /// engine built from now on (this instance's rebuild, another's, a new instance) is handed
+    /// memory of the dead context.
     fn on_fault<T>(&self, r: Result<T, DeviceError>) -> Result<T, DeviceError> {
-        if let (Err(e), Some(key)) = (&r, &self.shared_key) {
-            if e.kind() == FaultKind::Fatal && device_weights().invalidate(key, &self.weights) {
+        let Err(e) = &r else { return r };
+        if e.kind() != FaultKind::Fatal {
+            return r;
+        }
+        if self.ctx.mark_lost() {
+            tracing::warn!(
+                ordinal = self.opts.ordinal,
+                "fatal device fault: the device's context is lost for every instance on it; \
+                 a new one is made once they have all let go"
+            );
+        }
+        if let Some(key) = &self.shared_key {
+            if device_weights().invalidate(key, &self.weights) {
                 tracing::warn!(
                     ordinal = self.opts.ordinal,
                     "fatal device fault: the shared device copy of the weights will not be \

@@ -7,11 +7,13 @@
 //! in it. This module and [`super::kernels`] are the only places with `unsafe` in the backend.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use cudarc::cublas::{result as blas, sys as bsys};
 use cudarc::driver::{result as cu, sys};
 
+use crate::device::shared::{ContextEpochs, ContextLease};
 pub use crate::device::FaultKind;
 
 /// A failed CUDA call, with the call's name and the driver's or cuBLAS's message, and what the
@@ -119,12 +121,26 @@ fn ckb<T>(r: Result<T, blas::CublasError>, call: &str) -> GpuResult<T> {
     })
 }
 
+/// How long making a context waits for the holders of a dead one to let go
+/// ([`ContextEpochs::acquire`]): they notice within a step, or within the Triton worker's idle
+/// poll, so this only runs out when one of them is stuck.
+pub const CONTEXT_RELEASE_WAIT: Duration = Duration::from_secs(60);
+
+/// The process's context generations, one sequence per device (see [`ContextEpochs`]).
+pub fn context_epochs() -> &'static Arc<ContextEpochs> {
+    static EPOCHS: OnceLock<Arc<ContextEpochs>> = OnceLock::new();
+    EPOCHS.get_or_init(ContextEpochs::new)
+}
+
 /// The retained primary context of one device and the stream all work goes to.
 pub struct Context {
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
     /// The one stream of the backend (non-blocking, so it can be captured into graphs).
     pub stream: sys::CUstream,
+    /// This context's generation on its device: released after the retain (field drop order
+    /// follows `Drop::drop`), so a new context is only made once this one is let go.
+    lease: ContextLease,
 }
 
 // SAFETY: a CUDA context and stream may be used from any thread once made current there; every
@@ -135,7 +151,9 @@ unsafe impl Sync for Context {}
 
 impl Context {
     /// Initialises the driver, retains device `ordinal`'s primary context, makes it current and
-    /// creates a stream.
+    /// creates a stream. When a fatal fault killed the device's context, first waits (at most
+    /// [`CONTEXT_RELEASE_WAIT`]) until every holder of the dead one has let go, so that the
+    /// retain makes a fresh context instead of joining the dead one.
     pub fn new(ordinal: usize) -> GpuResult<Arc<Self>> {
         // cudarc's loader panics when the library is missing: look first.
         if !driver_present() {
@@ -143,6 +161,12 @@ impl Context {
                 "no NVIDIA driver: libcuda.so could not be loaded".into(),
             ));
         }
+        let lease = context_epochs()
+            .acquire(ordinal, CONTEXT_RELEASE_WAIT)
+            .map_err(|message| GpuError {
+                message,
+                kind: FaultKind::Resource,
+            })?;
         ck(cu::init(), "cuInit")?;
         let dev = ck(cu::device::get(ordinal as i32), "cuDeviceGet")?;
         // SAFETY: `dev` is a valid device handle returned by cuDeviceGet.
@@ -163,7 +187,12 @@ impl Context {
                 return Err(e);
             }
         };
-        Ok(Arc::new(Self { dev, ctx, stream }))
+        Ok(Arc::new(Self {
+            dev,
+            ctx,
+            stream,
+            lease,
+        }))
     }
 
     /// Makes the context current on the calling thread.
@@ -199,6 +228,23 @@ impl Context {
     /// The device handle.
     pub fn device(&self) -> sys::CUdevice {
         self.dev
+    }
+
+    /// Whether this context is dead: a fatal fault in it, here or in another instance on the
+    /// same device ([`Context::mark_lost`]).
+    pub fn lost(&self) -> bool {
+        self.lease.lost()
+    }
+
+    /// A fatal fault happened in this context: every holder is to let go of it. Returns whether
+    /// this call ended it (false when another holder already had).
+    pub fn mark_lost(&self) -> bool {
+        self.lease.mark_lost()
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.lease.ordinal()
     }
 }
 
