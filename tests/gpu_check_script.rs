@@ -24,7 +24,7 @@ fn gpu_test_binaries() -> Vec<PathBuf> {
             let Some((stem, hash)) = name.rsplit_once('-') else {
                 return false;
             };
-            ["cuda", "cuda_tbe3", "cuda_tune"].contains(&stem)
+            ["cuda", "cuda_fault", "cuda_tbe3", "cuda_tune"].contains(&stem)
                 && hash.len() == 16
                 && hash.chars().all(|c| c.is_ascii_hexdigit())
                 && p.extension().is_none()
