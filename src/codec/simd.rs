@@ -12,8 +12,9 @@
 //! Decoder:
 //! - For the exponent model (`prob_bits <= 12`) one decoding-table entry fits one u32:
 //!   `symbol << 24 | (freq - 1) << 12 | (slot - cum)`, so a single gather yields everything 16
-//!   lanes need. With coded mantissa bits (`prob_bits <= 15`) the entry is
-//!   `symbol << 16 | (slot - cum)` and the frequency comes from a 256-entry table in registers.
+//!   lanes need. With coded mantissa bits (`prob_bits <= 15`) the entry is one u64,
+//!   `bits << 32 | freq << 16 | (slot - cum)`, four 8-lane gathers per step; its 2^15 entries
+//!   live in L2 (docs/format.md §5.1 has the smaller-table designs measured and dropped).
 //! - Renormalisation: the lanes that fall below `2^16` form a 32-bit mask; 32 words are loaded
 //!   from the stream position and `vpexpandw` hands them out in ascending lane order, which is
 //!   the stream order; the position advances by the mask's popcount. One load per step keeps the
@@ -43,9 +44,9 @@
 //! - With coded mantissa bits (`mantissa_bits = 3`, format version 2) the symbol is looked up by
 //!   key: the 128 consecutive keys with the most probability from eight registers (four
 //!   `vpermt2d` and two selects per 16 lanes), a masked gather from the 2048-entry table for the
-//!   lanes outside them, only when there are any (a full gather per 16 lanes cost more); and the decoder's u64 entries carry the
-//!   symbol's bits; the raw plane's 20 bytes per step are split and joined with a few shifts, a
-//!   narrowing move and a sign mask.
+//!   lanes outside them, only when there are any (a full gather per 16 lanes cost more). The
+//!   raw plane's 20 bytes per step are split and joined with a few shifts, a narrowing move and
+//!   a sign mask.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{decode_chunks, encode_chunk};
