@@ -1000,7 +1000,7 @@ fn self_peak_rss() -> u64 {
 }
 
 #[test]
-fn compress_and_verify_peak_memory_stay_bounded_by_the_largest_tensor() {
+fn compress_verify_and_decompress_peak_memory_stay_bounded() {
     let tmp = tempdir();
     let orig = tmp.path().join("orig");
     synth(&orig, "smollm2-135m", &[]);
@@ -1052,6 +1052,24 @@ fn compress_and_verify_peak_memory_stay_bounded_by_the_largest_tensor() {
     assert!(
         rss < size,
         "verify peak RSS {:.1} MiB ({context})",
+        mib(rss)
+    );
+
+    // Decompress holds a few tensors' parts and decoded bytes at a time (its read-ahead), not
+    // the checkpoint.
+    let back = tmp.path().join("back");
+    let (code, rss) = run_measuring_rss(&[
+        "decompress".as_ref(),
+        comp.as_os_str(),
+        "--out".as_ref(),
+        back.as_os_str(),
+        "--no-progress".as_ref(),
+    ]);
+    assert_eq!(code, 0);
+    eprintln!("decompress peak RSS {:.1} MiB", mib(rss));
+    assert!(
+        rss < size,
+        "decompress peak RSS {:.1} MiB ({context})",
         mib(rss)
     );
 }

@@ -327,3 +327,57 @@ fn ratio_by_parameters() {
         }
     }
 }
+
+/// Decoding speed on one thread, version 2's parameters next to version 1's, in the same run
+/// (docs/format.md §5.1 quotes it): 16 MiB of N(0, 0.02) BF16 decoded into a reused buffer, best
+/// of 9, interleaved. A measurement, not a check: `cargo test --release --test codec --
+/// --ignored --nocapture decode_speed_one_thread`.
+#[test]
+#[ignore]
+fn decode_speed_one_thread() {
+    let n = 8 << 20;
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(12);
+    let normal = Normal::new(0.0f32, 0.02).unwrap();
+    let v: Vec<u16> = (0..n)
+        .map(|_| f32_to_bf16(normal.sample(&mut rng)))
+        .collect();
+    let bytes = to_bytes(&v);
+    let v1 = Params {
+        chunk_elems: 1 << 16,
+        prob_bits: 12,
+        mantissa_bits: 0,
+    };
+    let formats = [("v2", Params::default()), ("v1", v1)];
+    let encoded: Vec<_> = formats
+        .iter()
+        .map(|(_, p)| {
+            let e = codec::encode(&bytes, *p).unwrap();
+            let parts = e.to_parts();
+            (e, parts)
+        })
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let mut out = vec![0u8; bytes.len()];
+    let mut best = [f64::INFINITY; 2];
+    pool.install(|| {
+        for _ in 0..9 {
+            for (b, (e, parts)) in best.iter_mut().zip(&encoded) {
+                let t = std::time::Instant::now();
+                codec::decode_into(&parts.view(e.len, e.params), &mut out).unwrap();
+                *b = b.min(t.elapsed().as_secs_f64());
+                assert!(out == bytes);
+            }
+        }
+    });
+    for ((name, _), b) in formats.iter().zip(best) {
+        eprintln!(
+            "{name}: {:.2} ns per element, {:.2} GB/s",
+            b * 1e9 / n as f64,
+            bytes.len() as f64 / b / 1e9
+        );
+    }
+    eprintln!("v2 / v1 speed: {:.3}", best[1] / best[0]);
+}

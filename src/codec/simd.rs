@@ -12,8 +12,9 @@
 //! Decoder:
 //! - For the exponent model (`prob_bits <= 12`) one decoding-table entry fits one u32:
 //!   `symbol << 24 | (freq - 1) << 12 | (slot - cum)`, so a single gather yields everything 16
-//!   lanes need. With coded mantissa bits (`prob_bits <= 15`) the entry is
-//!   `symbol << 16 | (slot - cum)` and the frequency comes from a 256-entry table in registers.
+//!   lanes need. With coded mantissa bits (`prob_bits <= 15`) the entry is one u64,
+//!   `bits << 32 | freq << 16 | (slot - cum)`, four 8-lane gathers per step; its 2^15 entries
+//!   live in L2 (docs/format.md §5.1 has the smaller-table designs measured and dropped).
 //! - Renormalisation: the lanes that fall below `2^16` form a 32-bit mask; 32 words are loaded
 //!   from the stream position and `vpexpandw` hands them out in ascending lane order, which is
 //!   the stream order; the position advances by the mask's popcount. One load per step keeps the
@@ -41,9 +42,11 @@
 //!   scalar.
 //! - The BF16 split (raw plane, symbols) is fused into the encoder's pass over the input.
 //! - With coded mantissa bits (`mantissa_bits = 3`, format version 2) the symbol is looked up by
-//!   key with a full gather from a 2048-entry table, and the decoder's u64 entries carry the
-//!   symbol's bits; the raw plane's 20 bytes per step are split and joined with a few shifts, a
-//!   narrowing move and a sign mask.
+//!   key: the 128 consecutive keys with the most probability from eight registers (four
+//!   `vpermt2d` and two selects per 16 lanes), a masked gather from the 2048-entry table for the
+//!   lanes outside them, only when there are any (a full gather per 16 lanes cost more). The
+//!   raw plane's 20 bytes per step are split and joined with a few shifts, a narrowing move and
+//!   a sign mask.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{decode_chunks, encode_chunk};
@@ -112,14 +115,23 @@ pub(crate) fn pack_decode_table_m3(symbol: &[u8], update: &[u32], high: &[u16; 2
 /// consecutive symbols that hold most of the probability, which the encoder keeps in two
 /// registers and looks up with one permute. Symbols outside that window (rare exponents in
 /// weights) fall back to a gather from the full table. With coded mantissa bits the lookup is by
-/// key instead (`by_key`, `2^(8 + mantissa_bits)` entries, always gathered).
+/// key instead (`by_key`, `2^(8 + mantissa_bits)` entries): the [`KEY_WINDOW`] consecutive keys
+/// with the most probability from registers, the others gathered.
 #[derive(Clone, Debug)]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the SIMD parts are x86-64 only
 pub(crate) struct EncodeTable {
     entries: [u32; 256],
     base: usize,
     by_key: Vec<u32>,
+    /// With coded mantissa bits: the first of the [`KEY_WINDOW`] consecutive keys that hold the
+    /// most probability, whose entries the encoder keeps in registers.
+    key_base: usize,
 }
+
+/// Keys the encoder looks up in registers with coded mantissa bits: 16 consecutive exponents
+/// with their 8 mantissa prefixes, all but a sliver of any weight tensor (N(0, σ) puts ~0.6% of
+/// its mass below the 8 binades under 4σ); the rest are gathered.
+pub(crate) const KEY_WINDOW: usize = 128;
 
 impl EncodeTable {
     /// Builds the table from a code table and the symbol model it codes.
@@ -135,11 +147,26 @@ impl EncodeTable {
         let base = (0..=256 - 32)
             .max_by_key(|&b| (b..b + 32).map(|s| freq(s as u8)).sum::<u32>())
             .unwrap_or(0);
-        let by_key = model.ranks().iter().map(|&r| entries[r as usize]).collect();
+        let by_key: Vec<u32> = model.ranks().iter().map(|&r| entries[r as usize]).collect();
+        let mut key_freq = vec![0u32; by_key.len()];
+        for r in 0..model.symbols().min(256) {
+            let k = (model.high_bits(r as u8) >> (7 - model.mantissa_bits())) as usize;
+            if let Some(f) = key_freq.get_mut(k) {
+                *f = freq(r as u8);
+            }
+        }
+        let key_base = (0..=by_key.len().saturating_sub(KEY_WINDOW))
+            .max_by_key(|&b| {
+                key_freq[b..(b + KEY_WINDOW).min(by_key.len())]
+                    .iter()
+                    .sum::<u32>()
+            })
+            .unwrap_or(0);
         Self {
             entries,
             base,
             by_key,
+            key_base,
         }
     }
 }
@@ -148,7 +175,7 @@ impl EncodeTable {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::WORD_PAD_BYTES;
+    use super::{KEY_WINDOW, WORD_PAD_BYTES};
     use crate::codec::ans::{self, DecodeTable, EncSymbol, LANES, STATE_LOW};
     use crate::codec::CodecError;
 
@@ -591,6 +618,18 @@ mod x86 {
             table.entries.as_ptr()
         };
         let key_mask = _mm512_set1_epi16(((1u32 << (8 + m)) - 1) as i16);
+        let key_base = _mm512_set1_epi16(table.key_base as i16);
+        let key_window = _mm512_set1_epi16(KEY_WINDOW as i16);
+        // The window's 128 entries in eight registers (M3 only; zeros otherwise).
+        let mut kwin = [_mm512_setzero_si512(); 8];
+        if M3 {
+            let w = &table.by_key[table.key_base..table.key_base + KEY_WINDOW];
+            for (r, c) in kwin.iter_mut().zip(w.chunks_exact(16)) {
+                // SAFETY: `c` is 16 readable u32; unaligned load.
+                *r = unsafe { _mm512_loadu_si512(c.as_ptr().cast()) };
+            }
+        }
+        let (bit5, bit6) = (_mm512_set1_epi32(32), _mm512_set1_epi32(64));
         let low4 = _mm512_set1_epi32(0xf);
         let out = buf.as_mut_ptr();
 
@@ -598,7 +637,20 @@ mod x86 {
         // offsets `d` into the window (`outside` marks the lanes beyond it).
         let half =
             |x: __m512i, exp: __m256i, d: __m256i, outside: u16, wp: &mut usize| -> __m512i {
-                let mut e = _mm512_permutex2var_epi32(win_lo, _mm512_cvtepu16_epi32(d), win_hi);
+                let idx = _mm512_cvtepu16_epi32(d);
+                let mut e = if M3 {
+                    // Four 32-entry permutes and a select on index bits 5 and 6.
+                    let p0 = _mm512_permutex2var_epi32(kwin[0], idx, kwin[1]);
+                    let p1 = _mm512_permutex2var_epi32(kwin[2], idx, kwin[3]);
+                    let p2 = _mm512_permutex2var_epi32(kwin[4], idx, kwin[5]);
+                    let p3 = _mm512_permutex2var_epi32(kwin[6], idx, kwin[7]);
+                    let k5 = _mm512_test_epi32_mask(idx, bit5);
+                    let lo = _mm512_mask_mov_epi32(p0, k5, p1);
+                    let hi = _mm512_mask_mov_epi32(p2, k5, p3);
+                    _mm512_mask_mov_epi32(lo, _mm512_test_epi32_mask(idx, bit6), hi)
+                } else {
+                    _mm512_permutex2var_epi32(win_lo, idx, win_hi)
+                };
                 if outside != 0 {
                     // SAFETY: exponents are below 256, the number of entries; keys are below
                     // 2^(8 + m), the number of `by_key` entries (checked above).
@@ -659,7 +711,8 @@ mod x86 {
                     _mm512_srli_epi16::<4>(_mm512_permutexvar_epi16(rev_idx, v)),
                     key_mask,
                 );
-                (key, _mm512_setzero_si512(), u32::MAX)
+                let d = _mm512_sub_epi16(key, key_base);
+                (key, d, _mm512_cmpge_epu16_mask(d, key_window))
             } else {
                 // sign+mantissa byte: bit 7 from bit 15, bits 0..6 from bits 0..6.
                 let s = _mm512_cvtepi16_epi8(_mm512_ternarylogic_epi32::<0xca>(

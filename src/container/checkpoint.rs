@@ -22,6 +22,14 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 /// The index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// The original bytes of a tensor, from [`Checkpoint::decode_stored`].
+pub(super) enum Decoded {
+    /// They are the stored bytes themselves (plain and `raw` tensors).
+    Stored,
+    /// Decoded.
+    Bytes(Vec<u8>),
+}
+
 /// One logical tensor of a checkpoint.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
@@ -235,25 +243,70 @@ impl Checkpoint {
     /// Like [`Checkpoint::load`] for an entry of this checkpoint.
     pub fn load_entry(&self, entry: &TensorEntry) -> Result<Cow<'_, [u8]>, ContainerError> {
         let file = &self.files[entry.file];
-        let path = file.path();
+        let ranges = self.stored_ranges(entry);
+        let stored: Vec<&[u8]> = ranges.iter().map(|r| file.bytes_at(r.clone())).collect();
+        match self.decode_stored(entry, &stored)? {
+            Decoded::Stored => Ok(Cow::Borrowed(stored[0])),
+            Decoded::Bytes(b) => Ok(Cow::Owned(b)),
+        }
+    }
+
+    /// Where in its file a tensor's stored bytes are: its bytes (plain or `raw`), or its three
+    /// parts in [`PARTS`] order (`exp-rans`). Absolute byte offsets.
+    pub(super) fn stored_ranges(&self, entry: &TensorEntry) -> Vec<std::ops::Range<usize>> {
+        let file = &self.files[entry.file];
+        let names: Vec<String> = match entry.meta.as_ref().map(|m| m.encoding) {
+            Some(Encoding::ExpRans) => PARTS.iter().map(|p| part_name(&entry.name, p)).collect(),
+            _ => vec![entry.name.clone()],
+        };
+        names
+            .iter()
+            .map(|n| {
+                let (a, b) = file.range(n).expect("validated at open");
+                a..b
+            })
+            .collect()
+    }
+
+    /// The original bytes of a tensor from its stored bytes (`stored`, as
+    /// [`Checkpoint::stored_ranges`] lists them, however they were read), checksums verified:
+    /// [`Decoded::Stored`] when they are `stored[0]` itself (plain and `raw` tensors).
+    pub(super) fn decode_stored(
+        &self,
+        entry: &TensorEntry,
+        stored: &[&[u8]],
+    ) -> Result<Decoded, ContainerError> {
+        let mut out = Vec::new();
+        let kept = self.decode_stored_into(entry, stored, &mut out)?;
+        Ok(if kept {
+            Decoded::Stored
+        } else {
+            Decoded::Bytes(out)
+        })
+    }
+
+    /// Like [`Checkpoint::decode_stored`], decoding into `out` (resized to the tensor; a reused
+    /// buffer of the right length is not cleared first). Returns `true` when the original bytes
+    /// are `stored[0]` itself and `out` was not touched.
+    pub(super) fn decode_stored_into(
+        &self,
+        entry: &TensorEntry,
+        stored: &[&[u8]],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, ContainerError> {
+        let path = self.files[entry.file].path();
         let name = entry.name.as_str();
         let Some(m) = &entry.meta else {
-            return Ok(Cow::Borrowed(
-                file.bytes(name)
-                    .expect("entry of a plain file names a stored tensor"),
-            ));
+            return Ok(true);
         };
         match m.encoding {
             Encoding::Raw => {
-                let bytes = file.bytes(name).expect("validated at open");
-                check(path, name, "stored bytes", &m.checksum, bytes)?;
-                Ok(Cow::Borrowed(bytes))
+                check(path, name, "stored bytes", &m.checksum, stored[0])?;
+                Ok(true)
             }
             Encoding::ExpRans => {
                 let r = m.rans.as_ref().expect("validated at open");
-                let part = |p: &str| file.bytes(&part_name(name, p)).expect("validated at open");
-                let parts: Vec<&[u8]> = PARTS.iter().map(|p| part(p)).collect();
-                let got = meta::checksum_of_parts(parts.iter().copied());
+                let got = meta::checksum_of_parts(stored.iter().copied());
                 if got != r.parts_checksum {
                     return Err(ContainerError::corrupt(path, name, format!(
                         "stored parts checksum {got} does not match the recorded {} (the file is damaged)", r.parts_checksum
@@ -262,7 +315,7 @@ impl Checkpoint {
                 let len = entry.numel();
                 let chunks = len.div_ceil(r.chunk_elems);
                 let (offsets_len, states_len) = (4 * (chunks + 1), 4 * codec::ans::LANES * chunks);
-                let index = parts[2];
+                let index = stored[2];
                 if index.len() <= offsets_len + states_len {
                     return Err(ContainerError::corrupt(
                         path,
@@ -282,16 +335,27 @@ impl Checkpoint {
                         prob_bits: r.prob_bits,
                         mantissa_bits: r.mantissa_bits,
                     },
-                    raw: parts[0],
-                    exp_words: parts[1],
+                    raw: stored[0],
+                    exp_words: stored[1],
                     offsets,
                     states,
                     table,
                 };
-                let bytes = codec::decode(&view)
+                // A reused buffer keeps its (stale, initialised) bytes: only growth is zeroed.
+                if out.len() > 2 * len {
+                    out.truncate(2 * len);
+                } else if out.len() < 2 * len {
+                    if out.capacity() < 2 * len {
+                        // Growing in place would copy the stale bytes first.
+                        *out = Vec::with_capacity(2 * len);
+                    }
+                    codec::tensor::advise_huge_pages(out.spare_capacity_mut());
+                    out.resize(2 * len, 0);
+                }
+                codec::decode_into(&view, out)
                     .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
-                check(path, name, "decoded bytes", &m.checksum, &bytes)?;
-                Ok(Cow::Owned(bytes))
+                check(path, name, "decoded bytes", &m.checksum, out)?;
+                Ok(false)
             }
         }
     }

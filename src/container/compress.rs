@@ -26,7 +26,9 @@ use super::meta::{
     self, part_name, Encoding, FileMeta, RansMeta, TensorMeta, FORMAT_NAME, FORMAT_VERSION,
     META_KEY,
 };
-use super::prefetch::{read_range, Budget, READ_AHEAD_BYTES, READ_AHEAD_TENSORS};
+use super::prefetch::{
+    advise_sequential, read_range, Budget, READ_AHEAD_BYTES, READ_AHEAD_TENSORS,
+};
 use super::reader::dtype_name;
 use super::writer::{header_reserve, OutputDir, SafetensorsWriter};
 use super::ContainerError;
@@ -436,18 +438,6 @@ fn read_tensors(
         }
     }
     Ok(())
-}
-
-/// Tells the kernel a file is read sequentially (larger read-ahead). Only a hint.
-fn advise_sequential(file: &fs::File) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: the descriptor is open for the call's duration; the advice changes no data.
-        unsafe {
-            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
-        }
-    }
 }
 
 /// The writer stage: the output files, one after the other, from the coder's parts; gives each

@@ -13,8 +13,6 @@
 //! coded forms, which are no larger, and a few spare buffers kept for reuse.
 
 use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Condvar, Mutex};
 
@@ -104,39 +102,191 @@ pub fn read_range(
 ) -> Result<(), ContainerError> {
     buf.clear();
     let len = (end - start) as usize;
+    if buf.capacity() < len {
+        // Growing would copy the stale bytes; a fresh buffer's pages fault in as the read fills
+        // them, and 2 MiB pages make that 512 times fewer faults.
+        *buf = Vec::with_capacity(len);
+        crate::codec::tensor::advise_huge_pages(buf.spare_capacity_mut());
+    }
+    append_range(file, path, start, end, buf)
+}
+
+/// Buffers kept for reuse between pipeline stages, under a count and a byte limit (a fresh
+/// buffer costs a page fault per 4 KiB it fills; a reused one costs nothing).
+pub struct BufferPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+    max_buffers: usize,
+    max_bytes: usize,
+}
+
+impl BufferPool {
+    /// A pool keeping at most `max_buffers` buffers of at most `max_bytes` capacity in all.
+    pub fn new(max_buffers: usize, max_bytes: usize) -> Self {
+        Self {
+            spare: Mutex::new(Vec::new()),
+            max_buffers,
+            max_bytes,
+        }
+    }
+
+    /// A buffer with room for `len` bytes: the smallest spare one that has it, else a new one
+    /// (growing a smaller one would copy its bytes). Its contents and length are whatever it had.
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        let pick = spare
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.capacity() >= len)
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i);
+        match pick {
+            Some(i) => spare.swap_remove(i),
+            None => {
+                let mut b = Vec::with_capacity(len);
+                // A fresh buffer's pages fault in as it fills: 2 MiB pages make that 512 times
+                // fewer faults.
+                crate::codec::tensor::advise_huge_pages(b.spare_capacity_mut());
+                b
+            }
+        }
+    }
+
+    /// Gives a buffer back; the smallest buffers are freed when over the limits.
+    pub fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        spare.push(buf);
+        spare.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+        let mut bytes = 0;
+        let keep = spare
+            .iter()
+            .take(self.max_buffers)
+            .take_while(|b| {
+                bytes += b.capacity();
+                bytes <= self.max_bytes
+            })
+            .count();
+        spare.truncate(keep);
+    }
+}
+
+/// One read of the [`read_ahead`] stage: byte ranges of its files, concatenated into one
+/// buffer, holding `hold` bytes of the budget until the consumer releases them.
+pub struct ReadJob {
+    /// `(file index, absolute byte range)` pieces, in buffer order.
+    pub pieces: Vec<(usize, std::ops::Range<u64>)>,
+    /// Bytes of the budget the job holds.
+    pub hold: u64,
+}
+
+/// The reader stage of a pipeline: performs `jobs` in order, each once the budget admits it,
+/// into a buffer from `pool`, and sends the buffers to the consumer. Returns when the jobs are
+/// done, the budget is closed or the consumer has gone; an I/O error closes the budget and is
+/// sent on as the last message.
+pub fn read_ahead(
+    paths: &[&Path],
+    jobs: impl IntoIterator<Item = ReadJob>,
+    budget: &Budget,
+    pool: &BufferPool,
+    to: &std::sync::mpsc::Sender<Result<Vec<u8>, ContainerError>>,
+) {
+    let mut open: Vec<Option<File>> = paths.iter().map(|_| None).collect();
+    let r = (|| -> Result<(), ContainerError> {
+        for job in jobs {
+            if !budget.acquire(job.hold) {
+                return Ok(());
+            }
+            let len: u64 = job.pieces.iter().map(|(_, r)| r.end - r.start).sum();
+            let mut buf = pool.take(len as usize);
+            buf.clear();
+            for (fi, r) in &job.pieces {
+                let path = paths[*fi];
+                let file = match &mut open[*fi] {
+                    Some(f) => f,
+                    slot => {
+                        let f = File::open(path).map_err(|e| ContainerError::io(path, e))?;
+                        advise_sequential(&f);
+                        slot.insert(f)
+                    }
+                };
+                append_range(file, path, r.start, r.end, &mut buf)?;
+            }
+            if to.send(Ok(buf)).is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        budget.close();
+        let _ = to.send(Err(e));
+    }
+}
+
+/// Tells the kernel a file is read sequentially (larger read-ahead). Only a hint.
+pub fn advise_sequential(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the call's duration; the advice changes no data.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+    }
+}
+
+/// Appends bytes `start..end` of `file` to `buf`, with large positioned reads straight into its
+/// spare capacity (not zeroed first, unlike `Read::read_to_end` on a plain reader).
+fn append_range(
+    file: &File,
+    path: &Path,
+    start: u64,
+    end: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), ContainerError> {
+    use std::os::fd::AsRawFd;
+    let len = (end - start) as usize;
     buf.reserve_exact(len);
-    // A fresh buffer's pages fault in as the read fills them: 2 MiB pages make that 512 times
-    // fewer faults.
-    crate::codec::tensor::advise_huge_pages(buf.spare_capacity_mut());
-    // `read_to_end` fills the spare capacity without zeroing it first.
-    let got = Positioned { file, at: start }
-        .take(len as u64)
-        .read_to_end(buf)
-        .map_err(|e| ContainerError::io(path, e))?;
-    if got != len {
-        return Err(ContainerError::io(
-            path,
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("file ends {} bytes before the tensor at {start}", len - got),
-            ),
-        ));
+    let mut done = 0usize;
+    while done < len {
+        let want = (len - done).min(1 << 30);
+        let dst = buf.spare_capacity_mut();
+        // SAFETY: `dst` has at least `len - done >= want` bytes of writable capacity; `pread`
+        // writes at most `want` bytes there and touches nothing else.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                dst.as_mut_ptr().cast(),
+                want,
+                (start + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(ContainerError::io(path, e));
+        }
+        if n == 0 {
+            return Err(ContainerError::io(
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "file ends {} bytes before the tensor at {start}",
+                        len - done
+                    ),
+                ),
+            ));
+        }
+        // SAFETY: `pread` initialised the `n` bytes after the current length.
+        unsafe { buf.set_len(buf.len() + n as usize) };
+        done += n as usize;
     }
     Ok(())
-}
-
-/// A reader at a moving offset of a file, by `pread` (the file's own position is not used).
-struct Positioned<'a> {
-    file: &'a File,
-    at: u64,
-}
-
-impl Read for Positioned<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read_at(buf, self.at)?;
-        self.at += n as u64;
-        Ok(n)
-    }
 }
 
 #[cfg(test)]
@@ -181,6 +331,57 @@ mod tests {
             !blocked.join().unwrap(),
             "closing wakes a waiter with false"
         );
+    }
+
+    #[test]
+    fn the_pool_hands_out_the_smallest_fitting_buffer_and_keeps_within_its_limits() {
+        let pool = BufferPool::new(3, 1000);
+        for cap in [100, 400, 200, 300] {
+            pool.give(Vec::with_capacity(cap));
+        }
+        // Four buffers over a limit of three: the smallest went.
+        let b = pool.take(150);
+        assert_eq!(b.capacity(), 200, "the smallest that fits");
+        assert!(pool.take(500).capacity() >= 500, "none fits: a new one");
+        assert_eq!(pool.take(1).capacity(), 300);
+        assert_eq!(pool.take(1).capacity(), 400);
+        assert_eq!(pool.take(1).capacity(), 1, "empty: a new one");
+        // Over the byte limit: the largest that fit are kept.
+        pool.give(Vec::with_capacity(600));
+        pool.give(Vec::with_capacity(500));
+        assert_eq!(pool.take(1).capacity(), 600);
+        assert_eq!(pool.take(1).capacity(), 1);
+    }
+
+    #[test]
+    fn read_ahead_concatenates_pieces_of_several_files_and_reports_a_short_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let da: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let db: Vec<u8> = (0..3000u32).map(|i| (i * 3) as u8).collect();
+        std::fs::write(&a, &da).unwrap();
+        std::fs::write(&b, &db).unwrap();
+        let paths = [a.as_path(), b.as_path()];
+        let budget = Budget::new(1 << 20, 4);
+        let pool = BufferPool::new(4, 1 << 20);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let jobs = vec![
+            ReadJob {
+                pieces: vec![(0, 10..20), (1, 0..5), (0, 4990..5000)],
+                hold: 1,
+            },
+            ReadJob {
+                pieces: vec![(1, 2000..3001)],
+                hold: 1,
+            },
+        ];
+        read_ahead(&paths, jobs, &budget, &pool, &tx);
+        let first = rx.recv().unwrap().unwrap();
+        let want: Vec<u8> = [&da[10..20], &db[0..5], &da[4990..5000]].concat();
+        assert_eq!(first, want);
+        let err = rx.recv().unwrap().unwrap_err().to_string();
+        assert!(err.contains("file ends 1 bytes before"), "{err}");
+        assert!(!budget.acquire(1), "an error closes the budget");
     }
 
     #[test]

@@ -99,6 +99,11 @@ impl SafetensorsFile {
         self.range(name).map(|(a, b)| &self.mmap[a..b])
     }
 
+    /// The bytes at an absolute range of the file (one [`SafetensorsFile::range`]).
+    pub fn bytes_at(&self, r: std::ops::Range<usize>) -> &[u8] {
+        &self.mmap[r]
+    }
+
     /// Absolute byte range of a stored tensor in the file.
     pub fn range(&self, name: &str) -> Option<(usize, usize)> {
         self.index.get(name).map(|&i| {

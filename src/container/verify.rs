@@ -1,12 +1,21 @@
 //! `unweight verify`: decodes every tensor of a compressed checkpoint and compares it byte for
 //! byte with the original checkpoint. Any difference, missing or extra tensor, or tensor that
 //! fails to load is reported by name; nothing stops at the first problem.
+//!
+//! A reader thread reads each original tensor and its compressed parts with large positioned
+//! reads into reused buffers, ahead of the comparison and under the same byte budget as
+//! `decompress` ([`super::prefetch`]); the calling thread decodes and compares.
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::mpsc;
 
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, TensorEntry};
 use super::compress::progress_bar;
+use super::decompress::{split_pieces, stored_read_job};
+use super::prefetch::{
+    read_ahead, Budget, BufferPool, ReadJob, READ_AHEAD_BYTES, READ_AHEAD_TENSORS,
+};
 use super::ContainerError;
 
 /// One tensor that is not identical.
@@ -60,40 +69,98 @@ pub fn verify_dirs(
     let mut miss =
         |name: &str, reason: String| report_mismatch(&mut report.mismatches, name, reason);
     let mut identical = (0usize, 0u64);
-    for e in orig.entries() {
-        bar.set_message(e.name.clone());
-        bar.inc(e.original_bytes() as u64);
-        let Some(c) = comp.entry(&e.name) else {
-            miss(&e.name, "missing from the compressed checkpoint".into());
-            continue;
-        };
-        if c.dtype != e.dtype || c.shape != e.shape {
-            miss(
-                &e.name,
-                format!(
-                    "is {:?} {:?} in the compressed checkpoint, {:?} {:?} in the original",
-                    c.dtype, c.shape, e.dtype, e.shape
-                ),
-            );
-            continue;
-        }
-        let want = orig.load_entry(e)?;
-        match comp.load_entry(c) {
-            Err(err) => miss(&e.name, format!("does not load: {err}")),
-            Ok(got) => match first_difference(&want, &got) {
-                None => {
-                    identical.0 += 1;
-                    identical.1 += want.len() as u64;
+    // The tensors present on both sides with the same dtype and shape are compared; each one
+    // holds its original bytes twice of the budget (read, and decoded).
+    let pairs: Vec<(&TensorEntry, Option<&TensorEntry>)> = orig
+        .entries()
+        .iter()
+        .map(|e| {
+            let c = comp
+                .entry(&e.name)
+                .filter(|c| c.dtype == e.dtype && c.shape == e.shape);
+            (e, c)
+        })
+        .collect();
+    let paths: Vec<&Path> = orig
+        .files()
+        .iter()
+        .chain(comp.files())
+        .map(|f| f.path())
+        .collect();
+    let budget = Budget::new(READ_AHEAD_BYTES, READ_AHEAD_TENSORS);
+    let pool = BufferPool::new(2 * READ_AHEAD_TENSORS, READ_AHEAD_BYTES as usize);
+    let (to_checker, from_reader) = mpsc::channel::<Result<Vec<u8>, ContainerError>>();
+    let compared = std::thread::scope(|scope| {
+        let (budget, pool, paths, pairs, orig, comp) =
+            (&budget, &pool, &paths, &pairs, &orig, &comp);
+        scope.spawn(move || {
+            let jobs = pairs.iter().filter_map(|&(e, c)| {
+                let c = c?;
+                let mut pieces = stored_read_job(orig, e, 0);
+                pieces.extend(stored_read_job(comp, c, orig.files().len()));
+                Some(ReadJob {
+                    pieces,
+                    hold: 2 * e.original_bytes() as u64,
+                })
+            });
+            read_ahead(paths, jobs, budget, pool, &to_checker);
+        });
+        let r = (|| -> Result<(), ContainerError> {
+            for &(e, c) in pairs {
+                bar.set_message(e.name.clone());
+                bar.inc(e.original_bytes() as u64);
+                let Some(c) = c else {
+                    match comp.entry(&e.name) {
+                        None => miss(&e.name, "missing from the compressed checkpoint".into()),
+                        Some(c) => miss(
+                            &e.name,
+                            format!(
+                                "is {:?} {:?} in the compressed checkpoint, {:?} {:?} in the original",
+                                c.dtype, c.shape, e.dtype, e.shape
+                            ),
+                        ),
+                    }
+                    continue;
+                };
+                let buf = from_reader.recv().map_err(|_| {
+                    ContainerError::checkpoint(
+                        compared_path(comp, c),
+                        "verify stopped: the reader stopped",
+                    )
+                })??;
+                let want_len = e.original_bytes();
+                let (want, stored) = buf.split_at(want_len);
+                let pieces = split_pieces(stored, &comp.stored_ranges(c));
+                let mut out = pool.take(want_len);
+                let got = match comp.decode_stored_into(c, &pieces, &mut out) {
+                    Err(err) => Err(err),
+                    Ok(true) => Ok(pieces[0]),
+                    Ok(false) => Ok(&out[..]),
+                };
+                match got {
+                    Err(err) => miss(&e.name, format!("does not load: {err}")),
+                    Ok(got) => match first_difference(want, got) {
+                        None => {
+                            identical.0 += 1;
+                            identical.1 += want.len() as u64;
+                        }
+                        Some((at, count)) => miss(
+                            &e.name,
+                            format!("{count} of {} bytes differ, first at byte {at}", want.len()),
+                        ),
+                    },
                 }
-                Some((at, count)) => miss(
-                    &e.name,
-                    format!("{count} of {} bytes differ, first at byte {at}", want.len()),
-                ),
-            },
-        }
-        orig.release(e);
-        comp.release(c);
-    }
+                pool.give(out);
+                pool.give(buf);
+                budget.release(2 * want_len as u64);
+            }
+            Ok(())
+        })();
+        budget.close();
+        drop(from_reader);
+        r
+    });
+    compared?;
     let names: BTreeSet<&str> = orig.entries().iter().map(|e| e.name.as_str()).collect();
     for c in comp.entries() {
         if !names.contains(c.name.as_str()) {
@@ -114,6 +181,11 @@ fn report_mismatch(list: &mut Vec<Mismatch>, name: &str, reason: String) {
         name: name.to_string(),
         reason,
     });
+}
+
+/// The file holding a compressed tensor (for errors).
+fn compared_path<'a>(comp: &'a Checkpoint, c: &TensorEntry) -> &'a Path {
+    comp.files()[c.file].path()
 }
 
 /// Position of the first differing byte and the number of differing bytes, or `None` if equal.

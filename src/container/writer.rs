@@ -37,7 +37,9 @@ impl SafetensorsWriter {
             .map_err(|e| ContainerError::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
-            file: BufWriter::with_capacity(1 << 22, file),
+            // Writes of at least the buffer's size go straight to the file; a small buffer keeps
+            // the many small tensors (norms) batched without copying the large ones through it.
+            file: BufWriter::with_capacity(1 << 18, file),
             reserve,
             entries: Vec::new(),
             offset: 0,
