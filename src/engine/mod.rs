@@ -114,7 +114,7 @@ pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 /// The default of [`EngineOptions::max_step_slowdown`] (bench decode --interference: the worst
 /// gap of a running stream while a 4,096-token prompt is admitted stays within 2× its plain
 /// decode gap, README).
-pub const DEFAULT_STEP_SLOWDOWN: f64 = 1.5;
+pub const DEFAULT_STEP_SLOWDOWN: f64 = 2.0;
 
 impl EngineOptions {
     /// Defaults for a model: its config's end-of-sequence tokens, batches of up to 32.

@@ -30,6 +30,14 @@ pub const REFERENCE_STEPS: u64 = 64;
 /// Steps after the last reference before a decode batch of another size gets its own.
 pub const MIN_REFERENCE_STEPS: u64 = 8;
 
+/// Prompt tokens a paced step's first chunk gets at least. A chunk also has costs that do not
+/// shrink with it (its prefix's keys and values are read once per tile of query rows; the
+/// step's fixed overheads): where they alone exceed the budget, a smaller chunk would barely
+/// shorten the step while multiplying the prompt's steps, so the floor bounds that loss (the
+/// estimate of a unit's time includes those costs, so without a floor it would spiral down to
+/// one-token chunks).
+pub const MIN_PACED_TOKENS: usize = 8;
+
 /// The plain decode step the budget is measured against.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Reference {
@@ -78,18 +86,18 @@ impl Pacer {
     /// The budget of the next step, which decodes `decode_rows` running sequences, under a cap
     /// of `cap` prompt tokens: the cap alone when nothing decodes; no tokens when the reference
     /// is missing or due (the step measures it); otherwise the units that fit in
-    /// `(slowdown − 1) × reference` seconds (none while no chunk was ever timed: then the step's
-    /// first chunk gets its one token, and is timed).
+    /// `(slowdown − 1) × reference` seconds (none while no chunk was ever timed), with the
+    /// first chunk's floor of [`MIN_PACED_TOKENS`].
     pub fn budget(&self, cap: usize, decode_rows: usize) -> PrefillBudget {
         if decode_rows == 0 {
             return PrefillBudget::tokens(cap);
         }
         let Some(r) = self.reference else {
-            return PrefillBudget::paced(0, 0);
+            return PrefillBudget::paced(0, 0, 0);
         };
         let age = self.steps - r.step;
         if age >= REFERENCE_STEPS || (r.rows != decode_rows && age >= MIN_REFERENCE_STEPS) {
-            return PrefillBudget::paced(0, 0);
+            return PrefillBudget::paced(0, 0, 0);
         }
         let units = if self.chunk_units > 0.0 {
             let per_unit = self.chunk_seconds / self.chunk_units;
@@ -98,7 +106,7 @@ impl Pacer {
         } else {
             0
         };
-        PrefillBudget::paced(cap, units)
+        PrefillBudget::paced(cap, units, MIN_PACED_TOKENS)
     }
 
     /// Records a step that ran `units` of prompt chunks and `decode_rows` decode rows in
@@ -156,9 +164,11 @@ mod tests {
     };
 
     /// A machine whose decode-only step of 4 rows takes `decode` seconds and whose chunks add
-    /// `per_unit` seconds a unit, slower by `slower_after` × from step `change` of the prompt.
+    /// `overhead` seconds a step and `per_unit` seconds a unit, the latter slower by
+    /// `slower_after` × from step `change` of the prompt.
     struct Machine {
         decode: f64,
+        overhead: f64,
         per_unit: f64,
         change: usize,
         slower_after: f64,
@@ -184,7 +194,8 @@ mod tests {
             } else {
                 m.per_unit
             };
-            let t = m.decode + per_unit * units as f64;
+            let overhead = if k > 0 { m.overhead } else { 0.0 };
+            let t = m.decode + overhead + per_unit * units as f64;
             p.observe(units, 4, t);
             out.push((k, t));
             at += k;
@@ -197,7 +208,8 @@ mod tests {
     fn a_paced_step_converges_to_the_target_multiple_of_a_decode_step() {
         let m = Machine {
             decode: 0.040,
-            per_unit: 1.0 / 85e9,
+            overhead: 0.0,
+            per_unit: 1.0 / 200e9,
             change: usize::MAX,
             slower_after: 1.0,
         };
@@ -208,14 +220,15 @@ mod tests {
         let target = 2.0 * m.decode;
         for (i, &(k, t)) in steps.iter().enumerate() {
             assert!(t <= target * 1.0001, "step {i}: {t} s over {target} s");
-            // A whole token less than the budget is at most 6 ms here.
+            // A whole token less than the budget is at most 2.5 ms here.
             if i >= 12 && k > 0 && i + 1 < steps.len() {
                 assert!(t >= 0.9 * target, "step {i}: {t} s wastes the budget");
             }
         }
         // Chunks shrink as the prompt's attention grows.
         let chunked: Vec<usize> = steps.iter().map(|s| s.0).filter(|&k| k > 0).collect();
-        assert!(chunked[12] > 2 * chunked[chunked.len() - 2], "{chunked:?}");
+        let late = chunked[chunked.len() - 2];
+        assert!(chunked[12] as f64 > 1.8 * late as f64, "{chunked:?}");
         // After every REFERENCE_STEPS steps one step stays decode-only, at the decode time.
         let refs: Vec<usize> = (0..steps.len()).filter(|&i| steps[i].0 == 0).collect();
         assert!(!refs.is_empty());
@@ -230,8 +243,9 @@ mod tests {
     #[test]
     fn a_machine_that_slows_down_is_followed() {
         let m = Machine {
-            decode: 0.040,
-            per_unit: 1.0 / 85e9,
+            decode: 0.100,
+            overhead: 0.0,
+            per_unit: 1.0 / 200e9,
             change: 100,
             slower_after: 1.5,
         };
@@ -244,6 +258,33 @@ mod tests {
         for (i, &(_, t)) in steps.iter().enumerate().skip(110) {
             assert!(t <= target * 1.01, "step {i}: {t} s over {target} s");
         }
+    }
+
+    #[test]
+    fn a_target_out_of_reach_keeps_chunks_at_the_floor_not_below() {
+        // Every chunk step costs 30 ms more than a decode step before its first token: 1.5 ×
+        // 40 ms cannot be met. Once the estimate caught up (the seed is a step without that
+        // overhead), the chunks stay at MIN_PACED_TOKENS: no spiral down to one token.
+        let m = Machine {
+            decode: 0.040,
+            overhead: 0.030,
+            per_unit: 1.0 / 200e9,
+            change: usize::MAX,
+            slower_after: 1.0,
+        };
+        let mut p = Pacer::new(1.5);
+        let steps = simulate(&mut p, &m, 4096);
+        let chunks: Vec<usize> = steps.iter().map(|s| s.0).filter(|&k| k > 0).collect();
+        let (last, most) = chunks.split_last().expect("chunks ran");
+        assert!(
+            *last <= MIN_PACED_TOKENS,
+            "the remainder {last}: {chunks:?}"
+        );
+        assert!(most.iter().all(|&k| k >= MIN_PACED_TOKENS), "{chunks:?}");
+        assert!(
+            most[10..].iter().all(|&k| k == MIN_PACED_TOKENS),
+            "{chunks:?}"
+        );
     }
 
     #[test]
@@ -260,16 +301,16 @@ mod tests {
     fn the_reference_is_measured_before_pacing_and_again_for_another_batch() {
         let mut p = Pacer::new(2.0);
         // Streams decode but no decode-only step was timed: this step measures one.
-        assert_eq!(p.budget(256, 4), PrefillBudget::paced(0, 0));
+        assert_eq!(p.budget(256, 4).fit(&MODEL, 0, 4096), 0);
         p.observe(0, 4, 0.040);
-        // Without a chunk ever timed: no units, so the step's first chunk gets one token.
+        // Without a chunk ever timed: no units, so the step's first chunk gets the floor.
         let b = p.budget(256, 4);
         assert_eq!((b.tokens, b.units), (256, Some(0)));
-        assert_eq!(b.fit(&MODEL, 0, 4096), 1);
-        p.observe(MODEL.chunk(0, 1), 4, 0.040 + 0.0025);
-        // 2.5 ms for one row's units: (2 − 1) × 40 ms holds 16 of them.
+        assert_eq!(b.fit(&MODEL, 0, 4096), MIN_PACED_TOKENS);
+        p.observe(MODEL.chunk(0, 8), 4, 0.040 + 0.0025);
+        // 2.5 ms for 8 rows' units: (2 − 1) × 40 ms holds 16 times them.
         let units = p.budget(256, 4).units.expect("paced");
-        let want = 16.0 * MODEL.chunk(0, 1) as f64;
+        let want = 16.0 * MODEL.chunk(0, 8) as f64;
         assert!(
             (units as f64 - want).abs() <= 1.0 + want * 1e-9,
             "{units} vs {want}"

@@ -71,14 +71,16 @@ impl CostModel {
 
 /// What a step may still spend on prompt chunks: prompt tokens (the fixed cap of
 /// `EngineOptions::max_prefill_tokens`) and, when paced, cost units of a [`CostModel`]. The
-/// step's first chunk gets at least one token while any token is left, so a prompt always
-/// progresses even when one token costs more than the units allow.
+/// step's first chunk gets at least `floor` tokens (as many as are left, if fewer) whatever
+/// they cost, so a prompt always progresses, and by chunks big enough to be worth a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillBudget {
     /// Prompt tokens left.
     pub tokens: usize,
     /// Cost units left; `None` for no limit but the tokens.
     pub units: Option<u64>,
+    /// Tokens the step's first chunk gets at least (within `tokens` and its prompt).
+    pub floor: usize,
     /// Whether a chunk was taken from this budget already.
     pub started: bool,
 }
@@ -89,22 +91,25 @@ impl PrefillBudget {
         Self {
             tokens,
             units: None,
+            floor: 1,
             started: false,
         }
     }
 
-    /// A budget of at most `tokens` prompt tokens costing at most `units`.
-    pub fn paced(tokens: usize, units: u64) -> Self {
+    /// A budget of at most `tokens` prompt tokens costing at most `units`, but at least `floor`
+    /// tokens for the first chunk.
+    pub fn paced(tokens: usize, units: u64, floor: usize) -> Self {
         Self {
             tokens,
             units: Some(units),
+            floor,
             started: false,
         }
     }
 
     /// The longest chunk, at most `left` tokens, of a prompt whose next position is `start`,
-    /// that the budget holds (at least one token for the step's first chunk while tokens are
-    /// left). Takes nothing.
+    /// that the budget holds (at least `floor` tokens for the step's first chunk, within the
+    /// tokens left). Takes nothing.
     pub fn fit(&self, cost: &CostModel, start: usize, left: usize) -> usize {
         let most = left.min(self.tokens);
         let fits = match self.units {
@@ -123,10 +128,10 @@ impl PrefillBudget {
                 lo
             }
         };
-        if fits == 0 && !self.started {
-            most.min(1)
-        } else {
+        if self.started {
             fits
+        } else {
+            fits.max(most.min(self.floor.max(1)))
         }
     }
 
@@ -350,7 +355,7 @@ mod tests {
     #[test]
     fn a_paced_budget_holds_fewer_tokens_late_in_a_prompt() {
         // 10 rows at positions 0..10: 1000 + 55 + 10 = 1065 units.
-        let b = PrefillBudget::paced(1000, 1065);
+        let b = PrefillBudget::paced(1000, 1065, 1);
         assert_eq!(b.fit(&SMALL, 0, 500), 10);
         assert_eq!(summed(&SMALL, 0, 10), 1065);
         // Later in a prompt each row also attends over ~200 positions: 3 rows hold the units.
@@ -358,31 +363,36 @@ mod tests {
         assert!(summed(&SMALL, 200, late) <= 1065 && summed(&SMALL, 200, late + 1) > 1065);
         assert_eq!(late, 3);
         // The tokens cap and the prompt's length bound it too.
-        assert_eq!(PrefillBudget::paced(4, 1065).fit(&SMALL, 0, 500), 4);
+        assert_eq!(PrefillBudget::paced(4, 1065, 1).fit(&SMALL, 0, 500), 4);
         assert_eq!(b.fit(&SMALL, 0, 3), 3);
         // Unpaced: tokens only, whatever the position.
         assert_eq!(PrefillBudget::tokens(64).fit(&SMALL, 100_000, 500), 64);
     }
 
     #[test]
-    fn the_first_chunk_of_a_step_always_progresses() {
-        // One row costs more than the units: the step's first chunk still gets a token...
-        let mut b = PrefillBudget::paced(100, 50);
-        assert_eq!(b.fit(&SMALL, 0, 500), 1);
-        b.take(&SMALL, 0, 1);
+    fn the_first_chunk_of_a_step_gets_at_least_the_floor() {
+        // One row costs more than the units: the step's first chunk still gets its floor...
+        let mut b = PrefillBudget::paced(100, 50, 8);
+        assert_eq!(b.fit(&SMALL, 0, 500), 8);
+        // ...within what is left of its prompt...
+        assert_eq!(b.fit(&SMALL, 0, 3), 3);
+        b.take(&SMALL, 0, 8);
         assert_eq!(b.units, Some(0));
-        assert_eq!(b.tokens, 99);
-        // ...but not the next one.
+        assert_eq!(b.tokens, 92);
+        // ...but the next chunk gets only what the units hold.
         assert_eq!(b.fit(&SMALL, 0, 500), 0);
-        // No tokens at all (a step kept for decode only): nothing.
-        assert_eq!(PrefillBudget::paced(0, 1 << 40).fit(&SMALL, 0, 500), 0);
+        // Units for more than the floor: the floor does not bind.
+        assert_eq!(PrefillBudget::paced(100, 1065, 8).fit(&SMALL, 0, 500), 10);
+        // The cap binds the floor, and no tokens at all (a step kept for decode only): nothing.
+        assert_eq!(PrefillBudget::paced(5, 0, 8).fit(&SMALL, 0, 500), 5);
+        assert_eq!(PrefillBudget::paced(0, 1 << 40, 8).fit(&SMALL, 0, 500), 0);
     }
 
     #[test]
     fn admission_spends_the_paced_budget_whole_prompts_first() {
         // Units for 10 fresh rows at most; prompts of 4, 4 and 9 tokens.
         let lim = Limits {
-            prefill: PrefillBudget::paced(1000, summed(&SMALL, 0, 10) + 2 * SMALL.head),
+            prefill: PrefillBudget::paced(1000, summed(&SMALL, 0, 10) + 2 * SMALL.head, 1),
             ..roomy(8, 1000)
         };
         let w = [(RequestId(1), 4), (RequestId(2), 4), (RequestId(3), 9)];
@@ -391,19 +401,19 @@ mod tests {
         assert_eq!((p.prefill, p.chunks), (ids(&[1, 2, 3]), vec![4, 4, 2]));
         // A budget already started by a prompt being prefilled, with no units left: nobody is
         // admitted (the progress guarantee is the first chunk's only).
-        let mut spent = PrefillBudget::paced(1000, 0);
+        let mut spent = PrefillBudget::paced(1000, 0, 8);
         spent.take(&SMALL, 0, 1);
         let lim = Limits {
             prefill: spent,
             ..roomy(8, 1000)
         };
         assert_eq!(plan(&w, &ids(&[9]), lim).prefill, vec![]);
-        // An unstarted budget too small for one row admits the first prompt with one token.
+        // An unstarted budget too small for one row admits the first prompt with its floor.
         let lim = Limits {
-            prefill: PrefillBudget::paced(1000, 1),
+            prefill: PrefillBudget::paced(1000, 1, 3),
             ..roomy(8, 1000)
         };
         let p = plan(&w, &ids(&[9]), lim);
-        assert_eq!((p.prefill, p.chunks), (ids(&[1]), vec![1]));
+        assert_eq!((p.prefill, p.chunks), (ids(&[1]), vec![3]));
     }
 }
