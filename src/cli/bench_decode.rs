@@ -412,8 +412,8 @@ fn measure_interference(
     const BEFORE: usize = 16;
     let mut rows = Vec::new();
     println!(
-        "{:<26} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>9} {:>6}   (4 streams decoding, a {len}-token prompt arrives)",
-        "prefill per step", "decode gap", "its worst", "median gap", "worst gap", "worst/decode", "worst/median", "TTFT s", "steps"
+        "{:<26} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>9} {:>6} {:>13}   (4 streams decoding, a {len}-token prompt arrives)",
+        "prefill per step", "decode gap", "its worst", "median gap", "worst gap", "worst/decode", "worst/median", "TTFT s", "steps", "chunk: worst/max"
     );
     // (token cap, pacing) of each run.
     let mut runs: Vec<(usize, Option<f64>)> = chunks
@@ -447,6 +447,8 @@ fn measure_interference(
         }
         // Times of the first stream's tokens; when the long prompt arrived and gave its token.
         let mut times = Vec::new();
+        // The prompt tokens of the step that gave each of those tokens.
+        let mut chunk_of = Vec::new();
         let mut long = None;
         let (mut arrived, mut first_token) = (None, None);
         let mut steps = 0;
@@ -461,11 +463,16 @@ fn measure_interference(
             if long.is_some() && first_token.is_none() {
                 prefill_steps += 1;
             }
+            let before = engine.stats().prefill_tokens;
             let events = engine.step()?;
             let now = Instant::now();
+            let chunk = engine.stats().prefill_tokens - before;
             for e in &events {
                 match e {
-                    Event::Token { id, .. } if *id == streams[0] => times.push(now),
+                    Event::Token { id, .. } if *id == streams[0] => {
+                        times.push(now);
+                        chunk_of.push(chunk);
+                    }
                     Event::Token { id, .. } if Some(*id) == long && first_token.is_none() => {
                         first_token = Some((now, times.len()));
                     }
@@ -501,10 +508,12 @@ fn measure_interference(
         let decode_worst = plain.iter().copied().fold(0f64, f64::max);
         let whole = median(&gaps);
         // Gaps that end at a token given while the prompt was being prefilled (or just after).
-        let worst = gaps[i0.saturating_sub(1)..i1.min(gaps.len())]
-            .iter()
-            .copied()
-            .fold(0f64, f64::max);
+        // Gap j ends at token j + 1: its step prefilled chunk_of[j + 1] prompt tokens.
+        let (lo, hi) = (i0.saturating_sub(1), i1.min(gaps.len()));
+        let (worst, worst_chunk) = (lo..hi)
+            .map(|j| (gaps[j], chunk_of[j + 1]))
+            .fold((0f64, 0), |a, b| if b.0 > a.0 { b } else { a });
+        let largest_chunk = chunk_of[lo + 1..=hi].iter().copied().max().unwrap_or(0);
         let ttft = (t1 - t0).as_secs_f64();
         let (label, policy) = match pacing {
             Some(f) => (format!("paced to {f}x (cap {chunk})"), "paced"),
@@ -512,7 +521,7 @@ fn measure_interference(
             None => (format!("chunks of {chunk} tokens"), "fixed"),
         };
         println!(
-            "{label:<26} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>11.2}x {:>11.2}x {ttft:>9.2} {prefill_steps:>6}",
+            "{label:<26} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>11.2}x {:>11.2}x {ttft:>9.2} {prefill_steps:>6} {worst_chunk:>6}/{largest_chunk:<6}",
             decode * 1e3,
             decode_worst * 1e3,
             whole * 1e3,
@@ -522,6 +531,7 @@ fn measure_interference(
         );
         rows.push(json!({
             "policy": policy, "max_step_slowdown": pacing, "prefill_steps": prefill_steps,
+            "worst_gap_chunk": worst_chunk, "largest_chunk": largest_chunk,
             "prefill_chunk": chunk, "prompt_len": len, "streams": 4,
             "decode_median_gap_s": decode, "decode_worst_gap_s": decode_worst,
             "median_gap_s": whole, "worst_gap_s": worst,
