@@ -8,15 +8,15 @@
 //! stalls the streams late in a long prompt or wastes steps early in it. The [`Pacer`] measures
 //! instead: the wall time of decode-only steps (the reference, the streams' plain gap) and the
 //! seconds per cost unit that chunks add to a step, and gives each step with running streams a
-//! budget of `(slowdown − 1) × reference` seconds of chunk work, converted to units. With no
-//! stream running, the budget is the token cap alone: a prompt prefills at full speed.
+//! budget of `(slowdown − 1) × reference` seconds of chunk work, converted to units, but at
+//! least [`MIN_PACED_TOKENS`] tokens for its first chunk. With no stream running, the budget is
+//! the token cap alone: a prompt prefills at full speed.
 //!
 //! Estimates are exponentially weighted (the newest step weighs [`WEIGHT`]); the reference is
 //! measured again by a step kept free of chunks once [`REFERENCE_STEPS`] steps followed the last
 //! one (while prompts are prefilled every step), or [`MIN_REFERENCE_STEPS`] steps when the decode
-//! batch changed size since. The
-//! pacer is deterministic given the step times it is told; the engine tells it the wall time of
-//! each [`Engine::step`](super::Engine::step).
+//! batch changed size since. The pacer is deterministic given the step times it is told; the
+//! engine tells it the wall time of each [`Engine::step`](super::Engine::step).
 
 use super::scheduler::PrefillBudget;
 
