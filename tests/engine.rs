@@ -320,6 +320,7 @@ fn a_fusing_engine_runs_chunks_and_decode_rows_in_one_call_per_step() {
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
         max_prefill_tokens: 16,
+        max_step_slowdown: None,
         ..EngineOptions::for_config(b.config())
     };
     let mut e = Engine::new(b, None, opts);
@@ -685,6 +686,7 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
         max_prefill_tokens: 16,
+        max_step_slowdown: None,
         ..EngineOptions::for_config(b.config())
     };
     let mut e = Engine::new(b, None, opts);
@@ -744,6 +746,78 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
         Event::Finished { id: i, reason: StopReason::Cancelled, .. } if *i == id)));
     assert!(!e.has_work());
     assert_eq!(e.kv_usage().used_tokens, 0);
+}
+
+#[test]
+fn paced_prefill_keeps_every_stream_decoding_and_runs_at_the_cap_when_alone() {
+    // The default pacing (max_step_slowdown): chunk sizes follow measured step times, so this
+    // checks what holds whatever they are. A prompt alone prefills at the token cap; while two
+    // streams decode, every step still gives both a token, each step's chunk stays within the
+    // cap, the prompt keeps progressing, and the tokens are those of an unchunked run.
+    let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 500).collect();
+    let short = [PROMPT.to_vec(), PROMPT[2..].to_vec()];
+    let alone = |p: &[u32], n: usize| {
+        let mut e = engine(false);
+        e.add(Request::greedy(p.to_vec(), n)).unwrap();
+        run_all(&mut e).remove(0).1
+    };
+    // Long enough that the streams outlive the prompt's prefill even at one token a step.
+    let want = [alone(&short[0], 80), alone(&short[1], 80), alone(&long, 4)];
+    let b = backend(tiny().0, WeightMode::Decoded);
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        ..EngineOptions::for_config(b.config())
+    };
+    assert!(opts.max_step_slowdown.is_some(), "pacing is the default");
+    let mut e = Engine::new(b, None, opts);
+
+    // Alone: the cap, every step.
+    let solo = e.add(Request::greedy(long.clone(), 1)).unwrap();
+    for step in 0..4 {
+        e.step().unwrap();
+        assert_eq!(e.stats().prefill_tokens, 16 * (step + 1), "step {step}");
+    }
+    assert!(e.cancel(solo));
+    e.step().unwrap();
+    assert!(!e.has_work());
+
+    let mut ids = vec![
+        e.add(Request::greedy(short[0].clone(), 80)).unwrap(),
+        e.add(Request::greedy(short[1].clone(), 80)).unwrap(),
+    ];
+    let mut got = vec![Vec::new(); 3];
+    let record = |events: Vec<Event>, got: &mut Vec<Vec<u32>>, ids: &[RequestId]| {
+        let mut per = [0usize; 3];
+        for ev in events {
+            if let Event::Token { id, token, .. } = ev {
+                let i = ids.iter().position(|&x| x == id).unwrap();
+                got[i].push(token);
+                per[i] += 1;
+            }
+        }
+        per
+    };
+    // Their prompts, then decode-only steps (the pacer's reference).
+    for _ in 0..4 {
+        record(e.step().unwrap(), &mut got, &ids);
+    }
+    ids.push(e.add(Request::greedy(long.clone(), 4)).unwrap());
+    let mut steps = 0;
+    while got[2].is_empty() {
+        let before = e.stats().prefill_tokens;
+        let per = record(e.step().unwrap(), &mut got, &ids);
+        let chunk = e.stats().prefill_tokens - before;
+        assert_eq!(per[..2], [1, 1], "step {steps}: both streams got a token");
+        assert!(chunk <= 16, "step {steps}: {chunk} tokens over the cap");
+        steps += 1;
+        // At least a token a step, but for the steps kept for the pacer's reference (one in 65).
+        assert!(steps <= 72, "the prompt stalled");
+    }
+    while e.has_work() {
+        record(e.step().unwrap(), &mut got, &ids);
+    }
+    assert_eq!(got, want);
 }
 
 /// An engine over [`paged_backend`].

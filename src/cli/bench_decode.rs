@@ -77,12 +77,12 @@ pub struct DecodeArgs {
     pub(super) hf_python: Option<PathBuf>,
     /// CPU only: also measure chunked prefill inside continuous batching: four streams decode
     /// while a prompt of this many tokens is admitted; reports a stream's worst gap between
-    /// tokens next to its median gap, with the engine's default chunk and unchunked, side by
-    /// side (plain checkpoint).
+    /// tokens next to its median gap, for fixed chunks, paced chunks and unchunked, side by side
+    /// (plain checkpoint).
     #[arg(long)]
     pub(super) interference: Option<usize>,
-    /// With --interference: the per-step prompt budgets (chunk sizes) to measure, comma
-    /// separated; an unchunked run is always added.
+    /// With --interference: the fixed per-step prompt budgets (chunk sizes, no pacing) to
+    /// measure, comma separated; an unchunked run is always added.
     #[arg(
         long,
         value_delimiter = ',',
@@ -90,6 +90,15 @@ pub struct DecodeArgs {
         requires = "interference"
     )]
     pub(super) prefill_chunks: Vec<usize>,
+    /// With --interference: the paced policy's `max_step_slowdown` values to measure (each
+    /// under the default cap of 256 tokens a step), comma separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = [crate::engine::DEFAULT_STEP_SLOWDOWN],
+        requires = "interference"
+    )]
+    pub(super) step_slowdowns: Vec<f64>,
     /// CPU only: also measure sampled decoding (temperature 0.8, top-p 0.95) next to greedy at
     /// each batch size, and the engine's host time per decode step (plain checkpoint;
     /// bench_sampling.rs).
@@ -107,6 +116,12 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     }
     if a.prefill.contains(&0) || a.interference == Some(0) || a.prefill_chunks.contains(&0) {
         bail!("--prefill lengths, --interference and --prefill-chunks must be at least 1");
+    }
+    if a.step_slowdowns
+        .iter()
+        .any(|&f| !(f.is_finite() && f >= 1.0))
+    {
+        bail!("--step-slowdowns must be numbers of at least 1");
     }
     if a.device == "cuda" {
         if !a.prefill.is_empty() || a.interference.is_some() || a.sampling {
@@ -148,7 +163,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     }
     let (rows, prefill) = result?;
     let interference = match a.interference {
-        Some(len) => measure_interference(&model, len, &a.prefill_chunks)?,
+        Some(len) => measure_interference(&model, len, &a.prefill_chunks, &a.step_slowdowns)?,
         None => Vec::new(),
     };
     let sampling = if a.sampling {
@@ -379,22 +394,36 @@ fn measure<B: crate::device::Backend>(
     Ok(((batch * a.tokens) as f64 / secs, tokens))
 }
 
-/// Four greedy streams decode; after eight steps a `len`-token prompt arrives. For each chunk
-/// size (the engine's per-step prompt budget) and for no chunking (the whole prompt in one
-/// step), the gaps between a stream's tokens: the median of the plain decode steps before the
-/// prompt arrived, the median over the whole run, the worst while the prompt was being
-/// prefilled, and the prompt's time to first token.
-fn measure_interference(model: &Path, len: usize, chunks: &[usize]) -> Result<Vec<Value>> {
+/// Four greedy streams decode; after sixteen steps a `len`-token prompt arrives. For each fixed
+/// chunk size (the engine's per-step prompt budget, no pacing), for each paced policy
+/// (`max_step_slowdown`, under the default cap) and for no chunking (the whole prompt in one
+/// step), the gaps between a stream's tokens: the median and the worst of the plain decode steps
+/// before the prompt arrived (the worst over the median is the machine's noise floor for the
+/// ratios), the median over the whole run, the worst while the prompt was being prefilled, the
+/// prompt's time to first token and the steps it took.
+fn measure_interference(
+    model: &Path,
+    len: usize,
+    chunks: &[usize],
+    slowdowns: &[f64],
+) -> Result<Vec<Value>> {
     use crate::device::Backend;
-    const BEFORE: usize = 8;
+    use crate::engine::DEFAULT_PREFILL_CHUNK;
+    const BEFORE: usize = 16;
     let mut rows = Vec::new();
     println!(
-        "{:<26} {:>11} {:>11} {:>11} {:>12} {:>12} {:>9}   (4 streams decoding, a {len}-token prompt arrives)",
-        "prefill per step", "decode gap", "median gap", "worst gap", "worst/decode", "worst/median", "TTFT s"
+        "{:<26} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>9} {:>6} {:>13}   (4 streams decoding, a {len}-token prompt arrives)",
+        "prefill per step", "decode gap", "its worst", "median gap", "worst gap", "worst/decode", "worst/median", "TTFT s", "steps", "chunk: worst/max"
     );
-    let mut runs: Vec<usize> = chunks.iter().copied().filter(|&c| c < len).collect();
-    runs.push(len);
-    for chunk in runs {
+    // (token cap, pacing) of each run.
+    let mut runs: Vec<(usize, Option<f64>)> = chunks
+        .iter()
+        .filter(|&&c| c < len)
+        .map(|&c| (c, None))
+        .collect();
+    runs.extend(slowdowns.iter().map(|&f| (DEFAULT_PREFILL_CHUNK, Some(f))));
+    runs.push((len, None));
+    for (chunk, pacing) in runs {
         let opts = CpuOptions {
             max_sequences: 8,
             ..CpuOptions::default()
@@ -405,6 +434,7 @@ fn measure_interference(model: &Path, len: usize, chunks: &[usize]) -> Result<Ve
         let eopts = EngineOptions {
             max_batch: 8,
             max_prefill_tokens: chunk,
+            max_step_slowdown: pacing,
             ..EngineOptions::for_config(backend.config())
         };
         let mut engine = Engine::new(backend, None, eopts);
@@ -417,9 +447,12 @@ fn measure_interference(model: &Path, len: usize, chunks: &[usize]) -> Result<Ve
         }
         // Times of the first stream's tokens; when the long prompt arrived and gave its token.
         let mut times = Vec::new();
+        // The prompt tokens of the step that gave each of those tokens.
+        let mut chunk_of = Vec::new();
         let mut long = None;
         let (mut arrived, mut first_token) = (None, None);
         let mut steps = 0;
+        let mut prefill_steps = 0;
         while first_token.is_none() || steps < 2 * BEFORE {
             if steps == BEFORE {
                 let mut r = Request::greedy(prompt(len, 99), 1);
@@ -427,11 +460,19 @@ fn measure_interference(model: &Path, len: usize, chunks: &[usize]) -> Result<Ve
                 long = Some(engine.add(r)?);
                 arrived = Some((Instant::now(), times.len()));
             }
+            if long.is_some() && first_token.is_none() {
+                prefill_steps += 1;
+            }
+            let before = engine.stats().prefill_tokens;
             let events = engine.step()?;
             let now = Instant::now();
+            let chunk = engine.stats().prefill_tokens - before;
             for e in &events {
                 match e {
-                    Event::Token { id, .. } if *id == streams[0] => times.push(now),
+                    Event::Token { id, .. } if *id == streams[0] => {
+                        times.push(now);
+                        chunk_of.push(chunk);
+                    }
                     Event::Token { id, .. } if Some(*id) == long && first_token.is_none() => {
                         first_token = Some((now, times.len()));
                     }
@@ -462,30 +503,38 @@ fn measure_interference(model: &Path, len: usize, chunks: &[usize]) -> Result<Ve
         };
         // Plain decode steps: the gaps before the prompt arrived (the first is the streams'
         // own prefill).
-        let decode = median(&gaps[1..i0.saturating_sub(1).max(2)]);
+        let plain = &gaps[1..i0.saturating_sub(1).max(2)];
+        let decode = median(plain);
+        let decode_worst = plain.iter().copied().fold(0f64, f64::max);
         let whole = median(&gaps);
         // Gaps that end at a token given while the prompt was being prefilled (or just after).
-        let worst = gaps[i0.saturating_sub(1)..i1.min(gaps.len())]
-            .iter()
-            .copied()
-            .fold(0f64, f64::max);
+        // Gap j ends at token j + 1: its step prefilled chunk_of[j + 1] prompt tokens.
+        let (lo, hi) = (i0.saturating_sub(1), i1.min(gaps.len()));
+        let (worst, worst_chunk) = (lo..hi)
+            .map(|j| (gaps[j], chunk_of[j + 1]))
+            .fold((0f64, 0), |a, b| if b.0 > a.0 { b } else { a });
+        let largest_chunk = chunk_of[lo + 1..=hi].iter().copied().max().unwrap_or(0);
         let ttft = (t1 - t0).as_secs_f64();
-        let label = if chunk >= len {
-            "whole prompt (unchunked)".to_string()
-        } else {
-            format!("chunks of {chunk} tokens")
+        let (label, policy) = match pacing {
+            Some(f) => (format!("paced to {f}x (cap {chunk})"), "paced"),
+            None if chunk >= len => ("whole prompt (unchunked)".to_string(), "unchunked"),
+            None => (format!("chunks of {chunk} tokens"), "fixed"),
         };
         println!(
-            "{label:<26} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>11.2}x {:>11.2}x {ttft:>9.2}",
+            "{label:<26} {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>9.1}ms {:>11.2}x {:>11.2}x {ttft:>9.2} {prefill_steps:>6} {worst_chunk:>6}/{largest_chunk:<6}",
             decode * 1e3,
+            decode_worst * 1e3,
             whole * 1e3,
             worst * 1e3,
             worst / decode,
             worst / whole
         );
         rows.push(json!({
+            "policy": policy, "max_step_slowdown": pacing, "prefill_steps": prefill_steps,
+            "worst_gap_chunk": worst_chunk, "largest_chunk": largest_chunk,
             "prefill_chunk": chunk, "prompt_len": len, "streams": 4,
-            "decode_median_gap_s": decode, "median_gap_s": whole, "worst_gap_s": worst,
+            "decode_median_gap_s": decode, "decode_worst_gap_s": decode_worst,
+            "median_gap_s": whole, "worst_gap_s": worst,
             "worst_over_decode_median": worst / decode, "worst_over_median": worst / whole,
             "ttft_s": ttft,
             "stream_tokens": times.len(),

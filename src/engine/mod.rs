@@ -2,8 +2,9 @@
 //!
 //! [`Engine`] owns a [`Backend`] and every request's [`Sequence`]. A caller (the CLI, the Triton
 //! engine thread) adds requests at any time, cancels them, and calls [`Engine::step`], which
-//! prefills the next chunks of prompts under a per-step token budget (chunked prefill: a long
-//! prompt is spread over several steps), decodes every other running sequence as one batch, and
+//! prefills the next chunks of prompts under a per-step budget (chunked prefill: a long prompt
+//! is spread over several steps; while streams run, paced so a step stays within a multiple of a
+//! decode-only step, [`pacing`]), decodes every other running sequence as one batch, and
 //! returns what happened as [`Event`]s. Requests join and leave between steps (continuous
 //! batching).
 //!
@@ -13,6 +14,7 @@
 //! its events gives its whole output text.
 
 pub mod detok;
+pub mod pacing;
 #[cfg(test)]
 mod paging_tests;
 pub mod philox;
@@ -24,8 +26,10 @@ pub mod text;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 pub use detok::Detokenizer;
+pub use pacing::Pacer;
 pub use request::{Request, RequestId};
 pub use sampler::{Sampler, SamplingParams};
 pub use sequence::{Sequence, SequenceState, StopReason};
@@ -88,17 +92,31 @@ pub struct EngineOptions {
     pub eos_token_ids: Vec<u32>,
     /// Sequences decoded together at most (also bounded by the KV-cache slots).
     pub max_batch: usize,
-    /// Prompt tokens prefilled per step, over every prompt: a longer prompt is prefilled in
-    /// chunks over several steps while the running sequences keep decoding, so a step (and a
-    /// running stream's gap between tokens) takes at most one chunk's prefill more than a plain
-    /// decode step.
+    /// Prompt tokens prefilled per step at most, over every prompt: a longer prompt is
+    /// prefilled in chunks over several steps while the running sequences keep decoding, so a
+    /// step (and a running stream's gap between tokens) takes at most one chunk's prefill more
+    /// than a plain decode step. With no sequence decoding, the only limit of a step's prompt
+    /// work.
     pub max_prefill_tokens: usize,
+    /// While sequences decode, a step carrying prompt chunks is planned to take at most this
+    /// many times a decode-only step (≥ 1), so the running streams' gaps between tokens stay
+    /// within about this multiple of their plain decode gap: each step's chunks are sized by
+    /// their predicted cost (attention over the prompt's prefix included) against measured step
+    /// times ([`pacing`]). `None`: only `max_prefill_tokens` limits them.
+    pub max_step_slowdown: Option<f64>,
 }
 
 /// The default of [`EngineOptions::max_prefill_tokens`]: long enough that a prompt's products
 /// run as matrix products (bench decode --prefill), short enough that running streams wait for
 /// a chunk, not a whole long prompt (bench decode --interference).
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
+/// The default of [`EngineOptions::max_step_slowdown`]: the 2× a running stream's
+/// plain decode gap. bench decode --interference (README): the median gap while a 4,096-token
+/// prompt is admitted stays near 2× (the worst, on a loaded machine, does not), the prompt's
+/// first token comes about as soon as with fixed 8-token chunks, and a prompt alone still
+/// prefills at the token cap.
+pub const DEFAULT_STEP_SLOWDOWN: f64 = 2.0;
 
 impl EngineOptions {
     /// Defaults for a model: its config's end-of-sequence tokens, batches of up to 32.
@@ -107,6 +125,7 @@ impl EngineOptions {
             eos_token_ids: cfg.eos_token_ids.clone(),
             max_batch: 32,
             max_prefill_tokens: DEFAULT_PREFILL_CHUNK,
+            max_step_slowdown: Some(DEFAULT_STEP_SLOWDOWN),
         }
     }
 }
@@ -140,13 +159,24 @@ pub struct Engine<B: Backend> {
     pending: Vec<Event>,
     failed: Vec<RequestId>,
     stats: Stats,
+    /// The cost of prompt rows, for the paced budget.
+    cost: scheduler::CostModel,
+    /// Sizes the chunks of steps with running streams (`max_step_slowdown`).
+    pacer: Option<Pacer>,
+    /// Cost units of the chunks that ran in the current step, and its decode rows.
+    step_work: (u64, usize),
 }
 
 impl<B: Backend> Engine<B> {
     /// An engine over a backend; without a detokenizer events carry no text and stop strings
     /// are refused.
     pub fn new(backend: B, detok: Option<Arc<dyn Detokenizer>>, opts: EngineOptions) -> Self {
+        let cost = scheduler::CostModel::for_config(backend.config());
+        let pacer = opts.max_step_slowdown.map(Pacer::new);
         Self {
+            cost,
+            pacer,
+            step_work: (0, 0),
             backend,
             detok,
             opts,
@@ -258,9 +288,11 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs one iteration: retires cancelled requests; prefills, under the step's budget of
-    /// [`EngineOptions::max_prefill_tokens`] prompt tokens, the next chunks of the prompts being
-    /// prefilled, then the first chunks of newly admitted ones (a prompt whose last chunk ran
-    /// yields its first token); and decodes all other running ones in one batch (one token each).
+    /// [`EngineOptions::max_prefill_tokens`] prompt tokens (and, while sequences decode, of the
+    /// cost [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
+    /// prompts being prefilled, then the first chunks of newly admitted ones (a prompt whose
+    /// last chunk ran yields its first token); and decodes all other running ones in one batch
+    /// (one token each). The step's wall time calibrates the pacing.
     ///
     /// KV-cache policy: a request is admitted only when the cache has free blocks for its prompt
     /// above a reserve for the running sequences ([`scheduler`]). When the running sequences
@@ -276,8 +308,18 @@ impl<B: Backend> Engine<B> {
     /// keep running, and the events of the step that did happen come with the next step.
     pub fn step(&mut self) -> Result<Vec<Event>, EngineError> {
         let mut events = Vec::new();
+        let start = Instant::now();
+        self.step_work = (0, 0);
         match self.step_into(&mut events) {
-            Ok(()) => Ok(events),
+            Ok(()) => {
+                let (units, rows) = self.step_work;
+                if let Some(p) = &mut self.pacer {
+                    if units > 0 || rows > 0 {
+                        p.observe(units, rows, start.elapsed().as_secs_f64());
+                    }
+                }
+                Ok(events)
+            }
             Err(e) => {
                 events.append(&mut self.pending);
                 self.pending = events;
@@ -306,7 +348,11 @@ impl<B: Backend> Engine<B> {
         }
         self.stats.steps += 1;
         // Prompts being prefilled continue first, in admission order.
-        let mut budget = self.opts.max_prefill_tokens.max(1);
+        let cap = self.opts.max_prefill_tokens.max(1);
+        let mut budget = match &self.pacer {
+            Some(p) => p.budget(cap, self.running.len()),
+            None => scheduler::PrefillBudget::tokens(cap),
+        };
         // A backend that fuses steps gets this step's chunks together with the decode batch
         // (below); they are queued here, their sequences staying in `prefilling` until it ran.
         let fused = self.backend.fuses_steps();
@@ -315,12 +361,12 @@ impl<B: Backend> Engine<B> {
         let mut still = Vec::with_capacity(self.prefilling.len());
         let mut queue = std::mem::take(&mut self.prefilling).into_iter();
         while let Some(s) = queue.next() {
-            if budget == 0 {
+            let chunk = budget.fit(&self.cost, s.prefilled, s.kv_len() - s.prefilled);
+            if chunk == 0 {
                 still.push(s);
                 continue;
             }
-            let chunk = (s.kv_len() - s.prefilled).min(budget);
-            budget -= chunk;
+            budget.take(&self.cost, s.prefilled, chunk);
             if fused {
                 queued.push((s.id, chunk));
                 still.push(s);
@@ -340,7 +386,7 @@ impl<B: Backend> Engine<B> {
         }
         self.prefilling = still;
 
-        let cap = self.backend.kv_capacity();
+        let slots = self.backend.kv_capacity();
         let kv = self.backend.kv_usage();
         let pending_blocks = self
             .prefilling
@@ -351,8 +397,9 @@ impl<B: Backend> Engine<B> {
             })
             .sum();
         let limits = scheduler::Limits {
-            max_running: self.opts.max_batch.min(cap.max_sequences).max(1),
-            max_prefill_tokens: budget,
+            max_running: self.opts.max_batch.min(slots.max_sequences).max(1),
+            prefill: budget,
+            cost: self.cost,
             free_blocks: kv.free_blocks,
             block_tokens: kv.block_tokens,
             decode_blocks: self.decode_blocks(kv.block_tokens),
@@ -416,6 +463,7 @@ impl<B: Backend> Engine<B> {
         }
         if !self.running.is_empty() {
             let batch = self.decode_batch();
+            self.step_work.1 = batch.len();
             // Only what the step needs comes back: the greedy ids when every row's choice is the
             // plain argmax, the logits otherwise (the same tokens either way).
             let result = if self.running.iter().all(Sequence::argmax_suffices) {
@@ -534,6 +582,13 @@ impl<B: Backend> Engine<B> {
         if chunks.is_empty() && batch.is_empty() {
             return Ok(());
         }
+        self.step_work = (
+            parts
+                .iter()
+                .map(|(_, _, from, to)| self.cost.chunk(*from, to - from))
+                .sum(),
+            batch.len(),
+        );
         let mut logits = match self.backend.step(&chunks, &batch) {
             Ok(l) => l,
             Err(e) => {
@@ -619,6 +674,7 @@ impl<B: Backend> Engine<B> {
             .expect("a sequence being prefilled holds a handle");
         let tokens = s.prefill_tokens();
         let (from, to) = (s.prefilled, s.prefilled + chunk);
+        self.step_work.0 += self.cost.chunk(from, chunk);
         let result = self
             .backend
             .prefill(seq, &tokens[from..to])

@@ -112,6 +112,7 @@ fn engine_with(blocks: usize, block_tokens: usize, max_batch: usize) -> Engine<P
         eos_token_ids: Vec::new(),
         max_batch,
         max_prefill_tokens: 64,
+        max_step_slowdown: None,
     };
     Engine::new(backend, None, opts)
 }

@@ -1,29 +1,163 @@
 //! The scheduling rule of one engine step, as a pure function: which waiting requests are
-//! admitted (prefilled) and which running ones decode.
+//! admitted (prefilled) and which running ones decode, and how many prompt tokens a step's
+//! budget holds.
 //!
 //! Every running sequence decodes every step (iteration-level, continuous batching). Prompts are
-//! prefilled in chunks under a per-step token budget, so a long prompt never stalls the running
-//! streams for more than one chunk's time: the engine first continues the prompts already being
-//! prefilled, then this plan admits waiting requests, first come, first served, while a batch
-//! slot is free, budget is left (an admitted prompt's first chunk takes what is left, at most
-//! its length; the rest follows in later steps) and the KV cache has free blocks for its whole
-//! prompt, after what the prompts being prefilled still need, on top of a reserve for the
-//! running sequences: the blocks their decode needs this step plus a watermark of 1% of the
-//! cache (at least one block) while anything runs, none when a block holds a whole context
+//! prefilled in chunks under a per-step [`PrefillBudget`], so a long prompt never stalls the
+//! running streams for more than one chunk's time: the engine first continues the prompts
+//! already being prefilled, then this plan admits waiting requests, first come, first served,
+//! while a batch slot is free, budget is left (an admitted prompt's first chunk takes what is
+//! left, at most its length; the rest follows in later steps) and the KV cache has free blocks
+//! for its whole prompt, after what the prompts being prefilled still need, on top of a reserve
+//! for the running sequences: the blocks their decode needs this step plus a watermark of 1% of
+//! the cache (at least one block) while anything runs, none when a block holds a whole context
 //! (slots that never grow, as the CUDA engine's). A request
 //! that does not fit waits, and so do the ones behind it (no overtaking, so a long prompt is not
 //! starved by short ones).
+//!
+//! The budget counts prompt tokens (a fixed cap) and, when the engine paces prefill against the
+//! running streams (`super::pacing`), work units of a [`CostModel`]: a prompt token costs its
+//! share of the weight products plus attention over every position before it, so a chunk late
+//! in a long prompt holds fewer tokens than an early one for the same step time.
 
 use super::request::RequestId;
+use crate::model::LlamaConfig;
+
+/// The work of prompt rows in abstract units (floating-point operations of the forward pass),
+/// from the model's shape: each row goes through every weight product, attends over its own
+/// context, and each chunk's last row goes through `lm_head` for its logits. Decode rows are not
+/// priced: a decode-only step is bound by reading the weights, and its time is measured instead
+/// (`super::pacing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CostModel {
+    /// Units of one row through the weight products of every layer.
+    pub row: u64,
+    /// Units of one row's attention per position of its context (scores and weighted values,
+    /// every layer and query head).
+    pub per_context: u64,
+    /// Units of one row through `lm_head` (once per chunk).
+    pub head: u64,
+}
+
+impl CostModel {
+    /// The model of a Llama configuration: 2 units per multiply-add.
+    pub fn for_config(cfg: &LlamaConfig) -> Self {
+        let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+        let q = (cfg.num_attention_heads * cfg.head_dim) as u64;
+        let kv = (cfg.num_key_value_heads * cfg.head_dim) as u64;
+        let layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+        let layers = cfg.num_hidden_layers as u64;
+        Self {
+            row: 2 * layers * layer,
+            per_context: 4 * layers * q,
+            head: 2 * h * cfg.vocab_size as u64,
+        }
+    }
+
+    /// Units of a chunk of `tokens` prompt rows at positions `start..start + tokens` (the row at
+    /// position p attends over p + 1 positions); nothing for an empty chunk.
+    pub fn chunk(&self, start: usize, tokens: usize) -> u64 {
+        if tokens == 0 {
+            return 0;
+        }
+        let (s, k) = (start as u64, tokens as u64);
+        // Σ_{p=s}^{s+k-1} (p + 1) = k·s + k(k+1)/2.
+        let positions = k.saturating_mul(s).saturating_add(k * (k + 1) / 2);
+        k.saturating_mul(self.row)
+            .saturating_add(positions.saturating_mul(self.per_context))
+            .saturating_add(self.head)
+    }
+}
+
+/// What a step may still spend on prompt chunks: prompt tokens (the fixed cap of
+/// `EngineOptions::max_prefill_tokens`) and, when paced, cost units of a [`CostModel`]. The
+/// step's first chunk gets at least `floor` tokens (as many as are left, if fewer) whatever
+/// they cost, so a prompt always progresses, and by chunks big enough to be worth a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillBudget {
+    /// Prompt tokens left.
+    pub tokens: usize,
+    /// Cost units left; `None` for no limit but the tokens.
+    pub units: Option<u64>,
+    /// Tokens the step's first chunk gets at least (within `tokens` and its prompt).
+    pub floor: usize,
+    /// Whether a chunk was taken from this budget already.
+    pub started: bool,
+}
+
+impl PrefillBudget {
+    /// A budget of `tokens` prompt tokens, any cost.
+    pub fn tokens(tokens: usize) -> Self {
+        Self {
+            tokens,
+            units: None,
+            floor: 1,
+            started: false,
+        }
+    }
+
+    /// A budget of at most `tokens` prompt tokens costing at most `units`, but at least `floor`
+    /// tokens for the first chunk.
+    pub fn paced(tokens: usize, units: u64, floor: usize) -> Self {
+        Self {
+            tokens,
+            units: Some(units),
+            floor,
+            started: false,
+        }
+    }
+
+    /// The longest chunk, at most `left` tokens, of a prompt whose next position is `start`,
+    /// that the budget holds (at least `floor` tokens for the step's first chunk, within the
+    /// tokens left). Takes nothing.
+    pub fn fit(&self, cost: &CostModel, start: usize, left: usize) -> usize {
+        let most = left.min(self.tokens);
+        let fits = match self.units {
+            None => most,
+            Some(units) => {
+                // The cost grows with the chunk: the largest k with cost(k) ≤ units.
+                let (mut lo, mut hi) = (0, most);
+                while lo < hi {
+                    let mid = lo + (hi - lo).div_ceil(2);
+                    if cost.chunk(start, mid) <= units {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
+                }
+                lo
+            }
+        };
+        if self.started {
+            fits
+        } else {
+            fits.max(most.min(self.floor.max(1)))
+        }
+    }
+
+    /// Spends a chunk of `tokens` at `start`.
+    pub fn take(&mut self, cost: &CostModel, start: usize, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        self.tokens = self.tokens.saturating_sub(tokens);
+        if let Some(u) = &mut self.units {
+            *u = u.saturating_sub(cost.chunk(start, tokens));
+        }
+        self.started = true;
+    }
+}
 
 /// Limits of a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Sequences running at once (bounded by the KV-cache slots).
     pub max_running: usize,
-    /// Prompt tokens this step may still prefill (the engine's per-step budget, less what the
-    /// prompts already being prefilled took).
-    pub max_prefill_tokens: usize,
+    /// What this step may still prefill (the engine's per-step budget, less what the prompts
+    /// already being prefilled took).
+    pub prefill: PrefillBudget,
+    /// The cost of prompt rows, for a paced budget.
+    pub cost: CostModel,
     /// KV-cache blocks free before the step.
     pub free_blocks: usize,
     /// Positions per block.
@@ -60,12 +194,17 @@ pub fn plan(waiting: &[(RequestId, usize)], running: &[RequestId], limits: Limit
         chunks: Vec::new(),
         decode: running.to_vec(),
     };
-    let mut budget = limits.max_prefill_tokens;
+    let mut budget = limits.prefill;
     let mut free = limits
         .free_blocks
         .saturating_sub(limits.decode_blocks + limits.pending_blocks);
     for &(id, len) in waiting {
-        if running.len() + p.prefill.len() >= limits.max_running || budget == 0 {
+        if running.len() + p.prefill.len() >= limits.max_running {
+            break;
+        }
+        // An admitted prompt starts at position 0.
+        let chunk = budget.fit(&limits.cost, 0, len);
+        if chunk == 0 {
             break;
         }
         let need = len.div_ceil(limits.block_tokens.max(1));
@@ -75,8 +214,7 @@ pub fn plan(waiting: &[(RequestId, usize)], running: &[RequestId], limits: Limit
             break;
         }
         free -= need;
-        let chunk = len.min(budget);
-        budget -= chunk;
+        budget.take(&limits.cost, 0, chunk);
         p.prefill.push(id);
         p.chunks.push(chunk);
     }
@@ -91,11 +229,20 @@ mod tests {
         v.iter().map(|&i| RequestId(i)).collect()
     }
 
+    /// A model whose row costs 100 units, plus 1 per position of its context, and 10 for
+    /// `lm_head`.
+    const SMALL: CostModel = CostModel {
+        row: 100,
+        per_context: 1,
+        head: 10,
+    };
+
     /// Limits with a KV cache that never binds.
     fn roomy(max_running: usize, max_prefill_tokens: usize) -> Limits {
         Limits {
             max_running,
-            max_prefill_tokens,
+            prefill: PrefillBudget::tokens(max_prefill_tokens),
+            cost: SMALL,
             free_blocks: 1 << 20,
             block_tokens: 16,
             decode_blocks: 0,
@@ -175,5 +322,98 @@ mod tests {
         assert_eq!(watermark(8), 1);
         assert_eq!(watermark(1000), 10);
         assert_eq!(watermark(1001), 11);
+    }
+
+    /// The cost of a chunk, one row at a time.
+    fn summed(c: &CostModel, start: usize, tokens: usize) -> u64 {
+        let rows: u64 = (start..start + tokens)
+            .map(|p| c.row + c.per_context * (p as u64 + 1))
+            .sum();
+        rows + if tokens > 0 { c.head } else { 0 }
+    }
+
+    #[test]
+    fn a_chunk_costs_its_rows_weights_and_their_attention_over_the_prefix() {
+        let cfg = crate::model::LlamaConfig::tiny_for_tests(50);
+        let c = CostModel::for_config(&cfg);
+        // The tiny model: hidden 8, one layer, one head of its own width, MLP 16.
+        let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+        let (q, kv) = (
+            (cfg.num_attention_heads * cfg.head_dim) as u64,
+            (cfg.num_key_value_heads * cfg.head_dim) as u64,
+        );
+        assert_eq!(c.row, 2 * (2 * h * q + 2 * h * kv + 3 * h * i));
+        assert_eq!(c.per_context, 4 * q);
+        assert_eq!(c.head, 2 * h * 50);
+        for (start, tokens) in [(0, 0), (0, 1), (0, 7), (5, 1), (100, 33), (4000, 96)] {
+            assert_eq!(c.chunk(start, tokens), summed(&c, start, tokens));
+        }
+        // The same tokens cost more later in a prompt.
+        assert!(c.chunk(4000, 16) > c.chunk(0, 16));
+    }
+
+    #[test]
+    fn a_paced_budget_holds_fewer_tokens_late_in_a_prompt() {
+        // 10 rows at positions 0..10: 1000 + 55 + 10 = 1065 units.
+        let b = PrefillBudget::paced(1000, 1065, 1);
+        assert_eq!(b.fit(&SMALL, 0, 500), 10);
+        assert_eq!(summed(&SMALL, 0, 10), 1065);
+        // Later in a prompt each row also attends over ~200 positions: 3 rows hold the units.
+        let late = b.fit(&SMALL, 200, 500);
+        assert!(summed(&SMALL, 200, late) <= 1065 && summed(&SMALL, 200, late + 1) > 1065);
+        assert_eq!(late, 3);
+        // The tokens cap and the prompt's length bound it too.
+        assert_eq!(PrefillBudget::paced(4, 1065, 1).fit(&SMALL, 0, 500), 4);
+        assert_eq!(b.fit(&SMALL, 0, 3), 3);
+        // Unpaced: tokens only, whatever the position.
+        assert_eq!(PrefillBudget::tokens(64).fit(&SMALL, 100_000, 500), 64);
+    }
+
+    #[test]
+    fn the_first_chunk_of_a_step_gets_at_least_the_floor() {
+        // One row costs more than the units: the step's first chunk still gets its floor...
+        let mut b = PrefillBudget::paced(100, 50, 8);
+        assert_eq!(b.fit(&SMALL, 0, 500), 8);
+        // ...within what is left of its prompt...
+        assert_eq!(b.fit(&SMALL, 0, 3), 3);
+        b.take(&SMALL, 0, 8);
+        assert_eq!(b.units, Some(0));
+        assert_eq!(b.tokens, 92);
+        // ...but the next chunk gets only what the units hold.
+        assert_eq!(b.fit(&SMALL, 0, 500), 0);
+        // Units for more than the floor: the floor does not bind.
+        assert_eq!(PrefillBudget::paced(100, 1065, 8).fit(&SMALL, 0, 500), 10);
+        // The cap binds the floor, and no tokens at all (a step kept for decode only): nothing.
+        assert_eq!(PrefillBudget::paced(5, 0, 8).fit(&SMALL, 0, 500), 5);
+        assert_eq!(PrefillBudget::paced(0, 1 << 40, 8).fit(&SMALL, 0, 500), 0);
+    }
+
+    #[test]
+    fn admission_spends_the_paced_budget_whole_prompts_first() {
+        // Units for 10 fresh rows at most; prompts of 4, 4 and 9 tokens.
+        let lim = Limits {
+            prefill: PrefillBudget::paced(1000, summed(&SMALL, 0, 10) + 2 * SMALL.head, 1),
+            ..roomy(8, 1000)
+        };
+        let w = [(RequestId(1), 4), (RequestId(2), 4), (RequestId(3), 9)];
+        let p = plan(&w, &ids(&[9]), lim);
+        // 4 + 4 tokens cost 2·(400 + 10 + 10) = 840; 2 more rows at 0..2 cost 213 of the 245 left.
+        assert_eq!((p.prefill, p.chunks), (ids(&[1, 2, 3]), vec![4, 4, 2]));
+        // A budget already started by a prompt being prefilled, with no units left: nobody is
+        // admitted (the progress guarantee is the first chunk's only).
+        let mut spent = PrefillBudget::paced(1000, 0, 8);
+        spent.take(&SMALL, 0, 1);
+        let lim = Limits {
+            prefill: spent,
+            ..roomy(8, 1000)
+        };
+        assert_eq!(plan(&w, &ids(&[9]), lim).prefill, vec![]);
+        // An unstarted budget too small for one row admits the first prompt with its floor.
+        let lim = Limits {
+            prefill: PrefillBudget::paced(1000, 1, 3),
+            ..roomy(8, 1000)
+        };
+        let p = plan(&w, &ids(&[9]), lim);
+        assert_eq!((p.prefill, p.chunks), (ids(&[1]), vec![3]));
     }
 }

@@ -14,7 +14,8 @@
 //! | `weights_dir` | checkpoint directory (plain or compressed); relative paths are taken from the version folder | the version folder |
 //! | `max_concurrent_sequences` | sequences decoded together per instance (KV-cache slots) | 64 |
 //! | `max_sequence_length` | tokens per sequence, prompt included | the model's `max_position_embeddings` |
-//! | `max_prefill_tokens` | prompt tokens prefilled per engine step, over all prompts: longer prompts are prefilled in chunks while running streams keep decoding (smaller: shorter stalls of running streams, longer time to first token) | 256 |
+//! | `max_prefill_tokens` | prompt tokens prefilled per engine step at most, over all prompts: longer prompts are prefilled in chunks while running streams keep decoding (smaller: shorter stalls of running streams, longer time to first token); the only limit when no stream is decoding | 256 |
+//! | `max_step_slowdown` | while streams decode, a step carrying prompt chunks is planned to take at most this many times a decode-only step (a number ≥ 1; chunks sized by their predicted cost, calibrated on measured step times), so running streams' gaps between tokens stay within about this multiple of their plain decode gap (larger: shorter time to first token; a paced step takes at least 8 prompt tokens); `off`: `max_prefill_tokens` alone | 2 |
 //! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | CPU: `max_concurrent_sequences` × `max_sequence_length` tokens; GPU: `kv_cache_fraction` |
 //! | `kv_cache_fraction` | GPU, without `kv_cache_bytes`: fraction of the device memory left after weights and work buffers given to the KV cache, in (0, 1] | 0.9 |
 //! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
@@ -81,8 +82,10 @@ pub struct ModelConfig {
     pub max_concurrent_sequences: usize,
     /// Tokens per sequence; `None` for the model's own limit.
     pub max_sequence_length: Option<usize>,
-    /// Prompt tokens prefilled per engine step (the chunk budget of chunked prefill).
+    /// Prompt tokens prefilled per engine step at most (the chunk cap of chunked prefill).
     pub max_prefill_tokens: usize,
+    /// The engine's `max_step_slowdown`: `None` when `off`.
+    pub max_step_slowdown: Option<f64>,
     /// KV-cache budget per instance in bytes; `None` for the defaults.
     pub kv_cache_bytes: Option<u64>,
     /// GPU instances without `kv_cache_bytes`: the fraction of the device memory left after
@@ -98,11 +101,12 @@ pub struct ModelConfig {
     pub instance_groups: Vec<InstanceGroup>,
 }
 
-const KNOWN_PARAMETERS: [&str; 9] = [
+const KNOWN_PARAMETERS: [&str; 10] = [
     "weights_dir",
     "max_concurrent_sequences",
     "max_sequence_length",
     "max_prefill_tokens",
+    "max_step_slowdown",
     "kv_cache_bytes",
     "kv_cache_fraction",
     "device",
@@ -177,6 +181,19 @@ impl ModelConfig {
         let max_prefill_tokens = match params.get("max_prefill_tokens") {
             None => crate::engine::DEFAULT_PREFILL_CHUNK,
             Some(s) => positive("parameters.max_prefill_tokens", s)?,
+        };
+        let max_step_slowdown = match params.get("max_step_slowdown").map(|s| s.trim()) {
+            None => Some(crate::engine::DEFAULT_STEP_SLOWDOWN),
+            Some(s) if s.eq_ignore_ascii_case("off") => None,
+            Some(s) => match s.parse::<f64>() {
+                Ok(f) if f.is_finite() && f >= 1.0 => Some(f),
+                _ => {
+                    return Err(TritonError::config(
+                        "parameters.max_step_slowdown",
+                        format!("expected a number of at least 1, or off, got {s:?}"),
+                    ))
+                }
+            },
         };
         let kv_cache_bytes = params
             .get("kv_cache_bytes")
@@ -262,6 +279,7 @@ impl ModelConfig {
             max_concurrent_sequences,
             max_sequence_length,
             max_prefill_tokens,
+            max_step_slowdown,
             kv_cache_bytes,
             kv_cache_fraction,
             device,
@@ -417,6 +435,7 @@ mod tests {
             "max_concurrent_sequences": {"string_value": "32"},
             "max_sequence_length": {"string_value": "4096"},
             "max_prefill_tokens": {"string_value": "64"},
+            "max_step_slowdown": {"string_value": "2.5"},
             "kv_cache_bytes": {"string_value": "8Gi"},
             "kv_cache_fraction": {"string_value": "0.75"},
             "device": {"string_value": "auto"},
@@ -455,6 +474,7 @@ mod tests {
         assert_eq!(c.max_concurrent_sequences, 32);
         assert_eq!(c.max_sequence_length, Some(4096));
         assert_eq!(c.max_prefill_tokens, 64);
+        assert_eq!(c.max_step_slowdown, Some(2.5));
         assert_eq!(c.kv_cache_bytes, Some(8 << 30));
         assert_eq!(c.kv_cache_fraction, 0.75);
         assert_eq!(c.device, DeviceChoice::Auto);
@@ -467,6 +487,14 @@ mod tests {
                 gpus: vec![0]
             }]
         );
+    }
+
+    #[test]
+    fn max_step_slowdown_parameter() {
+        for (v, want) in [("1", Some(1.0)), (" 1.75 ", Some(1.75)), ("OFF", None)] {
+            let c = parse(&with_param("max_step_slowdown", v)).unwrap();
+            assert_eq!(c.max_step_slowdown, want, "{v:?}");
+        }
     }
 
     #[test]
@@ -484,6 +512,10 @@ mod tests {
         assert_eq!(c.max_concurrent_sequences, DEFAULT_MAX_CONCURRENT_SEQUENCES);
         assert_eq!(c.max_sequence_length, None);
         assert_eq!(c.max_prefill_tokens, crate::engine::DEFAULT_PREFILL_CHUNK);
+        assert_eq!(
+            c.max_step_slowdown,
+            Some(crate::engine::DEFAULT_STEP_SLOWDOWN)
+        );
         assert_eq!(c.kv_cache_bytes, None);
         assert_eq!(c.kv_cache_fraction, DEFAULT_KV_CACHE_FRACTION);
         assert_eq!(c.plan, PlanChoice::Auto);
@@ -568,6 +600,18 @@ mod tests {
             (
                 with_param("max_prefill_tokens", "0"),
                 "parameters.max_prefill_tokens",
+            ),
+            (
+                with_param("max_step_slowdown", "0.9"),
+                "parameters.max_step_slowdown",
+            ),
+            (
+                with_param("max_step_slowdown", "NaN"),
+                "parameters.max_step_slowdown",
+            ),
+            (
+                with_param("max_step_slowdown", "fast"),
+                "parameters.max_step_slowdown",
             ),
             (with_param("plan", "fastest"), "parameters.plan"),
             (

@@ -36,8 +36,10 @@ pub(super) struct Served {
     pub context: usize,
     /// Sequences running at once per instance (`max_concurrent_sequences`).
     pub max_sequences: usize,
-    /// Prompt tokens prefilled per engine step (`max_prefill_tokens`).
+    /// Prompt tokens prefilled per engine step at most (`max_prefill_tokens`).
     max_prefill_tokens: usize,
+    /// The engine's pacing of prefill against running streams (`max_step_slowdown`).
+    max_step_slowdown: Option<f64>,
     /// Tokens for a request without `max_tokens`.
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
@@ -194,6 +196,7 @@ impl Served {
             context,
             max_sequences,
             max_prefill_tokens: config.max_prefill_tokens,
+            max_step_slowdown: config.max_step_slowdown,
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
             weight_stored_bytes,
@@ -288,6 +291,7 @@ impl Served {
             eos_token_ids: self.eos.clone(),
             max_batch: self.max_sequences,
             max_prefill_tokens: self.max_prefill_tokens,
+            max_step_slowdown: self.max_step_slowdown,
         };
         let detok: Arc<dyn Detokenizer> = self.tokenizer.clone();
         Ok(Engine::new(backend, Some(detok), eopts))

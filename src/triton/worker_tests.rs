@@ -202,6 +202,7 @@ fn engine_on(
         eos_token_ids: Vec::new(),
         max_batch: 8,
         max_prefill_tokens: 4096,
+        max_step_slowdown: None,
     };
     Engine::new(backend, None, opts)
 }
