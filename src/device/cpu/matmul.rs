@@ -99,14 +99,14 @@ fn product_rows(
                 first_token: t0,
                 layout,
             };
+            // The last one to three tokens (all of a small decode step's) take the rows one by
+            // one: with so few tokens a pass is bound by reading the rows, and a single row
+            // keeps its loads in one stream.
             match n - t0 {
-                1 => pass.run([xt(t0)], out),
-                2 => pass.run(std::array::from_fn::<_, 2, _>(|g| xt(t0 + g)), out),
-                3 => pass.run(std::array::from_fn::<_, 3, _>(|g| xt(t0 + g)), out),
-                _ => pass.run(
-                    std::array::from_fn::<_, BLOCK_TOKENS, _>(|g| xt(t0 + g)),
-                    out,
-                ),
+                1 => pass.run::<1, 1>([xt(t0)], out),
+                2 => pass.run::<1, 2>(std::array::from_fn(|g| xt(t0 + g)), out),
+                3 => pass.run::<1, 3>(std::array::from_fn(|g| xt(t0 + g)), out),
+                _ => pass.run::<BLOCK_ROWS, BLOCK_TOKENS>(std::array::from_fn(|g| xt(t0 + g)), out),
             }
             t0 += (n - t0).min(BLOCK_TOKENS);
         }
@@ -127,7 +127,8 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    fn run<const G: usize>(&self, xs: [&[f32]; G], out: &mut [f32]) {
+    /// `R` rows at a time (the rest one by one) over the `G` token vectors `xs`.
+    fn run<const R: usize, const G: usize>(&self, xs: [&[f32]; G], out: &mut [f32]) {
         let row_bytes = 2 * self.cols;
         let nrows = self.rows.len() / row_bytes;
         let row = |r: usize| &self.rows[r * row_bytes..(r + 1) * row_bytes];
@@ -142,12 +143,12 @@ impl Pass<'_> {
             }
         };
         let mut r = 0;
-        while r + BLOCK_ROWS <= nrows {
-            let ws: [&[u8]; BLOCK_ROWS] = std::array::from_fn(|i| row(r + i));
+        while r + R <= nrows {
+            let ws: [&[u8]; R] = std::array::from_fn(|i| row(r + i));
             for (i, o) in self.kind.dot_block(ws, xs, self.cols).iter().enumerate() {
                 store(r + i, o);
             }
-            r += BLOCK_ROWS;
+            r += R;
         }
         for r in r..nrows {
             store(r, &self.kind.dot_block([row(r)], xs, self.cols)[0]);
