@@ -1,6 +1,10 @@
-//! Matrix products `y = x · Wᵀ` over the two weight forms, parallel over output rows.
+//! Matrix products `y = x · Wᵀ` over the two weight forms, parallel over output rows, or over
+//! tokens for a prompt's product over plain weights.
 //!
-//! Plain BF16 weights are read in place. Compressed weights are decoded chunk by chunk inside
+//! Plain BF16 weights are read in place. A prompt's product (at least [`TOKEN_SPLIT_MIN`]
+//! tokens) gives each task a range of tokens and all the rows, so each writes its own rows of the
+//! output in place; fewer tokens (decode) split the rows, computed by row and transposed into
+//! the output. Compressed weights are decoded chunk by chunk inside
 //! the product: each worker owns a range of chunks, decodes them one at a time into a small
 //! rolling buffer, and runs the row kernel on every row that lies whole in its range; the (at
 //! most two) rows cut by its range boundaries are returned as fragments, joined afterwards and
@@ -28,45 +32,126 @@ const ROW_BLOCK_BYTES: usize = 256 << 10;
 const BLOCK_ROWS: usize = 2;
 const BLOCK_TOKENS: usize = 4;
 
-/// `yt (rows × n) = rows · xᵀ` for consecutive BF16 rows of `cols` elements, blocked for the
-/// caches and registers: blocks of rows (L2), within them groups of [`BLOCK_TOKENS`] tokens (L1),
+/// Prompts of at least this many tokens are split between threads by tokens rather than by
+/// weight rows: every task then writes whole rows of the `n × rows` output in place (no
+/// transposition), at the price of every task streaming all the weights, which a prompt's
+/// arithmetic per weight hides. Decode steps (few tokens) are bound by reading the weights once
+/// and keep the split by rows.
+const TOKEN_SPLIT_MIN: usize = 64;
+
+/// Tokens of the smallest task of the split by tokens.
+const MIN_TASK_TOKENS: usize = 16;
+
+/// Where [`product_rows`] puts the product of row `r` and token `t`:
+/// `out[r * row_stride + t * token_stride]`.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    row_stride: usize,
+    token_stride: usize,
+}
+
+impl Layout {
+    /// `rows × n`, one weight row's products together.
+    fn by_row(n: usize) -> Self {
+        Layout {
+            row_stride: n,
+            token_stride: 1,
+        }
+    }
+
+    /// `n × rows`, the matrix product's own layout.
+    fn by_token(rows: usize) -> Self {
+        Layout {
+            row_stride: 1,
+            token_stride: rows,
+        }
+    }
+}
+
+/// The products of consecutive BF16 rows of `cols` elements with `n` token vectors `x`, stored
+/// by `layout`, blocked for the caches and registers: blocks of rows (L2), within them groups
+/// of [`BLOCK_TOKENS`] tokens (L1; the last group of a prompt holds the remaining one to three),
 /// within them pairs of rows over the group ([`KernelKind::dot_block`]). Every product keeps
-/// the kernel's fixed arithmetic, so the bits do not depend on the blocking.
-fn product_rows(kind: KernelKind, rows: &[u8], cols: usize, x: &[f32], n: usize, yt: &mut [f32]) {
+/// the kernel's fixed arithmetic, so the bits depend neither on the blocking nor on the layout.
+fn product_rows(
+    kind: KernelKind,
+    rows: &[u8],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    layout: Layout,
+) {
     let row_bytes = 2 * cols;
     let nrows = rows.len() / row_bytes;
-    debug_assert_eq!(yt.len(), nrows * n);
-    let row = |r: usize| &rows[r * row_bytes..(r + 1) * row_bytes];
+    debug_assert!(x.len() >= n * cols);
     let block = (ROW_BLOCK_BYTES / row_bytes).max(BLOCK_ROWS);
-    let whole = n / BLOCK_TOKENS * BLOCK_TOKENS;
+    let xt = |t: usize| &x[t * cols..(t + 1) * cols];
     for b0 in (0..nrows).step_by(block) {
-        let b1 = (b0 + block).min(nrows);
-        for t0 in (0..whole).step_by(BLOCK_TOKENS) {
-            let xs: [&[f32]; BLOCK_TOKENS] =
-                std::array::from_fn(|g| &x[(t0 + g) * cols..(t0 + g + 1) * cols]);
-            let mut r = b0;
-            while r + BLOCK_ROWS <= b1 {
-                let ws: [&[u8]; BLOCK_ROWS] = std::array::from_fn(|i| row(r + i));
-                let out = kind.dot_block(ws, xs, cols);
-                for (i, o) in out.iter().enumerate() {
-                    yt[(r + i) * n + t0..(r + i) * n + t0 + BLOCK_TOKENS].copy_from_slice(o);
-                }
-                r += BLOCK_ROWS;
+        let rows = &rows[b0 * row_bytes..(b0 + block).min(nrows) * row_bytes];
+        let mut t0 = 0;
+        while t0 < n {
+            let pass = Pass {
+                kind,
+                rows,
+                cols,
+                first_row: b0,
+                first_token: t0,
+                layout,
+            };
+            // The last one to three tokens (all of a small decode step's) take the rows one by
+            // one: with so few tokens a pass is bound by reading the rows, and a single row
+            // keeps its loads in one stream.
+            match n - t0 {
+                1 => pass.run::<1, 1>([xt(t0)], out),
+                2 => pass.run::<1, 2>(std::array::from_fn(|g| xt(t0 + g)), out),
+                3 => pass.run::<1, 3>(std::array::from_fn(|g| xt(t0 + g)), out),
+                _ => pass.run::<BLOCK_ROWS, BLOCK_TOKENS>(std::array::from_fn(|g| xt(t0 + g)), out),
             }
-            for r in r..b1 {
-                let o = kind.dot_block([row(r)], xs, cols);
-                yt[r * n + t0..r * n + t0 + BLOCK_TOKENS].copy_from_slice(&o[0]);
-            }
+            t0 += (n - t0).min(BLOCK_TOKENS);
         }
-        if whole < n {
-            for r in b0..b1 {
-                kind.dot_row(
-                    row(r),
-                    &x[whole * cols..],
-                    cols,
-                    &mut yt[r * n + whole..(r + 1) * n],
-                );
+    }
+}
+
+/// One pass of a group of token vectors over a block of rows (see [`product_rows`]).
+struct Pass<'a> {
+    kind: KernelKind,
+    /// The block's rows, BF16.
+    rows: &'a [u8],
+    cols: usize,
+    /// Index of the block's first row among the rows of [`product_rows`].
+    first_row: usize,
+    /// Index of the group's first token.
+    first_token: usize,
+    layout: Layout,
+}
+
+impl Pass<'_> {
+    /// `R` rows at a time (the rest one by one) over the `G` token vectors `xs`.
+    fn run<const R: usize, const G: usize>(&self, xs: [&[f32]; G], out: &mut [f32]) {
+        let row_bytes = 2 * self.cols;
+        let nrows = self.rows.len() / row_bytes;
+        let row = |r: usize| &self.rows[r * row_bytes..(r + 1) * row_bytes];
+        let Layout {
+            row_stride,
+            token_stride,
+        } = self.layout;
+        let mut store = |r: usize, o: &[f32; G]| {
+            let at = (self.first_row + r) * row_stride + self.first_token * token_stride;
+            for (g, &v) in o.iter().enumerate() {
+                out[at + g * token_stride] = v;
             }
+        };
+        let mut r = 0;
+        while r + R <= nrows {
+            let ws: [&[u8]; R] = std::array::from_fn(|i| row(r + i));
+            for (i, o) in self.kind.dot_block(ws, xs, self.cols).iter().enumerate() {
+                store(r + i, o);
+            }
+            r += R;
+        }
+        for r in r..nrows {
+            store(r, &self.kind.dot_block([row(r)], xs, self.cols)[0]);
         }
     }
 }
@@ -81,11 +166,26 @@ pub fn matmul(
 ) -> Result<(), DeviceError> {
     assert_eq!(x.len(), n * w.cols, "{}: input is not n × cols", w.name);
     assert_eq!(out.len(), n * w.rows, "{}: output is not n × rows", w.name);
-    // Products are computed row-major by weight row (`yt`, rows × n), then transposed.
-    let mut yt = vec![0f32; w.rows * n];
+    let threads = rayon::current_num_threads();
     match &w.data {
+        MatrixData::Bf16(bytes) if n >= TOKEN_SPLIT_MIN => {
+            // Tasks of whole register groups of tokens, each writing its rows of `out`.
+            let per_task = n
+                .div_ceil(threads * TASKS_PER_THREAD)
+                .max(MIN_TASK_TOKENS)
+                .next_multiple_of(BLOCK_TOKENS);
+            out.par_chunks_mut(per_task * w.rows)
+                .enumerate()
+                .for_each(|(i, o)| {
+                    let (t0, nt) = (i * per_task, o.len() / w.rows);
+                    let xs = &x[t0 * w.cols..(t0 + nt) * w.cols];
+                    product_rows(kind, bytes, w.cols, xs, nt, o, Layout::by_token(w.rows));
+                });
+            Ok(())
+        }
         MatrixData::Bf16(bytes) => {
-            let threads = rayon::current_num_threads();
+            // Products are computed by weight row (`yt`, rows × n), then transposed.
+            let mut yt = vec![0f32; w.rows * n];
             let row_bytes = 2 * w.cols;
             // Tasks of at least MIN_TASK_BYTES of weights: below that, scheduling costs more
             // than it spreads.
@@ -99,20 +199,19 @@ pub fn matmul(
                 .for_each(|(i, ys)| {
                     let r0 = i * rows_per_task;
                     let r1 = r0 + ys.len() / n;
-                    product_rows(
-                        kind,
-                        &bytes[r0 * row_bytes..r1 * row_bytes],
-                        w.cols,
-                        x,
-                        n,
-                        ys,
-                    );
+                    let rows = &bytes[r0 * row_bytes..r1 * row_bytes];
+                    product_rows(kind, rows, w.cols, x, n, ys, Layout::by_row(n));
                 });
+            transpose(&yt, w.rows, n, out);
+            Ok(())
         }
-        MatrixData::Compressed(m) => on_the_fly(kind, w, m, x, n, &mut yt)?,
+        MatrixData::Compressed(m) => {
+            let mut yt = vec![0f32; w.rows * n];
+            on_the_fly(kind, w, m, x, n, &mut yt)?;
+            transpose(&yt, w.rows, n, out);
+            Ok(())
+        }
     }
-    transpose(&yt, w.rows, n, out);
-    Ok(())
 }
 
 /// `out (n × rows) = ytᵀ`, in tiles of 16 × 16 so that both sides stay in cache lines (a
@@ -269,6 +368,7 @@ fn run_task(
                 x,
                 n,
                 &mut out.yt[r * n..(r + count) * n],
+                Layout::by_row(n),
             );
             used += 2 * k * count;
             bs += k * count;
@@ -298,28 +398,73 @@ mod tests {
             .collect()
     }
 
+    /// The bits of row `r` of `bytes` times token `t` of `x` by the portable kernel, alone.
+    fn single_dot(bytes: &[u8], cols: usize, x: &[f32], r: usize, t: usize) -> u32 {
+        crate::device::cpu::kernel::dot_group_portable(
+            &bytes[r * 2 * cols..(r + 1) * 2 * cols],
+            [&x[t * cols..(t + 1) * cols]],
+            cols,
+        )[0]
+        .to_bits()
+    }
+
+    #[test]
+    fn prompt_products_split_by_tokens_equal_single_token_dots_bitwise() {
+        // Prompts long enough for the split by tokens, with token counts that leave partial
+        // register groups and a short last task; rows around the row pair and the row block;
+        // columns with and without a tail.
+        for (rows, cols) in [(3, 33), (5, 100), (460, 576), (2, 7)] {
+            let bytes = matrix(rows, cols, (3 * rows + cols) as u64);
+            let w = Matrix {
+                name: "w".into(),
+                rows,
+                cols,
+                data: MatrixData::Bf16(bytes.clone()),
+            };
+            for n in [
+                TOKEN_SPLIT_MIN,
+                TOKEN_SPLIT_MIN + 3,
+                4 * TOKEN_SPLIT_MIN + 5,
+            ] {
+                let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+                for kind in [KernelKind::Portable, KernelKind::detect()] {
+                    let mut out = vec![f32::NAN; n * rows];
+                    matmul(kind, &w, &x, n, &mut out).unwrap();
+                    for t in 0..n {
+                        for r in 0..rows {
+                            assert_eq!(
+                                out[t * rows + r].to_bits(),
+                                single_dot(&bytes, cols, &x, r, t),
+                                "{rows}x{cols}, n {n}, row {r}, token {t}, {kind:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn blocked_products_equal_single_token_dots_bitwise() {
         // Token counts around the register block, rows around the row pair and the row block
         // (ROW_BLOCK_BYTES / 2 / cols rows), columns with and without a tail.
         for (rows, cols) in [(1, 7), (3, 64), (5, 100), (2100, 64), (9, 1536)] {
             let bytes = matrix(rows, cols, (rows + cols) as u64);
-            for n in [1, 3, 4, 5, 9, 13] {
+            for n in [1, 2, 3, 4, 5, 6, 7, 9, 13] {
                 let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
                 for kind in [KernelKind::Portable, KernelKind::detect()] {
                     let mut yt = vec![0f32; rows * n];
-                    product_rows(kind, &bytes, cols, &x, n, &mut yt);
+                    product_rows(kind, &bytes, cols, &x, n, &mut yt, Layout::by_row(n));
+                    let mut y = vec![0f32; n * rows];
+                    product_rows(kind, &bytes, cols, &x, n, &mut y, Layout::by_token(rows));
                     for r in 0..rows {
                         for t in 0..n {
-                            let want = crate::device::cpu::kernel::dot_group_portable(
-                                &bytes[r * 2 * cols..(r + 1) * 2 * cols],
-                                [&x[t * cols..(t + 1) * cols]],
-                                cols,
-                            )[0];
+                            let want = single_dot(&bytes, cols, &x, r, t);
                             assert_eq!(
-                                yt[r * n + t].to_bits(),
-                                want.to_bits(),
+                                (yt[r * n + t].to_bits(), y[t * rows + r].to_bits()),
+                                (want, want),
                                 "{rows}x{cols}, n {n}, row {r}, token {t}, {kind:?}"
                             );
                         }
@@ -358,8 +503,9 @@ mod tests {
                 cols,
                 data: MatrixData::Compressed(cm),
             };
-            // One token (decode) and several (a prompt: register blocks plus a remainder).
-            for (n, kind) in [1, 6, 13]
+            // One token (decode), several (register blocks plus a remainder) and a prompt split
+            // by tokens on the plain side (by rows on the compressed side).
+            for (n, kind) in [1, 6, 13, TOKEN_SPLIT_MIN + 6]
                 .into_iter()
                 .flat_map(|n| [(n, KernelKind::Portable), (n, KernelKind::detect())])
             {
