@@ -750,7 +750,7 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
 
 #[test]
 fn paced_prefill_keeps_every_stream_decoding_and_runs_at_the_cap_when_alone() {
-    // The default pacing (max_step_slowdown): chunk sizes follow measured step times, so this
+    // Pacing (max_step_slowdown, opt-in): chunk sizes follow measured step times, so this
     // checks what holds whatever they are. A prompt alone prefills at the token cap; while two
     // streams decode, every step still gives both a token, each step's chunk stays within the
     // cap, the prompt keeps progressing, and the tokens are those of an unchunked run.
@@ -767,9 +767,9 @@ fn paced_prefill_keeps_every_stream_decoding_and_runs_at_the_cap_when_alone() {
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
         max_prefill_tokens: 16,
+        max_step_slowdown: Some(triton_unweight::engine::DEFAULT_STEP_SLOWDOWN),
         ..EngineOptions::for_config(b.config())
     };
-    assert!(opts.max_step_slowdown.is_some(), "pacing is the default");
     let mut e = Engine::new(b, None, opts);
 
     // Alone: the cap, every step.

@@ -111,11 +111,13 @@ pub struct EngineOptions {
 /// a chunk, not a whole long prompt (bench decode --interference).
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
-/// The default of [`EngineOptions::max_step_slowdown`]: the 2× a running stream's
-/// plain decode gap. bench decode --interference (README): the median gap while a 4,096-token
-/// prompt is admitted stays near 2× (the worst, on a loaded machine, does not), the prompt's
-/// first token comes about as soon as with fixed 8-token chunks, and a prompt alone still
-/// prefills at the token cap.
+/// The suggested [`EngineOptions::max_step_slowdown`] when pacing is turned on (the `bench
+/// decode --step-slowdowns` default): 2× a running stream's plain decode gap. Pacing is off by
+/// default: it keeps running streams' gaps within about this multiple while a long prompt is
+/// admitted (README, "Chunked prefill"), but it admits every prompt at a few tokens a step while
+/// anything decodes, so a burst of short requests runs nearly one after the other instead of
+/// together (measured: sixteen 100-token requests through Triton, at most two streamed at once
+/// with pacing, tests/triton_host.rs `a_small_kv_budget_serves_sixteen_short_requests_at_once`).
 pub const DEFAULT_STEP_SLOWDOWN: f64 = 2.0;
 
 impl EngineOptions {
@@ -125,7 +127,7 @@ impl EngineOptions {
             eos_token_ids: cfg.eos_token_ids.clone(),
             max_batch: 32,
             max_prefill_tokens: DEFAULT_PREFILL_CHUNK,
-            max_step_slowdown: Some(DEFAULT_STEP_SLOWDOWN),
+            max_step_slowdown: None,
         }
     }
 }

@@ -15,7 +15,7 @@
 //! | `max_concurrent_sequences` | sequences decoded together per instance (KV-cache slots) | 64 |
 //! | `max_sequence_length` | tokens per sequence, prompt included | the model's `max_position_embeddings` |
 //! | `max_prefill_tokens` | prompt tokens prefilled per engine step at most, over all prompts: longer prompts are prefilled in chunks while running streams keep decoding (smaller: shorter stalls of running streams, longer time to first token); the only limit when no stream is decoding | 256 |
-//! | `max_step_slowdown` | while streams decode, a step carrying prompt chunks is planned to take at most this many times a decode-only step (a number ≥ 1; chunks sized by their predicted cost, calibrated on measured step times), so running streams' gaps between tokens stay within about this multiple of their plain decode gap (larger: shorter time to first token; a paced step takes at least 8 prompt tokens); `off`: `max_prefill_tokens` alone | 2 |
+//! | `max_step_slowdown` | while streams decode, a step carrying prompt chunks is planned to take at most this many times a decode-only step (a number ≥ 1; chunks sized by their predicted cost, calibrated on measured step times), so running streams' gaps between tokens stay within about this multiple of their plain decode gap (larger: shorter time to first token; a paced step takes at least 8 prompt tokens); `off`: `max_prefill_tokens` alone (pacing admits a burst of short prompts a few tokens a step, one after another: opt in for long prompts next to running streams) | off |
 //! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | CPU: `max_concurrent_sequences` × `max_sequence_length` tokens; GPU: `kv_cache_fraction` |
 //! | `kv_cache_fraction` | GPU, without `kv_cache_bytes`: fraction of the device memory left after weights and work buffers given to the KV cache, in (0, 1] | 0.9 |
 //! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
@@ -183,7 +183,7 @@ impl ModelConfig {
             Some(s) => positive("parameters.max_prefill_tokens", s)?,
         };
         let max_step_slowdown = match params.get("max_step_slowdown").map(|s| s.trim()) {
-            None => Some(crate::engine::DEFAULT_STEP_SLOWDOWN),
+            None => None,
             Some(s) if s.eq_ignore_ascii_case("off") => None,
             Some(s) => match s.parse::<f64>() {
                 Ok(f) if f.is_finite() && f >= 1.0 => Some(f),
@@ -512,10 +512,7 @@ mod tests {
         assert_eq!(c.max_concurrent_sequences, DEFAULT_MAX_CONCURRENT_SEQUENCES);
         assert_eq!(c.max_sequence_length, None);
         assert_eq!(c.max_prefill_tokens, crate::engine::DEFAULT_PREFILL_CHUNK);
-        assert_eq!(
-            c.max_step_slowdown,
-            Some(crate::engine::DEFAULT_STEP_SLOWDOWN)
-        );
+        assert_eq!(c.max_step_slowdown, None);
         assert_eq!(c.kv_cache_bytes, None);
         assert_eq!(c.kv_cache_fraction, DEFAULT_KV_CACHE_FRACTION);
         assert_eq!(c.plan, PlanChoice::Auto);
