@@ -668,12 +668,10 @@ fn requests_joining_between_steps_generate_what_they_would_alone() {
     assert_eq!(e.stats().generated_tokens, 18);
 }
 
-#[test]
-fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
-    // Two streams are decoding when a 70-token prompt arrives; with a budget of 16 prompt tokens
-    // per step it is prefilled over 5 steps, and every one of those steps still gives both
-    // streams a token. Chunking must not change a single token: each request generates what it
-    // generates alone with an unlimited budget, and a prompt cancelled half-way frees its blocks.
+/// The chunked-prefill scenario: a 70-token prompt, two short prompts whose streams generate
+/// `stream_tokens` tokens, and what each generates alone with an unlimited budget (the short
+/// ones `stream_tokens`, the long one 4).
+fn chunking_case(stream_tokens: usize) -> (Vec<u32>, [Vec<u32>; 2], [Vec<u32>; 3]) {
     let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 500).collect();
     let short = [PROMPT.to_vec(), PROMPT[2..].to_vec()];
     let alone = |p: &[u32], n: usize| {
@@ -681,15 +679,35 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
         e.add(Request::greedy(p.to_vec(), n)).unwrap();
         run_all(&mut e).remove(0).1
     };
-    let want = [alone(&short[0], 12), alone(&short[1], 12), alone(&long, 4)];
+    let want = [
+        alone(&short[0], stream_tokens),
+        alone(&short[1], stream_tokens),
+        alone(&long, 4),
+    ];
+    (long, short, want)
+}
+
+/// An engine over the tiny model with a budget of 16 prompt tokens a step, paced by
+/// `max_step_slowdown`.
+fn chunking_engine(max_step_slowdown: Option<f64>) -> Engine<CpuBackend> {
     let b = backend(tiny().0, WeightMode::Decoded);
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
         max_prefill_tokens: 16,
-        max_step_slowdown: None,
+        max_step_slowdown,
         ..EngineOptions::for_config(b.config())
     };
-    let mut e = Engine::new(b, None, opts);
+    Engine::new(b, None, opts)
+}
+
+#[test]
+fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
+    // Two streams are decoding when a 70-token prompt arrives; with a budget of 16 prompt tokens
+    // per step it is prefilled over 5 steps, and every one of those steps still gives both
+    // streams a token. Chunking must not change a single token: each request generates what it
+    // generates alone with an unlimited budget, and a prompt cancelled half-way frees its blocks.
+    let (long, short, want) = chunking_case(12);
+    let mut e = chunking_engine(None);
     let ids = [
         e.add(Request::greedy(short[0].clone(), 12)).unwrap(),
         e.add(Request::greedy(short[1].clone(), 12)).unwrap(),
@@ -754,23 +772,9 @@ fn paced_prefill_keeps_every_stream_decoding_and_runs_at_the_cap_when_alone() {
     // checks what holds whatever they are. A prompt alone prefills at the token cap; while two
     // streams decode, every step still gives both a token, each step's chunk stays within the
     // cap, the prompt keeps progressing, and the tokens are those of an unchunked run.
-    let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 500).collect();
-    let short = [PROMPT.to_vec(), PROMPT[2..].to_vec()];
-    let alone = |p: &[u32], n: usize| {
-        let mut e = engine(false);
-        e.add(Request::greedy(p.to_vec(), n)).unwrap();
-        run_all(&mut e).remove(0).1
-    };
     // Long enough that the streams outlive the prompt's prefill even at one token a step.
-    let want = [alone(&short[0], 80), alone(&short[1], 80), alone(&long, 4)];
-    let b = backend(tiny().0, WeightMode::Decoded);
-    let opts = EngineOptions {
-        eos_token_ids: Vec::new(),
-        max_prefill_tokens: 16,
-        max_step_slowdown: Some(triton_unweight::engine::DEFAULT_STEP_SLOWDOWN),
-        ..EngineOptions::for_config(b.config())
-    };
-    let mut e = Engine::new(b, None, opts);
+    let (long, short, want) = chunking_case(80);
+    let mut e = chunking_engine(Some(triton_unweight::engine::DEFAULT_STEP_SLOWDOWN));
 
     // Alone: the cap, every step.
     let solo = e.add(Request::greedy(long.clone(), 1)).unwrap();
