@@ -15,9 +15,11 @@ use triton_unweight::device::cpu::{CpuBackend, CpuOptions};
 use triton_unweight::device::cuda::plan::{Plan, Role, RoleShapes, Storage, Strategy};
 use triton_unweight::device::cuda::{self, CudaBackend, CudaOptions, KernelHarness, PlanSource};
 use triton_unweight::device::{
-    load_backend, Backend, DecodeItem, DeviceError, DeviceKind, Selected, SeqId,
+    load_backend, Backend, DecodeItem, DeviceError, DeviceKind, LogitEdit, RowSampling, Selected,
+    SeqId,
 };
-use triton_unweight::engine::sampler::argmax;
+use triton_unweight::engine::sampler::{self, argmax};
+use triton_unweight::engine::{Sampler, SamplingParams};
 use triton_unweight::model::synth::{f32_to_bf16, synth_checkpoint, SynthOptions};
 use triton_unweight::model::weights::{bf16_to_f32, WeightMode};
 use triton_unweight::model::{LlamaConfig, LlamaShape};
@@ -1241,6 +1243,433 @@ fn engine_greedy_ids_on_the_device_equal_the_logits_path() {
             "{tokens} tokens equal through both paths ({ids_b} steps on device ids, {logits_b} on logits)"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens sampled on the device (kernels/sample.cu, `Backend::decode_sampled`).
+
+/// The sampling records the kernel test crosses with every test row: greedy (with edits), each
+/// cut alone and together, the temperature extremes (a tiny one keeps only the best token's
+/// ties; a huge one makes every finite token a candidate), a nucleus of one token, top-k beyond
+/// the vocabulary, penalties and masks (one on an id beyond the vocabulary), at positions whose
+/// Philox counters use both words.
+fn sampling_cases(vocab: usize) -> Vec<RowSampling> {
+    let case = |temperature: f32, top_k: u32, top_p: f32, seed: u64, position: u64| RowSampling {
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        position,
+        edits: Vec::new(),
+    };
+    let mut cases = vec![
+        case(0.0, 0, 1.0, 1, 0),
+        case(0.7, 1, 1.0, 2, 1),
+        case(1.0, 0, 1.0, 3, 2),
+        case(0.7, 0, 0.95, 4, 3),
+        case(1.3, 40, 1.0, 5, (1 << 32) + 5),
+        case(0.8, 50, 0.9, 0xdead_beef_1234_5678, 7),
+        case(1e-40, 0, 1.0, 6, 8),
+        case(100.0, 0, 1.0, 7, u64::MAX),
+        case(0.9, 0, 1e-6, 8, 9),
+        case(0.9, u32::MAX, 0.5, 9, 10),
+    ];
+    let edits = vec![
+        (0, LogitEdit::Subtract(1.5)),
+        ((vocab / 3) as u32, LogitEdit::Mask),
+        ((vocab / 2) as u32, LogitEdit::Subtract(-2.75)),
+        ((vocab - 1) as u32, LogitEdit::Subtract(0.125)),
+        (vocab as u32 + 7, LogitEdit::Mask),
+    ];
+    let mut edits: Vec<(u32, LogitEdit)> = edits.into_iter().collect();
+    edits.sort_by_key(|e| e.0);
+    edits.dedup_by_key(|e| e.0);
+    for (i, c) in cases.clone().into_iter().enumerate().take(6) {
+        cases.push(RowSampling {
+            edits: edits.clone(),
+            seed: c.seed + 100 + i as u64,
+            ..c
+        });
+    }
+    cases
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn kernel_sampling_matches_the_cpu_sampler_token_for_token() {
+    require_gpu();
+    let h = KernelHarness::new().unwrap();
+    let mut r = rng(47);
+    for vocab in [1usize, 2, 31, 1000, 8199, 49152, 128256] {
+        let mut rows = argmax_test_rows(&mut r, vocab);
+        // Logit-like rows: a bell of values with a few clear favourites, and a row of many ties
+        // (values on a coarse grid), where top-k and top-p cut inside a tie by id.
+        let mut v: Vec<f32> = rand_f32(&mut r, vocab, 4.0);
+        for i in 0..vocab.min(5) {
+            v[(i * 7919) % vocab] = 9.0 - i as f32;
+        }
+        rows.push(v);
+        rows.push((0..vocab).map(|i| ((i * 31) % 7) as f32 * 0.5).collect());
+        let cases = sampling_cases(vocab);
+        let (mut flat, mut samp, mut want) = (Vec::new(), Vec::new(), Vec::new());
+        for row in &rows {
+            for c in &cases {
+                flat.extend_from_slice(row);
+                want.push(sampler::choose(row, c) as i32);
+                samp.push(c.clone());
+            }
+        }
+        let got = h.sample_rows(&flat, vocab, &samp).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g,
+                w,
+                "vocab {vocab} row {} case {:?}: device {g}, CPU {w}",
+                i / cases.len(),
+                samp[i]
+            );
+        }
+        // Deterministic: the same ids again.
+        assert_eq!(h.sample_rows(&flat, vocab, &samp).unwrap(), got);
+        println!(
+            "vocab {vocab}: {} rows x {} sampling cases equal to the CPU sampler",
+            rows.len(),
+            cases.len()
+        );
+    }
+}
+
+/// A sequential model of kernels/sample.cu over the records `sample::pack` gives it: the same
+/// steps in the same formulas (the edits, the max, the fixed-point weights, the eight-pass radix
+/// cut with the warp's 8-digit lanes, the need of top-p in 128-bit arithmetic, the draw split
+/// into 1024 thread ranges). It checks the kernel's *algorithm* against the CPU sampler here,
+/// without a GPU; the kernel itself is checked on a device
+/// (`kernel_sampling_matches_the_cpu_sampler_token_for_token`).
+fn sample_kernel_model(
+    logits: &[f32],
+    r: &cuda::sample::SampleRow,
+    edits: &[cuda::sample::SampleEdit],
+) -> i32 {
+    use triton_unweight::engine::philox::draw_word;
+    use triton_unweight::engine::sampler::{rank_key, weight, T_MIN};
+    let (vocab, inf) = (logits.len(), f32::INFINITY);
+    let mut row = logits.to_vec();
+    for e in &edits[r.edits_begin as usize..r.edits_end as usize] {
+        if (e.id as usize) < vocab {
+            let l = &mut row[e.id as usize];
+            *l = if e.delta.is_nan() { -inf } else { *l - e.delta };
+        }
+    }
+    if r.greedy != 0 {
+        return argmax(&row) as i32;
+    }
+    let m = row.iter().fold(-inf, |a, &x| a.max(x)); // max ignores NaN, as fmaxf
+    if m == -inf {
+        return 0;
+    }
+    let w = |l: f32| -> u64 {
+        if m == inf {
+            return if l == inf { 1 << 32 } else { 0 };
+        }
+        let t = (l - m) * r.scale;
+        if t >= T_MIN {
+            weight(t)
+        } else {
+            0
+        }
+    };
+    let count = row.iter().filter(|&&l| w(l) != 0).count() as u64;
+    let kept = |floor: u64| -> u64 {
+        row.iter()
+            .enumerate()
+            .filter(|&(i, &l)| w(l) != 0 && rank_key(l, i as u32) >= floor)
+            .map(|(_, &l)| w(l))
+            .sum()
+    };
+    let radix_cut = |floor: u64, by_count: bool, mut need: u64| -> u64 {
+        let (mut prefix, mut mask) = (0u64, 0u64);
+        for shift in (0..8).rev().map(|k| 8 * k) {
+            let mut hist = [0u64; 256];
+            for (i, &l) in row.iter().enumerate() {
+                let wi = w(l);
+                let key = rank_key(l, i as u32);
+                if wi == 0 || key < floor || key & mask != prefix {
+                    continue;
+                }
+                hist[((key >> shift) & 255) as usize] += if by_count { 1 } else { wi };
+            }
+            let mut inc = 0u64;
+            let mut pick = None;
+            for lane in 0..32 {
+                let own: u64 = (0..8).map(|u| hist[255 - 8 * lane - u]).sum();
+                let above = inc;
+                inc += own;
+                if above < need && inc >= need {
+                    let (mut acc, mut digit) = (above, 255 - 8 * lane);
+                    for _ in 0..8 {
+                        if acc + hist[digit] >= need {
+                            break;
+                        }
+                        acc += hist[digit];
+                        digit -= 1;
+                    }
+                    pick = Some((digit as u64, need - acc));
+                }
+            }
+            let (digit, rest) = pick.expect("the metric reaches the need in some lane");
+            prefix |= digit << shift;
+            mask |= 255 << shift;
+            need = rest;
+        }
+        prefix
+    };
+    let mut floor = 0;
+    let mut total = kept(0);
+    if r.top_k > 0 && u64::from(r.top_k) < count {
+        floor = radix_cut(0, true, u64::from(r.top_k));
+        total = kept(floor);
+    }
+    if r.top_p32 < 1 << 32 {
+        let prod = u128::from(r.top_p32) * u128::from(total);
+        let need = (((prod >> 32) + u128::from(prod & 0xFFFF_FFFF != 0)) as u64).max(1);
+        floor = radix_cut(floor, false, need);
+        total = kept(floor);
+    }
+    let target = ((u128::from(draw_word(r.seed, r.position)) * u128::from(total)) >> 32) as u64;
+    let per = vocab.div_ceil(1024);
+    let mut before = 0u64;
+    for t in 0..1024 {
+        let begin = (t * per).min(vocab);
+        let end = (begin + per).min(vocab);
+        let in_range = |i: usize| w(row[i]) != 0 && rank_key(row[i], i as u32) >= floor;
+        let mine: u64 = (begin..end)
+            .filter(|&i| in_range(i))
+            .map(|i| w(row[i]))
+            .sum();
+        if before <= target && target < before + mine {
+            let mut cum = before;
+            for i in (begin..end).filter(|&i| in_range(i)) {
+                cum += w(row[i]);
+                if cum > target {
+                    return i as i32;
+                }
+            }
+        }
+        before += mine;
+    }
+    -1
+}
+
+/// Runs without a GPU: the kernel's algorithm (its sequential model above, fed the packed
+/// records) gives the CPU sampler's token on every test row and sampling case of the device
+/// test, at the small vocabularies and at SmolLM2's.
+#[test]
+fn the_sampling_kernels_algorithm_gives_the_cpu_samplers_tokens() {
+    let mut r = rng(47);
+    for vocab in [1usize, 2, 31, 1000, 8199, 49152] {
+        let mut rows = argmax_test_rows(&mut r, vocab);
+        let mut v: Vec<f32> = rand_f32(&mut r, vocab, 4.0);
+        for i in 0..vocab.min(5) {
+            v[(i * 7919) % vocab] = 9.0 - i as f32;
+        }
+        rows.push(v);
+        rows.push((0..vocab).map(|i| ((i * 31) % 7) as f32 * 0.5).collect());
+        let cases = sampling_cases(vocab);
+        let packed = cuda::sample::pack(&cases, vocab, usize::MAX).unwrap();
+        for (ri, row) in rows.iter().enumerate() {
+            for (ci, c) in cases.iter().enumerate() {
+                assert_eq!(
+                    sample_kernel_model(row, &packed.rows[ci], &packed.edits),
+                    sampler::choose(row, c) as i32,
+                    "vocab {vocab} row {ri} case {c:?}"
+                );
+            }
+        }
+    }
+}
+
+/// Pearson's chi-square of `counts` against probabilities `p` (bins with an expected count
+/// under 5 pooled), and its degrees of freedom.
+fn chi_square(counts: &[u64], p: &[f64]) -> (f64, usize) {
+    let n: u64 = counts.iter().sum();
+    let (mut chi, mut bins) = (0f64, 0usize);
+    let (mut pool_obs, mut pool_exp) = (0f64, 0f64);
+    for (&c, &pi) in counts.iter().zip(p) {
+        let e = pi * n as f64;
+        if e < 5.0 {
+            pool_obs += c as f64;
+            pool_exp += e;
+            continue;
+        }
+        chi += (c as f64 - e).powi(2) / e;
+        bins += 1;
+    }
+    if pool_exp > 0.0 {
+        chi += (pool_obs - pool_exp).powi(2) / pool_exp.max(1e-12);
+        bins += 1;
+    }
+    (chi, bins.saturating_sub(1))
+}
+
+/// The chi-square value a fit exceeds with probability 0.001 (Wilson–Hilferty, z = 3.09).
+fn chi_square_critical(df: usize) -> f64 {
+    let d = df as f64;
+    let a = 2.0 / (9.0 * d);
+    d * (1.0 - a + 3.09 * a.sqrt()).powi(3)
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn kernel_sampling_frequencies_fit_the_cpu_distribution() {
+    require_gpu();
+    let h = KernelHarness::new().unwrap();
+    let mut r = rng(53);
+    let vocab = 64;
+    let logits: Vec<f32> = (0..vocab).map(|_| r.gen_range(-3.0f32..3.0)).collect();
+    let draws = 20_000usize;
+    for (temperature, top_k, top_p) in [(1.0f32, 0u32, 1.0f32), (0.9, 0, 0.9), (1.4, 10, 0.95)] {
+        let params = SamplingParams {
+            temperature,
+            top_k: top_k as usize,
+            top_p,
+            seed: 99,
+            ..SamplingParams::default()
+        };
+        // The CPU sampler's distribution: its kept tokens' weights over their sum.
+        let kept = Sampler::new(params.clone()).kept(&logits);
+        let total: u64 = kept.iter().map(|k| k.1).sum();
+        let mut p = vec![0f64; vocab];
+        for &(id, w) in &kept {
+            p[id as usize] = w as f64 / total as f64;
+        }
+        let samp: Vec<RowSampling> = (0..draws as u64)
+            .map(|position| RowSampling {
+                temperature,
+                top_k,
+                top_p,
+                seed: 99,
+                position,
+                edits: Vec::new(),
+            })
+            .collect();
+        let flat: Vec<f32> = logits.repeat(draws);
+        let got = h.sample_rows(&flat, vocab, &samp).unwrap();
+        let mut counts = vec![0u64; vocab];
+        for &id in &got {
+            assert!(
+                p[id as usize] > 0.0,
+                "drew token {id}, which the CPU sampler never keeps"
+            );
+            counts[id as usize] += 1;
+        }
+        let (chi, df) = chi_square(&counts, &p);
+        let crit = chi_square_critical(df);
+        println!(
+            "temperature {temperature} top_k {top_k} top_p {top_p}: chi-square {chi:.1} on {df} df (0.1% critical {crit:.1})"
+        );
+        assert!(chi < crit, "chi-square {chi:.1} > {crit:.1} on {df} df");
+    }
+}
+
+/// A CUDA backend seen by the engine either with its own sampler (`decode_sampled`) or forced
+/// to the logits path (`decode`, then the engine's host sampler).
+struct SamplePath<'a> {
+    inner: &'a mut CudaBackend,
+    device: bool,
+    sampled_steps: usize,
+    logit_steps: usize,
+}
+
+impl Backend for SamplePath<'_> {
+    forward_backend_to_inner!();
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.logit_steps += 1;
+        self.inner.decode(batch)
+    }
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        self.inner.decode_argmax(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        self.device
+    }
+    fn decode_sampled(
+        &mut self,
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.sampled_steps += 1;
+        self.inner.decode_sampled(batch, rows)
+    }
+}
+
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
+    use triton_unweight::engine::{Engine, EngineOptions, Event, Request};
+    require_gpu();
+    let dir = synth("tiny", 59);
+    let opts = CudaOptions {
+        max_sequences: 8,
+        max_context: Some(256),
+        plan: PlanSource::Compressed,
+        ..CudaOptions::default()
+    };
+    let mut b = gpu_backend(&model(&dir), opts);
+    let ps = prompts(1024);
+    let run = |b: &mut CudaBackend, device: bool| {
+        let path = SamplePath {
+            inner: b,
+            device,
+            sampled_steps: 0,
+            logit_steps: 0,
+        };
+        let opts = EngineOptions::for_config(path.config());
+        let mut e = Engine::new(path, None, opts);
+        for (i, p) in ps.iter().enumerate() {
+            let mut req = Request::greedy(p.clone(), 8 + 3 * i);
+            req.ignore_eos = i % 2 == 0;
+            req.sampling = SamplingParams {
+                temperature: [0.0, 0.8, 1.2, 0.6][i % 4],
+                top_k: [0, 0, 40, 0][i % 4],
+                top_p: [1.0, 0.95, 0.9, 1.0][i % 4],
+                seed: 1000 + i as u64,
+                frequency_penalty: [0.0, 0.5, 0.0, 1.0][i % 4],
+                presence_penalty: [0.0, 0.0, 0.3, -0.5][i % 4],
+            };
+            if i == 3 {
+                req.min_tokens = 4;
+                req.stop_token_ids = vec![p[0], p[1]];
+            }
+            e.add(req).unwrap();
+        }
+        let mut events = Vec::new();
+        while e.has_work() {
+            events.push(e.step().unwrap());
+        }
+        let (s, l) = (e.backend().sampled_steps, e.backend().logit_steps);
+        (events, s, l)
+    };
+    let (host, s_host, l_host) = run(&mut b, false);
+    let (device, s_dev, l_dev) = run(&mut b, true);
+    assert_eq!(s_host, 0);
+    assert!(l_host > 0 && s_dev > 0);
+    assert_eq!(l_dev, 0, "no logits come back when the device samples");
+    assert_eq!(device, host);
+    let tokens = device
+        .iter()
+        .flatten()
+        .filter(|e| matches!(e, Event::Token { .. }))
+        .count();
+    println!("{tokens} tokens equal, sampled on the device ({s_dev} steps) and on the host ({l_host} steps)");
+    let t = b.last_timing();
+    println!(
+        "last step: device sampler {:.3} ms host, {:.3} ms GPU",
+        t.sample_ms, t.sample_gpu_ms
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ use std::sync::{Arc, OnceLock};
 use serde_json::Value;
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
 use triton_unweight::device::cpu::{CpuBackend, CpuOptions, KV_BLOCK_TOKENS};
-use triton_unweight::device::{Backend, ChunkItem, DecodeItem, DeviceError, SeqId};
+use triton_unweight::device::{
+    Backend, ChunkItem, DecodeItem, DeviceError, LogitEdit, RowSampling, SeqId,
+};
 use triton_unweight::engine::{
-    Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams, StopReason,
+    sampler, Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams,
+    StopReason,
 };
 use triton_unweight::model::synth::{synth_checkpoint, SynthOptions};
 use triton_unweight::model::weights::{LlamaWeights, MatrixData, WeightMode};
@@ -1605,5 +1608,167 @@ fn greedy_steps_fetch_ids_and_other_steps_fetch_logits() {
     e.step().unwrap();
     let err = e.step().unwrap_err();
     assert!(err.to_string().contains("returned 0 ids"), "{err}");
+    assert_eq!(e.take_failed(), vec![id]);
+}
+
+/// A CPU backend that chooses tokens "on the device" (`samples_on_device`): its
+/// `decode_sampled` runs `decode` and the reference `sampler::choose` per row, recording every
+/// row's sampling record. With `short`, it returns one id too few (a broken backend).
+struct DeviceSampler {
+    inner: CpuBackend,
+    short: bool,
+    sampled: Vec<Vec<RowSampling>>,
+    ids: usize,
+    logits: usize,
+}
+
+impl Backend for DeviceSampler {
+    forward_backend_to_inner!();
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.logits += 1;
+        self.inner.decode(batch)
+    }
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        self.ids += 1;
+        self.inner.decode_argmax(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+    fn decode_sampled(
+        &mut self,
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.sampled.push(rows.to_vec());
+        let logits = self.inner.decode(batch)?;
+        let mut ids: Vec<u32> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| sampler::choose(logits.row(i), r))
+            .collect();
+        if self.short {
+            ids.pop();
+        }
+        Ok(ids)
+    }
+}
+
+/// On a backend that samples where the logits are, every decode step that needs more than the
+/// argmax goes through `decode_sampled` (no logits come back), with each row's penalties, masks,
+/// parameters and position, and the events are exactly those of the host-sampling engine.
+#[test]
+fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
+    let sampled = |seed, frequency_penalty, presence_penalty| SamplingParams {
+        temperature: 0.9,
+        top_k: 30,
+        top_p: 0.9,
+        seed,
+        frequency_penalty,
+        presence_penalty,
+    };
+    let requests = || {
+        vec![
+            Request::greedy(PROMPT.to_vec(), 7),
+            Request {
+                sampling: sampled(11, 0.7, 0.3),
+                ..Request::greedy(PROMPT[1..].to_vec(), 6)
+            },
+            Request {
+                min_tokens: 3,
+                stop_token_ids: vec![17, 300],
+                sampling: sampled(12, 0.0, 0.0),
+                ..Request::greedy(PROMPT[2..].to_vec(), 5)
+            },
+            Request {
+                sampling: SamplingParams {
+                    temperature: 1.2,
+                    top_p: 0.5,
+                    seed: 13,
+                    ..SamplingParams::default()
+                },
+                ..Request::greedy(PROMPT[..4].to_vec(), 4)
+            },
+        ]
+    };
+    let mut plain = engine(false);
+    let b = DeviceSampler {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        short: false,
+        sampled: Vec::new(),
+        ids: 0,
+        logits: 0,
+    };
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    };
+    let mut e = Engine::new(b, None, opts);
+    let mut ids = Vec::new();
+    for r in requests() {
+        plain.add(r.clone()).unwrap();
+        ids.push(e.add(r).unwrap());
+    }
+    let events = all_events(&mut e);
+    assert_eq!(events, all_events(&mut plain));
+    let b = e.backend();
+    assert_eq!(b.logits, 0, "no decode step brought logits back");
+    assert!(!b.sampled.is_empty());
+    // The penalized request (row 1 while all four run): it generated one token before the first
+    // decode step, so that step's row is at position 1 and penalizes that token by f + p.
+    let first = &b.sampled[0];
+    assert_eq!(first.len(), 4);
+    let tokens_of = |id: RequestId| -> Vec<u32> {
+        events
+            .iter()
+            .flatten()
+            .filter_map(|ev| match ev {
+                Event::Token { id: i, token, .. } if *i == id => Some(*token),
+                _ => None,
+            })
+            .collect()
+    };
+    let t1 = tokens_of(ids[1]);
+    assert_eq!((first[1].position, first[1].seed), (1, 11));
+    assert_eq!(
+        first[1].edits,
+        vec![(t1[0], LogitEdit::Subtract(0.7 * 1.0 + 0.3))]
+    );
+    // The greedy row carries no edits; the min_tokens row masks its stop ids (in id order).
+    assert!(first[0].is_greedy() && first[0].edits.is_empty());
+    assert_eq!(
+        first[2].edits,
+        vec![(17, LogitEdit::Mask), (300, LogitEdit::Mask)]
+    );
+    assert_eq!((first[3].top_p, first[3].top_k), (0.5, 0));
+    // Positions advance by one per step for a row that keeps running.
+    let second = &b.sampled[1];
+    assert_eq!(second[1].position, 2);
+
+    // A backend that returns the wrong number of ids fails the step, naming the call.
+    let b = DeviceSampler {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        short: true,
+        sampled: Vec::new(),
+        ids: 0,
+        logits: 0,
+    };
+    let opts = EngineOptions::for_config(b.config());
+    let mut e = Engine::new(b, None, opts);
+    let id = e
+        .add(Request {
+            sampling: sampled(1, 0.0, 0.0),
+            ..Request::greedy(PROMPT.to_vec(), 4)
+        })
+        .unwrap();
+    e.step().unwrap();
+    let err = e.step().unwrap_err();
+    assert!(
+        err.to_string().contains("decode_sampled returned 0 ids"),
+        "{err}"
+    );
     assert_eq!(e.take_failed(), vec![id]);
 }

@@ -16,9 +16,11 @@
 pub mod blocks;
 pub mod cpu;
 pub mod cuda;
+pub mod sampling;
 pub mod shared;
 
 pub use blocks::KvUsage;
+pub use sampling::{LogitEdit, RowSampling};
 
 use crate::model::weights::WeightError;
 use crate::model::LlamaConfig;
@@ -253,14 +255,44 @@ pub trait Backend: Send {
     /// [`argmax`] of each row's logits, in order, with the same validation, the same effect on
     /// the sequences and the same errors as `decode`.
     ///
-    /// Why: the engine samples on the host, and a row whose choice is the plain argmax (greedy,
-    /// nothing masked) needs 4 bytes, not `vocab` f32 (Llama 3: 0.5 MB per row). A device
+    /// Why: a row whose choice is the plain argmax (greedy, nothing masked) needs 4 bytes, not
+    /// `vocab` f32 (Llama 3: 0.5 MB per row). A device
     /// backend overrides this to choose on the device and copy only the ids; the default (the
     /// CPU's) runs `decode` and [`argmax`] on the host, which is the same function the device
     /// must match, so the engine's tokens are bit-identical either way.
     fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
         let logits = self.decode(batch)?;
         Ok((0..batch.len()).map(|i| argmax(logits.row(i))).collect())
+    }
+
+    /// Whether [`Backend::decode_sampled`] chooses tokens where the logits are. The engine then
+    /// hands it the rows that need more than the plain argmax (sampling, penalties, masks)
+    /// instead of asking [`Backend::decode`] for their logits. `false` by default (the CPU: its
+    /// logits already are where the engine's sampler runs).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+
+    /// [`Backend::decode`], then each row's token chosen as `rows[i]` says (docs/sampling.md,
+    /// the same token `engine::sampler::choose` gives for the row's logits), with the same
+    /// validation, the same effect on the sequences and the same errors as `decode`. Only the
+    /// ids come back.
+    ///
+    /// Why: a device backend keeps the logits (Llama 3: 0.5 MB per row) on the device and the
+    /// host never scans them. Only a backend whose [`samples_on_device`](Backend::samples_on_device)
+    /// is true implements it; the default refuses before running anything, naming the backend
+    /// contract (the engine never calls it then).
+    fn decode_sampled(
+        &mut self,
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        let _ = (batch, rows);
+        Err(DeviceError::Invalid(
+            "decode_sampled: this backend does not choose tokens itself (samples_on_device is \
+             false); ask decode for the logits"
+                .into(),
+        ))
     }
 
     /// A fatal error when the device context this backend runs in died since it was built,
@@ -334,6 +366,16 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
         (**self).decode_argmax(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        (**self).samples_on_device()
+    }
+    fn decode_sampled(
+        &mut self,
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        (**self).decode_sampled(batch, rows)
     }
     fn context_lost(&self) -> Option<DeviceError> {
         (**self).context_lost()

@@ -34,7 +34,9 @@ pub use request::{Request, RequestId};
 pub use sampler::{Sampler, SamplingParams};
 pub use sequence::{Sequence, SequenceState, StopReason};
 
-use crate::device::{Backend, ChunkItem, DecodeItem, DeviceError, KvUsage, Logits};
+use crate::device::{
+    Backend, ChunkItem, DecodeItem, DeviceError, KvUsage, LogitEdit, Logits, RowSampling,
+};
 use crate::model::LlamaConfig;
 
 /// What can go wrong in the engine.
@@ -78,11 +80,25 @@ pub enum Event {
 
 /// What a decode step brought back from the backend.
 enum StepOutput {
-    /// Every row's greedy token ([`Backend::decode_argmax`]): all rows were
-    /// [`Sequence::argmax_suffices`].
+    /// Every row's token, chosen by the backend: the greedy ids ([`Backend::decode_argmax`],
+    /// all rows [`Sequence::argmax_suffices`]) or the device sampler's
+    /// ([`Backend::decode_sampled`]).
     Tokens(Vec<u32>),
     /// Every row's logits, sampled on the host.
     Logits(Logits),
+}
+
+/// A backend's ids for a decode batch of `rows`, or an error naming the call (`what`) when it
+/// returned another number of them.
+fn checked_ids(ids: Vec<u32>, rows: usize, what: &str) -> Result<StepOutput, DeviceError> {
+    if ids.len() == rows {
+        Ok(StepOutput::Tokens(ids))
+    } else {
+        Err(DeviceError::Invalid(format!(
+            "{what} returned {} ids for a batch of {rows}",
+            ids.len()
+        )))
+    }
 }
 
 /// Engine settings.
@@ -467,19 +483,18 @@ impl<B: Backend> Engine<B> {
             let batch = self.decode_batch();
             self.step_work.1 = batch.len();
             // Only what the step needs comes back: the greedy ids when every row's choice is the
-            // plain argmax, the logits otherwise (the same tokens either way).
+            // plain argmax; the chosen ids when the backend samples where the logits are; the
+            // logits otherwise (the same tokens every way).
             let result = if self.running.iter().all(Sequence::argmax_suffices) {
-                self.backend.decode_argmax(&batch).and_then(|ids| {
-                    if ids.len() == batch.len() {
-                        Ok(StepOutput::Tokens(ids))
-                    } else {
-                        Err(DeviceError::Invalid(format!(
-                            "decode_argmax returned {} ids for a batch of {}",
-                            ids.len(),
-                            batch.len()
-                        )))
-                    }
-                })
+                self.backend
+                    .decode_argmax(&batch)
+                    .and_then(|ids| checked_ids(ids, batch.len(), "decode_argmax"))
+            } else if self.backend.samples_on_device() {
+                let rows: Vec<RowSampling> =
+                    self.running.iter().map(|s| self.row_sampling(s)).collect();
+                self.backend
+                    .decode_sampled(&batch, &rows)
+                    .and_then(|ids| checked_ids(ids, batch.len(), "decode_sampled"))
             } else {
                 self.backend.decode(&batch).map(StepOutput::Logits)
             };
@@ -768,30 +783,42 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Samples the next token of `s` at its position, with end-of-sequence tokens (unless
-    /// ignored) and its stop tokens masked while the sequence has fewer than its `min_tokens`
-    /// (docs/sampling.md: penalties, masks, then the sampler).
-    fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
-        let position = s.position();
-        let masks = s.masks_eos();
-        if !masks && !s.sampler.params().has_penalties() {
-            return s.sampler.sample(logits, position);
-        }
-        let mut row = logits.to_vec();
-        s.sampler.params().apply_penalties(&mut row, &s.output);
-        if masks {
+    /// How the next token of `s` is chosen (docs/sampling.md): its penalties on the tokens it
+    /// generated, end-of-sequence tokens (unless ignored) and its stop tokens masked while it
+    /// has fewer than its `min_tokens`, then its sampler at its position. One description for
+    /// both places a token is chosen: the host ([`sampler::choose`]) and a device that samples
+    /// itself ([`Backend::decode_sampled`]).
+    fn row_sampling(&self, s: &Sequence) -> RowSampling {
+        let p = s.sampler.params();
+        let mut edits: std::collections::BTreeMap<u32, LogitEdit> = p
+            .penalties(&s.output)
+            .into_iter()
+            .map(|(t, delta)| (t, LogitEdit::Subtract(delta)))
+            .collect();
+        if s.masks_eos() {
             let eos: &[u32] = if s.request.ignore_eos {
                 &[]
             } else {
                 &self.opts.eos_token_ids
             };
             for &t in eos.iter().chain(&s.request.stop_token_ids) {
-                if let Some(l) = row.get_mut(t as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
+                edits.insert(t, LogitEdit::Mask);
             }
         }
-        s.sampler.sample(&row, position)
+        RowSampling {
+            temperature: p.temperature,
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            top_p: p.top_p,
+            seed: p.seed,
+            position: s.position(),
+            edits: edits.into_iter().collect(),
+        }
+    }
+
+    /// Samples the next token of `s` on the host from its row of `logits`
+    /// ([`Engine::row_sampling`]).
+    fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
+        sampler::choose(logits, &self.row_sampling(s))
     }
 
     /// Takes a sampled token for a running sequence; returns whether it keeps running.

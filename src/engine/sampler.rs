@@ -12,6 +12,11 @@
 
 use super::philox;
 use super::EngineError;
+use crate::device::{LogitEdit, RowSampling};
+
+/// The logit-gap factor and the fixed-point `top_p`: defined with the backend contract
+/// (`device::sampling`), because a device sampler receives exactly these values.
+pub use crate::device::sampling::{gap_scale, top_p_fixed};
 
 /// How a request picks its tokens.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,20 +92,28 @@ impl SamplingParams {
         self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 
-    /// Applies the penalties to `logits` for the tokens in `generated` (ids outside the row
-    /// are ignored): token t loses `frequency_penalty × count(t) + presence_penalty` when it
-    /// occurs.
-    pub fn apply_penalties(&self, logits: &mut [f32], generated: &[u32]) {
+    /// The penalty of every token in `generated`, in increasing id order: token t loses
+    /// `frequency_penalty × count(t) + presence_penalty` (an `f32` multiply, then an add)
+    /// where it occurs. Empty without penalties.
+    pub fn penalties(&self, generated: &[u32]) -> Vec<(u32, f32)> {
         if !self.has_penalties() {
-            return;
+            return Vec::new();
         }
-        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        let mut counts: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
         for &t in generated {
             *counts.entry(t).or_default() += 1;
         }
-        for (t, n) in counts {
+        counts
+            .into_iter()
+            .map(|(t, n)| (t, self.frequency_penalty * n as f32 + self.presence_penalty))
+            .collect()
+    }
+
+    /// Applies [`SamplingParams::penalties`] to `logits` (ids outside the row are ignored).
+    pub fn apply_penalties(&self, logits: &mut [f32], generated: &[u32]) {
+        for (t, delta) in self.penalties(generated) {
             if let Some(l) = logits.get_mut(t as usize) {
-                *l -= self.frequency_penalty * n as f32 + self.presence_penalty;
+                *l -= delta;
             }
         }
     }
@@ -449,13 +462,6 @@ fn cut_at(
     }
 }
 
-/// The factor of the logit gaps: `t = (logit - max) × gap_scale`, with
-/// gap_scale = min(log2(e) / temperature, f32::MAX) (one correctly rounded `f32` division; the
-/// minimum keeps a subnormal temperature from making 0 × inf).
-pub fn gap_scale(temperature: f32) -> f32 {
-    (std::f32::consts::LOG2_E / temperature).min(f32::MAX)
-}
-
 /// The largest non-NaN logit (-inf when there is none), eight lanes at a time.
 fn row_max(logits: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
@@ -510,7 +516,7 @@ fn row_weights_body(logits: &[f32], max: f32, scale: f32, w: &mut [f32]) {
 /// The weight the top-p nucleus must reach out of `total`: ceil(P × total / 2^32), where
 /// P = ceil(top_p × 2^32) (`top_p` rounded up to 32 fractional bits); at least 1.
 pub fn top_p_need(top_p: f32, total: u64) -> u64 {
-    let p32 = (f64::from(top_p) * WEIGHT_ONE as f64).ceil() as u128;
+    let p32 = u128::from(top_p_fixed(top_p));
     let need = (p32 * u128::from(total)).div_ceil(u128::from(WEIGHT_ONE));
     (need as u64).max(1)
 }
@@ -576,6 +582,33 @@ fn pick(kept: impl Iterator<Item = (u32, u64)>, total: u64, x: u32) -> u32 {
     // target < total, so the loop returned; the last token is the answer of a total that
     // rounding could never reach.
     last
+}
+
+/// The token `row` chooses from `logits` (docs/sampling.md, all nine steps): its edits applied
+/// (penalties, then masks), then [`Sampler::sample`] at its position. This is the engine's
+/// host sampling and the reference every device sampler
+/// ([`crate::device::Backend::decode_sampled`]) must match token for token.
+pub fn choose(logits: &[f32], row: &RowSampling) -> u32 {
+    let sampler = Sampler::new(SamplingParams {
+        temperature: row.temperature,
+        top_k: row.top_k as usize,
+        top_p: row.top_p,
+        seed: row.seed,
+        ..SamplingParams::default()
+    });
+    if row.edits.is_empty() {
+        return sampler.sample(logits, row.position);
+    }
+    let mut edited = logits.to_vec();
+    for &(id, edit) in &row.edits {
+        if let Some(l) = edited.get_mut(id as usize) {
+            *l = match edit {
+                LogitEdit::Subtract(delta) => *l - delta,
+                LogitEdit::Mask => f32::NEG_INFINITY,
+            };
+        }
+    }
+    sampler.sample(&edited, row.position)
 }
 
 /// The most likely token (the lowest id among equal maxima; NaN never wins; 0 when nothing is

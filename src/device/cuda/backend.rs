@@ -38,13 +38,16 @@ use super::linear::{Form, Input, Linear, Products};
 use super::options::{resolve_plan, CudaOptions, PlanSource};
 use super::persist::weights_identity;
 use super::plan::{Plan, Role, RoleShapes, Storage};
+use super::sample;
 use super::sizing::{decode_buckets, decode_inputs, kv_plan, pick_bucket};
 pub use super::sizing::{role_shapes, WorkBuffers};
 use super::stream::stream_weights_persisted;
 use super::tbe3::{multiprocessors, Tbe3Kernels};
 use super::weights::{device_weights, upload_linear, LayerW, UploadSink, Weights, WeightsKey};
 use crate::container::Checkpoint;
-use crate::device::{Backend, DecodeItem, DeviceError, FaultKind, KvCapacity, Logits, SeqId};
+use crate::device::{
+    Backend, DecodeItem, DeviceError, FaultKind, KvCapacity, Logits, RowSampling, SeqId,
+};
 use crate::model::weights::{LlamaWeights, WeightError};
 use crate::model::LlamaConfig;
 
@@ -54,7 +57,7 @@ pub struct StepTiming {
     /// Device time of the step (graph or kernels), from CUDA events.
     pub gpu_ms: f64,
     /// Host time of copying the logits back (pinned memory), after the step finished; 0 when
-    /// the step returned greedy ids instead ([`Backend::decode_argmax`]).
+    /// the step returned ids instead ([`Backend::decode_argmax`], [`Backend::decode_sampled`]).
     pub copy_ms: f64,
     /// The batch bucket the step ran as.
     pub bucket: usize,
@@ -68,6 +71,12 @@ pub struct StepTiming {
     pub argmax_ms: f64,
     /// Device time of the argmax kernel alone (CUDA events); 0 when it did not run.
     pub argmax_gpu_ms: f64,
+    /// Host time of the device sampler after the step finished: uploading the rows' sampling
+    /// records, the sampling kernel and copying the ids back ([`Backend::decode_sampled`]);
+    /// 0 when it did not run.
+    pub sample_ms: f64,
+    /// Device time of the sampling kernel alone (CUDA events); 0 when it did not run.
+    pub sample_gpu_ms: f64,
 }
 
 /// Work buffers, sized for `cap` tokens (`2 cap` rows where split) at construction.
@@ -92,8 +101,10 @@ struct Bufs {
     mb: DevBuf,
     logits_raw: DevBuf,
     logits: DevBuf,
-    /// i32 greedy ids of a decode step's rows (the device argmax's output).
+    /// i32 ids of a decode step's rows (the device argmax's or sampler's output).
     ids: DevBuf,
+    /// The device sampler's per-row records (its edits go into `logits_raw`).
+    sample_rows: DevBuf,
     cos: DevBuf,
     sin: DevBuf,
 }
@@ -147,6 +158,19 @@ pub struct CudaBackend {
 
 /// Builds a backend with `opts` whose [`PlanSource::Auto`] was resolved to `plan` (from
 /// `source`), and labels and logs where its plan came from.
+/// A kernel's i32 ids as token ids, or an error naming the kernel (`who`) when one is outside
+/// the vocabulary (-1: a row the kernel did not answer).
+fn ids_in_vocab(ids: Vec<i32>, vocab: usize, who: &str) -> GpuResult<Vec<u32>> {
+    ids.into_iter()
+        .map(|id| match u32::try_from(id) {
+            Ok(id) if (id as usize) < vocab => Ok(id),
+            _ => Err(GpuError::invalid(format!(
+                "the device {who} returned id {id} (vocabulary {vocab})"
+            ))),
+        })
+        .collect()
+}
+
 fn with_resolved_plan(
     opts: &CudaOptions,
     plan: PlanSource,
@@ -547,6 +571,7 @@ impl CudaBackend {
             logits_raw: buf(wb.logits_raw)?,
             logits: buf(wb.logits)?,
             ids: buf(wb.ids)?,
+            sample_rows: buf(wb.sample_rows)?,
             cos: DevBuf::from_host(&ctx, &cos)?,
             sin: DevBuf::from_host(&ctx, &sin)?,
         };
@@ -683,6 +708,31 @@ impl CudaBackend {
         Ok(self.device_argmax(self.logit_rows)?)
     }
 
+    /// The tokens of the last decode step's rows chosen by the device sampler as `rows` say,
+    /// from the logits that step left in device memory: the path of
+    /// [`Backend::decode_sampled`], run after a [`Backend::decode`], for the benchmark (which
+    /// checks them against the host sampler on the logits `decode` returned and times it,
+    /// [`StepTiming::sample_ms`]). The sampler edits the logits in place, so afterwards they are
+    /// no longer the step's: a second call (or `argmax_last_step`) is an error until the next
+    /// decode step.
+    pub fn sample_last_step(&mut self, rows: &[RowSampling]) -> Result<Vec<u32>, DeviceError> {
+        if self.logit_rows == 0 {
+            return Err(DeviceError::Invalid(
+                "sample_last_step: no decode step's logits on the device".into(),
+            ));
+        }
+        if rows.len() != self.logit_rows {
+            return Err(DeviceError::Invalid(format!(
+                "sample_last_step: {} sampling rows for the last step's {} rows",
+                rows.len(),
+                self.logit_rows
+            )));
+        }
+        let packed = sample::pack(rows, self.cfg.vocab_size, self.edit_capacity())?;
+        let r = self.device_sample(&packed).map_err(DeviceError::from);
+        self.on_fault(r)
+    }
+
     /// Runs the argmax kernel over the first `rows` rows of the logits buffer and copies the
     /// ids back; records its timing.
     fn device_argmax(&mut self, rows: usize) -> GpuResult<Vec<u32>> {
@@ -697,14 +747,42 @@ impl CudaBackend {
         self.bufs.ids.download(&mut ids)?;
         self.timing.argmax_ms = t.elapsed().as_secs_f64() * 1e3;
         self.timing.argmax_gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
-        ids.into_iter()
-            .map(|id| match u32::try_from(id) {
-                Ok(id) if (id as usize) < vocab => Ok(id),
-                _ => Err(GpuError::invalid(format!(
-                    "the device argmax returned id {id} (vocabulary {vocab})"
-                ))),
-            })
-            .collect()
+        ids_in_vocab(ids, vocab, "argmax")
+    }
+
+    /// Logit edits the device sampler has room for in one step: they are stored in
+    /// `logits_raw` (8 bytes each), which the step's last kernel has consumed by then.
+    fn edit_capacity(&self) -> usize {
+        self.bufs.logits_raw.bytes() / std::mem::size_of::<sample::SampleEdit>()
+    }
+
+    /// Runs the sampling kernel over the first `packed.rows.len()` rows of the logits buffer
+    /// (editing them in place) and copies the ids back; records its timing.
+    fn device_sample(&mut self, packed: &sample::Packed) -> GpuResult<Vec<u32>> {
+        self.ctx.bind()?;
+        let rows = packed.rows.len();
+        let vocab = self.cfg.vocab_size;
+        let t = Instant::now();
+        // Stream-ordered after the step that consumed logits_raw (uploads wait for the stream).
+        self.bufs.sample_rows.upload(0, &packed.rows)?;
+        self.bufs.logits_raw.upload(0, &packed.edits)?;
+        self.events.0.record()?;
+        self.k.sample_rows(
+            self.bufs.logits.ptr(),
+            rows,
+            vocab,
+            self.bufs.sample_rows.ptr(),
+            self.bufs.logits_raw.ptr(),
+            self.bufs.ids.ptr(),
+        )?;
+        self.events.1.record()?;
+        let mut ids = vec![0i32; rows];
+        self.bufs.ids.download(&mut ids)?;
+        // The logits are edited now: not the step's logits any more.
+        self.logit_rows = 0;
+        self.timing.sample_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.timing.sample_gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
+        ids_in_vocab(ids, vocab, "sampler")
     }
 
     /// Queues the product of `n` activation rows with `role`'s matrix `w` by the plan's
@@ -1070,6 +1148,40 @@ impl Backend for CudaBackend {
         let r = self
             .run_decode(batch)
             .and_then(|()| self.device_argmax(batch.len()));
+        let ids = self.on_fault(r.map_err(DeviceError::from))?;
+        for it in batch {
+            self.kv.set_len(it.seq, it.pos + 1);
+        }
+        Ok(ids)
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    /// The step of `decode`, then `sample_rows` over its logits on the device: the rows'
+    /// sampling records are packed and checked before anything runs, and only `batch.len()`
+    /// i32 ids come back.
+    fn decode_sampled(
+        &mut self,
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.check_batch(batch)?;
+        if rows.len() != batch.len() {
+            return Err(DeviceError::Invalid(format!(
+                "decode_sampled: {} sampling rows for a batch of {}",
+                rows.len(),
+                batch.len()
+            )));
+        }
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let packed = sample::pack(rows, self.cfg.vocab_size, self.edit_capacity())?;
+        let r = self
+            .run_decode(batch)
+            .and_then(|()| self.device_sample(&packed));
         let ids = self.on_fault(r.map_err(DeviceError::from))?;
         for it in batch {
             self.kv.set_len(it.seq, it.pos + 1);

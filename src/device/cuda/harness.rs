@@ -295,4 +295,34 @@ impl KernelHarness {
         self.k.argmax_rows(lb.ptr(), rows, vocab, out.ptr())?;
         self.down(&out, rows)
     }
+
+    /// `sample_rows`: the token of each row of `logits` (`rows x vocab` f32) chosen as
+    /// `sampling[row]` says, to compare with `engine::sampler::choose`. The output starts as -1
+    /// (no id).
+    pub fn sample_rows(
+        &self,
+        logits: &[f32],
+        vocab: usize,
+        sampling: &[crate::device::RowSampling],
+    ) -> R<Vec<i32>> {
+        if vocab == 0 || logits.len() != sampling.len() * vocab {
+            return Err(DeviceError::Invalid(
+                "sample_rows: the logits are not one row per sampling record".into(),
+            ));
+        }
+        let rows = sampling.len();
+        let packed = super::sample::pack(sampling, vocab, usize::MAX)?;
+        let lb = self.up(logits)?;
+        let pb = self.up(&packed.rows)?;
+        // A buffer of at least one record, so that a batch without edits has a valid pointer.
+        let mut edits = packed.edits;
+        if edits.is_empty() {
+            edits.push(super::sample::SampleEdit { id: 0, delta: 0.0 });
+        }
+        let eb = self.up(&edits)?;
+        let out = self.up(&vec![-1i32; rows])?;
+        self.k
+            .sample_rows(lb.ptr(), rows, vocab, pb.ptr(), eb.ptr(), out.ptr())?;
+        self.down(&out, rows)
+    }
 }

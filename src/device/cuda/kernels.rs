@@ -27,6 +27,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("elementwise", "fill_u16"),
     ("elementwise", "fill_normal_bf16"),
     ("argmax", "argmax_rows"),
+    ("sample", "sample_rows"),
     // tbe3 runtime form (loaded by device::cuda::tbe3 for the plans' products and the gather).
     ("tbe3_gemv", "tbe3_gemv_b1"),
     ("tbe3_gemv", "tbe3_gemv_b2"),
@@ -91,6 +92,9 @@ fn rope_blocks(heads: usize, kv_heads: usize, head_dim: usize) -> u32 {
 /// Threads per block of the argmax kernel (kernels/argmax.cu: one block per row, a multiple of
 /// 32 up to 1024; many threads because one block reads a whole 128k-entry row).
 const ARGMAX_THREADS: u32 = 1024;
+/// Threads per block of the sampling kernel (kernels/sample.cu's SAMPLE_THREADS: its reductions
+/// and scans assume exactly this many).
+const SAMPLE_THREADS: u32 = 1024;
 /// Threads per block of the attention kernel (kernels/attention.cu's ATTN_WARPS * 32).
 const ATTN_THREADS: u32 = 256;
 /// Largest head dimension the attention kernel takes.
@@ -130,6 +134,7 @@ pub struct Kernels {
     fill_u16: Kernel,
     fill_normal: Kernel,
     argmax: Kernel,
+    sample: Kernel,
 }
 
 /// A GEMM product's rows: `split` when it holds hi rows then lo rows (see kernels/common.cuh).
@@ -181,6 +186,7 @@ impl Kernels {
             fill_u16: get("fill_u16")?,
             fill_normal: get("fill_normal_bf16")?,
             argmax: get("argmax_rows")?,
+            sample: get("sample_rows")?,
             _modules: Vec::new(),
         };
         Ok(Self {
@@ -439,6 +445,37 @@ impl Kernels {
         // SAFETY: matches argmax_rows(const float*, int, int*); `logits` holds rows x vocab f32
         // and `out` rows i32 (the caller's).
         unsafe { self.argmax.launch(&self.ctx, grid, ARGMAX_THREADS, &args) }
+    }
+
+    /// `sample_rows`: each of `rows` rows of `logits` (f32 `rows x vocab`, edited in place) gets
+    /// its token chosen as its `SampleRow` at `params` says, its edits read from `edits`
+    /// (`super::sample`'s records); the ids go to `out` (i32 `rows`; -1 where no token was
+    /// chosen, which the caller refuses).
+    pub fn sample_rows(
+        &self,
+        logits: u64,
+        rows: usize,
+        vocab: usize,
+        params: u64,
+        edits: u64,
+        out: u64,
+    ) -> GpuResult<()> {
+        let args = [
+            Arg::P(logits),
+            Arg::I(i32_of(vocab, "vocab")?),
+            Arg::P(params),
+            Arg::P(edits),
+            Arg::P(out),
+        ];
+        let grid = (
+            u32::try_from(rows).map_err(|_| GpuError::invalid(format!("{rows} rows")))?,
+            1,
+            1,
+        );
+        // SAFETY: matches sample_rows(float*, int, const SampleRow*, const SampleEdit*, int*);
+        // `logits` holds rows x vocab f32, `params` rows SampleRow records whose edit ranges lie
+        // inside `edits`, and `out` rows i32 (the caller's).
+        unsafe { self.sample.launch(&self.ctx, grid, SAMPLE_THREADS, &args) }
     }
 }
 

@@ -4,9 +4,11 @@
 //!
 //! Owns: the device context and stream ([`driver`]), the embedded kernels ([`kernels`],
 //! [`tbe3`], [`mma`], [`gather`]), the weights in device memory, a KV cache preallocated from a memory budget (`kv`), and one CUDA
-//! graph per decode batch-size bucket ([`backend`]). Must not: sample (logits are copied back and
-//! the engine samples on the CPU), or allocate device memory after construction (so a request
-//! can be refused, never run out of memory).
+//! graph per decode batch-size bucket ([`backend`]). It chooses decode tokens on the device
+//! ([`sample`]: greedy ids, or the sampler of docs/sampling.md) so only ids cross PCIe; a
+//! prompt's first token is still sampled by the engine from the one row of logits a prefill
+//! returns. Must not allocate device memory after construction (so a request can be refused,
+//! never run out of memory).
 //!
 //! Runtime probing: [`probe`] says whether this process can run the backend, and if not, why
 //! (built without kernels, no driver library, a driver older than CUDA 13.0, no device, wrong
@@ -26,6 +28,7 @@ pub mod mma;
 pub mod options;
 pub mod persist;
 pub mod plan;
+pub mod sample;
 pub mod sizing;
 pub mod stream;
 pub mod tbe3;

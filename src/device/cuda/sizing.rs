@@ -92,6 +92,10 @@ pub struct WorkBuffers {
     pub logits: usize,
     /// See [`WorkBuffers::logits_raw`].
     pub ids: usize,
+    /// The device sampler's per-row records (`sample::SampleRow`, 48 bytes each). Its logit
+    /// edits (8 bytes each, at most one per token id and row) go into `logits_raw`, which is
+    /// exactly `8 × rows × vocab` bytes and dead once a step's logits are final.
+    pub sample_rows: usize,
     /// RoPE cosine and sine tables for `max_context` positions.
     pub rope: usize,
     /// The cuBLAS handle's fixed workspace.
@@ -134,6 +138,7 @@ impl WorkBuffers {
             logits_raw: 4 * 2 * lcap * v,
             logits: 4 * lcap * v,
             ids: 4 * lcap,
+            sample_rows: std::mem::size_of::<super::sample::SampleRow>() * lcap,
             rope: 2 * 4 * max_context * (cfg.head_dim / 2),
             cublas: super::driver::CUBLAS_WORKSPACE,
         }
@@ -162,6 +167,7 @@ impl WorkBuffers {
             logits_raw,
             logits,
             ids,
+            sample_rows,
             rope,
             cublas,
         } = *self;
@@ -184,6 +190,7 @@ impl WorkBuffers {
             + logits_raw
             + logits
             + ids
+            + sample_rows
             + rope
             + cublas
     }
