@@ -31,7 +31,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::driver::{Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, PinnedBuf};
+use super::driver::{
+    Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, PinnedBuf, Staging,
+};
 use super::kernels::{Kernels, Product, ATTN_MAX_HEAD_DIM};
 use super::kv::KvCache;
 use super::linear::{Form, Input, Linear, Products};
@@ -64,16 +66,19 @@ pub struct StepTiming {
     /// Whether the step ran as a replay of its bucket's CUDA graph (false: launched eagerly,
     /// because graphs are off, this is the bucket's first step, or its capture failed).
     pub graph: bool,
-    /// Host time of the greedy-id path after the step finished: the device argmax over the
-    /// step's logits plus copying the ids back ([`Backend::decode_argmax`], or
-    /// [`CudaBackend::argmax_last_step`] after a `decode`); 0 when it did not run. Next to
-    /// `copy_ms` plus a host argmax, it says which way of getting greedy tokens is cheaper.
+    /// Host time of the greedy-id path: from the argmax kernel's launch to the ids on the host;
+    /// 0 when it did not run. After a `decode` ([`CudaBackend::argmax_last_step`], as the
+    /// benchmark runs it) the step has finished first, so this is the path alone, and next to
+    /// `copy_ms` plus a host argmax it says which way of getting greedy tokens is cheaper; in
+    /// [`Backend::decode_argmax`] it also covers the end of the step, which is not waited for
+    /// separately (one synchronisation per step).
     pub argmax_ms: f64,
     /// Device time of the argmax kernel alone (CUDA events); 0 when it did not run.
     pub argmax_gpu_ms: f64,
-    /// Host time of the device sampler after the step finished: uploading the rows' sampling
-    /// records, the sampling kernel and copying the ids back ([`Backend::decode_sampled`]);
-    /// 0 when it did not run.
+    /// Host time of the device sampler: from queueing the rows' sampling records to the ids on
+    /// the host; 0 when it did not run. After a `decode` ([`CudaBackend::sample_last_step`]) the
+    /// path alone; in [`Backend::decode_sampled`] it also covers the end of the step, as
+    /// `argmax_ms` does.
     pub sample_ms: f64,
     /// Device time of the sampling kernel alone (CUDA events); 0 when it did not run.
     pub sample_gpu_ms: f64,
@@ -142,7 +147,16 @@ pub struct CudaBackend {
     plan: Plan,
     shapes: RoleShapes,
     sms: usize,
-    events: (Event, Event),
+    /// Pinned memory every step's inputs (tokens, positions, slots, sampling records) go up
+    /// from without waiting: a decode step synchronises once, when its ids come back.
+    staging: Staging,
+    /// Events around the last decode step's graph (or kernels); read once the stream was
+    /// synchronised after it (`step_timed`).
+    step_events: (Event, Event),
+    /// Whether `step_events` hold a step whose device time is not in `timing` yet.
+    step_timed: bool,
+    /// Events around the token choice (argmax or sampler kernel) after a step.
+    choice_events: (Event, Event),
     ctx: Arc<Context>,
     opts: CudaOptions,
     cap: usize,
@@ -158,6 +172,11 @@ pub struct CudaBackend {
 
 /// Builds a backend with `opts` whose [`PlanSource::Auto`] was resolved to `plan` (from
 /// `source`), and labels and logs where its plan came from.
+/// Pinned staging memory for a backend's step inputs: a few steps' worth of tokens, positions,
+/// slots and sampling records (more than that waits for the stream and wraps; a batch's logit
+/// edits beyond it go up synchronously).
+const STAGING_BYTES: usize = 4 << 20;
+
 /// A kernel's i32 ids as token ids, or an error naming the kernel (`who`) when one is outside
 /// the vocabulary (-1: a row the kernel did not answer).
 fn ids_in_vocab(ids: Vec<i32>, vocab: usize, who: &str) -> GpuResult<Vec<u32>> {
@@ -593,7 +612,9 @@ impl CudaBackend {
         .map_err(DeviceError::Invalid)?;
         let kv = KvCache::new(&ctx, cfg.num_hidden_layers, kvd, max_sequences, max_context)?;
         let buckets = decode_buckets(max_sequences);
-        let events = (Event::new(&ctx)?, Event::new(&ctx)?);
+        let step_events = (Event::new(&ctx)?, Event::new(&ctx)?);
+        let choice_events = (Event::new(&ctx)?, Event::new(&ctx)?);
+        let staging = Staging::new(&ctx, STAGING_BYTES)?;
         Ok(Self {
             cfg,
             graphs: HashMap::new(),
@@ -610,7 +631,10 @@ impl CudaBackend {
             plan,
             shapes,
             sms,
-            events,
+            staging,
+            step_events,
+            step_timed: false,
+            choice_events,
             ctx,
             opts: opts.clone(),
             cap,
@@ -739,14 +763,16 @@ impl CudaBackend {
         self.ctx.bind()?;
         let vocab = self.cfg.vocab_size;
         let t = Instant::now();
-        self.events.0.record()?;
+        self.choice_events.0.record()?;
         self.k
             .argmax_rows(self.bufs.logits.ptr(), rows, vocab, self.bufs.ids.ptr())?;
-        self.events.1.record()?;
+        self.choice_events.1.record()?;
         let mut ids = vec![0i32; rows];
+        // The step's one synchronisation: the ids back (the step and the kernel done).
         self.bufs.ids.download(&mut ids)?;
         self.timing.argmax_ms = t.elapsed().as_secs_f64() * 1e3;
-        self.timing.argmax_gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
+        self.settle_step_time()?;
+        self.timing.argmax_gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
         ids_in_vocab(ids, vocab, "argmax")
     }
 
@@ -763,10 +789,12 @@ impl CudaBackend {
         let rows = packed.rows.len();
         let vocab = self.cfg.vocab_size;
         let t = Instant::now();
-        // Stream-ordered after the step that consumed logits_raw (uploads wait for the stream).
-        self.bufs.sample_rows.upload(0, &packed.rows)?;
-        self.bufs.logits_raw.upload(0, &packed.edits)?;
-        self.events.0.record()?;
+        // Stream-ordered after the step, whose last kernel consumed logits_raw.
+        self.staging
+            .upload(&self.bufs.sample_rows, 0, &packed.rows)?;
+        self.staging
+            .upload(&self.bufs.logits_raw, 0, &packed.edits)?;
+        self.choice_events.0.record()?;
         self.k.sample_rows(
             self.bufs.logits.ptr(),
             rows,
@@ -775,13 +803,15 @@ impl CudaBackend {
             self.bufs.logits_raw.ptr(),
             self.bufs.ids.ptr(),
         )?;
-        self.events.1.record()?;
+        self.choice_events.1.record()?;
         let mut ids = vec![0i32; rows];
+        // The step's one synchronisation: the ids back (the step and the kernel done).
         self.bufs.ids.download(&mut ids)?;
         // The logits are edited now: not the step's logits any more.
         self.logit_rows = 0;
         self.timing.sample_ms = t.elapsed().as_secs_f64() * 1e3;
-        self.timing.sample_gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
+        self.settle_step_time()?;
+        self.timing.sample_gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
         ids_in_vocab(ids, vocab, "sampler")
     }
 
@@ -935,10 +965,11 @@ impl CudaBackend {
         k.split_sum(logits, m, vocab, b.logits.ptr())
     }
 
-    fn upload_inputs(&self, tokens: &[i32], pos: &[i32], slots: &[i32]) -> GpuResult<()> {
-        self.bufs.tokens.upload(0, tokens)?;
-        self.bufs.pos.upload(0, pos)?;
-        self.bufs.slot.upload(0, slots)
+    /// Queues a pass's inputs through the staging memory, without waiting.
+    fn upload_inputs(&mut self, tokens: &[i32], pos: &[i32], slots: &[i32]) -> GpuResult<()> {
+        self.staging.upload(&self.bufs.tokens, 0, tokens)?;
+        self.staging.upload(&self.bufs.pos, 0, pos)?;
+        self.staging.upload(&self.bufs.slot, 0, slots)
     }
 
     fn copy_logits(&mut self, rows: usize) -> GpuResult<Vec<f32>> {
@@ -993,14 +1024,17 @@ impl CudaBackend {
         };
         let eager_only = self.graphless.contains_key(&bucket);
         let graph_used = graph.is_some();
-        self.events.0.record()?;
+        self.step_timed = false;
+        self.step_events.0.record()?;
         match graph {
             Some(g) => g.launch()?,
             None => self.enqueue(bucket, Want::All)?,
         }
-        self.events.1.record()?;
-        let gpu_ms = self.events.0.elapsed_ms(&self.events.1)? as f64;
+        self.step_events.1.record()?;
+        self.step_timed = true;
         if self.opts.graphs && !eager_only && !self.graphs.contains_key(&bucket) {
+            // Once per bucket: capture from an idle stream, the eager step above finished.
+            self.ctx.sync()?;
             // A failed capture is not a failed step: the step above already ran eagerly, and
             // this bucket keeps running eagerly (slower launches, same results).
             match Graph::capture(&self.ctx, || self.enqueue(bucket, Want::All)) {
@@ -1016,8 +1050,8 @@ impl CudaBackend {
                 }
             }
         }
+        // gpu_ms is read from the events once the step's ids or logits are back.
         self.timing = StepTiming {
-            gpu_ms,
             graph: graph_used,
             bucket,
             ..StepTiming::default()
@@ -1026,9 +1060,22 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A decode step whose logits are copied back.
+    /// The last decode step's device time into `timing.gpu_ms`, once the stream was
+    /// synchronised after it (its events are complete then: no wait).
+    fn settle_step_time(&mut self) -> GpuResult<()> {
+        if std::mem::take(&mut self.step_timed) {
+            self.timing.gpu_ms = self.step_events.0.elapsed_ms(&self.step_events.1)? as f64;
+        }
+        Ok(())
+    }
+
+    /// A decode step whose logits are copied back. It waits for the step before the copy, so
+    /// `copy_ms` is the copy alone (this is the benchmark's reference path; serving steps take
+    /// ids, with one synchronisation).
     fn decode_inner(&mut self, batch: &[DecodeItem]) -> GpuResult<Vec<f32>> {
         self.run_decode(batch)?;
+        self.ctx.sync()?;
+        self.settle_step_time()?;
         let t = Instant::now();
         let logits = self.copy_logits(batch.len())?;
         self.timing.copy_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -441,6 +441,96 @@ impl Drop for PinnedBuf {
     }
 }
 
+/// Page-locked host memory that a step's inputs go up from without waiting: each
+/// [`Staging::upload`] copies its data into the next free region and queues the copy to the
+/// device on the stream, so the step's kernels (stream-ordered after it) start without the host
+/// ever blocking on an upload. A region is never rewritten while a queued copy may still read
+/// it: when the memory is full, the next upload waits for the stream first (every earlier copy
+/// is then done) and starts again from the beginning. A step ends with one synchronisation (its
+/// ids or logits coming back), so the wait is almost always free.
+pub struct Staging {
+    ctx: Arc<Context>,
+    ptr: *mut u8,
+    bytes: usize,
+    /// Bytes from the start handed to copies since the last wrap.
+    used: usize,
+}
+
+// SAFETY: owned page-locked memory like a Box<[u8]>; written only through &mut self.
+unsafe impl Send for Staging {}
+
+/// Alignment of each staged region (the copies' source addresses).
+const STAGING_ALIGN: usize = 16;
+
+impl Staging {
+    /// `bytes` of pinned host memory.
+    pub fn new(ctx: &Arc<Context>, bytes: usize) -> GpuResult<Self> {
+        ctx.bind()?;
+        let bytes = bytes.max(STAGING_ALIGN);
+        // SAFETY: allocation of `bytes` bytes of host memory, only ever written before it is read
+        // by a copy.
+        let ptr = ck(unsafe { cu::malloc_host(bytes, 0) }, "cuMemAllocHost")? as *mut u8;
+        Ok(Self {
+            ctx: ctx.clone(),
+            ptr,
+            bytes,
+            used: 0,
+        })
+    }
+
+    /// Queues a copy of `data` into `dst` at byte `offset`, through the staging memory, and
+    /// returns without waiting for it. Data larger than the whole staging memory goes up with
+    /// [`DevBuf::upload`] (which waits) instead.
+    pub fn upload<T: Copy>(&mut self, dst: &DevBuf, offset: usize, data: &[T]) -> GpuResult<()> {
+        let n = std::mem::size_of_val(data);
+        if offset + n > dst.bytes {
+            return Err(GpuError::invalid(format!(
+                "upload of {n} bytes at {offset} overruns a buffer of {}",
+                dst.bytes
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        if n > self.bytes {
+            return dst.upload(offset, data);
+        }
+        let mut start = self.used.div_ceil(STAGING_ALIGN) * STAGING_ALIGN;
+        if start + n > self.bytes {
+            // Every queued copy must be done before a region is reused.
+            self.ctx.sync()?;
+            start = 0;
+        }
+        self.ctx.bind()?;
+        // SAFETY: [start, start + n) lies inside the allocation and no queued copy reads it (it
+        // is past every region handed out since the last wait, or the stream was just waited
+        // for); `data` is `n` bytes of plain Copy values. The copy reads the pinned region, which
+        // lives as long as `self`, whose Drop waits for the stream before freeing it.
+        unsafe {
+            let region = self.ptr.add(start);
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, region, n);
+            let src = std::slice::from_raw_parts(region as *const u8, n);
+            ck(
+                cu::memcpy_htod_async(dst.ptr + offset as u64, src, self.ctx.stream),
+                "cuMemcpyHtoDAsync",
+            )?;
+        }
+        self.used = start + n;
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemAllocHost and freed once, after pending copies finish.
+        unsafe {
+            let _ = cu::ctx::set_current(self.ctx.ctx);
+            let _ = cu::stream::synchronize(self.ctx.stream);
+            let _ = cu::free_host(self.ptr as *mut c_void);
+        }
+    }
+}
+
 /// A kernel argument: a device pointer, a 32-bit int or float, or a 64-bit integer.
 #[derive(Clone, Copy, Debug)]
 pub enum Arg {
