@@ -75,6 +75,8 @@ struct PlanRun {
     tokens_per_s: Vec<(usize, f64)>,
     /// Buckets whose CUDA graph capture failed (they ran eagerly), with the error.
     graph_failures: Vec<Value>,
+    /// (prompt tokens, median time to first token in ms) of every `--prefill` length.
+    ttft: Vec<(usize, f64)>,
 }
 
 /// How the model is made: a preset generated on the device, or a checkpoint.
@@ -229,6 +231,17 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
             .flat_map(|r| r.rows.iter().cloned())
             .chain(partial.iter().cloned())
             .collect::<Vec<_>>());
+        doc["prefill"] = json!(runs
+            .iter()
+            .flat_map(|r| r.ttft.iter().map(|&(len, ms)| json!({
+                "plan": r.name,
+                "prompt_tokens": len,
+                "ttft_ms": ms,
+                "prefill_tokens_per_s": len as f64 / (ms * 1e-3),
+            })))
+            .collect::<Vec<_>>());
+        doc["prefill_comparison"] = compare_ttft(runs);
+        doc["prefill_note"] = json!(TTFT_NOTE);
         doc["comparison"] = comparison.clone();
         doc["twin_check"] = twin.clone();
         super::bench::write_results(out, doc, rayon::current_num_threads())
@@ -277,6 +290,10 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
             None
         };
         drop(backend);
+        let mut run = run;
+        if !a.prefill.is_empty() {
+            run.ttft = measure_ttft(&source, &opts, &a.prefill, name)?;
+        }
         runs.push(run);
         write(&runs, &[], &Value::Null, &Value::Null, false)?;
         if let Some(trace) = trace {
@@ -297,6 +314,80 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         bail!("the compressed plan and its raw twin gave different logits (see above)");
     }
     Ok(())
+}
+
+/// What the `prefill` rows measure.
+const TTFT_NOTE: &str = "time to first token of one prompt alone: host time of `prefill` (the prompt in chunks of max_prefill_tokens, eagerly, the last row's logits copied back) plus the argmax of those logits; median of 3 after a warm-up prefill, on a backend of one sequence whose context holds the prompt, built after the plan's decode measurements (the same plan and weights)";
+
+/// Times the first token of one prompt of each length in `lens` on a backend of `opts`'s plan
+/// built for it alone (one sequence, a context that holds the longest prompt; the decode
+/// backend, sized for the batch, is dropped before): a warm-up prefill, then the median of
+/// three of `prefill` plus the argmax of its logits.
+fn measure_ttft(
+    source: &Source,
+    opts: &CudaOptions,
+    lens: &[usize],
+    name: &str,
+) -> Result<Vec<(usize, f64)>> {
+    let longest = *lens.iter().max().expect("non-empty");
+    let mut b = source.build(&CudaOptions {
+        max_sequences: 1,
+        max_context: Some(longest + 1),
+        ..opts.clone()
+    })?;
+    let vocab = b.config().vocab_size as u32;
+    let mut out = Vec::with_capacity(lens.len());
+    for &len in lens {
+        let prompt = super::bench_decode::bench_prompt(len, 0, vocab);
+        let mut times = Vec::with_capacity(3);
+        let mut first = None;
+        for rep in 0..4 {
+            let seq = b.new_sequence()?;
+            let t = Instant::now();
+            let r = b.prefill(seq, &prompt).map(|l| argmax(&l));
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            b.free_sequence(seq);
+            let token = r?;
+            // The same prompt gives the same first token every time.
+            if *first.get_or_insert(token) != token {
+                bail!(
+                    "{name}: prefill of {len} tokens gave first token {token}, earlier {first:?}"
+                );
+            }
+            if rep > 0 {
+                times.push(ms);
+            }
+        }
+        let ms = median(&mut times);
+        println!(
+            "{name}: time to first token of a {len}-token prompt: {ms:.1} ms ({:.0} tokens/s)",
+            len as f64 / (ms * 1e-3)
+        );
+        out.push((len, ms));
+    }
+    Ok(out)
+}
+
+/// Per prompt length, compressed over baseline time to first token (both measured in this
+/// run); null without both plans.
+fn compare_ttft(runs: &[PlanRun]) -> Value {
+    let of = |name: &str| runs.iter().find(|r| r.name == name);
+    let (Some(b), Some(c)) = (of("baseline"), of("compressed")) else {
+        return Value::Null;
+    };
+    json!(c
+        .ttft
+        .iter()
+        .filter_map(|&(len, cms)| {
+            let &(_, bms) = b.ttft.iter().find(|t| t.0 == len)?;
+            Some(json!({
+                "prompt_tokens": len,
+                "ttft_ms_baseline": bms,
+                "ttft_ms_compressed": cms,
+                "ttft_compressed_over_baseline": cms / bms,
+            }))
+        })
+        .collect::<Vec<_>>())
 }
 
 /// Measures every batch size on one backend and prints its table.
@@ -439,6 +530,7 @@ fn measure_plan(
         rows,
         tokens_per_s: tps,
         graph_failures,
+        ttft: Vec::new(),
     })
 }
 

@@ -66,8 +66,9 @@ pub struct DecodeArgs {
     /// Prompt length of the first sequence (sequence i gets i more tokens).
     #[arg(long, default_value_t = 16)]
     pub(super) prompt_len: usize,
-    /// CPU only: also time prefill of one prompt of each of these lengths (comma separated),
-    /// per weight configuration; their last-position logits must be identical across them.
+    /// Also time prefill of one prompt of each of these lengths (comma separated). CPU: per
+    /// weight configuration, tokens/s; their last-position logits must be identical across
+    /// them. CUDA: time to first token per plan (compressed vs baseline in the same run).
     #[arg(long, value_delimiter = ',')]
     pub(super) prefill: Vec<usize>,
     /// CPU only, with --prefill: a Python with torch and transformers (`scripts/reference-env`)
@@ -124,8 +125,10 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         bail!("--step-slowdowns must be numbers of at least 1");
     }
     if a.device == "cuda" {
-        if !a.prefill.is_empty() || a.interference.is_some() || a.sampling {
-            bail!("--prefill, --interference and --sampling are measured on the CPU only for now");
+        if a.hf_python.is_some() || a.interference.is_some() || a.sampling {
+            bail!(
+                "--hf-python, --interference and --sampling are measured on the CPU only for now"
+            );
         }
         return super::bench_cuda::run(&a);
     }
