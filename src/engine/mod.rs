@@ -790,8 +790,8 @@ impl<B: Backend> Engine<B> {
     /// itself ([`Backend::decode_sampled`]).
     fn row_sampling(&self, s: &Sequence) -> RowSampling {
         let p = s.sampler.params();
-        let mut edits: std::collections::BTreeMap<u32, LogitEdit> = p
-            .penalties(&s.output)
+        let mut edits: std::collections::BTreeMap<u32, LogitEdit> = s
+            .penalties()
             .into_iter()
             .map(|(t, delta)| (t, LogitEdit::Subtract(delta)))
             .collect();

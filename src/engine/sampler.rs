@@ -18,6 +18,9 @@ use crate::device::{LogitEdit, RowSampling};
 /// (`device::sampling`), because a device sampler receives exactly these values.
 pub use crate::device::sampling::{gap_scale, top_p_fixed};
 
+/// How many times each token id was generated, in id order.
+pub type TokenCounts = std::collections::BTreeMap<u32, u32>;
+
 /// How a request picks its tokens.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -99,13 +102,22 @@ impl SamplingParams {
         if !self.has_penalties() {
             return Vec::new();
         }
-        let mut counts: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+        let mut counts = TokenCounts::new();
         for &t in generated {
             *counts.entry(t).or_default() += 1;
         }
+        self.penalties_of(&counts)
+    }
+
+    /// [`SamplingParams::penalties`] from the generated tokens' counts (what a running
+    /// sequence keeps up to date, so a step does not recount its whole output).
+    pub fn penalties_of(&self, counts: &TokenCounts) -> Vec<(u32, f32)> {
+        if !self.has_penalties() {
+            return Vec::new();
+        }
         counts
-            .into_iter()
-            .map(|(t, n)| (t, self.frequency_penalty * n as f32 + self.presence_penalty))
+            .iter()
+            .map(|(&t, &n)| (t, self.frequency_penalty * n as f32 + self.presence_penalty))
             .collect()
     }
 

@@ -9,7 +9,7 @@ use std::fmt;
 
 use super::detok::{Detokenizer, Filtered, IncrementalText, StopFilter};
 use super::request::{Request, RequestId};
-use super::sampler::Sampler;
+use super::sampler::{Sampler, TokenCounts};
 use crate::device::SeqId;
 
 /// Why a sequence stopped. Rendered to text only by [`StopReason::as_str`].
@@ -91,6 +91,9 @@ pub struct Sequence {
     pub prefilled: usize,
     text: IncrementalText,
     stops: StopFilter,
+    /// Counts of the tokens in `output`, kept only when the request has penalties (each step
+    /// needs them; recounting a long output every step would cost O(output) per row).
+    counts: TokenCounts,
 }
 
 impl Sequence {
@@ -108,6 +111,7 @@ impl Sequence {
             prefilled: 0,
             text: IncrementalText::default(),
             stops,
+            counts: TokenCounts::new(),
         }
     }
 
@@ -161,6 +165,13 @@ impl Sequence {
         self.output.len() as u64
     }
 
+    /// The penalty of each token the sequence generated, in id order
+    /// ([`SamplingParams::penalties`](super::sampler::SamplingParams::penalties) of its output,
+    /// from counts kept as tokens are accepted).
+    pub fn penalties(&self) -> Vec<(u32, f32)> {
+        self.sampler.params().penalties_of(&self.counts)
+    }
+
     /// Whether the next token is exactly [`argmax`](crate::device::argmax) of the raw logits:
     /// greedy parameters (which never draw from the RNG) and no end-of-sequence masking. Only
     /// then may the engine take the backend's greedy ids ([`crate::device::Backend::
@@ -196,6 +207,9 @@ impl Sequence {
             });
         }
         self.output.push(token);
+        if self.sampler.params().has_penalties() {
+            *self.counts.entry(token).or_default() += 1;
+        }
         let mut stop = None;
         let raw = match detok {
             Some(d) => self.text.push(d, token)?,
@@ -271,6 +285,33 @@ mod tests {
     }
 
     /// Which rows may take the backend's greedy ids instead of logits.
+    #[test]
+    fn penalties_from_kept_counts_equal_those_of_the_whole_output() {
+        let params = SamplingParams {
+            temperature: 0.8,
+            frequency_penalty: 0.6,
+            presence_penalty: -0.25,
+            ..SamplingParams::default()
+        };
+        let mut s = Sequence::new(
+            RequestId(0),
+            Request {
+                sampling: params.clone(),
+                ..Request::greedy(vec![1, 2], 32)
+            },
+        );
+        assert!(s.penalties().is_empty());
+        for t in [7u32, 3, 7, 900, 3, 7, 42] {
+            s.accept(t, &[], None, 1024).unwrap();
+            assert_eq!(s.penalties(), params.penalties(&s.output));
+        }
+        assert_eq!(s.penalties()[1], (7, 0.6f32 * 3.0 + -0.25f32));
+        // Without penalties nothing is counted or charged.
+        let mut g = seq(SamplingParams::default(), 0, false);
+        g.accept(7, &[], None, 1024).unwrap();
+        assert!(g.penalties().is_empty() && g.counts.is_empty());
+    }
+
     #[test]
     fn argmax_suffices_only_for_greedy_rows_without_eos_masking() {
         // Plain greedy; greedy through top_k = 1 at any temperature.
