@@ -23,7 +23,13 @@
 //! argmax runs over the logits still in device memory and only the ids are copied back
 //! (`CudaBackend::argmax_last_step`, the path `Backend::decode_argmax` takes when every row of a
 //! step is greedy). Its host time is the `dev argmax` column; `greedy via` names the cheaper path
-//! (medians), and the run fails if the two paths ever choose a different token. With
+//! (medians), and the run fails if the two paths ever choose a different token. The device
+//! sampler (temperature 0.8, top-p 0.95) then runs on the same logits
+//! (`CudaBackend::sample_last_step`) and must give the host sampler's tokens on the copied logits,
+//! or the run fails. After the timed steps, a few serving steps as the engine takes them
+//! (`decode_argmax` and `decode_sampled`, one synchronisation each) measure the host time per
+//! step against the GPU step and sampled over greedy tokens/s. `--prefill` adds the time to
+//! first token per plan. With
 //! both plans: per batch the tokens/s ratio compressed / baseline, and the ratio of their weight
 //! bytes (the goal: at most 72% of BF16).
 //!
