@@ -495,11 +495,10 @@ impl Staging {
         if n > self.bytes {
             return dst.upload(offset, data);
         }
-        let mut start = self.used.div_ceil(STAGING_ALIGN) * STAGING_ALIGN;
-        if start + n > self.bytes {
+        let (start, wrap) = staging_region(self.used, n, self.bytes);
+        if wrap {
             // Every queued copy must be done before a region is reused.
             self.ctx.sync()?;
-            start = 0;
         }
         self.ctx.bind()?;
         // SAFETY: [start, start + n) lies inside the allocation and no queued copy reads it (it
@@ -517,6 +516,18 @@ impl Staging {
         }
         self.used = start + n;
         Ok(())
+    }
+}
+
+/// Where [`Staging::upload`] puts `n` bytes (`0 < n <= bytes`) when `used` bytes were handed
+/// out since the last wrap: the next aligned offset, or 0 with `true` (wait for the stream
+/// first) when they do not fit before the end.
+fn staging_region(used: usize, n: usize, bytes: usize) -> (usize, bool) {
+    let start = used.div_ceil(STAGING_ALIGN) * STAGING_ALIGN;
+    if start + n > bytes {
+        (0, true)
+    } else {
+        (start, false)
     }
 }
 
@@ -1046,4 +1057,43 @@ pub fn cublas_loaded() -> GpuResult<((i32, i32, i32), Option<String>)> {
                 .map(str::to_string)
         });
     Ok((version, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Staged regions never overlap a region handed out since the last wait: consecutive ones
+    /// are disjoint and aligned, and one that does not fit before the end starts again at 0
+    /// only with a wait.
+    #[test]
+    fn staging_regions_are_disjoint_until_a_wait() {
+        let bytes = 1000;
+        let mut used = 0;
+        let mut live: Vec<(usize, usize)> = Vec::new();
+        let mut waits = 0;
+        for (k, n) in [7usize, 100, 1, 16, 400, 300, 250, 3, 999, 1000, 64]
+            .into_iter()
+            .enumerate()
+        {
+            let (start, wrap) = staging_region(used, n, bytes);
+            if wrap {
+                waits += 1;
+                live.clear();
+            }
+            assert_eq!(start % STAGING_ALIGN, 0, "upload {k}");
+            assert!(start + n <= bytes, "upload {k} overruns");
+            for &(a, b) in &live {
+                assert!(
+                    start >= b || start + n <= a,
+                    "upload {k} overlaps [{a}, {b})"
+                );
+            }
+            live.push((start, start + n));
+            used = start + n;
+        }
+        assert!(waits >= 3, "{waits} waits");
+        assert_eq!(staging_region(0, bytes, bytes), (0, false));
+        assert_eq!(staging_region(1, bytes, bytes), (0, true));
+    }
 }
