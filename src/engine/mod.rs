@@ -3,8 +3,9 @@
 //! [`Engine`] owns a [`Backend`] and every request's [`Sequence`]. A caller (the CLI, the Triton
 //! engine thread) adds requests at any time, cancels them, and calls [`Engine::step`], which
 //! prefills the next chunks of prompts under a per-step budget (chunked prefill: a long prompt
-//! is spread over several steps; while streams run, paced so a step stays within a multiple of a
-//! decode-only step, [`pacing`]), decodes every other running sequence as one batch, and
+//! is spread over several steps; while streams run, a long prompt's chunks are paced so a step
+//! stays within a multiple of a decode-only step, [`pacing`], and short prompts are admitted
+//! whole under the token cap), decodes every other running sequence as one batch, and
 //! returns what happened as [`Event`]s. Requests join and leave between steps (continuous
 //! batching).
 //!
@@ -299,8 +300,9 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs one iteration: retires cancelled requests; prefills, under the step's budget of
-    /// [`EngineOptions::max_prefill_tokens`] prompt tokens (and, while sequences decode, of the
-    /// cost [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
+    /// [`EngineOptions::max_prefill_tokens`] prompt tokens (and, for prompts longer than
+    /// [`EngineOptions::short_prompt_tokens`] while sequences decode, of the cost
+    /// [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
     /// prompts being prefilled, then the first chunks of newly admitted ones (a prompt whose
     /// last chunk ran yields its first token); and decodes all other running ones in one batch
     /// (one token each). The step's wall time calibrates the pacing.
