@@ -690,17 +690,78 @@ fn chunking_case(stream_tokens: usize) -> (Vec<u32>, [Vec<u32>; 2], [Vec<u32>; 3
     (long, short, want)
 }
 
-/// An engine over the tiny model with a budget of 16 prompt tokens a step, paced by
-/// `max_step_slowdown`.
+/// An engine over the tiny model with a budget of 16 prompt tokens a step, prompts longer than
+/// that paced by `max_step_slowdown`.
 fn chunking_engine(max_step_slowdown: Option<f64>) -> Engine<CpuBackend> {
     let b = backend(tiny().0, WeightMode::Decoded);
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
         max_prefill_tokens: 16,
         max_step_slowdown,
+        short_prompt_tokens: 16,
         ..EngineOptions::for_config(b.config())
     };
     Engine::new(b, None, opts)
+}
+
+#[test]
+fn by_default_a_burst_of_short_prompts_starts_whole_next_to_running_streams() {
+    // The default options pace long prompts (max_step_slowdown) but not short ones: while two
+    // streams decode, three prompts of 9, 7 and 70 tokens (all within the default cap of 256)
+    // arriving together are prefilled whole in the next step, each giving its first token
+    // there, while both streams still get theirs. Every request generates what it does alone.
+    let (long, short, want) = chunking_case(12);
+    let b = backend(tiny().0, WeightMode::Decoded);
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    };
+    assert_eq!(
+        opts.max_step_slowdown,
+        Some(triton_unweight::engine::DEFAULT_STEP_SLOWDOWN)
+    );
+    let mut e = Engine::new(b, None, opts);
+    let mut ids = vec![
+        e.add(Request::greedy(short[0].clone(), 12)).unwrap(),
+        e.add(Request::greedy(short[1].clone(), 12)).unwrap(),
+    ];
+    let mut got = vec![Vec::new(); 5];
+    let record = |events: Vec<Event>, got: &mut Vec<Vec<u32>>, ids: &[RequestId]| {
+        let mut per = [0usize; 5];
+        for ev in events {
+            if let Event::Token { id, token, .. } = ev {
+                let i = ids.iter().position(|&x| x == id).unwrap();
+                got[i].push(token);
+                per[i] += 1;
+            }
+        }
+        per
+    };
+    for _ in 0..3 {
+        record(e.step().unwrap(), &mut got, &ids);
+    }
+    for p in [&short[0], &short[1], &long] {
+        ids.push(e.add(Request::greedy(p.clone(), 4)).unwrap());
+    }
+    let before = e.stats().prefill_tokens;
+    let per = record(e.step().unwrap(), &mut got, &ids);
+    assert_eq!(e.stats().prefill_tokens - before, (9 + 7 + 70) as u64);
+    assert_eq!(
+        per, [1; 5],
+        "every stream and every new request got a token"
+    );
+    while e.has_work() {
+        record(e.step().unwrap(), &mut got, &ids);
+    }
+    let alone = |p: &[u32]| {
+        let mut e = engine(false);
+        e.add(Request::greedy(p.to_vec(), 4)).unwrap();
+        run_all(&mut e).remove(0).1
+    };
+    let mut want = want.to_vec();
+    want.truncate(2);
+    want.extend([alone(&short[0]), alone(&short[1]), alone(&long)]);
+    assert_eq!(got, want);
 }
 
 #[test]
@@ -771,8 +832,8 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
 
 #[test]
 fn paced_prefill_keeps_every_stream_decoding_and_runs_at_the_cap_when_alone() {
-    // Pacing (max_step_slowdown, opt-in): chunk sizes follow measured step times, so this
-    // checks what holds whatever they are. A prompt alone prefills at the token cap; while two
+    // Pacing (max_step_slowdown, on by default, here for prompts over the cap of 16): chunk
+    // sizes follow measured step times, so this checks what holds whatever they are. A prompt alone prefills at the token cap; while two
     // streams decode, every step still gives both a token, each step's chunk stays within the
     // cap, the prompt keeps progressing, and the tokens are those of an unchunked run.
     // Long enough that the streams outlive the prompt's prefill even at one token a step.

@@ -92,7 +92,8 @@ pub struct DecodeArgs {
     )]
     pub(super) prefill_chunks: Vec<usize>,
     /// With --interference: the paced policy's `max_step_slowdown` values to measure (each
-    /// under the default cap of 256 tokens a step), comma separated.
+    /// under the default cap of 256 tokens a step and the default `short_prompt_tokens`; the
+    /// default slowdown is the engine's default policy), comma separated.
     #[arg(
         long,
         value_delimiter = ',',
@@ -100,6 +101,15 @@ pub struct DecodeArgs {
         requires = "interference"
     )]
     pub(super) step_slowdowns: Vec<f64>,
+    /// CPU only: also measure a burst of this many short requests arriving together while four
+    /// streams decode, under the fixed cap without pacing, with every prompt paced, and under
+    /// the default (long prompts paced, short ones whole), side by side (plain checkpoint;
+    /// bench_burst.rs).
+    #[arg(long)]
+    pub(super) burst: Option<usize>,
+    /// With --burst: the prompt length of the burst's requests.
+    #[arg(long, default_value_t = 100, requires = "burst")]
+    pub(super) burst_len: usize,
     /// CPU only: also measure sampled decoding (temperature 0.8, top-p 0.95) next to greedy at
     /// each batch size, and the engine's host time per decode step (plain checkpoint;
     /// bench_sampling.rs).
@@ -115,8 +125,13 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) || a.tokens == 0 || a.prompt_len == 0 {
         bail!("--batch sizes, --tokens and --prompt-len must all be at least 1");
     }
-    if a.prefill.contains(&0) || a.interference == Some(0) || a.prefill_chunks.contains(&0) {
-        bail!("--prefill lengths, --interference and --prefill-chunks must be at least 1");
+    if a.prefill.contains(&0)
+        || a.interference == Some(0)
+        || a.prefill_chunks.contains(&0)
+        || a.burst == Some(0)
+        || a.burst_len == 0
+    {
+        bail!("--prefill lengths, --interference, --prefill-chunks, --burst and --burst-len must be at least 1");
     }
     if a.step_slowdowns
         .iter()
@@ -125,9 +140,9 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         bail!("--step-slowdowns must be numbers of at least 1");
     }
     if a.device == "cuda" {
-        if a.hf_python.is_some() || a.interference.is_some() || a.sampling {
+        if a.hf_python.is_some() || a.interference.is_some() || a.burst.is_some() || a.sampling {
             bail!(
-                "--hf-python, --interference and --sampling are measured on the CPU only for now"
+                "--hf-python, --interference, --burst and --sampling are measured on the CPU only for now"
             );
         }
         return super::bench_cuda::run(&a);
@@ -169,6 +184,10 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         Some(len) => measure_interference(&model, len, &a.prefill_chunks, &a.step_slowdowns)?,
         None => Vec::new(),
     };
+    let burst = match a.burst {
+        Some(n) => super::bench_burst::measure_burst(&model, n, a.burst_len)?,
+        None => Vec::new(),
+    };
     let sampling = if a.sampling {
         super::bench_sampling::measure_sampling(&model, &a.batch, a.tokens, a.prompt_len)?
     } else {
@@ -188,6 +207,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             "results": rows,
             "prefill": prefill,
             "interference": interference,
+            "burst": burst,
             "sampling": sampling,
             "hf_transformers_prefill": hf,
         });
@@ -519,6 +539,9 @@ fn measure_interference(
         let largest_chunk = chunk_of[lo + 1..=hi].iter().copied().max().unwrap_or(0);
         let ttft = (t1 - t0).as_secs_f64();
         let (label, policy) = match pacing {
+            Some(f) if f == crate::engine::DEFAULT_STEP_SLOWDOWN => {
+                (format!("default: paced to {f}x"), "paced")
+            }
             Some(f) => (format!("paced to {f}x (cap {chunk})"), "paced"),
             None if chunk >= len => ("whole prompt (unchunked)".to_string(), "unchunked"),
             None => (format!("chunks of {chunk} tokens"), "fixed"),

@@ -3,8 +3,9 @@
 //! [`Engine`] owns a [`Backend`] and every request's [`Sequence`]. A caller (the CLI, the Triton
 //! engine thread) adds requests at any time, cancels them, and calls [`Engine::step`], which
 //! prefills the next chunks of prompts under a per-step budget (chunked prefill: a long prompt
-//! is spread over several steps; while streams run, paced so a step stays within a multiple of a
-//! decode-only step, [`pacing`]), decodes every other running sequence as one batch, and
+//! is spread over several steps; while streams run, a long prompt's chunks are paced so a step
+//! stays within a multiple of a decode-only step, [`pacing`], and short prompts are admitted
+//! whole under the token cap), decodes every other running sequence as one batch, and
 //! returns what happened as [`Event`]s. Requests join and leave between steps (continuous
 //! batching).
 //!
@@ -114,12 +115,20 @@ pub struct EngineOptions {
     /// than a plain decode step. With no sequence decoding, the only limit of a step's prompt
     /// work.
     pub max_prefill_tokens: usize,
-    /// While sequences decode, a step carrying prompt chunks is planned to take at most this
-    /// many times a decode-only step (≥ 1), so the running streams' gaps between tokens stay
-    /// within about this multiple of their plain decode gap: each step's chunks are sized by
-    /// their predicted cost (attention over the prompt's prefix included) against measured step
-    /// times ([`pacing`]). `None`: only `max_prefill_tokens` limits them.
+    /// While sequences decode, a step carrying a long prompt's chunk is planned to take at most
+    /// this many times a decode-only step (≥ 1), so the running streams' gaps between tokens
+    /// stay within about this multiple of their plain decode gap while a long prompt is
+    /// admitted: each step's chunks are sized by their predicted cost (attention over the
+    /// prompt's prefix included) against measured step times ([`pacing`]). Prompts of at most
+    /// `short_prompt_tokens` are not paced. `None`: only `max_prefill_tokens` limits any prompt.
+    /// Default: `Some(DEFAULT_STEP_SLOWDOWN)`.
     pub max_step_slowdown: Option<f64>,
+    /// Prompts with at most this many tokens to prefill are short: `max_step_slowdown` does not
+    /// apply to them, only `max_prefill_tokens`, so a burst of short requests is admitted
+    /// together (whole prompts in one step while the cap has room) at the cost of one such step
+    /// for the running streams. Default: `DEFAULT_PREFILL_CHUNK`, a prompt one step can hold.
+    /// 0 paces every prompt.
+    pub short_prompt_tokens: usize,
 }
 
 /// The default of [`EngineOptions::max_prefill_tokens`]: long enough that a prompt's products
@@ -127,23 +136,23 @@ pub struct EngineOptions {
 /// a chunk, not a whole long prompt (bench decode --interference).
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
-/// The suggested [`EngineOptions::max_step_slowdown`] when pacing is turned on (the `bench
-/// decode --step-slowdowns` default): 2× a running stream's plain decode gap. Pacing is off by
-/// default: it keeps running streams' gaps within about this multiple while a long prompt is
-/// admitted (README, "Chunked prefill"), but it admits every prompt at a few tokens a step while
-/// anything decodes, so a burst of short requests runs nearly one after the other instead of
-/// together (measured: sixteen 100-token requests through Triton, at most two streamed at once
-/// with pacing, tests/triton_host.rs `a_small_kv_budget_serves_sixteen_short_requests_at_once`).
+/// The default of [`EngineOptions::max_step_slowdown`]: a step carrying a long prompt's chunk
+/// takes about 2× a decode-only step, so a running stream's worst gap between tokens stays
+/// within 2× its median while a 4k-token prompt is admitted (bench decode --interference;
+/// README, "Chunked prefill"), at the price of a longer time to first token for that prompt.
 pub const DEFAULT_STEP_SLOWDOWN: f64 = 2.0;
 
 impl EngineOptions {
-    /// Defaults for a model: its config's end-of-sequence tokens, batches of up to 32.
+    /// Defaults for a model: its config's end-of-sequence tokens, batches of up to 32, chunks of
+    /// up to [`DEFAULT_PREFILL_CHUNK`] prompt tokens a step, long prompts paced to
+    /// [`DEFAULT_STEP_SLOWDOWN`].
     pub fn for_config(cfg: &LlamaConfig) -> Self {
         Self {
             eos_token_ids: cfg.eos_token_ids.clone(),
             max_batch: 32,
             max_prefill_tokens: DEFAULT_PREFILL_CHUNK,
-            max_step_slowdown: None,
+            max_step_slowdown: Some(DEFAULT_STEP_SLOWDOWN),
+            short_prompt_tokens: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -181,8 +190,9 @@ pub struct Engine<B: Backend> {
     cost: scheduler::CostModel,
     /// Sizes the chunks of steps with running streams (`max_step_slowdown`).
     pacer: Option<Pacer>,
-    /// Cost units of the chunks that ran in the current step, and its decode rows.
-    step_work: (u64, usize),
+    /// Cost units of the chunks that ran in the current step, its decode rows, and whether a
+    /// short prompt's chunk was among them.
+    step_work: (u64, usize, bool),
 }
 
 impl<B: Backend> Engine<B> {
@@ -194,7 +204,7 @@ impl<B: Backend> Engine<B> {
         Self {
             cost,
             pacer,
-            step_work: (0, 0),
+            step_work: (0, 0, false),
             backend,
             detok,
             opts,
@@ -306,8 +316,9 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs one iteration: retires cancelled requests; prefills, under the step's budget of
-    /// [`EngineOptions::max_prefill_tokens`] prompt tokens (and, while sequences decode, of the
-    /// cost [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
+    /// [`EngineOptions::max_prefill_tokens`] prompt tokens (and, for prompts longer than
+    /// [`EngineOptions::short_prompt_tokens`] while sequences decode, of the cost
+    /// [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
     /// prompts being prefilled, then the first chunks of newly admitted ones (a prompt whose
     /// last chunk ran yields its first token); and decodes all other running ones in one batch
     /// (one token each). The step's wall time calibrates the pacing.
@@ -327,12 +338,14 @@ impl<B: Backend> Engine<B> {
     pub fn step(&mut self) -> Result<Vec<Event>, EngineError> {
         let mut events = Vec::new();
         let start = Instant::now();
-        self.step_work = (0, 0);
+        self.step_work = (0, 0, false);
         match self.step_into(&mut events) {
             Ok(()) => {
-                let (units, rows) = self.step_work;
+                let (units, rows, short) = self.step_work;
                 if let Some(p) = &mut self.pacer {
-                    if units > 0 || rows > 0 {
+                    if short {
+                        p.skip();
+                    } else if units > 0 || rows > 0 {
                         p.observe(units, rows, start.elapsed().as_secs_f64());
                     }
                 }
@@ -367,9 +380,15 @@ impl<B: Backend> Engine<B> {
         self.stats.steps += 1;
         // Prompts being prefilled continue first, in admission order.
         let cap = self.opts.max_prefill_tokens.max(1);
+        // Long prompts are paced while a stream decodes; with none waiting or being prefilled,
+        // the cap alone (no step is kept decode-only for the pacer's reference).
+        let short = self.opts.short_prompt_tokens;
+        let long = |s: &Sequence| s.kv_len() > short;
         let mut budget = match &self.pacer {
-            Some(p) => p.budget(cap, self.running.len()),
-            None => scheduler::PrefillBudget::tokens(cap),
+            Some(p) if self.prefilling.iter().chain(&self.waiting).any(long) => {
+                p.budget(cap, self.running.len(), short)
+            }
+            _ => scheduler::PrefillBudget::tokens(cap),
         };
         // A backend that fuses steps gets this step's chunks together with the decode batch
         // (below); they are queued here, their sequences staying in `prefilling` until it ran.
@@ -379,12 +398,13 @@ impl<B: Backend> Engine<B> {
         let mut still = Vec::with_capacity(self.prefilling.len());
         let mut queue = std::mem::take(&mut self.prefilling).into_iter();
         while let Some(s) = queue.next() {
-            let chunk = budget.fit(&self.cost, s.prefilled, s.kv_len() - s.prefilled);
+            let chunk = budget.fit(&self.cost, s.prefilled, s.kv_len());
             if chunk == 0 {
                 still.push(s);
                 continue;
             }
-            budget.take(&self.cost, s.prefilled, chunk);
+            budget.take(&self.cost, s.prefilled, s.kv_len(), chunk);
+            self.step_work.2 |= s.kv_len() <= short;
             if fused {
                 queued.push((s.id, chunk));
                 still.push(s);
@@ -446,6 +466,7 @@ impl<B: Backend> Engine<B> {
                 .waiting
                 .pop_front()
                 .expect("the plan admits waiting requests in order");
+            self.step_work.2 |= s.kv_len() <= short;
             let result = match self.backend.new_sequence() {
                 Ok(seq) if fused => {
                     s.state = SequenceState::Running(seq);
@@ -599,13 +620,11 @@ impl<B: Backend> Engine<B> {
         if chunks.is_empty() && batch.is_empty() {
             return Ok(());
         }
-        self.step_work = (
-            parts
-                .iter()
-                .map(|(_, _, from, to)| self.cost.chunk(*from, to - from))
-                .sum(),
-            batch.len(),
-        );
+        self.step_work.0 = parts
+            .iter()
+            .map(|(_, _, from, to)| self.cost.chunk(*from, to - from))
+            .sum();
+        self.step_work.1 = batch.len();
         let mut logits = match self.backend.step(&chunks, &batch) {
             Ok(l) => l,
             Err(e) => {

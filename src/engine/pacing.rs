@@ -12,6 +12,12 @@
 //! least [`MIN_PACED_TOKENS`] tokens for its first chunk. With no stream running, the budget is
 //! the token cap alone: a prompt prefills at full speed.
 //!
+//! Only long prompts are paced: a prompt of at most `EngineOptions::short_prompt_tokens` tokens
+//! (by default the token cap: a prompt one step can hold) is limited by the cap alone, so a
+//! burst of short requests starts together instead of a few tokens a step, one after another.
+//! The engine asks for a paced budget only while a long prompt waits or is being prefilled, and
+//! calibrates only on steps whose chunks were all long ones'.
+//!
 //! Estimates are exponentially weighted (the newest step weighs [`WEIGHT`]); the reference is
 //! measured again by a step kept free of chunks once [`REFERENCE_STEPS`] steps followed the last
 //! one (while prompts are prefilled every step), or [`MIN_REFERENCE_STEPS`] steps when the decode
@@ -84,20 +90,22 @@ impl Pacer {
     }
 
     /// The budget of the next step, which decodes `decode_rows` running sequences, under a cap
-    /// of `cap` prompt tokens: the cap alone when nothing decodes; no tokens when the reference
-    /// is missing or due (the step measures it); otherwise the units that fit in
+    /// of `cap` prompt tokens, with prompts of at most `short` tokens to prefill never paced
+    /// (the cap alone limits them): the cap alone when nothing decodes; no tokens at all when
+    /// the reference is missing or due (the step measures it, so short prompts wait that one
+    /// decode step too); otherwise, for long prompts' chunks, the units that fit in
     /// `(slowdown − 1) × reference` seconds (none while no chunk was ever timed), with the
-    /// first chunk's floor of [`MIN_PACED_TOKENS`].
-    pub fn budget(&self, cap: usize, decode_rows: usize) -> PrefillBudget {
+    /// first long chunk's floor of [`MIN_PACED_TOKENS`].
+    pub fn budget(&self, cap: usize, decode_rows: usize, short: usize) -> PrefillBudget {
         if decode_rows == 0 {
             return PrefillBudget::tokens(cap);
         }
         let Some(r) = self.reference else {
-            return PrefillBudget::paced(0, 0, 0);
+            return PrefillBudget::paced(0, 0, 0, short);
         };
         let age = self.steps - r.step;
         if age >= REFERENCE_STEPS || (r.rows != decode_rows && age >= MIN_REFERENCE_STEPS) {
-            return PrefillBudget::paced(0, 0, 0);
+            return PrefillBudget::paced(0, 0, 0, short);
         }
         let units = if self.chunk_units > 0.0 {
             let per_unit = self.chunk_seconds / self.chunk_units;
@@ -106,7 +114,13 @@ impl Pacer {
         } else {
             0
         };
-        PrefillBudget::paced(cap, units, MIN_PACED_TOKENS)
+        PrefillBudget::paced(cap, units, MIN_PACED_TOKENS, short)
+    }
+
+    /// Records a step whose time says nothing about long prompts' chunks (it carried a short
+    /// prompt's, at another cost per unit): it only counts towards the reference's age.
+    pub fn skip(&mut self) {
+        self.steps += 1;
     }
 
     /// Records a step that ran `units` of prompt chunks and `decode_rows` decode rows in
@@ -186,8 +200,8 @@ mod tests {
         let mut out = Vec::new();
         let mut at = 0;
         while at < len {
-            let b = p.budget(256, 4);
-            let k = b.fit(&MODEL, at, len - at);
+            let b = p.budget(256, 4, 0);
+            let k = b.fit(&MODEL, at, len);
             let units = MODEL.chunk(at, k);
             let per_unit = if out.len() >= m.change {
                 m.per_unit * m.slower_after
@@ -290,26 +304,26 @@ mod tests {
     #[test]
     fn without_running_streams_the_cap_alone_limits_a_step() {
         let mut p = Pacer::new(1.5);
-        assert_eq!(p.budget(256, 0), PrefillBudget::tokens(256));
+        assert_eq!(p.budget(256, 0, 0), PrefillBudget::tokens(256));
         p.observe(MODEL.chunk(0, 256), 0, 1.0);
         p.observe(0, 4, 0.04);
-        assert_eq!(p.budget(256, 0), PrefillBudget::tokens(256));
-        assert!(p.budget(256, 4).units.is_some());
+        assert_eq!(p.budget(256, 0, 0), PrefillBudget::tokens(256));
+        assert!(p.budget(256, 4, 0).units.is_some());
     }
 
     #[test]
     fn the_reference_is_measured_before_pacing_and_again_for_another_batch() {
         let mut p = Pacer::new(2.0);
         // Streams decode but no decode-only step was timed: this step measures one.
-        assert_eq!(p.budget(256, 4).fit(&MODEL, 0, 4096), 0);
+        assert_eq!(p.budget(256, 4, 0).fit(&MODEL, 0, 4096), 0);
         p.observe(0, 4, 0.040);
         // Without a chunk ever timed: no units, so the step's first chunk gets the floor.
-        let b = p.budget(256, 4);
+        let b = p.budget(256, 4, 0);
         assert_eq!((b.tokens, b.units), (256, Some(0)));
         assert_eq!(b.fit(&MODEL, 0, 4096), MIN_PACED_TOKENS);
         p.observe(MODEL.chunk(0, 8), 4, 0.040 + 0.0025);
         // 2.5 ms for 8 rows' units: (2 − 1) × 40 ms holds 16 times them.
-        let units = p.budget(256, 4).units.expect("paced");
+        let units = p.budget(256, 4, 0).units.expect("paced");
         let want = 16.0 * MODEL.chunk(0, 8) as f64;
         assert!(
             (units as f64 - want).abs() <= 1.0 + want * 1e-9,
@@ -317,12 +331,12 @@ mod tests {
         );
         // A batch of another size uses the old reference for a while, then measures its own.
         for _ in 1..MIN_REFERENCE_STEPS {
-            assert_ne!(p.budget(256, 3).tokens, 0);
+            assert_ne!(p.budget(256, 3, 0).tokens, 0);
             p.observe(MODEL.chunk(0, 8), 3, 0.060);
         }
-        assert_eq!(p.budget(256, 3).tokens, 0);
+        assert_eq!(p.budget(256, 3, 0).tokens, 0);
         p.observe(0, 3, 0.030);
-        assert_ne!(p.budget(256, 3).tokens, 0);
+        assert_ne!(p.budget(256, 3, 0).tokens, 0);
     }
 
     #[test]
@@ -330,5 +344,26 @@ mod tests {
         assert_eq!(Pacer::new(0.5).slowdown(), 1.0);
         assert_eq!(Pacer::new(f64::NAN).slowdown(), 1.0);
         assert_eq!(Pacer::new(2.5).slowdown(), 2.5);
+    }
+
+    #[test]
+    fn short_prompts_ignore_the_units_but_wait_for_a_reference_step() {
+        let mut p = Pacer::new(2.0);
+        // No reference yet: a decode-only step, short prompts included.
+        assert_eq!(p.budget(256, 4, 256).fit(&MODEL, 0, 100), 0);
+        p.observe(0, 4, 0.040);
+        // No chunk timed yet, so no units: a long prompt gets the floor, a short one all of it.
+        let b = p.budget(256, 4, 256);
+        assert_eq!(b.units, Some(0));
+        assert_eq!(b.fit(&MODEL, 0, 4096), MIN_PACED_TOKENS);
+        assert_eq!(b.fit(&MODEL, 0, 256), 256);
+        assert_eq!(b.fit(&MODEL, 200, 256), 56);
+        // Steps that carried short prompts calibrate nothing but age the reference.
+        for _ in 0..REFERENCE_STEPS {
+            assert_ne!(p.budget(256, 4, 256).tokens, 0);
+            p.skip();
+        }
+        assert_eq!(p.chunk_units, 0.0);
+        assert_eq!(p.budget(256, 4, 256).tokens, 0);
     }
 }

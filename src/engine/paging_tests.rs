@@ -113,6 +113,7 @@ fn engine_with(blocks: usize, block_tokens: usize, max_batch: usize) -> Engine<P
         max_batch,
         max_prefill_tokens: 64,
         max_step_slowdown: None,
+        short_prompt_tokens: 0,
     };
     Engine::new(backend, None, opts)
 }

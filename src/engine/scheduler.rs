@@ -15,10 +15,15 @@
 //! that does not fit waits, and so do the ones behind it (no overtaking, so a long prompt is not
 //! starved by short ones).
 //!
-//! The budget counts prompt tokens (a fixed cap) and, when the engine paces prefill against the
-//! running streams (`super::pacing`), work units of a [`CostModel`]: a prompt token costs its
+//! The budget counts prompt tokens (a fixed cap) and, when the engine paces long prompts against
+//! the running streams (`super::pacing`), work units of a [`CostModel`]: a prompt token costs its
 //! share of the weight products plus attention over every position before it, so a chunk late
-//! in a long prompt holds fewer tokens than an early one for the same step time.
+//! in a long prompt holds fewer tokens than an early one for the same step time. Short prompts
+//! (at most [`PrefillBudget::short`] tokens to prefill) are never paced: the token cap alone
+//! limits them, so a burst of short requests is admitted together, whole prompts in one step
+//! while the cap has room, as a serving engine's per-step token budget does (vLLM's
+//! `max_num_batched_tokens`), while a long prompt is spread thin enough that the streams barely
+//! notice it.
 
 use super::request::RequestId;
 use crate::model::LlamaConfig;
@@ -70,18 +75,23 @@ impl CostModel {
 }
 
 /// What a step may still spend on prompt chunks: prompt tokens (the fixed cap of
-/// `EngineOptions::max_prefill_tokens`) and, when paced, cost units of a [`CostModel`]. The
-/// step's first chunk gets at least `floor` tokens (as many as are left, if fewer) whatever
-/// they cost, so a prompt always progresses, and by chunks big enough to be worth a step.
+/// `EngineOptions::max_prefill_tokens`) and, when paced, cost units of a [`CostModel`] for the
+/// long prompts' chunks. A short prompt (at most `short` tokens to prefill) is limited by the
+/// tokens alone; its chunk still spends the units it costs, so a long prompt's chunk after it
+/// in the same step gets what is left. The step's first long chunk gets at least `floor` tokens
+/// (as many as are left, if fewer) whatever they cost, so a long prompt always progresses, and
+/// by chunks big enough to be worth a step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefillBudget {
     /// Prompt tokens left.
     pub tokens: usize,
-    /// Cost units left; `None` for no limit but the tokens.
+    /// Cost units left for long prompts' chunks; `None` for no limit but the tokens.
     pub units: Option<u64>,
-    /// Tokens the step's first chunk gets at least (within `tokens` and its prompt).
+    /// Tokens the step's first long chunk gets at least (within `tokens` and its prompt).
     pub floor: usize,
-    /// Whether a chunk was taken from this budget already.
+    /// Prompts of at most this many tokens to prefill are short: the units do not limit them.
+    pub short: usize,
+    /// Whether a long prompt's chunk was taken from this budget already.
     pub started: bool,
 }
 
@@ -92,51 +102,57 @@ impl PrefillBudget {
             tokens,
             units: None,
             floor: 1,
+            short: 0,
             started: false,
         }
     }
 
-    /// A budget of at most `tokens` prompt tokens costing at most `units`, but at least `floor`
-    /// tokens for the first chunk.
-    pub fn paced(tokens: usize, units: u64, floor: usize) -> Self {
+    /// A budget of at most `tokens` prompt tokens, of which long prompts' chunks cost at most
+    /// `units`, but at least `floor` tokens for the first of them; prompts of at most `short`
+    /// tokens are limited by the tokens alone.
+    pub fn paced(tokens: usize, units: u64, floor: usize, short: usize) -> Self {
         Self {
             tokens,
             units: Some(units),
             floor,
+            short,
             started: false,
         }
     }
 
-    /// The longest chunk, at most `left` tokens, of a prompt whose next position is `start`,
-    /// that the budget holds (at least `floor` tokens for the step's first chunk, within the
-    /// tokens left). Takes nothing.
-    pub fn fit(&self, cost: &CostModel, start: usize, left: usize) -> usize {
-        let most = left.min(self.tokens);
-        let fits = match self.units {
-            None => most,
-            Some(units) => {
-                // The cost grows with the chunk: the largest k with cost(k) ≤ units.
-                let (mut lo, mut hi) = (0, most);
-                while lo < hi {
-                    let mid = lo + (hi - lo).div_ceil(2);
-                    if cost.chunk(start, mid) <= units {
-                        lo = mid;
-                    } else {
-                        hi = mid - 1;
-                    }
-                }
-                lo
-            }
+    /// Whether a prompt of `len` tokens to prefill is paced by the units (a long one).
+    pub fn paces(&self, len: usize) -> bool {
+        self.units.is_some() && len > self.short
+    }
+
+    /// The longest next chunk that the budget holds of a prompt of `len` tokens whose next
+    /// position is `start`: the rest of a short prompt within the tokens left; for a long one,
+    /// what the units hold, but at least `floor` tokens for the step's first long chunk, within
+    /// the tokens left. Takes nothing.
+    pub fn fit(&self, cost: &CostModel, start: usize, len: usize) -> usize {
+        let most = len.saturating_sub(start).min(self.tokens);
+        let Some(units) = self.units.filter(|_| self.paces(len)) else {
+            return most;
         };
+        // The cost grows with the chunk: the largest k with cost(k) ≤ units.
+        let (mut lo, mut hi) = (0, most);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if cost.chunk(start, mid) <= units {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
         if self.started {
-            fits
+            lo
         } else {
-            fits.max(most.min(self.floor.max(1)))
+            lo.max(most.min(self.floor.max(1)))
         }
     }
 
-    /// Spends a chunk of `tokens` at `start`.
-    pub fn take(&mut self, cost: &CostModel, start: usize, tokens: usize) {
+    /// Spends a chunk of `tokens` at `start` of a prompt of `len` tokens.
+    pub fn take(&mut self, cost: &CostModel, start: usize, len: usize, tokens: usize) {
         if tokens == 0 {
             return;
         }
@@ -144,7 +160,7 @@ impl PrefillBudget {
         if let Some(u) = &mut self.units {
             *u = u.saturating_sub(cost.chunk(start, tokens));
         }
-        self.started = true;
+        self.started |= self.paces(len);
     }
 }
 
@@ -214,7 +230,7 @@ pub fn plan(waiting: &[(RequestId, usize)], running: &[RequestId], limits: Limit
             break;
         }
         free -= need;
-        budget.take(&limits.cost, 0, chunk);
+        budget.take(&limits.cost, 0, len, chunk);
         p.prefill.push(id);
         p.chunks.push(chunk);
     }
@@ -355,7 +371,7 @@ mod tests {
     #[test]
     fn a_paced_budget_holds_fewer_tokens_late_in_a_prompt() {
         // 10 rows at positions 0..10: 1000 + 55 + 10 = 1065 units.
-        let b = PrefillBudget::paced(1000, 1065, 1);
+        let b = PrefillBudget::paced(1000, 1065, 1, 0);
         assert_eq!(b.fit(&SMALL, 0, 500), 10);
         assert_eq!(summed(&SMALL, 0, 10), 1065);
         // Later in a prompt each row also attends over ~200 positions: 3 rows hold the units.
@@ -363,36 +379,42 @@ mod tests {
         assert!(summed(&SMALL, 200, late) <= 1065 && summed(&SMALL, 200, late + 1) > 1065);
         assert_eq!(late, 3);
         // The tokens cap and the prompt's length bound it too.
-        assert_eq!(PrefillBudget::paced(4, 1065, 1).fit(&SMALL, 0, 500), 4);
+        assert_eq!(PrefillBudget::paced(4, 1065, 1, 0).fit(&SMALL, 0, 500), 4);
         assert_eq!(b.fit(&SMALL, 0, 3), 3);
         // Unpaced: tokens only, whatever the position.
-        assert_eq!(PrefillBudget::tokens(64).fit(&SMALL, 100_000, 500), 64);
+        assert_eq!(PrefillBudget::tokens(64).fit(&SMALL, 100_000, 100_500), 64);
     }
 
     #[test]
     fn the_first_chunk_of_a_step_gets_at_least_the_floor() {
         // One row costs more than the units: the step's first chunk still gets its floor...
-        let mut b = PrefillBudget::paced(100, 50, 8);
+        let mut b = PrefillBudget::paced(100, 50, 8, 0);
         assert_eq!(b.fit(&SMALL, 0, 500), 8);
         // ...within what is left of its prompt...
         assert_eq!(b.fit(&SMALL, 0, 3), 3);
-        b.take(&SMALL, 0, 8);
+        b.take(&SMALL, 0, 500, 8);
         assert_eq!(b.units, Some(0));
         assert_eq!(b.tokens, 92);
         // ...but the next chunk gets only what the units hold.
         assert_eq!(b.fit(&SMALL, 0, 500), 0);
         // Units for more than the floor: the floor does not bind.
-        assert_eq!(PrefillBudget::paced(100, 1065, 8).fit(&SMALL, 0, 500), 10);
+        assert_eq!(
+            PrefillBudget::paced(100, 1065, 8, 0).fit(&SMALL, 0, 500),
+            10
+        );
         // The cap binds the floor, and no tokens at all (a step kept for decode only): nothing.
-        assert_eq!(PrefillBudget::paced(5, 0, 8).fit(&SMALL, 0, 500), 5);
-        assert_eq!(PrefillBudget::paced(0, 1 << 40, 8).fit(&SMALL, 0, 500), 0);
+        assert_eq!(PrefillBudget::paced(5, 0, 8, 0).fit(&SMALL, 0, 500), 5);
+        assert_eq!(
+            PrefillBudget::paced(0, 1 << 40, 8, 0).fit(&SMALL, 0, 500),
+            0
+        );
     }
 
     #[test]
     fn admission_spends_the_paced_budget_whole_prompts_first() {
         // Units for 10 fresh rows at most; prompts of 4, 4 and 9 tokens.
         let lim = Limits {
-            prefill: PrefillBudget::paced(1000, summed(&SMALL, 0, 10) + 2 * SMALL.head, 1),
+            prefill: PrefillBudget::paced(1000, summed(&SMALL, 0, 10) + 2 * SMALL.head, 1, 0),
             ..roomy(8, 1000)
         };
         let w = [(RequestId(1), 4), (RequestId(2), 4), (RequestId(3), 9)];
@@ -401,8 +423,8 @@ mod tests {
         assert_eq!((p.prefill, p.chunks), (ids(&[1, 2, 3]), vec![4, 4, 2]));
         // A budget already started by a prompt being prefilled, with no units left: nobody is
         // admitted (the progress guarantee is the first chunk's only).
-        let mut spent = PrefillBudget::paced(1000, 0, 8);
-        spent.take(&SMALL, 0, 1);
+        let mut spent = PrefillBudget::paced(1000, 0, 8, 0);
+        spent.take(&SMALL, 0, 500, 1);
         let lim = Limits {
             prefill: spent,
             ..roomy(8, 1000)
@@ -410,10 +432,67 @@ mod tests {
         assert_eq!(plan(&w, &ids(&[9]), lim).prefill, vec![]);
         // An unstarted budget too small for one row admits the first prompt with its floor.
         let lim = Limits {
-            prefill: PrefillBudget::paced(1000, 1, 3),
+            prefill: PrefillBudget::paced(1000, 1, 3, 0),
             ..roomy(8, 1000)
         };
         let p = plan(&w, &ids(&[9]), lim);
         assert_eq!((p.prefill, p.chunks), (ids(&[1]), vec![3]));
+    }
+
+    #[test]
+    fn short_prompts_are_admitted_whole_while_long_ones_are_paced() {
+        // Streams run; the paced budget has no units left for long prompts' chunks (the floor of
+        // 8 tokens still applies to the step's first one); prompts of up to 64 tokens are short.
+        let lim = Limits {
+            prefill: PrefillBudget::paced(1000, 0, 8, 64),
+            ..roomy(8, 1000)
+        };
+        let w = [
+            (RequestId(1), 40),
+            (RequestId(2), 64),
+            (RequestId(3), 500),
+            (RequestId(4), 30),
+        ];
+        let p = plan(&w, &ids(&[9]), lim);
+        assert_eq!(
+            (p.prefill, p.chunks),
+            (ids(&[1, 2, 3, 4]), vec![40, 64, 8, 30])
+        );
+        // Every prompt paced (short 0): the first gets the floor, nobody else is admitted.
+        let lim = Limits {
+            prefill: PrefillBudget::paced(1000, 0, 8, 0),
+            ..roomy(8, 1000)
+        };
+        let p = plan(&w, &ids(&[9]), lim);
+        assert_eq!((p.prefill, p.chunks), (ids(&[1]), vec![8]));
+        // The token cap still binds short prompts: the second gets the rest of it, and
+        // continues later with what is left of its prompt, still unpaced.
+        let b = PrefillBudget::paced(100, 0, 8, 64);
+        let w = [(RequestId(1), 60), (RequestId(2), 60)];
+        let p = plan(
+            &w,
+            &[],
+            Limits {
+                prefill: b,
+                ..roomy(8, 1000)
+            },
+        );
+        assert_eq!(p.chunks, vec![60, 40]);
+        assert_eq!(b.fit(&SMALL, 40, 60), 20);
+        // A short prompt spends units, so a long prompt after it in the same step gets what is
+        // left: of units for 10 fresh rows, a 6-token short prompt leaves room for 4 rows.
+        let mut b = PrefillBudget::paced(1000, summed(&SMALL, 0, 10), 1, 64);
+        b.take(&SMALL, 0, 6, 6);
+        assert!(
+            !b.started,
+            "a short chunk does not use up the long chunks' floor"
+        );
+        let long = b.fit(&SMALL, 0, 500);
+        assert!(summed(&SMALL, 0, long) <= b.units.unwrap(), "{long}");
+        assert!(summed(&SMALL, 0, long + 1) > b.units.unwrap(), "{long}");
+        assert_eq!(long, 4);
+        // Unpaced, nothing is long.
+        assert!(!PrefillBudget::tokens(16).paces(10_000));
+        assert!(b.paces(65) && !b.paces(64));
     }
 }

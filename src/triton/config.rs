@@ -14,8 +14,9 @@
 //! | `weights_dir` | checkpoint directory (plain or compressed); relative paths are taken from the version folder | the version folder |
 //! | `max_concurrent_sequences` | sequences decoded together per instance (KV-cache slots) | 64 |
 //! | `max_sequence_length` | tokens per sequence, prompt included | the model's `max_position_embeddings` |
-//! | `max_prefill_tokens` | prompt tokens prefilled per engine step at most, over all prompts: longer prompts are prefilled in chunks while running streams keep decoding (smaller: shorter stalls of running streams, longer time to first token); the only limit when no stream is decoding | 256 |
-//! | `max_step_slowdown` | while streams decode, a step carrying prompt chunks is planned to take at most this many times a decode-only step (a number ≥ 1; chunks sized by their predicted cost, calibrated on measured step times), so running streams' gaps between tokens stay within about this multiple of their plain decode gap (larger: shorter time to first token; a paced step takes at least 8 prompt tokens); `off`: `max_prefill_tokens` alone (pacing admits a burst of short prompts a few tokens a step, one after another: opt in for long prompts next to running streams) | off |
+//! | `max_prefill_tokens` | prompt tokens prefilled per engine step at most, over all prompts: longer prompts are prefilled in chunks while running streams keep decoding (smaller: shorter stalls of running streams while short prompts are admitted, longer time to first token); the only limit when no stream is decoding | 256 |
+//! | `max_step_slowdown` | while streams decode, a step carrying a long prompt's chunk is planned to take at most this many times a decode-only step (a number ≥ 1; chunks sized by their predicted cost, calibrated on measured step times), so running streams' gaps between tokens stay within about this multiple of their plain decode gap while a long prompt is admitted (larger: shorter time to first token for long prompts; a paced step takes at least 8 prompt tokens); `off`: `max_prefill_tokens` alone for every prompt | 2 |
+//! | `short_prompt_tokens` | prompts of at most this many tokens are never paced, only `max_prefill_tokens` limits them, so a burst of short requests starts together (whole prompts in one step while the cap has room; the running streams wait that step); `0` paces every prompt | `max_prefill_tokens` |
 //! | `kv_cache_bytes` | KV-cache budget per instance, bytes (suffixes `K`, `M`, `G`, `Ki`, `Mi`, `Gi` allowed) | CPU: `max_concurrent_sequences` × `max_sequence_length` tokens; GPU: `kv_cache_fraction` |
 //! | `kv_cache_fraction` | GPU, without `kv_cache_bytes`: fraction of the device memory left after weights and work buffers given to the KV cache, in (0, 1] | 0.9 |
 //! | `device` | `auto` (the instance group's kind decides), `cpu` or `gpu` | `auto` |
@@ -86,6 +87,8 @@ pub struct ModelConfig {
     pub max_prefill_tokens: usize,
     /// The engine's `max_step_slowdown`: `None` when `off`.
     pub max_step_slowdown: Option<f64>,
+    /// The engine's `short_prompt_tokens`: prompts it never paces.
+    pub short_prompt_tokens: usize,
     /// KV-cache budget per instance in bytes; `None` for the defaults.
     pub kv_cache_bytes: Option<u64>,
     /// GPU instances without `kv_cache_bytes`: the fraction of the device memory left after
@@ -101,12 +104,13 @@ pub struct ModelConfig {
     pub instance_groups: Vec<InstanceGroup>,
 }
 
-const KNOWN_PARAMETERS: [&str; 10] = [
+const KNOWN_PARAMETERS: [&str; 11] = [
     "weights_dir",
     "max_concurrent_sequences",
     "max_sequence_length",
     "max_prefill_tokens",
     "max_step_slowdown",
+    "short_prompt_tokens",
     "kv_cache_bytes",
     "kv_cache_fraction",
     "device",
@@ -183,7 +187,7 @@ impl ModelConfig {
             Some(s) => positive("parameters.max_prefill_tokens", s)?,
         };
         let max_step_slowdown = match params.get("max_step_slowdown").map(|s| s.trim()) {
-            None => None,
+            None => Some(crate::engine::DEFAULT_STEP_SLOWDOWN),
             Some(s) if s.eq_ignore_ascii_case("off") => None,
             Some(s) => match s.parse::<f64>() {
                 Ok(f) if f.is_finite() && f >= 1.0 => Some(f),
@@ -194,6 +198,15 @@ impl ModelConfig {
                     ))
                 }
             },
+        };
+        let short_prompt_tokens = match params.get("short_prompt_tokens") {
+            None => max_prefill_tokens,
+            Some(s) => s.trim().parse::<usize>().map_err(|_| {
+                TritonError::config(
+                    "parameters.short_prompt_tokens",
+                    format!("expected a non-negative integer, got {s:?}"),
+                )
+            })?,
         };
         let kv_cache_bytes = params
             .get("kv_cache_bytes")
@@ -280,6 +293,7 @@ impl ModelConfig {
             max_sequence_length,
             max_prefill_tokens,
             max_step_slowdown,
+            short_prompt_tokens,
             kv_cache_bytes,
             kv_cache_fraction,
             device,
@@ -436,6 +450,7 @@ mod tests {
             "max_sequence_length": {"string_value": "4096"},
             "max_prefill_tokens": {"string_value": "64"},
             "max_step_slowdown": {"string_value": "2.5"},
+            "short_prompt_tokens": {"string_value": "32"},
             "kv_cache_bytes": {"string_value": "8Gi"},
             "kv_cache_fraction": {"string_value": "0.75"},
             "device": {"string_value": "auto"},
@@ -475,6 +490,7 @@ mod tests {
         assert_eq!(c.max_sequence_length, Some(4096));
         assert_eq!(c.max_prefill_tokens, 64);
         assert_eq!(c.max_step_slowdown, Some(2.5));
+        assert_eq!(c.short_prompt_tokens, 32);
         assert_eq!(c.kv_cache_bytes, Some(8 << 30));
         assert_eq!(c.kv_cache_fraction, 0.75);
         assert_eq!(c.device, DeviceChoice::Auto);
@@ -498,6 +514,16 @@ mod tests {
     }
 
     #[test]
+    fn short_prompt_tokens_follows_the_cap_unless_set() {
+        let c = parse(&with_param("max_prefill_tokens", "64")).unwrap();
+        assert_eq!(c.short_prompt_tokens, 64);
+        for (v, want) in [("0", 0), (" 500 ", 500)] {
+            let c = parse(&with_param("short_prompt_tokens", v)).unwrap();
+            assert_eq!(c.short_prompt_tokens, want, "{v:?}");
+        }
+    }
+
+    #[test]
     fn exclude_input_in_output_parameter() {
         for (v, want) in [("true", true), ("False", false), (" TRUE ", true)] {
             let c = parse(&with_param("exclude_input_in_output", v)).unwrap();
@@ -512,7 +538,11 @@ mod tests {
         assert_eq!(c.max_concurrent_sequences, DEFAULT_MAX_CONCURRENT_SEQUENCES);
         assert_eq!(c.max_sequence_length, None);
         assert_eq!(c.max_prefill_tokens, crate::engine::DEFAULT_PREFILL_CHUNK);
-        assert_eq!(c.max_step_slowdown, None);
+        assert_eq!(
+            c.max_step_slowdown,
+            Some(crate::engine::DEFAULT_STEP_SLOWDOWN)
+        );
+        assert_eq!(c.short_prompt_tokens, c.max_prefill_tokens);
         assert_eq!(c.kv_cache_bytes, None);
         assert_eq!(c.kv_cache_fraction, DEFAULT_KV_CACHE_FRACTION);
         assert_eq!(c.plan, PlanChoice::Auto);
@@ -609,6 +639,10 @@ mod tests {
             (
                 with_param("max_step_slowdown", "fast"),
                 "parameters.max_step_slowdown",
+            ),
+            (
+                with_param("short_prompt_tokens", "-1"),
+                "parameters.short_prompt_tokens",
             ),
             (with_param("plan", "fastest"), "parameters.plan"),
             (

@@ -38,8 +38,10 @@ pub(super) struct Served {
     pub max_sequences: usize,
     /// Prompt tokens prefilled per engine step at most (`max_prefill_tokens`).
     max_prefill_tokens: usize,
-    /// The engine's pacing of prefill against running streams (`max_step_slowdown`).
+    /// The engine's pacing of long prompts against running streams (`max_step_slowdown`).
     max_step_slowdown: Option<f64>,
+    /// Prompts the engine never paces (`short_prompt_tokens`).
+    short_prompt_tokens: usize,
     /// Tokens for a request without `max_tokens`.
     pub default_max_tokens: usize,
     /// Whether tensors carry a batch dimension (`max_batch_size` ≥ 1).
@@ -197,6 +199,7 @@ impl Served {
             max_sequences,
             max_prefill_tokens: config.max_prefill_tokens,
             max_step_slowdown: config.max_step_slowdown,
+            short_prompt_tokens: config.short_prompt_tokens,
             default_max_tokens: settings.default_max_tokens,
             batched: config.max_batch_size > 0,
             weight_stored_bytes,
@@ -292,6 +295,7 @@ impl Served {
             max_batch: self.max_sequences,
             max_prefill_tokens: self.max_prefill_tokens,
             max_step_slowdown: self.max_step_slowdown,
+            short_prompt_tokens: self.short_prompt_tokens,
         };
         let detok: Arc<dyn Detokenizer> = self.tokenizer.clone();
         Ok(Engine::new(backend, Some(detok), eopts))

@@ -203,6 +203,7 @@ fn engine_on(
         max_batch: 8,
         max_prefill_tokens: 4096,
         max_step_slowdown: None,
+        short_prompt_tokens: 0,
     };
     Engine::new(backend, None, opts)
 }
