@@ -415,7 +415,12 @@ impl Serving<'_> {
             return;
         };
         match engine.step() {
-            Ok(events) => self.dispatch(events),
+            Ok(events) => {
+                // The metrics first: a client that sees a step's responses then reads metrics
+                // of that step, not the one before (`turn` publishes again after failures).
+                self.publish();
+                self.dispatch(events)
+            }
             Err(EngineError::Device(e)) if e.kind() == FaultKind::Fatal => self.fatal(e.into()),
             Err(e) => {
                 let err = TritonError::Internal {
