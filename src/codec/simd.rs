@@ -22,8 +22,10 @@
 //!   form: the compiler would fold the load into the memory form, which is microcoded on Zen 4.
 //! - A step's gathers depend on the previous step's states, so one chunk is latency bound; two
 //!   chunks decoded in lockstep ([`ans::decode_chunk_pair`](super::ans::decode_chunk_pair))
-//!   overlap their chains and run about 1.6 times as fast. (Four in lockstep gain nothing more:
-//!   then the gathers' throughput is the limit.)
+//!   overlap their chains and run about 1.6 times as fast, also when one is shorter (a tensor's
+//!   last chunk): the steps both have go in lockstep, the longer one's rest alone. (Four in
+//!   lockstep gain nothing more: then the gathers' throughput is the limit; docs/format.md §5.1
+//!   has the lookup designs measured and dropped.)
 //! - Reads are made safe on corrupt data by clamping the load position to the chunk's word count
 //!   and requiring [`WORD_PAD_BYTES`] of readable bytes after the chunk's words: a corrupt chunk
 //!   only ever reads garbage inside the slice, and once its position has passed the end it can
