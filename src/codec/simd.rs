@@ -22,8 +22,10 @@
 //!   form: the compiler would fold the load into the memory form, which is microcoded on Zen 4.
 //! - A step's gathers depend on the previous step's states, so one chunk is latency bound; two
 //!   chunks decoded in lockstep ([`ans::decode_chunk_pair`](super::ans::decode_chunk_pair))
-//!   overlap their chains and run about 1.6 times as fast. (Four in lockstep gain nothing more:
-//!   then the gathers' throughput is the limit.)
+//!   overlap their chains and run about 1.6 times as fast, also when one is shorter (a tensor's
+//!   last chunk): the steps both have go in lockstep, the longer one's rest alone. (Four in
+//!   lockstep gain nothing more: then the gathers' throughput is the limit; docs/format.md §5.1
+//!   has the lookup designs measured and dropped.)
 //! - Reads are made safe on corrupt data by clamping the load position to the chunk's word count
 //!   and requiring [`WORD_PAD_BYTES`] of readable bytes after the chunk's words: a corrupt chunk
 //!   only ever reads garbage inside the slice, and once its position has passed the end it can
@@ -387,8 +389,8 @@ mod x86 {
         unsafe { _mm512_storeu_si512(out.cast(), v) };
     }
 
-    /// Decodes `N` chunks of equal length in lockstep, step by step; see [`ans::decode_chunk`]
-    /// for the contract of each. One chunk's steps form a dependency chain through the table
+    /// Decodes `N` chunks in lockstep, step by step (chunks longer than the shortest finish
+    /// their remaining steps alone); see [`ans::decode_chunk`] for the contract of each. One chunk's steps form a dependency chain through the table
     /// gathers (tens of cycles each); interleaving independent chunks fills that latency.
     /// Each chunk's `words` holds its `n_words` words as little-endian bytes followed by at least
     /// [`WORD_PAD_BYTES`] more bytes (any content); `table` must have its packed form.
@@ -424,8 +426,8 @@ mod x86 {
         assert!(prob_bits <= super::max_simd_decode_prob_bits(m));
         assert!(if M3 { packed_m3.len() } else { packed.len() } == 1 << prob_bits);
         assert_eq!(M3, m != 0);
-        let n = jobs[0].out.len() / 2;
-        for j in &jobs {
+        let n: [usize; N] = std::array::from_fn(|i| jobs[i].out.len() / 2);
+        for (j, &n) in jobs.iter().zip(&n) {
             assert!(j.words.len() >= 2 * j.n_words + WORD_PAD_BYTES);
             assert!(j.raw.len() == crate::codec::model::raw_len(n, m) && j.out.len() == 2 * n);
         }
@@ -489,12 +491,13 @@ mod x86 {
         let raws: [*const u8; N] = std::array::from_fn(|i| jobs[i].raw.as_ptr());
         let mut jobs = jobs;
         let outs: [*mut u8; N] = std::array::from_fn(|i| jobs[i].out.as_mut_ptr());
-        let full = n / LANES;
-        for t in 0..full {
+        let full: [usize; N] = std::array::from_fn(|i| n[i] / LANES);
+        let common = full.iter().copied().min().unwrap_or(0);
+        for t in 0..common {
             for i in 0..N {
-                // SAFETY: the table and padding were checked above, and `t < n / 32` keeps the
-                // 32 sign+mantissa bytes and 64 output bytes of step `t` inside the slices,
-                // whose lengths were checked above too.
+                // SAFETY: the table and padding were checked above, and `t < n[i] / 32` keeps
+                // the step's raw bytes and 64 output bytes of step `t` inside the slices, whose
+                // lengths were checked above too.
                 unsafe {
                     step::<M3>(
                         &mut streams[i],
@@ -505,7 +508,27 @@ mod x86 {
                 };
             }
         }
-        for ((r, s), job) in result.iter_mut().zip(streams).zip(jobs.iter_mut()) {
+        // Chunks of unequal length (a tensor's last, shorter chunk with its neighbour): the
+        // longer ones finish their full steps alone.
+        for i in 0..N {
+            for t in common..full[i] {
+                // SAFETY: as above, `t < n[i] / 32`.
+                unsafe {
+                    step::<M3>(
+                        &mut streams[i],
+                        &c,
+                        raws[i].add(ans::raw_step_start(t, m)),
+                        outs[i].add(2 * LANES * t),
+                    )
+                };
+            }
+        }
+        for (((r, s), job), full) in result
+            .iter_mut()
+            .zip(streams)
+            .zip(jobs.iter_mut())
+            .zip(full)
+        {
             let mut x = [0u32; LANES];
             // SAFETY: `x` is 32 writable u32; unaligned stores.
             unsafe {
@@ -902,6 +925,53 @@ mod tests {
                         )
                         .unwrap();
                         assert_eq!(out, bytes, "pb {pb} n {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pairs_of_unequal_chunks_decode_in_lockstep_like_single_chunks() {
+        // Either chunk may be the longer one, by whole steps or by a partial step; the second
+        // chunk of each case is also damaged once, which must fail it alone.
+        for mb in [0, 3] {
+            for (na, nb) in [(4096, 1000), (100, 4097), (33, 5000), (2048, 2047)] {
+                let (ba, bb) = (data(na, false, 1, mb), data(nb, false, 2, mb));
+                let t = table_of(&[ba.clone(), bb.clone()].concat(), 12, mb);
+                let (sa, wa, ra) = reference(&ba, &t);
+                let (sb, wb, rb) = reference(&bb, &t);
+                let (swa, swb) = (stored(&wa), stored(&wb));
+                for damaged in [false, true] {
+                    let mut sb = sb;
+                    if damaged {
+                        sb[7] ^= 1 << 20;
+                    }
+                    for table in [t.dec(), t.dec().without_simd()] {
+                        let (mut oa, mut ob) = (vec![0u8; 2 * na], vec![0u8; 2 * nb]);
+                        let [a, b] = ans::decode_chunk_pair(
+                            ans::ChunkJob {
+                                states: sa,
+                                words: &swa,
+                                n_words: wa.len(),
+                                raw: &ra,
+                                out: &mut oa,
+                            },
+                            ans::ChunkJob {
+                                states: sb,
+                                words: &swb,
+                                n_words: wb.len(),
+                                raw: &rb,
+                                out: &mut ob,
+                            },
+                            &table,
+                        );
+                        a.unwrap();
+                        assert_eq!(oa, ba, "mb {mb} {na} {nb}");
+                        assert_eq!(b.is_ok(), !damaged, "mb {mb} {na} {nb}");
+                        if !damaged {
+                            assert_eq!(ob, bb, "mb {mb} {na} {nb}");
+                        }
                     }
                 }
             }
