@@ -125,12 +125,6 @@ UW_DEVICE unsigned long long warp_sum_u64(unsigned long long v) {
     return v;
 }
 
-UW_DEVICE float warp_max_f(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
 // Sum over the block; every thread gets it. `scratch` holds SAMPLE_WARPS u64.
 UW_DEVICE unsigned long long block_sum_u64(unsigned long long v, unsigned long long* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -146,11 +140,11 @@ UW_DEVICE unsigned long long block_sum_u64(unsigned long long v, unsigned long l
 // The largest non-NaN value over the block (-inf when there is none); every thread gets it.
 UW_DEVICE float block_max_f(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max_f(v);
+    v = warp_max(v);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     v = lane < SAMPLE_WARPS ? scratch[lane] : -INFINITY;
-    v = warp_max_f(v);
+    v = warp_max(v);
     __syncthreads();
     return v;
 }
@@ -238,6 +232,24 @@ UW_DEVICE unsigned long long radix_cut(const float* __restrict__ row, int vocab,
     return prefix;
 }
 
+// The weight of token i if it is kept (a candidate ranked at or above `floor`), 0 otherwise.
+UW_DEVICE unsigned long long kept_token_weight(const float* __restrict__ row, int i, float m,
+                                               float scale, unsigned long long floor) {
+    const float l = row[i];
+    const float w = token_weight(l, m, scale);
+    return w != 0.0f && rank_key(l, (uint32_t)i) >= floor ? (unsigned long long)w : 0ull;
+}
+
+// The total weight of the kept tokens over the block; every thread gets it.
+UW_DEVICE unsigned long long kept_weight(const float* __restrict__ row, int vocab, float m,
+                                         float scale, unsigned long long floor,
+                                         unsigned long long* scratch) {
+    unsigned long long kept = 0ull;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x)
+        kept += kept_token_weight(row, i, m, scale, floor);
+    return block_sum_u64(kept, scratch);
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(float* __restrict__ logits, int vocab, const SampleRow* __restrict__ rows,
                 const SampleEdit* __restrict__ edits, int* __restrict__ out) {
@@ -290,13 +302,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     unsigned long long floor = 0ull;
     if (p.top_k > 0 && (unsigned long long)p.top_k < count) {
         floor = radix_cut(row, vocab, m, p.scale, 0ull, true, p.top_k, hist, pick);
-        unsigned long long kept = 0ull;
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-            const float l = row[i];
-            const float w = token_weight(l, m, p.scale);
-            if (w != 0.0f && rank_key(l, (uint32_t)i) >= floor) kept += (unsigned long long)w;
-        }
-        total = block_sum_u64(kept, scratch);
+        total = kept_weight(row, vocab, m, p.scale, floor, scratch);
     }
     if (p.top_p32 < (1ull << 32)) {
         // need = max(1, ceil(top_p32 * total / 2^32)); top_p32 <= 2^32 and total < 2^50.
@@ -305,13 +311,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         if (lo & 0xFFFFFFFFull) need += 1;
         if (need == 0) need = 1;
         floor = radix_cut(row, vocab, m, p.scale, floor, false, need, hist, pick);
-        unsigned long long kept = 0ull;
-        for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-            const float l = row[i];
-            const float w = token_weight(l, m, p.scale);
-            if (w != 0.0f && rank_key(l, (uint32_t)i) >= floor) kept += (unsigned long long)w;
-        }
-        total = block_sum_u64(kept, scratch);
+        total = kept_weight(row, vocab, m, p.scale, floor, scratch);
     }
 
     // 9: the draw, the inverse CDF over the kept tokens in id order.
@@ -319,19 +319,12 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const int per = (vocab + (int)blockDim.x - 1) / (int)blockDim.x;
     const int begin = min((int)threadIdx.x * per, vocab), end = min(begin + per, vocab);
     unsigned long long mine = 0ull;
-    for (int i = begin; i < end; ++i) {
-        const float l = row[i];
-        const float w = token_weight(l, m, p.scale);
-        if (w != 0.0f && rank_key(l, (uint32_t)i) >= floor) mine += (unsigned long long)w;
-    }
+    for (int i = begin; i < end; ++i) mine += kept_token_weight(row, i, m, p.scale, floor);
     const unsigned long long before = block_exclusive_scan_u64(mine, scratch);
     if (before <= target && target < before + mine) {
         unsigned long long cum = before;
         for (int i = begin; i < end; ++i) {
-            const float l = row[i];
-            const float w = token_weight(l, m, p.scale);
-            if (w == 0.0f || rank_key(l, (uint32_t)i) < floor) continue;
-            cum += (unsigned long long)w;
+            cum += kept_token_weight(row, i, m, p.scale, floor);
             if (cum > target) {
                 out[blockIdx.x] = i;
                 break;

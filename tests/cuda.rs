@@ -1294,6 +1294,20 @@ fn sampling_cases(vocab: usize) -> Vec<RowSampling> {
     cases
 }
 
+/// Rows for the sampling tests: the argmax kernel's edge cases, then logit-like rows (a bell of
+/// values with a few clear favourites) and a row of many ties (values on a coarse grid), where
+/// top-k and top-p cut inside a tie by id.
+fn sampling_test_rows(r: &mut Xoshiro256PlusPlus, vocab: usize) -> Vec<Vec<f32>> {
+    let mut rows = argmax_test_rows(r, vocab);
+    let mut v: Vec<f32> = rand_f32(r, vocab, 4.0);
+    for i in 0..vocab.min(5) {
+        v[(i * 7919) % vocab] = 9.0 - i as f32;
+    }
+    rows.push(v);
+    rows.push((0..vocab).map(|i| ((i * 31) % 7) as f32 * 0.5).collect());
+    rows
+}
+
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_sampling_matches_the_cpu_sampler_token_for_token() {
@@ -1301,15 +1315,7 @@ fn kernel_sampling_matches_the_cpu_sampler_token_for_token() {
     let h = KernelHarness::new().unwrap();
     let mut r = rng(47);
     for vocab in [1usize, 2, 31, 1000, 8199, 49152, 128256] {
-        let mut rows = argmax_test_rows(&mut r, vocab);
-        // Logit-like rows: a bell of values with a few clear favourites, and a row of many ties
-        // (values on a coarse grid), where top-k and top-p cut inside a tie by id.
-        let mut v: Vec<f32> = rand_f32(&mut r, vocab, 4.0);
-        for i in 0..vocab.min(5) {
-            v[(i * 7919) % vocab] = 9.0 - i as f32;
-        }
-        rows.push(v);
-        rows.push((0..vocab).map(|i| ((i * 31) % 7) as f32 * 0.5).collect());
+        let rows = sampling_test_rows(&mut r, vocab);
         let cases = sampling_cases(vocab);
         let (mut flat, mut samp, mut want) = (Vec::new(), Vec::new(), Vec::new());
         for row in &rows {
@@ -1468,13 +1474,7 @@ fn sample_kernel_model(
 fn the_sampling_kernels_algorithm_gives_the_cpu_samplers_tokens() {
     let mut r = rng(47);
     for vocab in [1usize, 2, 31, 1000, 8199, 49152] {
-        let mut rows = argmax_test_rows(&mut r, vocab);
-        let mut v: Vec<f32> = rand_f32(&mut r, vocab, 4.0);
-        for i in 0..vocab.min(5) {
-            v[(i * 7919) % vocab] = 9.0 - i as f32;
-        }
-        rows.push(v);
-        rows.push((0..vocab).map(|i| ((i * 31) % 7) as f32 * 0.5).collect());
+        let rows = sampling_test_rows(&mut r, vocab);
         let cases = sampling_cases(vocab);
         let packed = cuda::sample::pack(&cases, vocab, usize::MAX).unwrap();
         for (ri, row) in rows.iter().enumerate() {

@@ -704,6 +704,20 @@ fn chunking_engine(max_step_slowdown: Option<f64>) -> Engine<CpuBackend> {
     Engine::new(b, None, opts)
 }
 
+/// Appends each token event's token to `got[i]`, `i` being its request's index in `ids`;
+/// returns how many tokens each request got in these events.
+fn record_tokens(events: Vec<Event>, got: &mut [Vec<u32>], ids: &[RequestId]) -> Vec<usize> {
+    let mut per = vec![0usize; got.len()];
+    for ev in events {
+        if let Event::Token { id, token, .. } = ev {
+            let i = ids.iter().position(|&x| x == id).unwrap();
+            got[i].push(token);
+            per[i] += 1;
+        }
+    }
+    per
+}
+
 #[test]
 fn by_default_a_burst_of_short_prompts_starts_whole_next_to_running_streams() {
     // The default options pace long prompts (max_step_slowdown) but not short ones: while two
@@ -726,32 +740,21 @@ fn by_default_a_burst_of_short_prompts_starts_whole_next_to_running_streams() {
         e.add(Request::greedy(short[1].clone(), 12)).unwrap(),
     ];
     let mut got = vec![Vec::new(); 5];
-    let record = |events: Vec<Event>, got: &mut Vec<Vec<u32>>, ids: &[RequestId]| {
-        let mut per = [0usize; 5];
-        for ev in events {
-            if let Event::Token { id, token, .. } = ev {
-                let i = ids.iter().position(|&x| x == id).unwrap();
-                got[i].push(token);
-                per[i] += 1;
-            }
-        }
-        per
-    };
     for _ in 0..3 {
-        record(e.step().unwrap(), &mut got, &ids);
+        record_tokens(e.step().unwrap(), &mut got, &ids);
     }
     for p in [&short[0], &short[1], &long] {
         ids.push(e.add(Request::greedy(p.clone(), 4)).unwrap());
     }
     let before = e.stats().prefill_tokens;
-    let per = record(e.step().unwrap(), &mut got, &ids);
+    let per = record_tokens(e.step().unwrap(), &mut got, &ids);
     assert_eq!(e.stats().prefill_tokens - before, (9 + 7 + 70) as u64);
     assert_eq!(
         per, [1; 5],
         "every stream and every new request got a token"
     );
     while e.has_work() {
-        record(e.step().unwrap(), &mut got, &ids);
+        record_tokens(e.step().unwrap(), &mut got, &ids);
     }
     let alone = |p: &[u32]| {
         let mut e = engine(false);
@@ -777,20 +780,9 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
         e.add(Request::greedy(short[1].clone(), 12)).unwrap(),
     ];
     let mut got = vec![Vec::new(); 3];
-    let record = |events: Vec<Event>, got: &mut Vec<Vec<u32>>, ids: &[RequestId]| {
-        let mut per = [0usize; 3];
-        for ev in events {
-            if let Event::Token { id, token, .. } = ev {
-                let i = ids.iter().position(|&x| x == id).unwrap();
-                got[i].push(token);
-                per[i] += 1;
-            }
-        }
-        per
-    };
     // The short prompts (9 + 7 tokens, one step), then two steps of decoding both.
     for _ in 0..3 {
-        record(e.step().unwrap(), &mut got, &ids);
+        record_tokens(e.step().unwrap(), &mut got, &ids);
     }
     let ids = [
         ids[0],
@@ -799,7 +791,7 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
     ];
     let before = e.stats().prefill_tokens;
     for step in 0..5 {
-        let per = record(e.step().unwrap(), &mut got, &ids);
+        let per = record_tokens(e.step().unwrap(), &mut got, &ids);
         assert_eq!(
             per[..2],
             [1, 1],
@@ -814,7 +806,7 @@ fn a_long_prompt_is_prefilled_in_chunks_while_running_streams_keep_decoding() {
         );
     }
     while e.has_work() {
-        record(e.step().unwrap(), &mut got, &ids);
+        record_tokens(e.step().unwrap(), &mut got, &ids);
     }
     assert_eq!(got, want);
 
@@ -855,26 +847,15 @@ fn paced_prefill_keeps_every_stream_decoding_and_runs_at_the_cap_when_alone() {
         e.add(Request::greedy(short[1].clone(), 80)).unwrap(),
     ];
     let mut got = vec![Vec::new(); 3];
-    let record = |events: Vec<Event>, got: &mut Vec<Vec<u32>>, ids: &[RequestId]| {
-        let mut per = [0usize; 3];
-        for ev in events {
-            if let Event::Token { id, token, .. } = ev {
-                let i = ids.iter().position(|&x| x == id).unwrap();
-                got[i].push(token);
-                per[i] += 1;
-            }
-        }
-        per
-    };
     // Their prompts, then decode-only steps (the pacer's reference).
     for _ in 0..4 {
-        record(e.step().unwrap(), &mut got, &ids);
+        record_tokens(e.step().unwrap(), &mut got, &ids);
     }
     ids.push(e.add(Request::greedy(long.clone(), 4)).unwrap());
     let mut steps = 0;
     while got[2].is_empty() {
         let before = e.stats().prefill_tokens;
-        let per = record(e.step().unwrap(), &mut got, &ids);
+        let per = record_tokens(e.step().unwrap(), &mut got, &ids);
         let chunk = e.stats().prefill_tokens - before;
         assert_eq!(per[..2], [1, 1], "step {steps}: both streams got a token");
         assert!(chunk <= 16, "step {steps}: {chunk} tokens over the cap");
@@ -883,7 +864,7 @@ fn paced_prefill_keeps_every_stream_decoding_and_runs_at_the_cap_when_alone() {
         assert!(steps <= 72, "the prompt stalled");
     }
     while e.has_work() {
-        record(e.step().unwrap(), &mut got, &ids);
+        record_tokens(e.step().unwrap(), &mut got, &ids);
     }
     assert_eq!(got, want);
 }
