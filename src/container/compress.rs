@@ -27,11 +27,12 @@ use super::meta::{
     META_KEY,
 };
 use super::prefetch::{
-    advise_sequential, read_range, Budget, READ_AHEAD_BYTES, READ_AHEAD_TENSORS,
+    advise_sequential, append_range, Budget, BufferPool, READ_AHEAD_BYTES, READ_AHEAD_TENSORS,
 };
 use super::reader::dtype_name;
 use super::writer::{header_reserve, OutputDir, SafetensorsWriter};
 use super::ContainerError;
+use crate::codec::model::{TensorStats, ValueCounts};
 use crate::codec::{self, Params};
 
 /// Settings of one compression run.
@@ -121,13 +122,13 @@ pub fn compress_dir(
     let mut report = CompressReport::new(output);
     let mut weight_map = BTreeMap::new();
     let budget = Budget::new(READ_AHEAD_BYTES, READ_AHEAD_TENSORS);
-    let (to_coder, from_reader) = mpsc::channel::<Result<Vec<u8>, ContainerError>>();
+    let pools = Pools::new();
+    let (to_coder, from_reader) = mpsc::channel::<Result<ReadTensor, ContainerError>>();
     let (to_writer, from_coder) = mpsc::channel::<ToWriter>();
-    let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
     let result = std::thread::scope(|scope| {
-        let (ck, budget) = (&ck, &budget);
+        let (ck, budget, pools) = (&ck, &budget, &pools);
         let reader = scope.spawn(move || {
-            let r = read_tensors(ck, budget, &to_coder, &recycled);
+            let r = read_tensors(ck, budget, &pools.input, &to_coder);
             if let Err(e) = r {
                 budget.close();
                 let _ = to_coder.send(Err(e));
@@ -135,7 +136,7 @@ pub fn compress_dir(
         });
         let out_dir = out.path();
         let writer = scope.spawn(move || {
-            let r = write_tensors(ck, out_dir, budget, from_coder, recycle);
+            let r = write_tensors(ck, out_dir, budget, from_coder, pools);
             if r.is_err() {
                 budget.close();
             }
@@ -156,15 +157,8 @@ pub fn compress_dir(
                                 .map_err(|_| stopped(file.path(), "reader"))??,
                         );
                     }
-                    let code = |(entry, bytes): (&&TensorEntry, Vec<u8>)| {
-                        compress_tensor(
-                            file.path(),
-                            &entry.name,
-                            entry.dtype,
-                            &entry.shape,
-                            bytes,
-                            opts.params,
-                        )
+                    let code = |(entry, read): (&&TensorEntry, ReadTensor)| {
+                        compress_tensor(file.path(), entry, read, opts.params, pools)
                     };
                     // Small tensors are coded side by side, one per thread: each alone is too
                     // little work to spread over the pool.
@@ -326,26 +320,101 @@ struct Part {
     bytes: PartBytes,
 }
 
-/// A part's bytes: a byte buffer, or the coded words (little-endian u16), written as they are
-/// on a little-endian machine rather than copied into bytes first.
+/// A part's bytes, in the buffers they were read or coded into (no copy is made to gather
+/// them): the first `len` bytes of a byte buffer, or pieces of a buffer of coded words
+/// (little-endian u16), one per chunk, written as they are on a little-endian machine.
 enum PartBytes {
-    Bytes(Vec<u8>),
-    Words(Vec<u16>),
+    Bytes {
+        buf: Vec<u8>,
+        len: usize,
+        pool: PoolOf,
+    },
+    Words {
+        buf: Vec<u16>,
+        pieces: Vec<std::ops::Range<usize>>,
+    },
+}
+
+/// The pool a byte buffer goes back to once written.
+#[derive(Clone, Copy)]
+enum PoolOf {
+    Input,
+    Raw,
+    None,
 }
 
 impl PartBytes {
-    /// Runs `f` on the stored (little-endian) bytes.
-    fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+    /// Runs `f` on the stored (little-endian) bytes, as slices in order.
+    fn with_slices<R>(&self, f: impl FnOnce(&[&[u8]]) -> R) -> R {
         match self {
-            Self::Bytes(b) => f(b),
+            Self::Bytes { buf, len, .. } => f(&[&buf[..*len]]),
             #[cfg(target_endian = "little")]
-            // SAFETY: any initialised u16 slice is a valid u8 slice of twice the length (u8 has
-            // alignment 1, u16 no padding); on a little-endian machine those are the LE bytes.
-            Self::Words(w) => {
-                f(unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), 2 * w.len()) })
+            Self::Words { buf, pieces } => {
+                let slices: Vec<&[u8]> = pieces
+                    .iter()
+                    .map(|r| {
+                        let w = &buf[r.clone()];
+                        // SAFETY: any initialised u16 slice is a valid u8 slice of twice the
+                        // length (u8 has alignment 1, u16 no padding); on a little-endian
+                        // machine those are the LE bytes.
+                        unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), 2 * w.len()) }
+                    })
+                    .collect();
+                f(&slices)
             }
             #[cfg(not(target_endian = "little"))]
-            Self::Words(w) => f(&w.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>()),
+            Self::Words { buf, pieces } => {
+                let owned: Vec<Vec<u8>> = pieces
+                    .iter()
+                    .map(|r| {
+                        buf[r.clone()]
+                            .iter()
+                            .flat_map(|w| w.to_le_bytes())
+                            .collect()
+                    })
+                    .collect();
+                f(&owned.iter().map(|v| v.as_slice()).collect::<Vec<_>>())
+            }
+        }
+    }
+
+    /// Number of stored bytes.
+    fn len(&self) -> usize {
+        match self {
+            Self::Bytes { len, .. } => *len,
+            Self::Words { pieces, .. } => pieces.iter().map(|r| 2 * r.len()).sum(),
+        }
+    }
+}
+
+/// The buffers the stages pass around and reuse: input tensors (filled by the reader), raw
+/// planes and word slots (filled by the coder); the writer gives each back once written. A
+/// fresh buffer costs a page fault per page it fills; a reused one costs nothing.
+struct Pools {
+    input: BufferPool<u8>,
+    raw: BufferPool<u8>,
+    words: BufferPool<u16>,
+}
+
+impl Pools {
+    fn new() -> Self {
+        let bytes = READ_AHEAD_BYTES as usize;
+        Self {
+            input: BufferPool::new(SPARE_BUFFERS, bytes),
+            raw: BufferPool::new(READ_AHEAD_TENSORS, bytes / 2),
+            words: BufferPool::new(READ_AHEAD_TENSORS, bytes),
+        }
+    }
+
+    /// Gives a written part's buffer back to its pool.
+    fn give(&self, bytes: PartBytes) {
+        match bytes {
+            PartBytes::Bytes { buf, pool, .. } => match pool {
+                PoolOf::Input => self.input.give(buf),
+                PoolOf::Raw => self.raw.give(buf),
+                PoolOf::None => {}
+            },
+            PartBytes::Words { buf, .. } => self.words.give(buf),
         }
     }
 }
@@ -396,18 +465,35 @@ fn small_tensor_groups<'a, 'e>(entries: &'a [&'e TensorEntry]) -> Vec<&'a [&'e T
     groups
 }
 
-/// Buffers the reader keeps for reuse; more are freed.
+/// Input buffers kept for reuse; more are freed.
 const SPARE_BUFFERS: usize = 2 * READ_AHEAD_TENSORS;
 
-/// The reader stage: every tensor of the plain checkpoint, in order, read into a buffer (a
-/// recycled one when there is one) once the budget admits it.
+/// Bytes per positioned read. Each piece is hashed and (BF16) counted right after it is read,
+/// while it is still in the core's cache (a quarter of a MiB, next to the quarter MiB of value
+/// counts, in a 1 MiB L2), instead of in passes over the whole tensor from memory.
+const READ_PIECE: u64 = 256 << 10;
+
+/// One tensor as the reader hands it on: its bytes, their checksum and, for BF16, the statistics
+/// its coding needs, all gathered as it was read.
+struct ReadTensor {
+    bytes: Vec<u8>,
+    checksum: u64,
+    stats: Option<TensorStats>,
+}
+
+/// The reader stage: every tensor of the plain checkpoint, in order, read piece by piece into a
+/// buffer from `pool` once the budget admits it, hashed and counted as it arrives.
+///
+/// This is [`super::prefetch::read_ahead`]'s loop (which `decompress` and `verify` use) with the
+/// hashing and counting fused into it: done later, each would be another pass over the tensor
+/// from memory on the coder's side.
 fn read_tensors(
     ck: &Checkpoint,
     budget: &Budget,
-    to_coder: &mpsc::Sender<Result<Vec<u8>, ContainerError>>,
-    recycled: &mpsc::Receiver<Vec<u8>>,
+    pool: &BufferPool<u8>,
+    to_coder: &mpsc::Sender<Result<ReadTensor, ContainerError>>,
 ) -> Result<(), ContainerError> {
-    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut counts = ValueCounts::new();
     for (fi, sf) in ck.files().iter().enumerate() {
         let path = sf.path();
         let file = fs::File::open(path).map_err(|e| ContainerError::io(path, e))?;
@@ -417,22 +503,33 @@ fn read_tensors(
             if !budget.acquire(len) {
                 return Ok(());
             }
-            spare.extend(recycled.try_iter());
-            // The spare buffer that fits best: the smallest large enough, else the largest.
-            let pick = spare
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.capacity() as u64 >= len)
-                .min_by_key(|(_, b)| b.capacity())
-                .or_else(|| spare.iter().enumerate().max_by_key(|(_, b)| b.capacity()))
-                .map(|(i, _)| i);
-            let mut buf = pick.map(|i| spare.swap_remove(i)).unwrap_or_default();
-            spare.truncate(SPARE_BUFFERS);
+            let mut buf = pool.take(len as usize);
+            buf.clear();
             let (start, end) = sf
                 .range(&entry.name)
                 .expect("entry of a plain file names a stored tensor");
-            read_range(&file, path, start as u64, end as u64, &mut buf)?;
-            if to_coder.send(Ok(buf)).is_err() {
+            let (start, end) = (start as u64, end as u64);
+            let bf16 = entry.dtype == Dtype::BF16;
+            let mut hash = xxhash_rust::xxh3::Xxh3::new();
+            let mut at = start;
+            while at < end {
+                let to = (at + READ_PIECE).min(end);
+                let from = buf.len();
+                append_range(&file, path, at, to, &mut buf)?;
+                let piece = &buf[from..];
+                hash.update(piece);
+                if bf16 {
+                    counts.add(piece);
+                }
+                at = to;
+            }
+            let stats = bf16.then(|| counts.take(&buf));
+            let read = ReadTensor {
+                bytes: buf,
+                checksum: hash.digest(),
+                stats,
+            };
+            if to_coder.send(Ok(read)).is_err() {
                 return Ok(());
             }
         }
@@ -441,13 +538,13 @@ fn read_tensors(
 }
 
 /// The writer stage: the output files, one after the other, from the coder's parts; gives each
-/// tensor's budget back and its buffers to the reader once written.
+/// tensor's budget back and its buffers to their pools once written.
 fn write_tensors(
     ck: &Checkpoint,
     out_dir: &Path,
     budget: &Budget,
     from_coder: mpsc::Receiver<ToWriter>,
-    recycle: mpsc::Sender<Vec<u8>>,
+    pools: &Pools,
 ) -> Result<(), ContainerError> {
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let reserve = header_bound(ck, fi, file.user_meta());
@@ -465,13 +562,11 @@ fn write_tensors(
                 } => {
                     for p in parts {
                         p.bytes
-                            .with_bytes(|b| writer.add(&p.name, p.dtype, &p.shape, b))?;
-                        if let PartBytes::Bytes(b) = p.bytes {
-                            let _ = recycle.send(b);
-                        }
+                            .with_slices(|b| writer.add_slices(&p.name, p.dtype, &p.shape, b))?;
+                        pools.give(p.bytes);
                     }
                     if let Some(b) = spare {
-                        let _ = recycle.send(b);
+                        pools.input.give(b);
                     }
                     budget.release(input_bytes);
                 }
@@ -489,12 +584,17 @@ fn write_tensors(
 /// writer gets: the parts to write and, when it is not the raw part, the input buffer for reuse.
 fn compress_tensor(
     path: &Path,
-    name: &str,
-    dtype: Dtype,
-    shape: &[usize],
-    bytes: Vec<u8>,
+    entry: &TensorEntry,
+    read: ReadTensor,
     params: Params,
+    pools: &Pools,
 ) -> Result<(TensorMeta, u64, ToWriter), ContainerError> {
+    let (name, dtype, shape) = (entry.name.as_str(), entry.dtype, entry.shape.as_slice());
+    let ReadTensor {
+        bytes,
+        checksum,
+        stats,
+    } = read;
     let input_bytes = bytes.len() as u64;
     let mut m = TensorMeta {
         name: name.to_string(),
@@ -502,59 +602,82 @@ fn compress_tensor(
         shape: shape.to_vec(),
         encoding: Encoding::Raw,
         original_bytes: bytes.len() as u64,
-        checksum: meta::checksum_of(&bytes),
+        checksum: meta::checksum_string(checksum),
         exponent_entropy_bits: None,
         value_entropy_bits: None,
         rans: None,
     };
-    if dtype == Dtype::BF16 {
-        if is_candidate(dtype, shape) {
-            let enc = codec::encode(&bytes, params.for_tensor(bytes.len() / 2))
-                .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
+    if let Some(stats) = &stats {
+        m.exponent_entropy_bits = Some(stats.exponent_entropy_bits());
+        m.value_entropy_bits = Some(stats.value_entropy_bits);
+    }
+    if let (true, Some(stats)) = (is_candidate(dtype, shape), &stats) {
+        let p = params.for_tensor(bytes.len() / 2);
+        let n = bytes.len() / 2;
+        let mut raw = pools.raw.take(codec::model::raw_len(n, p.mantissa_bits));
+        let mut words = pools.words.take(
+            codec::tensor::chunk_count(n, p.chunk_elems) * (p.chunk_elems + codec::ans::LANES),
+        );
+        let enc = codec::tensor::encode_into(&bytes, p, stats, &mut raw, &mut words)
+            .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
+        let index: Vec<u8> = enc
+            .offsets
+            .iter()
+            .chain(&enc.states)
+            .flat_map(|w| w.to_le_bytes())
+            .chain(enc.table_bytes())
+            .collect();
+        let parts = [
+            PartBytes::Bytes {
+                len: enc.raw_bytes(),
+                buf: raw,
+                pool: PoolOf::Raw,
+            },
+            PartBytes::Words {
+                pieces: enc.chunk_word_ranges().collect(),
+                buf: words,
+            },
+            PartBytes::Bytes {
+                len: index.len(),
+                buf: index,
+                pool: PoolOf::None,
+            },
+        ];
+        let stored: usize = parts.iter().map(PartBytes::len).sum();
+        if stored < bytes.len() {
+            let mut hash = xxhash_rust::xxh3::Xxh3::new();
+            for part in &parts {
+                part.with_slices(|s| s.iter().for_each(|s| hash.update(s)));
+            }
+            m.encoding = Encoding::ExpRans;
             m.exponent_entropy_bits = Some(enc.exponent_entropy_bits);
             m.value_entropy_bits = Some(enc.value_entropy_bits);
-            let index: Vec<u8> = enc
-                .offsets
+            m.rans = Some(RansMeta {
+                chunk_elems: enc.params.chunk_elems,
+                prob_bits: enc.params.prob_bits,
+                lanes: codec::ans::LANES,
+                mantissa_bits: enc.params.mantissa_bits,
+                parts_checksum: meta::checksum_string(hash.digest()),
+            });
+            let parts = meta::PARTS
                 .iter()
-                .chain(&enc.states)
-                .flat_map(|w| w.to_le_bytes())
-                .chain(enc.table_bytes())
+                .zip(parts)
+                .map(|(p, data)| Part {
+                    name: part_name(name, p),
+                    dtype: Dtype::U8,
+                    shape: vec![data.len()],
+                    bytes: data,
+                })
                 .collect();
-            let exp = PartBytes::Words(enc.exp_words);
-            let exp_len = exp.with_bytes(|b| b.len());
-            let stored = enc.raw.len() + exp_len + index.len();
-            if stored < bytes.len() {
-                m.encoding = Encoding::ExpRans;
-                m.rans = Some(RansMeta {
-                    chunk_elems: enc.params.chunk_elems,
-                    prob_bits: enc.params.prob_bits,
-                    lanes: codec::ans::LANES,
-                    mantissa_bits: enc.params.mantissa_bits,
-                    parts_checksum: exp
-                        .with_bytes(|e| meta::checksum_of_parts([&enc.raw[..], e, &index])),
-                });
-                let parts = meta::PARTS
-                    .iter()
-                    .zip([PartBytes::Bytes(enc.raw), exp, PartBytes::Bytes(index)])
-                    .map(|(p, data)| Part {
-                        name: part_name(name, p),
-                        dtype: Dtype::U8,
-                        shape: vec![data.with_bytes(|b| b.len())],
-                        bytes: data,
-                    })
-                    .collect();
-                let msg = ToWriter::Tensor {
-                    parts,
-                    spare: Some(bytes),
-                    input_bytes,
-                };
-                return Ok((m, stored as u64, msg));
-            }
-        } else {
-            let v = codec::model::value_histogram(&bytes);
-            m.exponent_entropy_bits =
-                Some(codec::model::entropy(&codec::model::key_histogram(&v, 0)));
-            m.value_entropy_bits = Some(codec::model::entropy(&v));
+            let msg = ToWriter::Tensor {
+                parts,
+                spare: Some(bytes),
+                input_bytes,
+            };
+            return Ok((m, stored as u64, msg));
+        }
+        for part in parts {
+            pools.give(part);
         }
     }
     let stored = bytes.len() as u64;
@@ -562,7 +685,11 @@ fn compress_tensor(
         name: name.to_string(),
         dtype,
         shape: shape.to_vec(),
-        bytes: PartBytes::Bytes(bytes),
+        bytes: PartBytes::Bytes {
+            len: bytes.len(),
+            buf: bytes,
+            pool: PoolOf::Input,
+        },
     };
     let msg = ToWriter::Tensor {
         parts: vec![part],

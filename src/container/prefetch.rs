@@ -91,35 +91,15 @@ impl Budget {
     }
 }
 
-/// Reads bytes `start..end` of `file` into `buf` (cleared first; its capacity is reused), with
-/// large positioned reads that never touch a memory map.
-pub fn read_range(
-    file: &File,
-    path: &Path,
-    start: u64,
-    end: u64,
-    buf: &mut Vec<u8>,
-) -> Result<(), ContainerError> {
-    buf.clear();
-    let len = (end - start) as usize;
-    if buf.capacity() < len {
-        // Growing would copy the stale bytes; a fresh buffer's pages fault in as the read fills
-        // them, and 2 MiB pages make that 512 times fewer faults.
-        *buf = Vec::with_capacity(len);
-        crate::codec::tensor::advise_huge_pages(buf.spare_capacity_mut());
-    }
-    append_range(file, path, start, end, buf)
-}
-
 /// Buffers kept for reuse between pipeline stages, under a count and a byte limit (a fresh
 /// buffer costs a page fault per 4 KiB it fills; a reused one costs nothing).
-pub struct BufferPool {
-    spare: Mutex<Vec<Vec<u8>>>,
+pub struct BufferPool<T = u8> {
+    spare: Mutex<Vec<Vec<T>>>,
     max_buffers: usize,
     max_bytes: usize,
 }
 
-impl BufferPool {
+impl<T> BufferPool<T> {
     /// A pool keeping at most `max_buffers` buffers of at most `max_bytes` capacity in all.
     pub fn new(max_buffers: usize, max_bytes: usize) -> Self {
         Self {
@@ -129,9 +109,10 @@ impl BufferPool {
         }
     }
 
-    /// A buffer with room for `len` bytes: the smallest spare one that has it, else a new one
-    /// (growing a smaller one would copy its bytes). Its contents and length are whatever it had.
-    pub fn take(&self, len: usize) -> Vec<u8> {
+    /// A buffer with room for `len` elements: the smallest spare one that has it, else a new one
+    /// (growing a smaller one would copy its contents). Its contents and length are whatever it
+    /// had.
+    pub fn take(&self, len: usize) -> Vec<T> {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         let pick = spare
             .iter()
@@ -152,7 +133,7 @@ impl BufferPool {
     }
 
     /// Gives a buffer back; the smallest buffers are freed when over the limits.
-    pub fn give(&self, buf: Vec<u8>) {
+    pub fn give(&self, buf: Vec<T>) {
         if buf.capacity() == 0 {
             return;
         }
@@ -164,7 +145,7 @@ impl BufferPool {
             .iter()
             .take(self.max_buffers)
             .take_while(|b| {
-                bytes += b.capacity();
+                bytes += b.capacity() * std::mem::size_of::<T>();
                 bytes <= self.max_bytes
             })
             .count();
@@ -239,7 +220,7 @@ pub fn advise_sequential(file: &File) {
 
 /// Appends bytes `start..end` of `file` to `buf`, with large positioned reads straight into its
 /// spare capacity (not zeroed first, unlike `Read::read_to_end` on a plain reader).
-fn append_range(
+pub fn append_range(
     file: &File,
     path: &Path,
     start: u64,
@@ -335,7 +316,7 @@ mod tests {
 
     #[test]
     fn the_pool_hands_out_the_smallest_fitting_buffer_and_keeps_within_its_limits() {
-        let pool = BufferPool::new(3, 1000);
+        let pool: BufferPool = BufferPool::new(3, 1000);
         for cap in [100, 400, 200, 300] {
             pool.give(Vec::with_capacity(cap));
         }
@@ -392,10 +373,11 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let f = File::open(&path).unwrap();
         let mut buf = vec![1u8; 5];
-        read_range(&f, &path, 1000, 90_000, &mut buf).unwrap();
-        assert_eq!(buf, data[1000..90_000]);
-        read_range(&f, &path, 3, 7, &mut buf).unwrap();
-        assert_eq!(buf, data[3..7]);
-        assert!(read_range(&f, &path, 99_000, 100_001, &mut buf).is_err());
+        append_range(&f, &path, 1000, 90_000, &mut buf).unwrap();
+        assert_eq!(buf[..5], [1; 5]);
+        assert_eq!(buf[5..], data[1000..90_000]);
+        append_range(&f, &path, 3, 7, &mut buf).unwrap();
+        assert_eq!(buf[89_005..], data[3..7]);
+        assert!(append_range(&f, &path, 99_000, 100_001, &mut buf).is_err());
     }
 }
