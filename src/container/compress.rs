@@ -26,9 +26,7 @@ use super::meta::{
     self, part_name, Encoding, FileMeta, RansMeta, TensorMeta, FORMAT_NAME, FORMAT_VERSION,
     META_KEY,
 };
-use super::prefetch::{
-    advise_sequential, append_range, Budget, BufferPool, READ_AHEAD_BYTES, READ_AHEAD_TENSORS,
-};
+use super::prefetch::{Budget, BufferPool, READ_AHEAD_BYTES, READ_AHEAD_TENSORS};
 use super::reader::dtype_name;
 use super::writer::{header_reserve, OutputDir, SafetensorsWriter};
 use super::ContainerError;
@@ -123,17 +121,11 @@ pub fn compress_dir(
     let mut weight_map = BTreeMap::new();
     let budget = Budget::new(READ_AHEAD_BYTES, READ_AHEAD_TENSORS);
     let pools = Pools::new();
-    let (to_coder, from_reader) = mpsc::channel::<Result<ReadTensor, ContainerError>>();
+    let (to_coder, from_reader) = mpsc::channel::<ReadTensor>();
     let (to_writer, from_coder) = mpsc::channel::<ToWriter>();
     let result = std::thread::scope(|scope| {
         let (ck, budget, pools) = (&ck, &budget, &pools);
-        let reader = scope.spawn(move || {
-            let r = read_tensors(ck, budget, &pools.input, &to_coder);
-            if let Err(e) = r {
-                budget.close();
-                let _ = to_coder.send(Err(e));
-            }
-        });
+        let reader = scope.spawn(move || read_tensors(ck, budget, &to_coder));
         let out_dir = out.path();
         let writer = scope.spawn(move || {
             let r = write_tensors(ck, out_dir, budget, from_coder, pools);
@@ -154,10 +146,10 @@ pub fn compress_dir(
                         inputs.push(
                             from_reader
                                 .recv()
-                                .map_err(|_| stopped(file.path(), "reader"))??,
+                                .map_err(|_| stopped(file.path(), "reader"))?,
                         );
                     }
-                    let code = |(entry, read): (&&TensorEntry, ReadTensor)| {
+                    let code = |(entry, read): (&&TensorEntry, _)| {
                         compress_tensor(file.path(), entry, read, opts.params, pools)
                     };
                     // Small tensors are coded side by side, one per thread: each alone is too
@@ -313,21 +305,24 @@ fn header_bound(ck: &Checkpoint, fi: usize, user_meta: &HashMap<String, String>)
 }
 
 /// One stored tensor of an output file: its name, dtype, shape and bytes.
-struct Part {
+struct Part<'a> {
     name: String,
     dtype: Dtype,
     shape: Vec<usize>,
-    bytes: PartBytes,
+    bytes: PartBytes<'a>,
 }
 
 /// A part's bytes, in the buffers they were read or coded into (no copy is made to gather
 /// them): the first `len` bytes of a byte buffer, or pieces of a buffer of coded words
 /// (little-endian u16), one per chunk, written as they are on a little-endian machine.
-enum PartBytes {
+enum PartBytes<'a> {
+    /// A tensor stored as it is: its bytes in the input's memory map.
+    Input(&'a [u8]),
     Bytes {
         buf: Vec<u8>,
         len: usize,
-        pool: PoolOf,
+        /// Whether the buffer goes back to the raw-plane pool once written.
+        reuse: bool,
     },
     Words {
         buf: Vec<u16>,
@@ -335,18 +330,11 @@ enum PartBytes {
     },
 }
 
-/// The pool a byte buffer goes back to once written.
-#[derive(Clone, Copy)]
-enum PoolOf {
-    Input,
-    Raw,
-    None,
-}
-
-impl PartBytes {
+impl PartBytes<'_> {
     /// Runs `f` on the stored (little-endian) bytes, as slices in order.
     fn with_slices<R>(&self, f: impl FnOnce(&[&[u8]]) -> R) -> R {
         match self {
+            Self::Input(b) => f(&[b]),
             Self::Bytes { buf, len, .. } => f(&[&buf[..*len]]),
             #[cfg(target_endian = "little")]
             Self::Words { buf, pieces } => {
@@ -381,17 +369,17 @@ impl PartBytes {
     /// Number of stored bytes.
     fn len(&self) -> usize {
         match self {
+            Self::Input(b) => b.len(),
             Self::Bytes { len, .. } => *len,
             Self::Words { pieces, .. } => pieces.iter().map(|r| 2 * r.len()).sum(),
         }
     }
 }
 
-/// The buffers the stages pass around and reuse: input tensors (filled by the reader), raw
-/// planes and word slots (filled by the coder); the writer gives each back once written. A
-/// fresh buffer costs a page fault per page it fills; a reused one costs nothing.
+/// The buffers the coder codes into and the writer gives back once written, for reuse: raw
+/// planes and word slots. A fresh buffer costs a page fault per page it fills; a reused one
+/// costs nothing.
 struct Pools {
-    input: BufferPool<u8>,
     raw: BufferPool<u8>,
     words: BufferPool<u16>,
 }
@@ -400,34 +388,31 @@ impl Pools {
     fn new() -> Self {
         let bytes = READ_AHEAD_BYTES as usize;
         Self {
-            input: BufferPool::new(SPARE_BUFFERS, bytes),
             raw: BufferPool::new(READ_AHEAD_TENSORS, bytes / 2),
             words: BufferPool::new(READ_AHEAD_TENSORS, bytes),
         }
     }
 
     /// Gives a written part's buffer back to its pool.
-    fn give(&self, bytes: PartBytes) {
+    fn give(&self, bytes: PartBytes<'_>) {
         match bytes {
-            PartBytes::Bytes { buf, pool, .. } => match pool {
-                PoolOf::Input => self.input.give(buf),
-                PoolOf::Raw => self.raw.give(buf),
-                PoolOf::None => {}
-            },
+            PartBytes::Bytes {
+                buf, reuse: true, ..
+            } => self.raw.give(buf),
             PartBytes::Words { buf, .. } => self.words.give(buf),
+            _ => {}
         }
     }
 }
 
 /// What the coder hands the writer.
-enum ToWriter {
-    /// The stored tensors of one input tensor (three parts, or the tensor raw), the input
-    /// buffer when it is not one of them (for reuse once written), and the input bytes it held
-    /// from the read-ahead budget.
+enum ToWriter<'a> {
+    /// The stored tensors of one input tensor (three parts, or the tensor raw), and where the
+    /// input tensor lies (file index and byte range), whose pages and read-ahead budget are
+    /// given back once they are written.
     Tensor {
-        parts: Vec<Part>,
-        spare: Option<Vec<u8>>,
-        input_bytes: u64,
+        parts: Vec<Part<'a>>,
+        input: (usize, usize, usize),
     },
     /// The current file is complete: its user metadata; the next tensors go to the next file.
     FileEnd(HashMap<String, String>),
@@ -465,85 +450,70 @@ fn small_tensor_groups<'a, 'e>(entries: &'a [&'e TensorEntry]) -> Vec<&'a [&'e T
     groups
 }
 
-/// Input buffers kept for reuse; more are freed.
-const SPARE_BUFFERS: usize = 2 * READ_AHEAD_TENSORS;
+/// Bytes hashed and (BF16) counted at a time: a piece stays in the core's cache (a quarter of a
+/// MiB, next to the quarter MiB of value counts, in a 1 MiB L2) between the two.
+const PIECE: usize = 256 << 10;
 
-/// Bytes per positioned read. Each piece is hashed and (BF16) counted right after it is read,
-/// while it is still in the core's cache (a quarter of a MiB, next to the quarter MiB of value
-/// counts, in a 1 MiB L2), instead of in passes over the whole tensor from memory.
-const READ_PIECE: u64 = 256 << 10;
-
-/// One tensor as the reader hands it on: its bytes, their checksum and, for BF16, the statistics
-/// its coding needs, all gathered as it was read.
-struct ReadTensor {
-    bytes: Vec<u8>,
+/// One tensor as the reader hands it on: its bytes (in the input's memory map, their pages
+/// mapped in), where they lie, their checksum and, for BF16, the statistics its coding needs.
+struct ReadTensor<'a> {
+    bytes: &'a [u8],
+    input: (usize, usize, usize),
     checksum: u64,
     stats: Option<TensorStats>,
 }
 
-/// The reader stage: every tensor of the plain checkpoint, in order, read piece by piece into a
-/// buffer from `pool` once the budget admits it, hashed and counted as it arrives.
+/// The reader stage: every tensor of the plain checkpoint, in order, once the budget admits it:
+/// maps its pages in (one `MADV_POPULATE_READ` per tensor, which reads them from the file if
+/// they are not cached) and hashes and counts them piece by piece.
 ///
-/// This is [`super::prefetch::read_ahead`]'s loop (which `decompress` and `verify` use) with the
-/// hashing and counting fused into it: done later, each would be another pass over the tensor
-/// from memory on the coder's side.
-fn read_tensors(
-    ck: &Checkpoint,
-    budget: &Budget,
-    pool: &BufferPool<u8>,
-    to_coder: &mpsc::Sender<Result<ReadTensor, ContainerError>>,
-) -> Result<(), ContainerError> {
+/// The bytes are not copied: the coder codes them where they are mapped, and a tensor stored as
+/// it is is written from there. Reading into buffers instead (`pread`, as `decompress` and
+/// `verify` do through [`super::prefetch::read_ahead`]) costs a copy of every byte and, for
+/// each fresh buffer, the zeroing of its pages; a populated mapping costs neither, and mapping
+/// the pages in one call instead of faulting them in was what the memory map used to lack
+/// (docs/format.md §6 has the measurements). The writer unmaps each tensor's pages once it is
+/// written, so the resident input stays within the budget.
+fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender<ReadTensor<'a>>) {
     let mut counts = ValueCounts::new();
     for (fi, sf) in ck.files().iter().enumerate() {
-        let path = sf.path();
-        let file = fs::File::open(path).map_err(|e| ContainerError::io(path, e))?;
-        advise_sequential(&file);
         for entry in ck.entries().iter().filter(|e| e.file == fi) {
-            let len = entry.original_bytes() as u64;
-            if !budget.acquire(len) {
-                return Ok(());
+            if !budget.acquire(entry.original_bytes() as u64) {
+                return;
             }
-            let mut buf = pool.take(len as usize);
-            buf.clear();
             let (start, end) = sf
                 .range(&entry.name)
                 .expect("entry of a plain file names a stored tensor");
-            let (start, end) = (start as u64, end as u64);
+            sf.populate(start, end);
+            let bytes = sf.bytes_at(start..end);
             let bf16 = entry.dtype == Dtype::BF16;
             let mut hash = xxhash_rust::xxh3::Xxh3::new();
-            let mut at = start;
-            while at < end {
-                let to = (at + READ_PIECE).min(end);
-                let from = buf.len();
-                append_range(&file, path, at, to, &mut buf)?;
-                let piece = &buf[from..];
+            for piece in bytes.chunks(PIECE) {
                 hash.update(piece);
                 if bf16 {
                     counts.add(piece);
                 }
-                at = to;
             }
-            let stats = bf16.then(|| counts.take(&buf));
             let read = ReadTensor {
-                bytes: buf,
+                bytes,
+                input: (fi, start, end),
                 checksum: hash.digest(),
-                stats,
+                stats: bf16.then(|| counts.take(bytes)),
             };
-            if to_coder.send(Ok(read)).is_err() {
-                return Ok(());
+            if to_coder.send(read).is_err() {
+                return;
             }
         }
     }
-    Ok(())
 }
 
 /// The writer stage: the output files, one after the other, from the coder's parts; gives each
-/// tensor's budget back and its buffers to their pools once written.
+/// tensor's budget and input pages back and its buffers to their pools once written.
 fn write_tensors(
     ck: &Checkpoint,
     out_dir: &Path,
     budget: &Budget,
-    from_coder: mpsc::Receiver<ToWriter>,
+    from_coder: mpsc::Receiver<ToWriter<'_>>,
     pools: &Pools,
 ) -> Result<(), ContainerError> {
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
@@ -555,20 +525,15 @@ fn write_tensors(
                 return Ok(());
             };
             match msg {
-                ToWriter::Tensor {
-                    parts,
-                    spare,
-                    input_bytes,
-                } => {
+                ToWriter::Tensor { parts, input } => {
                     for p in parts {
                         p.bytes
                             .with_slices(|b| writer.add_slices(&p.name, p.dtype, &p.shape, b))?;
                         pools.give(p.bytes);
                     }
-                    if let Some(b) = spare {
-                        pools.input.give(b);
-                    }
-                    budget.release(input_bytes);
+                    let (f, start, end) = input;
+                    ck.files()[f].release(start, end);
+                    budget.release((end - start) as u64);
                 }
                 ToWriter::FileEnd(user_meta) => {
                     writer.finish(&user_meta)?;
@@ -581,21 +546,21 @@ fn write_tensors(
 }
 
 /// Encodes (or keeps raw) one tensor; returns its metadata, its stored bytes and what the
-/// writer gets: the parts to write and, when it is not the raw part, the input buffer for reuse.
-fn compress_tensor(
+/// writer gets.
+fn compress_tensor<'a>(
     path: &Path,
     entry: &TensorEntry,
-    read: ReadTensor,
+    read: ReadTensor<'a>,
     params: Params,
     pools: &Pools,
-) -> Result<(TensorMeta, u64, ToWriter), ContainerError> {
+) -> Result<(TensorMeta, u64, ToWriter<'a>), ContainerError> {
     let (name, dtype, shape) = (entry.name.as_str(), entry.dtype, entry.shape.as_slice());
     let ReadTensor {
         bytes,
+        input,
         checksum,
         stats,
     } = read;
-    let input_bytes = bytes.len() as u64;
     let mut m = TensorMeta {
         name: name.to_string(),
         dtype: dtype_name(dtype),
@@ -618,7 +583,7 @@ fn compress_tensor(
         let mut words = pools.words.take(
             codec::tensor::chunk_count(n, p.chunk_elems) * (p.chunk_elems + codec::ans::LANES),
         );
-        let enc = codec::tensor::encode_into(&bytes, p, stats, &mut raw, &mut words)
+        let enc = codec::tensor::encode_into(bytes, p, stats, &mut raw, &mut words)
             .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
         let index: Vec<u8> = enc
             .offsets
@@ -631,7 +596,7 @@ fn compress_tensor(
             PartBytes::Bytes {
                 len: enc.raw_bytes(),
                 buf: raw,
-                pool: PoolOf::Raw,
+                reuse: true,
             },
             PartBytes::Words {
                 pieces: enc.chunk_word_ranges().collect(),
@@ -640,7 +605,7 @@ fn compress_tensor(
             PartBytes::Bytes {
                 len: index.len(),
                 buf: index,
-                pool: PoolOf::None,
+                reuse: false,
             },
         ];
         let stored: usize = parts.iter().map(PartBytes::len).sum();
@@ -669,12 +634,7 @@ fn compress_tensor(
                     bytes: data,
                 })
                 .collect();
-            let msg = ToWriter::Tensor {
-                parts,
-                spare: Some(bytes),
-                input_bytes,
-            };
-            return Ok((m, stored as u64, msg));
+            return Ok((m, stored as u64, ToWriter::Tensor { parts, input }));
         }
         for part in parts {
             pools.give(part);
@@ -685,18 +645,16 @@ fn compress_tensor(
         name: name.to_string(),
         dtype,
         shape: shape.to_vec(),
-        bytes: PartBytes::Bytes {
-            len: bytes.len(),
-            buf: bytes,
-            pool: PoolOf::Input,
+        bytes: PartBytes::Input(bytes),
+    };
+    Ok((
+        m,
+        stored,
+        ToWriter::Tensor {
+            parts: vec![part],
+            input,
         },
-    };
-    let msg = ToWriter::Tensor {
-        parts: vec![part],
-        spare: None,
-        input_bytes,
-    };
-    Ok((m, stored, msg))
+    ))
 }
 
 /// A byte-counting progress bar on stderr, hidden unless asked for and stderr is a terminal.
