@@ -220,7 +220,7 @@ pub fn advise_sequential(file: &File) {
 
 /// Appends bytes `start..end` of `file` to `buf`, with large positioned reads straight into its
 /// spare capacity (not zeroed first, unlike `Read::read_to_end` on a plain reader).
-pub fn append_range(
+fn append_range(
     file: &File,
     path: &Path,
     start: u64,
