@@ -498,7 +498,7 @@ fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender
                 bytes,
                 input: (fi, start, end),
                 checksum: hash.digest(),
-                stats: bf16.then(|| counts.take(bytes)),
+                stats: bf16.then(|| counts.take()),
             };
             if to_coder.send(read).is_err() {
                 return;
