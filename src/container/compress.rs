@@ -136,7 +136,6 @@ pub fn compress_dir(
         });
         let coded = (|| -> Result<(), ContainerError> {
             for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
-                let mut metas = Vec::new();
                 let entries: Vec<&TensorEntry> =
                     ck.entries().iter().filter(|e| e.file == fi).collect();
                 for group in small_tensor_groups(&entries) {
@@ -160,29 +159,17 @@ pub fn compress_dir(
                         group.par_iter().zip(inputs).map(code).collect()
                     };
                     for (entry, c) in group.iter().zip(coded) {
-                        let (m, stored, msg) = c?;
-                        bar.inc(m.original_bytes);
+                        let (stored, msg) = c?;
+                        bar.inc(entry.original_bytes() as u64);
                         weight_map.insert(entry.name.clone(), fname.clone());
                         report.stored_bytes.push(stored);
-                        report.tensors.push(m.clone());
-                        metas.push(m);
                         to_writer
                             .send(msg)
                             .map_err(|_| stopped(file.path(), "writer"))?;
                     }
                 }
-                let mut user_meta = file.user_meta().clone();
-                let fm = FileMeta {
-                    format: FORMAT_NAME.into(),
-                    version: FORMAT_VERSION,
-                    tensors: metas,
-                };
-                user_meta.insert(
-                    META_KEY.into(),
-                    serde_json::to_string(&fm).expect("metadata serialises"),
-                );
                 to_writer
-                    .send(ToWriter::FileEnd(user_meta))
+                    .send(ToWriter::FileEnd)
                     .map_err(|_| stopped(file.path(), "writer"))?;
             }
             Ok(())
@@ -194,9 +181,10 @@ pub fn compress_dir(
         let written = writer.join().expect("the writer thread does not panic");
         reader.join().expect("the reader thread does not panic");
         // The writer's own error explains a coder that stopped because the writer stopped.
-        written.and(coded)
+        let metas = written?;
+        coded.map(|()| metas)
     });
-    result?;
+    report.tensors = result?;
     bar.finish_and_clear();
     if ck.is_sharded() {
         let stored: u64 = report.stored_bytes.iter().sum();
@@ -407,15 +395,17 @@ impl Pools {
 
 /// What the coder hands the writer.
 enum ToWriter<'a> {
-    /// The stored tensors of one input tensor (three parts, or the tensor raw), and where the
-    /// input tensor lies (file index and byte range), whose pages and read-ahead budget are
-    /// given back once they are written.
+    /// One input tensor: its metadata (for an `exp-rans` tensor without the parts checksum,
+    /// which the writer computes as it writes the parts, while each is in the cache), its stored
+    /// tensors (three parts, or the tensor raw), and where the input tensor lies (file index and
+    /// byte range), whose pages and read-ahead budget are given back once it is written.
     Tensor {
+        meta: Box<TensorMeta>,
         parts: Vec<Part<'a>>,
         input: (usize, usize, usize),
     },
-    /// The current file is complete: its user metadata; the next tensors go to the next file.
-    FileEnd(HashMap<String, String>),
+    /// The current file is complete; the next tensors go to the next file.
+    FileEnd,
 }
 
 /// The error of a pipeline stage that found another stage gone (that stage reports why).
@@ -507,53 +497,80 @@ fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender
     }
 }
 
-/// The writer stage: the output files, one after the other, from the coder's parts; gives each
-/// tensor's budget and input pages back and its buffers to their pools once written.
+/// The writer stage: the output files, one after the other, from the coder's parts, and their
+/// metadata (the parts checksums hashed from the bytes as they are written); gives each
+/// tensor's budget and input pages back and its buffers to their pools once written. Returns
+/// the metadata of every tensor, in order.
 fn write_tensors(
     ck: &Checkpoint,
     out_dir: &Path,
     budget: &Budget,
     from_coder: mpsc::Receiver<ToWriter<'_>>,
     pools: &Pools,
-) -> Result<(), ContainerError> {
+) -> Result<Vec<TensorMeta>, ContainerError> {
+    let mut all = Vec::new();
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let reserve = header_bound(ck, fi, file.user_meta());
         let mut writer = SafetensorsWriter::create(&out_dir.join(fname), reserve)?;
+        let mut metas = Vec::new();
         loop {
             let Ok(msg) = from_coder.recv() else {
                 // The coder stopped; it reports why.
-                return Ok(());
+                return Ok(all);
             };
             match msg {
-                ToWriter::Tensor { parts, input } => {
+                ToWriter::Tensor {
+                    mut meta,
+                    parts,
+                    input,
+                } => {
+                    let mut hash = xxhash_rust::xxh3::Xxh3::new();
                     for p in parts {
-                        p.bytes
-                            .with_slices(|b| writer.add_slices(&p.name, p.dtype, &p.shape, b))?;
+                        p.bytes.with_slices(|slices| {
+                            for s in slices {
+                                hash.update(s);
+                            }
+                            writer.add_slices(&p.name, p.dtype, &p.shape, slices)
+                        })?;
                         pools.give(p.bytes);
                     }
+                    if let Some(r) = &mut meta.rans {
+                        r.parts_checksum = meta::checksum_string(hash.digest());
+                    }
+                    metas.push(*meta);
                     let (f, start, end) = input;
                     ck.files()[f].release(start, end);
                     budget.release((end - start) as u64);
                 }
-                ToWriter::FileEnd(user_meta) => {
+                ToWriter::FileEnd => {
+                    let mut user_meta = file.user_meta().clone();
+                    let fm = FileMeta {
+                        format: FORMAT_NAME.into(),
+                        version: FORMAT_VERSION,
+                        tensors: metas,
+                    };
+                    user_meta.insert(
+                        META_KEY.into(),
+                        serde_json::to_string(&fm).expect("metadata serialises"),
+                    );
                     writer.finish(&user_meta)?;
+                    all.extend(fm.tensors);
                     break;
                 }
             }
         }
     }
-    Ok(())
+    Ok(all)
 }
 
-/// Encodes (or keeps raw) one tensor; returns its metadata, its stored bytes and what the
-/// writer gets.
+/// Encodes (or keeps raw) one tensor; returns its stored bytes and what the writer gets.
 fn compress_tensor<'a>(
     path: &Path,
     entry: &TensorEntry,
     read: ReadTensor<'a>,
     params: Params,
     pools: &Pools,
-) -> Result<(TensorMeta, u64, ToWriter<'a>), ContainerError> {
+) -> Result<(u64, ToWriter<'a>), ContainerError> {
     let (name, dtype, shape) = (entry.name.as_str(), entry.dtype, entry.shape.as_slice());
     let ReadTensor {
         bytes,
@@ -610,10 +627,6 @@ fn compress_tensor<'a>(
         ];
         let stored: usize = parts.iter().map(PartBytes::len).sum();
         if stored < bytes.len() {
-            let mut hash = xxhash_rust::xxh3::Xxh3::new();
-            for part in &parts {
-                part.with_slices(|s| s.iter().for_each(|s| hash.update(s)));
-            }
             m.encoding = Encoding::ExpRans;
             m.exponent_entropy_bits = Some(enc.exponent_entropy_bits);
             m.value_entropy_bits = Some(enc.value_entropy_bits);
@@ -622,7 +635,8 @@ fn compress_tensor<'a>(
                 prob_bits: enc.params.prob_bits,
                 lanes: codec::ans::LANES,
                 mantissa_bits: enc.params.mantissa_bits,
-                parts_checksum: meta::checksum_string(hash.digest()),
+                // The writer hashes the parts as it writes them.
+                parts_checksum: String::new(),
             });
             let parts = meta::PARTS
                 .iter()
@@ -634,7 +648,12 @@ fn compress_tensor<'a>(
                     bytes: data,
                 })
                 .collect();
-            return Ok((m, stored as u64, ToWriter::Tensor { parts, input }));
+            let msg = ToWriter::Tensor {
+                meta: Box::new(m),
+                parts,
+                input,
+            };
+            return Ok((stored as u64, msg));
         }
         for part in parts {
             pools.give(part);
@@ -647,14 +666,12 @@ fn compress_tensor<'a>(
         shape: shape.to_vec(),
         bytes: PartBytes::Input(bytes),
     };
-    Ok((
-        m,
-        stored,
-        ToWriter::Tensor {
-            parts: vec![part],
-            input,
-        },
-    ))
+    let msg = ToWriter::Tensor {
+        meta: Box::new(m),
+        parts: vec![part],
+        input,
+    };
+    Ok((stored, msg))
 }
 
 /// A byte-counting progress bar on stderr, hidden unless asked for and stderr is a terminal.
