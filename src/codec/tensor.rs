@@ -8,10 +8,13 @@
 //! (r1·K - 1) / chunk_elems` and nothing else.
 //!
 //! CPU throughput notes (the reasons for the shape of [`encode`] and [`decode_into`]):
-//! - Encoding is two passes over the input: the exponent histogram (the code table needs all of
-//!   it), then one fused pass per chunk that splits the values and codes the exponents. Each
-//!   worker thread reuses one scratch buffer for words; the chunks' words are concatenated in
-//!   parallel at the end.
+//! - Encoding is two passes over the input: the value histogram (the code table needs all of
+//!   it), then one fused pass per chunk that splits the values and codes the symbols. [`encode`]
+//!   reuses one scratch buffer for words per worker thread and concatenates the chunks' words in
+//!   parallel at the end. `compress` instead counts the values as it reads them
+//!   ([`model::ValueCounts`]) and codes with [`encode_into`] into reused buffers, each chunk's
+//!   words in place in a slot of their own, which are written from there: no copy, and no fresh
+//!   buffer to zero, per tensor.
 //! - Decoding reads the stored word bytes in place (only the last chunk or two, which lack
 //!   padding after their words, are copied) and decodes chunks two at a time, see
 //!   [`ans::decode_chunk_pair`].

@@ -1,14 +1,22 @@
 //! `unweight compress`: a plain checkpoint directory in, a compressed one out.
 //!
-//! A three-stage pipeline, tensor by tensor in storage order: a reader thread reads each tensor
-//! with large positioned reads into a reused buffer ([`super::prefetch`]), the calling thread
-//! codes it (a large tensor with all cores, a one-chunk tensor on its own thread, so the many
-//! small tensors of a checkpoint never wake the pool), and a writer thread writes it, so reading,
-//! coding and writing overlap. Memory is bounded: the input read but not yet written stays within
-//! [`READ_AHEAD_BYTES`](super::prefetch::READ_AHEAD_BYTES) (or one tensor, if larger), plus its
-//! coded form. The input's sharding is kept: every input shard becomes an output shard of the
-//! same name. Every 2-D-or-more BF16 tensor (all linear weights, embeddings, lm_head) is
-//! encoded; vectors (norms), non-BF16 tensors and tensors that would not shrink are stored raw.
+//! A three-stage pipeline, tensor by tensor in storage order. A reader thread maps each tensor's
+//! pages in with one call (the input is memory-mapped; no copy of it is ever made) and hashes
+//! and counts its values piece by piece while each piece is in the cache. The calling thread
+//! codes it from those counts, into reused buffers (a large tensor with all cores; small
+//! tensors several at a time, one per thread, so the many small tensors of a checkpoint never
+//! wake the pool for one each). A writer thread writes the coded parts where they were coded,
+//! hashing them as it goes, and unmaps the input pages. Reading, coding and writing overlap.
+//! docs/format.md §4.4 has the measurements behind each choice.
+//!
+//! Memory is bounded: the input mapped but not yet written stays within
+//! [`READ_AHEAD_BYTES`](super::prefetch::READ_AHEAD_BYTES) and
+//! [`READ_AHEAD_TENSORS`](super::prefetch::READ_AHEAD_TENSORS) (or one tensor, if larger), plus
+//! its coded form (no larger, and word slots only written a third of the way), plus spare raw
+//! and word buffers kept for reuse (at most 128 and 256 MiB). The input's sharding is kept: every
+//! input shard becomes an output shard of the same name. Every 2-D-or-more BF16 tensor (all
+//! linear weights, embeddings, lm_head) is encoded; vectors (norms), non-BF16 tensors and
+//! tensors that would not shrink are stored raw.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -462,7 +470,7 @@ struct ReadTensor<'a> {
 /// `verify` do through [`super::prefetch::read_ahead`]) costs a copy of every byte and, for
 /// each fresh buffer, the zeroing of its pages; a populated mapping costs neither, and mapping
 /// the pages in one call instead of faulting them in was what the memory map used to lack
-/// (docs/format.md §6 has the measurements). The writer unmaps each tensor's pages once it is
+/// (docs/format.md §4.4 has the measurements). The writer unmaps each tensor's pages once it is
 /// written, so the resident input stays within the budget.
 fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender<ReadTensor<'a>>) {
     let mut counts = ValueCounts::new();
