@@ -1,10 +1,14 @@
-//! Reading a plain checkpoint's tensors ahead of their coding: large sequential reads into
-//! reused buffers on a thread of their own, under a byte budget.
+//! Reading a checkpoint's tensors ahead of their decoding or checking: large sequential reads
+//! into reused buffers on a thread of their own, under a byte budget ([`read_ahead`], for
+//! `decompress` and `verify`), and the budget and buffer pool every pipeline shares.
 //!
-//! `compress` used to read tensors through the files' memory maps: every 4 KiB of input cost a
-//! page fault (most of a run's time was system time), and reading waited on coding. Here one
-//! thread reads each tensor with positioned reads (`pread`) straight into a buffer, in storage
-//! order, while the previous tensors are coded and written; the kernel sees one sequential reader.
+//! Reading through the files' memory maps, every few pages of input cost a page fault in
+//! whichever thread touched them first (most of a run's time was system time), and reading
+//! waited on coding. Here one thread reads each tensor with positioned reads (`pread`) straight
+//! into a buffer, in storage order, while the previous tensors are decoded and written; the
+//! kernel sees one sequential reader. (`compress` maps its input after all, but populates each
+//! tensor's pages with one call on its reader thread, which avoids both costs and the copy:
+//! see `compress.rs` and docs/format.md §4.4.)
 //!
 //! Memory stays bounded whatever the checkpoint's size: [`Budget`] admits a tensor only while
 //! the input bytes read but not yet written stay within [`READ_AHEAD_BYTES`] and at most
