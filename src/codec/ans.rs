@@ -168,6 +168,23 @@ impl ChunkEncoder {
         scratch: &'s mut Vec<u16>,
     ) -> ([u32; LANES], &'s [u16]) {
         let n = bf16.len() / 2;
+        // At most one word per symbol, plus room for the SIMD kernel's full-width stores.
+        if scratch.len() < n + 32 {
+            scratch.resize(n + 32, 0);
+        }
+        let (states, count) = self.encode_bf16_slice(bf16, raw, scratch);
+        (states, &scratch[..count])
+    }
+
+    /// [`ChunkEncoder::encode_bf16`] into a slice of at least `bf16.len() / 2 + 32` words:
+    /// returns the lanes' final states and the number of words, which are `scratch[..count]`.
+    pub fn encode_bf16_slice(
+        &self,
+        bf16: &[u8],
+        raw: &mut [u8],
+        scratch: &mut [u16],
+    ) -> ([u32; LANES], usize) {
+        let n = bf16.len() / 2;
         let m = self.model.mantissa_bits();
         assert!(
             bf16.len().is_multiple_of(2) && raw.len() == model::raw_len(n, m),
@@ -175,10 +192,7 @@ impl ChunkEncoder {
             bf16.len(),
             raw.len()
         );
-        // At most one word per symbol, plus room for the SIMD kernel's full-width stores.
-        if scratch.len() < n + 32 {
-            scratch.resize(n + 32, 0);
-        }
+        assert!(scratch.len() >= n + 32, "room for the chunk's words");
         #[cfg(target_arch = "x86_64")]
         if self.simd {
             // SAFETY: `simd` is only set when `simd::available()` found the kernel's features.
@@ -205,7 +219,7 @@ impl ChunkEncoder {
                     )
                 }
             };
-            return (states, &scratch[..count]);
+            return (states, count);
         }
         let value = |i: usize| u16::from_le_bytes([bf16[2 * i], bf16[2 * i + 1]]);
         if m == 0 {
@@ -226,7 +240,7 @@ impl ChunkEncoder {
                 encode_one(states[i % LANES], sym, self.prob_bits, scratch, &mut wp);
         }
         scratch[..wp].reverse();
-        (states, &scratch[..wp])
+        (states, wp)
     }
 }
 

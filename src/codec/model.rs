@@ -289,6 +289,160 @@ pub fn coarser_key_histogram(key_histogram: &[u64], from_bits: u32, to_bits: u32
         .collect()
 }
 
+/// What coding a tensor needs from a pass over its values: the key histogram of
+/// [`V2_MANTISSA_BITS`] (every coarser key histogram, the exponent's included, is a sum of it) and
+/// the whole-value entropy the reports compare with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorStats {
+    /// Counts of the keys of [`V2_MANTISSA_BITS`] leading mantissa bits (2,048 counts).
+    pub keys: Vec<u64>,
+    /// Order-0 entropy of the whole 16-bit values in bits per value.
+    pub value_entropy_bits: f64,
+}
+
+impl TensorStats {
+    /// The statistics of a whole-value histogram (65,536 counts).
+    pub fn from_value_histogram(values: &[u64]) -> Self {
+        Self {
+            keys: key_histogram(values, V2_MANTISSA_BITS),
+            value_entropy_bits: entropy(values),
+        }
+    }
+
+    /// The statistics of little-endian BF16 bytes (a parallel pass, see [`value_histogram`]).
+    pub fn of(bytes: &[u8]) -> Self {
+        Self::from_value_histogram(&value_histogram(bytes))
+    }
+
+    /// The key histogram of `mantissa_bits` (at most [`V2_MANTISSA_BITS`]).
+    pub fn key_histogram(&self, mantissa_bits: u32) -> Vec<u64> {
+        coarser_key_histogram(&self.keys, V2_MANTISSA_BITS, mantissa_bits)
+    }
+
+    /// Entropy of the exponents in bits per value.
+    pub fn exponent_entropy_bits(&self) -> f64 {
+        entropy(&self.key_histogram(0))
+    }
+}
+
+/// A whole-value histogram filled piece by piece, as a tensor is read, and emptied into its
+/// [`TensorStats`] when the tensor is complete; one is reused for every tensor.
+///
+/// `compress` counts each piece of a tensor right after reading it, while the piece is still in
+/// the cache, instead of in a second pass over the whole tensor from memory. Counting into 32-bit
+/// counts keeps the 65,536 of them in a quarter of a MiB (half of what 64-bit counts take, so the
+/// table and a piece share a core's L2); they move to 64-bit counts before they could overflow.
+/// Emptying costs one scan of the counts (which skips empty blocks), which also leaves them zero
+/// for the next tensor: no per-tensor allocation or clearing.
+pub struct ValueCounts {
+    counts: Box<[u32; 1 << 16]>,
+    /// 64-bit counts the 32-bit ones moved to (empty until a tensor of 2^32 values needs it).
+    spill: Vec<u64>,
+    /// Values counted since the last move to `spill`.
+    since_spill: u64,
+    /// Values counted since the last [`ValueCounts::take`].
+    total: u64,
+}
+
+impl Default for ValueCounts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ValueCounts {
+    /// Empty counts.
+    pub fn new() -> Self {
+        Self {
+            counts: vec![0u32; 1 << 16]
+                .into_boxed_slice()
+                .try_into()
+                .expect("65,536 counts"),
+            spill: Vec::new(),
+            since_spill: 0,
+            total: 0,
+        }
+    }
+
+    /// Counts the values of little-endian BF16 bytes (an even number of them).
+    pub fn add(&mut self, bytes: &[u8]) {
+        debug_assert!(bytes.len().is_multiple_of(2));
+        let n = (bytes.len() / 2) as u64;
+        if self.since_spill + n > u32::MAX as u64 {
+            self.spill.resize(1 << 16, 0);
+            for (s, c) in self.spill.iter_mut().zip(self.counts.iter_mut()) {
+                *s += *c as u64;
+                *c = 0;
+            }
+            self.since_spill = 0;
+        }
+        self.since_spill += n;
+        self.total += n;
+        let h = &mut *self.counts;
+        // Four values per 8-byte load: byte loads and shifts per value cost more than the counts.
+        let mut eights = bytes.chunks_exact(8);
+        for c in &mut eights {
+            let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            h[(w & 0xffff) as usize] += 1;
+            h[(w >> 16 & 0xffff) as usize] += 1;
+            h[(w >> 32 & 0xffff) as usize] += 1;
+            h[(w >> 48) as usize] += 1;
+        }
+        for p in eights.remainder().chunks_exact(2) {
+            h[u16::from_le_bytes([p[0], p[1]]) as usize] += 1;
+        }
+    }
+
+    /// The statistics of everything counted since the last call; the counts are left empty.
+    /// Exactly what [`TensorStats::of`] gives for the same values: the entropy is summed bin by
+    /// bin in the same order with the same operations as [`entropy`].
+    pub fn take(&mut self) -> TensorStats {
+        let mut keys = vec![0u64; 1 << (8 + V2_MANTISSA_BITS)];
+        let t = self.total as f64;
+        // `Sum` of f64 starts from -0.0: so does this, to the last bit.
+        let mut h = -0.0f64;
+        let mut empty = |v: usize, c: u64| {
+            keys[key(v as u16, V2_MANTISSA_BITS)] += c;
+            let p = c as f64 / t;
+            h += -p * p.log2();
+        };
+        if !self.spill.is_empty() {
+            for (v, (s, c)) in self
+                .spill
+                .iter_mut()
+                .zip(self.counts.iter_mut())
+                .enumerate()
+            {
+                let n = *s + *c as u64;
+                if n > 0 {
+                    empty(v, n);
+                }
+                (*s, *c) = (0, 0);
+            }
+            self.spill.clear();
+        } else {
+            // The values of a tensor fill a few runs of the table: skip empty blocks of 16
+            // counts with one (vectorised) test.
+            for (b, block) in self.counts.chunks_exact_mut(16).enumerate() {
+                if block.iter().fold(0, |a, &c| a | c) == 0 {
+                    continue;
+                }
+                for (i, c) in block.iter_mut().enumerate() {
+                    if *c > 0 {
+                        empty(16 * b + i, std::mem::take(c) as u64);
+                    }
+                }
+            }
+        }
+        let total = std::mem::take(&mut self.total);
+        self.since_spill = 0;
+        TensorStats {
+            keys,
+            value_entropy_bits: if total == 0 { 0.0 } else { h.max(0.0) },
+        }
+    }
+}
+
 /// Shannon entropy in bits per symbol of any histogram (0 for an empty one).
 pub fn entropy(histogram: &[u64]) -> f64 {
     let total: u64 = histogram.iter().sum();
@@ -337,6 +491,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn value_counts_give_the_statistics_of_the_values_piece_by_piece_and_empty_themselves() {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut gen = |n: usize, spread: u64| -> Vec<u8> {
+            (0..n)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // A bell of values around 0x3c00 and its negative, and now and then any.
+                    let v = if x.is_multiple_of(7) {
+                        x >> 20
+                    } else {
+                        0x3c00 + (x >> 8) % spread
+                    };
+                    let v = v as u16 ^ ((x >> 40) as u16 & 0x8000);
+                    v.to_le_bytes()
+                })
+                .collect()
+        };
+        let mut counts = ValueCounts::new();
+        // Tensors counted in odd-sized pieces, one after the other: each must give exactly the
+        // one-pass statistics (the entropy to the last bit, so metadata does not change).
+        for (n, spread) in [(300_001, 900), (1000, 40), (70_000, 5000)] {
+            let bytes = gen(n, spread);
+            for piece in bytes.chunks(2 * 777) {
+                counts.add(piece);
+            }
+            assert_eq!(counts.take(), TensorStats::of(&bytes), "{n} values");
+        }
+        assert!(counts.counts.iter().all(|&c| c == 0), "left empty");
+        // Counts moved to 64 bits on the way give the same statistics.
+        let bytes = gen(5000, 300);
+        counts.add(&bytes[..4000]);
+        counts.since_spill = u32::MAX as u64 - 10;
+        counts.add(&bytes[4000..]);
+        assert!(!counts.spill.is_empty());
+        assert_eq!(counts.take(), TensorStats::of(&bytes));
+        assert!(counts.spill.is_empty() && counts.counts.iter().all(|&c| c == 0));
     }
 
     #[test]

@@ -157,13 +157,17 @@ impl EncodeTable {
                 *f = freq(r as u8);
             }
         }
-        let key_base = (0..=by_key.len().saturating_sub(KEY_WINDOW))
-            .max_by_key(|&b| {
-                key_freq[b..(b + KEY_WINDOW).min(by_key.len())]
-                    .iter()
-                    .sum::<u32>()
-            })
-            .unwrap_or(0);
+        // The window of the most probability (the last of equals), found with a running sum:
+        // this runs for every tensor `compress` codes.
+        let width = KEY_WINDOW.min(key_freq.len());
+        let mut sum: u32 = key_freq[..width].iter().sum();
+        let (mut key_base, mut best) = (0, sum);
+        for b in 1..=key_freq.len() - width {
+            sum = sum + key_freq[b + width - 1] - key_freq[b - 1];
+            if sum >= best {
+                (key_base, best) = (b, sum);
+            }
+        }
         Self {
             entries,
             base,

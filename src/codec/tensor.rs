@@ -8,10 +8,13 @@
 //! (r1·K - 1) / chunk_elems` and nothing else.
 //!
 //! CPU throughput notes (the reasons for the shape of [`encode`] and [`decode_into`]):
-//! - Encoding is two passes over the input: the exponent histogram (the code table needs all of
-//!   it), then one fused pass per chunk that splits the values and codes the exponents. Each
-//!   worker thread reuses one scratch buffer for words; the chunks' words are concatenated in
-//!   parallel at the end.
+//! - Encoding is two passes over the input: the value histogram (the code table needs all of
+//!   it), then one fused pass per chunk that splits the values and codes the symbols. [`encode`]
+//!   reuses one scratch buffer for words per worker thread and concatenates the chunks' words in
+//!   parallel at the end. `compress` instead counts the values as it reads them
+//!   ([`model::ValueCounts`]) and codes with [`encode_into`] into reused buffers, each chunk's
+//!   words in place in a slot of their own, which are written from there: no copy, and no fresh
+//!   buffer to zero, per tensor.
 //! - Decoding reads the stored word bytes in place (only the last chunk or two, which lack
 //!   padding after their words, are copied) and decodes chunks two at a time, see
 //!   [`ans::decode_chunk_pair`].
@@ -163,8 +166,16 @@ pub fn chunk_count(len: usize, chunk_elems: usize) -> usize {
     len.div_ceil(chunk_elems)
 }
 
-/// Encodes little-endian BF16 bytes.
-pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError> {
+/// The code of one tensor, decided from its statistics before any value is coded.
+struct Coding {
+    params: Params,
+    table: FreqTable,
+    model: SymbolModel,
+    exponent_entropy_bits: f64,
+}
+
+/// Checks the input and decides the model and code table (see [`encode`]).
+fn coding(bytes: &[u8], params: Params, stats: &model::TensorStats) -> Result<Coding, CodecError> {
     params.validate()?;
     if !bytes.len().is_multiple_of(2) {
         return Err(CodecError::Invalid(format!(
@@ -172,11 +183,9 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
             bytes.len()
         )));
     }
-    let len = bytes.len() / 2;
-    let values = model::value_histogram(bytes);
-    // One pass over the 65,536 value counts: the keys of the asked mantissa bits; the exponent
-    // histogram is their sum over the mantissa bits.
-    let wanted = model::key_histogram(&values, params.mantissa_bits);
+    // The keys of the asked mantissa bits; the exponent histogram is their sum over the
+    // mantissa bits.
+    let wanted = stats.key_histogram(params.mantissa_bits);
     let exp_hist = model::coarser_key_histogram(&wanted, params.mantissa_bits, 0);
     let mut params = params;
     let model = SymbolModel::from_key_histogram(&wanted, params.mantissa_bits)
@@ -190,6 +199,30 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
         }
     };
     let table = FreqTable::from_histogram(&model.symbol_histogram(&key_hist), params.prob_bits)?;
+    Ok(Coding {
+        params,
+        table,
+        model,
+        exponent_entropy_bits: model::entropy(&exp_hist),
+    })
+}
+
+/// Encodes little-endian BF16 bytes.
+pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError> {
+    if !bytes.len().is_multiple_of(2) {
+        return Err(CodecError::Invalid(format!(
+            "BF16 data has an odd byte length {}",
+            bytes.len()
+        )));
+    }
+    let stats = model::TensorStats::of(bytes);
+    let Coding {
+        params,
+        table,
+        model,
+        exponent_entropy_bits,
+    } = coding(bytes, params, &stats)?;
+    let len = bytes.len() / 2;
     let encoder = ans::ChunkEncoder::with_model(&table, &model);
     let chunk_bytes = 2 * params.chunk_elems;
     let mut raw = vec![0u8; model::raw_len(len, params.mantissa_bits)];
@@ -255,8 +288,8 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
     Ok(EncodedTensor {
         len,
         params,
-        exponent_entropy_bits: model::entropy(&exp_hist),
-        value_entropy_bits: model::entropy(&values),
+        exponent_entropy_bits,
+        value_entropy_bits: stats.value_entropy_bits,
         raw,
         table,
         model,
@@ -264,6 +297,155 @@ pub fn encode(bytes: &[u8], params: Params) -> Result<EncodedTensor, CodecError>
         offsets,
         states,
     })
+}
+
+/// A tensor coded into the caller's buffers by [`encode_into`]: everything of an
+/// [`EncodedTensor`] but the raw plane and the words, which stay where they were coded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EncodedChunks {
+    /// Number of BF16 elements.
+    pub len: usize,
+    /// Parameters the tensor was encoded with (`mantissa_bits` as actually used).
+    pub params: Params,
+    /// Entropy of the exponents in bits per value (reports; not stored).
+    pub exponent_entropy_bits: f64,
+    /// Order-0 entropy of the whole 16-bit values in bits per value (reports; not stored).
+    pub value_entropy_bits: f64,
+    /// The symbol code table.
+    pub table: FreqTable,
+    /// What the symbols stand for.
+    pub model: SymbolModel,
+    /// `chunks + 1` word offsets, as stored (see [`EncodedTensor::offsets`]).
+    pub offsets: Vec<u32>,
+    /// 32 initial decoder states per chunk.
+    pub states: Vec<u32>,
+}
+
+impl EncodedChunks {
+    /// Elements of the words buffer one chunk's slot takes: at most one word per symbol, and room
+    /// for the SIMD kernel's full-width stores.
+    pub fn slot_words(&self) -> usize {
+        self.params.chunk_elems + LANES
+    }
+
+    /// Bytes of the raw plane, the start of the raw buffer [`encode_into`] coded into.
+    pub fn raw_bytes(&self) -> usize {
+        model::raw_len(self.len, self.params.mantissa_bits)
+    }
+
+    /// Where each chunk's words lie in the words buffer [`encode_into`] coded into, in order;
+    /// the concatenation of those words is the stored word stream.
+    pub fn chunk_word_ranges(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let slot = self.slot_words();
+        self.offsets.windows(2).enumerate().map(move |(c, w)| {
+            let n = (w[1] - w[0]) as usize;
+            c * slot..c * slot + n
+        })
+    }
+
+    /// Each chunk's words in order, out of the words buffer [`encode_into`] coded into.
+    pub fn chunk_words<'w>(&'w self, words: &'w [u16]) -> impl Iterator<Item = &'w [u16]> + 'w {
+        self.chunk_word_ranges().map(move |r| &words[r])
+    }
+
+    /// The serialised code table (see [`EncodedTensor::table_bytes`]).
+    pub fn table_bytes(&self) -> Vec<u8> {
+        let mut b = self.table.to_bytes();
+        b.extend(self.model.keys_to_bytes());
+        b
+    }
+}
+
+/// [`encode`] with the statistics already gathered (see [`model::ValueCounts`]) and into the
+/// caller's buffers, which may be reused from tensor to tensor: the raw plane is coded into the
+/// start of `raw` ([`EncodedChunks::raw_bytes`]), and chunk `c`'s words in place into slot `c`
+/// of `words`, so no word is copied after it is coded ([`EncodedChunks::chunk_words`] finds
+/// them). A buffer too short grows (a fresh one is allocated zeroed, which costs nothing until
+/// its pages are written); none shrinks, and what was in them is overwritten, never read. A
+/// tensor of one chunk is coded on the calling thread (waking the pool for it costs more than
+/// the coding), a larger one on all of the pool's threads.
+pub fn encode_into(
+    bytes: &[u8],
+    params: Params,
+    stats: &model::TensorStats,
+    raw: &mut Vec<u8>,
+    words: &mut Vec<u16>,
+) -> Result<EncodedChunks, CodecError> {
+    let Coding {
+        params,
+        table,
+        model,
+        exponent_entropy_bits,
+    } = coding(bytes, params, stats)?;
+    let len = bytes.len() / 2;
+    let chunks = chunk_count(len, params.chunk_elems);
+    let slot = params.chunk_elems + LANES;
+    let raw_len = model::raw_len(len, params.mantissa_bits);
+    // Every byte of the raw plane is written: 2 MiB pages make that 512 times fewer faults.
+    // Only about a third of each word slot is: small pages leave the rest untouched.
+    grow_to(raw, raw_len, true);
+    grow_to(words, chunks * slot, false);
+    let (raw, words) = (&mut raw[..raw_len], &mut words[..chunks * slot]);
+    let encoder = ans::ChunkEncoder::with_model(&table, &model);
+    let raw_chunk = model::raw_len(params.chunk_elems, params.mantissa_bits);
+    let code = |((src, r), w): ((&[u8], &mut [u8]), &mut [u16])| {
+        let n = src.len() / 2;
+        encoder.encode_bf16_slice(src, r, &mut w[..n + LANES])
+    };
+    let chunk_bytes = 2 * params.chunk_elems;
+    let coded: Vec<([u32; LANES], usize)> = if chunks <= 1 {
+        bytes
+            .chunks(chunk_bytes)
+            .zip(raw.chunks_mut(raw_chunk))
+            .zip(words.chunks_mut(slot))
+            .map(code)
+            .collect()
+    } else {
+        bytes
+            .par_chunks(chunk_bytes)
+            .zip(raw.par_chunks_mut(raw_chunk))
+            .zip(words.par_chunks_mut(slot))
+            .map(code)
+            .collect()
+    };
+    let total_words: usize = coded.iter().map(|&(_, n)| n).sum();
+    if total_words > u32::MAX as usize {
+        return Err(CodecError::Invalid(format!(
+            "tensor of {len} elements needs {total_words} words, more than 32-bit offsets address"
+        )));
+    }
+    let mut offsets = Vec::with_capacity(chunks + 1);
+    let mut states = Vec::with_capacity(chunks * LANES);
+    offsets.push(0u32);
+    for (st, n) in &coded {
+        offsets.push(offsets[offsets.len() - 1] + *n as u32);
+        states.extend_from_slice(st);
+    }
+    Ok(EncodedChunks {
+        len,
+        params,
+        exponent_entropy_bits,
+        value_entropy_bits: stats.value_entropy_bits,
+        table,
+        model,
+        offsets,
+        states,
+    })
+}
+
+/// Makes a reused buffer at least `len` long: nothing to do when it is, else a fresh zeroed
+/// buffer (pages the allocator maps fresh are zero without being written; `huge` offers them as
+/// 2 MiB pages, see [`advise_huge_pages`]).
+fn grow_to<T: Copy + Default>(buf: &mut Vec<T>, len: usize, huge: bool) {
+    if buf.len() >= len {
+        return;
+    }
+    *buf = Vec::new();
+    let mut fresh = vec![T::default(); len];
+    if huge {
+        advise_huge_pages(&mut fresh);
+    }
+    *buf = fresh;
 }
 
 /// Borrowed view of stored parts, as read from a container, before decoding.
@@ -623,6 +805,8 @@ mod tests {
     #[test]
     fn encode_matches_the_reference_and_decodes_back() {
         let mut fell_back = 0;
+        // `encode_into`'s buffers are reused across all cases, starting dirty and too long.
+        let (mut raw, mut words) = (vec![0xa5u8; 1 << 20], vec![0x5a5au16; 3 << 19]);
         for (n, chunk_elems, prob_bits) in [
             (0, 32, 12),
             (1, 32, 12),
@@ -645,6 +829,35 @@ mod tests {
                     let enc = encode(&bytes, params).unwrap();
                     let want = reference(&bytes, params);
                     assert_eq!(enc, want, "n {n} params {params:?}");
+                    let stats = model::TensorStats::of(&bytes);
+                    let into = encode_into(&bytes, params, &stats, &mut raw, &mut words).unwrap();
+                    assert_eq!(
+                        raw[..into.raw_bytes()],
+                        want.raw,
+                        "raw plane in place, n {n} params {params:?}"
+                    );
+                    assert_eq!(
+                        into.chunk_words(&words).collect::<Vec<_>>().concat(),
+                        want.exp_words,
+                        "words in place, n {n} params {params:?}"
+                    );
+                    assert_eq!(
+                        (
+                            &into.offsets,
+                            &into.states,
+                            &into.table,
+                            &into.model,
+                            into.params
+                        ),
+                        (
+                            &want.offsets,
+                            &want.states,
+                            &want.table,
+                            &want.model,
+                            want.params
+                        )
+                    );
+                    assert_eq!(into.table_bytes(), want.table_bytes());
                     if mantissa_bits == 3 && enc.params.mantissa_bits == 0 {
                         assert!(!is_normal, "normal weights use the v2 model, n {n}");
                         fell_back += 1;

@@ -1,14 +1,22 @@
 //! `unweight compress`: a plain checkpoint directory in, a compressed one out.
 //!
-//! A three-stage pipeline, tensor by tensor in storage order: a reader thread reads each tensor
-//! with large positioned reads into a reused buffer ([`super::prefetch`]), the calling thread
-//! codes it (a large tensor with all cores, a one-chunk tensor on its own thread, so the many
-//! small tensors of a checkpoint never wake the pool), and a writer thread writes it, so reading,
-//! coding and writing overlap. Memory is bounded: the input read but not yet written stays within
-//! [`READ_AHEAD_BYTES`](super::prefetch::READ_AHEAD_BYTES) (or one tensor, if larger), plus its
-//! coded form. The input's sharding is kept: every input shard becomes an output shard of the
-//! same name. Every 2-D-or-more BF16 tensor (all linear weights, embeddings, lm_head) is
-//! encoded; vectors (norms), non-BF16 tensors and tensors that would not shrink are stored raw.
+//! A three-stage pipeline, tensor by tensor in storage order. A reader thread maps each tensor's
+//! pages in with one call (the input is memory-mapped; no copy of it is ever made) and hashes
+//! and counts its values piece by piece while each piece is in the cache. The calling thread
+//! codes it from those counts, into reused buffers (a large tensor with all cores; small
+//! tensors several at a time, one per thread, so the many small tensors of a checkpoint never
+//! wake the pool for one each). A writer thread writes the coded parts where they were coded,
+//! hashing them as it goes, and unmaps the input pages. Reading, coding and writing overlap.
+//! docs/format.md §4.4 has the measurements behind each choice.
+//!
+//! Memory is bounded: the input mapped but not yet written stays within
+//! [`READ_AHEAD_BYTES`](super::prefetch::READ_AHEAD_BYTES) and
+//! [`READ_AHEAD_TENSORS`](super::prefetch::READ_AHEAD_TENSORS) (or one tensor, if larger), plus
+//! its coded form (no larger, and word slots only written a third of the way), plus spare raw
+//! and word buffers kept for reuse (at most 128 and 256 MiB). The input's sharding is kept: every
+//! input shard becomes an output shard of the same name. Every 2-D-or-more BF16 tensor (all
+//! linear weights, embeddings, lm_head) is encoded; vectors (norms), non-BF16 tensors and
+//! tensors that would not shrink are stored raw.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -26,12 +34,11 @@ use super::meta::{
     self, part_name, Encoding, FileMeta, RansMeta, TensorMeta, FORMAT_NAME, FORMAT_VERSION,
     META_KEY,
 };
-use super::prefetch::{
-    advise_sequential, read_range, Budget, READ_AHEAD_BYTES, READ_AHEAD_TENSORS,
-};
+use super::prefetch::{Budget, BufferPool, READ_AHEAD_BYTES, READ_AHEAD_TENSORS};
 use super::reader::dtype_name;
 use super::writer::{header_reserve, OutputDir, SafetensorsWriter};
 use super::ContainerError;
+use crate::codec::model::{TensorStats, ValueCounts};
 use crate::codec::{self, Params};
 
 /// Settings of one compression run.
@@ -121,21 +128,15 @@ pub fn compress_dir(
     let mut report = CompressReport::new(output);
     let mut weight_map = BTreeMap::new();
     let budget = Budget::new(READ_AHEAD_BYTES, READ_AHEAD_TENSORS);
-    let (to_coder, from_reader) = mpsc::channel::<Result<Vec<u8>, ContainerError>>();
+    let pools = Pools::new();
+    let (to_coder, from_reader) = mpsc::channel::<ReadTensor>();
     let (to_writer, from_coder) = mpsc::channel::<ToWriter>();
-    let (recycle, recycled) = mpsc::channel::<Vec<u8>>();
     let result = std::thread::scope(|scope| {
-        let (ck, budget) = (&ck, &budget);
-        let reader = scope.spawn(move || {
-            let r = read_tensors(ck, budget, &to_coder, &recycled);
-            if let Err(e) = r {
-                budget.close();
-                let _ = to_coder.send(Err(e));
-            }
-        });
+        let (ck, budget, pools) = (&ck, &budget, &pools);
+        let reader = scope.spawn(move || read_tensors(ck, budget, &to_coder));
         let out_dir = out.path();
         let writer = scope.spawn(move || {
-            let r = write_tensors(ck, out_dir, budget, from_coder, recycle);
+            let r = write_tensors(ck, out_dir, budget, from_coder, pools);
             if r.is_err() {
                 budget.close();
             }
@@ -143,7 +144,6 @@ pub fn compress_dir(
         });
         let coded = (|| -> Result<(), ContainerError> {
             for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
-                let mut metas = Vec::new();
                 let entries: Vec<&TensorEntry> =
                     ck.entries().iter().filter(|e| e.file == fi).collect();
                 for group in small_tensor_groups(&entries) {
@@ -153,18 +153,11 @@ pub fn compress_dir(
                         inputs.push(
                             from_reader
                                 .recv()
-                                .map_err(|_| stopped(file.path(), "reader"))??,
+                                .map_err(|_| stopped(file.path(), "reader"))?,
                         );
                     }
-                    let code = |(entry, bytes): (&&TensorEntry, Vec<u8>)| {
-                        compress_tensor(
-                            file.path(),
-                            &entry.name,
-                            entry.dtype,
-                            &entry.shape,
-                            bytes,
-                            opts.params,
-                        )
+                    let code = |(entry, read): (&&TensorEntry, _)| {
+                        compress_tensor(file.path(), entry, read, opts.params, pools)
                     };
                     // Small tensors are coded side by side, one per thread: each alone is too
                     // little work to spread over the pool.
@@ -174,29 +167,17 @@ pub fn compress_dir(
                         group.par_iter().zip(inputs).map(code).collect()
                     };
                     for (entry, c) in group.iter().zip(coded) {
-                        let (m, stored, msg) = c?;
-                        bar.inc(m.original_bytes);
+                        let (stored, msg) = c?;
+                        bar.inc(entry.original_bytes() as u64);
                         weight_map.insert(entry.name.clone(), fname.clone());
                         report.stored_bytes.push(stored);
-                        report.tensors.push(m.clone());
-                        metas.push(m);
                         to_writer
                             .send(msg)
                             .map_err(|_| stopped(file.path(), "writer"))?;
                     }
                 }
-                let mut user_meta = file.user_meta().clone();
-                let fm = FileMeta {
-                    format: FORMAT_NAME.into(),
-                    version: FORMAT_VERSION,
-                    tensors: metas,
-                };
-                user_meta.insert(
-                    META_KEY.into(),
-                    serde_json::to_string(&fm).expect("metadata serialises"),
-                );
                 to_writer
-                    .send(ToWriter::FileEnd(user_meta))
+                    .send(ToWriter::FileEnd)
                     .map_err(|_| stopped(file.path(), "writer"))?;
             }
             Ok(())
@@ -208,9 +189,10 @@ pub fn compress_dir(
         let written = writer.join().expect("the writer thread does not panic");
         reader.join().expect("the reader thread does not panic");
         // The writer's own error explains a coder that stopped because the writer stopped.
-        written.and(coded)
+        let metas = written?;
+        coded.map(|()| metas)
     });
-    result?;
+    report.tensors = result?;
     bar.finish_and_clear();
     if ck.is_sharded() {
         let stored: u64 = report.stored_bytes.iter().sum();
@@ -319,49 +301,119 @@ fn header_bound(ck: &Checkpoint, fi: usize, user_meta: &HashMap<String, String>)
 }
 
 /// One stored tensor of an output file: its name, dtype, shape and bytes.
-struct Part {
+struct Part<'a> {
     name: String,
     dtype: Dtype,
     shape: Vec<usize>,
-    bytes: PartBytes,
+    bytes: PartBytes<'a>,
 }
 
-/// A part's bytes: a byte buffer, or the coded words (little-endian u16), written as they are
-/// on a little-endian machine rather than copied into bytes first.
-enum PartBytes {
-    Bytes(Vec<u8>),
-    Words(Vec<u16>),
+/// A part's bytes, in the buffers they were read or coded into (no copy is made to gather
+/// them): the first `len` bytes of a byte buffer, or pieces of a buffer of coded words
+/// (little-endian u16), one per chunk, written as they are on a little-endian machine.
+enum PartBytes<'a> {
+    /// A tensor stored as it is: its bytes in the input's memory map.
+    Input(&'a [u8]),
+    Bytes {
+        buf: Vec<u8>,
+        len: usize,
+        /// Whether the buffer goes back to the raw-plane pool once written.
+        reuse: bool,
+    },
+    Words {
+        buf: Vec<u16>,
+        pieces: Vec<std::ops::Range<usize>>,
+    },
 }
 
-impl PartBytes {
-    /// Runs `f` on the stored (little-endian) bytes.
-    fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+impl PartBytes<'_> {
+    /// Runs `f` on the stored (little-endian) bytes, as slices in order.
+    fn with_slices<R>(&self, f: impl FnOnce(&[&[u8]]) -> R) -> R {
         match self {
-            Self::Bytes(b) => f(b),
+            Self::Input(b) => f(&[b]),
+            Self::Bytes { buf, len, .. } => f(&[&buf[..*len]]),
             #[cfg(target_endian = "little")]
-            // SAFETY: any initialised u16 slice is a valid u8 slice of twice the length (u8 has
-            // alignment 1, u16 no padding); on a little-endian machine those are the LE bytes.
-            Self::Words(w) => {
-                f(unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), 2 * w.len()) })
+            Self::Words { buf, pieces } => {
+                let slices: Vec<&[u8]> = pieces
+                    .iter()
+                    .map(|r| {
+                        let w = &buf[r.clone()];
+                        // SAFETY: any initialised u16 slice is a valid u8 slice of twice the
+                        // length (u8 has alignment 1, u16 no padding); on a little-endian
+                        // machine those are the LE bytes.
+                        unsafe { std::slice::from_raw_parts(w.as_ptr().cast(), 2 * w.len()) }
+                    })
+                    .collect();
+                f(&slices)
             }
             #[cfg(not(target_endian = "little"))]
-            Self::Words(w) => f(&w.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>()),
+            Self::Words { buf, pieces } => {
+                let owned: Vec<Vec<u8>> = pieces
+                    .iter()
+                    .map(|r| {
+                        buf[r.clone()]
+                            .iter()
+                            .flat_map(|w| w.to_le_bytes())
+                            .collect()
+                    })
+                    .collect();
+                f(&owned.iter().map(|v| v.as_slice()).collect::<Vec<_>>())
+            }
+        }
+    }
+
+    /// Number of stored bytes.
+    fn len(&self) -> usize {
+        match self {
+            Self::Input(b) => b.len(),
+            Self::Bytes { len, .. } => *len,
+            Self::Words { pieces, .. } => pieces.iter().map(|r| 2 * r.len()).sum(),
+        }
+    }
+}
+
+/// The buffers the coder codes into and the writer gives back once written, for reuse: raw
+/// planes and word slots. A fresh buffer costs a page fault per page it fills; a reused one
+/// costs nothing.
+struct Pools {
+    raw: BufferPool<u8>,
+    words: BufferPool<u16>,
+}
+
+impl Pools {
+    fn new() -> Self {
+        let bytes = READ_AHEAD_BYTES as usize;
+        Self {
+            raw: BufferPool::new(READ_AHEAD_TENSORS, bytes / 2),
+            words: BufferPool::new(READ_AHEAD_TENSORS, bytes),
+        }
+    }
+
+    /// Gives a written part's buffer back to its pool.
+    fn give(&self, bytes: PartBytes<'_>) {
+        match bytes {
+            PartBytes::Bytes {
+                buf, reuse: true, ..
+            } => self.raw.give(buf),
+            PartBytes::Words { buf, .. } => self.words.give(buf),
+            _ => {}
         }
     }
 }
 
 /// What the coder hands the writer.
-enum ToWriter {
-    /// The stored tensors of one input tensor (three parts, or the tensor raw), the input
-    /// buffer when it is not one of them (for reuse once written), and the input bytes it held
-    /// from the read-ahead budget.
+enum ToWriter<'a> {
+    /// One input tensor: its metadata (for an `exp-rans` tensor without the parts checksum,
+    /// which the writer computes as it writes the parts, while each is in the cache), its stored
+    /// tensors (three parts, or the tensor raw), and where the input tensor lies (file index and
+    /// byte range), whose pages and read-ahead budget are given back once it is written.
     Tensor {
-        parts: Vec<Part>,
-        spare: Option<Vec<u8>>,
-        input_bytes: u64,
+        meta: Box<TensorMeta>,
+        parts: Vec<Part<'a>>,
+        input: (usize, usize, usize),
     },
-    /// The current file is complete: its user metadata; the next tensors go to the next file.
-    FileEnd(HashMap<String, String>),
+    /// The current file is complete; the next tensors go to the next file.
+    FileEnd,
 }
 
 /// The error of a pipeline stage that found another stage gone (that stage reports why).
@@ -396,165 +448,223 @@ fn small_tensor_groups<'a, 'e>(entries: &'a [&'e TensorEntry]) -> Vec<&'a [&'e T
     groups
 }
 
-/// Buffers the reader keeps for reuse; more are freed.
-const SPARE_BUFFERS: usize = 2 * READ_AHEAD_TENSORS;
+/// Bytes hashed and (BF16) counted at a time: a piece stays in the core's cache (a quarter of a
+/// MiB, next to the quarter MiB of value counts, in a 1 MiB L2) between the two.
+const PIECE: usize = 256 << 10;
 
-/// The reader stage: every tensor of the plain checkpoint, in order, read into a buffer (a
-/// recycled one when there is one) once the budget admits it.
-fn read_tensors(
-    ck: &Checkpoint,
-    budget: &Budget,
-    to_coder: &mpsc::Sender<Result<Vec<u8>, ContainerError>>,
-    recycled: &mpsc::Receiver<Vec<u8>>,
-) -> Result<(), ContainerError> {
-    let mut spare: Vec<Vec<u8>> = Vec::new();
+/// One tensor as the reader hands it on: its bytes (in the input's memory map, their pages
+/// mapped in), where they lie, their checksum and, for BF16, the statistics its coding needs.
+struct ReadTensor<'a> {
+    bytes: &'a [u8],
+    input: (usize, usize, usize),
+    checksum: u64,
+    stats: Option<TensorStats>,
+}
+
+/// The reader stage: every tensor of the plain checkpoint, in order, once the budget admits it:
+/// maps its pages in (one `MADV_POPULATE_READ` per tensor, which reads them from the file if
+/// they are not cached) and hashes and counts them piece by piece.
+///
+/// The bytes are not copied: the coder codes them where they are mapped, and a tensor stored as
+/// it is is written from there. Reading into buffers instead (`pread`, as `decompress` and
+/// `verify` do through [`super::prefetch::read_ahead`]) costs a copy of every byte and, for
+/// each fresh buffer, the zeroing of its pages; a populated mapping costs neither, and mapping
+/// the pages in one call instead of faulting them in was what the memory map used to lack
+/// (docs/format.md §4.4 has the measurements). The writer unmaps each tensor's pages once it is
+/// written, so the resident input stays within the budget.
+fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender<ReadTensor<'a>>) {
+    let mut counts = ValueCounts::new();
     for (fi, sf) in ck.files().iter().enumerate() {
-        let path = sf.path();
-        let file = fs::File::open(path).map_err(|e| ContainerError::io(path, e))?;
-        advise_sequential(&file);
         for entry in ck.entries().iter().filter(|e| e.file == fi) {
-            let len = entry.original_bytes() as u64;
-            if !budget.acquire(len) {
-                return Ok(());
+            if !budget.acquire(entry.original_bytes() as u64) {
+                return;
             }
-            spare.extend(recycled.try_iter());
-            // The spare buffer that fits best: the smallest large enough, else the largest.
-            let pick = spare
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.capacity() as u64 >= len)
-                .min_by_key(|(_, b)| b.capacity())
-                .or_else(|| spare.iter().enumerate().max_by_key(|(_, b)| b.capacity()))
-                .map(|(i, _)| i);
-            let mut buf = pick.map(|i| spare.swap_remove(i)).unwrap_or_default();
-            spare.truncate(SPARE_BUFFERS);
             let (start, end) = sf
                 .range(&entry.name)
                 .expect("entry of a plain file names a stored tensor");
-            read_range(&file, path, start as u64, end as u64, &mut buf)?;
-            if to_coder.send(Ok(buf)).is_err() {
-                return Ok(());
+            sf.populate(start, end);
+            let bytes = sf.bytes_at(start..end);
+            let bf16 = entry.dtype == Dtype::BF16;
+            let mut hash = xxhash_rust::xxh3::Xxh3::new();
+            for piece in bytes.chunks(PIECE) {
+                hash.update(piece);
+                if bf16 {
+                    counts.add(piece);
+                }
+            }
+            let read = ReadTensor {
+                bytes,
+                input: (fi, start, end),
+                checksum: hash.digest(),
+                stats: bf16.then(|| counts.take()),
+            };
+            if to_coder.send(read).is_err() {
+                return;
             }
         }
     }
-    Ok(())
 }
 
-/// The writer stage: the output files, one after the other, from the coder's parts; gives each
-/// tensor's budget back and its buffers to the reader once written.
+/// The writer stage: the output files, one after the other, from the coder's parts, and their
+/// metadata (the parts checksums hashed from the bytes as they are written); gives each
+/// tensor's budget and input pages back and its buffers to their pools once written. Returns
+/// the metadata of every tensor, in order.
 fn write_tensors(
     ck: &Checkpoint,
     out_dir: &Path,
     budget: &Budget,
-    from_coder: mpsc::Receiver<ToWriter>,
-    recycle: mpsc::Sender<Vec<u8>>,
-) -> Result<(), ContainerError> {
+    from_coder: mpsc::Receiver<ToWriter<'_>>,
+    pools: &Pools,
+) -> Result<Vec<TensorMeta>, ContainerError> {
+    let mut all = Vec::new();
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let reserve = header_bound(ck, fi, file.user_meta());
         let mut writer = SafetensorsWriter::create(&out_dir.join(fname), reserve)?;
+        let mut metas = Vec::new();
         loop {
             let Ok(msg) = from_coder.recv() else {
                 // The coder stopped; it reports why.
-                return Ok(());
+                return Ok(all);
             };
             match msg {
                 ToWriter::Tensor {
+                    mut meta,
                     parts,
-                    spare,
-                    input_bytes,
+                    input,
                 } => {
+                    let mut hash = xxhash_rust::xxh3::Xxh3::new();
                     for p in parts {
-                        p.bytes
-                            .with_bytes(|b| writer.add(&p.name, p.dtype, &p.shape, b))?;
-                        if let PartBytes::Bytes(b) = p.bytes {
-                            let _ = recycle.send(b);
-                        }
+                        p.bytes.with_slices(|slices| {
+                            for s in slices {
+                                hash.update(s);
+                            }
+                            writer.add_slices(&p.name, p.dtype, &p.shape, slices)
+                        })?;
+                        pools.give(p.bytes);
                     }
-                    if let Some(b) = spare {
-                        let _ = recycle.send(b);
+                    if let Some(r) = &mut meta.rans {
+                        r.parts_checksum = meta::checksum_string(hash.digest());
                     }
-                    budget.release(input_bytes);
+                    metas.push(*meta);
+                    let (f, start, end) = input;
+                    ck.files()[f].release(start, end);
+                    budget.release((end - start) as u64);
                 }
-                ToWriter::FileEnd(user_meta) => {
+                ToWriter::FileEnd => {
+                    let mut user_meta = file.user_meta().clone();
+                    let fm = FileMeta {
+                        format: FORMAT_NAME.into(),
+                        version: FORMAT_VERSION,
+                        tensors: metas,
+                    };
+                    user_meta.insert(
+                        META_KEY.into(),
+                        serde_json::to_string(&fm).expect("metadata serialises"),
+                    );
                     writer.finish(&user_meta)?;
+                    all.extend(fm.tensors);
                     break;
                 }
             }
         }
     }
-    Ok(())
+    Ok(all)
 }
 
-/// Encodes (or keeps raw) one tensor; returns its metadata, its stored bytes and what the
-/// writer gets: the parts to write and, when it is not the raw part, the input buffer for reuse.
-fn compress_tensor(
+/// Encodes (or keeps raw) one tensor; returns its stored bytes and what the writer gets.
+fn compress_tensor<'a>(
     path: &Path,
-    name: &str,
-    dtype: Dtype,
-    shape: &[usize],
-    bytes: Vec<u8>,
+    entry: &TensorEntry,
+    read: ReadTensor<'a>,
     params: Params,
-) -> Result<(TensorMeta, u64, ToWriter), ContainerError> {
-    let input_bytes = bytes.len() as u64;
+    pools: &Pools,
+) -> Result<(u64, ToWriter<'a>), ContainerError> {
+    let (name, dtype, shape) = (entry.name.as_str(), entry.dtype, entry.shape.as_slice());
+    let ReadTensor {
+        bytes,
+        input,
+        checksum,
+        stats,
+    } = read;
     let mut m = TensorMeta {
         name: name.to_string(),
         dtype: dtype_name(dtype),
         shape: shape.to_vec(),
         encoding: Encoding::Raw,
         original_bytes: bytes.len() as u64,
-        checksum: meta::checksum_of(&bytes),
+        checksum: meta::checksum_string(checksum),
         exponent_entropy_bits: None,
         value_entropy_bits: None,
         rans: None,
     };
-    if dtype == Dtype::BF16 {
-        if is_candidate(dtype, shape) {
-            let enc = codec::encode(&bytes, params.for_tensor(bytes.len() / 2))
-                .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
+    if let Some(stats) = &stats {
+        m.exponent_entropy_bits = Some(stats.exponent_entropy_bits());
+        m.value_entropy_bits = Some(stats.value_entropy_bits);
+    }
+    if let (true, Some(stats)) = (is_candidate(dtype, shape), &stats) {
+        let p = params.for_tensor(bytes.len() / 2);
+        let n = bytes.len() / 2;
+        let mut raw = pools.raw.take(codec::model::raw_len(n, p.mantissa_bits));
+        let mut words = pools.words.take(
+            codec::tensor::chunk_count(n, p.chunk_elems) * (p.chunk_elems + codec::ans::LANES),
+        );
+        let enc = codec::tensor::encode_into(bytes, p, stats, &mut raw, &mut words)
+            .map_err(|e| ContainerError::corrupt(path, name, e.to_string()))?;
+        let index: Vec<u8> = enc
+            .offsets
+            .iter()
+            .chain(&enc.states)
+            .flat_map(|w| w.to_le_bytes())
+            .chain(enc.table_bytes())
+            .collect();
+        let parts = [
+            PartBytes::Bytes {
+                len: enc.raw_bytes(),
+                buf: raw,
+                reuse: true,
+            },
+            PartBytes::Words {
+                pieces: enc.chunk_word_ranges().collect(),
+                buf: words,
+            },
+            PartBytes::Bytes {
+                len: index.len(),
+                buf: index,
+                reuse: false,
+            },
+        ];
+        let stored: usize = parts.iter().map(PartBytes::len).sum();
+        if stored < bytes.len() {
+            m.encoding = Encoding::ExpRans;
             m.exponent_entropy_bits = Some(enc.exponent_entropy_bits);
             m.value_entropy_bits = Some(enc.value_entropy_bits);
-            let index: Vec<u8> = enc
-                .offsets
+            m.rans = Some(RansMeta {
+                chunk_elems: enc.params.chunk_elems,
+                prob_bits: enc.params.prob_bits,
+                lanes: codec::ans::LANES,
+                mantissa_bits: enc.params.mantissa_bits,
+                // The writer hashes the parts as it writes them.
+                parts_checksum: String::new(),
+            });
+            let parts = meta::PARTS
                 .iter()
-                .chain(&enc.states)
-                .flat_map(|w| w.to_le_bytes())
-                .chain(enc.table_bytes())
+                .zip(parts)
+                .map(|(p, data)| Part {
+                    name: part_name(name, p),
+                    dtype: Dtype::U8,
+                    shape: vec![data.len()],
+                    bytes: data,
+                })
                 .collect();
-            let exp = PartBytes::Words(enc.exp_words);
-            let exp_len = exp.with_bytes(|b| b.len());
-            let stored = enc.raw.len() + exp_len + index.len();
-            if stored < bytes.len() {
-                m.encoding = Encoding::ExpRans;
-                m.rans = Some(RansMeta {
-                    chunk_elems: enc.params.chunk_elems,
-                    prob_bits: enc.params.prob_bits,
-                    lanes: codec::ans::LANES,
-                    mantissa_bits: enc.params.mantissa_bits,
-                    parts_checksum: exp
-                        .with_bytes(|e| meta::checksum_of_parts([&enc.raw[..], e, &index])),
-                });
-                let parts = meta::PARTS
-                    .iter()
-                    .zip([PartBytes::Bytes(enc.raw), exp, PartBytes::Bytes(index)])
-                    .map(|(p, data)| Part {
-                        name: part_name(name, p),
-                        dtype: Dtype::U8,
-                        shape: vec![data.with_bytes(|b| b.len())],
-                        bytes: data,
-                    })
-                    .collect();
-                let msg = ToWriter::Tensor {
-                    parts,
-                    spare: Some(bytes),
-                    input_bytes,
-                };
-                return Ok((m, stored as u64, msg));
-            }
-        } else {
-            let v = codec::model::value_histogram(&bytes);
-            m.exponent_entropy_bits =
-                Some(codec::model::entropy(&codec::model::key_histogram(&v, 0)));
-            m.value_entropy_bits = Some(codec::model::entropy(&v));
+            let msg = ToWriter::Tensor {
+                meta: Box::new(m),
+                parts,
+                input,
+            };
+            return Ok((stored as u64, msg));
+        }
+        for part in parts {
+            pools.give(part);
         }
     }
     let stored = bytes.len() as u64;
@@ -562,14 +672,14 @@ fn compress_tensor(
         name: name.to_string(),
         dtype,
         shape: shape.to_vec(),
-        bytes: PartBytes::Bytes(bytes),
+        bytes: PartBytes::Input(bytes),
     };
     let msg = ToWriter::Tensor {
+        meta: Box::new(m),
         parts: vec![part],
-        spare: None,
-        input_bytes,
+        input,
     };
-    Ok((m, stored, msg))
+    Ok((stored, msg))
 }
 
 /// A byte-counting progress bar on stderr, hidden unless asked for and stderr is a terminal.

@@ -1,10 +1,14 @@
-//! Reading a plain checkpoint's tensors ahead of their coding: large sequential reads into
-//! reused buffers on a thread of their own, under a byte budget.
+//! Reading a checkpoint's tensors ahead of their decoding or checking: large sequential reads
+//! into reused buffers on a thread of their own, under a byte budget ([`read_ahead`], for
+//! `decompress` and `verify`), and the budget and buffer pool every pipeline shares.
 //!
-//! `compress` used to read tensors through the files' memory maps: every 4 KiB of input cost a
-//! page fault (most of a run's time was system time), and reading waited on coding. Here one
-//! thread reads each tensor with positioned reads (`pread`) straight into a buffer, in storage
-//! order, while the previous tensors are coded and written; the kernel sees one sequential reader.
+//! Reading through the files' memory maps, every few pages of input cost a page fault in
+//! whichever thread touched them first (most of a run's time was system time), and reading
+//! waited on coding. Here one thread reads each tensor with positioned reads (`pread`) straight
+//! into a buffer, in storage order, while the previous tensors are decoded and written; the
+//! kernel sees one sequential reader. (`compress` maps its input after all, but populates each
+//! tensor's pages with one call on its reader thread, which avoids both costs and the copy:
+//! see `compress.rs` and docs/format.md §4.4.)
 //!
 //! Memory stays bounded whatever the checkpoint's size: [`Budget`] admits a tensor only while
 //! the input bytes read but not yet written stay within [`READ_AHEAD_BYTES`] and at most
@@ -91,35 +95,15 @@ impl Budget {
     }
 }
 
-/// Reads bytes `start..end` of `file` into `buf` (cleared first; its capacity is reused), with
-/// large positioned reads that never touch a memory map.
-pub fn read_range(
-    file: &File,
-    path: &Path,
-    start: u64,
-    end: u64,
-    buf: &mut Vec<u8>,
-) -> Result<(), ContainerError> {
-    buf.clear();
-    let len = (end - start) as usize;
-    if buf.capacity() < len {
-        // Growing would copy the stale bytes; a fresh buffer's pages fault in as the read fills
-        // them, and 2 MiB pages make that 512 times fewer faults.
-        *buf = Vec::with_capacity(len);
-        crate::codec::tensor::advise_huge_pages(buf.spare_capacity_mut());
-    }
-    append_range(file, path, start, end, buf)
-}
-
 /// Buffers kept for reuse between pipeline stages, under a count and a byte limit (a fresh
 /// buffer costs a page fault per 4 KiB it fills; a reused one costs nothing).
-pub struct BufferPool {
-    spare: Mutex<Vec<Vec<u8>>>,
+pub struct BufferPool<T = u8> {
+    spare: Mutex<Vec<Vec<T>>>,
     max_buffers: usize,
     max_bytes: usize,
 }
 
-impl BufferPool {
+impl<T> BufferPool<T> {
     /// A pool keeping at most `max_buffers` buffers of at most `max_bytes` capacity in all.
     pub fn new(max_buffers: usize, max_bytes: usize) -> Self {
         Self {
@@ -129,9 +113,10 @@ impl BufferPool {
         }
     }
 
-    /// A buffer with room for `len` bytes: the smallest spare one that has it, else a new one
-    /// (growing a smaller one would copy its bytes). Its contents and length are whatever it had.
-    pub fn take(&self, len: usize) -> Vec<u8> {
+    /// A buffer with room for `len` elements: the smallest spare one that has it, else a new one
+    /// (growing a smaller one would copy its contents). Its contents and length are whatever it
+    /// had.
+    pub fn take(&self, len: usize) -> Vec<T> {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         let pick = spare
             .iter()
@@ -152,7 +137,7 @@ impl BufferPool {
     }
 
     /// Gives a buffer back; the smallest buffers are freed when over the limits.
-    pub fn give(&self, buf: Vec<u8>) {
+    pub fn give(&self, buf: Vec<T>) {
         if buf.capacity() == 0 {
             return;
         }
@@ -164,7 +149,7 @@ impl BufferPool {
             .iter()
             .take(self.max_buffers)
             .take_while(|b| {
-                bytes += b.capacity();
+                bytes += b.capacity() * std::mem::size_of::<T>();
                 bytes <= self.max_bytes
             })
             .count();
@@ -335,7 +320,7 @@ mod tests {
 
     #[test]
     fn the_pool_hands_out_the_smallest_fitting_buffer_and_keeps_within_its_limits() {
-        let pool = BufferPool::new(3, 1000);
+        let pool: BufferPool = BufferPool::new(3, 1000);
         for cap in [100, 400, 200, 300] {
             pool.give(Vec::with_capacity(cap));
         }
@@ -392,10 +377,11 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let f = File::open(&path).unwrap();
         let mut buf = vec![1u8; 5];
-        read_range(&f, &path, 1000, 90_000, &mut buf).unwrap();
-        assert_eq!(buf, data[1000..90_000]);
-        read_range(&f, &path, 3, 7, &mut buf).unwrap();
-        assert_eq!(buf, data[3..7]);
-        assert!(read_range(&f, &path, 99_000, 100_001, &mut buf).is_err());
+        append_range(&f, &path, 1000, 90_000, &mut buf).unwrap();
+        assert_eq!(buf[..5], [1; 5]);
+        assert_eq!(buf[5..], data[1000..90_000]);
+        append_range(&f, &path, 3, 7, &mut buf).unwrap();
+        assert_eq!(buf[89_005..], data[3..7]);
+        assert!(append_range(&f, &path, 99_000, 100_001, &mut buf).is_err());
     }
 }

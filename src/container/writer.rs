@@ -55,20 +55,32 @@ impl SafetensorsWriter {
         shape: &[usize],
         bytes: &[u8],
     ) -> Result<(), ContainerError> {
+        self.add_slices(name, dtype, shape, &[bytes])
+    }
+
+    /// Appends one tensor whose bytes are the concatenation of `slices` (written one after the
+    /// other, never gathered into one buffer first); see [`SafetensorsWriter::add`].
+    pub fn add_slices(
+        &mut self,
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+        slices: &[&[u8]],
+    ) -> Result<(), ContainerError> {
+        let len: usize = slices.iter().map(|s| s.len()).sum();
         let expect = shape.iter().product::<usize>() * dtype.size();
-        if expect != bytes.len() {
+        if expect != len {
             return Err(ContainerError::checkpoint(
                 &self.path,
-                format!(
-                    "tensor `{name}`: {} bytes for shape {shape:?} of {dtype:?}",
-                    bytes.len()
-                ),
+                format!("tensor `{name}`: {len} bytes for shape {shape:?} of {dtype:?}"),
             ));
         }
-        self.file
-            .write_all(bytes)
-            .map_err(|e| ContainerError::io(&self.path, e))?;
-        let end = self.offset + bytes.len();
+        for bytes in slices {
+            self.file
+                .write_all(bytes)
+                .map_err(|e| ContainerError::io(&self.path, e))?;
+        }
+        let end = self.offset + len;
         self.entries
             .push((name.to_string(), dtype, shape.to_vec(), self.offset, end));
         self.offset = end;
