@@ -18,7 +18,7 @@ UW_DEVICE unsigned long long umax64(unsigned long long a, unsigned long long b) 
 
 // The argmax of `row[0..vocab)` over the whole block (blockDim.x a multiple of 32, at most
 // 1024); every thread gets the answer. Ends with a __syncthreads(), so it may be called again.
-UW_DEVICE int block_argmax(const float* __restrict__ row, int vocab) {
+UW_DEVICE int block_argmax(const float* row, int vocab) {
     // 0 is below every packed value of a real element (the key of -inf is 0x007fffff, and key 0
     // would be a NaN, which is skipped).
     unsigned long long best = 0ull;

@@ -24,6 +24,8 @@
 //   9    the draw: each thread owns a contiguous id range, a block-wide exclusive scan of the
 //        ranges' kept weight puts the target in exactly one range, whose thread walks it in id
 //        order (the inverse CDF).
+// The row is written (step 1–2) and then read by every step, so the helpers take it without
+// __restrict__: no read-only (non-coherent) loads that could miss the block's own edits.
 #include "argmax.cuh"
 
 #define SAMPLE_THREADS 1024
@@ -180,7 +182,7 @@ UW_DEVICE unsigned long long block_exclusive_scan_u64(unsigned long long v,
 // shortest prefix in descending key order whose metric (1 per token when `by_count`, the weight
 // otherwise) sums to at least `need` ends at the token with key K. Requires 0 < need <= the
 // metric of those candidates. Eight passes of 8 bits, most significant first.
-UW_DEVICE unsigned long long radix_cut(const float* __restrict__ row, int vocab, float m,
+UW_DEVICE unsigned long long radix_cut(const float* row, int vocab, float m,
                                        float scale, unsigned long long floor, bool by_count,
                                        unsigned long long need, unsigned long long* hist,
                                        unsigned long long* shared_pick) {
@@ -233,7 +235,7 @@ UW_DEVICE unsigned long long radix_cut(const float* __restrict__ row, int vocab,
 }
 
 // The weight of token i if it is kept (a candidate ranked at or above `floor`), 0 otherwise.
-UW_DEVICE unsigned long long kept_token_weight(const float* __restrict__ row, int i, float m,
+UW_DEVICE unsigned long long kept_token_weight(const float* row, int i, float m,
                                                float scale, unsigned long long floor) {
     const float l = row[i];
     const float w = token_weight(l, m, scale);
@@ -241,7 +243,7 @@ UW_DEVICE unsigned long long kept_token_weight(const float* __restrict__ row, in
 }
 
 // The total weight of the kept tokens over the block; every thread gets it.
-UW_DEVICE unsigned long long kept_weight(const float* __restrict__ row, int vocab, float m,
+UW_DEVICE unsigned long long kept_weight(const float* row, int vocab, float m,
                                          float scale, unsigned long long floor,
                                          unsigned long long* scratch) {
     unsigned long long kept = 0ull;
