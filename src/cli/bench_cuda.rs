@@ -25,8 +25,8 @@
 //! step is greedy). Its host time is the `dev argmax` column; `greedy via` names the cheaper path
 //! (medians), and the run fails if the two paths ever choose a different token. The device
 //! sampler (temperature 0.8, top-p 0.95) then runs on the same logits
-//! (`CudaBackend::sample_last_step`) and must give the host sampler's tokens on the copied logits,
-//! or the run fails. After the timed steps, a few serving steps as the engine takes them
+//! (`CudaBackend::sample_last_step`) and must give the host sampler's tokens on the copied logits;
+//! a difference or failure is recorded and ends the run non-zero after every result is written. After the timed steps, a few serving steps as the engine takes them
 //! (`decode_argmax` and `decode_sampled`, one synchronisation each) measure the host time per
 //! step against the GPU step and sampled over greedy tokens/s. `--prefill` adds the time to
 //! first token per plan. With
@@ -59,7 +59,11 @@ const WEIGHT_GOAL: f64 = 0.72;
 /// Greedy steps of the twin check (the prefill counts as the first).
 const TWIN_STEPS: usize = 4;
 
+/// The median; NaN (null in the JSON) for no values (a path that did not run).
 fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -83,6 +87,8 @@ struct PlanRun {
     graph_failures: Vec<Value>,
     /// (prompt tokens, median time to first token in ms) of every `--prefill` length.
     ttft: Vec<(usize, f64)>,
+    /// Where the device sampler disagreed with the host sampler or failed, per batch size.
+    sampler_problems: Vec<String>,
 }
 
 /// How the model is made: a preset generated on the device, or a checkpoint.
@@ -319,6 +325,13 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
     if twin.get("bit_exact") == Some(&Value::Bool(false)) {
         bail!("the compressed plan and its raw twin gave different logits (see above)");
     }
+    let problems: Vec<&String> = runs.iter().flat_map(|r| &r.sampler_problems).collect();
+    if !problems.is_empty() {
+        bail!(
+            "the device sampler did not match the host sampler (results written; greedy rows unaffected): {}",
+            problems.iter().map(|p| p.as_str()).collect::<Vec<_>>().join("; ")
+        );
+    }
     Ok(())
 }
 
@@ -431,6 +444,7 @@ fn measure_plan(
     let mut rows = Vec::new();
     let mut tps = Vec::new();
     let mut verdicts = Vec::new();
+    let mut sampler_problems = Vec::new();
     let mut sampled = Vec::new();
     let fit = backend.kv_capacity().max_sequences;
     for &batch in &a.batch {
@@ -442,6 +456,24 @@ fn measure_plan(
             continue;
         }
         let r = measure(backend, batch, a)?;
+        if !r.sampler.ok() {
+            let what = format!(
+                "{name} batch {batch}: {} rows differ from the host sampler{}{}",
+                r.sampler.mismatches,
+                r.sampler
+                    .first_mismatch
+                    .as_ref()
+                    .map(|m| format!(" (first: {m})"))
+                    .unwrap_or_default(),
+                r.sampler
+                    .failure
+                    .as_ref()
+                    .map(|f| format!("; {f}"))
+                    .unwrap_or_default()
+            );
+            eprintln!("DEVICE SAMPLER WRONG: {what}");
+            sampler_problems.push(what);
+        }
         let gbps = wbytes as f64 / (r.gpu_ms * 1e-3) / 1e9;
         let frac = gbps * 1e9 / copy_bw;
         // The memory floor: every weight byte and every KV byte the step reads, once, at the
@@ -520,6 +552,10 @@ fn measure_plan(
             "host_ms_per_step_sampled": e2e_sampled_ms - r.gpu_ms,
             "host_fraction_of_gpu_step_greedy": (e2e_dev_ms - r.gpu_ms) / r.gpu_ms,
             "host_fraction_of_gpu_step_sampled": (e2e_sampled_ms - r.gpu_ms) / r.gpu_ms,
+            "sampler_matches_host": r.sampler.ok(),
+            "sampler_mismatched_rows": r.sampler.mismatches,
+            "sampler_first_mismatch": r.sampler.first_mismatch,
+            "sampler_failure": r.sampler.failure,
             "serving_greedy_step_ms": r.serving_greedy.0,
             "serving_greedy_gpu_ms": r.serving_greedy.1,
             "serving_sampled_step_ms": r.serving_sampled.0,
@@ -559,6 +595,7 @@ fn measure_plan(
         tokens_per_s: tps,
         graph_failures,
         ttft: Vec::new(),
+        sampler_problems,
     })
 }
 
@@ -817,6 +854,8 @@ struct Measured {
     serving_greedy: (f64, f64),
     /// See [`Measured::serving_greedy`].
     serving_sampled: (f64, f64),
+    /// The device sampler against the host sampler.
+    sampler: SamplerCheck,
 }
 
 fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured> {
@@ -827,6 +866,10 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
     let (mut logits_path, mut dev_path, mut dev_gpu) = (vec![], vec![], vec![]);
     let (mut sample_path, mut sample_gpu) = (vec![], vec![]);
     let (mut serving_greedy, mut serving_sampled) = (vec![], vec![]);
+    // The device sampler's disagreements with the host sampler and its first failure: recorded
+    // and reported (the run then ends non-zero after writing its results), not fatal to the
+    // greedy measurements; after a failure it is not run again in this batch.
+    let mut sampler = SamplerCheck::default();
     let mut bucket = 0;
     let mut graph = true;
     let mut kv = Vec::new();
@@ -867,15 +910,28 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
             }
             // And the sampler on the same logits (last: it may edit them): the host sampler's
             // tokens from the copied logits, exactly.
-            let rows = sampled_rows(batch, s as u64);
-            let sampled = b.sample_last_step(&rows)?;
-            for (i, r) in rows.iter().enumerate() {
-                let want = sampler::choose(logits.row(i), r);
-                if sampled[i] != want {
-                    bail!(
-                        "batch {batch} step {s}: the device sampler chose token {} for row {i}, the host sampler {want}",
-                        sampled[i]
-                    );
+            let mut sampled_ok = false;
+            if sampler.failure.is_none() {
+                let rows = sampled_rows(batch, s as u64);
+                match b.sample_last_step(&rows) {
+                    Ok(ids) => {
+                        sampled_ok = true;
+                        for (i, r) in rows.iter().enumerate() {
+                            let want = sampler::choose(logits.row(i), r);
+                            if ids.get(i) != Some(&want) {
+                                sampler.mismatches += 1;
+                                sampler.first_mismatch.get_or_insert(format!(
+                                    "batch {batch} step {s}: the device sampler chose token {:?} for row {i}, the host sampler {want}",
+                                    ids.get(i)
+                                ));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        sampler.failure = Some(format!(
+                            "batch {batch} step {s}: the device sampler failed: {e}"
+                        ))
+                    }
                 }
             }
             for sq in &mut seqs {
@@ -883,8 +939,10 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
             }
             if s >= 3 {
                 let tm = b.last_timing();
-                sample_path.push(tm.sample_ms);
-                sample_gpu.push(tm.sample_gpu_ms);
+                if sampled_ok {
+                    sample_path.push(tm.sample_ms);
+                    sample_gpu.push(tm.sample_gpu_ms);
+                }
                 gpu.push(tm.gpu_ms);
                 copy.push(tm.copy_ms);
                 am.push(argmax_ms);
@@ -907,13 +965,24 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
                 .zip(&next)
                 .map(|(&(seq, pos), &token)| DecodeItem { seq, token, pos })
                 .collect();
-            let greedy = s % 2 == 0;
+            let greedy = s % 2 == 0 || sampler.failure.is_some();
             let t = Instant::now();
-            next = if greedy {
+            let ids = if greedy {
                 b.decode_argmax(&items)?
             } else {
-                b.decode_sampled(&items, &sampled_rows(batch, (a.tokens + 3 + s) as u64))?
+                match b.decode_sampled(&items, &sampled_rows(batch, (a.tokens + 3 + s) as u64)) {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        // The step did not happen (a failed step leaves every sequence as it
+                        // was): record it and go on greedy.
+                        sampler.failure = Some(format!(
+                            "batch {batch} serving step {s}: decode_sampled failed: {e}"
+                        ));
+                        continue;
+                    }
+                }
             };
+            next = ids;
             let wall = t.elapsed().as_secs_f64() * 1e3;
             let gpu_ms = b.last_timing().gpu_ms;
             if greedy {
@@ -949,7 +1018,26 @@ fn measure(b: &mut CudaBackend, batch: usize, a: &DecodeArgs) -> Result<Measured
         graph,
         serving_greedy: median_pair(&mut serving_greedy),
         serving_sampled: median_pair(&mut serving_sampled),
+        sampler,
     })
+}
+
+/// How the device sampler fared against the host sampler during one batch size's steps.
+#[derive(Clone, Debug, Default)]
+struct SamplerCheck {
+    /// Rows whose device token differed from the host sampler's on the same logits.
+    mismatches: usize,
+    /// The first of them, described.
+    first_mismatch: Option<String>,
+    /// The first error of the device sampler (it is not run again after one).
+    failure: Option<String>,
+}
+
+impl SamplerCheck {
+    /// Whether the device sampler gave every token the host sampler did, without an error.
+    fn ok(&self) -> bool {
+        self.mismatches == 0 && self.failure.is_none()
+    }
 }
 
 /// Serving steps per batch size after the timed ones: half greedy (`decode_argmax`), half
