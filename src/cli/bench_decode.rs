@@ -309,12 +309,9 @@ fn measure_prefill(backend: &mut CpuBackend, len: usize) -> Result<(f64, Vec<u32
     let mut best = f64::INFINITY;
     let mut bits: Option<Vec<u32>> = None;
     for _ in 0..PREFILL_REPEATS {
-        let seq = backend.new_sequence()?;
-        let t = Instant::now();
-        let result = backend.prefill(seq, &prompt);
-        best = best.min(t.elapsed().as_secs_f64());
-        backend.free_sequence(seq);
-        let logits = result.with_context(|| format!("prefill of {len} tokens"))?;
+        let (secs, logits) = timed_prefill(backend, &prompt, |l| l)
+            .with_context(|| format!("prefill of {len} tokens"))?;
+        best = best.min(secs);
         let now: Vec<u32> = logits.iter().map(|v| v.to_bits()).collect();
         match &bits {
             Some(b) if *b != now => bail!("prefill of {len} tokens: repeats gave different logits"),
@@ -323,6 +320,21 @@ fn measure_prefill(backend: &mut CpuBackend, len: usize) -> Result<(f64, Vec<u32
         }
     }
     Ok((len as f64 / best, bits.unwrap_or_default()))
+}
+
+/// Prefills `prompt` into a fresh sequence (freed afterwards, whatever happens) and runs `then`
+/// on its logits; returns the seconds both took, and what `then` gave.
+pub(super) fn timed_prefill<B: crate::device::Backend + ?Sized, T>(
+    backend: &mut B,
+    prompt: &[u32],
+    then: impl FnOnce(Vec<f32>) -> T,
+) -> Result<(f64, T)> {
+    let seq = backend.new_sequence()?;
+    let t = Instant::now();
+    let result = backend.prefill(seq, prompt).map(then);
+    let secs = t.elapsed().as_secs_f64();
+    backend.free_sequence(seq);
+    Ok((secs, result?))
 }
 
 /// Runs scripts/hf_prefill.py with `python` on the same prompts and threads, prints its speeds

@@ -1192,14 +1192,7 @@ impl Backend for CudaBackend {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let r = self
-            .run_decode(batch)
-            .and_then(|()| self.device_argmax(batch.len()));
-        let ids = self.on_fault(r.map_err(DeviceError::from))?;
-        for it in batch {
-            self.kv.set_len(it.seq, it.pos + 1);
-        }
-        Ok(ids)
+        self.decode_choosing(batch, |b| b.device_argmax(batch.len()))
     }
 
     fn samples_on_device(&self) -> bool {
@@ -1226,18 +1219,27 @@ impl Backend for CudaBackend {
             return Ok(Vec::new());
         }
         let packed = sample::pack(rows, self.cfg.vocab_size, self.edit_capacity())?;
-        let r = self
-            .run_decode(batch)
-            .and_then(|()| self.device_sample(&packed));
+        self.decode_choosing(batch, |b| b.device_sample(&packed))
+    }
+}
+
+impl CudaBackend {
+    /// A checked, non-empty decode batch's step, then `choose` on its logits on the device (the
+    /// argmax or the sampler): the ids, and the sequences one token longer; on an error, the
+    /// sequences as they were (and a fatal fault reported, [`CudaBackend::on_fault`]).
+    fn decode_choosing(
+        &mut self,
+        batch: &[DecodeItem],
+        choose: impl FnOnce(&mut Self) -> GpuResult<Vec<u32>>,
+    ) -> Result<Vec<u32>, DeviceError> {
+        let r = self.run_decode(batch).and_then(|()| choose(self));
         let ids = self.on_fault(r.map_err(DeviceError::from))?;
         for it in batch {
             self.kv.set_len(it.seq, it.pos + 1);
         }
         Ok(ids)
     }
-}
 
-impl CudaBackend {
     /// Passes a step's result through; on a fatal fault (the context is dead, and with it every
     /// buffer in it) the context is marked lost for every instance on the device
     /// ([`Context::mark_lost`]: they see it through [`Backend::context_lost`] and let go), and
