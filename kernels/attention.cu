@@ -10,9 +10,10 @@
 // Split along the sequence: block z of `splits` takes the positions [z c, min((z + 1) c, p + 1))
 // with c = split_chunk(p + 1, splits) (a multiple of KV_BLOCK, at least ATTN_MIN_CHUNK): chosen
 // from the position in-kernel, so one captured graph serves every length. Each warp walks its
-// range's positions warp, warp + 8, ... with an online softmax (running max, sum and a
-// head_dim-wide accumulator spread over its lanes, head_dim/32 elements per lane); the 8 partial
-// results are merged through shared memory at the end. With splits = 1 (prefill, and decode
+// range's positions warp, warp + 8, ... (loading 4 of them at a time, 2 for head_dim > 128)
+// with an online softmax (running max, sum and a head_dim-wide accumulator spread over its
+// lanes, head_dim/32 elements per lane); the 8 partial results are merged through shared memory
+// at the end. With splits = 1 (prefill, and decode
 // batches that fill the GPU on their own) the block writes the output; otherwise it writes its
 // (max, sum, unnormalised accumulator) to the partials and `attention_combine` merges them.
 // Query head h reads KV head h / group.
@@ -52,7 +53,7 @@ UW_DEVICE void attention_body(const float* __restrict__ q, const uint16_t* __res
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = heads / kv_heads;
     const size_t kvd = (size_t)kv_heads * head_dim;
-    const int p = pos[t], s_ = slot[t];
+    const int p = pos[t], sl = slot[t];
     const int chunk = splits > 1 ? split_chunk(p + 1, splits) : p + 1;
     const int begin = z * chunk;
     const int end = min(p + 1, begin + chunk);
@@ -74,27 +75,39 @@ UW_DEVICE void attention_body(const float* __restrict__ q, const uint16_t* __res
         acc[e] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
-    for (int j = begin + warp; j < end; j += ATTN_WARPS) {
-        const size_t row = kv_row(table, max_blocks, s_, j, kvd) + head_off;
-        const uint16_t* kr = k_cache + row;
-        const uint16_t* vr = v_cache + row;
-        float kv[E], vv[E];
+    // The warp's positions are j, j + 8, ...; U of them are loaded at once (more bytes in
+    // flight per warp), then folded in one by one in that same order: the operations of a loop
+    // over single positions (the order kernels.rs's split model and the CPU test follow).
+    constexpr int U = E <= 4 ? 4 : 2;
+    for (int j0 = begin + warp; j0 < end; j0 += U * ATTN_WARPS) {
+        uint16_t kb[U][E], vb[U][E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-            kv[e] = bf16_to_f32(kr[lane + 32 * e]);
-            vv[e] = bf16_to_f32(vr[lane + 32 * e]);
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + u * ATTN_WARPS;
+            if (j < end) {
+                const size_t row = kv_row(table, max_blocks, sl, j, kvd) + head_off;
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    kb[u][e] = k_cache[row + lane + 32 * e];
+                    vb[u][e] = v_cache[row + lane + 32 * e];
+                }
+            }
         }
-        float s = 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) s += qv[e] * kv[e];
-        s = warp_sum(s) * scale;
-        const float mn = fmaxf(m, s);
-        const float corr = expf(m - mn);
-        const float pe = expf(s - mn);
-        l = l * corr + pe;
+        for (int u = 0; u < U; ++u) {
+            if (j0 + u * ATTN_WARPS >= end) break;
+            float s = 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + pe * vv[e];
-        m = mn;
+            for (int e = 0; e < E; ++e) s += qv[e] * bf16_to_f32(kb[u][e]);
+            s = warp_sum(s) * scale;
+            const float mn = fmaxf(m, s);
+            const float corr = expf(m - mn);
+            const float pe = expf(s - mn);
+            l = l * corr + pe;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + pe * bf16_to_f32(vb[u][e]);
+            m = mn;
+        }
     }
     if (lane == 0) {
         sm_m[warp] = m;

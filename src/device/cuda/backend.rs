@@ -691,7 +691,7 @@ impl CudaBackend {
             + 4 * c.hidden_size * (2 * c.num_hidden_layers + 1)
     }
 
-    /// Bytes of the KV-cache slab.
+    /// Bytes of the KV cache: its block pool (the padding block included) and block table.
     pub fn kv_bytes(&self) -> usize {
         self.kv.bytes()
     }
