@@ -203,3 +203,139 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
         store_act(hi, lo, f, d, o / total);
     }
 }
+
+// Prefill attention, tiled through shared memory (flash style, causal, CUDA cores in f32): the
+// queries of one prompt chunk, every token in the same slot (one sequence: the host's contract),
+// over the paged BF16 cache.
+// grid: (ceil(n / PF_QTILE), heads); block: ATTN_THREADS (8 warps); static shared memory:
+//   2 x PF_KTILE x (head_dim + 2) BF16 (16.5 KB at head_dim 128, 33 KB at 256).
+// Block (x, h) takes the PF_QTILE queries t0 = x PF_QTILE .. (PF_QROWS per warp) of head h. It
+// walks the key tiles [k0, k0 + PF_KTILE) of the slot from position 0 up to its last query's
+// position; each tile's keys and values (two KV blocks) are loaded once into shared memory for
+// all its queries (the per-query kernel reads them once per query). Per tile and query, lane j
+// computes the score of key k0 + j (a sequential f32 dot product over head_dim; -inf past the
+// query's position), the warp takes the tile's max and sum (online softmax), and each lane adds
+// p_j v_j to its head_dim/32 output elements, key by key. A query skips the tiles past its
+// position, so its result depends only on its position and the cache: the same whatever chunk or
+// tile it is in (chunked prefill = whole prefill, bit for bit, on the attention's part).
+// Arguments as `attention`'s (no splits).
+#define PF_QROWS 2
+#define PF_QTILE (ATTN_WARPS * PF_QROWS)
+#define PF_KTILE 32
+
+template <int E>
+UW_DEVICE void prefill_body(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
+                            const uint16_t* __restrict__ v_cache, const int* __restrict__ table,
+                            int max_blocks, const int* __restrict__ pos,
+                            const int* __restrict__ slot, uint16_t* __restrict__ out,
+                            float* __restrict__ out_f32, int split, int n, int heads,
+                            int kv_heads, float scale, uint16_t* sk, uint16_t* sv) {
+    constexpr int head_dim = 32 * E;
+    constexpr int stride = head_dim + 2;  // BF16 per shared row: lane j's words fall in bank j
+    constexpr int words = head_dim / 2;   // u32 (BF16 pairs) per row
+    const int h = blockIdx.y, t0 = blockIdx.x * PF_QTILE;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = heads / kv_heads;
+    const size_t kvd = (size_t)kv_heads * head_dim;
+    const size_t head_off = (size_t)(h / group) * head_dim;
+    const int sl = slot[t0];
+    int last = 0;
+    for (int i = 0; i < PF_QTILE && t0 + i < n; ++i) last = max(last, pos[t0 + i]);
+    int qt[PF_QROWS], pr[PF_QROWS];
+    float m[PF_QROWS], l[PF_QROWS], acc[PF_QROWS][E];
+#pragma unroll
+    for (int r = 0; r < PF_QROWS; ++r) {
+        qt[r] = t0 + warp * PF_QROWS + r;
+        pr[r] = qt[r] < n ? pos[qt[r]] : -1;  // -1: no query (past the chunk's end)
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
+    }
+    for (int k0 = 0; k0 <= last; k0 += PF_KTILE) {
+        __syncthreads();  // every warp is done with the previous tile
+        for (int i = threadIdx.x; i < PF_KTILE * words; i += blockDim.x) {
+            const int j = i / words, c = i % words, p = k0 + j;
+            uint32_t kw = 0, vw = 0;
+            if (p <= last) {
+                const size_t row = kv_row(table, max_blocks, sl, p, kvd) + head_off;
+                kw = reinterpret_cast<const uint32_t*>(k_cache + row)[c];
+                vw = reinterpret_cast<const uint32_t*>(v_cache + row)[c];
+            }
+            reinterpret_cast<uint32_t*>(sk + j * stride)[c] = kw;
+            reinterpret_cast<uint32_t*>(sv + j * stride)[c] = vw;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < PF_QROWS; ++r) {
+            if (k0 > pr[r]) continue;  // warp-uniform: no key of this tile is visible
+            const float* qr = q + ((size_t)qt[r] * heads + h) * head_dim;
+            float s = -INFINITY;
+            if (k0 + lane <= pr[r]) {
+                const uint32_t* kr = reinterpret_cast<const uint32_t*>(sk + lane * stride);
+                float dot = 0.0f;
+#pragma unroll 8
+                for (int c = 0; c < words; ++c) {
+                    const uint32_t w = kr[c];
+                    dot += qr[2 * c] * __uint_as_float(w << 16);
+                    dot += qr[2 * c + 1] * __uint_as_float(w & 0xffff0000u);
+                }
+                s = dot * scale;
+            }
+            const float mn = fmaxf(m[r], warp_max(s));  // finite: key k0 is visible
+            const float pe = expf(s - mn);
+            const float corr = expf(m[r] - mn);
+            l[r] = l[r] * corr + warp_sum(pe);
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][e] *= corr;
+            for (int j = 0; j < PF_KTILE; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, pe, j);
+                if (k0 + j > pr[r]) break;  // warp-uniform
+                const uint16_t* vr = sv + j * stride;
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[r][e] += pj * bf16_to_f32(vr[lane + 32 * e]);
+            }
+            m[r] = mn;
+        }
+    }
+    const size_t qd = (size_t)heads * head_dim;
+#pragma unroll
+    for (int r = 0; r < PF_QROWS; ++r) {
+        if (pr[r] < 0) continue;
+        const int t = qt[r];
+        uint16_t* hi = out + (size_t)t * qd + (size_t)h * head_dim;
+        uint16_t* lo = split ? out + ((size_t)n + t) * qd + (size_t)h * head_dim : nullptr;
+        float* f = out_f32 ? out_f32 + (size_t)t * qd + (size_t)h * head_dim : nullptr;
+#pragma unroll
+        for (int e = 0; e < E; ++e) store_act(hi, lo, f, lane + 32 * e, acc[r][e] / l[r]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+    attention_prefill(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
+                      const uint16_t* __restrict__ v_cache, const int* __restrict__ table,
+                      int max_blocks, const int* __restrict__ pos, const int* __restrict__ slot,
+                      uint16_t* __restrict__ out, int split, int n, int heads, int kv_heads,
+                      int head_dim, float scale, float* __restrict__ out_f32) {
+    // Sized for the largest head; 4-byte aligned rows (stride even).
+    __shared__ __align__(16) uint16_t sk[PF_KTILE * (ATTN_MAX_HEAD_DIM + 2)];
+    __shared__ __align__(16) uint16_t sv[PF_KTILE * (ATTN_MAX_HEAD_DIM + 2)];
+#define UW_PF_CASE(E)                                                                          \
+    case E:                                                                                    \
+        prefill_body<E>(q, k_cache, v_cache, table, max_blocks, pos, slot, out, out_f32,       \
+                        split, n, heads, kv_heads, scale, sk, sv);                             \
+        break;
+    switch (head_dim / 32) {
+        UW_PF_CASE(1)
+        UW_PF_CASE(2)
+        UW_PF_CASE(3)
+        UW_PF_CASE(4)
+        UW_PF_CASE(5)
+        UW_PF_CASE(6)
+        UW_PF_CASE(7)
+        UW_PF_CASE(8)
+        default:
+            break;  // the host refuses other head sizes before launching
+    }
+#undef UW_PF_CASE
+}

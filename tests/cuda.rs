@@ -432,6 +432,114 @@ fn kernel_attention_gqa_paged_split_and_unsplit() {
     }
 }
 
+/// The tiled prefill attention: a chunk of one sequence's queries at consecutive positions
+/// (after earlier cached positions), against f64 over the widened BF16 cache; the same queries in
+/// other chunks give the same bits (a query depends only on its position), and the per-query
+/// kernel agrees within f32 rounding.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
+    require_gpu();
+    let h = KernelHarness::new().unwrap();
+    let mut r = rng(5);
+    for hd in [64usize, 96, 128] {
+        let (heads, kvh, slots, max_ctx) = (6, 2, 2, 200usize);
+        let kvd = kvh * hd;
+        let max_blocks = max_ctx.div_ceil(KV_BLOCK);
+        let table = scrambled_table(slots, max_blocks);
+        let pool = slots * max_blocks;
+        let bf = |v: Vec<f32>| v.into_iter().map(f32_to_bf16).collect::<Vec<u16>>();
+        let kc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+        let vc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+        // 53 queries at positions 37..90 of slot 1: several query tiles (16), the last one
+        // partial, key tiles (32) partly visible.
+        let (p0, n) = (37usize, 53usize);
+        let pos: Vec<i32> = (p0..p0 + n).map(|p| p as i32).collect();
+        let slot = vec![1i32; n];
+        let q = rand_f32(&mut r, n * heads * hd, 1.0);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let dims = (heads, kvh, hd);
+        for out_split in [true, false] {
+            let out = h
+                .attention_prefill(
+                    &q,
+                    (&kc, &vc),
+                    (&table, max_blocks),
+                    &pos,
+                    &slot,
+                    dims,
+                    out_split,
+                )
+                .unwrap();
+            for t in 0..n {
+                for head in 0..heads {
+                    let g = head / (heads / kvh);
+                    let at =
+                        |j: usize, d: usize| paged_row(&table, max_blocks, 1, j, kvd) + g * hd + d;
+                    let qa = &q[(t * heads + head) * hd..][..hd];
+                    let sc: Vec<f64> = (0..=pos[t] as usize)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| qa[d] as f64 * bf16_to_f32(kc[at(j, d)]) as f64)
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = sc
+                            .iter()
+                            .enumerate()
+                            .map(|(j, s)| (s - m).exp() / z * bf16_to_f32(vc[at(j, d)]) as f64)
+                            .sum();
+                        let got =
+                            split_value(&out, n, t, heads * hd, head * hd + d, out_split) as f64;
+                        let tol = if out_split {
+                            1e-5
+                        } else {
+                            8e-3 * want.abs() + 1e-5
+                        };
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "hd {hd} t {t} head {head} d {d}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+            // The same queries split into chunks of 7 give the same bits.
+            let w = heads * hd;
+            for c0 in (0..n).step_by(7) {
+                let c1 = (c0 + 7).min(n);
+                let part = h
+                    .attention_prefill(
+                        &q[c0 * w..c1 * w],
+                        (&kc, &vc),
+                        (&table, max_blocks),
+                        &pos[c0..c1],
+                        &slot[c0..c1],
+                        dims,
+                        out_split,
+                    )
+                    .unwrap();
+                let m = c1 - c0;
+                for t in 0..m {
+                    for i in 0..w {
+                        assert_eq!(
+                            part[t * w + i],
+                            out[(c0 + t) * w + i],
+                            "hd {hd} chunk at {c0}: token {t} element {i}"
+                        );
+                        if out_split {
+                            assert_eq!(part[(m + t) * w + i], out[(n + c0 + t) * w + i]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_silu_mul_and_split_sum() {

@@ -884,14 +884,12 @@ impl CudaBackend {
             max_blocks: self.kv.max_blocks(),
         };
         // Decode batches too small to fill the GPU split each row's attention along its
-        // sequence (fixed per bucket: the graph bakes it in); prefill chunks never do.
-        let split = match want {
-            Want::All => AttnSplit {
-                splits: decode_splits(n, heads, self.sms, self.kv.max_context),
-                part_ml: b.attn_ml.ptr(),
-                part_acc: b.attn_acc.ptr(),
-            },
-            _ => AttnSplit::NONE,
+        // sequence (fixed per bucket: the graph bakes it in); prefill chunks take the tiled
+        // kernel instead.
+        let split = AttnSplit {
+            splits: decode_splits(n, heads, self.sms, self.kv.max_context),
+            part_ml: b.attn_ml.ptr(),
+            part_acc: b.attn_acc.ptr(),
         };
         match &w.embed.form {
             Form::Raw(t) => k.embed(t.ptr(), b.tokens.ptr(), b.x.ptr(), n, h)?,
@@ -930,20 +928,38 @@ impl CudaBackend {
                 kvh,
                 hd,
             )?;
-            k.attention(
-                b.q.ptr(),
-                paged(l),
-                b.pos.ptr(),
-                b.slot.ptr(),
-                b.ab.ptr(),
-                s,
-                Some(b.af.ptr()),
-                n,
-                heads,
-                kvh,
-                hd,
-                split,
-            )?;
+            if want == Want::All {
+                k.attention(
+                    b.q.ptr(),
+                    paged(l),
+                    b.pos.ptr(),
+                    b.slot.ptr(),
+                    b.ab.ptr(),
+                    s,
+                    Some(b.af.ptr()),
+                    n,
+                    heads,
+                    kvh,
+                    hd,
+                    split,
+                )?;
+            } else {
+                // A prompt chunk: one sequence, so the tiled kernel shares each key tile among
+                // its queries.
+                k.attention_prefill(
+                    b.q.ptr(),
+                    paged(l),
+                    b.pos.ptr(),
+                    b.slot.ptr(),
+                    b.ab.ptr(),
+                    s,
+                    Some(b.af.ptr()),
+                    n,
+                    heads,
+                    kvh,
+                    hd,
+                )?;
+            }
             let o = self.product(Role::O, &lw.o, input(b.ab.ptr(), b.af.ptr(), qd), b.y.ptr())?;
             k.rmsnorm_residual(
                 b.x.ptr(),

@@ -231,6 +231,48 @@ impl KernelHarness {
         Ok(rows_out)
     }
 
+    /// `attention_prefill` of `n` query tokens of one slot over paged BF16 key and value pools,
+    /// as [`KernelHarness::attention`]; returns the BF16 output rows (`2n` when `out_split`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: &[f32],
+        (k_pool, v_pool): (&[u16], &[u16]),
+        (table, max_blocks): (&[i32], usize),
+        pos: &[i32],
+        slot: &[i32],
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        out_split: bool,
+    ) -> R<Vec<u16>> {
+        let n = pos.len();
+        let (qb, kb, vb) = (self.up(q)?, self.up(k_pool)?, self.up(v_pool)?);
+        let (pb, sb, tb) = (self.up(pos)?, self.up(slot)?, self.up(table)?);
+        let rows = if out_split { 2 * n } else { n };
+        let out = self.poison_u16(rows * heads * head_dim)?;
+        let outf = self.poison_f32(n * heads * head_dim)?;
+        self.k.attention_prefill(
+            qb.ptr(),
+            PagedKv {
+                keys: kb.ptr(),
+                values: vb.ptr(),
+                table: tb.ptr(),
+                max_blocks,
+            },
+            pb.ptr(),
+            sb.ptr(),
+            out.ptr(),
+            out_split,
+            Some(outf.ptr()),
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+        )?;
+        let rows_out = self.down(&out, rows * heads * head_dim)?;
+        self.check_act("attention_prefill", &rows_out, &outf, n, heads * head_dim)?;
+        Ok(rows_out)
+    }
+
     /// `silu_mul` of a fused gate|up product; returns BF16 rows (`2n` when `out_split`).
     pub fn silu_mul(
         &self,

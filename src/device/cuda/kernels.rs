@@ -22,6 +22,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("rope", "rope_qkv_store"),
     ("attention", "attention"),
     ("attention", "attention_combine"),
+    ("attention", "attention_prefill"),
     ("elementwise", "silu_mul"),
     ("elementwise", "split_sum"),
     ("elementwise", "fill_f32"),
@@ -102,6 +103,8 @@ const ATTN_THREADS: u32 = 256;
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 /// Fewest positions one split of the attention takes (kernels/attention.cu's ATTN_MIN_CHUNK).
 pub const ATTN_MIN_CHUNK: usize = 64;
+/// Queries per block of the tiled prefill attention (kernels/attention.cu's PF_QTILE).
+pub const PREFILL_QUERY_TILE: usize = 16;
 
 /// The positions split `z` of `splits` attends to, for a query at position `pos`: the in-kernel
 /// rule of kernels/attention.cu (`split_chunk`) in Rust. Chunks are whole KV blocks of at least
@@ -183,6 +186,7 @@ pub struct Kernels {
     rope: Kernel,
     attention: Kernel,
     attention_combine: Kernel,
+    attention_prefill: Kernel,
     silu_mul: Kernel,
     split_sum: Kernel,
     fill_f32: Kernel,
@@ -236,6 +240,7 @@ impl Kernels {
             rope: get("rope_qkv_store")?,
             attention: get("attention")?,
             attention_combine: get("attention_combine")?,
+            attention_prefill: get("attention_prefill")?,
             silu_mul: get("silu_mul")?,
             split_sum: get("split_sum")?,
             fill_f32: get("fill_f32")?,
@@ -450,6 +455,68 @@ impl Kernels {
         // records written by the launch above (stream-ordered before this one).
         unsafe {
             self.attention_combine
+                .launch(&self.ctx, grid, ATTN_THREADS, &args)
+        }
+    }
+
+    /// The tiled (flash-style, causal) attention of a prompt chunk: `n` query tokens (q f32 `n x
+    /// heads x hd`) of ONE sequence (every `slot[t]` equal: the caller's contract) over
+    /// positions `0..=pos[t]` of the paged cache `kv`, each key tile loaded once into shared
+    /// memory for 16 queries; outputs as [`Kernels::attention`]'s. A query's result depends only
+    /// on its position and the cache, not on the chunk it is in.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: u64,
+        kv: PagedKv,
+        pos: u64,
+        slot: u64,
+        out: u64,
+        out_split: bool,
+        out_f32: Option<u64>,
+        n: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> GpuResult<()> {
+        if head_dim == 0
+            || !head_dim.is_multiple_of(32)
+            || head_dim > ATTN_MAX_HEAD_DIM
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || heads > 65535
+        {
+            return Err(GpuError::invalid(format!(
+                "prefill attention needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
+            )));
+        }
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let args = [
+            Arg::P(q),
+            Arg::P(kv.keys),
+            Arg::P(kv.values),
+            Arg::P(kv.table),
+            Arg::I(i32_of(kv.max_blocks, "max_blocks")?),
+            Arg::P(pos),
+            Arg::P(slot),
+            Arg::P(out),
+            Arg::I(out_split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(heads, "heads")?),
+            Arg::I(i32_of(kv_heads, "kv_heads")?),
+            Arg::I(i32_of(head_dim, "head_dim")?),
+            Arg::F(scale),
+            Arg::P(out_f32.unwrap_or(0)),
+        ];
+        let grid = (
+            i32_of(n.div_ceil(PREFILL_QUERY_TILE).max(1), "query tiles")? as u32,
+            heads as u32,
+            1,
+        );
+        // SAFETY: matches attention_prefill's parameters; head_dim checked above; extents (n
+        // tokens of one slot, their cache positions reserved) the caller's.
+        unsafe {
+            self.attention_prefill
                 .launch(&self.ctx, grid, ATTN_THREADS, &args)
         }
     }
