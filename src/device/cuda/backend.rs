@@ -28,7 +28,8 @@
 //! KV block table (its entries go up when a sequence gains blocks, before the step). Below
 //! a batch that fills the GPU, the decode attention is split along the sequence
 //! (`sizing::decode_splits`, fixed per bucket). Prefill runs eagerly in chunks of at most
-//! `max_prefill_tokens`. Every buffer is allocated at construction.
+//! `max_prefill_tokens`, its attention the tiled `attention_prefill` (kernels/attention.cu).
+//! Every buffer is allocated at construction.
 
 use std::collections::HashMap;
 use std::path::Path;
