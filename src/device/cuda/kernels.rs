@@ -675,6 +675,77 @@ mod tests {
         assert_eq!(rope_blocks(0, 0, 0), 1);
     }
 
+    /// A sequential model of `attention_prefill` (kernels/attention.cu) for one query: key tiles
+    /// of 32 from position 0, the tiles past the query's position skipped, lane j's score a
+    /// sequential dot product (-inf past the position), the tile's max and sum, then p_j v_j
+    /// key by key. It must give softmax(q K^T / sqrt(d)) V within f32 rounding at every
+    /// position, partial first and last tiles included.
+    #[test]
+    fn prefill_tiles_model_equals_the_softmax() {
+        const KT: usize = 32;
+        let (d, n) = (64usize, 150usize);
+        let mut r = 0x9e3779b97f4a7c15u64;
+        let mut rand = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let q: Vec<f32> = (0..d).map(|_| 2.0 * rand()).collect();
+        let k: Vec<f32> = (0..n * d).map(|_| rand()).collect();
+        let v: Vec<f32> = (0..n * d).map(|_| rand()).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        for pos in [0usize, 1, 31, 32, 33, 63, 64, 100, 149] {
+            let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
+            let mut k0 = 0;
+            while k0 <= pos {
+                let s: Vec<f32> = (0..KT)
+                    .map(|j| {
+                        if k0 + j > pos {
+                            return f32::NEG_INFINITY;
+                        }
+                        (0..d).map(|e| q[e] * k[(k0 + j) * d + e]).sum::<f32>() * scale
+                    })
+                    .collect();
+                let mn = m.max(s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)));
+                assert!(mn.is_finite(), "key k0 is visible");
+                let p: Vec<f32> = s.iter().map(|&x| (x - mn).exp()).collect();
+                let corr = (m - mn).exp();
+                l = l * corr + p.iter().sum::<f32>();
+                for a in acc.iter_mut() {
+                    *a *= corr;
+                }
+                for j in 0..KT.min(pos + 1 - k0) {
+                    for e in 0..d {
+                        acc[e] += p[j] * v[(k0 + j) * d + e];
+                    }
+                }
+                m = mn;
+                k0 += KT;
+            }
+            let sc: Vec<f64> = (0..=pos)
+                .map(|j| {
+                    (0..d)
+                        .map(|e| q[e] as f64 * k[j * d + e] as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+            for e in 0..d {
+                let want: f64 = (0..=pos)
+                    .map(|j| (sc[j] - mx).exp() / z * v[j * d + e] as f64)
+                    .sum();
+                let got = (acc[e] / l) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(0.1),
+                    "pos {pos} e {e}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
     /// Every entry point the Rust side loads is in its family's fatbin, as PTX (`.entry name(`)
     /// and as sm_90a machine code (an ELF `.text.name` section). Needs no GPU.
     #[test]
