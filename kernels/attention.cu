@@ -1,38 +1,73 @@
-// Grouped-query attention of a set of query tokens over the KV cache, for decode (a batch of
-// sequences at different lengths) and prefill (the tokens of one prompt, causal) alike: every
-// query token carries its own (slot, position) and attends to cache positions 0..=position of its
-// slot, whose keys and values `rope_qkv_store` has already written. Rust partner:
-// src/device/cuda/kernels.rs (`attention`).
+// Grouped-query attention of a set of query tokens over the paged BF16 KV cache, for decode (a
+// batch of sequences at different lengths) and prefill (the tokens of one prompt, causal) alike:
+// every query token carries its own (slot, position) and attends to cache positions 0..=position
+// of its slot, whose keys and values `rope_qkv_store` has already written. Rust partner:
+// src/device/cuda/kernels.rs (`attention`, `attention_combine`; `split_range` there is this
+// file's range rule in Rust, tested on the CPU).
 //
-// grid: (heads, n); block: ATTN_THREADS = 256 threads (8 warps); static shared memory:
-//   8 x 256 + 16 floats (8.3 KB). head_dim must be a multiple of 32, at most 256.
-// Each warp walks positions warp, warp + 8, ... with an online softmax (running max, sum and a
-// head_dim-wide accumulator spread over its lanes, head_dim/32 elements per lane); the 8 partial
-// results are merged through shared memory at the end. Query head h reads KV head h / group.
-// q: f32 [n x heads x head_dim]; k_cache, v_cache: this layer's f32 [slots x max_ctx x kvd];
+// attention: grid (heads, n, splits); block: ATTN_THREADS = 256 threads (8 warps); static shared
+//   memory: 8 x 256 + 16 floats (8.3 KB). head_dim must be a multiple of 32, at most 256.
+// Split along the sequence: block z of `splits` takes the positions [z c, min((z + 1) c, p + 1))
+// with c = split_chunk(p + 1, splits) (a multiple of KV_BLOCK, at least ATTN_MIN_CHUNK): chosen
+// from the position in-kernel, so one captured graph serves every length. Each warp walks its
+// range's positions warp, warp + 8, ... (loading 4 of them at a time, 2 for head_dim > 128)
+// with an online softmax (running max, sum and a head_dim-wide accumulator spread over its
+// lanes, head_dim/32 elements per lane); the 8 partial results are merged through shared memory
+// at the end. With splits = 1 (prefill, and decode
+// batches that fill the GPU on their own) the block writes the output; otherwise it writes its
+// (max, sum, unnormalised accumulator) to the partials and `attention_combine` merges them.
+// Query head h reads KV head h / group.
+// Keys and values are BF16 (rounded once when stored); they are widened exactly (bf16 << 16) and
+// every product and sum is f32, as the CPU reference's.
+// q: f32 [n x heads x head_dim]; k_cache, v_cache: this layer's BF16 [blocks x KV_BLOCK x kvd];
+// table: int32 [slots x max_blocks] block table; pos, slot: int32 [n];
 // out: BF16 split [(split ? 2n : n) x heads x head_dim], the o_proj GEMM's input;
-// out_f32: f32 [n x heads x head_dim], the same unrounded, or null (the fused GEMV's input).
+// out_f32: f32 [n x heads x head_dim], the same unrounded, or null (the fused GEMV's input);
+// part_ml: f32 [n x heads x splits x 2] (max, sum); part_acc: f32 [n x heads x splits x head_dim]
+//   (only with splits > 1).
 #include "common.cuh"
 
 #define ATTN_WARPS 8
 #define ATTN_MAX_HEAD_DIM 256
+// Fewest positions a split takes (shorter ranges leave later splits empty instead).
+#define ATTN_MIN_CHUNK 64
+
+// Positions per split for a sequence of `len` positions in `splits` splits.
+UW_DEVICE int split_chunk(int len, int splits) {
+    int c = (len + splits - 1) / splits;
+    c = c < ATTN_MIN_CHUNK ? ATTN_MIN_CHUNK : c;
+    return (c + KV_BLOCK - 1) / KV_BLOCK * KV_BLOCK;
+}
 
 template <int E>
-UW_DEVICE void attention_body(const float* __restrict__ q, const float* __restrict__ k_cache,
-                              const float* __restrict__ v_cache, const int* __restrict__ pos,
-                              const int* __restrict__ slot, uint16_t* __restrict__ out,
-                              float* __restrict__ out_f32, int split, int n, int heads, int kv_heads, int max_ctx, float scale,
+UW_DEVICE void attention_body(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
+                              const uint16_t* __restrict__ v_cache,
+                              const int* __restrict__ table, int max_blocks,
+                              const int* __restrict__ pos, const int* __restrict__ slot,
+                              uint16_t* __restrict__ out, float* __restrict__ out_f32, int split,
+                              int n, int heads, int kv_heads, float scale, int splits,
+                              float* __restrict__ part_ml, float* __restrict__ part_acc,
                               float (*sm_acc)[ATTN_MAX_HEAD_DIM], float* sm_m, float* sm_l) {
     constexpr int head_dim = 32 * E;
-    const int h = blockIdx.x, t = blockIdx.y;
+    const int h = blockIdx.x, t = blockIdx.y, z = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = heads / kv_heads;
     const size_t kvd = (size_t)kv_heads * head_dim;
-    const int p = pos[t];
+    const int p = pos[t], sl = slot[t];
+    const int chunk = splits > 1 ? split_chunk(p + 1, splits) : p + 1;
+    const int begin = z * chunk;
+    const int end = min(p + 1, begin + chunk);
+    const size_t part = ((size_t)t * heads + h) * splits + z;
+    if (begin >= end) {  // an empty split (short sequence): nothing to merge
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) part_acc[part * head_dim + d] = 0.0f;
+        if (threadIdx.x == 0) {
+            part_ml[2 * part] = -INFINITY;
+            part_ml[2 * part + 1] = 0.0f;
+        }
+        return;
+    }
     const float* qr = q + ((size_t)t * heads + h) * head_dim;
-    const size_t base = (size_t)slot[t] * max_ctx * kvd + (size_t)(h / group) * head_dim;
-    const float* kb = k_cache + base;
-    const float* vb = v_cache + base;
+    const size_t head_off = (size_t)(h / group) * head_dim;
     float qv[E], acc[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -40,26 +75,39 @@ UW_DEVICE void attention_body(const float* __restrict__ q, const float* __restri
         acc[e] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
-    for (int j = warp; j <= p; j += ATTN_WARPS) {
-        const float* kr = kb + (size_t)j * kvd;
-        const float* vr = vb + (size_t)j * kvd;
-        float kv[E], vv[E];
+    // The warp's positions are j, j + 8, ...; U of them are loaded at once (more bytes in
+    // flight per warp), then folded in one by one in that same order: the operations of a loop
+    // over single positions (the order kernels.rs's split model and the CPU test follow).
+    constexpr int U = E <= 4 ? 4 : 2;
+    for (int j0 = begin + warp; j0 < end; j0 += U * ATTN_WARPS) {
+        uint16_t kb[U][E], vb[U][E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-            kv[e] = kr[lane + 32 * e];
-            vv[e] = vr[lane + 32 * e];
+        for (int u = 0; u < U; ++u) {
+            const int j = j0 + u * ATTN_WARPS;
+            if (j < end) {
+                const size_t row = kv_row(table, max_blocks, sl, j, kvd) + head_off;
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    kb[u][e] = k_cache[row + lane + 32 * e];
+                    vb[u][e] = v_cache[row + lane + 32 * e];
+                }
+            }
         }
-        float s = 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) s += qv[e] * kv[e];
-        s = warp_sum(s) * scale;
-        const float mn = fmaxf(m, s);
-        const float corr = expf(m - mn);
-        const float pe = expf(s - mn);
-        l = l * corr + pe;
+        for (int u = 0; u < U; ++u) {
+            if (j0 + u * ATTN_WARPS >= end) break;
+            float s = 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + pe * vv[e];
-        m = mn;
+            for (int e = 0; e < E; ++e) s += qv[e] * bf16_to_f32(kb[u][e]);
+            s = warp_sum(s) * scale;
+            const float mn = fmaxf(m, s);
+            const float corr = expf(m - mn);
+            const float pe = expf(s - mn);
+            l = l * corr + pe;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] = acc[e] * corr + pe * bf16_to_f32(vb[u][e]);
+            m = mn;
+        }
     }
     if (lane == 0) {
         sm_m[warp] = m;
@@ -74,6 +122,19 @@ UW_DEVICE void attention_body(const float* __restrict__ q, const float* __restri
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < ATTN_WARPS; ++w) total += sm_l[w] * expf(sm_m[w] - mx);
+    if (splits > 1) {
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float o = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ATTN_WARPS; ++w) o += sm_acc[w][d] * expf(sm_m[w] - mx);
+            part_acc[part * head_dim + d] = o;
+        }
+        if (threadIdx.x == 0) {
+            part_ml[2 * part] = mx;
+            part_ml[2 * part + 1] = total;
+        }
+        return;
+    }
     const size_t qd = (size_t)heads * head_dim;
     uint16_t* hi = out + (size_t)t * qd + (size_t)h * head_dim;
     uint16_t* lo = split ? out + ((size_t)n + t) * qd + (size_t)h * head_dim : nullptr;
@@ -87,17 +148,19 @@ UW_DEVICE void attention_body(const float* __restrict__ q, const float* __restri
 }
 
 extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
-    attention(const float* __restrict__ q, const float* __restrict__ k_cache,
-              const float* __restrict__ v_cache, const int* __restrict__ pos,
-              const int* __restrict__ slot, uint16_t* __restrict__ out, int split, int n,
-              int heads, int kv_heads, int head_dim, int max_ctx, float scale,
-              float* __restrict__ out_f32) {
+    attention(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
+              const uint16_t* __restrict__ v_cache, const int* __restrict__ table, int max_blocks,
+              const int* __restrict__ pos, const int* __restrict__ slot,
+              uint16_t* __restrict__ out, int split, int n, int heads, int kv_heads, int head_dim,
+              float scale, float* __restrict__ out_f32, int splits, float* __restrict__ part_ml,
+              float* __restrict__ part_acc) {
     __shared__ float sm_acc[ATTN_WARPS][ATTN_MAX_HEAD_DIM];
     __shared__ float sm_m[ATTN_WARPS], sm_l[ATTN_WARPS];
 #define UW_ATTN_CASE(E)                                                                        \
     case E:                                                                                    \
-        attention_body<E>(q, k_cache, v_cache, pos, slot, out, out_f32, split, n, heads, kv_heads,      \
-                          max_ctx, scale, sm_acc, sm_m, sm_l);                                 \
+        attention_body<E>(q, k_cache, v_cache, table, max_blocks, pos, slot, out, out_f32,     \
+                          split, n, heads, kv_heads, scale, splits, part_ml, part_acc, sm_acc, \
+                          sm_m, sm_l);                                                         \
         break;
     switch (head_dim / 32) {
         UW_ATTN_CASE(1)
@@ -112,4 +175,167 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
             break;  // the host refuses other head sizes before launching
     }
 #undef UW_ATTN_CASE
+}
+
+// Merges the `splits` partial results of each (token, head) of `attention`: M = max of the
+// maxima, L = sum of sum_z * exp(max_z - M), out = (sum of acc_z * exp(max_z - M)) / L. Split 0
+// always holds position 0, so M is finite; empty splits (max -inf, sum 0) weigh 0.
+// grid: (heads, n); block: ATTN_THREADS (threads stride over head_dim).
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+    attention_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
+                      uint16_t* __restrict__ out, int split, int n, int heads, int head_dim,
+                      int splits, float* __restrict__ out_f32) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const size_t first = ((size_t)t * heads + h) * splits;
+    float mx = -INFINITY;
+    for (int z = 0; z < splits; ++z) mx = fmaxf(mx, part_ml[2 * (first + z)]);
+    float total = 0.0f;
+    for (int z = 0; z < splits; ++z)
+        total += part_ml[2 * (first + z) + 1] * expf(part_ml[2 * (first + z)] - mx);
+    const size_t qd = (size_t)heads * head_dim;
+    uint16_t* hi = out + (size_t)t * qd + (size_t)h * head_dim;
+    uint16_t* lo = split ? out + ((size_t)n + t) * qd + (size_t)h * head_dim : nullptr;
+    float* f = out_f32 ? out_f32 + (size_t)t * qd + (size_t)h * head_dim : nullptr;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int z = 0; z < splits; ++z)
+            o += part_acc[(first + z) * head_dim + d] * expf(part_ml[2 * (first + z)] - mx);
+        store_act(hi, lo, f, d, o / total);
+    }
+}
+
+// Prefill attention, tiled through shared memory (flash style, causal, CUDA cores in f32): the
+// queries of one prompt chunk, every token in the same slot (one sequence: the host's contract),
+// over the paged BF16 cache.
+// grid: (ceil(n / PF_QTILE), heads); block: ATTN_THREADS (8 warps); static shared memory:
+//   2 x PF_KTILE x (head_dim + 2) BF16 (16.5 KB at head_dim 128, 33 KB at 256).
+// Block (x, h) takes the PF_QTILE queries t0 = x PF_QTILE .. (PF_QROWS per warp) of head h. It
+// walks the key tiles [k0, k0 + PF_KTILE) of the slot from position 0 up to its last query's
+// position; each tile's keys and values (two KV blocks) are loaded once into shared memory for
+// all its queries (the per-query kernel reads them once per query). Per tile and query, lane j
+// computes the score of key k0 + j (a sequential f32 dot product over head_dim; -inf past the
+// query's position), the warp takes the tile's max and sum (online softmax), and each lane adds
+// p_j v_j to its head_dim/32 output elements, key by key. A query skips the tiles past its
+// position, so its result depends only on its position and the cache: the same whatever chunk or
+// tile it is in (chunked prefill = whole prefill, bit for bit, on the attention's part).
+// Arguments as `attention`'s (no splits).
+#define PF_QROWS 2
+#define PF_QTILE (ATTN_WARPS * PF_QROWS)
+#define PF_KTILE 32
+
+template <int E>
+UW_DEVICE void prefill_body(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
+                            const uint16_t* __restrict__ v_cache, const int* __restrict__ table,
+                            int max_blocks, const int* __restrict__ pos,
+                            const int* __restrict__ slot, uint16_t* __restrict__ out,
+                            float* __restrict__ out_f32, int split, int n, int heads,
+                            int kv_heads, float scale, uint16_t* sk, uint16_t* sv) {
+    constexpr int head_dim = 32 * E;
+    constexpr int stride = head_dim + 2;  // BF16 per shared row: lane j's words fall in bank j
+    constexpr int words = head_dim / 2;   // u32 (BF16 pairs) per row
+    const int h = blockIdx.y, t0 = blockIdx.x * PF_QTILE;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = heads / kv_heads;
+    const size_t kvd = (size_t)kv_heads * head_dim;
+    const size_t head_off = (size_t)(h / group) * head_dim;
+    const int sl = slot[t0];
+    int last = 0;
+    for (int i = 0; i < PF_QTILE && t0 + i < n; ++i) last = max(last, pos[t0 + i]);
+    int qt[PF_QROWS], pr[PF_QROWS];
+    float m[PF_QROWS], l[PF_QROWS], acc[PF_QROWS][E];
+#pragma unroll
+    for (int r = 0; r < PF_QROWS; ++r) {
+        qt[r] = t0 + warp * PF_QROWS + r;
+        pr[r] = qt[r] < n ? pos[qt[r]] : -1;  // -1: no query (past the chunk's end)
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
+    }
+    for (int k0 = 0; k0 <= last; k0 += PF_KTILE) {
+        __syncthreads();  // every warp is done with the previous tile
+        for (int i = threadIdx.x; i < PF_KTILE * words; i += blockDim.x) {
+            const int j = i / words, c = i % words, p = k0 + j;
+            uint32_t kw = 0, vw = 0;
+            if (p <= last) {
+                const size_t row = kv_row(table, max_blocks, sl, p, kvd) + head_off;
+                kw = reinterpret_cast<const uint32_t*>(k_cache + row)[c];
+                vw = reinterpret_cast<const uint32_t*>(v_cache + row)[c];
+            }
+            reinterpret_cast<uint32_t*>(sk + j * stride)[c] = kw;
+            reinterpret_cast<uint32_t*>(sv + j * stride)[c] = vw;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < PF_QROWS; ++r) {
+            if (k0 > pr[r]) continue;  // warp-uniform: no key of this tile is visible
+            const float* qr = q + ((size_t)qt[r] * heads + h) * head_dim;
+            float s = -INFINITY;
+            if (k0 + lane <= pr[r]) {
+                const uint32_t* kr = reinterpret_cast<const uint32_t*>(sk + lane * stride);
+                float dot = 0.0f;
+#pragma unroll 8
+                for (int c = 0; c < words; ++c) {
+                    const uint32_t w = kr[c];
+                    dot += qr[2 * c] * __uint_as_float(w << 16);
+                    dot += qr[2 * c + 1] * __uint_as_float(w & 0xffff0000u);
+                }
+                s = dot * scale;
+            }
+            const float mn = fmaxf(m[r], warp_max(s));  // finite: key k0 is visible
+            const float pe = expf(s - mn);
+            const float corr = expf(m[r] - mn);
+            l[r] = l[r] * corr + warp_sum(pe);
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][e] *= corr;
+            for (int j = 0; j < PF_KTILE; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, pe, j);
+                if (k0 + j > pr[r]) break;  // warp-uniform
+                const uint16_t* vr = sv + j * stride;
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[r][e] += pj * bf16_to_f32(vr[lane + 32 * e]);
+            }
+            m[r] = mn;
+        }
+    }
+    const size_t qd = (size_t)heads * head_dim;
+#pragma unroll
+    for (int r = 0; r < PF_QROWS; ++r) {
+        if (pr[r] < 0) continue;
+        const int t = qt[r];
+        uint16_t* hi = out + (size_t)t * qd + (size_t)h * head_dim;
+        uint16_t* lo = split ? out + ((size_t)n + t) * qd + (size_t)h * head_dim : nullptr;
+        float* f = out_f32 ? out_f32 + (size_t)t * qd + (size_t)h * head_dim : nullptr;
+#pragma unroll
+        for (int e = 0; e < E; ++e) store_act(hi, lo, f, lane + 32 * e, acc[r][e] / l[r]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+    attention_prefill(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
+                      const uint16_t* __restrict__ v_cache, const int* __restrict__ table,
+                      int max_blocks, const int* __restrict__ pos, const int* __restrict__ slot,
+                      uint16_t* __restrict__ out, int split, int n, int heads, int kv_heads,
+                      int head_dim, float scale, float* __restrict__ out_f32) {
+    // Sized for the largest head; 4-byte aligned rows (stride even).
+    __shared__ __align__(16) uint16_t sk[PF_KTILE * (ATTN_MAX_HEAD_DIM + 2)];
+    __shared__ __align__(16) uint16_t sv[PF_KTILE * (ATTN_MAX_HEAD_DIM + 2)];
+#define UW_PF_CASE(E)                                                                          \
+    case E:                                                                                    \
+        prefill_body<E>(q, k_cache, v_cache, table, max_blocks, pos, slot, out, out_f32,       \
+                        split, n, heads, kv_heads, scale, sk, sv);                             \
+        break;
+    switch (head_dim / 32) {
+        UW_PF_CASE(1)
+        UW_PF_CASE(2)
+        UW_PF_CASE(3)
+        UW_PF_CASE(4)
+        UW_PF_CASE(5)
+        UW_PF_CASE(6)
+        UW_PF_CASE(7)
+        UW_PF_CASE(8)
+        default:
+            break;  // the host refuses other head sizes before launching
+    }
+#undef UW_PF_CASE
 }

@@ -12,6 +12,17 @@
 
 #define UW_DEVICE __device__ __forceinline__
 
+// Positions per block of the paged KV cache (src/device/cuda/kv.rs BLOCK_TOKENS, the CPU's too).
+#define KV_BLOCK 16
+
+// Element offset of position p's row in a layer's paged keys or values, `[block][KV_BLOCK][kvd]`:
+// the block is entry p / KV_BLOCK of the slot's row of the block table `[slots][max_blocks]`.
+UW_DEVICE size_t kv_row(const int* __restrict__ table, int max_blocks, int slot, int p,
+                        size_t kvd) {
+    const int b = table[(size_t)slot * max_blocks + p / KV_BLOCK];
+    return ((size_t)b * KV_BLOCK + p % KV_BLOCK) * kvd;
+}
+
 // BF16 bits -> f32 (exact).
 UW_DEVICE float bf16_to_f32(uint16_t b) { return __uint_as_float(((uint32_t)b) << 16); }
 

@@ -9,7 +9,10 @@
 // cos, sin: f32 [max_ctx x head_dim/2], the host's table (angles pos * inv_freq computed in f64 on
 //   the host, Llama 3 scaling included, exactly as the CPU reference) (device).
 // pos, slot: int32 [n] position and KV slot of each token (device).
-// q_out: f32 [n x qd]; k_cache, v_cache: this layer's f32 [slots x max_ctx x kvd] (device).
+// table: int32 [slots x max_blocks] block table of the paged cache (src/device/cuda/kv.rs).
+// q_out: f32 [n x qd]; k_cache, v_cache: this layer's BF16 [blocks x KV_BLOCK x kvd] (device).
+// k (after RoPE) and v are computed in f32, then stored rounded to BF16, round to nearest even
+// (f32_to_bf16: bit for bit __float2bfloat16_rn on every non-NaN value, and the CPU's helper).
 // Pairing: Hugging Face rotate_half, element i with i + head_dim/2 inside each head.
 #include "common.cuh"
 
@@ -17,9 +20,11 @@ extern "C" __global__ void rope_qkv_store(const float* __restrict__ qkv, int spl
                                           const float* __restrict__ cos_t,
                                           const float* __restrict__ sin_t,
                                           const int* __restrict__ pos, const int* __restrict__ slot,
-                                          float* __restrict__ q_out, float* __restrict__ k_cache,
-                                          float* __restrict__ v_cache, int heads, int kv_heads,
-                                          int head_dim, int max_ctx) {
+                                          const int* __restrict__ table, int max_blocks,
+                                          float* __restrict__ q_out,
+                                          uint16_t* __restrict__ k_cache,
+                                          uint16_t* __restrict__ v_cache, int heads, int kv_heads,
+                                          int head_dim) {
     const int t = blockIdx.x;
     const int half = head_dim / 2;
     const size_t qd = (size_t)heads * head_dim, kvd = (size_t)kv_heads * head_dim;
@@ -27,7 +32,7 @@ extern "C" __global__ void rope_qkv_store(const float* __restrict__ qkv, int spl
     const int p = pos[t];
     const float* c = cos_t + (size_t)p * half;
     const float* s = sin_t + (size_t)p * half;
-    const size_t cache_row = ((size_t)slot[t] * max_ctx + p) * kvd;
+    const size_t cache_row = kv_row(table, max_blocks, slot[t], p, kvd);
     const int pairs = (heads + kv_heads) * half;
     const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = gridDim.y * blockDim.x;
     for (int i = first; i < pairs; i += stride) {
@@ -42,10 +47,10 @@ extern "C" __global__ void rope_qkv_store(const float* __restrict__ qkv, int spl
             q_out[(size_t)t * qd + col + half] = b;
         } else {
             const size_t kc = col - qd;
-            k_cache[cache_row + kc] = a;
-            k_cache[cache_row + kc + half] = b;
+            k_cache[cache_row + kc] = f32_to_bf16(a);
+            k_cache[cache_row + kc + half] = f32_to_bf16(b);
         }
     }
     for (size_t i = first; i < kvd; i += stride)
-        v_cache[cache_row + i] = load_split(qkv, split, n, t, cols, qd + kvd + i);
+        v_cache[cache_row + i] = f32_to_bf16(load_split(qkv, split, n, t, cols, qd + kvd + i));
 }

@@ -226,6 +226,24 @@ fn rope_tables(cfg: &LlamaConfig, max_ctx: usize) -> (Vec<f32>, Vec<f32>) {
     (c, s)
 }
 
+/// Positions per block of the paged KV cache.
+const KV_BLOCK: usize = 16;
+
+/// A block table for `slots` slots of `max_blocks` entries whose blocks are `0..slots *
+/// max_blocks` in a scrambled order (so a kernel that ignored the table would read the wrong
+/// rows).
+fn scrambled_table(slots: usize, max_blocks: usize) -> Vec<i32> {
+    let n = slots * max_blocks;
+    // 7 is coprime with every n the tests use that is not a multiple of 7.
+    assert!(!n.is_multiple_of(7));
+    (0..n).map(|i| ((i * 7 + 3) % n) as i32).collect()
+}
+
+/// Element offset of (slot, position) in a paged pool `[block][KV_BLOCK][kvd]`.
+fn paged_row(table: &[i32], max_blocks: usize, slot: usize, p: usize, kvd: usize) -> usize {
+    (table[slot * max_blocks + p / KV_BLOCK] as usize * KV_BLOCK + p % KV_BLOCK) * kvd
+}
+
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_rope_rotates_and_stores_the_cache() {
@@ -242,14 +260,18 @@ fn kernel_rope_rotates_and_stores_the_cache() {
     )
     .unwrap();
     let (heads, kvh, hd) = (4, 2, cfg.head_dim);
-    let (slots, max_ctx) = (3, 40);
+    let (slots, max_ctx) = (3, 40usize);
+    let max_blocks = max_ctx.div_ceil(KV_BLOCK);
+    let table = scrambled_table(slots, max_blocks);
+    let pool = slots * max_blocks + 1; // and one block nobody's table names
     let (c, s) = rope_tables(&cfg, max_ctx);
     let (qd, kvd) = (heads * hd, kvh * hd);
     let cols = qd + 2 * kvd;
     for split in [false, true] {
         let n = 4;
         let qkv = rand_f32(&mut r, if split { 2 * n } else { n } * cols, 1.0);
-        let pos = [0i32, 39, 7, 8];
+        // Positions 15 and 16 of one slot: the last row of one block and the first of the next.
+        let pos = [0i32, 39, 15, 16];
         let slot = [2i32, 0, 1, 1];
         let (q, kc, vc) = h
             .rope_qkv_store(
@@ -261,7 +283,7 @@ fn kernel_rope_rotates_and_stores_the_cache() {
                 &pos,
                 &slot,
                 (heads, kvh, hd),
-                (slots, max_ctx),
+                (&table, max_blocks, pool),
             )
             .unwrap();
         let val = |t: usize, col: usize| {
@@ -271,39 +293,60 @@ fn kernel_rope_rotates_and_stores_the_cache() {
             }
             v
         };
+        // v as the kernel sums it (f32), then rounded once: bit-exact.
+        let val32 = |t: usize, col: usize| {
+            let mut v = qkv[t * cols + col];
+            if split {
+                v += qkv[(n + t) * cols + col];
+            }
+            v
+        };
         let half = hd / 2;
-        let mut touched = vec![false; slots * max_ctx];
+        let mut touched = vec![false; pool * KV_BLOCK];
         for t in 0..n {
             let p = pos[t] as usize;
-            let row = (slot[t] as usize * max_ctx + p) * kvd;
-            touched[slot[t] as usize * max_ctx + p] = true;
+            let row = paged_row(&table, max_blocks, slot[t] as usize, p, kvd);
+            touched[row / kvd] = true;
             for head in 0..heads + kvh {
                 for j in 0..half {
                     let col = head * hd + j;
                     let (x1, x2) = (val(t, col), val(t, col + half));
                     let (cs, sn) = (c[p * half + j] as f64, s[p * half + j] as f64);
                     let (a, b) = (x1 * cs - x2 * sn, x2 * cs + x1 * sn);
-                    let (ga, gb) = if head < heads {
-                        (q[t * qd + col] as f64, q[t * qd + col + half] as f64)
+                    if head < heads {
+                        let (ga, gb) = (q[t * qd + col] as f64, q[t * qd + col + half] as f64);
+                        assert!(
+                            (ga - a).abs() < 1e-5 && (gb - b).abs() < 1e-5,
+                            "split {split} t {t} head {head} j {j}"
+                        );
                     } else {
+                        // Keys are stored as BF16: within half a BF16 step of the f32 value
+                        // (at most 2^-8 relative) plus the f32 rotation's own rounding.
                         let kcol = col - qd;
-                        (kc[row + kcol] as f64, kc[row + kcol + half] as f64)
-                    };
-                    assert!(
-                        (ga - a).abs() < 1e-5 && (gb - b).abs() < 1e-5,
-                        "split {split} t {t} head {head} j {j}"
-                    );
+                        let ga = bf16_to_f32(kc[row + kcol]) as f64;
+                        let gb = bf16_to_f32(kc[row + kcol + half]) as f64;
+                        for (g, w) in [(ga, a), (gb, b)] {
+                            assert!(
+                                (g - w).abs() <= w.abs() / 256.0 + 1e-6,
+                                "split {split} t {t} head {head} j {j}: key {g} vs {w}"
+                            );
+                        }
+                    }
                 }
             }
             for i in 0..kvd {
-                assert!((vc[row + i] as f64 - val(t, qd + kvd + i)).abs() < 1e-6);
+                assert_eq!(
+                    vc[row + i],
+                    f32_to_bf16(val32(t, qd + kvd + i)),
+                    "split {split} t {t} value {i}"
+                );
             }
         }
         // Untouched cache rows keep their poison.
         for (cell, &tch) in touched.iter().enumerate() {
             if !tch {
                 assert!(
-                    kc[cell * kvd].is_nan() && vc[cell * kvd + kvd - 1].is_nan(),
+                    kc[cell * kvd] == 0xFFFF && vc[cell * kvd + kvd - 1] == 0xFFFF,
                     "row {cell} written"
                 );
             }
@@ -313,43 +356,131 @@ fn kernel_rope_rotates_and_stores_the_cache() {
 
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
-fn kernel_attention_gqa_at_different_lengths() {
+fn kernel_attention_gqa_paged_split_and_unsplit() {
     require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(4);
     for hd in [64usize, 128] {
-        let (heads, kvh, slots, max_ctx) = (6, 2, 3, 300);
+        let (heads, kvh, slots, max_ctx) = (6, 2, 3, 300usize);
         let kvd = kvh * hd;
-        let kc = rand_f32(&mut r, slots * max_ctx * kvd, 1.0);
-        let vc = rand_f32(&mut r, slots * max_ctx * kvd, 1.0);
-        // Lengths from 1 to 300 (more positions than warps, fewer, and exactly one).
-        let pos = [0i32, 5, 299, 8, 130];
+        let max_blocks = max_ctx.div_ceil(KV_BLOCK);
+        let table = scrambled_table(slots, max_blocks);
+        let pool = slots * max_blocks;
+        let bf = |v: Vec<f32>| v.into_iter().map(f32_to_bf16).collect::<Vec<u16>>();
+        let kc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+        let vc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+        // Lengths from 1 to 300 (more positions than warps, fewer, exactly one, one block and a
+        // bit): with 16 splits the short ones leave most splits empty.
+        let pos = [0i32, 5, 299, 16, 130];
         let slot = [1i32, 0, 2, 1, 0];
         let n = pos.len();
         let q = rand_f32(&mut r, n * heads * hd, 1.0);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for splits in [1usize, 2, 5, 16] {
+            for out_split in [true, false] {
+                let out = h
+                    .attention(
+                        &q,
+                        (&kc, &vc),
+                        (&table, max_blocks),
+                        &pos,
+                        &slot,
+                        (heads, kvh, hd),
+                        out_split,
+                        splits,
+                    )
+                    .unwrap();
+                for t in 0..n {
+                    for head in 0..heads {
+                        let g = head / (heads / kvh);
+                        let at = |j: usize, d: usize| {
+                            paged_row(&table, max_blocks, slot[t] as usize, j, kvd) + g * hd + d
+                        };
+                        let qa = &q[(t * heads + head) * hd..][..hd];
+                        let sc: Vec<f64> = (0..=pos[t] as usize)
+                            .map(|j| {
+                                (0..hd)
+                                    .map(|d| qa[d] as f64 * bf16_to_f32(kc[at(j, d)]) as f64)
+                                    .sum::<f64>()
+                                    * scale
+                            })
+                            .collect();
+                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+                        for d in 0..hd {
+                            let want: f64 = sc
+                                .iter()
+                                .enumerate()
+                                .map(|(j, s)| (s - m).exp() / z * bf16_to_f32(vc[at(j, d)]) as f64)
+                                .sum();
+                            let got = split_value(&out, n, t, heads * hd, head * hd + d, out_split)
+                                as f64;
+                            let tol = if out_split {
+                                1e-5
+                            } else {
+                                8e-3 * want.abs() + 1e-5
+                            };
+                            assert!(
+                                (got - want).abs() <= tol,
+                                "hd {hd} splits {splits} t {t} head {head} d {d}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The tiled prefill attention: a chunk of one sequence's queries at consecutive positions
+/// (after earlier cached positions), against f64 over the widened BF16 cache; the same queries in
+/// other chunks give the same bits (a query depends only on its position), and the per-query
+/// kernel agrees within f32 rounding.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
+    require_gpu();
+    let h = KernelHarness::new().unwrap();
+    let mut r = rng(5);
+    for hd in [64usize, 96, 128] {
+        let (heads, kvh, slots, max_ctx) = (6, 2, 2, 200usize);
+        let kvd = kvh * hd;
+        let max_blocks = max_ctx.div_ceil(KV_BLOCK);
+        let table = scrambled_table(slots, max_blocks);
+        let pool = slots * max_blocks;
+        let bf = |v: Vec<f32>| v.into_iter().map(f32_to_bf16).collect::<Vec<u16>>();
+        let kc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+        let vc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+        // 53 queries at positions 37..90 of slot 1: several query tiles (16), the last one
+        // partial, key tiles (32) partly visible.
+        let (p0, n) = (37usize, 53usize);
+        let pos: Vec<i32> = (p0..p0 + n).map(|p| p as i32).collect();
+        let slot = vec![1i32; n];
+        let q = rand_f32(&mut r, n * heads * hd, 1.0);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let dims = (heads, kvh, hd);
         for out_split in [true, false] {
             let out = h
-                .attention(
+                .attention_prefill(
                     &q,
-                    &kc,
-                    &vc,
+                    (&kc, &vc),
+                    (&table, max_blocks),
                     &pos,
                     &slot,
-                    (heads, kvh, hd),
-                    max_ctx,
+                    dims,
                     out_split,
                 )
                 .unwrap();
-            let scale = 1.0 / (hd as f64).sqrt();
             for t in 0..n {
                 for head in 0..heads {
                     let g = head / (heads / kvh);
-                    let base = slot[t] as usize * max_ctx * kvd + g * hd;
+                    let at =
+                        |j: usize, d: usize| paged_row(&table, max_blocks, 1, j, kvd) + g * hd + d;
                     let qa = &q[(t * heads + head) * hd..][..hd];
                     let sc: Vec<f64> = (0..=pos[t] as usize)
                         .map(|j| {
                             (0..hd)
-                                .map(|d| qa[d] as f64 * kc[base + j * kvd + d] as f64)
+                                .map(|d| qa[d] as f64 * bf16_to_f32(kc[at(j, d)]) as f64)
                                 .sum::<f64>()
                                 * scale
                         })
@@ -360,7 +491,7 @@ fn kernel_attention_gqa_at_different_lengths() {
                         let want: f64 = sc
                             .iter()
                             .enumerate()
-                            .map(|(j, s)| (s - m).exp() / z * vc[base + j * kvd + d] as f64)
+                            .map(|(j, s)| (s - m).exp() / z * bf16_to_f32(vc[at(j, d)]) as f64)
                             .sum();
                         let got =
                             split_value(&out, n, t, heads * hd, head * hd + d, out_split) as f64;
@@ -373,6 +504,35 @@ fn kernel_attention_gqa_at_different_lengths() {
                             (got - want).abs() <= tol,
                             "hd {hd} t {t} head {head} d {d}: {got} vs {want}"
                         );
+                    }
+                }
+            }
+            // The same queries split into chunks of 7 give the same bits.
+            let w = heads * hd;
+            for c0 in (0..n).step_by(7) {
+                let c1 = (c0 + 7).min(n);
+                let part = h
+                    .attention_prefill(
+                        &q[c0 * w..c1 * w],
+                        (&kc, &vc),
+                        (&table, max_blocks),
+                        &pos[c0..c1],
+                        &slot[c0..c1],
+                        dims,
+                        out_split,
+                    )
+                    .unwrap();
+                let m = c1 - c0;
+                for t in 0..m {
+                    for i in 0..w {
+                        assert_eq!(
+                            part[t * w + i],
+                            out[(c0 + t) * w + i],
+                            "hd {hd} chunk at {c0}: token {t} element {i}"
+                        );
+                        if out_split {
+                            assert_eq!(part[(m + t) * w + i], out[(n + c0 + t) * w + i]);
+                        }
                     }
                 }
             }
@@ -738,6 +898,150 @@ fn engine_refuses_what_does_not_fit() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("KV budget"), "{err}");
+}
+
+/// The paged cache on the device: capacity in blocks actually held, `KvFull` all or nothing
+/// (prefill and decode) with nothing changed, blocks returned on free and reused by another
+/// sequence without disturbing the live ones (their logits still match the CPU's).
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn engine_paged_cache_counts_blocks_and_refuses_when_full() {
+    require_gpu();
+    let dir = synth("tiny", 14);
+    let mut cpu = cpu_backend(&model(&dir));
+    let cfg = LlamaConfig::from_dir(&model(&dir)).unwrap();
+    // Six blocks of 16 tokens, the padding block and the block table (5 slots of 4 entries).
+    let block = 2 * cfg.num_hidden_layers * KV_BLOCK * cfg.kv_dim() * 2;
+    let mut g = gpu_backend(
+        &model(&dir),
+        CudaOptions {
+            max_sequences: 4,
+            max_context: Some(64),
+            kv_budget_bytes: Some(7 * block + 4 * 5 * 4),
+            plan: PlanSource::Compressed,
+            ..CudaOptions::default()
+        },
+    );
+    let u = g.kv_usage();
+    assert_eq!((u.block_tokens, u.total_blocks, u.free_blocks), (16, 6, 6));
+    assert_eq!(g.kv_full_context_sequences(), 1);
+    let prompt = |k: u32| (0..40).map(|j| (j * 13 + k) % 1024).collect::<Vec<u32>>();
+    let (a, b, c) = (
+        g.new_sequence().unwrap(),
+        g.new_sequence().unwrap(),
+        g.new_sequence().unwrap(),
+    );
+    let ca = cpu.new_sequence().unwrap();
+    let la = g.prefill(a, &prompt(1)).unwrap();
+    assert!(rel(&la, &cpu.prefill(ca, &prompt(1)).unwrap()) < 1e-4);
+    g.prefill(b, &prompt(2)).unwrap();
+    let u = g.kv_usage();
+    assert_eq!((u.used_blocks(), u.used_tokens, u.sequences), (6, 80, 3));
+    // A third prompt needs a block that is not free: refused, nothing changed.
+    assert!(matches!(
+        g.prefill(c, &[1]),
+        Err(DeviceError::KvFull {
+            need: 1,
+            free: 0,
+            ..
+        })
+    ));
+    assert_eq!((g.sequence_len(c).unwrap(), g.kv_usage()), (0, u));
+    // a and b grow to 48 tokens inside their third blocks, then both need a fourth: the batch
+    // is refused as a whole, and neither holds more than before.
+    // a is decoded on the CPU too, fed the same tokens, and compared at every step.
+    let mut next = (3u32, 4u32);
+    for p in 40..48 {
+        let l = g
+            .decode(&[
+                DecodeItem {
+                    seq: a,
+                    token: next.0,
+                    pos: p,
+                },
+                DecodeItem {
+                    seq: b,
+                    token: next.1,
+                    pos: p,
+                },
+            ])
+            .unwrap();
+        let lc = cpu
+            .decode(&[DecodeItem {
+                seq: ca,
+                token: next.0,
+                pos: p,
+            }])
+            .unwrap();
+        let e = rel(l.row(0), lc.row(0));
+        assert!(e < 1e-4, "position {p}: {e}");
+        next = (argmax(l.row(0)), argmax(l.row(1)));
+    }
+    let before = g.kv_usage();
+    assert_eq!(before.used_tokens, 96);
+    let both = [
+        DecodeItem {
+            seq: b,
+            token: next.1,
+            pos: 48,
+        },
+        DecodeItem {
+            seq: a,
+            token: next.0,
+            pos: 48,
+        },
+    ];
+    assert!(matches!(g.decode(&both), Err(DeviceError::KvFull { .. })));
+    assert_eq!(g.kv_usage(), before);
+    assert_eq!(
+        (g.sequence_len(a).unwrap(), g.sequence_len(b).unwrap()),
+        (48, 48)
+    );
+    // b ends: its three blocks come back; a new sequence takes two of them, and a goes on into
+    // the last free block, reading its own: its logits still match the CPU's.
+    g.free_sequence(b);
+    assert_eq!(g.kv_usage().free_blocks, 3);
+    let d = g.new_sequence().unwrap();
+    g.prefill(d, &prompt(3)[..20]).unwrap();
+    assert_eq!(g.kv_usage().free_blocks, 1);
+    // a's next block is free, c's first is not: the batch is refused as a whole, and the block
+    // a took first is given back.
+    let before = g.kv_usage();
+    let both = [
+        DecodeItem {
+            seq: a,
+            token: next.0,
+            pos: 48,
+        },
+        DecodeItem {
+            seq: c,
+            token: 1,
+            pos: 0,
+        },
+    ];
+    assert!(matches!(g.decode(&both), Err(DeviceError::KvFull { .. })));
+    assert_eq!(g.kv_usage(), before);
+    let l = g
+        .decode(&[DecodeItem {
+            seq: a,
+            token: next.0,
+            pos: 48,
+        }])
+        .unwrap();
+    let lc = cpu
+        .decode(&[DecodeItem {
+            seq: ca,
+            token: next.0,
+            pos: 48,
+        }])
+        .unwrap();
+    let e = rel(l.row(0), lc.row(0));
+    assert!(e < 1e-4, "after block reuse: {e}");
+    assert_eq!(g.kv_usage().free_blocks, 0);
+    g.free_sequence(c);
+    g.free_sequence(d);
+    g.free_sequence(a);
+    assert_eq!(g.kv_usage().free_blocks, 6);
 }
 
 #[test]

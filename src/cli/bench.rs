@@ -52,6 +52,9 @@ pub enum BenchCommand {
     /// Every product strategy (fused GEMV, chunked decode + cuBLAS, tensor cores) on tbe3 vs
     /// cuBLAS on BF16, Llama-3.1-8B shapes (GPU).
     Kernels(super::bench_kernels::KernelsArgs),
+    /// The decode attention over the paged BF16 KV cache, split along the sequence (the
+    /// engine's rule) and unsplit, at several contexts and batches (GPU).
+    Attention(super::bench_attention::AttentionArgs),
     /// The CPU side of a GPU load (every step but the upload): streamed tensor by tensor, or the
     /// whole model decoded first; wall time and peak RSS. No GPU needed.
     Load(super::bench_load::LoadArgs),
@@ -77,6 +80,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Decode(args) => super::bench_decode::run(*args),
         BenchCommand::Kernels(args) => super::bench_kernels::run(&args),
         BenchCommand::Load(args) => super::bench_load::run(&args),
+        BenchCommand::Attention(args) => super::bench_attention::run(&args),
     }
 }
 

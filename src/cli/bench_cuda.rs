@@ -274,16 +274,16 @@ pub fn run(a: &DecodeArgs) -> Result<()> {
         let mut backend = source.build(&opts)?;
         let load_s = t.elapsed().as_secs_f64();
         let kv = backend.kv_capacity();
+        let full = backend.kv_full_context_sequences();
         println!(
             "{name}: KV cache left after the weights: {:.2} GiB, {} sequences of {} positions",
             backend.kv_bytes() as f64 / (1u64 << 30) as f64,
-            kv.max_sequences,
+            full,
             kv.max_context
         );
-        if a.check_twin && name == "compressed" && kv.max_sequences < max_batch {
+        if a.check_twin && name == "compressed" && full < max_batch {
             bail!(
-                "--check-twin needs the largest batch {max_batch}, but the KV cache holds {} sequences",
-                kv.max_sequences
+                "--check-twin needs the largest batch {max_batch}, but the KV cache holds {full} sequences"
             );
         }
         let label = match (name.as_str(), &table) {
@@ -443,7 +443,7 @@ fn measure_plan(
     let mut verdicts = Vec::new();
     let mut sampler_problems = Vec::new();
     let mut sampled = Vec::new();
-    let fit = backend.kv_capacity().max_sequences;
+    let fit = backend.kv_full_context_sequences();
     for &batch in &a.batch {
         if batch > fit {
             // A model that leaves little memory (BF16 Llama-3.1-70B on one GPU) runs the batch

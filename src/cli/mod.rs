@@ -2,6 +2,7 @@
 //! itself lives in the library layers ([`crate::container`], [`crate::model`], [`crate::codec`]).
 
 mod bench;
+mod bench_attention;
 mod bench_burst;
 mod bench_cli;
 mod bench_cuda;

@@ -16,15 +16,20 @@
 //! then the final norm, `lm_head` on the rows whose logits are wanted, and the f32 logits copied
 //! to pinned host memory; or, for a batch whose rows all want their greedy token
 //! (`Backend::decode_argmax`), the argmax of each row on the device (kernels/argmax.cu) and only
-//! the ids copied back. The residual stream and the KV cache are f32, as on the CPU. GEMM
+//! the ids copied back. The residual stream is f32, as on the CPU; the KV cache is paged BF16
+//! (`super::kv`: keys and values computed in f32, rounded once when stored, as on the CPU). GEMM
 //! inputs are BF16; with `split_activations` (the default) each activation row goes in as two
 //! BF16 rows whose sum is the f32 value to 2^-17 (kernels/common.cuh), so cuBLAS's products match
 //! the CPU's f32-activation products to ~1e-5 while reading every weight once.
 //!
 //! A decode step is padded to a batch-size bucket (powers of two up to `max_sequences`) and runs
 //! as that bucket's CUDA graph (the bucket's first step runs eagerly, then is captured); per-step
-//! inputs (tokens, positions, slots) live in fixed device buffers the graph reads. Prefill runs eagerly in chunks of at most
-//! `max_prefill_tokens`. Every buffer is allocated at construction.
+//! inputs (tokens, positions, slots) live in fixed device buffers the graph reads, and so does the
+//! KV block table (its entries go up when a sequence gains blocks, before the step). Below
+//! a batch that fills the GPU, the decode attention is split along the sequence
+//! (`sizing::decode_splits`, fixed per bucket). Prefill runs eagerly in chunks of at most
+//! `max_prefill_tokens`, its attention the tiled `attention_prefill` (kernels/attention.cu).
+//! Every buffer is allocated at construction.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -34,14 +39,14 @@ use std::time::Instant;
 use super::driver::{
     Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, PinnedBuf, Staging,
 };
-use super::kernels::{Kernels, Product, ATTN_MAX_HEAD_DIM};
-use super::kv::KvCache;
+use super::kernels::{AttnSplit, Kernels, PagedKv, Product, ATTN_MAX_HEAD_DIM};
+use super::kv::{self as paged, KvCache};
 use super::linear::{Form, Input, Linear, Products};
 use super::options::{resolve_plan, CudaOptions, PlanSource};
 use super::persist::weights_identity;
 use super::plan::{Plan, Role, RoleShapes, Storage};
 use super::sample;
-use super::sizing::{decode_buckets, decode_inputs, kv_plan, pick_bucket};
+use super::sizing::{decode_buckets, decode_inputs, decode_splits, kv_plan, pick_bucket};
 pub use super::sizing::{role_shapes, WorkBuffers};
 use super::stream::stream_weights_persisted;
 use super::tbe3::{multiprocessors, Tbe3Kernels};
@@ -110,6 +115,9 @@ struct Bufs {
     ids: DevBuf,
     /// The device sampler's per-row records (its edits go into `logits_raw`).
     sample_rows: DevBuf,
+    /// The split decode attention's partials: (max, sum) and accumulators.
+    attn_ml: DevBuf,
+    attn_acc: DevBuf,
     cos: DevBuf,
     sin: DevBuf,
 }
@@ -591,6 +599,8 @@ impl CudaBackend {
             logits: buf(wb.logits)?,
             ids: buf(wb.ids)?,
             sample_rows: buf(wb.sample_rows)?,
+            attn_ml: buf(wb.attn_ml)?,
+            attn_acc: buf(wb.attn_acc)?,
             cos: DevBuf::from_host(&ctx, &cos)?,
             sin: DevBuf::from_host(&ctx, &sin)?,
         };
@@ -599,18 +609,27 @@ impl CudaBackend {
         // The KV cache from what is left.
         let (free, _) = ctx.mem_info()?;
         let reserve = 512usize << 20; // graphs, cuBLAS internals, fragmentation
-        let slot_bytes = KvCache::slot_bytes(cfg.num_hidden_layers, kvd, max_context);
-        let (_, max_sequences) = kv_plan(
+        let max_sequences = opts.max_sequences;
+        let table_bytes = 4 * (max_sequences + 1) * paged::blocks_for(max_context);
+        let (_, total_blocks) = kv_plan(
             free,
             reserve,
             opts.kv_budget_bytes,
             opts.kv_fraction,
-            slot_bytes,
-            opts.max_sequences,
+            paged::block_bytes(cfg.num_hidden_layers, kvd),
+            table_bytes,
+            max_sequences,
             max_context,
         )
         .map_err(DeviceError::Invalid)?;
-        let kv = KvCache::new(&ctx, cfg.num_hidden_layers, kvd, max_sequences, max_context)?;
+        let kv = KvCache::new(
+            &ctx,
+            cfg.num_hidden_layers,
+            kvd,
+            total_blocks,
+            max_sequences,
+            max_context,
+        )?;
         let buckets = decode_buckets(max_sequences);
         let step_events = (Event::new(&ctx)?, Event::new(&ctx)?);
         let choice_events = (Event::new(&ctx)?, Event::new(&ctx)?);
@@ -673,7 +692,7 @@ impl CudaBackend {
             + 4 * c.hidden_size * (2 * c.num_hidden_layers + 1)
     }
 
-    /// Bytes of the KV-cache slab.
+    /// Bytes of the KV cache: its block pool (the padding block included) and block table.
     pub fn kv_bytes(&self) -> usize {
         self.kv.bytes()
     }
@@ -681,7 +700,14 @@ impl CudaBackend {
     /// KV-cache bytes one cached position holds over all layers (keys and values, in the
     /// cache's own element type): what attention reads per position per step.
     pub fn kv_bytes_per_position(&self) -> usize {
-        KvCache::slot_bytes(self.cfg.num_hidden_layers, self.cfg.kv_dim(), 1)
+        paged::block_bytes(self.cfg.num_hidden_layers, self.cfg.kv_dim()) / paged::BLOCK_TOKENS
+    }
+
+    /// Sequences of the full context (`max_context` tokens) the KV cache holds at once: its
+    /// blocks divided among them, at most `max_sequences`.
+    pub fn kv_full_context_sequences(&self) -> usize {
+        let per = paged::blocks_for(self.kv.max_context).max(1);
+        (self.kv.total_blocks() / per).min(self.kv.max_sequences)
     }
 
     /// The shapes of the linear layers (fused as the backend runs them).
@@ -851,7 +877,21 @@ impl CudaBackend {
             f32,
             n,
         };
-        let (b, w, k, max_ctx) = (&self.bufs, &self.weights, &self.k, self.kv.max_context);
+        let (b, w, k) = (&self.bufs, &self.weights, &self.k);
+        let paged = |l: usize| PagedKv {
+            keys: self.kv.keys(l),
+            values: self.kv.values(l),
+            table: self.kv.table(),
+            max_blocks: self.kv.max_blocks(),
+        };
+        // Decode batches too small to fill the GPU split each row's attention along its
+        // sequence (fixed per bucket: the graph bakes it in); prefill chunks take the tiled
+        // kernel instead.
+        let split = AttnSplit {
+            splits: decode_splits(n, heads, self.sms, self.kv.max_context),
+            part_ml: b.attn_ml.ptr(),
+            part_acc: b.attn_acc.ptr(),
+        };
         match &w.embed.form {
             Form::Raw(t) => k.embed(t.ptr(), b.tokens.ptr(), b.x.ptr(), n, h)?,
             // SAFETY: tokens holds n ids checked < vocab, x holds cap rows of h f32.
@@ -884,28 +924,43 @@ impl CudaBackend {
                 b.pos.ptr(),
                 b.slot.ptr(),
                 b.q.ptr(),
-                self.kv.keys(l),
-                self.kv.values(l),
+                paged(l),
                 heads,
                 kvh,
                 hd,
-                max_ctx,
             )?;
-            k.attention(
-                b.q.ptr(),
-                self.kv.keys(l),
-                self.kv.values(l),
-                b.pos.ptr(),
-                b.slot.ptr(),
-                b.ab.ptr(),
-                s,
-                Some(b.af.ptr()),
-                n,
-                heads,
-                kvh,
-                hd,
-                max_ctx,
-            )?;
+            if want == Want::All {
+                k.attention(
+                    b.q.ptr(),
+                    paged(l),
+                    b.pos.ptr(),
+                    b.slot.ptr(),
+                    b.ab.ptr(),
+                    s,
+                    Some(b.af.ptr()),
+                    n,
+                    heads,
+                    kvh,
+                    hd,
+                    split,
+                )?;
+            } else {
+                // A prompt chunk: one sequence, so the tiled kernel shares each key tile among
+                // its queries.
+                k.attention_prefill(
+                    b.q.ptr(),
+                    paged(l),
+                    b.pos.ptr(),
+                    b.slot.ptr(),
+                    b.ab.ptr(),
+                    s,
+                    Some(b.af.ptr()),
+                    n,
+                    heads,
+                    kvh,
+                    hd,
+                )?;
+            }
             let o = self.product(Role::O, &lw.o, input(b.ab.ptr(), b.af.ptr(), qd), b.y.ptr())?;
             k.rmsnorm_residual(
                 b.x.ptr(),
@@ -1093,7 +1148,7 @@ impl CudaBackend {
             let n = chunk.len();
             let toks: Vec<i32> = chunk.iter().map(|&t| t as i32).collect();
             let pos: Vec<i32> = (p..p + n).map(|x| x as i32).collect();
-            let slots = vec![seq.0 as i32; n];
+            let slots = vec![paged::slot_of(seq) as i32; n];
             self.upload_inputs(&toks, &pos, &slots)?;
             let last = ci + 1 == chunks.len();
             self.enqueue(n, if last { Want::Last } else { Want::None })?;
@@ -1149,7 +1204,14 @@ impl Backend for CudaBackend {
         for &t in tokens {
             self.check_token(t)?;
         }
+        // Blocks for the prompt first, all or nothing (KvFull changes nothing); given back if
+        // the pass fails.
+        self.kv
+            .reserve(&mut self.staging, seq, len + tokens.len())?;
         let r = self.prefill_inner(seq, len, tokens);
+        if r.is_err() {
+            self.kv.truncate(seq, len);
+        }
         let logits = self.on_fault(r.map_err(DeviceError::from))?;
         self.kv.set_len(seq, len + tokens.len());
         Ok(logits)
@@ -1283,8 +1345,9 @@ impl CudaBackend {
     }
 
     /// The checks of a decode batch, before anything runs: distinct sequences, each at its
-    /// length, with room for one more token, and tokens inside the vocabulary.
-    fn check_batch(&self, batch: &[DecodeItem]) -> Result<(), DeviceError> {
+    /// length, with room for one more token, and tokens inside the vocabulary; then the KV
+    /// blocks for one more token of each ([`CudaBackend::reserve_batch`]).
+    fn check_batch(&mut self, batch: &[DecodeItem]) -> Result<(), DeviceError> {
         let mut seen = std::collections::HashSet::new();
         for it in batch {
             if !seen.insert(it.seq) {
@@ -1303,6 +1366,23 @@ impl CudaBackend {
             }
             self.check_room(it.seq, len + 1)?;
             self.check_token(it.token)?;
+        }
+        self.reserve_batch(batch)
+    }
+
+    /// Reserves the block each row's new position may need, all or nothing: on
+    /// [`DeviceError::KvFull`] the rows reserved before it are given back and nothing changed.
+    /// New blocks' table entries go up on the stream, ahead of the step. (A step that fails
+    /// after this leaves its rows' new blocks reserved, to be used by their next step or
+    /// returned when they end.)
+    fn reserve_batch(&mut self, batch: &[DecodeItem]) -> Result<(), DeviceError> {
+        for (i, it) in batch.iter().enumerate() {
+            if let Err(e) = self.kv.reserve(&mut self.staging, it.seq, it.pos + 1) {
+                for done in &batch[..i] {
+                    self.kv.truncate(done.seq, done.pos);
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }

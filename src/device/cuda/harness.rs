@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use super::driver::{Context, Cublas, DevBuf};
-use super::kernels::{Kernels, Product};
+use super::kernels::{AttnSplit, Kernels, PagedKv, Product};
+use super::kv::BLOCK_TOKENS;
 use crate::device::DeviceError;
 use crate::model::synth::f32_to_bf16;
 
@@ -124,8 +125,10 @@ impl KernelHarness {
         Ok((self.down(&xb, n * h)?, rows_out))
     }
 
-    /// `rope_qkv_store` for `n` tokens of a fused q|k|v product; the caches (`slots x max_ctx x
-    /// kvd` f32 each) start poisoned. Returns (q, k cache, v cache).
+    /// `rope_qkv_store` for `n` tokens of a fused q|k|v product into a paged BF16 cache of
+    /// `pool_blocks` blocks (`[block][16][kvd]` each of keys and values, poisoned with
+    /// [`POISON_BF16`] first) whose block table is `table` (`slots x max_blocks` i32). Returns
+    /// (q, key pool, value pool).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_qkv_store(
         &self,
@@ -137,14 +140,14 @@ impl KernelHarness {
         pos: &[i32],
         slot: &[i32],
         (heads, kv_heads, head_dim): (usize, usize, usize),
-        (slots, max_ctx): (usize, usize),
-    ) -> R<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        (table, max_blocks, pool_blocks): (&[i32], usize, usize),
+    ) -> R<(Vec<f32>, Vec<u16>, Vec<u16>)> {
         let kvd = kv_heads * head_dim;
         let (qkvb, cb, sb) = (self.up(qkv)?, self.up(cos)?, self.up(sin)?);
-        let (pb, slb) = (self.up(pos)?, self.up(slot)?);
+        let (pb, slb, tb) = (self.up(pos)?, self.up(slot)?, self.up(table)?);
         let q = self.poison_f32(n * heads * head_dim)?;
-        let cache = slots * max_ctx * kvd;
-        let (kc, vc) = (self.poison_f32(cache)?, self.poison_f32(cache)?);
+        let cache = pool_blocks * BLOCK_TOKENS * kvd;
+        let (kc, vc) = (self.poison_u16(cache)?, self.poison_u16(cache)?);
         self.k.rope_qkv_store(
             Product {
                 ptr: qkvb.ptr(),
@@ -156,12 +159,15 @@ impl KernelHarness {
             pb.ptr(),
             slb.ptr(),
             q.ptr(),
-            kc.ptr(),
-            vc.ptr(),
+            PagedKv {
+                keys: kc.ptr(),
+                values: vc.ptr(),
+                table: tb.ptr(),
+                max_blocks,
+            },
             heads,
             kv_heads,
             head_dim,
-            max_ctx,
         )?;
         Ok((
             self.down(&q, n * heads * head_dim)?,
@@ -170,30 +176,41 @@ impl KernelHarness {
         ))
     }
 
-    /// `attention` of `n` query tokens over f32 caches `slots x max_ctx x kvd`; returns the BF16
-    /// output rows (`2n` when `out_split`).
+    /// `attention` of `n` query tokens over paged BF16 key and value pools (`[block][16][kvd]`)
+    /// through the block table `table` (`slots x max_blocks` i32), in `splits` splits along the
+    /// sequence (1: no split, no combine); returns the BF16 output rows (`2n` when
+    /// `out_split`).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         q: &[f32],
-        k_cache: &[f32],
-        v_cache: &[f32],
+        (k_pool, v_pool): (&[u16], &[u16]),
+        (table, max_blocks): (&[i32], usize),
         pos: &[i32],
         slot: &[i32],
         (heads, kv_heads, head_dim): (usize, usize, usize),
-        max_ctx: usize,
         out_split: bool,
+        splits: usize,
     ) -> R<Vec<u16>> {
         let n = pos.len();
-        let (qb, kb, vb) = (self.up(q)?, self.up(k_cache)?, self.up(v_cache)?);
-        let (pb, sb) = (self.up(pos)?, self.up(slot)?);
+        let (qb, kb, vb) = (self.up(q)?, self.up(k_pool)?, self.up(v_pool)?);
+        let (pb, sb, tb) = (self.up(pos)?, self.up(slot)?, self.up(table)?);
         let rows = if out_split { 2 * n } else { n };
         let out = self.poison_u16(rows * heads * head_dim)?;
         let outf = self.poison_f32(n * heads * head_dim)?;
+        let parts = n * heads * splits;
+        let (ml, acc) = (
+            self.poison_f32(2 * parts)?,
+            self.poison_f32(parts * head_dim)?,
+        );
         self.k.attention(
             qb.ptr(),
-            kb.ptr(),
-            vb.ptr(),
+            PagedKv {
+                keys: kb.ptr(),
+                values: vb.ptr(),
+                table: tb.ptr(),
+                max_blocks,
+            },
             pb.ptr(),
             sb.ptr(),
             out.ptr(),
@@ -203,10 +220,56 @@ impl KernelHarness {
             heads,
             kv_heads,
             head_dim,
-            max_ctx,
+            AttnSplit {
+                splits,
+                part_ml: ml.ptr(),
+                part_acc: acc.ptr(),
+            },
         )?;
         let rows_out = self.down(&out, rows * heads * head_dim)?;
         self.check_act("attention", &rows_out, &outf, n, heads * head_dim)?;
+        Ok(rows_out)
+    }
+
+    /// `attention_prefill` of `n` query tokens of one slot over paged BF16 key and value pools,
+    /// as [`KernelHarness::attention`]; returns the BF16 output rows (`2n` when `out_split`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: &[f32],
+        (k_pool, v_pool): (&[u16], &[u16]),
+        (table, max_blocks): (&[i32], usize),
+        pos: &[i32],
+        slot: &[i32],
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        out_split: bool,
+    ) -> R<Vec<u16>> {
+        let n = pos.len();
+        let (qb, kb, vb) = (self.up(q)?, self.up(k_pool)?, self.up(v_pool)?);
+        let (pb, sb, tb) = (self.up(pos)?, self.up(slot)?, self.up(table)?);
+        let rows = if out_split { 2 * n } else { n };
+        let out = self.poison_u16(rows * heads * head_dim)?;
+        let outf = self.poison_f32(n * heads * head_dim)?;
+        self.k.attention_prefill(
+            qb.ptr(),
+            PagedKv {
+                keys: kb.ptr(),
+                values: vb.ptr(),
+                table: tb.ptr(),
+                max_blocks,
+            },
+            pb.ptr(),
+            sb.ptr(),
+            out.ptr(),
+            out_split,
+            Some(outf.ptr()),
+            n,
+            heads,
+            kv_heads,
+            head_dim,
+        )?;
+        let rows_out = self.down(&out, rows * heads * head_dim)?;
+        self.check_act("attention_prefill", &rows_out, &outf, n, heads * head_dim)?;
         Ok(rows_out)
     }
 

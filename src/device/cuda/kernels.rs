@@ -21,6 +21,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("norm", "rmsnorm_residual"),
     ("rope", "rope_qkv_store"),
     ("attention", "attention"),
+    ("attention", "attention_combine"),
+    ("attention", "attention_prefill"),
     ("elementwise", "silu_mul"),
     ("elementwise", "split_sum"),
     ("elementwise", "fill_f32"),
@@ -99,6 +101,61 @@ const SAMPLE_THREADS: u32 = 1024;
 const ATTN_THREADS: u32 = 256;
 /// Largest head dimension the attention kernel takes.
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
+/// Fewest positions one split of the attention takes (kernels/attention.cu's ATTN_MIN_CHUNK).
+pub const ATTN_MIN_CHUNK: usize = 64;
+/// Queries per block of the tiled prefill attention (kernels/attention.cu's PF_QTILE).
+pub const PREFILL_QUERY_TILE: usize = 16;
+
+/// The positions split `z` of `splits` attends to, for a query at position `pos`: the in-kernel
+/// rule of kernels/attention.cu (`split_chunk`) in Rust. Chunks are whole KV blocks of at least
+/// [`ATTN_MIN_CHUNK`] positions, so short sequences leave their last splits empty; the ranges of
+/// `0..splits` cover `0..=pos` exactly once, in order.
+pub fn split_range(pos: usize, splits: usize, z: usize) -> std::ops::Range<usize> {
+    let len = pos + 1;
+    let chunk = if splits > 1 {
+        let bt = super::kv::BLOCK_TOKENS;
+        len.div_ceil(splits).max(ATTN_MIN_CHUNK).div_ceil(bt) * bt
+    } else {
+        len
+    };
+    let begin = (z * chunk).min(len);
+    begin..(begin + chunk).min(len)
+}
+
+/// Where the attention of a pass reads the paged cache: this layer's key and value pools, the
+/// block table and its entries per slot (src/device/cuda/kv.rs).
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKv {
+    /// Device address of the layer's keys, BF16 `[blocks][BLOCK_TOKENS][kv_dim]`.
+    pub keys: u64,
+    /// Device address of the layer's values, laid out like the keys.
+    pub values: u64,
+    /// Device address of the block table, i32 `[slots][max_blocks]`.
+    pub table: u64,
+    /// Entries per slot of the table.
+    pub max_blocks: usize,
+}
+
+/// The split-along-the-sequence partials of a decode attention: `splits` ranges per (token,
+/// head), merged by `attention_combine`. `splits = 1` needs no buffers (pass zeros).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnSplit {
+    /// Splits per (token, head); 1 writes the output directly.
+    pub splits: usize,
+    /// f32 `[n][heads][splits][2]` (max, sum).
+    pub part_ml: u64,
+    /// f32 `[n][heads][splits][head_dim]` (unnormalised accumulators).
+    pub part_acc: u64,
+}
+
+impl AttnSplit {
+    /// No split: the attention kernel writes the output.
+    pub const NONE: Self = Self {
+        splits: 1,
+        part_ml: 0,
+        part_acc: 0,
+    };
+}
 
 /// Blocks for a grid-stride loop over `count` elements (capped; the loop covers the rest).
 fn blocks_for(count: usize) -> u32 {
@@ -128,6 +185,8 @@ pub struct Kernels {
     rmsnorm: Kernel,
     rope: Kernel,
     attention: Kernel,
+    attention_combine: Kernel,
+    attention_prefill: Kernel,
     silu_mul: Kernel,
     split_sum: Kernel,
     fill_f32: Kernel,
@@ -180,6 +239,8 @@ impl Kernels {
             rmsnorm: get("rmsnorm_residual")?,
             rope: get("rope_qkv_store")?,
             attention: get("attention")?,
+            attention_combine: get("attention_combine")?,
+            attention_prefill: get("attention_prefill")?,
             silu_mul: get("silu_mul")?,
             split_sum: get("split_sum")?,
             fill_f32: get("fill_f32")?,
@@ -252,9 +313,10 @@ impl Kernels {
         }
     }
 
-    /// RoPE of q and k from the fused QKV product, q to `q_out` (f32 `n x qd`), k and v appended
-    /// to this layer's cache at (slot, pos) of each token. `cos`/`sin` f32 `max_ctx x hd/2`,
-    /// `pos`/`slot` i32 `n` (pos < max_ctx, slot < the cache's slots, checked by the caller).
+    /// RoPE of q and k from the fused QKV product, q to `q_out` (f32 `n x qd`), k and v rounded
+    /// to BF16 into this layer's paged cache at (slot, pos) of each token. `cos`/`sin` f32
+    /// `max_ctx x hd/2`, `pos`/`slot` i32 `n` (pos < max_ctx, slot < the table's slots, and the
+    /// table's entries for every position reserved: the caller's).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_qkv_store(
         &self,
@@ -265,12 +327,10 @@ impl Kernels {
         pos: u64,
         slot: u64,
         q_out: u64,
-        k_cache: u64,
-        v_cache: u64,
+        kv: PagedKv,
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-        max_ctx: usize,
     ) -> GpuResult<()> {
         let args = [
             Arg::P(qkv.ptr),
@@ -280,13 +340,14 @@ impl Kernels {
             Arg::P(sin),
             Arg::P(pos),
             Arg::P(slot),
+            Arg::P(kv.table),
+            Arg::I(i32_of(kv.max_blocks, "max_blocks")?),
             Arg::P(q_out),
-            Arg::P(k_cache),
-            Arg::P(v_cache),
+            Arg::P(kv.keys),
+            Arg::P(kv.values),
             Arg::I(i32_of(heads, "heads")?),
             Arg::I(i32_of(kv_heads, "kv_heads")?),
             Arg::I(i32_of(head_dim, "head_dim")?),
-            Arg::I(i32_of(max_ctx, "max_ctx")?),
         ];
         let grid = (
             i32_of(n, "n")? as u32,
@@ -298,15 +359,16 @@ impl Kernels {
     }
 
     /// Attention of `n` query tokens (q f32 `n x heads x hd`) over positions `0..=pos[t]` of
-    /// their slots; output BF16 (split when `out_split`) `(2)n x heads x hd`, and f32 `n x heads x
-    /// hd` unrounded into `out_f32` when given. `head_dim` must be a multiple of 32 and at most
-    /// [`ATTN_MAX_HEAD_DIM`].
+    /// their slots in the paged cache `kv`; output BF16 (split when `out_split`) `(2)n x heads x
+    /// hd`, and f32 `n x heads x hd` unrounded into `out_f32` when given. With `split.splits > 1`
+    /// each (token, head) is computed in that many ranges of positions ([`split_range`]) into
+    /// the partials, then merged by `attention_combine`. `head_dim` must be a multiple of 32
+    /// and at most [`ATTN_MAX_HEAD_DIM`].
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         q: u64,
-        k_cache: u64,
-        v_cache: u64,
+        kv: PagedKv,
         pos: u64,
         slot: u64,
         out: u64,
@@ -316,7 +378,7 @@ impl Kernels {
         heads: usize,
         kv_heads: usize,
         head_dim: usize,
-        max_ctx: usize,
+        split: AttnSplit,
     ) -> GpuResult<()> {
         if head_dim == 0
             || !head_dim.is_multiple_of(32)
@@ -328,11 +390,22 @@ impl Kernels {
                 "attention needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
             )));
         }
+        if split.splits == 0
+            || split.splits > 65535
+            || (split.splits > 1 && (split.part_ml == 0 || split.part_acc == 0))
+        {
+            return Err(GpuError::invalid(format!(
+                "attention in {} splits needs 1..=65535 splits and partial buffers beyond 1",
+                split.splits
+            )));
+        }
         let scale = 1.0 / (head_dim as f32).sqrt();
         let args = [
             Arg::P(q),
-            Arg::P(k_cache),
-            Arg::P(v_cache),
+            Arg::P(kv.keys),
+            Arg::P(kv.values),
+            Arg::P(kv.table),
+            Arg::I(i32_of(kv.max_blocks, "max_blocks")?),
             Arg::P(pos),
             Arg::P(slot),
             Arg::P(out),
@@ -341,18 +414,111 @@ impl Kernels {
             Arg::I(i32_of(heads, "heads")?),
             Arg::I(i32_of(kv_heads, "kv_heads")?),
             Arg::I(i32_of(head_dim, "head_dim")?),
-            Arg::I(i32_of(max_ctx, "max_ctx")?),
             Arg::F(scale),
             Arg::P(out_f32.unwrap_or(0)),
+            Arg::I(i32_of(split.splits, "splits")?),
+            Arg::P(split.part_ml),
+            Arg::P(split.part_acc),
         ];
         if n > 65535 {
             return Err(GpuError::invalid(format!(
                 "attention of {n} tokens in one launch: the grid's y dimension holds 65535"
             )));
         }
-        let grid = (i32_of(heads, "heads")? as u32, i32_of(n, "n")? as u32, 1);
-        // SAFETY: matches attention's parameters; head_dim checked above; extents the caller's.
-        unsafe { self.attention.launch(&self.ctx, grid, ATTN_THREADS, &args) }
+        let grid = (
+            i32_of(heads, "heads")? as u32,
+            i32_of(n, "n")? as u32,
+            split.splits as u32,
+        );
+        // SAFETY: matches attention's parameters; head_dim and the partials checked above;
+        // extents (cache, table, partials for n x heads x splits) the caller's.
+        unsafe {
+            self.attention
+                .launch(&self.ctx, grid, ATTN_THREADS, &args)?
+        };
+        if split.splits == 1 {
+            return Ok(());
+        }
+        let args = [
+            Arg::P(split.part_ml),
+            Arg::P(split.part_acc),
+            Arg::P(out),
+            Arg::I(out_split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(heads, "heads")?),
+            Arg::I(i32_of(head_dim, "head_dim")?),
+            Arg::I(i32_of(split.splits, "splits")?),
+            Arg::P(out_f32.unwrap_or(0)),
+        ];
+        let grid = (heads as u32, n as u32, 1);
+        // SAFETY: matches attention_combine's parameters; the partials hold n x heads x splits
+        // records written by the launch above (stream-ordered before this one).
+        unsafe {
+            self.attention_combine
+                .launch(&self.ctx, grid, ATTN_THREADS, &args)
+        }
+    }
+
+    /// The tiled (flash-style, causal) attention of a prompt chunk: `n` query tokens (q f32 `n x
+    /// heads x hd`) of ONE sequence (every `slot[t]` equal: the caller's contract) over
+    /// positions `0..=pos[t]` of the paged cache `kv`, each key tile loaded once into shared
+    /// memory for 16 queries; outputs as [`Kernels::attention`]'s. A query's result depends only
+    /// on its position and the cache, not on the chunk it is in.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: u64,
+        kv: PagedKv,
+        pos: u64,
+        slot: u64,
+        out: u64,
+        out_split: bool,
+        out_f32: Option<u64>,
+        n: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> GpuResult<()> {
+        if head_dim == 0
+            || !head_dim.is_multiple_of(32)
+            || head_dim > ATTN_MAX_HEAD_DIM
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || heads > 65535
+        {
+            return Err(GpuError::invalid(format!(
+                "prefill attention needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
+            )));
+        }
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let args = [
+            Arg::P(q),
+            Arg::P(kv.keys),
+            Arg::P(kv.values),
+            Arg::P(kv.table),
+            Arg::I(i32_of(kv.max_blocks, "max_blocks")?),
+            Arg::P(pos),
+            Arg::P(slot),
+            Arg::P(out),
+            Arg::I(out_split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(heads, "heads")?),
+            Arg::I(i32_of(kv_heads, "kv_heads")?),
+            Arg::I(i32_of(head_dim, "head_dim")?),
+            Arg::F(scale),
+            Arg::P(out_f32.unwrap_or(0)),
+        ];
+        let grid = (
+            i32_of(n.div_ceil(PREFILL_QUERY_TILE).max(1), "query tiles")? as u32,
+            heads as u32,
+            1,
+        );
+        // SAFETY: matches attention_prefill's parameters; head_dim checked above; extents (n
+        // tokens of one slot, their cache positions reserved) the caller's.
+        unsafe {
+            self.attention_prefill
+                .launch(&self.ctx, grid, ATTN_THREADS, &args)
+        }
     }
 
     /// `out = silu(gate) · up` from the fused gate|up product (f32 `(2)n x 2im`) to BF16
@@ -507,6 +673,77 @@ mod tests {
         let b = rope_blocks(0, 4, 64) as usize;
         assert!(b * ROPE_THREADS as usize >= 4 * 64);
         assert_eq!(rope_blocks(0, 0, 0), 1);
+    }
+
+    /// A sequential model of `attention_prefill` (kernels/attention.cu) for one query: key tiles
+    /// of 32 from position 0, the tiles past the query's position skipped, lane j's score a
+    /// sequential dot product (-inf past the position), the tile's max and sum, then p_j v_j
+    /// key by key. It must give softmax(q K^T / sqrt(d)) V within f32 rounding at every
+    /// position, partial first and last tiles included.
+    #[test]
+    fn prefill_tiles_model_equals_the_softmax() {
+        const KT: usize = 32;
+        let (d, n) = (64usize, 150usize);
+        let mut r = 0x9e3779b97f4a7c15u64;
+        let mut rand = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let q: Vec<f32> = (0..d).map(|_| 2.0 * rand()).collect();
+        let k: Vec<f32> = (0..n * d).map(|_| rand()).collect();
+        let v: Vec<f32> = (0..n * d).map(|_| rand()).collect();
+        let scale = 1.0 / (d as f32).sqrt();
+        for pos in [0usize, 1, 31, 32, 33, 63, 64, 100, 149] {
+            let (mut m, mut l, mut acc) = (f32::NEG_INFINITY, 0f32, vec![0f32; d]);
+            let mut k0 = 0;
+            while k0 <= pos {
+                let s: Vec<f32> = (0..KT)
+                    .map(|j| {
+                        if k0 + j > pos {
+                            return f32::NEG_INFINITY;
+                        }
+                        (0..d).map(|e| q[e] * k[(k0 + j) * d + e]).sum::<f32>() * scale
+                    })
+                    .collect();
+                let mn = m.max(s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)));
+                assert!(mn.is_finite(), "key k0 is visible");
+                let p: Vec<f32> = s.iter().map(|&x| (x - mn).exp()).collect();
+                let corr = (m - mn).exp();
+                l = l * corr + p.iter().sum::<f32>();
+                for a in acc.iter_mut() {
+                    *a *= corr;
+                }
+                for j in 0..KT.min(pos + 1 - k0) {
+                    for e in 0..d {
+                        acc[e] += p[j] * v[(k0 + j) * d + e];
+                    }
+                }
+                m = mn;
+                k0 += KT;
+            }
+            let sc: Vec<f64> = (0..=pos)
+                .map(|j| {
+                    (0..d)
+                        .map(|e| q[e] as f64 * k[j * d + e] as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
+                .collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+            for e in 0..d {
+                let want: f64 = (0..=pos)
+                    .map(|j| (sc[j] - mx).exp() / z * v[j * d + e] as f64)
+                    .sum();
+                let got = (acc[e] / l) as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(0.1),
+                    "pos {pos} e {e}: {got} vs {want}"
+                );
+            }
+        }
     }
 
     /// Every entry point the Rust side loads is in its family's fatbin, as PTX (`.entry name(`)

@@ -1,39 +1,58 @@
-//! The CUDA backend's KV cache: one slab of device memory allocated at construction from a
-//! memory budget, and the slot bookkeeping over it.
+//! The CUDA backend's paged KV cache: a pool of BF16 blocks in device memory, allocated once at
+//! construction from a memory budget, the shared [`BlockManager`] deciding which sequence owns
+//! which block (exactly as the CPU backend's cache does), and a device-resident block table the
+//! kernels read.
 //!
-//! Layout (f32, matching the CPU reference's precision): `[layer][k | v][slot][position][kv_dim]`
-//! with `max_sequences + 1` slots of `max_context` positions each. The extra last slot is the
-//! padding slot: rows that pad a decode batch up to its graph bucket write and read there, never
-//! in a live sequence's slot. A slot is a sequence's whole context, so admission is decided by
-//! slot count and context length alone, and nothing is allocated after construction: a request
-//! that does not fit is refused ([`DeviceError::NoFreeSlot`], [`DeviceError::ContextFull`]),
-//! never an out-of-memory failure.
+//! Pool layout (BF16 bits, `u16`): per layer, the keys `[block][BLOCK_TOKENS][kv_dim]` then the
+//! values laid out alike, layers back to back ([`KvLayout`]). Blocks `0..total_blocks` are the
+//! manager's; one more, the padding block, takes the rows that pad a decode batch up to its
+//! graph bucket, so padding never writes into a live sequence's block.
+//!
+//! Block table: i32 `[slots][max_blocks]` on the device, `slots = max_sequences + 1` (the last
+//! is the padding slot, every entry the padding block) and `max_blocks =
+//! ceil(max_context / BLOCK_TOKENS)`. Position `p` of the sequence in slot `s` lives in block
+//! `table[s * max_blocks + p / BLOCK_TOKENS]`, row `p % BLOCK_TOKENS` (kernels/rope.cu,
+//! kernels/attention.cu). The per-token `slot` input the decode graphs read is unchanged; the
+//! table sits at a fixed address, so a captured graph stays valid while tables change. A host
+//! mirror ([`BlockTables`]) holds what the device table holds; when a sequence gains blocks,
+//! only the entries that changed go up, asynchronously through the backend's
+//! [`Staging`] memory, stream-ordered before the step that reads them. Nothing is allocated
+//! per step: a step that needs blocks that are not free is refused with
+//! [`DeviceError::KvFull`] before anything runs.
 
 use std::sync::Arc;
 
-use super::driver::{Context, DevBuf, GpuResult};
+use super::driver::{Context, DevBuf, GpuResult, Staging};
+use crate::device::blocks::{BlockManager, MAX_SEQUENCES};
 use crate::device::{DeviceError, KvUsage, SeqId};
 
-/// Byte offsets into the slab, without device memory (testable anywhere).
+/// Positions per block: the CPU backend's and the planner's (`model::memory::BLOCK_TOKENS`), so both backends
+/// count capacity in the same blocks. The kernels take it as `KV_BLOCK` (kernels/common.cuh).
+pub const BLOCK_TOKENS: usize = 16;
+
+/// Byte offsets into the pool, without device memory (testable anywhere).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
     /// Decoder layers.
     pub layers: usize,
-    /// Width of one position's keys (or values), f32.
+    /// Width of one position's keys (or values), BF16 elements.
     pub kv_dim: usize,
-    /// Slots, the padding slot included.
-    pub slots: usize,
-    /// Positions per slot.
-    pub max_context: usize,
+    /// Blocks in the pool, the padding block included.
+    pub blocks: usize,
 }
 
 impl KvLayout {
-    /// Bytes of one layer's keys (or values), every slot.
-    pub fn layer_bytes(&self) -> usize {
-        self.slots * self.max_context * self.kv_dim * 4
+    /// Bytes of one block of one layer's keys (or values).
+    pub fn block_bytes(&self) -> usize {
+        BLOCK_TOKENS * self.kv_dim * 2
     }
 
-    /// Bytes of the whole slab.
+    /// Bytes of one layer's keys (or values), every block.
+    pub fn layer_bytes(&self) -> usize {
+        self.blocks * self.block_bytes()
+    }
+
+    /// Bytes of the whole pool.
     pub fn bytes(&self) -> usize {
         2 * self.layers * self.layer_bytes()
     }
@@ -48,161 +67,230 @@ impl KvLayout {
         (2 * l + 1) * self.layer_bytes()
     }
 
-    /// Offset, inside one layer's keys or values, of (slot, position): the kernels' index
-    /// `(slot * max_ctx + pos) * kv_dim` f32 (kernels/rope.cu, kernels/attention.cu).
+    /// Offset, inside one layer's keys or values, of position `pos` of a sequence whose
+    /// position `pos` is in block `block`: the kernels' index
+    /// `(block * BLOCK_TOKENS + pos % BLOCK_TOKENS) * kv_dim` BF16 elements.
     #[cfg(test)]
-    pub fn row(&self, slot: usize, pos: usize) -> usize {
-        (slot * self.max_context + pos) * self.kv_dim * 4
+    pub fn row(&self, block: usize, pos: usize) -> usize {
+        (block * BLOCK_TOKENS + pos % BLOCK_TOKENS) * self.kv_dim * 2
     }
 }
 
-/// Slot bookkeeping: the token count of each live sequence, by slot (no device memory).
+/// Bytes of one block over every layer (keys and values, BF16): what one [`BLOCK_TOKENS`] of
+/// one sequence take, `2 × layers × kv_dim × 2` bytes per token.
+pub fn block_bytes(layers: usize, kv_dim: usize) -> usize {
+    layers * 2 * BLOCK_TOKENS * kv_dim * 2
+}
+
+/// Blocks a sequence of `tokens` positions holds.
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_TOKENS)
+}
+
+/// The slot (row of the block table) of a sequence handle: its low 16 bits, as
+/// [`BlockManager`] hands them out (the high bits are the slot's generation).
+pub fn slot_of(seq: SeqId) -> usize {
+    seq.0 as usize % MAX_SEQUENCES
+}
+
+/// The host mirror of the device block table: what each entry holds on the device, and the
+/// entries a sequence's new blocks change (no device memory; unit-tested).
 #[derive(Clone, Debug)]
-pub struct Slots {
-    lens: Vec<Option<usize>>,
+pub struct BlockTables {
+    /// Entries per slot.
+    max_blocks: usize,
+    /// `[slots][max_blocks]`, as on the device.
+    host: Vec<i32>,
 }
 
-impl Slots {
-    /// `n` free slots.
-    pub fn new(n: usize) -> Self {
+/// An entry the device never holds: a row marked with it is uploaded in full next time.
+const UNKNOWN: i32 = -1;
+
+impl BlockTables {
+    /// Tables for `slots` slots of `max_blocks` entries, every entry `pad_block` (what the
+    /// device table is initialised with).
+    pub fn new(slots: usize, max_blocks: usize, pad_block: i32) -> Self {
         Self {
-            lens: vec![None; n],
+            max_blocks,
+            host: vec![pad_block; slots * max_blocks],
         }
     }
 
-    /// Takes the lowest free slot.
-    pub fn alloc(&mut self) -> Result<SeqId, DeviceError> {
-        let i = self
-            .lens
-            .iter()
-            .position(Option::is_none)
-            .ok_or(DeviceError::NoFreeSlot(self.lens.len()))?;
-        self.lens[i] = Some(0);
-        Ok(SeqId(i as u32))
+    /// Entries per slot.
+    pub fn max_blocks(&self) -> usize {
+        self.max_blocks
     }
 
-    /// Releases a slot (unknown handles are ignored).
-    pub fn free(&mut self, seq: SeqId) {
-        if let Some(s) = self.lens.get_mut(seq.0 as usize) {
-            *s = None;
-        }
+    /// Every entry, `[slots][max_blocks]` (the device table's initial contents).
+    pub fn entries(&self) -> &[i32] {
+        &self.host
     }
 
-    /// Tokens a live sequence holds.
-    pub fn len(&self, seq: SeqId) -> Result<usize, DeviceError> {
-        self.lens
-            .get(seq.0 as usize)
-            .copied()
-            .flatten()
-            .ok_or(DeviceError::UnknownSequence(seq))
+    /// Records that `slot`'s table starts with `blocks` and returns the entries to upload for
+    /// the device to agree: `(first entry index, values)` of the smallest contiguous range that
+    /// changed, or `None` when the device already holds them. Entries past `blocks.len()` are
+    /// left as they are (no kernel reads them: a sequence's positions lie in its first blocks).
+    pub fn update(&mut self, slot: usize, blocks: &[u32]) -> Option<(usize, Vec<i32>)> {
+        assert!(
+            blocks.len() <= self.max_blocks,
+            "{} blocks in a table of {}",
+            blocks.len(),
+            self.max_blocks
+        );
+        let row = &mut self.host[slot * self.max_blocks..][..blocks.len()];
+        let differs = |(i, (&h, &b)): (usize, (&i32, &u32))| (h != b as i32).then_some(i);
+        let first = row.iter().zip(blocks).enumerate().find_map(differs)?;
+        let last = row.iter().zip(blocks).enumerate().rev().find_map(differs)?;
+        let vals: Vec<i32> = blocks[first..=last].iter().map(|&b| b as i32).collect();
+        row[first..=last].copy_from_slice(&vals);
+        Some((slot * self.max_blocks + first, vals))
     }
 
-    /// The counts as [`KvUsage`], a slot being one block of `max_context` tokens (this cache
-    /// is not paged: a sequence takes its whole slot whatever it holds).
-    pub fn usage(&self, max_context: usize) -> KvUsage {
-        let live = self.lens.iter().flatten();
-        KvUsage {
-            block_tokens: max_context,
-            total_blocks: self.lens.len(),
-            free_blocks: self.lens.iter().filter(|l| l.is_none()).count(),
-            used_tokens: live.clone().sum(),
-            sequences: live.count(),
-        }
-    }
-
-    /// Records that a live sequence now holds `len` tokens.
-    pub fn set_len(&mut self, seq: SeqId, len: usize) {
-        if let Some(Some(l)) = self.lens.get_mut(seq.0 as usize) {
-            *l = len;
-        }
+    /// Forgets what `slot`'s entries hold on the device (an upload of them failed), so that the
+    /// next [`BlockTables::update`] sends them again.
+    pub fn forget(&mut self, slot: usize) {
+        self.host[slot * self.max_blocks..][..self.max_blocks].fill(UNKNOWN);
     }
 }
 
-/// The slab and its slots.
+/// The pool, its block manager and the device block table.
 pub struct KvCache {
-    buf: DevBuf,
-    slots: Slots,
+    pool: DevBuf,
+    table: DevBuf,
+    blocks: BlockManager,
+    tables: BlockTables,
     layout: KvLayout,
-    /// Live sequences at most.
+    /// Live sequences at most (the padding slot is one more).
     pub max_sequences: usize,
     /// Tokens per sequence at most.
     pub max_context: usize,
 }
 
 impl KvCache {
-    /// Bytes of one slot over all layers (keys and values).
-    pub fn slot_bytes(layers: usize, kv_dim: usize, max_context: usize) -> usize {
-        layers * 2 * max_context * kv_dim * 4
-    }
-
-    /// Allocates the slab for `max_sequences` slots plus the padding slot.
+    /// Allocates a pool of `total_blocks` blocks plus the padding block, and the block table of
+    /// `max_sequences` slots plus the padding slot, every entry the padding block.
     pub fn new(
         ctx: &Arc<Context>,
         layers: usize,
         kv_dim: usize,
+        total_blocks: usize,
         max_sequences: usize,
         max_context: usize,
     ) -> GpuResult<Self> {
         let layout = KvLayout {
             layers,
             kv_dim,
-            slots: max_sequences + 1,
-            max_context,
+            blocks: total_blocks + 1,
         };
+        let tables = BlockTables::new(
+            max_sequences + 1,
+            blocks_for(max_context),
+            total_blocks as i32,
+        );
         Ok(Self {
-            buf: DevBuf::new(ctx, layout.bytes())?,
-            slots: Slots::new(max_sequences),
+            pool: DevBuf::new(ctx, layout.bytes())?,
+            table: DevBuf::from_host(ctx, tables.entries())?,
+            blocks: BlockManager::new(total_blocks, BLOCK_TOKENS, max_sequences, max_context),
+            tables,
             layout,
             max_sequences,
             max_context,
         })
     }
 
-    /// Bytes of the slab.
+    /// Bytes of the pool and the block table.
     pub fn bytes(&self) -> usize {
-        self.buf.bytes()
+        self.pool.bytes() + self.table.bytes()
     }
 
-    /// The slot padding rows use.
+    /// The slot padding rows use (its table points at the padding block only).
     pub fn pad_slot(&self) -> usize {
         self.max_sequences
     }
 
-    /// Device address of layer `l`'s keys, `[slot][position][kv_dim]`.
+    /// Blocks the manager hands out (the padding block not counted).
+    pub fn total_blocks(&self) -> usize {
+        self.blocks.total_blocks()
+    }
+
+    /// Device address of layer `l`'s keys, `[block][BLOCK_TOKENS][kv_dim]` BF16.
     pub fn keys(&self, l: usize) -> u64 {
         debug_assert!(l < self.layout.layers);
-        self.buf.at(self.layout.keys(l))
+        self.pool.at(self.layout.keys(l))
     }
 
     /// Device address of layer `l`'s values, laid out like the keys.
     pub fn values(&self, l: usize) -> u64 {
         debug_assert!(l < self.layout.layers);
-        self.buf.at(self.layout.values(l))
+        self.pool.at(self.layout.values(l))
     }
 
-    /// Takes a free slot.
+    /// Device address of the block table, i32 `[slots][max_blocks]`.
+    pub fn table(&self) -> u64 {
+        self.table.ptr()
+    }
+
+    /// Entries per slot of the block table.
+    pub fn max_blocks(&self) -> usize {
+        self.tables.max_blocks()
+    }
+
+    /// Takes a handle for a new, empty sequence.
     pub fn alloc(&mut self) -> Result<SeqId, DeviceError> {
-        self.slots.alloc()
+        self.blocks.alloc()
     }
 
-    /// Releases a slot (unknown handles are ignored).
+    /// Ends a sequence; its blocks go back to the free list (unknown handles are ignored). The
+    /// device table keeps its stale entries: nothing reads them before the slot's next sequence
+    /// reserves blocks, which overwrites them.
     pub fn free(&mut self, seq: SeqId) {
-        self.slots.free(seq)
+        self.blocks.free(seq)
     }
 
     /// Tokens a live sequence holds.
     pub fn len(&self, seq: SeqId) -> Result<usize, DeviceError> {
-        self.slots.len(seq)
+        self.blocks.len(seq)
     }
 
-    /// Records that a live sequence now holds `len` tokens.
+    /// Makes room for the sequence to hold `tokens` positions (all or nothing:
+    /// [`DeviceError::KvFull`] or [`DeviceError::ContextFull`] and nothing changed), and queues
+    /// the upload of the table entries its new blocks changed on the stream, through `staging`.
+    pub fn reserve(
+        &mut self,
+        staging: &mut Staging,
+        seq: SeqId,
+        tokens: usize,
+    ) -> Result<(), DeviceError> {
+        let before = self.blocks.len(seq)?;
+        self.blocks.reserve(seq, tokens)?;
+        let slot = slot_of(seq);
+        let Some((at, vals)) = self.tables.update(slot, self.blocks.blocks(seq)?) else {
+            return Ok(());
+        };
+        if let Err(e) = staging.upload(&self.table, 4 * at, &vals) {
+            self.tables.forget(slot);
+            self.blocks.truncate(seq, before);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Records that a live sequence now holds `len` tokens, within what it reserved (the
+    /// backend reserves before every step, so this cannot fail for a step that ran).
     pub fn set_len(&mut self, seq: SeqId, len: usize) {
-        self.slots.set_len(seq, len)
+        let r = self.blocks.set_len(seq, len);
+        debug_assert!(r.is_ok(), "{r:?}");
     }
 
-    /// The counts, one block per slot.
+    /// Drops what a sequence holds past `len` tokens and the blocks it no longer needs (undoing
+    /// a failed step's reservation).
+    pub fn truncate(&mut self, seq: SeqId, len: usize) {
+        self.blocks.truncate(seq, len)
+    }
+
+    /// The block counts.
     pub fn usage(&self) -> KvUsage {
-        self.slots.usage(self.max_context)
+        self.blocks.usage()
     }
 }
 
@@ -211,53 +299,119 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layout_of_llama_8b_slab_exceeds_i32_without_overlap() {
-        // Llama-3.1-8B: 32 layers, kv_dim 1024; 64 sequences + pad of 4096 tokens: 65 GiB.
+    fn block_bytes_are_two_bytes_per_element_and_match_the_cpu_blocks() {
+        assert_eq!(BLOCK_TOKENS, crate::model::memory::BLOCK_TOKENS);
+        // Llama-3.1-8B: 32 layers, kv_dim 1024: 128 KiB per token, 2 MiB per block.
+        assert_eq!(block_bytes(32, 1024), 16 * 2 * 32 * 1024 * 2);
+        assert_eq!(
+            block_bytes(32, 1024) / BLOCK_TOKENS,
+            crate::model::memory::Dims::of_shape(
+                &crate::model::LlamaShape::preset("llama-3.1-8b").unwrap()
+            )
+            .kv_bytes_per_token() as usize
+        );
+        assert_eq!(blocks_for(0), 0);
+        assert_eq!(blocks_for(16), 1);
+        assert_eq!(blocks_for(17), 2);
+    }
+
+    #[test]
+    fn layout_of_a_large_pool_exceeds_i32_without_overlap() {
+        // Llama-3.1-8B, 40000 blocks (640k tokens) + the padding block: 78 GiB.
         let l = KvLayout {
             layers: 32,
             kv_dim: 1024,
-            slots: 65,
-            max_context: 4096,
+            blocks: 40_001,
         };
-        assert_eq!(l.bytes(), 65 * KvCache::slot_bytes(32, 1024, 4096));
-        assert_eq!(KvCache::slot_bytes(32, 1024, 4096), 1 << 30);
+        assert_eq!(l.bytes(), 40_001 * block_bytes(32, 1024));
         assert!(l.bytes() > i32::MAX as usize);
-        // Layers are back to back, keys then values, and the last row of the last layer's
-        // values ends exactly at the end of the slab.
         for i in 0..l.layers {
             assert_eq!(l.values(i), l.keys(i) + l.layer_bytes());
             assert_eq!(l.keys(i + 1), l.values(i) + l.layer_bytes());
         }
-        let last = l.values(l.layers - 1) + l.row(l.slots - 1, l.max_context - 1) + 4 * l.kv_dim;
+        // The last row of the last block of the last layer's values ends the pool.
+        let last = l.values(l.layers - 1) + l.row(l.blocks - 1, BLOCK_TOKENS - 1) + 2 * l.kv_dim;
         assert_eq!(last, l.bytes());
-        // Rows of different slots never overlap: slot s+1 starts after slot s's last position.
-        assert_eq!(l.row(1, 0), l.row(0, l.max_context - 1) + 4 * l.kv_dim);
+        // Positions 15 and 16 of a sequence are in different blocks wherever those are; rows of
+        // one block are consecutive and blocks do not overlap.
+        assert_eq!(l.row(7, 16), l.row(7, 0));
+        assert_eq!(l.row(7, 15) + 2 * l.kv_dim, l.row(8, 0));
+        assert_eq!(l.block_bytes(), l.row(1, 0));
     }
 
     #[test]
-    fn slots_are_reused_and_refused_when_full() {
-        let mut s = Slots::new(2);
-        let a = s.alloc().unwrap();
-        let b = s.alloc().unwrap();
-        assert_ne!(a, b);
-        assert!(matches!(s.alloc(), Err(DeviceError::NoFreeSlot(2))));
-        s.set_len(a, 7);
-        assert_eq!(s.len(a).unwrap(), 7);
-        let u = s.usage(100);
-        assert_eq!((u.free_blocks, u.used_tokens, u.sequences), (0, 7, 2));
-        assert_eq!(u.capacity_tokens(), 200);
-        s.free(a);
-        assert!(matches!(s.len(a), Err(DeviceError::UnknownSequence(_))));
-        // set_len on a freed slot does not revive it.
-        s.set_len(a, 3);
-        assert!(s.len(a).is_err());
-        let c = s.alloc().unwrap();
-        assert_eq!(c, a, "the freed slot is reused");
-        assert_eq!(s.len(c).unwrap(), 0, "a reused slot starts empty");
-        s.free(SeqId(99)); // unknown: ignored
-        assert!(matches!(
-            s.len(SeqId(99)),
-            Err(DeviceError::UnknownSequence(_))
-        ));
+    fn tables_upload_only_the_entries_that_changed() {
+        let mut t = BlockTables::new(3, 4, 99);
+        // Initially every entry is the padding block.
+        assert!(t.entries().iter().all(|&e| e == 99));
+        // A sequence in slot 1 gains its first block, then a second: one entry each time.
+        assert_eq!(t.update(1, &[5]), Some((4, vec![5])));
+        assert_eq!(t.update(1, &[5]), None, "nothing changed");
+        assert_eq!(t.update(1, &[5, 2]), Some((5, vec![2])));
+        assert_eq!(&t.entries()[4..8], &[5, 2, 99, 99]);
+        // The slot is reused by a sequence given other blocks: the changed range only.
+        assert_eq!(t.update(1, &[5, 7, 3]), Some((5, vec![7, 3])));
+        assert_eq!(t.update(1, &[0, 7, 3, 1]), Some((4, vec![0, 7, 3, 1])));
+        // Other slots are untouched.
+        assert!(t.entries()[..4].iter().all(|&e| e == 99));
+        assert!(t.entries()[8..].iter().all(|&e| e == 99));
+        // After a failed upload the whole reserved prefix goes up again.
+        t.forget(1);
+        assert_eq!(t.update(1, &[0, 7]), Some((4, vec![0, 7])));
+        assert_eq!(t.update(2, &[]), None);
+    }
+
+    #[test]
+    fn the_mirror_follows_the_block_manager_through_alloc_grow_and_free() {
+        // Drives a BlockManager as the backend does (reserve, then update the mirror) and checks
+        // that the mirror, after applying every returned upload to a model of the device table,
+        // maps every held position to the manager's block, and the padding slot to the padding
+        // block only.
+        let (seqs, ctx, total) = (3, 100, 12);
+        let max_blocks = blocks_for(ctx);
+        let mut m = BlockManager::new(total, BLOCK_TOKENS, seqs, ctx);
+        let mut t = BlockTables::new(seqs + 1, max_blocks, total as i32);
+        let mut device = t.entries().to_vec();
+        let apply = |device: &mut Vec<i32>, u: Option<(usize, Vec<i32>)>| {
+            if let Some((at, v)) = u {
+                device[at..at + v.len()].copy_from_slice(&v);
+            }
+        };
+        let a = m.alloc().unwrap();
+        let b = m.alloc().unwrap();
+        let mut lens = vec![(a, 0usize), (b, 0)];
+        for step in 0..60 {
+            let k = step % lens.len();
+            let (s, len) = lens[k];
+            let want = len + if step % 7 == 0 { 20 } else { 1 };
+            match m.reserve(s, want) {
+                Ok(_) => {
+                    apply(&mut device, t.update(slot_of(s), m.blocks(s).unwrap()));
+                    m.set_len(s, want).unwrap();
+                    lens[k].1 = want;
+                }
+                Err(DeviceError::KvFull { .. }) | Err(DeviceError::ContextFull { .. }) => {
+                    // Free the other sequence and start a new one in its slot.
+                    let (o, _) = lens[1 - k];
+                    m.free(o);
+                    lens[1 - k] = (m.alloc().unwrap(), 0);
+                }
+                Err(e) => panic!("{e}"),
+            }
+            for &(s, len) in &lens {
+                let blocks = m.blocks(s).unwrap();
+                for p in 0..len {
+                    assert_eq!(
+                        device[slot_of(s) * max_blocks + p / BLOCK_TOKENS],
+                        blocks[p / BLOCK_TOKENS] as i32,
+                        "step {step}: position {p} of slot {}",
+                        slot_of(s)
+                    );
+                }
+            }
+            let pad = &device[seqs * max_blocks..];
+            assert!(pad.iter().all(|&e| e == total as i32));
+        }
+        m.check().unwrap();
     }
 }

@@ -72,8 +72,8 @@ pub struct CudaOptions {
     pub ordinal: usize,
     /// Sequences live at once, at most (fewer if the KV budget holds fewer).
     pub max_sequences: usize,
-    /// Tokens per sequence; `None` for the model's limit capped at 4096 (each slot of the slab
-    /// holds this many positions, so it sizes the cache).
+    /// Tokens per sequence; `None` for the model's limit capped at 4096 (it sizes the RoPE
+    /// tables and the block table; the KV pool must hold one sequence of it).
     pub max_context: Option<usize>,
     /// Bytes for the KV cache; `None` for [`CudaOptions::kv_fraction`] of the device memory
     /// left free once weights and work buffers are allocated.

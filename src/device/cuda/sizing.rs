@@ -1,7 +1,8 @@
 //! What a [`super::CudaBackend`] sizes before it allocates: the fused shapes of the linear
 //! layers ([`role_shapes`]), its work buffers ([`WorkBuffers`], also counted by
-//! `unweight plan-memory`), the decode batch buckets, the KV cache budget, and the padded inputs
-//! of a decode step. Host-only arithmetic, unit-tested without a GPU.
+//! `unweight plan-memory`), the decode batch buckets and their attention splits, the KV cache
+//! budget in blocks, and the padded inputs of a decode step. Host-only arithmetic, unit-tested
+//! without a GPU.
 
 use super::options::CudaOptions;
 use super::plan::{Plan, Role, RoleShapes, Strategy};
@@ -96,6 +97,11 @@ pub struct WorkBuffers {
     /// edits (8 bytes each, at most one per token id and row) go into `logits_raw`, which is
     /// exactly `8 × rows × vocab` bytes and dead once a step's logits are final.
     pub sample_rows: usize,
+    /// The decode attention's split partials (f32 (max, sum) and head_dim-wide accumulators)
+    /// for the largest split batch (`attn_split_rows`: 16 rows × 16 splits at most).
+    pub attn_ml: usize,
+    /// See [`WorkBuffers::attn_ml`].
+    pub attn_acc: usize,
     /// RoPE cosine and sine tables for `max_context` positions.
     pub rope: usize,
     /// The cuBLAS handle's fixed workspace.
@@ -139,6 +145,8 @@ impl WorkBuffers {
             logits: 4 * lcap * v,
             ids: 4 * lcap,
             sample_rows: std::mem::size_of::<super::sample::SampleRow>() * lcap,
+            attn_ml: 4 * 2 * attn_split_rows(lcap) * cfg.num_attention_heads,
+            attn_acc: 4 * attn_split_rows(lcap) * cfg.num_attention_heads * cfg.head_dim,
             rope: 2 * 4 * max_context * (cfg.head_dim / 2),
             cublas: super::driver::CUBLAS_WORKSPACE,
         }
@@ -168,6 +176,8 @@ impl WorkBuffers {
             logits,
             ids,
             sample_rows,
+            attn_ml,
+            attn_acc,
             rope,
             cublas,
         } = *self;
@@ -191,6 +201,8 @@ impl WorkBuffers {
             + logits
             + ids
             + sample_rows
+            + attn_ml
+            + attn_acc
             + rope
             + cublas
     }
@@ -212,41 +224,88 @@ pub(crate) fn pick_bucket(buckets: &[usize], n: usize) -> Option<usize> {
     buckets.iter().copied().find(|&b| b >= n)
 }
 
-/// Sizes the KV cache: from `free` device bytes (with `reserve` kept back), an explicit budget or
-/// `fraction` of what is free, and slots of `slot_bytes` each (one more slot pads decode
-/// batches). Returns (budget, live sequences), or the reason nothing fits.
+/// Most splits of one decode attention (per token and head).
+pub(crate) const ATTN_MAX_SPLITS: usize = 16;
+/// Largest decode batch whose attention is split along the sequence.
+pub(crate) const ATTN_SPLIT_MAX_BATCH: usize = 16;
+
+/// Splits along the sequence of the decode attention of a batch bucket of `bucket` rows, for a
+/// model of `heads` query heads on a device of `sms` multiprocessors, with sequences of at most
+/// `max_context` positions. One block per (row, head) fills the GPU once there are at least
+/// `sms` of them: then 1 (today's kernel alone). Below that, enough splits for about two blocks
+/// per multiprocessor (`ceil(2 sms / (bucket × heads))`), at most [`ATTN_MAX_SPLITS`], never
+/// more than `max_context` has [`ATTN_MIN_CHUNK`]-position chunks (a split shorter than that
+/// costs more than it saves), and none past [`ATTN_SPLIT_MAX_BATCH`] rows. Fixed per bucket, so
+/// the bucket's CUDA graph bakes it in; each split's positions come from the row's position
+/// in-kernel ([`super::kernels::split_range`]).
+///
+/// [`ATTN_MIN_CHUNK`]: super::kernels::ATTN_MIN_CHUNK
+pub(crate) fn decode_splits(bucket: usize, heads: usize, sms: usize, max_context: usize) -> usize {
+    let blocks = bucket.max(1) * heads.max(1);
+    if bucket > ATTN_SPLIT_MAX_BATCH || blocks >= sms {
+        return 1;
+    }
+    let chunks = max_context.div_ceil(super::kernels::ATTN_MIN_CHUNK).max(1);
+    (2 * sms)
+        .div_ceil(blocks)
+        .min(ATTN_MAX_SPLITS)
+        .min(chunks)
+        .max(1)
+}
+
+/// (row, split) records the decode attention's partials hold: the largest split batch (at most
+/// [`ATTN_SPLIT_MAX_BATCH`] rows) times [`ATTN_MAX_SPLITS`], whatever the device.
+pub(crate) fn attn_split_rows(max_sequences: usize) -> usize {
+    max_sequences.min(ATTN_SPLIT_MAX_BATCH) * ATTN_MAX_SPLITS
+}
+
+/// Sizes the paged KV cache: from `free` device bytes (with `reserve` kept back), an explicit
+/// budget or `fraction` of what is free, blocks of `block_bytes` each (one more, the padding
+/// block, takes the padding rows of decode batches) and a block table of `table_bytes`. The
+/// pool holds at most what `max_sequences` sequences of `max_context` tokens can use, and at
+/// least one sequence of `max_context` tokens. Returns (budget, blocks), or the reason nothing
+/// fits.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn kv_plan(
     free: usize,
     reserve: usize,
     budget: Option<usize>,
     fraction: f64,
-    slot_bytes: usize,
-    want_sequences: usize,
+    block_bytes: usize,
+    table_bytes: usize,
+    max_sequences: usize,
     max_context: usize,
 ) -> Result<(usize, usize), String> {
     let left = free.saturating_sub(reserve);
     let budget = budget.unwrap_or((left as f64 * fraction.clamp(0.0, 1.0)) as usize);
-    let slot_bytes = slot_bytes.max(1);
-    let fit = (budget / slot_bytes).saturating_sub(1); // one slot pads decode batches
-    let max_sequences = want_sequences.min(fit);
-    if max_sequences == 0 {
+    let block_bytes = block_bytes.max(1);
+    let per_sequence = super::kv::blocks_for(max_context).max(1);
+    // The padding block comes out of the budget; a block id must fit the kernels' i32 table.
+    let fit = (budget.saturating_sub(table_bytes) / block_bytes)
+        .saturating_sub(1)
+        .min(i32::MAX as usize - 1);
+    let blocks = fit.min(max_sequences.saturating_mul(per_sequence));
+    if blocks < per_sequence {
         return Err(format!(
-            "a KV budget of {budget} bytes holds no sequence of {max_context} tokens: each slot needs {slot_bytes} bytes, plus one padding slot ({} MiB free on the device)",
+            "a KV budget of {budget} bytes holds no sequence of {max_context} tokens: it needs {per_sequence} blocks of {block_bytes} bytes, plus one padding block and a {table_bytes}-byte block table ({} MiB free on the device)",
             free >> 20
         ));
     }
-    let need = (max_sequences + 1).saturating_mul(slot_bytes);
+    let need = (blocks + 1)
+        .saturating_mul(block_bytes)
+        .saturating_add(table_bytes);
     if need.saturating_add(reserve) > free {
         return Err(format!(
-            "the KV cache ({need} bytes for {max_sequences} sequences of {max_context} tokens) does not fit in the {free} bytes free on the device"
+            "the KV cache ({need} bytes: {blocks} blocks of {block_bytes}) does not fit in the {free} bytes free on the device"
         ));
     }
-    Ok((budget, max_sequences))
+    Ok((budget, blocks))
 }
 
 /// The per-step inputs of a decode batch padded to `bucket` rows: (tokens, positions, slots).
-/// Padding rows are token 0 at position 0 of the padding slot `pad`, so they never write into
-/// a live sequence's cache.
+/// Padding rows are token 0 at position 0 of the padding slot `pad`, whose table points at the
+/// padding block only, so they never write into a live sequence's blocks. A row's slot is its
+/// sequence handle's slot ([`super::kv::slot_of`]), its row of the block table.
 pub(crate) fn decode_inputs(
     batch: &[DecodeItem],
     bucket: usize,
@@ -259,7 +318,7 @@ pub(crate) fn decode_inputs(
     for (i, d) in batch.iter().enumerate() {
         tokens[i] = d.token as i32;
         pos[i] = d.pos as i32;
-        slots[i] = d.seq.0 as i32;
+        slots[i] = super::kv::slot_of(d.seq) as i32;
     }
     (tokens, pos, slots)
 }
@@ -267,7 +326,7 @@ pub(crate) fn decode_inputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::cuda::kv::KvCache;
+    use crate::device::cuda::kv;
     use crate::device::cuda::options::{resolve_plan, PlanSource};
     use crate::device::SeqId;
 
@@ -344,6 +403,13 @@ mod tests {
         ];
         let (t, p, s) = decode_inputs(&batch, 4, 9);
         assert_eq!(t, vec![11, 7, 0, 0]);
+        // A handle's generation (high bits) is not part of its slot.
+        let again = [DecodeItem {
+            seq: SeqId(5 << 16 | 3),
+            token: 1,
+            pos: 0,
+        }];
+        assert_eq!(decode_inputs(&again, 1, 9).2, vec![3]);
         assert_eq!(p, vec![40, 2, 0, 0]);
         assert_eq!(s, vec![3, 0, 9, 9]);
         let (t, p, s) = decode_inputs(&batch, 2, 9);
@@ -351,34 +417,158 @@ mod tests {
     }
 
     #[test]
-    fn kv_plan_sizes_from_the_budget_and_refuses_what_does_not_fit() {
+    fn kv_plan_counts_blocks_from_the_budget_and_refuses_what_does_not_fit() {
         const GIB: usize = 1 << 30;
-        let slot = KvCache::slot_bytes(32, 1024, 4096); // Llama-3.1-8B at 4096 tokens: 1 GiB
-                                                        // Default budget: half of what is free after the reserve. 60 GiB free -> ~30 GiB -> 28
-                                                        // sequences + the padding slot.
-        let (budget, n) = kv_plan(60 * GIB, 512 << 20, None, 0.5, slot, 64, 4096).unwrap();
-        assert_eq!(budget, (60 * GIB - (512 << 20)) / 2);
-        assert_eq!(n, 28);
-        // 90% of it (the Triton default): 53.1 GiB -> 52 sequences + the padding slot.
-        let (budget, n) = kv_plan(60 * GIB, 512 << 20, None, 0.9, slot, 64, 4096).unwrap();
-        assert_eq!(budget, ((60 * GIB - (512 << 20)) as f64 * 0.9) as usize);
-        assert_eq!(n, 52);
-        // The option caps it.
-        assert_eq!(kv_plan(60 * GIB, 0, None, 0.5, slot, 8, 4096).unwrap().1, 8);
-        // A budget for exactly one sequence and the pad.
+        // Llama-3.1-8B: 2 MiB per block of 16 tokens (BF16), 256 blocks per 4096-token sequence.
+        let block = kv::block_bytes(32, 1024);
+        assert_eq!(block, 2 << 20);
+        let table = 4 * 65 * kv::blocks_for(4096);
+        // Default budget: half of what is free after the reserve; 30 GiB hold 15359 blocks (the
+        // padding block and the table out of the budget), 59 sequences at the full context.
+        let (budget, blocks) = kv_plan(61 * GIB, GIB, None, 0.5, block, table, 1024, 4096).unwrap();
+        assert_eq!(budget, 30 * GIB);
+        assert_eq!(blocks, (30 * GIB - table) / block - 1);
+        assert_eq!(blocks / kv::blocks_for(4096), 59);
+        // The pool never exceeds what max_sequences full sequences can use.
+        let (_, blocks) = kv_plan(61 * GIB, GIB, None, 0.5, block, table, 8, 4096).unwrap();
+        assert_eq!(blocks, 8 * 256);
+        // A budget for exactly one full sequence, the padding block and the table.
+        let exact = 257 * block + table;
         assert_eq!(
-            kv_plan(60 * GIB, 0, Some(2 * slot), 0.5, slot, 64, 4096)
+            kv_plan(61 * GIB, 0, Some(exact), 0.5, block, table, 64, 4096)
                 .unwrap()
                 .1,
-            1
+            256
         );
-        // Too small: refused, naming the budget.
-        let e = kv_plan(60 * GIB, 0, Some(2 * slot - 1), 0.5, slot, 64, 4096).unwrap_err();
+        // One byte less: refused, naming the budget.
+        let e = kv_plan(61 * GIB, 0, Some(exact - 1), 0.5, block, table, 64, 4096).unwrap_err();
         assert!(e.contains("KV budget"), "{e}");
         // An explicit budget beyond what is free: refused, not an OOM later.
-        let e = kv_plan(10 * GIB, 512 << 20, Some(40 * GIB), 0.5, slot, 64, 4096).unwrap_err();
+        let e = kv_plan(
+            10 * GIB,
+            512 << 20,
+            Some(40 * GIB),
+            0.5,
+            block,
+            table,
+            64,
+            4096,
+        )
+        .unwrap_err();
         assert!(e.contains("does not fit"), "{e}");
-        // Degenerate slot size (no layers): no division by zero.
-        assert!(kv_plan(GIB, 0, None, 0.5, 0, 4, 16).is_ok());
+        // Degenerate block size (no layers): no division by zero.
+        assert!(kv_plan(GIB, 0, None, 0.5, 0, 0, 4, 16).is_ok());
+    }
+
+    #[test]
+    fn decode_splits_fill_the_gpu_at_small_batches_only() {
+        // Llama-3.1-8B (32 heads) on an H200 (132 SMs), 8k context: batch 1 gets
+        // ceil(264 / 32) = 9 splits, batch 2 5, batch 4 3 (128 blocks < 132), batch 8 none.
+        let s = |b| decode_splits(b, 32, 132, 8192);
+        assert_eq!((s(1), s(2), s(4), s(8), s(128)), (9, 5, 3, 1, 1));
+        // SmolLM2 (9 heads): capped at ATTN_MAX_SPLITS; never past ATTN_SPLIT_MAX_BATCH rows.
+        assert_eq!(decode_splits(1, 9, 132, 8192), ATTN_MAX_SPLITS);
+        assert_eq!(decode_splits(ATTN_SPLIT_MAX_BATCH + 1, 1, 10_000, 8192), 1);
+        // A short context has few 64-position chunks to split into.
+        assert_eq!(decode_splits(1, 4, 132, 128), 2);
+        assert_eq!(decode_splits(1, 4, 132, 64), 1);
+        // The partials hold every split bucket's rows × splits.
+        for max_seq in [1usize, 5, 16, 64] {
+            for b in decode_buckets(max_seq) {
+                for heads in [1usize, 9, 32] {
+                    let z = decode_splits(b, heads, 132, 8192);
+                    assert!(z == 1 || b * z <= attn_split_rows(max_seq), "{max_seq} {b}");
+                }
+            }
+        }
+    }
+
+    /// A sequential model of the split decode attention (kernels/attention.cu): each split's
+    /// range ([`split_range`]) with its own online softmax, in the kernel's order of positions
+    /// (warp w of 8 takes begin + w, begin + w + 8, ...), merged per split as the kernel's
+    /// shared-memory step and across splits as `attention_combine` does. Every split count must
+    /// give the unsplit result within f32 rounding, and the ranges must tile `0..=pos`.
+    #[test]
+    fn split_attention_merges_to_the_unsplit_result() {
+        use crate::device::cuda::kernels::split_range;
+        // (max, sum, acc) of positions `range` for query `q` over keys/values of width `d`.
+        fn block(q: &[f32], k: &[f32], v: &[f32], range: std::ops::Range<usize>) -> Part {
+            let d = q.len();
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut warps = vec![(f32::NEG_INFINITY, 0f32, vec![0f32; d]); 8];
+            for (w, (m, l, acc)) in warps.iter_mut().enumerate() {
+                let mut j = range.start + w;
+                while j < range.end {
+                    let s: f32 = (0..d).map(|e| q[e] * k[j * d + e]).sum::<f32>() * scale;
+                    let mn = m.max(s);
+                    let (corr, pe) = ((*m - mn).exp(), (s - mn).exp());
+                    *l = *l * corr + pe;
+                    for e in 0..d {
+                        acc[e] = acc[e] * corr + pe * v[j * d + e];
+                    }
+                    *m = mn;
+                    j += 8;
+                }
+            }
+            merge(&warps)
+        }
+        type Part = (f32, f32, Vec<f32>);
+        fn merge(parts: &[Part]) -> Part {
+            let mx = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.0));
+            if mx == f32::NEG_INFINITY {
+                return (mx, 0.0, vec![0.0; parts[0].2.len()]);
+            }
+            let total = parts.iter().map(|p| p.1 * (p.0 - mx).exp()).sum();
+            let d = parts[0].2.len();
+            let acc = (0..d)
+                .map(|e| parts.iter().map(|p| p.2[e] * (p.0 - mx).exp()).sum())
+                .collect();
+            (mx, total, acc)
+        }
+        let mut r = 0x2545f491u64;
+        let mut rand = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let d = 64;
+        let n = 1000;
+        let q: Vec<f32> = (0..d).map(|_| 3.0 * rand()).collect();
+        let k: Vec<f32> = (0..n * d).map(|_| rand()).collect();
+        let v: Vec<f32> = (0..n * d).map(|_| rand()).collect();
+        for pos in [0usize, 5, 63, 64, 200, 999] {
+            let (_, l1, a1) = block(&q, &k, &v, 0..pos + 1);
+            let unsplit: Vec<f32> = a1.iter().map(|a| a / l1).collect();
+            for splits in [1usize, 2, 3, 7, 16] {
+                let ranges: Vec<_> = (0..splits).map(|z| split_range(pos, splits, z)).collect();
+                let mut next = 0;
+                for rg in &ranges {
+                    assert!(
+                        rg.start == next || rg.is_empty(),
+                        "{pos} {splits} {ranges:?}"
+                    );
+                    assert!(rg.is_empty() || rg.start % kv::BLOCK_TOKENS == 0);
+                    next = next.max(rg.end);
+                }
+                assert_eq!(next, pos + 1, "{pos} {splits}: {ranges:?}");
+                assert!(!ranges[0].is_empty());
+                let parts: Vec<Part> = ranges
+                    .iter()
+                    .map(|rg| block(&q, &k, &v, rg.clone()))
+                    .collect();
+                let (_, l, acc) = merge(&parts);
+                for e in 0..d {
+                    let (got, want) = (acc[e] / l, unsplit[e]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1e-2),
+                        "pos {pos} splits {splits} e {e}: {got} vs {want}"
+                    );
+                    if splits == 1 {
+                        assert_eq!(got.to_bits(), want.to_bits(), "one split is today's path");
+                    }
+                }
+            }
+        }
     }
 }
