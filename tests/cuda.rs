@@ -1572,17 +1572,34 @@ fn kernel_sampling_frequencies_fit_the_cpu_distribution() {
     }
 }
 
-/// A CUDA backend seen by the engine either with its own sampler (`decode_sampled`) or forced
-/// to the logits path (`decode`, then the engine's host sampler).
+/// A CUDA backend seen by the engine either with its own sampler (`decode_sampled`,
+/// `prefill_sampled`) or forced to the logits path (`decode` and `prefill`, then the engine's
+/// host sampler).
 struct SamplePath<'a> {
     inner: &'a mut CudaBackend,
     device: bool,
     sampled_steps: usize,
     logit_steps: usize,
+    /// Prompts whose first token was chosen on the device; prefills whose logits came back.
+    sampled_prompts: usize,
+    prompt_logits: usize,
 }
 
 impl Backend for SamplePath<'_> {
-    forward_backend_to_inner!();
+    forward_backend_to_inner!(without_prefill);
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.prompt_logits += 1;
+        self.inner.prefill(seq, tokens)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.sampled_prompts += 1;
+        self.inner.prefill_sampled(seq, tokens, row)
+    }
     fn decode(
         &mut self,
         batch: &[DecodeItem],
@@ -1626,6 +1643,8 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
             device,
             sampled_steps: 0,
             logit_steps: 0,
+            sampled_prompts: 0,
+            prompt_logits: 0,
         };
         let opts = EngineOptions::for_config(path.config());
         let mut e = Engine::new(path, None, opts);
@@ -1650,14 +1669,21 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
         while e.has_work() {
             events.push(e.step().unwrap());
         }
-        let (s, l) = (e.backend().sampled_steps, e.backend().logit_steps);
-        (events, s, l)
+        let p = e.backend();
+        (
+            events,
+            p.sampled_steps + p.sampled_prompts,
+            p.logit_steps + p.prompt_logits,
+        )
     };
     let (host, s_host, l_host) = run(&mut b, false);
     let (device, s_dev, l_dev) = run(&mut b, true);
     assert_eq!(s_host, 0);
     assert!(l_host > 0 && s_dev > 0);
-    assert_eq!(l_dev, 0, "no logits come back when the device samples");
+    assert_eq!(
+        l_dev, 0,
+        "no logits (of a decode step or a prompt) come back when the device samples"
+    );
     assert_eq!(device, host);
     let tokens = device
         .iter()
@@ -1670,6 +1696,82 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
         "last step: device sampler {:.3} ms host, {:.3} ms GPU",
         t.sample_ms, t.sample_gpu_ms
     );
+}
+
+/// `prefill_sampled` chooses a prompt's first token on the device exactly as the host sampler
+/// does from `prefill`'s logits of the same prompt, on the argmax path (greedy, no edits) and
+/// the sampler's (sampled, penalized, masked), and leaves the sequence one prompt longer; a
+/// record out of range is refused before anything runs, the sequence unchanged.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn prefill_sampled_chooses_the_host_samplers_first_token() {
+    require_gpu();
+    let dir = synth("tiny", 61);
+    let opts = CudaOptions {
+        max_sequences: 4,
+        max_context: Some(256),
+        plan: PlanSource::Compressed,
+        ..CudaOptions::default()
+    };
+    let mut b = gpu_backend(&model(&dir), opts);
+    let ps = prompts(1024);
+    let records = |p: &[u32]| {
+        let base = RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 3,
+            position: 0,
+            edits: Vec::new(),
+        };
+        vec![
+            base.clone(),
+            RowSampling {
+                edits: vec![(p[0], LogitEdit::Mask)],
+                ..base.clone()
+            },
+            RowSampling {
+                temperature: 0.8,
+                top_p: 0.95,
+                ..base.clone()
+            },
+            RowSampling {
+                temperature: 1.2,
+                top_k: 40,
+                seed: 99,
+                edits: vec![(1, LogitEdit::Subtract(0.5)), (7, LogitEdit::Mask)],
+                ..base
+            },
+        ]
+    };
+    let mut checked = 0;
+    for p in &ps {
+        for row in records(p) {
+            let s = b.new_sequence().unwrap();
+            let logits = b.prefill(s, p).unwrap();
+            b.free_sequence(s);
+            let want = sampler::choose(&logits, &row);
+            let s = b.new_sequence().unwrap();
+            let got = b.prefill_sampled(s, p, &row).unwrap();
+            assert_eq!(got, want, "prompt of {} tokens, {row:?}", p.len());
+            assert_eq!(b.sequence_len(s).unwrap(), p.len());
+            b.free_sequence(s);
+            checked += 1;
+        }
+    }
+    let s = b.new_sequence().unwrap();
+    let bad = RowSampling {
+        temperature: 0.5,
+        top_k: 0,
+        top_p: 0.0,
+        seed: 0,
+        position: 0,
+        edits: Vec::new(),
+    };
+    let err = b.prefill_sampled(s, &ps[0], &bad).unwrap_err();
+    assert!(err.to_string().contains("top_p"), "{err}");
+    assert_eq!(b.sequence_len(s).unwrap(), 0);
+    println!("{checked} first tokens chosen on the device equal the host sampler's");
 }
 
 // ---------------------------------------------------------------------------------------------

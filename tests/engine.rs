@@ -1654,18 +1654,44 @@ fn greedy_steps_fetch_ids_and_other_steps_fetch_logits() {
 }
 
 /// A CPU backend that chooses tokens "on the device" (`samples_on_device`): its
-/// `decode_sampled` runs `decode` and the reference `sampler::choose` per row, recording every
-/// row's sampling record. With `short`, it returns one id too few (a broken backend).
+/// `decode_sampled`, `prefill_sampled` and `step_sampled` run `decode`, `prefill` or `step` on the
+/// inner backend and the reference `sampler::choose` per row, recording every row's sampling
+/// record; its own `decode`, `prefill` and `step` (logits handed to the engine) are counted.
+/// With `short`, `decode_sampled` returns one id too few (a broken backend); with `fused`, it
+/// fuses steps (the engine calls `step_sampled`).
 struct DeviceSampler {
     inner: CpuBackend,
     short: bool,
+    fused: bool,
     sampled: Vec<Vec<RowSampling>>,
+    /// The rows of `prefill_sampled` calls, and the chunk rows of `step_sampled` calls.
+    first: Vec<RowSampling>,
+    chunk_rows: Vec<Vec<Option<RowSampling>>>,
     ids: usize,
     logits: usize,
+    prompt_logits: usize,
+}
+
+fn device_sampler(short: bool, fused: bool) -> DeviceSampler {
+    DeviceSampler {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        short,
+        fused,
+        sampled: Vec::new(),
+        first: Vec::new(),
+        chunk_rows: Vec::new(),
+        ids: 0,
+        logits: 0,
+        prompt_logits: 0,
+    }
 }
 
 impl Backend for DeviceSampler {
-    forward_backend_to_inner!();
+    forward_backend_to_inner!(without_prefill);
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.prompt_logits += 1;
+        self.inner.prefill(seq, tokens)
+    }
     fn decode(
         &mut self,
         batch: &[DecodeItem],
@@ -1696,6 +1722,49 @@ impl Backend for DeviceSampler {
             ids.pop();
         }
         Ok(ids)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.first.push(row.clone());
+        let logits = self.inner.prefill(seq, tokens)?;
+        Ok(sampler::choose(&logits, row))
+    }
+    fn fuses_steps(&self) -> bool {
+        self.fused
+    }
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.logits += 1;
+        self.inner.step(chunks, batch)
+    }
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.chunk_rows.push(chunk_rows.to_vec());
+        if !batch.is_empty() {
+            self.sampled.push(rows.to_vec());
+        }
+        let logits = self.inner.step(chunks, batch)?;
+        let wanted = chunk_rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)));
+        let decode = rows.iter().enumerate().map(|(j, r)| (chunks.len() + j, r));
+        Ok(wanted
+            .chain(decode)
+            .map(|(i, r)| sampler::choose(logits.row(i), r))
+            .collect())
     }
 }
 
@@ -1737,13 +1806,7 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
         ]
     };
     let mut plain = engine(false);
-    let b = DeviceSampler {
-        inner: backend(tiny().0, WeightMode::Decoded),
-        short: false,
-        sampled: Vec::new(),
-        ids: 0,
-        logits: 0,
-    };
+    let b = device_sampler(false, false);
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
         ..EngineOptions::for_config(b.config())
@@ -1758,6 +1821,19 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
     assert_eq!(events, all_events(&mut plain));
     let b = e.backend();
     assert_eq!(b.logits, 0, "no decode step brought logits back");
+    assert_eq!(b.prompt_logits, 0, "no prompt's logits came back");
+    // Every prompt's first token was chosen where its logits are, from its own record: at
+    // position 0 with no penalties yet, the min_tokens request masking its stop ids.
+    assert_eq!(b.first.len(), 4);
+    assert!(b.first.iter().all(|r| r.position == 0));
+    assert!(b.first[0].is_greedy() && b.first[0].edits.is_empty());
+    assert_eq!((b.first[1].seed, b.first[1].temperature), (11, 0.9));
+    assert!(b.first[1].edits.is_empty());
+    assert_eq!(
+        b.first[2].edits,
+        vec![(17, LogitEdit::Mask), (300, LogitEdit::Mask)]
+    );
+    assert_eq!((b.first[3].seed, b.first[3].top_p), (13, 0.5));
     assert!(!b.sampled.is_empty());
     // The penalized request (row 1 while all four run): it generated one token before the first
     // decode step, so that step's row is at position 1 and penalizes that token by f + p.
@@ -1791,13 +1867,7 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
     assert_eq!(second[1].position, 2);
 
     // A backend that returns the wrong number of ids fails the step, naming the call.
-    let b = DeviceSampler {
-        inner: backend(tiny().0, WeightMode::Decoded),
-        short: true,
-        sampled: Vec::new(),
-        ids: 0,
-        logits: 0,
-    };
+    let b = device_sampler(true, false);
     let opts = EngineOptions::for_config(b.config());
     let mut e = Engine::new(b, None, opts);
     let id = e
@@ -1813,4 +1883,111 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
         "{err}"
     );
     assert_eq!(e.take_failed(), vec![id]);
+}
+
+/// On a backend that fuses steps and samples where the logits are, every step (prompt chunks
+/// mixed with decode rows) goes through `step_sampled`: no logits come back, a chunk gets a
+/// sampling record only when it ends its prompt, and the events are exactly those of the
+/// host-sampling engine, for prompts split into chunks, sampled, penalized and under
+/// `min_tokens`.
+#[test]
+fn fused_device_sampling_chooses_prompt_tokens_on_the_device_and_matches_host_sampling() {
+    let long: Vec<u32> = (0..40u32).map(|i| (i * 53 + 11) % 700).collect();
+    let sampled = |seed| SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed,
+        frequency_penalty: 0.5,
+        presence_penalty: 0.25,
+        ..SamplingParams::default()
+    };
+    let requests = || {
+        vec![
+            Request {
+                sampling: sampled(21),
+                ..Request::greedy(PROMPT.to_vec(), 6)
+            },
+            Request {
+                min_tokens: 4,
+                stop_token_ids: vec![5],
+                sampling: sampled(22),
+                ..Request::greedy(long.clone(), 5)
+            },
+            Request::greedy(PROMPT[3..].to_vec(), 5),
+        ]
+    };
+    let opts = |b: &dyn Backend| EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        max_step_slowdown: None,
+        ..EngineOptions::for_config(b.config())
+    };
+    let host = backend(tiny().0, WeightMode::Decoded);
+    let o = opts(&host);
+    let mut plain = Engine::new(host, None, o);
+    let b = device_sampler(false, true);
+    let o = opts(&b);
+    let mut e = Engine::new(b, None, o);
+    for r in requests() {
+        plain.add(r.clone()).unwrap();
+        e.add(r).unwrap();
+    }
+    assert_eq!(all_events(&mut e), all_events(&mut plain));
+    let b = e.backend();
+    assert_eq!(
+        (b.logits, b.prompt_logits),
+        (0, 0),
+        "no step brought logits back"
+    );
+    // The 40-token prompt runs in chunks of at most 16: only its last chunk carries a record,
+    // at position 0, masking its stop id (min_tokens); the two short prompts' single chunks
+    // carry theirs.
+    let records: Vec<&RowSampling> = b.chunk_rows.iter().flatten().flatten().collect();
+    let chunks: usize = b.chunk_rows.iter().map(Vec::len).sum();
+    assert_eq!(records.len(), 3, "one record per prompt");
+    assert!(
+        chunks > records.len(),
+        "the long prompt ran in several chunks"
+    );
+    assert!(records.iter().all(|r| r.position == 0));
+    let masked: Vec<&&RowSampling> = records.iter().filter(|r| !r.edits.is_empty()).collect();
+    assert_eq!(masked.len(), 1);
+    assert_eq!(masked[0].edits, vec![(5, LogitEdit::Mask)]);
+    assert!(
+        !b.sampled.is_empty(),
+        "decode rows were sampled on the device"
+    );
+}
+
+/// A backend that does not sample on the device refuses `prefill_sampled` and `step_sampled`
+/// (the engine never calls them then), naming the contract, and changes nothing.
+#[test]
+fn host_sampling_backends_refuse_the_device_choosing_calls() {
+    let mut b = backend(tiny().0, WeightMode::Decoded);
+    let s = b.new_sequence().unwrap();
+    let row = RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        position: 0,
+        edits: Vec::new(),
+    };
+    let err = b.prefill_sampled(s, &PROMPT, &row).unwrap_err();
+    assert!(
+        err.to_string().contains("samples_on_device is false"),
+        "{err}"
+    );
+    let chunk = ChunkItem {
+        seq: s,
+        tokens: &PROMPT,
+    };
+    let err = b
+        .step_sampled(&[chunk], &[Some(row)], &[], &[])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("samples_on_device is false"),
+        "{err}"
+    );
+    assert_eq!(b.sequence_len(s).unwrap(), 0);
 }

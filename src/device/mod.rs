@@ -295,6 +295,83 @@ pub trait Backend: Send {
         ))
     }
 
+    /// [`Backend::prefill`], then the token after the prompt chosen as `row` says (the same
+    /// token `engine::sampler::choose` gives for the prefill's logits, docs/sampling.md), with
+    /// the same validation, the same effect on the sequence and the same errors as `prefill`.
+    /// Only the id comes back.
+    ///
+    /// Why: a prompt's first token is chosen where its logits are, as every later token is
+    /// ([`Backend::decode_sampled`]), so a device backend never copies a row of logits back for
+    /// it. Only a backend whose [`samples_on_device`](Backend::samples_on_device) is true
+    /// implements it; the default refuses before running anything (the engine never calls it
+    /// then: it asks `prefill` for the logits and chooses on the host, which is where those
+    /// logits are). A backend may take a cheaper path for a row that [`RowSampling::is_greedy`]
+    /// without edits (the device argmax): [`argmax`] is the same token.
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        let _ = (seq, tokens, row);
+        Err(DeviceError::Invalid(
+            "prefill_sampled: this backend does not choose tokens itself (samples_on_device is \
+             false); ask prefill for the logits"
+                .into(),
+        ))
+    }
+
+    /// [`Backend::step`] with each row's token chosen where the logits are: `chunk_rows[i]` says
+    /// how chunk `i`'s token is chosen, `None` for a chunk that does not end its prompt (no
+    /// token wanted), and `rows[j]` how decode item `j`'s is. Returns one id per `Some` chunk
+    /// row, in order, then one per decode item: the tokens `engine::sampler::choose` gives for
+    /// the rows `step` would return.
+    ///
+    /// Why: a backend that [`fuses_steps`](Backend::fuses_steps) and
+    /// [`samples_on_device`](Backend::samples_on_device) brings back ids, never logits, for a
+    /// step that mixes prompt chunks and decode rows. The default refuses unless the backend
+    /// samples on the device; then it runs the parts one after the other through
+    /// [`Backend::prefill_sampled`], [`Backend::prefill`] (a chunk with no token wanted; its
+    /// logits are dropped) and [`Backend::decode_sampled`], so (as `step`'s default) a failure
+    /// part way leaves the chunks before it applied.
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        if !self.samples_on_device() {
+            return Err(DeviceError::Invalid(
+                "step_sampled: this backend does not choose tokens itself (samples_on_device \
+                 is false); ask step for the logits"
+                    .into(),
+            ));
+        }
+        if chunk_rows.len() != chunks.len() || rows.len() != batch.len() {
+            return Err(DeviceError::Invalid(format!(
+                "step_sampled: {} chunk rows for {} chunks and {} sampling rows for a batch of {}",
+                chunk_rows.len(),
+                chunks.len(),
+                rows.len(),
+                batch.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(chunks.len() + batch.len());
+        for (c, row) in chunks.iter().zip(chunk_rows) {
+            match row {
+                Some(row) => ids.push(self.prefill_sampled(c.seq, c.tokens, row)?),
+                None => {
+                    self.prefill(c.seq, c.tokens)?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            ids.extend(self.decode_sampled(batch, rows)?);
+        }
+        Ok(ids)
+    }
+
     /// A fatal error when the device context this backend runs in died since it was built,
     /// whoever faulted: every instance on a GPU shares the device's context, so one instance's
     /// sticky fault kills it for all, and a new context can only be made once every holder has
@@ -376,6 +453,23 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         rows: &[RowSampling],
     ) -> Result<Vec<u32>, DeviceError> {
         (**self).decode_sampled(batch, rows)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        (**self).prefill_sampled(seq, tokens, row)
+    }
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        (**self).step_sampled(chunks, chunk_rows, batch, rows)
     }
     fn context_lost(&self) -> Option<DeviceError> {
         (**self).context_lost()

@@ -567,7 +567,7 @@ impl<B: Backend> Engine<B> {
         for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
             let token = match &out {
                 StepOutput::Tokens(ids) => ids[i],
-                StepOutput::Logits(logits) => self.sample(&mut s, logits.row(i)),
+                StepOutput::Logits(logits) => self.sample(&s, logits.row(i)),
             };
             match self.accept(&mut s, token, events) {
                 Ok(true) => still.push(s),
@@ -625,8 +625,30 @@ impl<B: Backend> Engine<B> {
             .map(|(_, _, from, to)| self.cost.chunk(*from, to - from))
             .sum();
         self.step_work.1 = batch.len();
-        let mut logits = match self.backend.step(&chunks, &batch) {
-            Ok(l) => l,
+        // Only the ids come back from a backend that samples where the logits are: a token for
+        // each chunk that ends its prompt (not for one recomputed after a preemption), and one
+        // per decode row.
+        let wants: Vec<bool> = parts
+            .iter()
+            .map(|(i, tokens, _, to)| *to == tokens.len() && self.prefilling[*i].output.is_empty())
+            .collect();
+        let result = if self.backend.samples_on_device() {
+            let chunk_rows: Vec<Option<RowSampling>> = parts
+                .iter()
+                .zip(&wants)
+                .map(|((i, ..), &w)| w.then(|| self.row_sampling(&self.prefilling[*i])))
+                .collect();
+            let rows: Vec<RowSampling> =
+                self.running.iter().map(|s| self.row_sampling(s)).collect();
+            let wanted = wants.iter().filter(|&&w| w).count();
+            self.backend
+                .step_sampled(&chunks, &chunk_rows, &batch, &rows)
+                .and_then(|ids| checked_ids(ids, wanted + batch.len(), "step_sampled"))
+        } else {
+            self.backend.step(&chunks, &batch).map(StepOutput::Logits)
+        };
+        let out = match result {
+            Ok(out) => out,
             Err(e) => {
                 let ids: Vec<RequestId> = queued.iter().map(|q| q.0).collect();
                 let (dropped, kept): (Vec<Sequence>, Vec<Sequence>) =
@@ -642,19 +664,42 @@ impl<B: Backend> Engine<B> {
                 return Err(e.into());
             }
         };
-        let vocab = logits.vocab;
-        let decode = Logits {
-            vocab,
-            data: logits.data.split_off(chunks.len() * vocab),
-        };
         drop(chunks);
-        // The prompts' chunks: advance them, and sample the first token of those now complete.
-        let mut first: Vec<Option<usize>> = vec![None; self.prefilling.len()];
-        for (row, (i, _, _, to)) in parts.into_iter().enumerate() {
+        // The first tokens of the prompts now complete (`first[i]` for `prefilling[i]`), and the
+        // decode rows' output.
+        let mut first: Vec<Option<u32>> = vec![None; self.prefilling.len()];
+        let decode = match out {
+            StepOutput::Tokens(mut ids) => {
+                let decode = ids.split_off(ids.len() - batch.len());
+                let mut ids = ids.into_iter();
+                for ((i, ..), _) in parts.iter().zip(&wants).filter(|(_, &w)| w) {
+                    first[*i] = ids.next();
+                }
+                StepOutput::Tokens(decode)
+            }
+            StepOutput::Logits(mut logits) => {
+                let vocab = logits.vocab;
+                let decode = Logits {
+                    vocab,
+                    data: logits.data.split_off(parts.len() * vocab),
+                };
+                for (row, ((i, ..), _)) in parts.iter().zip(&wants).enumerate() {
+                    if wants[row] {
+                        let token = self.sample(
+                            &self.prefilling[*i],
+                            &logits.data[row * vocab..(row + 1) * vocab],
+                        );
+                        first[*i] = Some(token);
+                    }
+                }
+                StepOutput::Logits(decode)
+            }
+        };
+        // The prompts' chunks: advance them.
+        for (i, _, _, to) in parts {
             let s = &mut self.prefilling[i];
             self.stats.prefill_tokens += (to - s.prefilled) as u64;
             s.prefilled = to;
-            first[i] = Some(row);
         }
         let mut admitted = Vec::new();
         let mut still = Vec::with_capacity(self.prefilling.len());
@@ -669,8 +714,7 @@ impl<B: Backend> Engine<B> {
                 admitted.push(s);
                 continue;
             }
-            let row = first[i].expect("a prompt completes only in a step that ran its chunk");
-            let token = self.sample(&mut s, &logits.data[row * vocab..(row + 1) * vocab]);
+            let token = first[i].expect("a prompt completes only in a step that ran its chunk");
             match self.accept(&mut s, token, events) {
                 Ok(true) => admitted.push(s),
                 Ok(false) => {}
@@ -686,7 +730,7 @@ impl<B: Backend> Engine<B> {
         if !batch.is_empty() {
             self.stats.decode_tokens += batch.len() as u64;
         }
-        let result = self.accept_decoded(StepOutput::Logits(decode), events);
+        let result = self.accept_decoded(decode, events);
         self.running.extend(admitted);
         match failure {
             Some(e) => Err(e),
@@ -711,20 +755,27 @@ impl<B: Backend> Engine<B> {
         let tokens = s.prefill_tokens();
         let (from, to) = (s.prefilled, s.prefilled + chunk);
         self.step_work.0 += self.cost.chunk(from, chunk);
-        let result = self
-            .backend
-            .prefill(seq, &tokens[from..to])
-            .map_err(EngineError::from)
-            .and_then(|logits| {
-                self.stats.prefill_tokens += chunk as u64;
-                s.prefilled = to;
-                if to < tokens.len() || !s.output.is_empty() {
-                    // More chunks to come, or recomputed after a preemption.
-                    return Ok(true);
-                }
-                let token = self.sample(&mut s, &logits);
-                self.accept(&mut s, token, events)
-            });
+        // No token when more chunks are to come, or recomputed after a preemption.
+        let wants_token = to == tokens.len() && s.output.is_empty();
+        let result = if wants_token && self.backend.samples_on_device() {
+            // Chosen where the logits are: only the id comes back.
+            let row = self.row_sampling(&s);
+            self.backend
+                .prefill_sampled(seq, &tokens[from..to], &row)
+                .map(Some)
+        } else {
+            self.backend
+                .prefill(seq, &tokens[from..to])
+                .map(|logits| wants_token.then(|| sampler::choose(&logits, &self.row_sampling(&s))))
+        };
+        let result = result.map_err(EngineError::from).and_then(|token| {
+            self.stats.prefill_tokens += chunk as u64;
+            s.prefilled = to;
+            match token {
+                Some(token) => self.accept(&mut s, token, events),
+                None => Ok(true),
+            }
+        });
         match result {
             Ok(true) => Ok(Some(s)),
             Ok(false) => Ok(None),
@@ -836,7 +887,7 @@ impl<B: Backend> Engine<B> {
 
     /// Samples the next token of `s` on the host from its row of `logits`
     /// ([`Engine::row_sampling`]).
-    fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
+    fn sample(&self, s: &Sequence, logits: &[f32]) -> u32 {
         sampler::choose(logits, &self.row_sampling(s))
     }
 

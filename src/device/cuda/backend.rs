@@ -41,6 +41,8 @@ use super::options::{resolve_plan, CudaOptions, PlanSource};
 use super::persist::weights_identity;
 use super::plan::{Plan, Role, RoleShapes, Storage};
 use super::sample;
+
+mod choosing;
 use super::sizing::{decode_buckets, decode_inputs, kv_plan, pick_bucket};
 pub use super::sizing::{role_shapes, WorkBuffers};
 use super::stream::stream_weights_persisted;
@@ -1083,6 +1085,13 @@ impl CudaBackend {
     }
 
     fn prefill_inner(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> GpuResult<Vec<f32>> {
+        self.prefill_enqueue(seq, start, tokens)?;
+        self.copy_logits(1)
+    }
+
+    /// Queues a prefill of `tokens` at positions from `start`, leaving the logits after the
+    /// last of them in row 0 of `bufs.logits` (not copied back, not waited for).
+    fn prefill_enqueue(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> GpuResult<()> {
         self.logit_rows = 0;
         self.ctx.bind()?;
         let chunks: Vec<&[u32]> = tokens
@@ -1099,7 +1108,7 @@ impl CudaBackend {
             self.enqueue(n, if last { Want::Last } else { Want::None })?;
             p += n;
         }
-        self.copy_logits(1)
+        Ok(())
     }
 }
 
@@ -1139,16 +1148,7 @@ impl Backend for CudaBackend {
     }
 
     fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
-        if tokens.is_empty() {
-            return Err(DeviceError::Invalid(
-                "prefill of an empty token list".into(),
-            ));
-        }
-        let len = self.kv.len(seq)?;
-        self.check_room(seq, len + tokens.len())?;
-        for &t in tokens {
-            self.check_token(t)?;
-        }
+        let len = self.check_prefill(seq, tokens)?;
         let r = self.prefill_inner(seq, len, tokens);
         let logits = self.on_fault(r.map_err(DeviceError::from))?;
         self.kv.set_len(seq, len + tokens.len());
@@ -1197,6 +1197,17 @@ impl Backend for CudaBackend {
 
     fn samples_on_device(&self) -> bool {
         true
+    }
+
+    /// The prefill, then its last row's token chosen on the device (the argmax kernel for a
+    /// greedy row without edits, the sampler otherwise): only one i32 comes back.
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.prefill_choosing(seq, tokens, row)
     }
 
     /// The step of `decode`, then `sample_rows` over its logits on the device: the rows'
