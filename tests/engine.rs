@@ -16,7 +16,8 @@ use serde_json::Value;
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
 use triton_unweight::device::cpu::{CpuBackend, CpuOptions, KV_BLOCK_TOKENS};
 use triton_unweight::device::{
-    Backend, ChunkItem, DecodeItem, DeviceError, LogitEdit, RowSampling, SeqId,
+    Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, Launched, LogitEdit,
+    RowSampling, SeqId,
 };
 use triton_unweight::engine::{
     sampler, Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams,
@@ -1990,4 +1991,276 @@ fn host_sampling_backends_refuse_the_device_choosing_calls() {
         "{err}"
     );
     assert_eq!(b.sequence_len(s).unwrap(), 0);
+}
+
+/// A CPU backend whose decode steps are left "in flight": `launch_decode` only records the batch
+/// (and the launch, with the step number, in `log`) and `collect_decode` runs it on the inner
+/// backend, as a device would between its launch and its synchronisation. `fail_launch` /
+/// `fail_collect` make the launch or the collection of that step (1-based) fail.
+struct Pipelined {
+    inner: CpuBackend,
+    held: Option<(Vec<DecodeItem>, Option<Vec<RowSampling>>, bool)>,
+    log: Vec<String>,
+    launches: usize,
+    fail_launch: Option<usize>,
+    fail_collect: Option<usize>,
+}
+
+fn pipelined() -> Pipelined {
+    Pipelined {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        held: None,
+        log: Vec::new(),
+        launches: 0,
+        fail_launch: None,
+        fail_collect: None,
+    }
+}
+
+impl Backend for Pipelined {
+    forward_backend_to_inner!();
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.log.push("decode".into());
+        self.inner.decode(batch)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        assert!(self.held.is_none(), "a launch while a step is in flight");
+        self.launches += 1;
+        if self.fail_launch == Some(self.launches) {
+            return Err(DeviceError::Invalid("injected launch failure".into()));
+        }
+        self.log.push(format!("launch {} rows", batch.len()));
+        let (rows, logits) = match choice {
+            DecodeChoice::Argmax => (None, false),
+            DecodeChoice::Sampled(r) => (Some(r.to_vec()), false),
+            DecodeChoice::Logits => (None, true),
+        };
+        self.held = Some((batch.to_vec(), rows, logits));
+        Ok(Launched::InFlight)
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        let (batch, rows, logits) = self.held.take().expect("a step in flight");
+        self.log.push("collect".into());
+        if self.fail_collect == Some(self.launches) {
+            return Err(DeviceError::Invalid("injected collect failure".into()));
+        }
+        let out = self.inner.decode(&batch)?;
+        Ok(match (rows, logits) {
+            (_, true) => DecodeOutput::Logits(out),
+            (Some(rows), _) => DecodeOutput::Ids(
+                rows.iter()
+                    .enumerate()
+                    .map(|(i, r)| sampler::choose(out.row(i), r))
+                    .collect(),
+            ),
+            (None, _) => DecodeOutput::Ids((0..batch.len()).map(|i| argmax(out.row(i))).collect()),
+        })
+    }
+}
+
+fn pipelined_requests() -> Vec<Request> {
+    vec![
+        Request::greedy(PROMPT.to_vec(), 7),
+        Request {
+            sampling: SamplingParams {
+                temperature: 0.8,
+                top_p: 0.95,
+                seed: 31,
+                frequency_penalty: 0.4,
+                ..SamplingParams::default()
+            },
+            ..Request::greedy(PROMPT[1..].to_vec(), 6)
+        },
+        Request {
+            min_tokens: 3,
+            stop_token_ids: vec![17],
+            ..Request::greedy(PROMPT[2..].to_vec(), 5)
+        },
+    ]
+}
+
+fn unfused_opts(b: &dyn Backend) -> EngineOptions {
+    EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    }
+}
+
+/// Steps split into `begin_step` / `finish_step` over a backend that leaves every decode in
+/// flight, with a request added while a step is in flight, give exactly the events of
+/// synchronous steps with the request added between them; every decode was launched, then
+/// collected, one at a time.
+#[test]
+fn pipelined_steps_give_the_events_of_synchronous_steps() {
+    let late = Request {
+        sampling: SamplingParams {
+            temperature: 1.1,
+            seed: 4,
+            ..SamplingParams::default()
+        },
+        ..Request::greedy(PROMPT[..6].to_vec(), 4)
+    };
+    let mut plain = engine(false);
+    let b = pipelined();
+    let o = unfused_opts(&b);
+    let mut e = Engine::new(b, None, o);
+    for r in pipelined_requests() {
+        plain.add(r.clone()).unwrap();
+        e.add(r).unwrap();
+    }
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    let mut step = 0;
+    while plain.has_work() || e.has_work() {
+        step += 1;
+        want.push(plain.step().unwrap());
+        e.begin_step().unwrap();
+        if step == 3 {
+            // Host work while the step runs: a request arrives.
+            assert!(e.step_in_flight());
+            e.add(late.clone()).unwrap();
+            plain.add(late.clone()).unwrap();
+        }
+        got.push(e.finish_step().unwrap());
+    }
+    assert_eq!(got, want);
+    let log = &e.backend().log;
+    assert!(e.backend().launches > 3);
+    assert!(!log.iter().any(|l| l == "decode"), "no synchronous decode");
+    for pair in log.chunks(2) {
+        assert!(
+            pair[0].starts_with("launch") && pair[1] == "collect",
+            "{log:?}"
+        );
+    }
+}
+
+/// A cancellation made while a step is in flight takes effect at the next step, exactly as one
+/// made right after it: the step's token is still produced, the request is not in the next
+/// decode batch, and its `Finished { Cancelled }` comes with the next step. A prompt admitted by
+/// the step in flight can be cancelled too.
+#[test]
+fn a_cancellation_while_a_step_is_in_flight_takes_effect_at_the_next_step() {
+    let mut plain = engine(false);
+    let b = pipelined();
+    let o = unfused_opts(&b);
+    let mut e = Engine::new(b, None, o);
+    let mut ids = Vec::new();
+    for r in pipelined_requests() {
+        plain.add(r.clone()).unwrap();
+        ids.push(e.add(r).unwrap());
+    }
+    let (mut want, mut got) = (vec![plain.step().unwrap()], vec![e.step().unwrap()]);
+    // Step 2 in flight: cancel request 0; a new request arrives and is admitted by step 3.
+    want.push(plain.step().unwrap());
+    assert!(plain.cancel(ids[0]));
+    e.begin_step().unwrap();
+    assert!(e.cancel(ids[0]));
+    assert!(!e.cancel(ids[0]), "cancelled once");
+    got.push(e.finish_step().unwrap());
+    let late = Request::greedy(PROMPT[..5].to_vec(), 6);
+    let late_plain = plain.add(late.clone()).unwrap();
+    let late_id = e.add(late).unwrap();
+    // Step 3 admits the late request (its first token) while the batch is in flight: cancel it.
+    want.push(plain.step().unwrap());
+    assert!(plain.cancel(late_plain));
+    e.begin_step().unwrap();
+    assert_eq!(
+        e.load().1,
+        3,
+        "the admitted prompt counts as running in flight"
+    );
+    assert!(e.cancel(late_id));
+    got.push(e.finish_step().unwrap());
+    while plain.has_work() || e.has_work() {
+        want.push(plain.step().unwrap());
+        got.push(e.step().unwrap());
+    }
+    assert_eq!(got, want);
+    // Step 2 still produced request 0's token; its end came with step 3.
+    let token_of = |evs: &[Event], id| {
+        evs.iter()
+            .any(|ev| matches!(ev, Event::Token { id: i, .. } if *i == id))
+    };
+    assert!(token_of(&got[1], ids[0]));
+    assert!(got[2].contains(&Event::Finished {
+        id: ids[0],
+        reason: StopReason::Cancelled,
+        text_delta: String::new(),
+    }));
+    assert!(!token_of(&got[2], ids[0]), "not in the next step");
+    // Batches: 3 rows at step 2, 2 at step 3 (request 0 gone, the late one admitted), then the
+    // late one never decodes.
+    let log = &e.backend().log;
+    assert_eq!(log[0], "launch 3 rows");
+    assert_eq!(log[2], "launch 2 rows");
+    assert!(got[3].contains(&Event::Finished {
+        id: late_id,
+        reason: StopReason::Cancelled,
+        text_delta: String::new(),
+    }));
+}
+
+/// A decode whose launch fails, or whose collection fails, fails its step: the running requests
+/// are dropped (listed by `take_failed`, their KV slots freed) and the engine serves the next
+/// request; `begin_step` twice and `finish_step` without a step are refused.
+#[test]
+fn a_failed_launch_or_collection_drops_the_running_requests_and_the_engine_goes_on() {
+    for at_launch in [true, false] {
+        let mut b = pipelined();
+        if at_launch {
+            b.fail_launch = Some(2);
+        } else {
+            b.fail_collect = Some(2);
+        }
+        let o = unfused_opts(&b);
+        let mut e = Engine::new(b, None, o);
+        let ids: Vec<RequestId> = pipelined_requests()
+            .into_iter()
+            .map(|r| e.add(r).unwrap())
+            .collect();
+        e.step().unwrap();
+        e.step().unwrap();
+        let err = if at_launch {
+            e.begin_step().unwrap_err()
+        } else {
+            e.begin_step().unwrap();
+            e.finish_step().unwrap_err()
+        };
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert!(!e.step_in_flight());
+        let mut failed = e.take_failed();
+        failed.sort();
+        assert_eq!(failed, ids);
+        assert_eq!(e.kv_usage().sequences, 0, "their slots were freed");
+        let next = e.add(Request::greedy(PROMPT.to_vec(), 3)).unwrap();
+        let events: Vec<Event> = all_events(&mut e).into_iter().flatten().collect();
+        assert!(events.contains(&Event::Finished {
+            id: next,
+            reason: StopReason::MaxTokens,
+            text_delta: String::new(),
+        }));
+    }
+    let b = pipelined();
+    let o = unfused_opts(&b);
+    let mut e = Engine::new(b, None, o);
+    assert!(e
+        .finish_step()
+        .unwrap_err()
+        .to_string()
+        .contains("finish_step"));
+    e.add(Request::greedy(PROMPT.to_vec(), 3)).unwrap();
+    e.begin_step().unwrap();
+    assert!(e
+        .begin_step()
+        .unwrap_err()
+        .to_string()
+        .contains("in flight"));
+    e.finish_step().unwrap();
 }

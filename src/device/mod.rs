@@ -91,6 +91,37 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// What a decode step launched with [`Backend::launch_decode`] is to bring back.
+#[derive(Clone, Copy, Debug)]
+pub enum DecodeChoice<'a> {
+    /// Each row's greedy id, as [`Backend::decode_argmax`].
+    Argmax,
+    /// Each row's id chosen as its record says, as [`Backend::decode_sampled`] (only on a
+    /// backend that [`samples_on_device`](Backend::samples_on_device)).
+    Sampled(&'a [RowSampling]),
+    /// Every row's logits, as [`Backend::decode`].
+    Logits,
+}
+
+/// What a decode step brought back: ids (one per row) or logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DecodeOutput {
+    /// One id per row, in order.
+    Ids(Vec<u32>),
+    /// One row of logits per item, in order.
+    Logits(Logits),
+}
+
+/// Where a decode step stands after [`Backend::launch_decode`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Launched {
+    /// It ran to completion inside the launch (the default: a backend whose every call is
+    /// synchronous, the CPU); there is nothing to collect.
+    Done(DecodeOutput),
+    /// It runs on the device; [`Backend::collect_decode`] waits for it and brings its output.
+    InFlight,
+}
+
 /// How much the KV cache can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCapacity {
@@ -372,6 +403,44 @@ pub trait Backend: Send {
         Ok(ids)
     }
 
+    /// Starts a decode step of `batch` that brings back what `choice` says, without waiting for
+    /// it where the backend can: [`Launched::InFlight`] means the step runs on the device while
+    /// the caller does host work, and its output (with any error the step meets) comes from
+    /// [`Backend::collect_decode`]. Validation errors come from the launch, before anything
+    /// runs. The same effect on the sequences and the same tokens as the synchronous call
+    /// `choice` names.
+    ///
+    /// Contract while a step is in flight: the next call that runs the model or touches a
+    /// sequence (`prefill*`, `decode*`, `step*`, `launch_decode`, `new_sequence`,
+    /// `free_sequence`, `sequence_len`) must be `collect_decode`; only the read-only queries
+    /// (`config`, `kv_capacity`, `kv_usage`, `weight_memory`, `samples_on_device`,
+    /// `fuses_steps`, `context_lost`) may come in between, and they see the sequences as they
+    /// were before the step.
+    ///
+    /// Why: the engine thread prepares the next step's host work (responses, admission,
+    /// cancellations, metrics) while the device runs this one. The default runs the whole step
+    /// here ([`Launched::Done`]): a backend whose every call is synchronous changes nothing.
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        Ok(Launched::Done(match choice {
+            DecodeChoice::Argmax => DecodeOutput::Ids(self.decode_argmax(batch)?),
+            DecodeChoice::Sampled(rows) => DecodeOutput::Ids(self.decode_sampled(batch, rows)?),
+            DecodeChoice::Logits => DecodeOutput::Logits(self.decode(batch)?),
+        }))
+    }
+
+    /// Waits for the step [`Backend::launch_decode`] left in flight and returns its output; the
+    /// sequences are one token longer then. On an error they are as they were before the step.
+    /// The default (no step is ever left in flight) refuses.
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        Err(DeviceError::Invalid(
+            "collect_decode: no decode step is in flight".into(),
+        ))
+    }
+
     /// A fatal error when the device context this backend runs in died since it was built,
     /// whoever faulted: every instance on a GPU shares the device's context, so one instance's
     /// sticky fault kills it for all, and a new context can only be made once every holder has
@@ -470,6 +539,16 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         rows: &[RowSampling],
     ) -> Result<Vec<u32>, DeviceError> {
         (**self).step_sampled(chunks, chunk_rows, batch, rows)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        (**self).launch_decode(batch, choice)
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        (**self).collect_decode()
     }
     fn context_lost(&self) -> Option<DeviceError> {
         (**self).context_lost()

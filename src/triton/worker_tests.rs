@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use super::super::{log, mock, sys};
 use super::*;
 use crate::device::shared::{ContextEpochs, ContextLease};
-use crate::device::{DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
+use crate::device::{
+    argmax, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, KvCapacity, Launched, Logits,
+    SeqId,
+};
 use crate::engine::EngineOptions;
 use crate::model::LlamaConfig;
 
@@ -26,6 +29,17 @@ struct Faults {
     fatal_decode: AtomicBool,
     /// Calls made on a dead backend (a worker that keeps stepping a dead context shows here).
     calls_after_death: AtomicUsize,
+    /// Decode steps are left in flight, as a device's: `launch_decode` holds the batch and
+    /// `collect_decode` runs it (faults and panics surface there, at the synchronisation).
+    pipelined: AtomicBool,
+    /// Each launch and collection of a pipelined step, with the number of responses the mock
+    /// server had received from every request at that moment.
+    order: std::sync::Mutex<Vec<(&'static str, usize)>>,
+}
+
+/// Responses the mock server received so far, from every request.
+fn responses_sent() -> usize {
+    mock::with(|h| h.requests.iter().map(|r| r.responses.len()).sum())
 }
 
 /// The error a dead context gives, as the driver wrapper words it.
@@ -52,6 +66,8 @@ struct Fake {
     lease: Option<ContextLease>,
     /// Where its drop is recorded (`dropped <name>`), if anywhere.
     journal: Option<(String, Journal)>,
+    /// The decode batch in flight (`Faults::pipelined`).
+    held: Option<Vec<DecodeItem>>,
 }
 
 /// What happened, in order, across instances.
@@ -176,6 +192,47 @@ impl Backend for Fake {
             data: batch.iter().flat_map(|_| logits_row()).collect(),
         })
     }
+
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        if !self.faults.pipelined.load(Ordering::SeqCst) {
+            let logits = self.decode(batch)?;
+            let out = match choice {
+                DecodeChoice::Logits => DecodeOutput::Logits(logits),
+                _ => DecodeOutput::Ids((0..batch.len()).map(|i| argmax(logits.row(i))).collect()),
+            };
+            return Ok(Launched::Done(out));
+        }
+        assert!(self.held.is_none(), "launched while a step is in flight");
+        assert!(
+            matches!(choice, DecodeChoice::Argmax),
+            "greedy requests only"
+        );
+        self.alive()?;
+        self.faults
+            .order
+            .lock()
+            .unwrap()
+            .push(("launch", responses_sent()));
+        self.held = Some(batch.to_vec());
+        Ok(Launched::InFlight)
+    }
+
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        let batch = self.held.take().expect("a step in flight");
+        self.faults
+            .order
+            .lock()
+            .unwrap()
+            .push(("collect", responses_sent()));
+        let logits = self.decode(&batch)?;
+        Ok(DecodeOutput::Ids(
+            (0..batch.len()).map(|i| argmax(logits.row(i))).collect(),
+        ))
+    }
 }
 
 fn engine(faults: &Arc<Faults>) -> Engine<Box<dyn Backend>> {
@@ -197,6 +254,7 @@ fn engine_on(
         dead: false,
         lease,
         journal,
+        held: None,
     });
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
@@ -569,4 +627,46 @@ fn a_device_that_faults_in_every_new_context_is_marked_broken_not_rebuilt_foreve
     w.stop().unwrap();
     assert_eq!(faults.calls_after_death.load(Ordering::SeqCst), 0);
     assert_eq!(mock::with(|h| h.live_errors), 0);
+}
+
+/// With a backend that leaves each decode step in flight, the engine thread sends a step's
+/// responses while the next step runs: between some launch and its collection, the mock server
+/// received responses (a worker doing its host work only between steps shows none there).
+/// Every request still gets all its tokens and one FINAL, and a cancellation arriving while
+/// steps are in flight ends its request as CANCELLED.
+#[test]
+fn the_engine_thread_sends_responses_while_the_next_step_runs() {
+    let _g = mock::lock();
+    let faults = Arc::new(Faults::default());
+    faults.pipelined.store(true, Ordering::SeqCst);
+    let rebuild: EngineFactory = Box::new(|| Err(TritonError::Unavailable("unused".into())));
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
+    let a = submit(&w, "a", 12, true);
+    let b = submit(&w, "b", 9, true);
+    let victim = submit(&w, "victim", 100_000, true);
+    wait_for("the victim has 3 responses", || {
+        mock::on_request(victim, |m| m.responses.len() >= 3)
+    });
+    mock::on_request(victim, |m| m.cancelled = true);
+    wait_for("every request ended", || {
+        ended(a) && ended(b) && ended(victim)
+    });
+    assert_eq!(ended_once(a, true), None);
+    assert_eq!(ended_once(b, true), None);
+    // One response per token, the FINAL with the last one.
+    assert_eq!(mock::on_request(a, |m| m.responses.len()), 12);
+    assert_eq!(mock::on_request(b, |m| m.responses.len()), 9);
+    let (code, msg) = ended_once(victim, false).expect("an error FINAL");
+    assert_eq!(code, sys::TRITONSERVER_ERROR_CANCELLED, "{msg}");
+    w.stop().unwrap();
+    let order = faults.order.lock().unwrap().clone();
+    assert!(order.len() >= 4, "{order:?}");
+    for pair in order.chunks(2) {
+        assert_eq!((pair[0].0, pair[1].0), ("launch", "collect"), "{order:?}");
+    }
+    let overlapped = order.chunks(2).filter(|pair| pair[1].1 > pair[0].1).count();
+    assert!(
+        overlapped > 0,
+        "responses were sent while a step was in flight: {order:?}"
+    );
 }

@@ -50,7 +50,8 @@ use super::tbe3::{multiprocessors, Tbe3Kernels};
 use super::weights::{device_weights, upload_linear, LayerW, UploadSink, Weights, WeightsKey};
 use crate::container::Checkpoint;
 use crate::device::{
-    Backend, DecodeItem, DeviceError, FaultKind, KvCapacity, Logits, RowSampling, SeqId,
+    Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, FaultKind, KvCapacity, Launched,
+    Logits, RowSampling, SeqId,
 };
 use crate::model::weights::{LlamaWeights, WeightError};
 use crate::model::LlamaConfig;
@@ -170,6 +171,8 @@ pub struct CudaBackend {
     /// or a step that failed before its logits were complete): what
     /// [`CudaBackend::argmax_last_step`] may read.
     logit_rows: usize,
+    /// The decode step [`Backend::launch_decode`] left running, to be collected.
+    in_flight: Option<choosing::InFlight>,
 }
 
 /// Builds a backend with `opts` whose [`PlanSource::Auto`] was resolved to `plan` (from
@@ -645,6 +648,7 @@ impl CudaBackend {
             weight_memory,
             timing: StepTiming::default(),
             logit_rows: 0,
+            in_flight: None,
         })
     }
 
@@ -762,6 +766,13 @@ impl CudaBackend {
     /// Runs the argmax kernel over the first `rows` rows of the logits buffer and copies the
     /// ids back; records its timing.
     fn device_argmax(&mut self, rows: usize) -> GpuResult<Vec<u32>> {
+        let t = self.queue_argmax(rows)?;
+        self.finish_argmax(rows, t)
+    }
+
+    /// Queues the argmax kernel over the first `rows` rows of the logits buffer (no wait);
+    /// returns when it was queued.
+    fn queue_argmax(&mut self, rows: usize) -> GpuResult<Instant> {
         self.ctx.bind()?;
         let vocab = self.cfg.vocab_size;
         let t = Instant::now();
@@ -769,6 +780,13 @@ impl CudaBackend {
         self.k
             .argmax_rows(self.bufs.logits.ptr(), rows, vocab, self.bufs.ids.ptr())?;
         self.choice_events.1.record()?;
+        Ok(t)
+    }
+
+    /// The ids of a queued argmax (`queue_argmax` at `t`) back on the host; records its timing.
+    fn finish_argmax(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
+        self.ctx.bind()?;
+        let vocab = self.cfg.vocab_size;
         let mut ids = vec![0i32; rows];
         // The step's one synchronisation: the ids back (the step and the kernel done).
         self.bufs.ids.download(&mut ids)?;
@@ -787,9 +805,18 @@ impl CudaBackend {
     /// Runs the sampling kernel over the first `packed.rows.len()` rows of the logits buffer
     /// (editing them in place) and copies the ids back; records its timing.
     fn device_sample(&mut self, packed: &sample::Packed) -> GpuResult<Vec<u32>> {
+        let t = self.queue_sample(packed)?;
+        self.finish_sample(packed.rows.len(), t)
+    }
+
+    /// Queues the sampling records' upload and the sampling kernel over the first
+    /// `packed.rows.len()` rows of the logits buffer (no wait); returns when it was queued.
+    fn queue_sample(&mut self, packed: &sample::Packed) -> GpuResult<Instant> {
         self.ctx.bind()?;
         let rows = packed.rows.len();
         let vocab = self.cfg.vocab_size;
+        // The logits are edited from now on: not the step's logits any more.
+        self.logit_rows = 0;
         let t = Instant::now();
         // Stream-ordered after the step, whose last kernel consumed logits_raw.
         self.staging
@@ -806,11 +833,17 @@ impl CudaBackend {
             self.bufs.ids.ptr(),
         )?;
         self.choice_events.1.record()?;
+        Ok(t)
+    }
+
+    /// The ids of a queued sampler (`queue_sample` at `t`) back on the host; records its
+    /// timing.
+    fn finish_sample(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
+        self.ctx.bind()?;
+        let vocab = self.cfg.vocab_size;
         let mut ids = vec![0i32; rows];
         // The step's one synchronisation: the ids back (the step and the kernel done).
         self.bufs.ids.download(&mut ids)?;
-        // The logits are edited now: not the step's logits any more.
-        self.logit_rows = 0;
         self.timing.sample_ms = t.elapsed().as_secs_f64() * 1e3;
         self.settle_step_time()?;
         self.timing.sample_gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
@@ -1148,6 +1181,7 @@ impl Backend for CudaBackend {
     }
 
     fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.refuse_in_flight("prefill")?;
         let len = self.check_prefill(seq, tokens)?;
         let r = self.prefill_inner(seq, len, tokens);
         let logits = self.on_fault(r.map_err(DeviceError::from))?;
@@ -1157,6 +1191,7 @@ impl Backend for CudaBackend {
 
     fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
         let vocab = self.cfg.vocab_size;
+        self.refuse_in_flight("decode")?;
         self.check_batch(batch)?;
         if batch.is_empty() {
             return Ok(Logits {
@@ -1210,6 +1245,20 @@ impl Backend for CudaBackend {
         self.prefill_choosing(seq, tokens, row)
     }
 
+    /// Ids (argmax or sampler) are left in flight: inputs uploaded, the step's graph and the
+    /// choosing kernel queued; logits run synchronously (`decode`).
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        self.launch_choosing(batch, choice)
+    }
+
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.collect_choosing()
+    }
+
     /// The step of `decode`, then `sample_rows` over its logits on the device: the rows'
     /// sampling records are packed and checked before anything runs, and only `batch.len()`
     /// i32 ids come back.
@@ -1243,6 +1292,7 @@ impl CudaBackend {
         batch: &[DecodeItem],
         choose: impl FnOnce(&mut Self) -> GpuResult<Vec<u32>>,
     ) -> Result<Vec<u32>, DeviceError> {
+        self.refuse_in_flight("decode")?;
         let r = self.run_decode(batch).and_then(|()| choose(self));
         let ids = self.on_fault(r.map_err(DeviceError::from))?;
         for it in batch {
