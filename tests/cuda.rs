@@ -1774,6 +1774,96 @@ fn prefill_sampled_chooses_the_host_samplers_first_token() {
     println!("{checked} first tokens chosen on the device equal the host sampler's");
 }
 
+/// `launch_decode` + `collect_decode` (the step left in flight, one wait at the collection) give
+/// the ids of the synchronous `decode_argmax` / `decode_sampled` on twin sequences, step after
+/// step, and grow the sequences the same way; while a step is in flight, a prefill and a second
+/// launch are refused and change nothing; a collection with nothing in flight is refused.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn launched_steps_collect_the_ids_of_synchronous_steps() {
+    use triton_unweight::device::{DecodeChoice, DecodeOutput, Launched};
+    require_gpu();
+    let dir = synth("tiny", 67);
+    let opts = CudaOptions {
+        max_sequences: 8,
+        max_context: Some(256),
+        plan: PlanSource::Compressed,
+        ..CudaOptions::default()
+    };
+    let mut b = gpu_backend(&model(&dir), opts);
+    let ps = prompts(1024);
+    let twins = |b: &mut CudaBackend| -> Vec<(SeqId, u32, usize)> {
+        ps.iter()
+            .map(|p| {
+                let s = b.new_sequence().unwrap();
+                let t = argmax(&b.prefill(s, p).unwrap());
+                (s, t, p.len())
+            })
+            .collect()
+    };
+    let (mut sync, mut piped) = (twins(&mut b), twins(&mut b));
+    let items = |v: &[(SeqId, u32, usize)]| -> Vec<DecodeItem> {
+        v.iter()
+            .map(|&(seq, token, pos)| DecodeItem { seq, token, pos })
+            .collect()
+    };
+    let records = |step: usize| -> Vec<RowSampling> {
+        (0..ps.len())
+            .map(|i| RowSampling {
+                temperature: 0.8,
+                top_k: 0,
+                top_p: 0.95,
+                seed: 40 + i as u64,
+                position: step as u64,
+                edits: vec![(3, LogitEdit::Subtract(0.25))],
+            })
+            .collect()
+    };
+    for step in 0..6 {
+        let sampled = step % 2 == 1;
+        let rows = records(step);
+        let want = if sampled {
+            b.decode_sampled(&items(&sync), &rows).unwrap()
+        } else {
+            b.decode_argmax(&items(&sync)).unwrap()
+        };
+        let choice = if sampled {
+            DecodeChoice::Sampled(&rows)
+        } else {
+            DecodeChoice::Argmax
+        };
+        let launched = b.launch_decode(&items(&piped), choice).unwrap();
+        assert_eq!(launched, Launched::InFlight);
+        if step == 0 {
+            let s = piped[0].0;
+            let err = b.prefill(s, &[1, 2]).unwrap_err();
+            assert!(err.to_string().contains("in flight"), "{err}");
+            let err = b
+                .launch_decode(&items(&piped), DecodeChoice::Argmax)
+                .unwrap_err();
+            assert!(err.to_string().contains("in flight"), "{err}");
+            assert_eq!(b.sequence_len(s).unwrap(), piped[0].2, "not grown yet");
+        }
+        let got = match b.collect_decode().unwrap() {
+            DecodeOutput::Ids(ids) => ids,
+            other => panic!("ids expected, got {other:?}"),
+        };
+        assert_eq!(got, want, "step {step}");
+        for (v, ids) in [(&mut sync, &want), (&mut piped, &got)] {
+            for (row, &id) in v.iter_mut().zip(ids.iter()) {
+                *row = (row.0, id, row.2 + 1);
+                assert_eq!(b.sequence_len(row.0).unwrap(), row.2);
+            }
+        }
+    }
+    let err = b.collect_decode().unwrap_err();
+    assert!(
+        err.to_string().contains("no decode step is in flight"),
+        "{err}"
+    );
+    println!("6 launched steps collected the synchronous steps' ids");
+}
+
 // ---------------------------------------------------------------------------------------------
 // One device copy per (model, GPU), and the runtime form computed once per model.
 

@@ -357,7 +357,9 @@ impl<B: Backend> Engine<B> {
     /// [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
     /// prompts being prefilled, then the first chunks of newly admitted ones (a prompt whose
     /// last chunk ran yields its first token); and decodes all other running ones in one batch
-    /// (one token each). The step's wall time calibrates the pacing.
+    /// (one token each). The step's wall time calibrates the pacing. It is
+    /// [`Engine::begin_step`] then [`Engine::finish_step`]: a caller that has host work to do
+    /// while the device runs the decode batch calls the two itself.
     ///
     /// KV-cache policy: a request is admitted only when the cache has free blocks for its prompt
     /// above a reserve for the running sequences ([`scheduler`]). When the running sequences

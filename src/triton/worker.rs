@@ -3,8 +3,10 @@
 //!
 //! `ModelInstanceExecute` (Triton's thread) only checks requests and hands the good ones over a
 //! channel ([`Worker::submit`]). The thread admits them between engine steps, polls each live
-//! request's cancellation flag once per step, runs [`Engine::step`] and turns its events into
-//! responses. Every request leaves through [`finish_with`] or [`Pending::finish`] after exactly
+//! request's cancellation flag once per step, runs each step as [`Engine::begin_step`] and
+//! [`Engine::finish_step`] and turns its events into responses; step N's responses and metrics
+//! go out after step N+1 was begun, so on a device that leaves the decode in flight they overlap
+//! it (docs/triton.md, "Host work while the device runs"). Every request leaves through [`finish_with`] or [`Pending::finish`] after exactly
 //! one FINAL response. A panic during a turn is caught: every request the thread holds ends
 //! with an INTERNAL error and the engine is rebuilt ([`EngineFactory`]); if it cannot be, new
 //! requests get UNAVAILABLE naming the panic. A step that fails with a fatal device fault

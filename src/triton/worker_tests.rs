@@ -451,9 +451,21 @@ fn a_cancelled_request_is_reported_as_unsuccessful() {
 
 #[test]
 fn a_fatal_device_fault_ends_every_request_and_rebuilds_the_engine_without_stepping_it_again() {
+    fatal_fault_case(false);
+}
+
+/// The same with decode steps left in flight: the fault surfaces at a collection, while the
+/// thread has the previous step's responses to send.
+#[test]
+fn a_fatal_fault_at_the_collection_of_a_step_in_flight_is_handled_the_same_way() {
+    fatal_fault_case(true);
+}
+
+fn fatal_fault_case(pipelined: bool) {
     let _g = mock::lock();
     log::install();
     let faults = Arc::new(Faults::default());
+    faults.pipelined.store(pipelined, Ordering::SeqCst);
     let (rebuild, builds) = counting_rebuild(&faults);
     let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let streaming = submit(&w, "streaming", 100_000, true);
