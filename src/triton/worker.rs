@@ -307,13 +307,14 @@ impl Serving<'_> {
         if self.stopping {
             return;
         }
-        if !self.step_in_flight() {
-            self.check_context();
-        }
         if idle {
+            self.check_context();
             return;
         }
         let finished = self.finish_step();
+        // Before each launch (nothing is in flight here): a context lost meanwhile, in this
+        // instance or another on the device, replaces the engine before it is stepped again.
+        self.check_context();
         // The finished step's metrics, taken before the next step changes anything.
         let snap = self.snapshot();
         self.admit();
@@ -333,11 +334,6 @@ impl Serving<'_> {
             // No step finished: what admission (or a failure) changed.
             self.publish();
         }
-    }
-
-    /// Whether the engine has a step in flight.
-    fn step_in_flight(&self) -> bool {
-        self.engine.as_ref().is_some_and(Engine::step_in_flight)
     }
 
     fn snapshot(&self) -> Snapshot {

@@ -514,12 +514,27 @@ fn fatal_fault_case(pipelined: bool) {
 
 #[test]
 fn a_fatal_fault_in_one_instance_makes_every_instance_on_the_device_let_go_before_any_rebuilds() {
+    lost_context_case(false);
+}
+
+/// The same with decode steps left in flight (a serving instance has a step in flight at the
+/// start of each turn): every instance still lets go before any rebuild, the serving one
+/// touching the dead context at most once.
+#[test]
+fn instances_with_steps_in_flight_let_go_of_a_lost_context_too() {
+    lost_context_case(true);
+}
+
+fn lost_context_case(pipelined: bool) {
     let _g = mock::lock();
     let epochs = ContextEpochs::new();
     let journal: Journal = Arc::default();
     // Three instances on one device: a faults, b is serving, c is idle.
     let names = ["a", "b", "c"];
     let faults: Vec<Arc<Faults>> = names.iter().map(|_| Arc::default()).collect();
+    for f in &faults {
+        f.pipelined.store(pipelined, Ordering::SeqCst);
+    }
     let builds = Arc::new(AtomicUsize::new(0));
     let workers: Vec<Worker> = names
         .iter()
