@@ -15,8 +15,8 @@ use triton_unweight::device::cpu::{CpuBackend, CpuOptions};
 use triton_unweight::device::cuda::plan::{Plan, Role, RoleShapes, Storage, Strategy};
 use triton_unweight::device::cuda::{self, CudaBackend, CudaOptions, KernelHarness, PlanSource};
 use triton_unweight::device::{
-    load_backend, Backend, DecodeItem, DeviceError, DeviceKind, LogitEdit, RowSampling, Selected,
-    SeqId,
+    load_backend, Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, DeviceKind,
+    Launched, LogitEdit, RowSampling, Selected, SeqId,
 };
 use triton_unweight::engine::sampler::{self, argmax};
 use triton_unweight::engine::{Sampler, SamplingParams};
@@ -1572,9 +1572,9 @@ fn kernel_sampling_frequencies_fit_the_cpu_distribution() {
     }
 }
 
-/// A CUDA backend seen by the engine either with its own sampler (`decode_sampled`,
-/// `prefill_sampled`) or forced to the logits path (`decode` and `prefill`, then the engine's
-/// host sampler).
+/// A CUDA backend seen by the engine either with its own sampler (`prefill_sampled`, and decode
+/// steps left in flight by its `launch_decode`) or forced to the logits path (`decode` and
+/// `prefill`, then the engine's host sampler).
 struct SamplePath<'a> {
     inner: &'a mut CudaBackend,
     device: bool,
@@ -1583,6 +1583,8 @@ struct SamplePath<'a> {
     /// Prompts whose first token was chosen on the device; prefills whose logits came back.
     sampled_prompts: usize,
     prompt_logits: usize,
+    /// Decode steps the CUDA backend left in flight.
+    in_flight: usize,
 }
 
 impl Backend for SamplePath<'_> {
@@ -1599,6 +1601,34 @@ impl Backend for SamplePath<'_> {
     ) -> Result<u32, DeviceError> {
         self.sampled_prompts += 1;
         self.inner.prefill_sampled(seq, tokens, row)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        match choice {
+            DecodeChoice::Sampled(_) => self.sampled_steps += 1,
+            DecodeChoice::Logits => self.logit_steps += 1,
+            DecodeChoice::Argmax => {}
+        }
+        if self.device {
+            let launched = self.inner.launch_decode(batch, choice)?;
+            if launched == Launched::InFlight {
+                self.in_flight += 1;
+            }
+            return Ok(launched);
+        }
+        Ok(Launched::Done(match choice {
+            DecodeChoice::Argmax => DecodeOutput::Ids(self.inner.decode_argmax(batch)?),
+            DecodeChoice::Sampled(rows) => {
+                DecodeOutput::Ids(self.inner.decode_sampled(batch, rows)?)
+            }
+            DecodeChoice::Logits => DecodeOutput::Logits(self.inner.decode(batch)?),
+        }))
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_decode()
     }
     fn decode(
         &mut self,
@@ -1645,6 +1675,7 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
             logit_steps: 0,
             sampled_prompts: 0,
             prompt_logits: 0,
+            in_flight: 0,
         };
         let opts = EngineOptions::for_config(path.config());
         let mut e = Engine::new(path, None, opts);
@@ -1670,6 +1701,11 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
             events.push(e.step().unwrap());
         }
         let p = e.backend();
+        assert_eq!(
+            p.in_flight > 0,
+            device,
+            "the device's decode steps were left in flight"
+        );
         (
             events,
             p.sampled_steps + p.sampled_prompts,
@@ -1781,7 +1817,6 @@ fn prefill_sampled_chooses_the_host_samplers_first_token() {
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn launched_steps_collect_the_ids_of_synchronous_steps() {
-    use triton_unweight::device::{DecodeChoice, DecodeOutput, Launched};
     require_gpu();
     let dir = synth("tiny", 67);
     let opts = CudaOptions {
