@@ -455,6 +455,23 @@ impl<B: Backend> Engine<B> {
         self.staged.is_some()
     }
 
+    /// Whether the step begun is still running on the device ([`Launched::InFlight`]), so that
+    /// [`Engine::finish_step`] would wait for it; false when its launch ran it whole (a
+    /// synchronous backend) or it has no decode batch: then finishing it costs only host work,
+    /// and a caller with responses to send gains nothing by waiting.
+    pub fn waits_on_device(&self) -> bool {
+        matches!(
+            &self.staged,
+            Some(Staged {
+                decode: Some(PendingDecode {
+                    launched: Launched::InFlight,
+                    ..
+                }),
+                ..
+            })
+        )
+    }
+
     /// The prompts admitted by the step in flight (they join the running ones when it
     /// finishes).
     fn admitted_in_flight(&self) -> &[Sequence] {

@@ -301,7 +301,9 @@ impl Serving<'_> {
     /// between the collection and the next launch); begin the next step (its decode batch left
     /// running on a device backend, [`Engine::begin_step`]); then, while it runs, publish the
     /// finished step's metrics and send its responses. A failed launch is handled after those
-    /// responses went out.
+    /// responses went out. A step begun with nothing left running on the device (every step
+    /// of a synchronous backend such as the CPU) is finished and answered in the same turn, so
+    /// there the order is that of a plain `Engine::step` loop.
     fn turn(&mut self, rx: &mpsc::Receiver<Command>) {
         let idle = self.receive(rx);
         if self.stopping {
@@ -320,18 +322,31 @@ impl Serving<'_> {
         self.admit();
         self.poll_cancellations();
         let began = self.begin_step();
-        let responded = finished.is_some();
+        let mut responded = false;
         if let Some(events) = finished {
             // The metrics first: a client that sees a step's responses then reads metrics of
             // that step, not the one before.
             self.publish_snapshot(snap);
             self.dispatch(events);
+            responded = true;
         }
         if let Err(e) = began {
             self.step_failed(e);
-            self.publish();
-        } else if !responded {
-            // No step finished: what admission (or a failure) changed.
+            responded = false;
+        }
+        // A step with nothing running on the device (a synchronous backend, whose launch ran
+        // it: the CPU; or a step without a decode batch) is finished now, so its responses do
+        // not wait for the next step.
+        let waits = self.engine.as_ref().is_some_and(Engine::waits_on_device);
+        if !waits {
+            if let Some(events) = self.finish_step() {
+                self.publish();
+                self.dispatch(events);
+                return;
+            }
+        }
+        if !responded {
+            // No step's responses went out: what admission (or a failure) changed.
             self.publish();
         }
     }

@@ -32,8 +32,8 @@ struct Faults {
     /// Decode steps are left in flight, as a device's: `launch_decode` holds the batch and
     /// `collect_decode` runs it (faults and panics surface there, at the synchronisation).
     pipelined: AtomicBool,
-    /// Each launch and collection of a pipelined step, with the number of responses the mock
-    /// server had received from every request at that moment.
+    /// Each launch and collection of a pipelined step (each decode step of a synchronous one),
+    /// with the number of responses the mock server had received from every request then.
     order: std::sync::Mutex<Vec<(&'static str, usize)>>,
 }
 
@@ -199,6 +199,11 @@ impl Backend for Fake {
         choice: DecodeChoice<'_>,
     ) -> Result<Launched, DeviceError> {
         if !self.faults.pipelined.load(Ordering::SeqCst) {
+            self.faults
+                .order
+                .lock()
+                .unwrap()
+                .push(("step", responses_sent()));
             let logits = self.decode(batch)?;
             let out = match choice {
                 DecodeChoice::Logits => DecodeOutput::Logits(logits),
@@ -696,4 +701,23 @@ fn the_engine_thread_sends_responses_while_the_next_step_runs() {
         overlapped > 0,
         "responses were sent while a step was in flight: {order:?}"
     );
+}
+
+/// With a synchronous backend (its launch runs the whole step, as the CPU's), the engine thread
+/// sends each step's responses before it runs the next step, as a plain step loop does: the
+/// j-th decode step of a lone stream starts with j + 1 responses out (its first token came from
+/// its prefill), never one step behind.
+#[test]
+fn with_a_synchronous_backend_each_steps_responses_go_out_before_the_next_step() {
+    let _g = mock::lock();
+    let faults = Arc::new(Faults::default());
+    let rebuild: EngineFactory = Box::new(|| Err(TritonError::Unavailable("unused".into())));
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
+    let r = submit(&w, "r", 6, true);
+    wait_for("the request ended", || ended(r));
+    assert_eq!(ended_once(r, true), None);
+    w.stop().unwrap();
+    let order = faults.order.lock().unwrap().clone();
+    let want: Vec<(&str, usize)> = (1..=5).map(|j| ("step", j)).collect();
+    assert_eq!(order, want);
 }
