@@ -15,8 +15,8 @@ use triton_unweight::device::cpu::{CpuBackend, CpuOptions};
 use triton_unweight::device::cuda::plan::{Plan, Role, RoleShapes, Storage, Strategy};
 use triton_unweight::device::cuda::{self, CudaBackend, CudaOptions, KernelHarness, PlanSource};
 use triton_unweight::device::{
-    load_backend, Backend, DecodeItem, DeviceError, DeviceKind, LogitEdit, RowSampling, Selected,
-    SeqId,
+    load_backend, Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, DeviceKind,
+    Launched, LogitEdit, RowSampling, Selected, SeqId,
 };
 use triton_unweight::engine::sampler::{self, argmax};
 use triton_unweight::engine::{Sampler, SamplingParams};
@@ -1876,17 +1876,64 @@ fn kernel_sampling_frequencies_fit_the_cpu_distribution() {
     }
 }
 
-/// A CUDA backend seen by the engine either with its own sampler (`decode_sampled`) or forced
-/// to the logits path (`decode`, then the engine's host sampler).
+/// A CUDA backend seen by the engine either with its own sampler (`prefill_sampled`, and decode
+/// steps left in flight by its `launch_decode`) or forced to the logits path (`decode` and
+/// `prefill`, then the engine's host sampler).
 struct SamplePath<'a> {
     inner: &'a mut CudaBackend,
     device: bool,
     sampled_steps: usize,
     logit_steps: usize,
+    /// Prompts whose first token was chosen on the device; prefills whose logits came back.
+    sampled_prompts: usize,
+    prompt_logits: usize,
+    /// Decode steps the CUDA backend left in flight.
+    in_flight: usize,
 }
 
 impl Backend for SamplePath<'_> {
-    forward_backend_to_inner!();
+    forward_backend_to_inner!(without_prefill);
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.prompt_logits += 1;
+        self.inner.prefill(seq, tokens)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.sampled_prompts += 1;
+        self.inner.prefill_sampled(seq, tokens, row)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        match choice {
+            DecodeChoice::Sampled(_) => self.sampled_steps += 1,
+            DecodeChoice::Logits => self.logit_steps += 1,
+            DecodeChoice::Argmax => {}
+        }
+        if self.device {
+            let launched = self.inner.launch_decode(batch, choice)?;
+            if launched == Launched::InFlight {
+                self.in_flight += 1;
+            }
+            return Ok(launched);
+        }
+        Ok(Launched::Done(match choice {
+            DecodeChoice::Argmax => DecodeOutput::Ids(self.inner.decode_argmax(batch)?),
+            DecodeChoice::Sampled(rows) => {
+                DecodeOutput::Ids(self.inner.decode_sampled(batch, rows)?)
+            }
+            DecodeChoice::Logits => DecodeOutput::Logits(self.inner.decode(batch)?),
+        }))
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_decode()
+    }
     fn decode(
         &mut self,
         batch: &[DecodeItem],
@@ -1930,6 +1977,9 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
             device,
             sampled_steps: 0,
             logit_steps: 0,
+            sampled_prompts: 0,
+            prompt_logits: 0,
+            in_flight: 0,
         };
         let opts = EngineOptions::for_config(path.config());
         let mut e = Engine::new(path, None, opts);
@@ -1954,14 +2004,26 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
         while e.has_work() {
             events.push(e.step().unwrap());
         }
-        let (s, l) = (e.backend().sampled_steps, e.backend().logit_steps);
-        (events, s, l)
+        let p = e.backend();
+        assert_eq!(
+            p.in_flight > 0,
+            device,
+            "the device's decode steps were left in flight"
+        );
+        (
+            events,
+            p.sampled_steps + p.sampled_prompts,
+            p.logit_steps + p.prompt_logits,
+        )
     };
     let (host, s_host, l_host) = run(&mut b, false);
     let (device, s_dev, l_dev) = run(&mut b, true);
     assert_eq!(s_host, 0);
     assert!(l_host > 0 && s_dev > 0);
-    assert_eq!(l_dev, 0, "no logits come back when the device samples");
+    assert_eq!(
+        l_dev, 0,
+        "no logits (of a decode step or a prompt) come back when the device samples"
+    );
     assert_eq!(device, host);
     let tokens = device
         .iter()
@@ -1974,6 +2036,171 @@ fn engine_tokens_sampled_on_the_device_equal_the_host_sampler() {
         "last step: device sampler {:.3} ms host, {:.3} ms GPU",
         t.sample_ms, t.sample_gpu_ms
     );
+}
+
+/// `prefill_sampled` chooses a prompt's first token on the device exactly as the host sampler
+/// does from `prefill`'s logits of the same prompt, on the argmax path (greedy, no edits) and
+/// the sampler's (sampled, penalized, masked), and leaves the sequence one prompt longer; a
+/// record out of range is refused before anything runs, the sequence unchanged.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn prefill_sampled_chooses_the_host_samplers_first_token() {
+    require_gpu();
+    let dir = synth("tiny", 61);
+    let opts = CudaOptions {
+        max_sequences: 4,
+        max_context: Some(256),
+        plan: PlanSource::Compressed,
+        ..CudaOptions::default()
+    };
+    let mut b = gpu_backend(&model(&dir), opts);
+    let ps = prompts(1024);
+    let records = |p: &[u32]| {
+        let base = RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 3,
+            position: 0,
+            edits: Vec::new(),
+        };
+        vec![
+            base.clone(),
+            RowSampling {
+                edits: vec![(p[0], LogitEdit::Mask)],
+                ..base.clone()
+            },
+            RowSampling {
+                temperature: 0.8,
+                top_p: 0.95,
+                ..base.clone()
+            },
+            RowSampling {
+                temperature: 1.2,
+                top_k: 40,
+                seed: 99,
+                edits: vec![(1, LogitEdit::Subtract(0.5)), (7, LogitEdit::Mask)],
+                ..base
+            },
+        ]
+    };
+    let mut checked = 0;
+    for p in &ps {
+        for row in records(p) {
+            let s = b.new_sequence().unwrap();
+            let logits = b.prefill(s, p).unwrap();
+            b.free_sequence(s);
+            let want = sampler::choose(&logits, &row);
+            let s = b.new_sequence().unwrap();
+            let got = b.prefill_sampled(s, p, &row).unwrap();
+            assert_eq!(got, want, "prompt of {} tokens, {row:?}", p.len());
+            assert_eq!(b.sequence_len(s).unwrap(), p.len());
+            b.free_sequence(s);
+            checked += 1;
+        }
+    }
+    let s = b.new_sequence().unwrap();
+    let bad = RowSampling {
+        temperature: 0.5,
+        top_k: 0,
+        top_p: 0.0,
+        seed: 0,
+        position: 0,
+        edits: Vec::new(),
+    };
+    let err = b.prefill_sampled(s, &ps[0], &bad).unwrap_err();
+    assert!(err.to_string().contains("top_p"), "{err}");
+    assert_eq!(b.sequence_len(s).unwrap(), 0);
+    println!("{checked} first tokens chosen on the device equal the host sampler's");
+}
+
+/// `launch_decode` + `collect_decode` (the step left in flight, one wait at the collection) give
+/// the ids of the synchronous `decode_argmax` / `decode_sampled` on twin sequences, step after
+/// step, and grow the sequences the same way; while a step is in flight, a prefill and a second
+/// launch are refused and change nothing; a collection with nothing in flight is refused.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn launched_steps_collect_the_ids_of_synchronous_steps() {
+    require_gpu();
+    let dir = synth("tiny", 67);
+    let opts = CudaOptions {
+        max_sequences: 8,
+        max_context: Some(256),
+        plan: PlanSource::Compressed,
+        ..CudaOptions::default()
+    };
+    let mut b = gpu_backend(&model(&dir), opts);
+    let ps = prompts(1024);
+    let twins = |b: &mut CudaBackend| -> Vec<(SeqId, u32, usize)> {
+        ps.iter()
+            .map(|p| {
+                let s = b.new_sequence().unwrap();
+                let t = argmax(&b.prefill(s, p).unwrap());
+                (s, t, p.len())
+            })
+            .collect()
+    };
+    let (mut sync, mut piped) = (twins(&mut b), twins(&mut b));
+    let items = |v: &[(SeqId, u32, usize)]| -> Vec<DecodeItem> {
+        v.iter()
+            .map(|&(seq, token, pos)| DecodeItem { seq, token, pos })
+            .collect()
+    };
+    let records = |step: usize| -> Vec<RowSampling> {
+        (0..ps.len())
+            .map(|i| RowSampling {
+                temperature: 0.8,
+                top_k: 0,
+                top_p: 0.95,
+                seed: 40 + i as u64,
+                position: step as u64,
+                edits: vec![(3, LogitEdit::Subtract(0.25))],
+            })
+            .collect()
+    };
+    for step in 0..6 {
+        let sampled = step % 2 == 1;
+        let rows = records(step);
+        let want = if sampled {
+            b.decode_sampled(&items(&sync), &rows).unwrap()
+        } else {
+            b.decode_argmax(&items(&sync)).unwrap()
+        };
+        let choice = if sampled {
+            DecodeChoice::Sampled(&rows)
+        } else {
+            DecodeChoice::Argmax
+        };
+        let launched = b.launch_decode(&items(&piped), choice).unwrap();
+        assert_eq!(launched, Launched::InFlight);
+        if step == 0 {
+            let s = piped[0].0;
+            let err = b.prefill(s, &[1, 2]).unwrap_err();
+            assert!(err.to_string().contains("in flight"), "{err}");
+            let err = b
+                .launch_decode(&items(&piped), DecodeChoice::Argmax)
+                .unwrap_err();
+            assert!(err.to_string().contains("in flight"), "{err}");
+            assert_eq!(b.sequence_len(s).unwrap(), piped[0].2, "not grown yet");
+        }
+        let got = match b.collect_decode().unwrap() {
+            DecodeOutput::Ids(ids) => ids,
+            other => panic!("ids expected, got {other:?}"),
+        };
+        assert_eq!(got, want, "step {step}");
+        for (v, ids) in [(&mut sync, &want), (&mut piped, &got)] {
+            for (row, &id) in v.iter_mut().zip(ids.iter()) {
+                *row = (row.0, id, row.2 + 1);
+                assert_eq!(b.sequence_len(row.0).unwrap(), row.2);
+            }
+        }
+    }
+    let err = b.collect_decode().unwrap_err();
+    assert!(
+        err.to_string().contains("no decode step is in flight"),
+        "{err}"
+    );
+    println!("6 launched steps collected the synchronous steps' ids");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ use serde_json::Value;
 use triton_unweight::container::{self, Checkpoint, CompressOptions};
 use triton_unweight::device::cpu::{CpuBackend, CpuOptions, KV_BLOCK_TOKENS};
 use triton_unweight::device::{
-    Backend, ChunkItem, DecodeItem, DeviceError, LogitEdit, RowSampling, SeqId,
+    Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, Launched, LogitEdit,
+    RowSampling, SeqId,
 };
 use triton_unweight::engine::{
     sampler, Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams,
@@ -1654,18 +1655,44 @@ fn greedy_steps_fetch_ids_and_other_steps_fetch_logits() {
 }
 
 /// A CPU backend that chooses tokens "on the device" (`samples_on_device`): its
-/// `decode_sampled` runs `decode` and the reference `sampler::choose` per row, recording every
-/// row's sampling record. With `short`, it returns one id too few (a broken backend).
+/// `decode_sampled`, `prefill_sampled` and `step_sampled` run `decode`, `prefill` or `step` on the
+/// inner backend and the reference `sampler::choose` per row, recording every row's sampling
+/// record; its own `decode`, `prefill` and `step` (logits handed to the engine) are counted.
+/// With `short`, `decode_sampled` returns one id too few (a broken backend); with `fused`, it
+/// fuses steps (the engine calls `step_sampled`).
 struct DeviceSampler {
     inner: CpuBackend,
     short: bool,
+    fused: bool,
     sampled: Vec<Vec<RowSampling>>,
+    /// The rows of `prefill_sampled` calls, and the chunk rows of `step_sampled` calls.
+    first: Vec<RowSampling>,
+    chunk_rows: Vec<Vec<Option<RowSampling>>>,
     ids: usize,
     logits: usize,
+    prompt_logits: usize,
+}
+
+fn device_sampler(short: bool, fused: bool) -> DeviceSampler {
+    DeviceSampler {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        short,
+        fused,
+        sampled: Vec::new(),
+        first: Vec::new(),
+        chunk_rows: Vec::new(),
+        ids: 0,
+        logits: 0,
+        prompt_logits: 0,
+    }
 }
 
 impl Backend for DeviceSampler {
-    forward_backend_to_inner!();
+    forward_backend_to_inner!(without_prefill);
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.prompt_logits += 1;
+        self.inner.prefill(seq, tokens)
+    }
     fn decode(
         &mut self,
         batch: &[DecodeItem],
@@ -1696,6 +1723,49 @@ impl Backend for DeviceSampler {
             ids.pop();
         }
         Ok(ids)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.first.push(row.clone());
+        let logits = self.inner.prefill(seq, tokens)?;
+        Ok(sampler::choose(&logits, row))
+    }
+    fn fuses_steps(&self) -> bool {
+        self.fused
+    }
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.logits += 1;
+        self.inner.step(chunks, batch)
+    }
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.chunk_rows.push(chunk_rows.to_vec());
+        if !batch.is_empty() {
+            self.sampled.push(rows.to_vec());
+        }
+        let logits = self.inner.step(chunks, batch)?;
+        let wanted = chunk_rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)));
+        let decode = rows.iter().enumerate().map(|(j, r)| (chunks.len() + j, r));
+        Ok(wanted
+            .chain(decode)
+            .map(|(i, r)| sampler::choose(logits.row(i), r))
+            .collect())
     }
 }
 
@@ -1737,13 +1807,7 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
         ]
     };
     let mut plain = engine(false);
-    let b = DeviceSampler {
-        inner: backend(tiny().0, WeightMode::Decoded),
-        short: false,
-        sampled: Vec::new(),
-        ids: 0,
-        logits: 0,
-    };
+    let b = device_sampler(false, false);
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
         ..EngineOptions::for_config(b.config())
@@ -1758,6 +1822,19 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
     assert_eq!(events, all_events(&mut plain));
     let b = e.backend();
     assert_eq!(b.logits, 0, "no decode step brought logits back");
+    assert_eq!(b.prompt_logits, 0, "no prompt's logits came back");
+    // Every prompt's first token was chosen where its logits are, from its own record: at
+    // position 0 with no penalties yet, the min_tokens request masking its stop ids.
+    assert_eq!(b.first.len(), 4);
+    assert!(b.first.iter().all(|r| r.position == 0));
+    assert!(b.first[0].is_greedy() && b.first[0].edits.is_empty());
+    assert_eq!((b.first[1].seed, b.first[1].temperature), (11, 0.9));
+    assert!(b.first[1].edits.is_empty());
+    assert_eq!(
+        b.first[2].edits,
+        vec![(17, LogitEdit::Mask), (300, LogitEdit::Mask)]
+    );
+    assert_eq!((b.first[3].seed, b.first[3].top_p), (13, 0.5));
     assert!(!b.sampled.is_empty());
     // The penalized request (row 1 while all four run): it generated one token before the first
     // decode step, so that step's row is at position 1 and penalizes that token by f + p.
@@ -1791,13 +1868,7 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
     assert_eq!(second[1].position, 2);
 
     // A backend that returns the wrong number of ids fails the step, naming the call.
-    let b = DeviceSampler {
-        inner: backend(tiny().0, WeightMode::Decoded),
-        short: true,
-        sampled: Vec::new(),
-        ids: 0,
-        logits: 0,
-    };
+    let b = device_sampler(true, false);
     let opts = EngineOptions::for_config(b.config());
     let mut e = Engine::new(b, None, opts);
     let id = e
@@ -1813,4 +1884,383 @@ fn device_sampling_steps_send_each_rows_sampling_and_match_host_sampling() {
         "{err}"
     );
     assert_eq!(e.take_failed(), vec![id]);
+}
+
+/// On a backend that fuses steps and samples where the logits are, every step (prompt chunks
+/// mixed with decode rows) goes through `step_sampled`: no logits come back, a chunk gets a
+/// sampling record only when it ends its prompt, and the events are exactly those of the
+/// host-sampling engine, for prompts split into chunks, sampled, penalized and under
+/// `min_tokens`.
+#[test]
+fn fused_device_sampling_chooses_prompt_tokens_on_the_device_and_matches_host_sampling() {
+    let long: Vec<u32> = (0..40u32).map(|i| (i * 53 + 11) % 700).collect();
+    let sampled = |seed| SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed,
+        frequency_penalty: 0.5,
+        presence_penalty: 0.25,
+        ..SamplingParams::default()
+    };
+    let requests = || {
+        vec![
+            Request {
+                sampling: sampled(21),
+                ..Request::greedy(PROMPT.to_vec(), 6)
+            },
+            Request {
+                min_tokens: 4,
+                stop_token_ids: vec![5],
+                sampling: sampled(22),
+                ..Request::greedy(long.clone(), 5)
+            },
+            Request::greedy(PROMPT[3..].to_vec(), 5),
+        ]
+    };
+    let opts = |b: &dyn Backend| EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        max_step_slowdown: None,
+        ..EngineOptions::for_config(b.config())
+    };
+    let host = backend(tiny().0, WeightMode::Decoded);
+    let o = opts(&host);
+    let mut plain = Engine::new(host, None, o);
+    let b = device_sampler(false, true);
+    let o = opts(&b);
+    let mut e = Engine::new(b, None, o);
+    for r in requests() {
+        plain.add(r.clone()).unwrap();
+        e.add(r).unwrap();
+    }
+    assert_eq!(all_events(&mut e), all_events(&mut plain));
+    let b = e.backend();
+    assert_eq!(
+        (b.logits, b.prompt_logits),
+        (0, 0),
+        "no step brought logits back"
+    );
+    // The 40-token prompt runs in chunks of at most 16: only its last chunk carries a record,
+    // at position 0, masking its stop id (min_tokens); the two short prompts' single chunks
+    // carry theirs.
+    let records: Vec<&RowSampling> = b.chunk_rows.iter().flatten().flatten().collect();
+    let chunks: usize = b.chunk_rows.iter().map(Vec::len).sum();
+    assert_eq!(records.len(), 3, "one record per prompt");
+    assert!(
+        chunks > records.len(),
+        "the long prompt ran in several chunks"
+    );
+    assert!(records.iter().all(|r| r.position == 0));
+    let masked: Vec<&&RowSampling> = records.iter().filter(|r| !r.edits.is_empty()).collect();
+    assert_eq!(masked.len(), 1);
+    assert_eq!(masked[0].edits, vec![(5, LogitEdit::Mask)]);
+    assert!(
+        !b.sampled.is_empty(),
+        "decode rows were sampled on the device"
+    );
+}
+
+/// A backend that does not sample on the device refuses `prefill_sampled` and `step_sampled`
+/// (the engine never calls them then), naming the contract, and changes nothing.
+#[test]
+fn host_sampling_backends_refuse_the_device_choosing_calls() {
+    let mut b = backend(tiny().0, WeightMode::Decoded);
+    let s = b.new_sequence().unwrap();
+    let row = RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        position: 0,
+        edits: Vec::new(),
+    };
+    let err = b.prefill_sampled(s, &PROMPT, &row).unwrap_err();
+    assert!(
+        err.to_string().contains("samples_on_device is false"),
+        "{err}"
+    );
+    let chunk = ChunkItem {
+        seq: s,
+        tokens: &PROMPT,
+    };
+    let err = b
+        .step_sampled(&[chunk], &[Some(row)], &[], &[])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("samples_on_device is false"),
+        "{err}"
+    );
+    assert_eq!(b.sequence_len(s).unwrap(), 0);
+}
+
+/// A CPU backend whose decode steps are left "in flight": `launch_decode` only records the batch
+/// (and the launch, with the step number, in `log`) and `collect_decode` runs it on the inner
+/// backend, as a device would between its launch and its synchronisation. `fail_launch` /
+/// `fail_collect` make the launch or the collection of that step (1-based) fail.
+struct Pipelined {
+    inner: CpuBackend,
+    held: Option<(Vec<DecodeItem>, Option<Vec<RowSampling>>, bool)>,
+    log: Vec<String>,
+    launches: usize,
+    fail_launch: Option<usize>,
+    fail_collect: Option<usize>,
+}
+
+fn pipelined() -> Pipelined {
+    Pipelined {
+        inner: backend(tiny().0, WeightMode::Decoded),
+        held: None,
+        log: Vec::new(),
+        launches: 0,
+        fail_launch: None,
+        fail_collect: None,
+    }
+}
+
+impl Backend for Pipelined {
+    forward_backend_to_inner!();
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.log.push("decode".into());
+        self.inner.decode(batch)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        assert!(self.held.is_none(), "a launch while a step is in flight");
+        self.launches += 1;
+        if self.fail_launch == Some(self.launches) {
+            return Err(DeviceError::Invalid("injected launch failure".into()));
+        }
+        self.log.push(format!("launch {} rows", batch.len()));
+        let (rows, logits) = match choice {
+            DecodeChoice::Argmax => (None, false),
+            DecodeChoice::Sampled(r) => (Some(r.to_vec()), false),
+            DecodeChoice::Logits => (None, true),
+        };
+        self.held = Some((batch.to_vec(), rows, logits));
+        Ok(Launched::InFlight)
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        let (batch, rows, logits) = self.held.take().expect("a step in flight");
+        self.log.push("collect".into());
+        if self.fail_collect == Some(self.launches) {
+            return Err(DeviceError::Invalid("injected collect failure".into()));
+        }
+        let out = self.inner.decode(&batch)?;
+        Ok(match (rows, logits) {
+            (_, true) => DecodeOutput::Logits(out),
+            (Some(rows), _) => DecodeOutput::Ids(
+                rows.iter()
+                    .enumerate()
+                    .map(|(i, r)| sampler::choose(out.row(i), r))
+                    .collect(),
+            ),
+            (None, _) => DecodeOutput::Ids((0..batch.len()).map(|i| argmax(out.row(i))).collect()),
+        })
+    }
+}
+
+fn pipelined_requests() -> Vec<Request> {
+    vec![
+        Request::greedy(PROMPT.to_vec(), 7),
+        Request {
+            sampling: SamplingParams {
+                temperature: 0.8,
+                top_p: 0.95,
+                seed: 31,
+                frequency_penalty: 0.4,
+                ..SamplingParams::default()
+            },
+            ..Request::greedy(PROMPT[1..].to_vec(), 6)
+        },
+        Request {
+            min_tokens: 3,
+            stop_token_ids: vec![17],
+            ..Request::greedy(PROMPT[2..].to_vec(), 5)
+        },
+    ]
+}
+
+fn unfused_opts(b: &dyn Backend) -> EngineOptions {
+    EngineOptions {
+        eos_token_ids: Vec::new(),
+        ..EngineOptions::for_config(b.config())
+    }
+}
+
+/// Steps split into `begin_step` / `finish_step` over a backend that leaves every decode in
+/// flight, with a request added while a step is in flight, give exactly the events of
+/// synchronous steps with the request added between them; every decode was launched, then
+/// collected, one at a time.
+#[test]
+fn pipelined_steps_give_the_events_of_synchronous_steps() {
+    let late = Request {
+        sampling: SamplingParams {
+            temperature: 1.1,
+            seed: 4,
+            ..SamplingParams::default()
+        },
+        ..Request::greedy(PROMPT[..6].to_vec(), 4)
+    };
+    let mut plain = engine(false);
+    let b = pipelined();
+    let o = unfused_opts(&b);
+    let mut e = Engine::new(b, None, o);
+    for r in pipelined_requests() {
+        plain.add(r.clone()).unwrap();
+        e.add(r).unwrap();
+    }
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    let mut step = 0;
+    while plain.has_work() || e.has_work() {
+        step += 1;
+        want.push(plain.step().unwrap());
+        e.begin_step().unwrap();
+        if step == 3 {
+            // Host work while the step runs: a request arrives.
+            assert!(e.step_in_flight());
+            e.add(late.clone()).unwrap();
+            plain.add(late.clone()).unwrap();
+        }
+        got.push(e.finish_step().unwrap());
+    }
+    assert_eq!(got, want);
+    let log = &e.backend().log;
+    assert!(e.backend().launches > 3);
+    assert!(!log.iter().any(|l| l == "decode"), "no synchronous decode");
+    for pair in log.chunks(2) {
+        assert!(
+            pair[0].starts_with("launch") && pair[1] == "collect",
+            "{log:?}"
+        );
+    }
+}
+
+/// A cancellation made while a step is in flight takes effect at the next step, exactly as one
+/// made right after it: the step's token is still produced, the request is not in the next
+/// decode batch, and its `Finished { Cancelled }` comes with the next step. A prompt admitted by
+/// the step in flight can be cancelled too.
+#[test]
+fn a_cancellation_while_a_step_is_in_flight_takes_effect_at_the_next_step() {
+    let mut plain = engine(false);
+    let b = pipelined();
+    let o = unfused_opts(&b);
+    let mut e = Engine::new(b, None, o);
+    let mut ids = Vec::new();
+    for r in pipelined_requests() {
+        plain.add(r.clone()).unwrap();
+        ids.push(e.add(r).unwrap());
+    }
+    let (mut want, mut got) = (vec![plain.step().unwrap()], vec![e.step().unwrap()]);
+    // Step 2 in flight: cancel request 0; a new request arrives and is admitted by step 3.
+    want.push(plain.step().unwrap());
+    assert!(plain.cancel(ids[0]));
+    e.begin_step().unwrap();
+    assert!(e.cancel(ids[0]));
+    assert!(!e.cancel(ids[0]), "cancelled once");
+    got.push(e.finish_step().unwrap());
+    let late = Request::greedy(PROMPT[..5].to_vec(), 6);
+    let late_plain = plain.add(late.clone()).unwrap();
+    let late_id = e.add(late).unwrap();
+    // Step 3 admits the late request (its first token) while the batch is in flight: cancel it.
+    want.push(plain.step().unwrap());
+    assert!(plain.cancel(late_plain));
+    e.begin_step().unwrap();
+    assert_eq!(
+        e.load().1,
+        3,
+        "the admitted prompt counts as running in flight"
+    );
+    assert!(e.cancel(late_id));
+    got.push(e.finish_step().unwrap());
+    while plain.has_work() || e.has_work() {
+        want.push(plain.step().unwrap());
+        got.push(e.step().unwrap());
+    }
+    assert_eq!(got, want);
+    // Step 2 still produced request 0's token; its end came with step 3.
+    let token_of = |evs: &[Event], id| {
+        evs.iter()
+            .any(|ev| matches!(ev, Event::Token { id: i, .. } if *i == id))
+    };
+    assert!(token_of(&got[1], ids[0]));
+    assert!(got[2].contains(&Event::Finished {
+        id: ids[0],
+        reason: StopReason::Cancelled,
+        text_delta: String::new(),
+    }));
+    assert!(!token_of(&got[2], ids[0]), "not in the next step");
+    // Batches: 3 rows at step 2, 2 at step 3 (request 0 gone, the late one admitted), then the
+    // late one never decodes.
+    let log = &e.backend().log;
+    assert_eq!(log[0], "launch 3 rows");
+    assert_eq!(log[2], "launch 2 rows");
+    assert!(got[3].contains(&Event::Finished {
+        id: late_id,
+        reason: StopReason::Cancelled,
+        text_delta: String::new(),
+    }));
+}
+
+/// A decode whose launch fails, or whose collection fails, fails its step: the running requests
+/// are dropped (listed by `take_failed`, their KV slots freed) and the engine serves the next
+/// request; `begin_step` twice and `finish_step` without a step are refused.
+#[test]
+fn a_failed_launch_or_collection_drops_the_running_requests_and_the_engine_goes_on() {
+    for at_launch in [true, false] {
+        let mut b = pipelined();
+        if at_launch {
+            b.fail_launch = Some(2);
+        } else {
+            b.fail_collect = Some(2);
+        }
+        let o = unfused_opts(&b);
+        let mut e = Engine::new(b, None, o);
+        let ids: Vec<RequestId> = pipelined_requests()
+            .into_iter()
+            .map(|r| e.add(r).unwrap())
+            .collect();
+        e.step().unwrap();
+        e.step().unwrap();
+        let err = if at_launch {
+            e.begin_step().unwrap_err()
+        } else {
+            e.begin_step().unwrap();
+            e.finish_step().unwrap_err()
+        };
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert!(!e.step_in_flight());
+        let mut failed = e.take_failed();
+        failed.sort();
+        assert_eq!(failed, ids);
+        assert_eq!(e.kv_usage().sequences, 0, "their slots were freed");
+        let next = e.add(Request::greedy(PROMPT.to_vec(), 3)).unwrap();
+        let events: Vec<Event> = all_events(&mut e).into_iter().flatten().collect();
+        assert!(events.contains(&Event::Finished {
+            id: next,
+            reason: StopReason::MaxTokens,
+            text_delta: String::new(),
+        }));
+    }
+    let b = pipelined();
+    let o = unfused_opts(&b);
+    let mut e = Engine::new(b, None, o);
+    assert!(e
+        .finish_step()
+        .unwrap_err()
+        .to_string()
+        .contains("finish_step"));
+    e.add(Request::greedy(PROMPT.to_vec(), 3)).unwrap();
+    e.begin_step().unwrap();
+    assert!(e
+        .begin_step()
+        .unwrap_err()
+        .to_string()
+        .contains("in flight"));
+    e.finish_step().unwrap();
 }

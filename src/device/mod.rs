@@ -91,6 +91,37 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// What a decode step launched with [`Backend::launch_decode`] is to bring back.
+#[derive(Clone, Copy, Debug)]
+pub enum DecodeChoice<'a> {
+    /// Each row's greedy id, as [`Backend::decode_argmax`].
+    Argmax,
+    /// Each row's id chosen as its record says, as [`Backend::decode_sampled`] (only on a
+    /// backend that [`samples_on_device`](Backend::samples_on_device)).
+    Sampled(&'a [RowSampling]),
+    /// Every row's logits, as [`Backend::decode`].
+    Logits,
+}
+
+/// What a decode step brought back: ids (one per row) or logits.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DecodeOutput {
+    /// One id per row, in order.
+    Ids(Vec<u32>),
+    /// One row of logits per item, in order.
+    Logits(Logits),
+}
+
+/// Where a decode step stands after [`Backend::launch_decode`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Launched {
+    /// It ran to completion inside the launch (the default: a backend whose every call is
+    /// synchronous, the CPU); there is nothing to collect.
+    Done(DecodeOutput),
+    /// It runs on the device; [`Backend::collect_decode`] waits for it and brings its output.
+    InFlight,
+}
+
 /// How much the KV cache can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCapacity {
@@ -295,6 +326,121 @@ pub trait Backend: Send {
         ))
     }
 
+    /// [`Backend::prefill`], then the token after the prompt chosen as `row` says (the same
+    /// token `engine::sampler::choose` gives for the prefill's logits, docs/sampling.md), with
+    /// the same validation, the same effect on the sequence and the same errors as `prefill`.
+    /// Only the id comes back.
+    ///
+    /// Why: a prompt's first token is chosen where its logits are, as every later token is
+    /// ([`Backend::decode_sampled`]), so a device backend never copies a row of logits back for
+    /// it. Only a backend whose [`samples_on_device`](Backend::samples_on_device) is true
+    /// implements it; the default refuses before running anything (the engine never calls it
+    /// then: it asks `prefill` for the logits and chooses on the host, which is where those
+    /// logits are). A backend may take a cheaper path for a row that [`RowSampling::is_greedy`]
+    /// without edits (the device argmax): [`argmax`] is the same token.
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        let _ = (seq, tokens, row);
+        Err(DeviceError::Invalid(
+            "prefill_sampled: this backend does not choose tokens itself (samples_on_device is \
+             false); ask prefill for the logits"
+                .into(),
+        ))
+    }
+
+    /// [`Backend::step`] with each row's token chosen where the logits are: `chunk_rows[i]` says
+    /// how chunk `i`'s token is chosen, `None` for a chunk that does not end its prompt (no
+    /// token wanted), and `rows[j]` how decode item `j`'s is. Returns one id per `Some` chunk
+    /// row, in order, then one per decode item: the tokens `engine::sampler::choose` gives for
+    /// the rows `step` would return.
+    ///
+    /// Why: a backend that [`fuses_steps`](Backend::fuses_steps) and
+    /// [`samples_on_device`](Backend::samples_on_device) brings back ids, never logits, for a
+    /// step that mixes prompt chunks and decode rows. The default refuses unless the backend
+    /// samples on the device; then it runs the parts one after the other through
+    /// [`Backend::prefill_sampled`], [`Backend::prefill`] (a chunk with no token wanted; its
+    /// logits are dropped) and [`Backend::decode_sampled`], so (as `step`'s default) a failure
+    /// part way leaves the chunks before it applied.
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        if !self.samples_on_device() {
+            return Err(DeviceError::Invalid(
+                "step_sampled: this backend does not choose tokens itself (samples_on_device \
+                 is false); ask step for the logits"
+                    .into(),
+            ));
+        }
+        if chunk_rows.len() != chunks.len() || rows.len() != batch.len() {
+            return Err(DeviceError::Invalid(format!(
+                "step_sampled: {} chunk rows for {} chunks and {} sampling rows for a batch of {}",
+                chunk_rows.len(),
+                chunks.len(),
+                rows.len(),
+                batch.len()
+            )));
+        }
+        let mut ids = Vec::with_capacity(chunks.len() + batch.len());
+        for (c, row) in chunks.iter().zip(chunk_rows) {
+            match row {
+                Some(row) => ids.push(self.prefill_sampled(c.seq, c.tokens, row)?),
+                None => {
+                    self.prefill(c.seq, c.tokens)?;
+                }
+            }
+        }
+        if !batch.is_empty() {
+            ids.extend(self.decode_sampled(batch, rows)?);
+        }
+        Ok(ids)
+    }
+
+    /// Starts a decode step of `batch` that brings back what `choice` says, without waiting for
+    /// it where the backend can: [`Launched::InFlight`] means the step runs on the device while
+    /// the caller does host work, and its output (with any error the step meets) comes from
+    /// [`Backend::collect_decode`]. Validation errors come from the launch, before anything
+    /// runs. The same effect on the sequences and the same tokens as the synchronous call
+    /// `choice` names.
+    ///
+    /// Contract while a step is in flight: the next call that runs the model or touches a
+    /// sequence (`prefill*`, `decode*`, `step*`, `launch_decode`, `new_sequence`,
+    /// `free_sequence`, `sequence_len`) must be `collect_decode`; only the read-only queries
+    /// (`config`, `kv_capacity`, `kv_usage`, `weight_memory`, `samples_on_device`,
+    /// `fuses_steps`, `context_lost`) may come in between, and they see the sequences as they
+    /// were before the step.
+    ///
+    /// Why: the engine thread prepares the next step's host work (responses, admission,
+    /// cancellations, metrics) while the device runs this one. The default runs the whole step
+    /// here ([`Launched::Done`]): a backend whose every call is synchronous changes nothing.
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        Ok(Launched::Done(match choice {
+            DecodeChoice::Argmax => DecodeOutput::Ids(self.decode_argmax(batch)?),
+            DecodeChoice::Sampled(rows) => DecodeOutput::Ids(self.decode_sampled(batch, rows)?),
+            DecodeChoice::Logits => DecodeOutput::Logits(self.decode(batch)?),
+        }))
+    }
+
+    /// Waits for the step [`Backend::launch_decode`] left in flight and returns its output; the
+    /// sequences are one token longer then. On an error they are as they were before the step.
+    /// The default (no step is ever left in flight) refuses.
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        Err(DeviceError::Invalid(
+            "collect_decode: no decode step is in flight".into(),
+        ))
+    }
+
     /// A fatal error when the device context this backend runs in died since it was built,
     /// whoever faulted: every instance on a GPU shares the device's context, so one instance's
     /// sticky fault kills it for all, and a new context can only be made once every holder has
@@ -376,6 +522,33 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         rows: &[RowSampling],
     ) -> Result<Vec<u32>, DeviceError> {
         (**self).decode_sampled(batch, rows)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        (**self).prefill_sampled(seq, tokens, row)
+    }
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        (**self).step_sampled(chunks, chunk_rows, batch, rows)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        (**self).launch_decode(batch, choice)
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        (**self).collect_decode()
     }
     fn context_lost(&self) -> Option<DeviceError> {
         (**self).context_lost()

@@ -36,7 +36,8 @@ pub use sampler::{Sampler, SamplingParams};
 pub use sequence::{Sequence, SequenceState, StopReason};
 
 use crate::device::{
-    Backend, ChunkItem, DecodeItem, DeviceError, KvUsage, LogitEdit, Logits, RowSampling,
+    Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, KvUsage, Launched,
+    LogitEdit, Logits, RowSampling,
 };
 use crate::model::LlamaConfig;
 
@@ -53,6 +54,9 @@ pub enum EngineError {
     /// Tokenizing, detokenizing or templating failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// [`Engine::begin_step`] with a step already begun, or [`Engine::finish_step`] with none.
+    #[error("engine step order: {0}")]
+    StepOrder(&'static str),
 }
 
 /// Something that happened to a request during a step.
@@ -87,6 +91,27 @@ enum StepOutput {
     Tokens(Vec<u32>),
     /// Every row's logits, sampled on the host.
     Logits(Logits),
+}
+
+/// A step between [`Engine::begin_step`] and [`Engine::finish_step`].
+struct Staged {
+    /// Its events so far (cancellations, first tokens of prompts, earlier pending events).
+    events: Vec<Event>,
+    /// When it began (the pacer's step time).
+    start: Instant,
+    /// Its decode batch, launched; `None` when it has none (or ran it fused).
+    decode: Option<PendingDecode>,
+}
+
+/// A decode batch launched by [`Backend::launch_decode`], to be finished.
+struct PendingDecode {
+    launched: Launched,
+    /// Rows of the batch: the running sequences, in order.
+    rows: usize,
+    /// The synchronous call the launch stands for (for errors).
+    what: &'static str,
+    /// Prompts whose last chunk ran in this step: they join `running` after the decode.
+    admitted: Vec<Sequence>,
 }
 
 /// A backend's ids for a decode batch of `rows`, or an error naming the call (`what`) when it
@@ -193,6 +218,8 @@ pub struct Engine<B: Backend> {
     /// Cost units of the chunks that ran in the current step, its decode rows, and whether a
     /// short prompt's chunk was among them.
     step_work: (u64, usize, bool),
+    /// The step begun and not finished yet.
+    staged: Option<Staged>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -205,6 +232,7 @@ impl<B: Backend> Engine<B> {
             cost,
             pacer,
             step_work: (0, 0, false),
+            staged: None,
             backend,
             detok,
             opts,
@@ -230,17 +258,18 @@ impl<B: Backend> Engine<B> {
 
     /// Whether a step would do anything.
     pub fn has_work(&self) -> bool {
-        !(self.waiting.is_empty()
-            && self.prefilling.is_empty()
-            && self.running.is_empty()
-            && self.pending.is_empty())
+        self.staged.is_some()
+            || !(self.waiting.is_empty()
+                && self.prefilling.is_empty()
+                && self.running.is_empty()
+                && self.pending.is_empty())
     }
 
     /// Requests waiting, and running (prompts being prefilled included).
     pub fn load(&self) -> (usize, usize) {
         (
             self.waiting.len(),
-            self.running.len() + self.prefilling.len(),
+            self.running.len() + self.prefilling.len() + self.admitted_in_flight().len(),
         )
     }
 
@@ -295,10 +324,17 @@ impl<B: Backend> Engine<B> {
             });
             return true;
         }
+        let admitted = match &mut self.staged {
+            Some(Staged {
+                decode: Some(d), ..
+            }) => &mut d.admitted[..],
+            _ => &mut [],
+        };
         match self
             .running
             .iter_mut()
             .chain(self.prefilling.iter_mut())
+            .chain(admitted.iter_mut())
             .find(|s| s.id == id && !s.cancel_requested)
         {
             Some(s) => {
@@ -321,7 +357,9 @@ impl<B: Backend> Engine<B> {
     /// [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
     /// prompts being prefilled, then the first chunks of newly admitted ones (a prompt whose
     /// last chunk ran yields its first token); and decodes all other running ones in one batch
-    /// (one token each). The step's wall time calibrates the pacing.
+    /// (one token each). The step's wall time calibrates the pacing. It is
+    /// [`Engine::begin_step`] then [`Engine::finish_step`]: a caller that has host work to do
+    /// while the device runs the decode batch calls the two itself.
     ///
     /// KV-cache policy: a request is admitted only when the cache has free blocks for its prompt
     /// above a reserve for the running sequences ([`scheduler`]). When the running sequences
@@ -336,10 +374,63 @@ impl<B: Backend> Engine<B> {
     /// dropped with their KV-cache slots freed and listed by [`Engine::take_failed`]; the others
     /// keep running, and the events of the step that did happen come with the next step.
     pub fn step(&mut self) -> Result<Vec<Event>, EngineError> {
+        self.begin_step()?;
+        self.finish_step()
+    }
+
+    /// The first half of [`Engine::step`]: everything up to the launch of the decode batch
+    /// ([`Backend::launch_decode`]), which a device backend leaves running. The caller may then
+    /// do host work ([`Engine::add`], [`Engine::cancel`], reading [`Engine::stats`] and
+    /// [`Engine::load`], sending the previous step's responses) and must call
+    /// [`Engine::finish_step`] before the next `begin_step`. A cancellation made in between
+    /// takes effect at the next step, as one made before it: the step's token is still
+    /// produced. Errors as `step`'s (the prefill's, or the launch's); then there is nothing to
+    /// finish.
+    pub fn begin_step(&mut self) -> Result<(), EngineError> {
+        if self.staged.is_some() {
+            return Err(EngineError::StepOrder(
+                "begin_step while a step is in flight: finish_step first",
+            ));
+        }
         let mut events = Vec::new();
         let start = Instant::now();
         self.step_work = (0, 0, false);
         match self.step_into(&mut events) {
+            Ok(decode) => {
+                self.staged = Some(Staged {
+                    events,
+                    start,
+                    decode,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                events.append(&mut self.pending);
+                self.pending = events;
+                Err(e)
+            }
+        }
+    }
+
+    /// The second half of [`Engine::step`]: waits for the decode batch [`Engine::begin_step`]
+    /// launched, accepts its tokens and returns the step's events. The time from `begin_step`
+    /// calibrates the pacing. Errors as `step`'s.
+    pub fn finish_step(&mut self) -> Result<Vec<Event>, EngineError> {
+        let Some(Staged {
+            mut events,
+            start,
+            decode,
+        }) = self.staged.take()
+        else {
+            return Err(EngineError::StepOrder(
+                "finish_step without a step begun: begin_step first",
+            ));
+        };
+        let result = match decode {
+            Some(d) => self.finish_decode(d, &mut events),
+            None => Ok(()),
+        };
+        match result {
             Ok(()) => {
                 let (units, rows, short) = self.step_work;
                 if let Some(p) = &mut self.pacer {
@@ -359,7 +450,40 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    fn step_into(&mut self, events: &mut Vec<Event>) -> Result<(), EngineError> {
+    /// Whether a step was begun and not finished.
+    pub fn step_in_flight(&self) -> bool {
+        self.staged.is_some()
+    }
+
+    /// Whether the step begun is still running on the device ([`Launched::InFlight`]), so that
+    /// [`Engine::finish_step`] would wait for it; false when its launch ran it whole (a
+    /// synchronous backend) or it has no decode batch: then finishing it costs only host work,
+    /// and a caller with responses to send gains nothing by waiting.
+    pub fn waits_on_device(&self) -> bool {
+        matches!(
+            &self.staged,
+            Some(Staged {
+                decode: Some(PendingDecode {
+                    launched: Launched::InFlight,
+                    ..
+                }),
+                ..
+            })
+        )
+    }
+
+    /// The prompts admitted by the step in flight (they join the running ones when it
+    /// finishes).
+    fn admitted_in_flight(&self) -> &[Sequence] {
+        match &self.staged {
+            Some(Staged {
+                decode: Some(d), ..
+            }) => &d.admitted,
+            _ => &[],
+        }
+    }
+
+    fn step_into(&mut self, events: &mut Vec<Event>) -> Result<Option<PendingDecode>, EngineError> {
         events.append(&mut self.pending);
         let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) =
             std::mem::take(&mut self.running)
@@ -375,7 +499,7 @@ impl<B: Backend> Engine<B> {
             self.finish(&mut s, StopReason::Cancelled, String::new(), events);
         }
         if self.waiting.is_empty() && self.running.is_empty() && self.prefilling.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         self.stats.steps += 1;
         // Prompts being prefilled continue first, in admission order.
@@ -498,46 +622,85 @@ impl<B: Backend> Engine<B> {
 
         self.preempt_for_decode(&mut admitted, &mut queued);
         if fused {
-            return self.fused_step(queued, events);
+            return self.fused_step(queued, events).map(|()| None);
         }
-        if !self.running.is_empty() {
-            let batch = self.decode_batch();
-            self.step_work.1 = batch.len();
-            // Only what the step needs comes back: the greedy ids when every row's choice is the
-            // plain argmax; the chosen ids when the backend samples where the logits are; the
-            // logits otherwise (the same tokens every way).
-            let result = if self.running.iter().all(Sequence::argmax_suffices) {
-                self.backend
-                    .decode_argmax(&batch)
-                    .and_then(|ids| checked_ids(ids, batch.len(), "decode_argmax"))
-            } else if self.backend.samples_on_device() {
-                let rows: Vec<RowSampling> =
-                    self.running.iter().map(|s| self.row_sampling(s)).collect();
-                self.backend
-                    .decode_sampled(&batch, &rows)
-                    .and_then(|ids| checked_ids(ids, batch.len(), "decode_sampled"))
-            } else {
-                self.backend.decode(&batch).map(StepOutput::Logits)
-            };
-            let out = match result {
-                Ok(out) => out,
-                Err(e) => {
-                    for s in std::mem::take(&mut self.running) {
-                        self.backend.free_sequence(s.seq_id().expect("running"));
-                        self.failed.push(s.id);
-                    }
-                    self.running = admitted;
-                    return Err(e.into());
-                }
-            };
-            self.stats.decode_tokens += batch.len() as u64;
-            if let Err(e) = self.accept_decoded(out, events) {
-                self.running.extend(admitted);
-                return Err(e);
+        if self.running.is_empty() {
+            self.running.extend(admitted);
+            return Ok(None);
+        }
+        let batch = self.decode_batch();
+        self.step_work.1 = batch.len();
+        // Only what the step needs comes back: the greedy ids when every row's choice is the
+        // plain argmax; the chosen ids when the backend samples where the logits are; the
+        // logits otherwise (the same tokens every way).
+        let rows: Vec<RowSampling>;
+        let (choice, what) = if self.running.iter().all(Sequence::argmax_suffices) {
+            (DecodeChoice::Argmax, "decode_argmax")
+        } else if self.backend.samples_on_device() {
+            rows = self.running.iter().map(|s| self.row_sampling(s)).collect();
+            (DecodeChoice::Sampled(&rows), "decode_sampled")
+        } else {
+            (DecodeChoice::Logits, "decode")
+        };
+        match self.backend.launch_decode(&batch, choice) {
+            Ok(launched) => Ok(Some(PendingDecode {
+                launched,
+                rows: batch.len(),
+                what,
+                admitted,
+            })),
+            Err(e) => {
+                self.fail_decode(admitted);
+                Err(e.into())
             }
         }
-        self.running.extend(admitted);
-        Ok(())
+    }
+
+    /// A decode step failed: every running sequence is dropped (its slot freed, its id listed
+    /// for [`Engine::take_failed`]); the prompts admitted in this step run from the next one.
+    fn fail_decode(&mut self, admitted: Vec<Sequence>) {
+        for s in std::mem::take(&mut self.running) {
+            self.backend.free_sequence(s.seq_id().expect("running"));
+            self.failed.push(s.id);
+        }
+        self.running = admitted;
+    }
+
+    /// The end of a step's decode: its output (collected from the device when it was left in
+    /// flight), each running sequence's token accepted, and the prompts admitted in the step
+    /// joining the running ones.
+    fn finish_decode(
+        &mut self,
+        d: PendingDecode,
+        events: &mut Vec<Event>,
+    ) -> Result<(), EngineError> {
+        let out = match d.launched {
+            Launched::Done(out) => Ok(out),
+            Launched::InFlight => self.backend.collect_decode(),
+        };
+        let out = out.and_then(|out| match out {
+            DecodeOutput::Ids(ids) => checked_ids(ids, d.rows, d.what),
+            DecodeOutput::Logits(logits) if logits.rows() == d.rows => {
+                Ok(StepOutput::Logits(logits))
+            }
+            DecodeOutput::Logits(logits) => Err(DeviceError::Invalid(format!(
+                "{} returned {} rows of logits for a batch of {}",
+                d.what,
+                logits.rows(),
+                d.rows
+            ))),
+        });
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                self.fail_decode(d.admitted);
+                return Err(e.into());
+            }
+        };
+        self.stats.decode_tokens += d.rows as u64;
+        let result = self.accept_decoded(out, events);
+        self.running.extend(d.admitted);
+        result
     }
 
     /// The decode rows of the running sequences, in order.
@@ -567,7 +730,7 @@ impl<B: Backend> Engine<B> {
         for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
             let token = match &out {
                 StepOutput::Tokens(ids) => ids[i],
-                StepOutput::Logits(logits) => self.sample(&mut s, logits.row(i)),
+                StepOutput::Logits(logits) => self.sample(&s, logits.row(i)),
             };
             match self.accept(&mut s, token, events) {
                 Ok(true) => still.push(s),
@@ -625,8 +788,30 @@ impl<B: Backend> Engine<B> {
             .map(|(_, _, from, to)| self.cost.chunk(*from, to - from))
             .sum();
         self.step_work.1 = batch.len();
-        let mut logits = match self.backend.step(&chunks, &batch) {
-            Ok(l) => l,
+        // Only the ids come back from a backend that samples where the logits are: a token for
+        // each chunk that ends its prompt (not for one recomputed after a preemption), and one
+        // per decode row.
+        let wants: Vec<bool> = parts
+            .iter()
+            .map(|(i, tokens, _, to)| *to == tokens.len() && self.prefilling[*i].output.is_empty())
+            .collect();
+        let result = if self.backend.samples_on_device() {
+            let chunk_rows: Vec<Option<RowSampling>> = parts
+                .iter()
+                .zip(&wants)
+                .map(|((i, ..), &w)| w.then(|| self.row_sampling(&self.prefilling[*i])))
+                .collect();
+            let rows: Vec<RowSampling> =
+                self.running.iter().map(|s| self.row_sampling(s)).collect();
+            let wanted = wants.iter().filter(|&&w| w).count();
+            self.backend
+                .step_sampled(&chunks, &chunk_rows, &batch, &rows)
+                .and_then(|ids| checked_ids(ids, wanted + batch.len(), "step_sampled"))
+        } else {
+            self.backend.step(&chunks, &batch).map(StepOutput::Logits)
+        };
+        let out = match result {
+            Ok(out) => out,
             Err(e) => {
                 let ids: Vec<RequestId> = queued.iter().map(|q| q.0).collect();
                 let (dropped, kept): (Vec<Sequence>, Vec<Sequence>) =
@@ -642,19 +827,42 @@ impl<B: Backend> Engine<B> {
                 return Err(e.into());
             }
         };
-        let vocab = logits.vocab;
-        let decode = Logits {
-            vocab,
-            data: logits.data.split_off(chunks.len() * vocab),
-        };
         drop(chunks);
-        // The prompts' chunks: advance them, and sample the first token of those now complete.
-        let mut first: Vec<Option<usize>> = vec![None; self.prefilling.len()];
-        for (row, (i, _, _, to)) in parts.into_iter().enumerate() {
+        // The first tokens of the prompts now complete (`first[i]` for `prefilling[i]`), and the
+        // decode rows' output.
+        let mut first: Vec<Option<u32>> = vec![None; self.prefilling.len()];
+        let decode = match out {
+            StepOutput::Tokens(mut ids) => {
+                let decode = ids.split_off(ids.len() - batch.len());
+                let mut ids = ids.into_iter();
+                for ((i, ..), _) in parts.iter().zip(&wants).filter(|(_, &w)| w) {
+                    first[*i] = ids.next();
+                }
+                StepOutput::Tokens(decode)
+            }
+            StepOutput::Logits(mut logits) => {
+                let vocab = logits.vocab;
+                let decode = Logits {
+                    vocab,
+                    data: logits.data.split_off(parts.len() * vocab),
+                };
+                for (row, ((i, ..), _)) in parts.iter().zip(&wants).enumerate() {
+                    if wants[row] {
+                        let token = self.sample(
+                            &self.prefilling[*i],
+                            &logits.data[row * vocab..(row + 1) * vocab],
+                        );
+                        first[*i] = Some(token);
+                    }
+                }
+                StepOutput::Logits(decode)
+            }
+        };
+        // The prompts' chunks: advance them.
+        for (i, _, _, to) in parts {
             let s = &mut self.prefilling[i];
             self.stats.prefill_tokens += (to - s.prefilled) as u64;
             s.prefilled = to;
-            first[i] = Some(row);
         }
         let mut admitted = Vec::new();
         let mut still = Vec::with_capacity(self.prefilling.len());
@@ -669,8 +877,7 @@ impl<B: Backend> Engine<B> {
                 admitted.push(s);
                 continue;
             }
-            let row = first[i].expect("a prompt completes only in a step that ran its chunk");
-            let token = self.sample(&mut s, &logits.data[row * vocab..(row + 1) * vocab]);
+            let token = first[i].expect("a prompt completes only in a step that ran its chunk");
             match self.accept(&mut s, token, events) {
                 Ok(true) => admitted.push(s),
                 Ok(false) => {}
@@ -686,7 +893,7 @@ impl<B: Backend> Engine<B> {
         if !batch.is_empty() {
             self.stats.decode_tokens += batch.len() as u64;
         }
-        let result = self.accept_decoded(StepOutput::Logits(decode), events);
+        let result = self.accept_decoded(decode, events);
         self.running.extend(admitted);
         match failure {
             Some(e) => Err(e),
@@ -711,20 +918,27 @@ impl<B: Backend> Engine<B> {
         let tokens = s.prefill_tokens();
         let (from, to) = (s.prefilled, s.prefilled + chunk);
         self.step_work.0 += self.cost.chunk(from, chunk);
-        let result = self
-            .backend
-            .prefill(seq, &tokens[from..to])
-            .map_err(EngineError::from)
-            .and_then(|logits| {
-                self.stats.prefill_tokens += chunk as u64;
-                s.prefilled = to;
-                if to < tokens.len() || !s.output.is_empty() {
-                    // More chunks to come, or recomputed after a preemption.
-                    return Ok(true);
-                }
-                let token = self.sample(&mut s, &logits);
-                self.accept(&mut s, token, events)
-            });
+        // No token when more chunks are to come, or recomputed after a preemption.
+        let wants_token = to == tokens.len() && s.output.is_empty();
+        let result = if wants_token && self.backend.samples_on_device() {
+            // Chosen where the logits are: only the id comes back.
+            let row = self.row_sampling(&s);
+            self.backend
+                .prefill_sampled(seq, &tokens[from..to], &row)
+                .map(Some)
+        } else {
+            self.backend
+                .prefill(seq, &tokens[from..to])
+                .map(|logits| wants_token.then(|| sampler::choose(&logits, &self.row_sampling(&s))))
+        };
+        let result = result.map_err(EngineError::from).and_then(|token| {
+            self.stats.prefill_tokens += chunk as u64;
+            s.prefilled = to;
+            match token {
+                Some(token) => self.accept(&mut s, token, events),
+                None => Ok(true),
+            }
+        });
         match result {
             Ok(true) => Ok(Some(s)),
             Ok(false) => Ok(None),
@@ -836,7 +1050,7 @@ impl<B: Backend> Engine<B> {
 
     /// Samples the next token of `s` on the host from its row of `logits`
     /// ([`Engine::row_sampling`]).
-    fn sample(&self, s: &mut Sequence, logits: &[f32]) -> u32 {
+    fn sample(&self, s: &Sequence, logits: &[f32]) -> u32 {
         sampler::choose(logits, &self.row_sampling(s))
     }
 

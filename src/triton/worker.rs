@@ -3,8 +3,10 @@
 //!
 //! `ModelInstanceExecute` (Triton's thread) only checks requests and hands the good ones over a
 //! channel ([`Worker::submit`]). The thread admits them between engine steps, polls each live
-//! request's cancellation flag once per step, runs [`Engine::step`] and turns its events into
-//! responses. Every request leaves through [`finish_with`] or [`Pending::finish`] after exactly
+//! request's cancellation flag once per step, runs each step as [`Engine::begin_step`] and
+//! [`Engine::finish_step`] and turns its events into responses; step N's responses and metrics
+//! go out after step N+1 was begun, so on a device that leaves the decode in flight they overlap
+//! it (docs/triton.md, "Host work while the device runs"). Every request leaves through [`finish_with`] or [`Pending::finish`] after exactly
 //! one FINAL response. A panic during a turn is caught: every request the thread holds ends
 //! with an INTERNAL error and the engine is rebuilt ([`EngineFactory`]); if it cannot be, new
 //! requests get UNAVAILABLE naming the panic. A step that fails with a fatal device fault
@@ -293,21 +295,60 @@ fn run(
 }
 
 impl Serving<'_> {
-    /// One round: take what arrived (sleeping only when there is nothing to compute), admit
-    /// it, poll cancellations, run one engine step and send its responses.
+    /// One round, pipelined with the device: take what arrived (sleeping only when there is
+    /// nothing to compute); finish the step in flight (the one wait for the device); admit
+    /// what arrived and poll cancellations (they change the next step's batch, so they come
+    /// between the collection and the next launch); begin the next step (its decode batch left
+    /// running on a device backend, [`Engine::begin_step`]); then, while it runs, publish the
+    /// finished step's metrics and send its responses. A failed launch is handled after those
+    /// responses went out. A step begun with nothing left running on the device (every step
+    /// of a synchronous backend such as the CPU) is finished and answered in the same turn, so
+    /// there the order is that of a plain `Engine::step` loop.
     fn turn(&mut self, rx: &mpsc::Receiver<Command>) {
         let idle = self.receive(rx);
         if self.stopping {
             return;
         }
-        self.check_context();
         if idle {
+            self.check_context();
             return;
         }
+        let finished = self.finish_step();
+        // Before each launch (nothing is in flight here): a context lost meanwhile, in this
+        // instance or another on the device, replaces the engine before it is stepped again.
+        self.check_context();
+        // The finished step's metrics, taken before the next step changes anything.
+        let snap = self.snapshot();
         self.admit();
         self.poll_cancellations();
-        self.step();
-        self.publish();
+        let began = self.begin_step();
+        let mut responded = false;
+        if let Some(events) = finished {
+            // The metrics first: a client that sees a step's responses then reads metrics of
+            // that step, not the one before.
+            self.publish_snapshot(snap);
+            self.dispatch(events);
+            responded = true;
+        }
+        if let Err(e) = began {
+            self.step_failed(e);
+            responded = false;
+        }
+        // A step with nothing running on the device (a synchronous backend, whose launch ran
+        // it: the CPU; or a step without a decode batch) is finished now, so its responses do
+        // not wait for the next step.
+        let waits = self.engine.as_ref().is_some_and(Engine::waits_on_device);
+        if !waits {
+            if let Some(events) = self.finish_step() {
+                self.publish();
+                self.dispatch(events);
+                return;
+            }
+        }
+        if !responded {
+            // No step's responses went out: what admission (or a failure) changed.
+            self.publish();
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -317,9 +358,13 @@ impl Serving<'_> {
     fn publish(&mut self) {
         if self.metrics.is_some() {
             let now = self.snapshot();
-            if let Some(m) = self.metrics.as_mut() {
-                m.publish(now);
-            }
+            self.publish_snapshot(now);
+        }
+    }
+
+    fn publish_snapshot(&mut self, now: Snapshot) {
+        if let Some(m) = self.metrics.as_mut() {
+            m.publish(now);
         }
     }
 
@@ -410,19 +455,40 @@ impl Serving<'_> {
         }
     }
 
-    fn step(&mut self) {
+    /// Finishes the step in flight, if any: its events, or `None` (nothing was in flight, or
+    /// it failed: then its requests were answered, [`Serving::step_failed`]).
+    fn finish_step(&mut self) -> Option<Vec<Event>> {
+        let engine = self.engine.as_mut()?;
+        if !engine.step_in_flight() {
+            return None;
+        }
+        match engine.finish_step() {
+            Ok(events) => Some(events),
+            Err(e) => {
+                self.step_failed(e);
+                self.publish();
+                None
+            }
+        }
+    }
+
+    /// Begins the next step when the engine has work and none is in flight.
+    fn begin_step(&mut self) -> Result<(), EngineError> {
+        match self.engine.as_mut() {
+            Some(engine) if engine.has_work() && !engine.step_in_flight() => engine.begin_step(),
+            _ => Ok(()),
+        }
+    }
+
+    /// A step failed: a fatal device fault replaces the engine ([`Serving::fatal`]); any other
+    /// error ends the requests it dropped with it.
+    fn step_failed(&mut self, e: EngineError) {
         let Some(engine) = self.engine.as_mut() else {
             return;
         };
-        match engine.step() {
-            Ok(events) => {
-                // The metrics first: a client that sees a step's responses then reads metrics
-                // of that step, not the one before (`turn` publishes again after failures).
-                self.publish();
-                self.dispatch(events)
-            }
-            Err(EngineError::Device(e)) if e.kind() == FaultKind::Fatal => self.fatal(e.into()),
-            Err(e) => {
+        match e {
+            EngineError::Device(e) if e.kind() == FaultKind::Fatal => self.fatal(e.into()),
+            e => {
                 let err = TritonError::Internal {
                     context: format!("instance {}: engine step", self.name),
                     source: Box::new(e),
@@ -616,7 +682,16 @@ impl Serving<'_> {
         ));
         let n = self.answer_all(&err);
         let engine = self.engine.take();
-        if catch_unwind(AssertUnwindSafe(move || drop(engine))).is_err() {
+        // A step in flight is waited for (its events dropped: every request was answered)
+        // before the engine goes.
+        let finish_and_drop = move || {
+            if let Some(mut e) = engine {
+                if e.step_in_flight() {
+                    let _ = e.finish_step();
+                }
+            }
+        };
+        if catch_unwind(AssertUnwindSafe(finish_and_drop)).is_err() {
             tracing::error!(instance = self.name, "dropping the engine panicked");
         }
         tracing::debug!(instance = self.name, answered = n, "engine thread stopped");

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use super::super::{log, mock, sys};
 use super::*;
 use crate::device::shared::{ContextEpochs, ContextLease};
-use crate::device::{DecodeItem, DeviceError, KvCapacity, Logits, SeqId};
+use crate::device::{
+    argmax, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, KvCapacity, Launched, Logits,
+    SeqId,
+};
 use crate::engine::EngineOptions;
 use crate::model::LlamaConfig;
 
@@ -26,6 +29,17 @@ struct Faults {
     fatal_decode: AtomicBool,
     /// Calls made on a dead backend (a worker that keeps stepping a dead context shows here).
     calls_after_death: AtomicUsize,
+    /// Decode steps are left in flight, as a device's: `launch_decode` holds the batch and
+    /// `collect_decode` runs it (faults and panics surface there, at the synchronisation).
+    pipelined: AtomicBool,
+    /// Each launch and collection of a pipelined step (each decode step of a synchronous one),
+    /// with the number of responses the mock server had received from every request then.
+    order: std::sync::Mutex<Vec<(&'static str, usize)>>,
+}
+
+/// Responses the mock server received so far, from every request.
+fn responses_sent() -> usize {
+    mock::with(|h| h.requests.iter().map(|r| r.responses.len()).sum())
 }
 
 /// The error a dead context gives, as the driver wrapper words it.
@@ -52,6 +66,8 @@ struct Fake {
     lease: Option<ContextLease>,
     /// Where its drop is recorded (`dropped <name>`), if anywhere.
     journal: Option<(String, Journal)>,
+    /// The decode batch in flight (`Faults::pipelined`).
+    held: Option<Vec<DecodeItem>>,
 }
 
 /// What happened, in order, across instances.
@@ -176,6 +192,52 @@ impl Backend for Fake {
             data: batch.iter().flat_map(|_| logits_row()).collect(),
         })
     }
+
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        if !self.faults.pipelined.load(Ordering::SeqCst) {
+            self.faults
+                .order
+                .lock()
+                .unwrap()
+                .push(("step", responses_sent()));
+            let logits = self.decode(batch)?;
+            let out = match choice {
+                DecodeChoice::Logits => DecodeOutput::Logits(logits),
+                _ => DecodeOutput::Ids((0..batch.len()).map(|i| argmax(logits.row(i))).collect()),
+            };
+            return Ok(Launched::Done(out));
+        }
+        assert!(self.held.is_none(), "launched while a step is in flight");
+        assert!(
+            matches!(choice, DecodeChoice::Argmax),
+            "greedy requests only"
+        );
+        self.alive()?;
+        self.faults
+            .order
+            .lock()
+            .unwrap()
+            .push(("launch", responses_sent()));
+        self.held = Some(batch.to_vec());
+        Ok(Launched::InFlight)
+    }
+
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        let batch = self.held.take().expect("a step in flight");
+        self.faults
+            .order
+            .lock()
+            .unwrap()
+            .push(("collect", responses_sent()));
+        let logits = self.decode(&batch)?;
+        Ok(DecodeOutput::Ids(
+            (0..batch.len()).map(|i| argmax(logits.row(i))).collect(),
+        ))
+    }
 }
 
 fn engine(faults: &Arc<Faults>) -> Engine<Box<dyn Backend>> {
@@ -197,6 +259,7 @@ fn engine_on(
         dead: false,
         lease,
         journal,
+        held: None,
     });
     let opts = EngineOptions {
         eos_token_ids: Vec::new(),
@@ -393,9 +456,21 @@ fn a_cancelled_request_is_reported_as_unsuccessful() {
 
 #[test]
 fn a_fatal_device_fault_ends_every_request_and_rebuilds_the_engine_without_stepping_it_again() {
+    fatal_fault_case(false);
+}
+
+/// The same with decode steps left in flight: the fault surfaces at a collection, while the
+/// thread has the previous step's responses to send.
+#[test]
+fn a_fatal_fault_at_the_collection_of_a_step_in_flight_is_handled_the_same_way() {
+    fatal_fault_case(true);
+}
+
+fn fatal_fault_case(pipelined: bool) {
     let _g = mock::lock();
     log::install();
     let faults = Arc::new(Faults::default());
+    faults.pipelined.store(pipelined, Ordering::SeqCst);
     let (rebuild, builds) = counting_rebuild(&faults);
     let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
     let streaming = submit(&w, "streaming", 100_000, true);
@@ -444,12 +519,27 @@ fn a_fatal_device_fault_ends_every_request_and_rebuilds_the_engine_without_stepp
 
 #[test]
 fn a_fatal_fault_in_one_instance_makes_every_instance_on_the_device_let_go_before_any_rebuilds() {
+    lost_context_case(false);
+}
+
+/// The same with decode steps left in flight (a serving instance has a step in flight at the
+/// start of each turn): every instance still lets go before any rebuild, the serving one
+/// touching the dead context at most once.
+#[test]
+fn instances_with_steps_in_flight_let_go_of_a_lost_context_too() {
+    lost_context_case(true);
+}
+
+fn lost_context_case(pipelined: bool) {
     let _g = mock::lock();
     let epochs = ContextEpochs::new();
     let journal: Journal = Arc::default();
     // Three instances on one device: a faults, b is serving, c is idle.
     let names = ["a", "b", "c"];
     let faults: Vec<Arc<Faults>> = names.iter().map(|_| Arc::default()).collect();
+    for f in &faults {
+        f.pipelined.store(pipelined, Ordering::SeqCst);
+    }
     let builds = Arc::new(AtomicUsize::new(0));
     let workers: Vec<Worker> = names
         .iter()
@@ -569,4 +659,65 @@ fn a_device_that_faults_in_every_new_context_is_marked_broken_not_rebuilt_foreve
     w.stop().unwrap();
     assert_eq!(faults.calls_after_death.load(Ordering::SeqCst), 0);
     assert_eq!(mock::with(|h| h.live_errors), 0);
+}
+
+/// With a backend that leaves each decode step in flight, the engine thread sends a step's
+/// responses while the next step runs: between some launch and its collection, the mock server
+/// received responses (a worker doing its host work only between steps shows none there).
+/// Every request still gets all its tokens and one FINAL, and a cancellation arriving while
+/// steps are in flight ends its request as CANCELLED.
+#[test]
+fn the_engine_thread_sends_responses_while_the_next_step_runs() {
+    let _g = mock::lock();
+    let faults = Arc::new(Faults::default());
+    faults.pipelined.store(true, Ordering::SeqCst);
+    let rebuild: EngineFactory = Box::new(|| Err(TritonError::Unavailable("unused".into())));
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
+    let a = submit(&w, "a", 12, true);
+    let b = submit(&w, "b", 9, true);
+    let victim = submit(&w, "victim", 100_000, true);
+    wait_for("the victim has 3 responses", || {
+        mock::on_request(victim, |m| m.responses.len() >= 3)
+    });
+    mock::on_request(victim, |m| m.cancelled = true);
+    wait_for("every request ended", || {
+        ended(a) && ended(b) && ended(victim)
+    });
+    assert_eq!(ended_once(a, true), None);
+    assert_eq!(ended_once(b, true), None);
+    // One response per token, the FINAL with the last one.
+    assert_eq!(mock::on_request(a, |m| m.responses.len()), 12);
+    assert_eq!(mock::on_request(b, |m| m.responses.len()), 9);
+    let (code, msg) = ended_once(victim, false).expect("an error FINAL");
+    assert_eq!(code, sys::TRITONSERVER_ERROR_CANCELLED, "{msg}");
+    w.stop().unwrap();
+    let order = faults.order.lock().unwrap().clone();
+    assert!(order.len() >= 4, "{order:?}");
+    for pair in order.chunks(2) {
+        assert_eq!((pair[0].0, pair[1].0), ("launch", "collect"), "{order:?}");
+    }
+    let overlapped = order.chunks(2).filter(|pair| pair[1].1 > pair[0].1).count();
+    assert!(
+        overlapped > 0,
+        "responses were sent while a step was in flight: {order:?}"
+    );
+}
+
+/// With a synchronous backend (its launch runs the whole step, as the CPU's), the engine thread
+/// sends each step's responses before it runs the next step, as a plain step loop does: the
+/// j-th decode step of a lone stream starts with j + 1 responses out (its first token came from
+/// its prefill), never one step behind.
+#[test]
+fn with_a_synchronous_backend_each_steps_responses_go_out_before_the_next_step() {
+    let _g = mock::lock();
+    let faults = Arc::new(Faults::default());
+    let rebuild: EngineFactory = Box::new(|| Err(TritonError::Unavailable("unused".into())));
+    let w = Worker::spawn("m_0", engine(&faults), rebuild, instance(), 16, None).unwrap();
+    let r = submit(&w, "r", 6, true);
+    wait_for("the request ended", || ended(r));
+    assert_eq!(ended_once(r, true), None);
+    w.stop().unwrap();
+    let order = faults.order.lock().unwrap().clone();
+    let want: Vec<(&str, usize)> = (1..=5).map(|j| ("step", j)).collect();
+    assert_eq!(order, want);
 }

@@ -6,8 +6,21 @@
 /// (`decode_argmax` keeps the trait's default unless the wrapper overrides it). `fuses_steps`
 /// and `step` keep the trait's defaults too (a wrapped engine takes the separate prefill and
 /// decode calls it counts) unless the wrapper overrides them.
+///
+/// `forward_backend_to_inner!(without_prefill)` forwards the same methods but `prefill`, for a
+/// wrapper that writes that one itself too.
 macro_rules! forward_backend_to_inner {
     () => {
+        forward_backend_to_inner!(without_prefill);
+        fn prefill(
+            &mut self,
+            seq: triton_unweight::device::SeqId,
+            tokens: &[u32],
+        ) -> Result<Vec<f32>, triton_unweight::device::DeviceError> {
+            self.inner.prefill(seq, tokens)
+        }
+    };
+    (without_prefill) => {
         fn config(&self) -> &triton_unweight::model::LlamaConfig {
             self.inner.config()
         }
@@ -33,13 +46,6 @@ macro_rules! forward_backend_to_inner {
             seq: triton_unweight::device::SeqId,
         ) -> Result<usize, triton_unweight::device::DeviceError> {
             self.inner.sequence_len(seq)
-        }
-        fn prefill(
-            &mut self,
-            seq: triton_unweight::device::SeqId,
-            tokens: &[u32],
-        ) -> Result<Vec<f32>, triton_unweight::device::DeviceError> {
-            self.inner.prefill(seq, tokens)
         }
     };
 }

@@ -47,13 +47,16 @@ use super::persist::weights_identity;
 use super::plan::{Plan, Role, RoleShapes, Storage};
 use super::sample;
 use super::sizing::{decode_buckets, decode_inputs, decode_splits, kv_plan, pick_bucket};
+
+mod choosing;
 pub use super::sizing::{role_shapes, WorkBuffers};
 use super::stream::stream_weights_persisted;
 use super::tbe3::{multiprocessors, Tbe3Kernels};
 use super::weights::{device_weights, upload_linear, LayerW, UploadSink, Weights, WeightsKey};
 use crate::container::Checkpoint;
 use crate::device::{
-    Backend, DecodeItem, DeviceError, FaultKind, KvCapacity, Logits, RowSampling, SeqId,
+    Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, FaultKind, KvCapacity, Launched,
+    Logits, RowSampling, SeqId,
 };
 use crate::model::weights::{LlamaWeights, WeightError};
 use crate::model::LlamaConfig;
@@ -176,6 +179,8 @@ pub struct CudaBackend {
     /// or a step that failed before its logits were complete): what
     /// [`CudaBackend::argmax_last_step`] may read.
     logit_rows: usize,
+    /// The decode step [`Backend::launch_decode`] left running, to be collected.
+    in_flight: Option<choosing::InFlight>,
 }
 
 /// Builds a backend with `opts` whose [`PlanSource::Auto`] was resolved to `plan` (from
@@ -662,6 +667,7 @@ impl CudaBackend {
             weight_memory,
             timing: StepTiming::default(),
             logit_rows: 0,
+            in_flight: None,
         })
     }
 
@@ -786,6 +792,13 @@ impl CudaBackend {
     /// Runs the argmax kernel over the first `rows` rows of the logits buffer and copies the
     /// ids back; records its timing.
     fn device_argmax(&mut self, rows: usize) -> GpuResult<Vec<u32>> {
+        let t = self.queue_argmax(rows)?;
+        self.finish_argmax(rows, t)
+    }
+
+    /// Queues the argmax kernel over the first `rows` rows of the logits buffer (no wait);
+    /// returns when it was queued.
+    fn queue_argmax(&mut self, rows: usize) -> GpuResult<Instant> {
         self.ctx.bind()?;
         let vocab = self.cfg.vocab_size;
         let t = Instant::now();
@@ -793,6 +806,13 @@ impl CudaBackend {
         self.k
             .argmax_rows(self.bufs.logits.ptr(), rows, vocab, self.bufs.ids.ptr())?;
         self.choice_events.1.record()?;
+        Ok(t)
+    }
+
+    /// The ids of a queued argmax (`queue_argmax` at `t`) back on the host; records its timing.
+    fn finish_argmax(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
+        self.ctx.bind()?;
+        let vocab = self.cfg.vocab_size;
         let mut ids = vec![0i32; rows];
         // The step's one synchronisation: the ids back (the step and the kernel done).
         self.bufs.ids.download(&mut ids)?;
@@ -811,9 +831,18 @@ impl CudaBackend {
     /// Runs the sampling kernel over the first `packed.rows.len()` rows of the logits buffer
     /// (editing them in place) and copies the ids back; records its timing.
     fn device_sample(&mut self, packed: &sample::Packed) -> GpuResult<Vec<u32>> {
+        let t = self.queue_sample(packed)?;
+        self.finish_sample(packed.rows.len(), t)
+    }
+
+    /// Queues the sampling records' upload and the sampling kernel over the first
+    /// `packed.rows.len()` rows of the logits buffer (no wait); returns when it was queued.
+    fn queue_sample(&mut self, packed: &sample::Packed) -> GpuResult<Instant> {
         self.ctx.bind()?;
         let rows = packed.rows.len();
         let vocab = self.cfg.vocab_size;
+        // The logits are edited from now on: not the step's logits any more.
+        self.logit_rows = 0;
         let t = Instant::now();
         // Stream-ordered after the step, whose last kernel consumed logits_raw.
         self.staging
@@ -830,11 +859,17 @@ impl CudaBackend {
             self.bufs.ids.ptr(),
         )?;
         self.choice_events.1.record()?;
+        Ok(t)
+    }
+
+    /// The ids of a queued sampler (`queue_sample` at `t`) back on the host; records its
+    /// timing.
+    fn finish_sample(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
+        self.ctx.bind()?;
+        let vocab = self.cfg.vocab_size;
         let mut ids = vec![0i32; rows];
         // The step's one synchronisation: the ids back (the step and the kernel done).
         self.bufs.ids.download(&mut ids)?;
-        // The logits are edited now: not the step's logits any more.
-        self.logit_rows = 0;
         self.timing.sample_ms = t.elapsed().as_secs_f64() * 1e3;
         self.settle_step_time()?;
         self.timing.sample_gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
@@ -1138,6 +1173,13 @@ impl CudaBackend {
     }
 
     fn prefill_inner(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> GpuResult<Vec<f32>> {
+        self.prefill_enqueue(seq, start, tokens)?;
+        self.copy_logits(1)
+    }
+
+    /// Queues a prefill of `tokens` at positions from `start`, leaving the logits after the
+    /// last of them in row 0 of `bufs.logits` (not copied back, not waited for).
+    fn prefill_enqueue(&mut self, seq: SeqId, start: usize, tokens: &[u32]) -> GpuResult<()> {
         self.logit_rows = 0;
         self.ctx.bind()?;
         let chunks: Vec<&[u32]> = tokens
@@ -1154,7 +1196,7 @@ impl CudaBackend {
             self.enqueue(n, if last { Want::Last } else { Want::None })?;
             p += n;
         }
-        self.copy_logits(1)
+        Ok(())
     }
 }
 
@@ -1194,20 +1236,8 @@ impl Backend for CudaBackend {
     }
 
     fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
-        if tokens.is_empty() {
-            return Err(DeviceError::Invalid(
-                "prefill of an empty token list".into(),
-            ));
-        }
-        let len = self.kv.len(seq)?;
-        self.check_room(seq, len + tokens.len())?;
-        for &t in tokens {
-            self.check_token(t)?;
-        }
-        // Blocks for the prompt first, all or nothing (KvFull changes nothing); given back if
-        // the pass fails.
-        self.kv
-            .reserve(&mut self.staging, seq, len + tokens.len())?;
+        self.refuse_in_flight("prefill")?;
+        let len = self.check_prefill(seq, tokens)?;
         let r = self.prefill_inner(seq, len, tokens);
         if r.is_err() {
             self.kv.truncate(seq, len);
@@ -1219,6 +1249,7 @@ impl Backend for CudaBackend {
 
     fn decode(&mut self, batch: &[DecodeItem]) -> Result<Logits, DeviceError> {
         let vocab = self.cfg.vocab_size;
+        self.refuse_in_flight("decode")?;
         self.check_batch(batch)?;
         if batch.is_empty() {
             return Ok(Logits {
@@ -1226,7 +1257,11 @@ impl Backend for CudaBackend {
                 data: Vec::new(),
             });
         }
+        self.reserve_batch(batch)?;
         let r = self.decode_inner(batch);
+        if r.is_err() {
+            self.release_batch(batch);
+        }
         let data = self.on_fault(r.map_err(DeviceError::from))?;
         for it in batch {
             self.kv.set_len(it.seq, it.pos + 1);
@@ -1259,6 +1294,31 @@ impl Backend for CudaBackend {
 
     fn samples_on_device(&self) -> bool {
         true
+    }
+
+    /// The prefill, then its last row's token chosen on the device (the argmax kernel for a
+    /// greedy row without edits, the sampler otherwise): only one i32 comes back.
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.prefill_choosing(seq, tokens, row)
+    }
+
+    /// Ids (argmax or sampler) are left in flight: inputs uploaded, the step's graph and the
+    /// choosing kernel queued; logits run synchronously (`decode`).
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        self.launch_choosing(batch, choice)
+    }
+
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.collect_choosing()
     }
 
     /// The step of `decode`, then `sample_rows` over its logits on the device: the rows'
@@ -1294,7 +1354,12 @@ impl CudaBackend {
         batch: &[DecodeItem],
         choose: impl FnOnce(&mut Self) -> GpuResult<Vec<u32>>,
     ) -> Result<Vec<u32>, DeviceError> {
+        self.refuse_in_flight("decode")?;
+        self.reserve_batch(batch)?;
         let r = self.run_decode(batch).and_then(|()| choose(self));
+        if r.is_err() {
+            self.release_batch(batch);
+        }
         let ids = self.on_fault(r.map_err(DeviceError::from))?;
         for it in batch {
             self.kv.set_len(it.seq, it.pos + 1);
@@ -1345,9 +1410,10 @@ impl CudaBackend {
     }
 
     /// The checks of a decode batch, before anything runs: distinct sequences, each at its
-    /// length, with room for one more token, and tokens inside the vocabulary; then the KV
-    /// blocks for one more token of each ([`CudaBackend::reserve_batch`]).
-    fn check_batch(&mut self, batch: &[DecodeItem]) -> Result<(), DeviceError> {
+    /// length, with room for one more token, and tokens inside the vocabulary. (The KV blocks
+    /// for the new positions are taken just before the step runs, after every other check:
+    /// [`CudaBackend::reserve_batch`].)
+    fn check_batch(&self, batch: &[DecodeItem]) -> Result<(), DeviceError> {
         let mut seen = std::collections::HashSet::new();
         for it in batch {
             if !seen.insert(it.seq) {
@@ -1367,14 +1433,13 @@ impl CudaBackend {
             self.check_room(it.seq, len + 1)?;
             self.check_token(it.token)?;
         }
-        self.reserve_batch(batch)
+        Ok(())
     }
 
     /// Reserves the block each row's new position may need, all or nothing: on
     /// [`DeviceError::KvFull`] the rows reserved before it are given back and nothing changed.
-    /// New blocks' table entries go up on the stream, ahead of the step. (A step that fails
-    /// after this leaves its rows' new blocks reserved, to be used by their next step or
-    /// returned when they end.)
+    /// New blocks' table entries go up on the stream, ahead of the step. A step that fails
+    /// after this gives them back ([`CudaBackend::release_batch`]).
     fn reserve_batch(&mut self, batch: &[DecodeItem]) -> Result<(), DeviceError> {
         for (i, it) in batch.iter().enumerate() {
             if let Err(e) = self.kv.reserve(&mut self.staging, it.seq, it.pos + 1) {
@@ -1385,5 +1450,13 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// Undoes [`CudaBackend::reserve_batch`] after a failed step: each row's sequence keeps its
+    /// `pos` tokens and the blocks those need, nothing more.
+    pub(super) fn release_batch(&mut self, batch: &[DecodeItem]) {
+        for it in batch {
+            self.kv.truncate(it.seq, it.pos);
+        }
     }
 }
