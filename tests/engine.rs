@@ -23,6 +23,7 @@ use triton_unweight::engine::{
     sampler, Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams,
     StopReason,
 };
+use triton_unweight::model::memory::Dims;
 use triton_unweight::model::synth::{synth_checkpoint, SynthOptions};
 use triton_unweight::model::weights::{LlamaWeights, MatrixData, WeightMode};
 use triton_unweight::model::{LlamaConfig, LlamaShape};
@@ -469,6 +470,28 @@ fn paged_backend(blocks: u64, max_sequences: usize) -> CpuBackend {
         ..CpuOptions::default()
     };
     CpuBackend::load(tiny().0, WeightMode::Decoded, &opts).unwrap()
+}
+
+#[test]
+fn the_kv_cache_costs_bf16_per_token_as_the_planner_counts() {
+    // Keys and values are BF16: 2 (K and V) x layers x kv_heads x head_dim x 2 bytes a token,
+    // the planner's figure (and the CUDA engine's); a budget of that many bytes buys exactly
+    // its blocks (an f32 cache would get half of them).
+    let cfg = LlamaConfig::from_dir(tiny().0).unwrap();
+    let per_token = (2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2) as u64;
+    assert_eq!(CpuBackend::kv_bytes_per_token(&cfg), per_token);
+    assert_eq!(
+        Dims::of_config(&cfg).kv_bytes_per_token(),
+        per_token,
+        "the planner"
+    );
+    let opts = CpuOptions {
+        max_sequences: 2,
+        kv_cache_bytes: Some(6 * KV_BLOCK_TOKENS as u64 * per_token),
+        ..CpuOptions::default()
+    };
+    let b = CpuBackend::load(tiny().0, WeightMode::Decoded, &opts).unwrap();
+    assert_eq!(b.kv_usage().total_blocks, 6);
 }
 
 #[test]

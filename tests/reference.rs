@@ -1,10 +1,24 @@
 //! The CPU engine against an independent implementation: Hugging Face transformers (PyTorch,
 //! float32, eager attention) run by `scripts/hf_reference.py` on the same BF16 checkpoint, whose
-//! results are committed in `tests/fixtures/smollm2_reference.json`.
+//! results are committed in `tests/fixtures/smollm2_reference.json`. The fixture is made with
+//! `--kv-cache bf16`: transformers' cache keeps keys (after RoPE) and values rounded to BF16, as
+//! the engine's does, and everything else stays float32 (checked: the fixture records its mode).
 //!
 //! For every prompt of the fixture: the tokenizer gives the same ids (chat prompts through the
-//! model's own chat template), greedy decoding gives the same tokens for at least 32 tokens (or
-//! up to eos), and the top-k logits at every position agree within 1e-3 relative.
+//! model's own chat template), greedy decoding (teacher-forced on the reference's tokens, at
+//! least 32 of them or up to eos) picks the same token at every step but at near ties (the
+//! reference puts ours within 1e-3 relative of its best; two at most), and the top-k logits at
+//! every position agree within 1e-2 relative, 1e-3 relative at the median over all of them.
+//!
+//! Why two bounds: rounding to BF16 is a step function, so two float32 implementations that
+//! differ by an ulp (summation order, RoPE tables) store some keys and values one BF16 ulp
+//! apart (2^-8 relative), and those flips reach the logits. Measured on this fixture,
+//! transformers against itself with every key and value moved one float32 ulp at random before
+//! the rounding (`scripts/hf_reference.py --kv-cache bf16-jittered`): median 2.5e-4, p99
+//! 2.7e-3, worst 4.7e-3 relative, and plain-code's greedy tokens part at step 27 (a near tie);
+//! the engine against the fixture: median 3.1e-4, worst 4.0e-3, the same near tie flipped.
+//! With f32 caches on both sides the worst was 2.75e-6. A bug (a wrong RoPE pairing, a missing
+//! norm, a mis-indexed cache block) moves logits by far more than either bound.
 //!
 //! Needs the real model (`unweight fetch-test-model --out .cache/smollm2`, which `make test`
 //! runs first). Without it the tests print "skipped" loudly, and fail instead when
@@ -19,7 +33,10 @@ use triton_unweight::engine::sampler::argmax;
 use triton_unweight::engine::text::{ChatMessage, TextTokenizer};
 use triton_unweight::model::weights::WeightMode;
 
+/// The median relative difference of the compared logits at most.
 const REL_TOL: f64 = 1e-3;
+/// Any one logit's relative difference at most (BF16 rounding flips; see the module doc).
+const MAX_REL_TOL: f64 = 1e-2;
 const MIN_GREEDY: usize = 32;
 
 fn model_dir() -> Option<PathBuf> {
@@ -39,7 +56,14 @@ fn model_dir() -> Option<PathBuf> {
 
 fn fixture() -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    // The engine's KV cache is BF16; a reference made with transformers' f32 cache differs from
+    // it by up to 1e-2 relative (measured), past REL_TOL.
+    assert_eq!(
+        doc["kv_cache"], "bf16",
+        "the fixture must be made with `scripts/hf_reference.py --kv-cache bf16`"
+    );
+    doc
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -89,7 +113,8 @@ fn check_against_reference(mode: WeightMode, dir: &Path) {
         },
     )
     .unwrap();
-    let mut worst = 0.0f64;
+    let mut rels = Vec::new();
+    let mut ties = 0;
     for case in fixture()["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let prompt = ids(&case["prompt_ids"]);
@@ -97,20 +122,40 @@ fn check_against_reference(mode: WeightMode, dir: &Path) {
         let steps = case["steps"].as_array().unwrap();
         let seq = backend.new_sequence().unwrap();
         let mut logits = backend.prefill(seq, &prompt).unwrap();
-        let mut ours = Vec::new();
         for (i, step) in steps.iter().enumerate() {
-            for (id, want) in ids(&step["top_ids"])
+            let top_ids = ids(&step["top_ids"]);
+            let top: Vec<f64> = step["top_logits"]
+                .as_array()
+                .unwrap()
                 .iter()
-                .zip(step["top_logits"].as_array().unwrap())
-            {
-                let want = want.as_f64().unwrap();
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            for (id, want) in top_ids.iter().zip(&top) {
+                let want = *want;
                 let got = logits[*id as usize] as f64;
                 let rel = (got - want).abs() / want.abs().max(1.0);
-                worst = worst.max(rel);
-                assert!(rel <= REL_TOL, "{name}: step {i}, token {id}: logit {got} vs reference {want} ({rel:.2e} relative)");
+                rels.push(rel);
+                assert!(rel <= MAX_REL_TOL, "{name}: step {i}, token {id}: logit {got} vs reference {want} ({rel:.2e} relative)");
             }
-            ours.push(argmax(&logits));
+            // The same greedy token, or, at a near tie (the reference puts our token within
+            // REL_TOL of its best), either of the tied ones.
+            let ours = argmax(&logits);
             let next = reference[i];
+            if ours != next {
+                let margin = top_ids
+                    .iter()
+                    .position(|&t| t == ours)
+                    .map(|k| (top[0] - top[k]) / top[0].abs().max(1.0));
+                assert!(
+                    margin.is_some_and(|m| m <= REL_TOL),
+                    "{name}: step {i}: greedy token {ours}, transformers' {next} (our token's \
+                     margin in the reference: {margin:?})"
+                );
+                ties += 1;
+                println!(
+                    "{name}: step {i}: a near tie, {ours} vs transformers' {next} ({margin:?})"
+                );
+            }
             if i + 1 < steps.len() {
                 let out = backend
                     .decode(&[DecodeItem {
@@ -128,15 +173,21 @@ fn check_against_reference(mode: WeightMode, dir: &Path) {
             reference.len() >= MIN_GREEDY || ended_on_eos,
             "{name}: fixture too short"
         );
-        assert_eq!(
-            ours, reference,
-            "{name}: greedy tokens differ from transformers"
-        );
     }
+    rels.sort_by(f64::total_cmp);
+    let (median, worst) = (rels[rels.len() / 2], rels[rels.len() - 1]);
     println!(
-        "{}: worst relative logit difference {worst:.2e}",
-        mode.as_str()
+        "{}: relative logit difference over {} logits: median {median:.2e}, worst {worst:.2e}",
+        mode.as_str(),
+        rels.len()
     );
+    assert!(
+        median <= REL_TOL,
+        "median relative logit difference {median:.2e} (worst {worst:.2e})"
+    );
+    // Measured: one (plain-code, step 27: 20.8212 vs 20.8187 in the reference, which
+    // transformers itself flips when its keys and values move by an ulp).
+    assert!(ties <= 2, "{ties} greedy tokens differ at near ties");
 }
 
 #[test]

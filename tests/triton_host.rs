@@ -556,11 +556,13 @@ fn a_small_kv_budget_serves_sixteen_short_requests_at_once() {
     if model_dir().is_none() {
         return;
     }
-    // 760Mi holds two sequences of the full 8192 tokens (46080 bytes a token on the CPU engine)
-    // and 17294 tokens in all. Sixteen requests of about 100 tokens: when the cache counted
-    // slots of the full length, two ran at a time and eight were refused; paged, the cache
-    // counts the tokens held, so every one is accepted and they run together.
-    let config = with_parameter(&committed_config(), "kv_cache_bytes", "760Mi");
+    // 380Mi holds two sequences of the full 8192 tokens (23040 bytes a token on the CPU
+    // engine's BF16 cache; 760Mi when it was f32) and 17294 tokens in all. Sixteen requests of
+    // about 100 tokens: when the cache counted slots of the full length, two ran at a time and
+    // eight were refused; paged, the cache counts the tokens held, so every one is accepted and
+    // they run together.
+    const BUDGET: u64 = 380 << 20;
+    let config = with_parameter(&committed_config(), "kv_cache_bytes", "380Mi");
     let repo = Repo::new(&config, Weights::Plain);
     const LONG: [&str; 2] = [
         "In the small village at the edge of the forest, the baker rose before dawn every \
@@ -601,7 +603,20 @@ fn a_small_kv_budget_serves_sixteen_short_requests_at_once() {
         most_at_once > 2,
         "at most {most_at_once} requests streamed at once: {spans:?}"
     );
-    // The load log states the capacity: 760Mi / (16 tokens x 46080 bytes) = 1080 blocks.
+    // The load log states the capacity: whole blocks of 16 tokens of BF16 keys and values,
+    // 2 x layers x kv_heads x head_dim x 2 bytes a token (1080 blocks of SmolLM2).
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dir().unwrap().join("config.json")).unwrap(),
+    )
+    .unwrap();
+    let dim = |k: &str| cfg[k].as_u64().unwrap();
+    let per_token = 2 * dim("num_hidden_layers") * dim("num_key_value_heads") * dim("head_dim") * 2;
+    let tokens = BUDGET / (16 * per_token) * 16;
+    assert_eq!(
+        tokens / 8192,
+        2,
+        "the budget is meant to hold two full sequences"
+    );
     let logs = report["logs"].as_array().unwrap();
     let memory = logs
         .iter()
@@ -610,7 +625,9 @@ fn a_small_kv_budget_serves_sixteen_short_requests_at_once() {
         .unwrap_or_else(|| panic!("no memory line in {logs:?}"));
     assert!(
         memory.contains("weights 0.25 GiB (BF16 would be 0.25 GiB)")
-            && memory.contains("KV capacity 17280 tokens, that is 2 sequences of 8192 tokens"),
+            && memory.contains(&format!(
+                "KV capacity {tokens} tokens, that is 2 sequences of 8192 tokens"
+            )),
         "{memory}"
     );
 }

@@ -53,7 +53,7 @@ pub(super) struct Served {
     pub weight_stored_bytes: u64,
     /// Bytes the same tensors take in their original dtype (BF16).
     pub weight_bf16_bytes: u64,
-    /// The `kv_cache_bytes` parameter (the CPU engine's block pool, the CUDA engine's slab).
+    /// The `kv_cache_bytes` parameter (the block pool of either engine's paged cache).
     kv_cache_bytes: Option<u64>,
     /// The `kv_cache_fraction` parameter (the CUDA engine without `kv_cache_bytes`).
     kv_cache_fraction: f64,

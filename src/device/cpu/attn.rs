@@ -14,11 +14,13 @@
 //! 3. `l_j ← fma(l_j, α, p_j)`, `o ← o · α`, then `o ← fma(p_j, v_j, o)` for `j` in order;
 //!
 //! and at the end `out = o / Σ l` (the lanes of `l` summed by the tree `i + 8`, `+ 4`, `+ 2`,
-//! `+ 1`).
+//! `+ 1`). Keys `k` and values `v` are the cache's BF16, widened exactly to f32 as they are
+//! loaded; every operation above is f32.
 
 use rayon::prelude::*;
 
 use super::kernel::KernelKind;
+use crate::model::weights::bf16_to_f32;
 
 /// Keys per block of the online softmax, and positions per block of the KV cache: one score per
 /// lane of an AVX-512 register.
@@ -27,14 +29,15 @@ pub const KEY_BLOCK: usize = 16;
 /// One query token's view of the paged KV cache for a layer: position `j` lives in block
 /// `j / KEY_BLOCK`, at `j % KEY_BLOCK` within it.
 ///
+/// Keys and values are BF16 bits, widened exactly to f32 (`bits << 16`) as they are loaded.
 /// A key block is laid out column-major, `[kv_dim][KEY_BLOCK]` (element `c` of position `j` at
-/// `c · KEY_BLOCK + j`), so the 16 keys' element `d` is one vector load; a value block is
-/// row-major, `[KEY_BLOCK][kv_dim]`.
+/// `c · KEY_BLOCK + j`), so the 16 keys' element `d` is one vector load (16 BF16, 32 bytes);
+/// a value block is row-major, `[KEY_BLOCK][kv_dim]`.
 pub struct AttnQuery<'a> {
-    /// Per block, `kv_dim × KEY_BLOCK` keys.
-    pub keys: Vec<&'a [f32]>,
-    /// Per block, `KEY_BLOCK × kv_dim` values.
-    pub values: Vec<&'a [f32]>,
+    /// Per block, `kv_dim × KEY_BLOCK` keys (BF16).
+    pub keys: Vec<&'a [u16]>,
+    /// Per block, `KEY_BLOCK × kv_dim` values (BF16).
+    pub values: Vec<&'a [u16]>,
     /// Positions attended to (`0..positions`).
     pub positions: usize,
 }
@@ -192,7 +195,7 @@ fn attention_task(
 /// query (`hd` wide), `valid[r]` its positions in the block (at least 1), `kt` the block's keys
 /// of this head (`hd × KEY_BLOCK`), `vb` its values from this head's first column on (row `j` at
 /// `j · kv_dim`), `st[r]` row `r`'s state.
-type BlockUpdate = fn(&[&[f32]], &[usize], &[f32], &[f32], usize, f32, &mut [RowState]);
+type BlockUpdate = fn(&[&[f32]], &[usize], &[u16], &[u16], usize, f32, &mut [RowState]);
 
 /// The fastest [`BlockUpdate`] for a kernel choice and head width.
 fn block_update_for(kind: KernelKind, hd: usize) -> BlockUpdate {
@@ -268,8 +271,8 @@ fn sum16(a: &[f32; KEY_BLOCK]) -> f32 {
 #[inline(always)]
 fn block_update_body(
     q: &[f32],
-    kt: &[f32],
-    vb: &[f32],
+    kt: &[u16],
+    vb: &[u16],
     kv_dim: usize,
     valid: usize,
     scale: f32,
@@ -280,7 +283,7 @@ fn block_update_body(
     for (d, &qd) in q.iter().enumerate() {
         let k = &kt[d * KEY_BLOCK..(d + 1) * KEY_BLOCK];
         for j in 0..KEY_BLOCK {
-            s[j] = qd.mul_add(k[j], s[j]);
+            s[j] = qd.mul_add(bf16_to_f32(k[j]), s[j]);
         }
     }
     for (j, x) in s.iter_mut().enumerate() {
@@ -305,7 +308,7 @@ fn block_update_body(
     for (j, &pj) in p.iter().enumerate().take(valid) {
         let v = &vb[j * kv_dim..j * kv_dim + hd];
         for (o, &vd) in st.o.iter_mut().zip(v) {
-            *o = pj.mul_add(vd, *o);
+            *o = pj.mul_add(bf16_to_f32(vd), *o);
         }
     }
 }
@@ -313,8 +316,8 @@ fn block_update_body(
 fn rows_portable(
     qs: &[&[f32]],
     valid: &[usize],
-    kt: &[f32],
-    vb: &[f32],
+    kt: &[u16],
+    vb: &[u16],
     kv_dim: usize,
     scale: f32,
     st: &mut [RowState],
@@ -330,8 +333,8 @@ fn rows_portable(
 fn rows_fma(
     qs: &[&[f32]],
     valid: &[usize],
-    kt: &[f32],
-    vb: &[f32],
+    kt: &[u16],
+    vb: &[u16],
     kv_dim: usize,
     scale: f32,
     st: &mut [RowState],
@@ -340,8 +343,8 @@ fn rows_fma(
     fn inner(
         qs: &[&[f32]],
         valid: &[usize],
-        kt: &[f32],
-        vb: &[f32],
+        kt: &[u16],
+        vb: &[u16],
         kv_dim: usize,
         scale: f32,
         st: &mut [RowState],
@@ -360,8 +363,8 @@ fn rows_fma(
 fn rows_avx512<const V: usize, const R: usize>(
     qs: &[&[f32]],
     valid: &[usize],
-    kt: &[f32],
-    vb: &[f32],
+    kt: &[u16],
+    vb: &[u16],
     kv_dim: usize,
     scale: f32,
     st: &mut [RowState],
@@ -410,8 +413,8 @@ fn rows_avx512<const V: usize, const R: usize>(
 fn rows_avx512_any(
     qs: &[&[f32]],
     valid: &[usize],
-    kt: &[f32],
-    vb: &[f32],
+    kt: &[u16],
+    vb: &[u16],
     kv_dim: usize,
     scale: f32,
     st: &mut [RowState],
@@ -434,6 +437,18 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{RowState, EXP_CLAMP, EXP_LO, EXP_P, KEY_BLOCK, LN2_HI, LN2_LO, LOG2E};
+
+    /// 16 BF16 elements from `p` widened exactly to f32: one zero-extend, one shift.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable `u16`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    unsafe fn load16(p: *const u16) -> __m512 {
+        // SAFETY: 32 readable bytes at `p` (the caller's contract); unaligned load.
+        let h = unsafe { _mm256_loadu_si256(p.cast::<__m256i>()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
 
     /// [`super::exp1`] on 16 lanes.
     #[inline]
@@ -467,12 +482,12 @@ mod avx512 {
     }
 
     /// The scores, the new maximum and weights, and the sum lanes of a block; returns
-    /// `(α, p)` for the output update. `kt` must hold `q.len() × 16` floats (checked).
+    /// `(α, p)` for the output update. `kt` must hold `q.len() × 16` keys (checked).
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,fma")]
     fn scores(
         q: &[f32],
-        kt: &[f32],
+        kt: &[u16],
         valid: usize,
         scale: f32,
         st: &mut RowState,
@@ -481,11 +496,11 @@ mod avx512 {
         assert!(kt.len() >= hd * KEY_BLOCK);
         let mut s = _mm512_setzero_ps();
         for d in 0..hd {
-            // SAFETY: d < hd and kt holds hd × 16 floats.
+            // SAFETY: d < hd and kt holds hd × 16 keys.
             s = unsafe {
                 _mm512_fmadd_ps(
                     _mm512_set1_ps(*q.get_unchecked(d)),
-                    _mm512_loadu_ps(kt.as_ptr().add(d * KEY_BLOCK)),
+                    load16(kt.as_ptr().add(d * KEY_BLOCK)),
                     s,
                 )
             };
@@ -534,14 +549,14 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU must have AVX-512F/DQ and FMA; `qs`, `valid`, `st` hold `R` rows, every query
-    /// and output `16 V` floats, `valid[r] ≥ 1`, `kt` holds `16 V × 16` floats and `vb` row
-    /// `valid[r] − 1` of every row (`(valid[r] − 1) · kv_dim + 16 V` floats).
+    /// and output `16 V` floats, `valid[r] ≥ 1`, `kt` holds `16 V × 16` keys and `vb` row
+    /// `valid[r] − 1` of every row (`(valid[r] − 1) · kv_dim + 16 V` values).
     #[target_feature(enable = "avx512f,avx512dq,fma")]
     pub unsafe fn block_update<const V: usize, const R: usize>(
         qs: &[&[f32]],
         valid: &[usize],
-        kt: &[f32],
-        vb: &[f32],
+        kt: &[u16],
+        vb: &[u16],
         kv_dim: usize,
         scale: f32,
         st: &mut [RowState],
@@ -549,9 +564,9 @@ mod avx512 {
         let hd = 16 * V;
         let mut s = [_mm512_setzero_ps(); R];
         for d in 0..hd {
-            // SAFETY: d < hd; kt holds hd × 16 floats and every query hd (the contract).
+            // SAFETY: d < hd; kt holds hd × 16 keys and every query hd (the contract).
             unsafe {
-                let k = _mm512_loadu_ps(kt.as_ptr().add(d * KEY_BLOCK));
+                let k = load16(kt.as_ptr().add(d * KEY_BLOCK));
                 for r in 0..R {
                     let qd = _mm512_set1_ps(*qs.get_unchecked(r).get_unchecked(d));
                     s[r] = _mm512_fmadd_ps(qd, k, s[r]);
@@ -574,7 +589,7 @@ mod avx512 {
                 let vp = vb.as_ptr().add(j * kv_dim);
                 let pj: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(p[r][j]));
                 for c in 0..V {
-                    let v = _mm512_loadu_ps(vp.add(16 * c));
+                    let v = load16(vp.add(16 * c));
                     for r in 0..R {
                         o[r][c] = _mm512_fmadd_ps(pj[r], v, o[r][c]);
                     }
@@ -585,7 +600,7 @@ mod avx512 {
                     let vp = vb.as_ptr().add(j * kv_dim);
                     let pj = _mm512_set1_ps(p[r][j]);
                     for c in 0..V {
-                        o[r][c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vp.add(16 * c)), o[r][c]);
+                        o[r][c] = _mm512_fmadd_ps(pj, load16(vp.add(16 * c)), o[r][c]);
                     }
                 }
                 let op = st[r].o.as_mut_ptr();
@@ -604,8 +619,8 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512dq,fma")]
     pub unsafe fn block_update_any(
         q: &[f32],
-        kt: &[f32],
-        vb: &[f32],
+        kt: &[u16],
+        vb: &[u16],
         kv_dim: usize,
         valid: usize,
         scale: f32,
@@ -621,7 +636,7 @@ mod avx512 {
             unsafe {
                 let mut oc = _mm512_mul_ps(_mm512_loadu_ps(op.add(c)), alpha);
                 for (j, &pj) in p.iter().enumerate().take(valid) {
-                    let v = _mm512_loadu_ps(vb.as_ptr().add(j * kv_dim + c));
+                    let v = load16(vb.as_ptr().add(j * kv_dim + c));
                     oc = _mm512_fmadd_ps(_mm512_set1_ps(pj), v, oc);
                 }
                 _mm512_storeu_ps(op.add(c), oc);
@@ -647,32 +662,40 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::synth::f32_to_bf16;
     use rand::{Rng, SeedableRng};
 
-    /// A sequence's keys and values, row-major (`positions × kv_dim`), cut into cache blocks in
-    /// the layouts of [`AttnQuery`]; rows past the end are NaN (never to be read).
+    /// BF16 NaN: fills the cache rows past the end (never to be read).
+    const NAN16: u16 = 0x7fc0;
+
+    /// A sequence's keys and values, row-major (`positions × kv_dim`, f32 values that BF16 holds
+    /// exactly), and as the cache holds them: BF16, cut into blocks in the layouts of
+    /// [`AttnQuery`], rows past the end NaN.
     struct Seq {
-        keys: Vec<Vec<f32>>,
-        values: Vec<Vec<f32>>,
+        keys: Vec<Vec<u16>>,
+        values: Vec<Vec<u16>>,
         rows_k: Vec<Vec<f32>>,
         rows_v: Vec<Vec<f32>>,
     }
 
     impl Seq {
         fn random(rng: &mut impl Rng, positions: usize, kv_dim: usize) -> Self {
-            let mut row =
-                || -> Vec<f32> { (0..kv_dim).map(|_| rng.gen_range(-2.0..2.0)).collect() };
+            let mut row = || -> Vec<f32> {
+                (0..kv_dim)
+                    .map(|_| bf16_to_f32(f32_to_bf16(rng.gen_range(-2.0..2.0))))
+                    .collect()
+            };
             let rows_k: Vec<Vec<f32>> = (0..positions).map(|_| row()).collect();
             let rows_v: Vec<Vec<f32>> = (0..positions).map(|_| row()).collect();
             let blocks = positions.div_ceil(KEY_BLOCK);
-            let mut keys = vec![vec![f32::NAN; kv_dim * KEY_BLOCK]; blocks];
-            let mut values = vec![vec![f32::NAN; kv_dim * KEY_BLOCK]; blocks];
+            let mut keys = vec![vec![NAN16; kv_dim * KEY_BLOCK]; blocks];
+            let mut values = vec![vec![NAN16; kv_dim * KEY_BLOCK]; blocks];
             for p in 0..positions {
                 let (b, j) = (p / KEY_BLOCK, p % KEY_BLOCK);
                 for c in 0..kv_dim {
-                    keys[b][c * KEY_BLOCK + j] = rows_k[p][c];
+                    keys[b][c * KEY_BLOCK + j] = f32_to_bf16(rows_k[p][c]);
+                    values[b][j * kv_dim + c] = f32_to_bf16(rows_v[p][c]);
                 }
-                values[b][j * kv_dim..(j + 1) * kv_dim].copy_from_slice(&rows_v[p]);
             }
             Self {
                 keys,
@@ -850,14 +873,14 @@ mod tests {
         // 2 query heads share 1 kv head; a single cached position: softmax weight 1.
         let seq = Seq {
             keys: vec![{
-                let mut k = vec![f32::NAN; 2 * KEY_BLOCK];
-                k[0] = 0.3;
-                k[KEY_BLOCK] = -0.2;
+                let mut k = vec![NAN16; 2 * KEY_BLOCK];
+                k[0] = f32_to_bf16(0.3);
+                k[KEY_BLOCK] = f32_to_bf16(-0.2);
                 k
             }],
             values: vec![{
-                let mut v = vec![f32::NAN; 2 * KEY_BLOCK];
-                v[..2].copy_from_slice(&[5.0, 7.0]);
+                let mut v = vec![NAN16; 2 * KEY_BLOCK];
+                v[..2].copy_from_slice(&[f32_to_bf16(5.0), f32_to_bf16(7.0)]);
                 v
             }],
             rows_k: Vec::new(),

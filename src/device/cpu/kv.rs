@@ -2,28 +2,35 @@
 //! a pool of blocks, each holding `block_tokens` positions of every layer's keys and values.
 //!
 //! A block is one allocation, per layer the keys `[kv_dim][position in block]` then the values
-//! `[position in block][kv_dim]` (f32; the layouts [`AttnQuery`] reads), made the first
+//! `[position in block][kv_dim]` (BF16 bits; the layouts [`AttnQuery`] reads), made the first
 //! time its id is handed out and kept for reuse after the sequence that held it ends (the pool
 //! grows to the most blocks ever held at once, never past `total_blocks`). Capacity is counted
 //! in blocks, that is in tokens actually held: a sequence of 100 tokens takes
 //! `ceil(100 / block_tokens)` blocks, whatever the context limit.
 //!
-//! Keys and values stay f32, as the CPU reference always kept them: rounding them to BF16 here
-//! alone would move the CPU away from the CUDA engine's f32 cache, which the GPU tests compare it
-//! with at tolerances of 1e-4 (docs/engine.md, "KV cache").
+//! Keys (after RoPE) and values are computed in f32 and rounded to BF16, to nearest with ties to
+//! even, when they are written; attention widens them back exactly (`bits << 16`) and does its
+//! arithmetic in f32. The CUDA engine stores its cache the same way, so the two engines stay
+//! comparable, and a token costs half the memory of f32 keys and values. A prompt's own
+//! positions are read back from the cache like any other, so a token's logits do not depend on
+//! whether its prompt ran alone, batched or split into chunks.
 
 use super::attn::{AttnQuery, KEY_BLOCK};
 use crate::device::blocks::BlockManager;
 use crate::device::{DeviceError, KvUsage, SeqId};
+use crate::model::synth::f32_to_bf16;
 
 /// Positions per block: the key block of the attention's online softmax.
 pub const BLOCK_TOKENS: usize = KEY_BLOCK;
 
+/// Bytes one cached key or value element takes: BF16.
+pub const ELEMENT_BYTES: usize = std::mem::size_of::<u16>();
+
 /// Every sequence's keys and values, in blocks.
 pub struct KvCache {
     blocks: BlockManager,
-    /// Block memory by id; `None` until first used.
-    pool: Vec<Option<Box<[f32]>>>,
+    /// Block memory by id (BF16 bits); `None` until first used.
+    pool: Vec<Option<Box<[u16]>>>,
     layers: usize,
     kv_dim: usize,
 }
@@ -46,9 +53,9 @@ impl KvCache {
         }
     }
 
-    /// Bytes one block holds (keys and values of every layer, f32).
+    /// Bytes one block holds (keys and values of every layer, BF16).
     pub fn block_bytes(layers: usize, kv_dim: usize) -> usize {
-        layers * 2 * BLOCK_TOKENS * kv_dim * 4
+        layers * 2 * BLOCK_TOKENS * kv_dim * ELEMENT_BYTES
     }
 
     /// Live sequences at most.
@@ -91,7 +98,7 @@ impl KvCache {
             if self.pool.len() <= b {
                 self.pool.resize_with(b + 1, || None);
             }
-            self.pool[b].get_or_insert_with(|| vec![0f32; size].into_boxed_slice());
+            self.pool[b].get_or_insert_with(|| vec![0u16; size].into_boxed_slice());
         }
         Ok(())
     }
@@ -111,7 +118,8 @@ impl KvCache {
         (2 * layer + usize::from(values)) * BLOCK_TOKENS * self.kv_dim
     }
 
-    /// Writes the keys and values of position `pos` in `layer` (reserved beforehand).
+    /// Writes the keys and values of position `pos` in `layer` (reserved beforehand), rounded
+    /// to BF16 (nearest, ties to even).
     pub fn write(
         &mut self,
         seq: SeqId,
@@ -121,6 +129,13 @@ impl KvCache {
         v: &[f32],
     ) -> Result<(), DeviceError> {
         let kvd = self.kv_dim;
+        if k.len() != kvd || v.len() != kvd {
+            return Err(DeviceError::Invalid(format!(
+                "keys of {} and values of {} elements for a cache {kvd} wide",
+                k.len(),
+                v.len()
+            )));
+        }
         let (ko, vo) = (self.offset(layer, false), self.offset(layer, true));
         let b = *self
             .blocks
@@ -134,9 +149,11 @@ impl KvCache {
             .expect("reserve allocates every block it hands out");
         let j = pos % BLOCK_TOKENS;
         for (c, &kc) in k.iter().enumerate() {
-            block[ko + c * BLOCK_TOKENS + j] = kc;
+            block[ko + c * BLOCK_TOKENS + j] = f32_to_bf16(kc);
         }
-        block[vo + j * kvd..vo + (j + 1) * kvd].copy_from_slice(v);
+        for (o, &vc) in block[vo + j * kvd..vo + (j + 1) * kvd].iter_mut().zip(v) {
+            *o = f32_to_bf16(vc);
+        }
         Ok(())
     }
 
@@ -177,6 +194,18 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::weights::bf16_to_f32;
+
+    /// What the cache must give back for `x`: BF16 round to nearest even, widened exactly.
+    fn rounded(x: &[f32]) -> Vec<u32> {
+        x.iter()
+            .map(|&x| bf16_to_f32(f32_to_bf16(x)).to_bits())
+            .collect()
+    }
+
+    fn bits(x: &[u16]) -> Vec<u32> {
+        x.iter().map(|&b| bf16_to_f32(b).to_bits()).collect()
+    }
 
     #[test]
     fn positions_round_trip_across_block_boundaries_and_layers() {
@@ -187,10 +216,12 @@ mod tests {
         let n = BLOCK_TOKENS * 2 + 3;
         kv.reserve(a, n).unwrap();
         kv.reserve(b, 5).unwrap();
+        // Values that need rounding (more than 8 significant bits), distinct per position.
         let val = |s: usize, l: usize, p: usize, v: bool| {
             (0..kvd)
                 .map(|d| {
-                    (s * 100_000 + l * 10_000 + p * 10 + d) as f32 * if v { -1.0 } else { 1.0 }
+                    (1.0 + (s * 1000 + l * 100 + p * 4 + d) as f32 / 4096.0)
+                        * if v { -1.0 } else { 1.0 }
                 })
                 .collect::<Vec<f32>>()
         };
@@ -211,23 +242,72 @@ mod tests {
             assert_eq!(r.keys.len(), 3);
             for p in 0..n {
                 let (blk, j) = (p / BLOCK_TOKENS, p % BLOCK_TOKENS);
-                let key: Vec<f32> = (0..kvd)
+                let key: Vec<u16> = (0..kvd)
                     .map(|c| r.keys[blk][c * BLOCK_TOKENS + j])
                     .collect();
-                assert_eq!(key, val(0, l, p, false));
+                assert_eq!(bits(&key), rounded(&val(0, l, p, false)));
                 assert_eq!(
-                    &r.values[blk][j * kvd..(j + 1) * kvd],
-                    &val(0, l, p, true)[..]
+                    bits(&r.values[blk][j * kvd..(j + 1) * kvd]),
+                    rounded(&val(0, l, p, true))
                 );
             }
             let r = kv.read(b, l, 5).unwrap();
-            assert_eq!(r.keys[0][2 * BLOCK_TOKENS + 4], val(1, l, 4, false)[2]);
-            assert_eq!(&r.values[0][4 * kvd..5 * kvd], &val(1, l, 4, true)[..]);
+            assert_eq!(
+                bits(&[r.keys[0][2 * BLOCK_TOKENS + 4]]),
+                rounded(&val(1, l, 4, false)[2..3])
+            );
+            assert_eq!(
+                bits(&r.values[0][4 * kvd..5 * kvd]),
+                rounded(&val(1, l, 4, true))
+            );
         }
         // Writing past what was reserved is an error, not a write into someone else's block.
         assert!(kv.write(b, 0, BLOCK_TOKENS, &[0.0; 4], &[0.0; 4]).is_err());
+        // So is a row of the wrong width.
+        assert!(kv.write(b, 0, 0, &[0.0; 3], &[0.0; 4]).is_err());
         assert_eq!(kv.usage().used_blocks(), 4);
         kv.free(a);
         assert_eq!(kv.usage().used_blocks(), 1);
+    }
+
+    #[test]
+    fn stores_round_to_nearest_even_and_read_back_exactly() {
+        let mut kv = KvCache::new(1, 8, 1, 1, 16);
+        let s = kv.alloc().unwrap();
+        kv.reserve(s, 1).unwrap();
+        let x = [
+            1.0,                         // exact
+            f32::from_bits(0x3f80_8000), // halfway, even below: down
+            f32::from_bits(0x3f81_8000), // halfway, odd below: up
+            f32::from_bits(0x3f80_8001), // just above halfway: up
+            f32::from_bits(0x3f80_7fff), // just below halfway: down
+            -0.0,
+            f32::INFINITY,
+            -f32::MAX, // rounds past the largest BF16: -inf
+        ];
+        let want = [
+            0x3f80u16, 0x3f80, 0x3f82, 0x3f81, 0x3f80, 0x8000, 0x7f80, 0xff80,
+        ];
+        kv.write(s, 0, 0, &x, &x).unwrap();
+        kv.set_len(s, 1).unwrap();
+        let r = kv.read(s, 0, 1).unwrap();
+        let key: Vec<u16> = (0..8).map(|c| r.keys[0][c * BLOCK_TOKENS]).collect();
+        assert_eq!(key, want);
+        assert_eq!(&r.values[0][..8], &want);
+    }
+
+    #[test]
+    fn a_block_takes_block_bytes_of_bf16() {
+        let (layers, kvd) = (3, 8);
+        let mut kv = KvCache::new(layers, kvd, 2, 1, 64);
+        let s = kv.alloc().unwrap();
+        kv.reserve(s, 1).unwrap();
+        let block = kv.pool[0].as_deref().unwrap();
+        assert_eq!(
+            std::mem::size_of_val(block),
+            KvCache::block_bytes(layers, kvd)
+        );
+        // Two bytes per element: layers × (K and V) × 16 positions × kv_dim × 2.
+        assert_eq!(KvCache::block_bytes(layers, kvd), layers * 2 * 16 * kvd * 2);
     }
 }

@@ -2,8 +2,8 @@
 //! multi-threaded with rayon.
 //!
 //! Embedding, RMSNorm, RoPE (Hugging Face rotate_half, Llama 3 frequency scaling), grouped-query
-//! attention over an f32 KV cache, SwiGLU MLP, residuals, final norm and `lm_head` (the embedding
-//! when tied). Matrix products run over output rows in parallel (`matmul`) on weights decoded
+//! attention over a BF16 KV cache (rounded at store, widened exactly at read, f32 arithmetic),
+//! SwiGLU MLP, residuals, final norm and `lm_head` (the embedding when tied). Matrix products run over output rows in parallel (`matmul`) on weights decoded
 //! at load or decoded chunk by chunk on the fly ([`WeightMode`]); attention runs flash style
 //! over tiles of tokens per key/value head in parallel (`attn`). A step goes through as one
 //! `rows × hidden` matrix: a prompt's tokens, one token from each of several decoding sequences
@@ -41,7 +41,7 @@ pub struct CpuOptions {
     pub max_sequences: usize,
     /// Tokens per sequence; `None` for the model's `max_position_embeddings`.
     pub max_context: Option<usize>,
-    /// Bytes of KV cache (f32 keys and values, in blocks of [`KV_BLOCK_TOKENS`] positions:
+    /// Bytes of KV cache (BF16 keys and values, in blocks of [`KV_BLOCK_TOKENS`] positions:
     /// [`CpuBackend::kv_bytes_per_token`] each); `None` for enough blocks to hold
     /// `max_sequences` sequences of `max_context` tokens.
     pub kv_cache_bytes: Option<u64>,
@@ -123,9 +123,10 @@ impl CpuBackend {
         &self.weights
     }
 
-    /// Bytes of KV cache one token takes on this backend: keys and values of every layer, f32.
+    /// Bytes of KV cache one token takes on this backend: keys and values of every layer, BF16
+    /// (`2 × layers × kv_dim × 2`, as the planner and the CUDA engine count).
     pub fn kv_bytes_per_token(cfg: &LlamaConfig) -> u64 {
-        (cfg.num_hidden_layers * cfg.kv_dim() * 2 * 4) as u64
+        (KvCache::block_bytes(cfg.num_hidden_layers, cfg.kv_dim()) / kv::BLOCK_TOKENS) as u64
     }
 
     /// The kernel implementation in use.
