@@ -244,6 +244,47 @@ fn paged_row(table: &[i32], max_blocks: usize, slot: usize, p: usize, kvd: usize
     (table[slot * max_blocks + p / KV_BLOCK] as usize * KV_BLOCK + p % KV_BLOCK) * kvd
 }
 
+/// One query row's attention over positions `0..=last` of a paged BF16 cache, in f64 over the
+/// widened keys and values: the reference the attention kernels are held to. `at(j, d)` is the
+/// cache index of element `d` of the query's KV head at position `j`.
+fn reference_attention(
+    qa: &[f32],
+    (kc, vc): (&[u16], &[u16]),
+    at: impl Fn(usize, usize) -> usize,
+    last: usize,
+    scale: f64,
+) -> Vec<f64> {
+    let hd = qa.len();
+    let sc: Vec<f64> = (0..=last)
+        .map(|j| {
+            (0..hd)
+                .map(|d| qa[d] as f64 * bf16_to_f32(kc[at(j, d)]) as f64)
+                .sum::<f64>()
+                * scale
+        })
+        .collect();
+    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+    (0..hd)
+        .map(|d| {
+            sc.iter()
+                .enumerate()
+                .map(|(j, s)| (s - m).exp() / z * bf16_to_f32(vc[at(j, d)]) as f64)
+                .sum()
+        })
+        .collect()
+}
+
+/// How far an attention kernel's output may be from [`reference_attention`]: f32 arithmetic
+/// (to 1e-5) when the output is the split BF16 pair, plus one BF16 rounding otherwise.
+fn attention_tolerance(want: f64, out_split: bool) -> f64 {
+    if out_split {
+        1e-5
+    } else {
+        8e-3 * want.abs() + 1e-5
+    }
+}
+
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_rope_rotates_and_stores_the_cache() {
@@ -397,31 +438,12 @@ fn kernel_attention_gqa_paged_split_and_unsplit() {
                             paged_row(&table, max_blocks, slot[t] as usize, j, kvd) + g * hd + d
                         };
                         let qa = &q[(t * heads + head) * hd..][..hd];
-                        let sc: Vec<f64> = (0..=pos[t] as usize)
-                            .map(|j| {
-                                (0..hd)
-                                    .map(|d| qa[d] as f64 * bf16_to_f32(kc[at(j, d)]) as f64)
-                                    .sum::<f64>()
-                                    * scale
-                            })
-                            .collect();
-                        let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                        let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
-                        for d in 0..hd {
-                            let want: f64 = sc
-                                .iter()
-                                .enumerate()
-                                .map(|(j, s)| (s - m).exp() / z * bf16_to_f32(vc[at(j, d)]) as f64)
-                                .sum();
+                        let wants = reference_attention(qa, (&kc, &vc), at, pos[t] as usize, scale);
+                        for (d, &want) in wants.iter().enumerate() {
                             let got = split_value(&out, n, t, heads * hd, head * hd + d, out_split)
                                 as f64;
-                            let tol = if out_split {
-                                1e-5
-                            } else {
-                                8e-3 * want.abs() + 1e-5
-                            };
                             assert!(
-                                (got - want).abs() <= tol,
+                                (got - want).abs() <= attention_tolerance(want, out_split),
                                 "hd {hd} splits {splits} t {t} head {head} d {d}: {got} vs {want}"
                             );
                         }
@@ -477,31 +499,12 @@ fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
                     let at =
                         |j: usize, d: usize| paged_row(&table, max_blocks, 1, j, kvd) + g * hd + d;
                     let qa = &q[(t * heads + head) * hd..][..hd];
-                    let sc: Vec<f64> = (0..=pos[t] as usize)
-                        .map(|j| {
-                            (0..hd)
-                                .map(|d| qa[d] as f64 * bf16_to_f32(kc[at(j, d)]) as f64)
-                                .sum::<f64>()
-                                * scale
-                        })
-                        .collect();
-                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
-                    for d in 0..hd {
-                        let want: f64 = sc
-                            .iter()
-                            .enumerate()
-                            .map(|(j, s)| (s - m).exp() / z * bf16_to_f32(vc[at(j, d)]) as f64)
-                            .sum();
+                    let wants = reference_attention(qa, (&kc, &vc), at, pos[t] as usize, scale);
+                    for (d, &want) in wants.iter().enumerate() {
                         let got =
                             split_value(&out, n, t, heads * hd, head * hd + d, out_split) as f64;
-                        let tol = if out_split {
-                            1e-5
-                        } else {
-                            8e-3 * want.abs() + 1e-5
-                        };
                         assert!(
-                            (got - want).abs() <= tol,
+                            (got - want).abs() <= attention_tolerance(want, out_split),
                             "hd {hd} t {t} head {head} d {d}: {got} vs {want}"
                         );
                     }
