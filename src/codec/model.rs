@@ -369,12 +369,7 @@ impl ValueCounts {
         debug_assert!(bytes.len().is_multiple_of(2));
         let n = (bytes.len() / 2) as u64;
         if self.since_spill + n > u32::MAX as u64 {
-            self.spill.resize(1 << 16, 0);
-            for (s, c) in self.spill.iter_mut().zip(self.counts.iter_mut()) {
-                *s += *c as u64;
-                *c = 0;
-            }
-            self.since_spill = 0;
+            self.spill_counts();
         }
         self.since_spill += n;
         self.total += n;
@@ -391,6 +386,47 @@ impl ValueCounts {
         for p in eights.remainder().chunks_exact(2) {
             h[u16::from_le_bytes([p[0], p[1]]) as usize] += 1;
         }
+    }
+
+    /// Moves `other`'s counts into these, leaving `other` empty: two threads can count the two
+    /// halves of one tensor and [`ValueCounts::take`] then gives exactly what one thread counting
+    /// all of it would (the counts are the same integers).
+    pub fn absorb(&mut self, other: &mut ValueCounts) {
+        if self.since_spill + other.since_spill > u32::MAX as u64 {
+            self.spill_counts();
+        }
+        // Whole blocks of 16 that are empty in `other` are skipped, as in `take`.
+        for (mine, theirs) in self
+            .counts
+            .chunks_exact_mut(16)
+            .zip(other.counts.chunks_exact_mut(16))
+        {
+            if theirs.iter().fold(0, |a, &c| a | c) == 0 {
+                continue;
+            }
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m += std::mem::take(t);
+            }
+        }
+        if !other.spill.is_empty() {
+            self.spill.resize(1 << 16, 0);
+            for (m, t) in self.spill.iter_mut().zip(&other.spill) {
+                *m += t;
+            }
+            other.spill.clear();
+        }
+        self.since_spill += std::mem::take(&mut other.since_spill);
+        self.total += std::mem::take(&mut other.total);
+    }
+
+    /// Moves the 32-bit counts to the 64-bit `spill`, so counting can go on without overflow.
+    fn spill_counts(&mut self) {
+        self.spill.resize(1 << 16, 0);
+        for (s, c) in self.spill.iter_mut().zip(self.counts.iter_mut()) {
+            *s += *c as u64;
+            *c = 0;
+        }
+        self.since_spill = 0;
     }
 
     /// The statistics of everything counted since the last call; the counts are left empty.
@@ -532,6 +568,33 @@ mod tests {
         assert!(!counts.spill.is_empty());
         assert_eq!(counts.take(), TensorStats::of(&bytes));
         assert!(counts.spill.is_empty() && counts.counts.iter().all(|&c| c == 0));
+        // Two halves counted apart and absorbed give the one-pass statistics, and leave the
+        // absorbed counts empty; so do halves whose sum has to move to 64 bits, and a spilled
+        // half absorbed into a plain one.
+        let bytes = gen(90_001, 2000);
+        let (a, b) = bytes.split_at(2 * 40_000);
+        let mut other = ValueCounts::new();
+        for spill_mine in [None, Some(u32::MAX as u64 - 10)] {
+            for spill_theirs in [false, true] {
+                counts.add(a);
+                other.add(b);
+                if let Some(s) = spill_mine {
+                    counts.since_spill = s;
+                }
+                if spill_theirs {
+                    other.spill_counts();
+                }
+                counts.absorb(&mut other);
+                assert_eq!(
+                    counts.take(),
+                    TensorStats::of(&bytes),
+                    "{spill_mine:?} {spill_theirs}"
+                );
+                assert_eq!((other.total, other.since_spill), (0, 0));
+                assert!(other.spill.is_empty() && other.counts.iter().all(|&c| c == 0));
+                assert!(counts.spill.is_empty() && counts.counts.iter().all(|&c| c == 0));
+            }
+        }
     }
 
     #[test]

@@ -624,7 +624,6 @@ mod x86 {
         let rev_idx = load_u16x32(&rev_idx);
         let sign = _mm512_set1_epi16(0x0080);
         let low8 = _mm512_set1_epi16(0xff);
-        let window = _mm512_set1_epi16(32);
         let base = _mm512_set1_epi16(table.base as i16);
         let win: &[u32; 32] = table.entries[table.base..table.base + 32]
             .try_into()
@@ -638,6 +637,9 @@ mod x86 {
         };
         let low16 = _mm512_set1_epi32(0xffff);
         let scale = _mm512_set1_epi32(1 << prob_bits);
+        // Single-precision quotients are exact enough (within one) for x / f < 2^20.
+        let single = prob_bits >= 12;
+        let (one, zero) = (_mm512_set1_ps(1.0), _mm512_setzero_si512());
         let xmax_shift = _mm_cvtsi32_si128(32 - prob_bits as i32);
         let entries = if M3 {
             table.by_key.as_ptr()
@@ -646,7 +648,8 @@ mod x86 {
         };
         let key_mask = _mm512_set1_epi16(((1u32 << (8 + m)) - 1) as i16);
         let key_base = _mm512_set1_epi16(table.key_base as i16);
-        let key_window = _mm512_set1_epi16(KEY_WINDOW as i16);
+        // The window's width, 16-bit lanes of half a step.
+        let half_window = _mm256_set1_epi16(if M3 { KEY_WINDOW as i16 } else { 32 });
         // The window's 128 entries in eight registers (M3 only; zeros otherwise).
         let mut kwin = [_mm512_setzero_si512(); 8];
         if M3 {
@@ -661,66 +664,88 @@ mod x86 {
         let out = buf.as_mut_ptr();
 
         // One half-step: 16 lanes in descending lane order, with their exponents `exp` and their
-        // offsets `d` into the window (`outside` marks the lanes beyond it).
-        let half =
-            |x: __m512i, exp: __m256i, d: __m256i, outside: u16, wp: &mut usize| -> __m512i {
-                let idx = _mm512_cvtepu16_epi32(d);
-                let mut e = if M3 {
-                    // Four 32-entry permutes and a select on index bits 5 and 6.
-                    let p0 = _mm512_permutex2var_epi32(kwin[0], idx, kwin[1]);
-                    let p1 = _mm512_permutex2var_epi32(kwin[2], idx, kwin[3]);
-                    let p2 = _mm512_permutex2var_epi32(kwin[4], idx, kwin[5]);
-                    let p3 = _mm512_permutex2var_epi32(kwin[6], idx, kwin[7]);
-                    let k5 = _mm512_test_epi32_mask(idx, bit5);
-                    let lo = _mm512_mask_mov_epi32(p0, k5, p1);
-                    let hi = _mm512_mask_mov_epi32(p2, k5, p3);
-                    _mm512_mask_mov_epi32(lo, _mm512_test_epi32_mask(idx, bit6), hi)
-                } else {
-                    _mm512_permutex2var_epi32(win_lo, idx, win_hi)
-                };
-                if outside != 0 {
-                    // SAFETY: exponents are below 256, the number of entries; keys are below
-                    // 2^(8 + m), the number of `by_key` entries (checked above).
-                    e = unsafe {
-                        _mm512_mask_i32gather_epi32::<4>(
-                            e,
-                            outside,
-                            _mm512_cvtepu16_epi32(exp),
-                            entries.cast(),
-                        )
-                    };
-                }
-                let f = _mm512_and_si512(e, low16);
-                // Emit the low word when x >= freq << (32 - pb), i.e. (x >> (32 - pb)) >= freq.
-                let k = _mm512_cmpge_epu32_mask(_mm512_srl_epi32(x, xmax_shift), f);
-                // Narrow first, then compress the words: a narrowing store would be folded into the
-                // slow memory form of `vpmovdw`.
-                let w = _mm256_maskz_compress_epi16(k, _mm512_cvtepi32_epi16(x));
-                // SAFETY: `*wp` counts the words emitted so far, at most one per symbol already
-                // encoded, so `*wp + 16 <= n <= buf.len()`.
-                unsafe { _mm256_storeu_si256(out.add(*wp).cast(), w) };
-                *wp += k.count_ones() as usize;
-                let x = _mm512_mask_srli_epi32::<16>(x, k, x);
-                let fd_lo = _mm512_cvtepu32_pd(_mm512_castsi512_si256(f));
-                let fd_hi = _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(f));
-                let q_lo = _mm512_cvttpd_epu32(_mm512_div_pd(
-                    _mm512_cvtepu32_pd(_mm512_castsi512_si256(x)),
-                    fd_lo,
-                ));
-                let q_hi = _mm512_cvttpd_epu32(_mm512_div_pd(
-                    _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(x)),
-                    fd_hi,
-                ));
-                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q_lo), q_hi);
-                // x' = (q << pb) + (x - q·freq) + cum = x + q·(2^pb - freq) + cum
-                let x = _mm512_add_epi32(x, _mm512_mullo_epi32(q, _mm512_sub_epi32(scale, f)));
-                _mm512_add_epi32(x, _mm512_srli_epi32::<16>(e))
+        // offsets `d` into the window (`outside` marks the lanes beyond it: compared here, per
+        // half, since one 32-lane mask split in two went through the stack and a failed store
+        // forward, which stalled the loop).
+        let half = |x: __m512i, exp: __m256i, d: __m256i, wp: &mut usize| -> __m512i {
+            let outside = _mm256_cmpge_epu16_mask(d, half_window);
+            let idx = _mm512_cvtepu16_epi32(d);
+            let mut e = if M3 {
+                // Four 32-entry permutes and a select on index bits 5 and 6.
+                let p0 = _mm512_permutex2var_epi32(kwin[0], idx, kwin[1]);
+                let p1 = _mm512_permutex2var_epi32(kwin[2], idx, kwin[3]);
+                let p2 = _mm512_permutex2var_epi32(kwin[4], idx, kwin[5]);
+                let p3 = _mm512_permutex2var_epi32(kwin[6], idx, kwin[7]);
+                let k5 = _mm512_test_epi32_mask(idx, bit5);
+                let lo = _mm512_mask_mov_epi32(p0, k5, p1);
+                let hi = _mm512_mask_mov_epi32(p2, k5, p3);
+                _mm512_mask_mov_epi32(lo, _mm512_test_epi32_mask(idx, bit6), hi)
+            } else {
+                _mm512_permutex2var_epi32(win_lo, idx, win_hi)
             };
+            if outside != 0 {
+                // SAFETY: exponents are below 256, the number of entries; keys are below
+                // 2^(8 + m), the number of `by_key` entries (checked above).
+                e = unsafe {
+                    _mm512_mask_i32gather_epi32::<4>(
+                        e,
+                        outside,
+                        _mm512_cvtepu16_epi32(exp),
+                        entries.cast(),
+                    )
+                };
+            }
+            let f = _mm512_and_si512(e, low16);
+            // Emit the low word when x >= freq << (32 - pb), i.e. (x >> (32 - pb)) >= freq.
+            let k = _mm512_cmpge_epu32_mask(_mm512_srl_epi32(x, xmax_shift), f);
+            // Narrow first, then compress the words: a narrowing store would be folded into the
+            // slow memory form of `vpmovdw`.
+            let w = _mm256_maskz_compress_epi16(k, _mm512_cvtepi32_epi16(x));
+            // SAFETY: `*wp` counts the words emitted so far, at most one per symbol already
+            // encoded, so `*wp + 16 <= n <= buf.len()`.
+            unsafe { _mm256_storeu_si256(out.add(*wp).cast(), w) };
+            *wp += k.count_ones() as usize;
+            let x = _mm512_mask_srli_epi32::<16>(x, k, x);
+            if single {
+                // q0 = trunc(float(x) · (1 / float(f))): each of the three roundings is
+                // within 2^-24 relative and x / f < 2^(32 - pb) <= 2^20, so q0 is within
+                // 0.19 of x / f and one of floor(x / f) - 1, floor(x / f), floor(x / f) + 1.
+                // The remainder r = x - q0·f (exact in i32: it lies in [-f, 2f)) says which.
+                // 1 / f does not depend on x, so only a multiply sits on the chain from one
+                // step's state to the next, and 16 lanes go through each float operation
+                // where the double division took 8 (and was the encoder's bottleneck).
+                let rcp = _mm512_div_ps(one, _mm512_cvtepu32_ps(f));
+                let q0 = _mm512_cvttps_epu32(_mm512_mul_ps(_mm512_cvtepu32_ps(x), rcp));
+                let r = _mm512_sub_epi32(x, _mm512_mullo_epi32(q0, f));
+                // x' = x + q·(2^pb - freq) + cum, from q0 and then corrected by one q.
+                let sf = _mm512_sub_epi32(scale, f);
+                let y = _mm512_add_epi32(
+                    _mm512_add_epi32(x, _mm512_mullo_epi32(q0, sf)),
+                    _mm512_srli_epi32::<16>(e),
+                );
+                let y = _mm512_mask_sub_epi32(y, _mm512_cmplt_epi32_mask(r, zero), y, sf);
+                return _mm512_mask_add_epi32(y, _mm512_cmpge_epi32_mask(r, f), y, sf);
+            }
+            let fd_lo = _mm512_cvtepu32_pd(_mm512_castsi512_si256(f));
+            let fd_hi = _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(f));
+            let q_lo = _mm512_cvttpd_epu32(_mm512_div_pd(
+                _mm512_cvtepu32_pd(_mm512_castsi512_si256(x)),
+                fd_lo,
+            ));
+            let q_hi = _mm512_cvttpd_epu32(_mm512_div_pd(
+                _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(x)),
+                fd_hi,
+            ));
+            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q_lo), q_hi);
+            // x' = (q << pb) + (x - q·freq) + cum = x + q·(2^pb - freq) + cum
+            let x = _mm512_add_epi32(x, _mm512_mullo_epi32(q, _mm512_sub_epi32(scale, f)));
+            _mm512_add_epi32(x, _mm512_srli_epi32::<16>(e))
+        };
 
         for t in (0..full).rev() {
             // SAFETY: `t < full`, so the step's 64 bytes are inside `bf16`.
             let v = unsafe { _mm512_loadu_si512(bf16.as_ptr().add(2 * LANES * t).cast()) };
-            let (exp, d, outside) = if M3 {
+            let (exp, d) = if M3 {
                 // Raw plane: 16 bytes of nibble pairs, then the 32 sign bits.
                 let nib = _mm512_cvtepi32_epi8(_mm512_or_si512(
                     _mm512_and_si512(v, low4),
@@ -739,7 +764,7 @@ mod x86 {
                     key_mask,
                 );
                 let d = _mm512_sub_epi16(key, key_base);
-                (key, d, _mm512_cmpge_epu16_mask(d, key_window))
+                (key, d)
             } else {
                 // sign+mantissa byte: bit 7 from bit 15, bits 0..6 from bits 0..6.
                 let s = _mm512_cvtepi16_epi8(_mm512_ternarylogic_epi32::<0xca>(
@@ -754,15 +779,15 @@ mod x86 {
                     low8,
                 );
                 let d = _mm512_sub_epi16(exp, base);
-                (exp, d, _mm512_cmpge_epu16_mask(d, window))
+                (exp, d)
             };
             let (exp_a, exp_b) = (
                 _mm512_castsi512_si256(exp),
                 _mm512_extracti64x4_epi64::<1>(exp),
             );
             let (d_a, d_b) = (_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64::<1>(d));
-            a = half(a, exp_a, d_a, outside as u16, &mut wp);
-            b = half(b, exp_b, d_b, (outside >> 16) as u16, &mut wp);
+            a = half(a, exp_a, d_a, &mut wp);
+            b = half(b, exp_b, d_b, &mut wp);
         }
 
         // SAFETY: `rev` is 32 writable u32; unaligned stores.
@@ -879,6 +904,35 @@ mod tests {
                         assert_eq!(got_states, states, "pb {pb} n {n}");
                         assert_eq!(got_words, &words[..], "pb {pb} n {n}");
                         assert_eq!(got_sm, sm, "pb {pb} n {n}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn single_precision_quotients_are_within_one_of_the_exact_ones() {
+        // The AVX-512 encoder's quotient for prob_bits >= 12, in scalar IEEE single precision
+        // (Rust's `as` conversions round and truncate as vcvtudq2ps and vcvttps2udq do): it
+        // must be within one of floor(x / f) for every frequency and every state x < f·2^(32 -
+        // pb) the encoder can divide, or the remainder correction would not fix it. Checked at
+        // the exact multiples and their neighbours (where truncation is closest to going wrong)
+        // across the whole range of quotients.
+        let mut rng = Rng64::seed_from_u64(7);
+        for pb in [12u32, 15] {
+            for f in 1..=1u64 << pb {
+                let rcp = 1.0f32 / f as f32;
+                let top = (f << (32 - pb)).min(1 << 32);
+                let mut ks: Vec<u64> = (0..24).map(|i| ((top / f) >> i).max(1)).collect();
+                ks.extend((0..8).map(|_| rng.gen_range(1..top / f)));
+                for k in ks {
+                    for x in [k * f, k * f + 1, k * f + f - 1, k * f - 1] {
+                        if !(ans::STATE_LOW as u64 / 2..top).contains(&x) {
+                            continue;
+                        }
+                        let q0 = ((x as u32) as f32 * rcp) as u32 as i64;
+                        let q = (x / f) as i64;
+                        assert!((q0 - q).abs() <= 1, "pb {pb} f {f} x {x}: {q0} vs {q}");
                     }
                 }
             }
