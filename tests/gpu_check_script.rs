@@ -130,7 +130,7 @@ fn gpu_check_without_a_gpu_fails_inside_its_budget_and_says_why_for_every_step()
         .collect();
     test_steps.sort();
     let k = test_steps.len();
-    assert!(names.len() == k + 5, "{names:?}");
+    assert!(names.len() == k + 6, "{names:?}");
     assert_eq!(names[0], "bench:decode", "{names:?}");
     let mut ran_tests: Vec<String> = names[1..1 + k].iter().map(|s| s.to_string()).collect();
     ran_tests.sort();
@@ -139,6 +139,7 @@ fn gpu_check_without_a_gpu_fails_inside_its_budget_and_says_why_for_every_step()
         names[1 + k..],
         [
             "bench:kernels",
+            "bench:attention",
             "tune:llama-3.1-8b",
             "bench:decode-tuned",
             "bench:decode-split"
