@@ -811,15 +811,23 @@ impl CudaBackend {
 
     /// The ids of a queued argmax (`queue_argmax` at `t`) back on the host; records its timing.
     fn finish_argmax(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
+        let (ids, host_ms, gpu_ms) = self.finish_choice(rows, t)?;
+        (self.timing.argmax_ms, self.timing.argmax_gpu_ms) = (host_ms, gpu_ms);
+        ids_in_vocab(ids, self.cfg.vocab_size, "argmax")
+    }
+
+    /// The ids of a queued choosing kernel (queued at `t`) back on the host: the step's one
+    /// synchronisation. Returns them with the time from `t` to the ids on the host and the
+    /// kernel's device time (`choice_events`), after settling the step's own time.
+    fn finish_choice(&mut self, rows: usize, t: Instant) -> GpuResult<(Vec<i32>, f64, f64)> {
         self.ctx.bind()?;
-        let vocab = self.cfg.vocab_size;
         let mut ids = vec![0i32; rows];
         // The step's one synchronisation: the ids back (the step and the kernel done).
         self.bufs.ids.download(&mut ids)?;
-        self.timing.argmax_ms = t.elapsed().as_secs_f64() * 1e3;
+        let host_ms = t.elapsed().as_secs_f64() * 1e3;
         self.settle_step_time()?;
-        self.timing.argmax_gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
-        ids_in_vocab(ids, vocab, "argmax")
+        let gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
+        Ok((ids, host_ms, gpu_ms))
     }
 
     /// Logit edits the device sampler has room for in one step: they are stored in
@@ -865,15 +873,9 @@ impl CudaBackend {
     /// The ids of a queued sampler (`queue_sample` at `t`) back on the host; records its
     /// timing.
     fn finish_sample(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
-        self.ctx.bind()?;
-        let vocab = self.cfg.vocab_size;
-        let mut ids = vec![0i32; rows];
-        // The step's one synchronisation: the ids back (the step and the kernel done).
-        self.bufs.ids.download(&mut ids)?;
-        self.timing.sample_ms = t.elapsed().as_secs_f64() * 1e3;
-        self.settle_step_time()?;
-        self.timing.sample_gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
-        ids_in_vocab(ids, vocab, "sampler")
+        let (ids, host_ms, gpu_ms) = self.finish_choice(rows, t)?;
+        (self.timing.sample_ms, self.timing.sample_gpu_ms) = (host_ms, gpu_ms);
+        ids_in_vocab(ids, self.cfg.vocab_size, "sampler")
     }
 
     /// Queues the product of `n` activation rows with `role`'s matrix `w` by the plan's

@@ -184,51 +184,15 @@ impl KernelHarness {
     pub fn attention(
         &self,
         q: &[f32],
-        (k_pool, v_pool): (&[u16], &[u16]),
-        (table, max_blocks): (&[i32], usize),
+        pools: (&[u16], &[u16]),
+        table: (&[i32], usize),
         pos: &[i32],
         slot: &[i32],
-        (heads, kv_heads, head_dim): (usize, usize, usize),
+        dims: (usize, usize, usize),
         out_split: bool,
         splits: usize,
     ) -> R<Vec<u16>> {
-        let n = pos.len();
-        let (qb, kb, vb) = (self.up(q)?, self.up(k_pool)?, self.up(v_pool)?);
-        let (pb, sb, tb) = (self.up(pos)?, self.up(slot)?, self.up(table)?);
-        let rows = if out_split { 2 * n } else { n };
-        let out = self.poison_u16(rows * heads * head_dim)?;
-        let outf = self.poison_f32(n * heads * head_dim)?;
-        let parts = n * heads * splits;
-        let (ml, acc) = (
-            self.poison_f32(2 * parts)?,
-            self.poison_f32(parts * head_dim)?,
-        );
-        self.k.attention(
-            qb.ptr(),
-            PagedKv {
-                keys: kb.ptr(),
-                values: vb.ptr(),
-                table: tb.ptr(),
-                max_blocks,
-            },
-            pb.ptr(),
-            sb.ptr(),
-            out.ptr(),
-            out_split,
-            Some(outf.ptr()),
-            n,
-            heads,
-            kv_heads,
-            head_dim,
-            AttnSplit {
-                splits,
-                part_ml: ml.ptr(),
-                part_acc: acc.ptr(),
-            },
-        )?;
-        let rows_out = self.down(&out, rows * heads * head_dim)?;
-        self.check_act("attention", &rows_out, &outf, n, heads * head_dim)?;
-        Ok(rows_out)
+        self.paged_attention(q, pools, table, pos, slot, dims, out_split, Some(splits))
     }
 
     /// `attention_prefill` of `n` query tokens of one slot over paged BF16 key and value pools,
@@ -237,12 +201,29 @@ impl KernelHarness {
     pub fn attention_prefill(
         &self,
         q: &[f32],
+        pools: (&[u16], &[u16]),
+        table: (&[i32], usize),
+        pos: &[i32],
+        slot: &[i32],
+        dims: (usize, usize, usize),
+        out_split: bool,
+    ) -> R<Vec<u16>> {
+        self.paged_attention(q, pools, table, pos, slot, dims, out_split, None)
+    }
+
+    /// The two attention kernels over the same uploaded inputs: `attention` in `splits` splits,
+    /// or `attention_prefill` for `None`; the BF16 output checked against the f32 one.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_attention(
+        &self,
+        q: &[f32],
         (k_pool, v_pool): (&[u16], &[u16]),
         (table, max_blocks): (&[i32], usize),
         pos: &[i32],
         slot: &[i32],
         (heads, kv_heads, head_dim): (usize, usize, usize),
         out_split: bool,
+        splits: Option<usize>,
     ) -> R<Vec<u16>> {
         let n = pos.len();
         let (qb, kb, vb) = (self.up(q)?, self.up(k_pool)?, self.up(v_pool)?);
@@ -250,26 +231,67 @@ impl KernelHarness {
         let rows = if out_split { 2 * n } else { n };
         let out = self.poison_u16(rows * heads * head_dim)?;
         let outf = self.poison_f32(n * heads * head_dim)?;
-        self.k.attention_prefill(
-            qb.ptr(),
-            PagedKv {
-                keys: kb.ptr(),
-                values: vb.ptr(),
-                table: tb.ptr(),
-                max_blocks,
-            },
-            pb.ptr(),
-            sb.ptr(),
-            out.ptr(),
-            out_split,
-            Some(outf.ptr()),
-            n,
-            heads,
-            kv_heads,
-            head_dim,
-        )?;
+        let kv = PagedKv {
+            keys: kb.ptr(),
+            values: vb.ptr(),
+            table: tb.ptr(),
+            max_blocks,
+        };
+        // The split partials live until the output is read back (the launch is asynchronous).
+        let parts = match splits {
+            Some(splits) => {
+                let parts = n * heads * splits;
+                Some((
+                    splits,
+                    self.poison_f32(2 * parts)?,
+                    self.poison_f32(parts * head_dim)?,
+                ))
+            }
+            None => None,
+        };
+        let (pp, sp, op, fp) = (pb.ptr(), sb.ptr(), out.ptr(), Some(outf.ptr()));
+        let what = match &parts {
+            Some((splits, ml, acc)) => {
+                let split = AttnSplit {
+                    splits: *splits,
+                    part_ml: ml.ptr(),
+                    part_acc: acc.ptr(),
+                };
+                self.k.attention(
+                    qb.ptr(),
+                    kv,
+                    pp,
+                    sp,
+                    op,
+                    out_split,
+                    fp,
+                    n,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    split,
+                )?;
+                "attention"
+            }
+            None => {
+                self.k.attention_prefill(
+                    qb.ptr(),
+                    kv,
+                    pp,
+                    sp,
+                    op,
+                    out_split,
+                    fp,
+                    n,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                )?;
+                "attention_prefill"
+            }
+        };
         let rows_out = self.down(&out, rows * heads * head_dim)?;
-        self.check_act("attention_prefill", &rows_out, &outf, n, heads * head_dim)?;
+        self.check_act(what, &rows_out, &outf, n, heads * head_dim)?;
         Ok(rows_out)
     }
 

@@ -84,6 +84,47 @@ const NORM_THREADS: u32 = 1024;
 /// Threads of a RoPE block; each token gets [`rope_blocks`] of them.
 const ROPE_THREADS: u32 = 128;
 
+/// The arguments `attention` and `attention_prefill` (kernels/attention.cu) share, in their
+/// order, after checking the head shape both kernels need (`what` names the kernel in the
+/// error): `head_dim` a multiple of 32 up to [`ATTN_MAX_HEAD_DIM`], KV heads dividing heads.
+fn attention_args(
+    what: &str,
+    q: u64,
+    kv: PagedKv,
+    (pos, slot): (u64, u64),
+    (out, out_split, out_f32): (u64, bool, Option<u64>),
+    n: usize,
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+) -> GpuResult<[Arg; 15]> {
+    if head_dim == 0
+        || !head_dim.is_multiple_of(32)
+        || head_dim > ATTN_MAX_HEAD_DIM
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+    {
+        return Err(GpuError::invalid(format!(
+            "{what} needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
+        )));
+    }
+    Ok([
+        Arg::P(q),
+        Arg::P(kv.keys),
+        Arg::P(kv.values),
+        Arg::P(kv.table),
+        Arg::I(i32_of(kv.max_blocks, "max_blocks")?),
+        Arg::P(pos),
+        Arg::P(slot),
+        Arg::P(out),
+        Arg::I(out_split as i32),
+        Arg::I(i32_of(n, "n")?),
+        Arg::I(i32_of(heads, "heads")?),
+        Arg::I(i32_of(kv_heads, "kv_heads")?),
+        Arg::I(i32_of(head_dim, "head_dim")?),
+        Arg::F(1.0 / (head_dim as f32).sqrt()),
+        Arg::P(out_f32.unwrap_or(0)),
+    ])
+}
+
 /// Blocks per token of `rope_qkv_store`: enough that each thread handles about one rotation pair
 /// (and one v value), so a batch-1 step is not one block's serial loop.
 fn rope_blocks(heads: usize, kv_heads: usize, head_dim: usize) -> u32 {
@@ -380,16 +421,15 @@ impl Kernels {
         head_dim: usize,
         split: AttnSplit,
     ) -> GpuResult<()> {
-        if head_dim == 0
-            || !head_dim.is_multiple_of(32)
-            || head_dim > ATTN_MAX_HEAD_DIM
-            || kv_heads == 0
-            || !heads.is_multiple_of(kv_heads)
-        {
-            return Err(GpuError::invalid(format!(
-                "attention needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
-            )));
-        }
+        let common = attention_args(
+            "attention",
+            q,
+            kv,
+            (pos, slot),
+            (out, out_split, out_f32),
+            n,
+            (heads, kv_heads, head_dim),
+        )?;
         if split.splits == 0
             || split.splits > 65535
             || (split.splits > 1 && (split.part_ml == 0 || split.part_acc == 0))
@@ -399,27 +439,12 @@ impl Kernels {
                 split.splits
             )));
         }
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let args = [
-            Arg::P(q),
-            Arg::P(kv.keys),
-            Arg::P(kv.values),
-            Arg::P(kv.table),
-            Arg::I(i32_of(kv.max_blocks, "max_blocks")?),
-            Arg::P(pos),
-            Arg::P(slot),
-            Arg::P(out),
-            Arg::I(out_split as i32),
-            Arg::I(i32_of(n, "n")?),
-            Arg::I(i32_of(heads, "heads")?),
-            Arg::I(i32_of(kv_heads, "kv_heads")?),
-            Arg::I(i32_of(head_dim, "head_dim")?),
-            Arg::F(scale),
-            Arg::P(out_f32.unwrap_or(0)),
+        let mut args = common.to_vec();
+        args.extend([
             Arg::I(i32_of(split.splits, "splits")?),
             Arg::P(split.part_ml),
             Arg::P(split.part_acc),
-        ];
+        ]);
         if n > 65535 {
             return Err(GpuError::invalid(format!(
                 "attention of {n} tokens in one launch: the grid's y dimension holds 65535"
@@ -479,35 +504,20 @@ impl Kernels {
         kv_heads: usize,
         head_dim: usize,
     ) -> GpuResult<()> {
-        if head_dim == 0
-            || !head_dim.is_multiple_of(32)
-            || head_dim > ATTN_MAX_HEAD_DIM
-            || kv_heads == 0
-            || !heads.is_multiple_of(kv_heads)
-            || heads > 65535
-        {
+        if heads > 65535 {
             return Err(GpuError::invalid(format!(
-                "prefill attention needs head_dim a multiple of 32 up to {ATTN_MAX_HEAD_DIM} and kv heads dividing heads; got head_dim {head_dim}, {heads} / {kv_heads} heads"
+                "prefill attention of {heads} heads: the grid's y dimension holds 65535"
             )));
         }
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let args = [
-            Arg::P(q),
-            Arg::P(kv.keys),
-            Arg::P(kv.values),
-            Arg::P(kv.table),
-            Arg::I(i32_of(kv.max_blocks, "max_blocks")?),
-            Arg::P(pos),
-            Arg::P(slot),
-            Arg::P(out),
-            Arg::I(out_split as i32),
-            Arg::I(i32_of(n, "n")?),
-            Arg::I(i32_of(heads, "heads")?),
-            Arg::I(i32_of(kv_heads, "kv_heads")?),
-            Arg::I(i32_of(head_dim, "head_dim")?),
-            Arg::F(scale),
-            Arg::P(out_f32.unwrap_or(0)),
-        ];
+        let args = attention_args(
+            "prefill attention",
+            q,
+            kv,
+            (pos, slot),
+            (out, out_split, out_f32),
+            n,
+            (heads, kv_heads, head_dim),
+        )?;
         let grid = (
             i32_of(n.div_ceil(PREFILL_QUERY_TILE).max(1), "query tiles")? as u32,
             heads as u32,
