@@ -244,7 +244,10 @@ impl Checkpoint {
     pub fn load_entry(&self, entry: &TensorEntry) -> Result<Cow<'_, [u8]>, ContainerError> {
         let file = &self.files[entry.file];
         let ranges = self.stored_ranges(entry);
-        let stored: Vec<&[u8]> = ranges.iter().map(|r| file.bytes_at(r.clone())).collect();
+        let stored = ranges
+            .iter()
+            .map(|r| file.read_at(r.clone()))
+            .collect::<Result<Vec<&[u8]>, _>>()?;
         match self.decode_stored(entry, &stored)? {
             Decoded::Stored => Ok(Cow::Borrowed(stored[0])),
             Decoded::Bytes(b) => Ok(Cow::Owned(b)),

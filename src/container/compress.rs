@@ -130,7 +130,7 @@ pub fn compress_dir(
     let mut weight_map = BTreeMap::new();
     let budget = Budget::new(READ_AHEAD_BYTES, TENSORS_AHEAD);
     let pools = Pools::new();
-    let (to_coder, from_reader) = mpsc::channel::<ReadTensor>();
+    let (to_coder, from_reader) = mpsc::channel::<Result<ReadTensor, ContainerError>>();
     let (to_writer, from_coder) = mpsc::channel::<ToWriter>();
     let result = std::thread::scope(|scope| {
         let (ck, budget, pools) = (&ck, &budget, &pools);
@@ -154,7 +154,7 @@ pub fn compress_dir(
                         inputs.push(
                             from_reader
                                 .recv()
-                                .map_err(|_| stopped(file.path(), "reader"))?,
+                                .map_err(|_| stopped(file.path(), "reader"))??,
                         );
                     }
                     let code = |(entry, read): (&&TensorEntry, _)| {
@@ -489,7 +489,11 @@ struct ReadTensor<'a> {
 /// the pages in one call instead of faulting them in was what the memory map used to lack
 /// (docs/format.md §4.4 has the measurements). The writer unmaps each tensor's pages once it is
 /// written, so the resident input stays within the budget.
-fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender<ReadTensor<'a>>) {
+fn read_tensors<'a>(
+    ck: &'a Checkpoint,
+    budget: &Budget,
+    to_coder: &mpsc::Sender<Result<ReadTensor<'a>, ContainerError>>,
+) {
     let mut counts = ValueCounts::new();
     // A helper's counts for the second half of a large tensor (see `SPLIT_READ_BYTES`).
     let mut helper_counts: Option<ValueCounts> = None;
@@ -510,23 +514,34 @@ fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender
                 let mid = (bytes.len() / 2).next_multiple_of(PIECE);
                 let (first, second) = bytes.split_at(mid);
                 let theirs = helper_counts.get_or_insert_with(ValueCounts::new);
-                std::thread::scope(|s| {
-                    s.spawn(|| {
-                        sf.populate(start + mid, end);
+                let populated = std::thread::scope(|s| {
+                    let helper = s.spawn(|| {
+                        sf.populate(start + mid, end)?;
                         for piece in second.chunks(PIECE) {
                             theirs.add(piece);
                         }
+                        Ok(())
                     });
-                    sf.populate(start, start + mid);
-                    for piece in first.chunks(PIECE) {
-                        hash.update(piece);
-                        counts.add(piece);
-                    }
+                    let mine = sf.populate(start, start + mid).map(|()| {
+                        for piece in first.chunks(PIECE) {
+                            hash.update(piece);
+                            counts.add(piece);
+                        }
+                    });
+                    let theirs = helper.join().expect("the counting helper does not panic");
+                    mine.and(theirs)
                 });
+                if let Err(e) = populated {
+                    let _ = to_coder.send(Err(e));
+                    return;
+                }
                 hash.update(second);
                 counts.absorb(theirs);
             } else {
-                sf.populate(start, end);
+                if let Err(e) = sf.populate(start, end) {
+                    let _ = to_coder.send(Err(e));
+                    return;
+                }
                 for piece in bytes.chunks(PIECE) {
                     hash.update(piece);
                     if bf16 {
@@ -540,7 +555,7 @@ fn read_tensors<'a>(ck: &'a Checkpoint, budget: &Budget, to_coder: &mpsc::Sender
                 checksum: hash.digest(),
                 stats: bf16.then(|| counts.take()),
             };
-            if to_coder.send(read).is_err() {
+            if to_coder.send(Ok(read)).is_err() {
                 return;
             }
         }
@@ -737,4 +752,41 @@ pub(super) fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar 
         .expect("valid template"),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reader stage reports a checkpoint file that shrank after it was opened as an error
+    /// naming the file, for the coder to end `compress` with, instead of a SIGBUS on the mapped
+    /// input. Both the one-reader path and the two-reader path of a large tensor are covered.
+    #[test]
+    fn the_reader_reports_an_input_that_shrank_while_open() {
+        for elems in [1 << 12, SPLIT_READ_BYTES / 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(super::super::checkpoint::SINGLE_FILE);
+            let bytes: Vec<u8> = (0..2 * elems).map(|i| (i % 253) as u8).collect();
+            let view =
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![elems], &bytes).unwrap();
+            safetensors::serialize_to_file(vec![("w", view)], &None, &path).unwrap();
+            let ck = Checkpoint::open(dir.path()).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(4096)
+                .unwrap();
+            let budget = Budget::new(READ_AHEAD_BYTES, TENSORS_AHEAD);
+            let (to_coder, from_reader) = mpsc::channel();
+            read_tensors(&ck, &budget, &to_coder);
+            let first = from_reader.recv().expect("the reader sends its error");
+            let msg = first
+                .err()
+                .expect("a shrunken input is an error")
+                .to_string();
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains("shrank"), "{msg}");
+        }
+    }
 }

@@ -240,7 +240,7 @@ impl CompressedMatrix {
             .ok_or_else(|| corrupt("no rans metadata".into()))?;
         let file = &ckpt.files()[entry.file];
         let part = |p: &str| {
-            file.bytes(&part_name(name, p))
+            file.read(&part_name(name, p))?
                 .ok_or_else(|| corrupt(format!("part `{p}` is missing")))
         };
         let (sm, exp, index) = (part("sm")?, part("exp")?, part("index")?);
