@@ -1,12 +1,13 @@
 //! The token-choosing paths of [`CudaBackend`] beyond the synchronous decode calls: a prompt's
 //! first token chosen on the device ([`Backend::prefill_sampled`]), and a decode step split
 //! into its launch and its collection ([`Backend::launch_decode`], [`Backend::collect_decode`])
-//! so the engine thread works while the device runs the step. Kept apart from the forward pass
-//! (`backend.rs`) so that the two change independently.
+//! so the engine thread works while the device runs the step; and the argmax and sampler
+//! kernels' queueing and collection that every choosing path shares. Kept apart from the
+//! forward pass (`forward.rs`) so that the two change independently.
 
 use std::time::Instant;
 
-use super::{sample, CudaBackend};
+use super::{ids_in_vocab, sample, CudaBackend, GpuResult};
 use crate::device::{
     Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, Launched, RowSampling, SeqId,
 };
@@ -189,5 +190,140 @@ impl CudaBackend {
             self.kv.set_len(seq, len);
         }
         Ok(DecodeOutput::Ids(ids))
+    }
+}
+
+impl CudaBackend {
+    /// The greedy ids of the last decode step's rows, chosen on the device from the logits that
+    /// step left in device memory (the logits `decode` returned, bit for bit): the path of
+    /// [`Backend::decode_argmax`], run after a [`Backend::decode`]. For the benchmark, which
+    /// times both ways of getting greedy tokens on the same step ([`super::StepTiming::argmax_ms`])
+    /// and checks they agree. An error when no decode step's logits are there (none yet, or a
+    /// prefill or a failed step came after).
+    pub fn argmax_last_step(&mut self) -> Result<Vec<u32>, DeviceError> {
+        if self.logit_rows == 0 {
+            return Err(DeviceError::Invalid(
+                "argmax_last_step: no decode step's logits on the device".into(),
+            ));
+        }
+        Ok(self.device_argmax(self.logit_rows)?)
+    }
+
+    /// The tokens of the last decode step's rows chosen by the device sampler as `rows` say,
+    /// from the logits that step left in device memory: the path of
+    /// [`Backend::decode_sampled`], run after a [`Backend::decode`], for the benchmark (which
+    /// checks them against the host sampler on the logits `decode` returned and times it,
+    /// [`super::StepTiming::sample_ms`]). The sampler edits the logits in place, so afterwards they are
+    /// no longer the step's: a second call (or `argmax_last_step`) is an error until the next
+    /// decode step.
+    pub fn sample_last_step(&mut self, rows: &[RowSampling]) -> Result<Vec<u32>, DeviceError> {
+        if self.logit_rows == 0 {
+            return Err(DeviceError::Invalid(
+                "sample_last_step: no decode step's logits on the device".into(),
+            ));
+        }
+        if rows.len() != self.logit_rows {
+            return Err(DeviceError::Invalid(format!(
+                "sample_last_step: {} sampling rows for the last step's {} rows",
+                rows.len(),
+                self.logit_rows
+            )));
+        }
+        let packed = sample::pack(rows, self.cfg.vocab_size, self.edit_capacity())?;
+        let r = self.device_sample(&packed).map_err(DeviceError::from);
+        self.on_fault(r)
+    }
+
+    /// Runs the argmax kernel over the first `rows` rows of the logits buffer and copies the
+    /// ids back; records its timing.
+    pub(super) fn device_argmax(&mut self, rows: usize) -> GpuResult<Vec<u32>> {
+        let t = self.queue_argmax(rows)?;
+        self.finish_argmax(rows, t)
+    }
+
+    /// Queues the argmax kernel over the first `rows` rows of the logits buffer (no wait);
+    /// returns when it was queued.
+    pub(super) fn queue_argmax(&mut self, rows: usize) -> GpuResult<Instant> {
+        self.ctx.bind()?;
+        let vocab = self.cfg.vocab_size;
+        let t = Instant::now();
+        self.choice_events.0.record()?;
+        self.k
+            .argmax_rows(self.bufs.logits.ptr(), rows, vocab, self.bufs.ids.ptr())?;
+        self.choice_events.1.record()?;
+        Ok(t)
+    }
+
+    /// The ids of a queued argmax (`queue_argmax` at `t`) back on the host; records its timing.
+    pub(super) fn finish_argmax(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
+        let (ids, host_ms, gpu_ms) = self.finish_choice(rows, t)?;
+        (self.timing.argmax_ms, self.timing.argmax_gpu_ms) = (host_ms, gpu_ms);
+        ids_in_vocab(ids, self.cfg.vocab_size, "argmax")
+    }
+
+    /// The ids of a queued choosing kernel (queued at `t`) back on the host: the step's one
+    /// synchronisation. Returns them with the time from `t` to the ids on the host and the
+    /// kernel's device time (`choice_events`), after settling the step's own time.
+    pub(super) fn finish_choice(
+        &mut self,
+        rows: usize,
+        t: Instant,
+    ) -> GpuResult<(Vec<i32>, f64, f64)> {
+        self.ctx.bind()?;
+        let mut ids = vec![0i32; rows];
+        // The step's one synchronisation: the ids back (the step and the kernel done).
+        self.bufs.ids.download(&mut ids)?;
+        let host_ms = t.elapsed().as_secs_f64() * 1e3;
+        self.settle_step_time()?;
+        let gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
+        Ok((ids, host_ms, gpu_ms))
+    }
+
+    /// Logit edits the device sampler has room for in one step: they are stored in
+    /// `logits_raw` (8 bytes each), which the step's last kernel has consumed by then.
+    pub(super) fn edit_capacity(&self) -> usize {
+        self.bufs.logits_raw.bytes() / std::mem::size_of::<sample::SampleEdit>()
+    }
+
+    /// Runs the sampling kernel over the first `packed.rows.len()` rows of the logits buffer
+    /// (editing them in place) and copies the ids back; records its timing.
+    pub(super) fn device_sample(&mut self, packed: &sample::Packed) -> GpuResult<Vec<u32>> {
+        let t = self.queue_sample(packed)?;
+        self.finish_sample(packed.rows.len(), t)
+    }
+
+    /// Queues the sampling records' upload and the sampling kernel over the first
+    /// `packed.rows.len()` rows of the logits buffer (no wait); returns when it was queued.
+    pub(super) fn queue_sample(&mut self, packed: &sample::Packed) -> GpuResult<Instant> {
+        self.ctx.bind()?;
+        let rows = packed.rows.len();
+        let vocab = self.cfg.vocab_size;
+        // The logits are edited from now on: not the step's logits any more.
+        self.logit_rows = 0;
+        let t = Instant::now();
+        // Stream-ordered after the step, whose last kernel consumed logits_raw.
+        self.staging
+            .upload(&self.bufs.sample_rows, 0, &packed.rows)?;
+        self.staging
+            .upload(&self.bufs.logits_raw, 0, &packed.edits)?;
+        self.choice_events.0.record()?;
+        self.k.sample_rows(
+            self.bufs.logits.ptr(),
+            rows,
+            vocab,
+            self.bufs.sample_rows.ptr(),
+            self.bufs.logits_raw.ptr(),
+            self.bufs.ids.ptr(),
+        )?;
+        self.choice_events.1.record()?;
+        Ok(t)
+    }
+
+    /// The ids of a queued sampler (`queue_sample` at `t`) back on the host; records its
+    /// timing.
+    pub(super) fn finish_sample(&mut self, rows: usize, t: Instant) -> GpuResult<Vec<u32>> {
+        let (ids, host_ms, gpu_ms) = self.finish_choice(rows, t)?;
+        (self.timing.sample_ms, self.timing.sample_gpu_ms) = (host_ms, gpu_ms);
+        ids_in_vocab(ids, self.cfg.vocab_size, "sampler")
     }
 }
