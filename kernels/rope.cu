@@ -40,8 +40,10 @@ extern "C" __global__ void rope_qkv_store(const float* __restrict__ qkv, int spl
         const size_t col = (size_t)head * head_dim + j;  // q heads then k heads: contiguous
         const float x1 = load_split(qkv, split, n, t, cols, col);
         const float x2 = load_split(qkv, split, n, t, cols, col + half);
-        const float a = x1 * c[j] - x2 * s[j];
-        const float b = x2 * c[j] + x1 * s[j];
+        // Rounded as the CPU's `ops::rope` rounds: each product, then the sum; no fused
+        // multiply-add (nvcc would contract `b` into one).
+        const float a = __fsub_rn(__fmul_rn(x1, c[j]), __fmul_rn(x2, s[j]));
+        const float b = __fadd_rn(__fmul_rn(x2, c[j]), __fmul_rn(x1, s[j]));
         if (head < heads) {
             q_out[(size_t)t * qd + col] = a;
             q_out[(size_t)t * qd + col + half] = b;

@@ -317,6 +317,13 @@ impl Backend for CudaBackend {
     }
 
     fn free_sequence(&mut self, seq: SeqId) {
+        // The engine frees only between steps; a direct caller may free a sequence of a step in
+        // flight. Its blocks go back now (the step still writes its row there, harmlessly: every
+        // call that reserves blocks is refused until the step is collected) and the collection
+        // leaves its dead handle alone.
+        if let Some(f) = self.in_flight.as_mut() {
+            f.forget(seq);
+        }
         self.kv.free(seq)
     }
 

@@ -519,7 +519,7 @@ impl Kernels {
             (heads, kv_heads, head_dim),
         )?;
         let grid = (
-            i32_of(n.div_ceil(PREFILL_QUERY_TILE).max(1), "query tiles")? as u32,
+            i32_of(n.div_ceil(PREFILL_QUERY_TILE), "query tiles")? as u32,
             heads as u32,
             1,
         );

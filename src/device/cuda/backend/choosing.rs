@@ -21,6 +21,14 @@ pub(super) struct InFlight {
     queued: Instant,
 }
 
+impl InFlight {
+    /// Drops a freed sequence from the step's bookkeeping, so its collection neither sets nor
+    /// truncates the length of a handle that is no longer live.
+    pub(super) fn forget(&mut self, seq: SeqId) {
+        self.lens.retain(|&(s, _)| s != seq);
+    }
+}
+
 impl CudaBackend {
     /// The backend contract of [`Backend::launch_decode`]: while a step is in flight, nothing
     /// but its collection runs the model (`what` names the call refused).
