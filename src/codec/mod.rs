@@ -6,6 +6,7 @@
 
 pub mod ans;
 pub mod bf16;
+pub mod checksum;
 pub mod freq;
 pub mod model;
 pub mod runtime;

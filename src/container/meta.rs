@@ -111,12 +111,12 @@ pub fn checksum_string(hash: u64) -> String {
 
 /// The checksum of a byte slice, as metadata stores it.
 pub fn checksum_of(bytes: &[u8]) -> String {
-    checksum_string(xxhash_rust::xxh3::xxh3_64(bytes))
+    checksum_string(crate::codec::checksum::xxh3_64(bytes))
 }
 
 /// The checksum over several byte slices in order, as metadata stores it.
 pub fn checksum_of_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = crate::codec::checksum::Xxh3::new();
     for p in parts {
         h.update(p);
     }

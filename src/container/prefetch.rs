@@ -117,6 +117,23 @@ impl<T> BufferPool<T> {
     /// (growing a smaller one would copy its contents). Its contents and length are whatever it
     /// had.
     pub fn take(&self, len: usize) -> Vec<T> {
+        self.spare_for(len).unwrap_or_else(|| {
+            let mut b = Vec::with_capacity(len);
+            // A fresh buffer's pages fault in as it fills: 2 MiB pages make that 512 times
+            // fewer faults.
+            crate::codec::tensor::advise_huge_pages(b.spare_capacity_mut());
+            b
+        })
+    }
+
+    /// The smallest spare buffer with room for `len` elements, or an empty one (no allocation)
+    /// if none has it: for a caller that allocates its buffers itself (zeroed, sized to their
+    /// length, as `codec::tensor::encode_into` does) and only wants the reuse.
+    pub fn reuse(&self, len: usize) -> Vec<T> {
+        self.spare_for(len).unwrap_or_default()
+    }
+
+    fn spare_for(&self, len: usize) -> Option<Vec<T>> {
         let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
         let pick = spare
             .iter()
@@ -124,16 +141,7 @@ impl<T> BufferPool<T> {
             .filter(|(_, b)| b.capacity() >= len)
             .min_by_key(|(_, b)| b.capacity())
             .map(|(i, _)| i);
-        match pick {
-            Some(i) => spare.swap_remove(i),
-            None => {
-                let mut b = Vec::with_capacity(len);
-                // A fresh buffer's pages fault in as it fills: 2 MiB pages make that 512 times
-                // fewer faults.
-                crate::codec::tensor::advise_huge_pages(b.spare_capacity_mut());
-                b
-            }
-        }
+        pick.map(|i| spare.swap_remove(i))
     }
 
     /// Gives a buffer back; the smallest buffers are freed when over the limits.

@@ -19,13 +19,26 @@ use super::ContainerError;
 /// [`header_reserve`]), streams tensor data straight into the file behind that room, and writes
 /// the header into it in [`SafetensorsWriter::finish`], padded with spaces as the format allows.
 /// No data is written twice.
+///
+/// The file's blocks are allocated ahead of the data, 32 MiB (`ALLOCATE_AHEAD`) at a time
+/// (`fallocate`), and the file is cut to its length at the end: ext4 otherwise reserves and
+/// maps each 4 KiB block as a write reaches it (delayed allocation), which cost a quarter of the
+/// system time of writing 178 MB here (43 → 33 ms, best of five).
 pub struct SafetensorsWriter {
     path: PathBuf,
     file: BufWriter<File>,
     reserve: usize,
     entries: Vec<(String, Dtype, Vec<usize>, usize, usize)>,
     offset: usize,
+    /// Bytes of the file allocated so far; `None` once allocating failed (a file system
+    /// without `fallocate`, or no space for a step ahead): then the writes just go on.
+    allocated: Option<u64>,
 }
+
+/// Bytes of a file [`SafetensorsWriter`] allocates ahead of its writes: at most this much is
+/// allocated beyond the data (and freed at the end). Steps of 8, 32 and 128 MiB and the whole
+/// file at once saved the same system time writing 178 MB; 32 MiB bounds the excess.
+pub const ALLOCATE_AHEAD: u64 = 32 << 20;
 
 impl SafetensorsWriter {
     /// Starts a file at `path` (inside a staging directory) whose header will take at most
@@ -43,7 +56,18 @@ impl SafetensorsWriter {
             reserve,
             entries: Vec::new(),
             offset: 0,
+            allocated: Some(0),
         })
+    }
+
+    /// Allocates the file's blocks up to at least `end` (see [`ALLOCATE_AHEAD`]); only a hint to
+    /// the file system, so a failure just stops it.
+    fn allocate_to(&mut self, end: u64) {
+        let Some(done) = self.allocated.filter(|&a| a < end) else {
+            return;
+        };
+        let to = end.max(done + ALLOCATE_AHEAD);
+        self.allocated = allocate(self.file.get_ref(), done, to).then_some(to);
     }
 
     /// Appends one tensor. `bytes.len()` must equal the shape's element count times the dtype
@@ -75,6 +99,7 @@ impl SafetensorsWriter {
                 format!("tensor `{name}`: {len} bytes for shape {shape:?} of {dtype:?}"),
             ));
         }
+        self.allocate_to((8 + self.reserve + self.offset + len) as u64);
         for bytes in slices {
             self.file
                 .write_all(bytes)
@@ -109,7 +134,8 @@ impl SafetensorsWriter {
             file,
             reserve,
             entries,
-            ..
+            offset,
+            allocated,
         } = self;
         let layout: Vec<_> = entries
             .iter()
@@ -131,8 +157,37 @@ impl SafetensorsWriter {
         let file = file
             .into_inner()
             .map_err(|e| ContainerError::io(&path, e.into_error()))?;
+        let len = (8 + reserve + offset) as u64;
+        if allocated.is_some_and(|a| a > len) {
+            // Blocks allocated ahead and not written are freed.
+            file.set_len(len)
+                .map_err(|e| ContainerError::io(&path, e))?;
+        }
         file.write_all_at(&header, 0)
             .map_err(|e| ContainerError::io(&path, e))
+    }
+}
+
+/// Allocates bytes `from..to` of `file` (extending its length to `to`); whether it did.
+fn allocate(file: &File, from: u64, to: u64) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the call's duration; mode 0 allocates blocks (read
+        // back as zeros) and never changes written data.
+        unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                0,
+                from as libc::off_t,
+                (to - from) as libc::off_t,
+            ) == 0
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, from, to);
+        false
     }
 }
 
@@ -299,6 +354,13 @@ mod tests {
         assert_eq!(
             (8 + reserve.next_multiple_of(8)) as u64,
             bytes.len() as u64 - 24
+        );
+        // The blocks allocated ahead of the data were freed with the cut.
+        use std::os::unix::fs::MetadataExt;
+        let blocks = fs::metadata(&path).unwrap().blocks() * 512;
+        assert!(
+            blocks < ALLOCATE_AHEAD / 4,
+            "{blocks} bytes still allocated"
         );
 
         let path = dir.path().join("b.safetensors");
