@@ -16,6 +16,10 @@
 //! and at the end `out = o / Σ l` (the lanes of `l` summed by the tree `i + 8`, `+ 4`, `+ 2`,
 //! `+ 1`). Keys `k` and values `v` are the cache's BF16, widened exactly to f32 as they are
 //! loaded; every operation above is f32.
+//!
+//! When a block does not move the maximum (most blocks of a long prompt), `α = exp(0)` is exactly
+//! 1, so `fma(l_j, 1, p_j) = l_j + p_j` and `o · 1 = o`: every kernel skips that exponential and
+//! the rescaling of `o`, and the bits stay those of the steps above.
 
 use rayon::prelude::*;
 
@@ -203,8 +207,8 @@ fn block_update_for(kind: KernelKind, hd: usize) -> BlockUpdate {
     {
         if kind == KernelKind::Avx512 && hd.is_multiple_of(KEY_BLOCK) {
             return match hd / KEY_BLOCK {
-                4 => rows_avx512::<4, 4>,
-                8 => rows_avx512::<8, 2>,
+                4 => rows_avx512::<4, ROWS_64>,
+                8 => rows_avx512::<8, ROWS_128>,
                 _ => rows_avx512_any,
             };
         }
@@ -215,6 +219,16 @@ fn block_update_for(kind: KernelKind, hd: usize) -> BlockUpdate {
     let _ = (kind, hd);
     rows_portable
 }
+
+/// Rows per call of the AVX-512 block update for heads of 64 (a tile of 8 tokens × 3 query
+/// heads per key/value head in SmolLM2 is 4 calls): 6 independent score chains hide the latency
+/// of the fused multiply-adds better than 4; 8 spill registers.
+#[cfg(target_arch = "x86_64")]
+const ROWS_64: usize = 6;
+/// Rows per call for heads of 128 (Llama's 8 tokens × 4 query heads are 8 calls): 4 score
+/// chains instead of the 2 that fit before the value pass went 64 columns at a time.
+#[cfg(target_arch = "x86_64")]
+const ROWS_128: usize = 4;
 
 /// [`exp16`]'s constants (Cephes `expf`): `ln 2` in two parts, the polynomial of `e^r` on
 /// `|r| ≤ ln 2 / 2`, and the range where `e^x` is a normal f32.
@@ -267,7 +281,9 @@ fn sum16(a: &[f32; KEY_BLOCK]) -> f32 {
     d[0] + d[1]
 }
 
-/// The portable [`BlockUpdate`]: the module's arithmetic lane by lane.
+/// The portable [`BlockUpdate`]: the module's arithmetic lane by lane. When a block does not
+/// move the maximum, `α = exp(0)` is exactly 1, so `l ← fma(l, 1, p) = l + p` and `o · 1 = o`:
+/// the exponential and the rescaling are skipped, the bits are the same.
 #[inline(always)]
 fn block_update_body(
     q: &[f32],
@@ -295,15 +311,20 @@ fn block_update_body(
     }
     let bmax = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let m = st.m.max(bmax);
-    let alpha = exp1(st.m - m);
+    let alpha = (m != st.m).then(|| exp1(st.m - m));
     st.m = m;
     let mut p = [0f32; KEY_BLOCK];
     for j in 0..KEY_BLOCK {
         p[j] = exp1(s[j] - m);
-        st.l[j] = st.l[j].mul_add(alpha, p[j]);
+        st.l[j] = match alpha {
+            Some(a) => st.l[j].mul_add(a, p[j]),
+            None => st.l[j] + p[j],
+        };
     }
-    for o in st.o.iter_mut() {
-        *o *= alpha;
+    if let Some(a) = alpha {
+        for o in st.o.iter_mut() {
+            *o *= a;
+        }
     }
     for (j, &pj) in p.iter().enumerate().take(valid) {
         let v = &vb[j * kv_dim..j * kv_dim + hd];
@@ -357,8 +378,8 @@ fn rows_fma(
     unsafe { inner(qs, valid, kt, vb, kv_dim, scale, st) }
 }
 
-/// The AVX-512 [`BlockUpdate`] for heads of `16 V`: rows `R` at a time (their score chains and
-/// value loads interleaved), the rest one by one.
+/// The AVX-512 [`BlockUpdate`] for heads of `16 V` (`V` a multiple of 4): rows `R` at a time
+/// (their score chains and value loads interleaved), the rest two, then one, at a time.
 #[cfg(target_arch = "x86_64")]
 fn rows_avx512<const V: usize, const R: usize>(
     qs: &[&[f32]],
@@ -370,6 +391,7 @@ fn rows_avx512<const V: usize, const R: usize>(
     st: &mut [RowState],
 ) {
     let n = qs.len();
+    assert!(V.is_multiple_of(4));
     assert!(valid.len() == n && st.len() == n && kt.len() >= 16 * V * KEY_BLOCK);
     for r in 0..n {
         assert!(qs[r].len() == 16 * V && st[r].o.len() == 16 * V && valid[r] >= 1);
@@ -391,6 +413,21 @@ fn rows_avx512<const V: usize, const R: usize>(
             )
         };
         r += R;
+    }
+    while r + 2 <= n {
+        // SAFETY: as above.
+        unsafe {
+            avx512::block_update::<V, 2>(
+                &qs[r..r + 2],
+                &valid[r..r + 2],
+                kt,
+                vb,
+                kv_dim,
+                scale,
+                &mut st[r..r + 2],
+            )
+        };
+        r += 2;
     }
     for r in r..n {
         // SAFETY: as above.
@@ -435,6 +472,9 @@ mod avx512 {
     #![allow(clippy::needless_range_loop)]
 
     use std::arch::x86_64::*;
+
+    /// Output registers per row in the value pass of [`block_update`] (64 columns).
+    const PV_REGS: usize = 4;
 
     use super::{RowState, EXP_CLAMP, EXP_LO, EXP_P, KEY_BLOCK, LN2_HI, LN2_LO, LOG2E};
 
@@ -491,7 +531,7 @@ mod avx512 {
         valid: usize,
         scale: f32,
         st: &mut RowState,
-    ) -> (__m512, [f32; KEY_BLOCK]) {
+    ) -> (Option<__m512>, [f32; KEY_BLOCK]) {
         let hd = q.len();
         assert!(kt.len() >= hd * KEY_BLOCK);
         let mut s = _mm512_setzero_ps();
@@ -509,7 +549,8 @@ mod avx512 {
     }
 
     /// Scales and masks a block's raw scores (lanes from `valid` on become `−∞`), moves the
-    /// row's maximum and sum lanes on; returns `(α, p)` for the output update.
+    /// row's maximum and sum lanes on; returns `(α, p)` for the output update, `α` `None` when
+    /// the maximum did not move (it would be exactly 1; see [`super::block_update_body`]).
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq,fma")]
     fn softmax_step(
@@ -517,7 +558,7 @@ mod avx512 {
         valid: usize,
         scale: f32,
         st: &mut RowState,
-    ) -> (__m512, [f32; KEY_BLOCK]) {
+    ) -> (Option<__m512>, [f32; KEY_BLOCK]) {
         let live: __mmask16 = if valid >= KEY_BLOCK {
             0xffff
         } else {
@@ -529,13 +570,17 @@ mod avx512 {
             _mm512_mul_ps(s, _mm512_set1_ps(scale)),
         );
         let m = st.m.max(_mm512_reduce_max_ps(s));
-        let alpha = exp16(_mm512_set1_ps(st.m - m));
+        let alpha = (m != st.m).then(|| exp16(_mm512_set1_ps(st.m - m)));
         st.m = m;
         let p = exp16(_mm512_sub_ps(s, _mm512_set1_ps(m)));
         // SAFETY: `l` is 16 floats.
         unsafe {
             let l = _mm512_loadu_ps(st.l.as_ptr());
-            _mm512_storeu_ps(st.l.as_mut_ptr(), _mm512_fmadd_ps(l, alpha, p));
+            let l = match alpha {
+                Some(a) => _mm512_fmadd_ps(l, a, p),
+                None => _mm512_add_ps(l, p),
+            };
+            _mm512_storeu_ps(st.l.as_mut_ptr(), l);
         }
         let mut pa = [0f32; KEY_BLOCK];
         // SAFETY: `pa` is 16 floats.
@@ -573,39 +618,50 @@ mod avx512 {
                 }
             }
         }
-        let mut alpha = [_mm512_setzero_ps(); R];
+        let mut alpha = [None; R];
         let mut p = [[0f32; KEY_BLOCK]; R];
         for r in 0..R {
             (alpha[r], p[r]) = softmax_step(s[r], valid[r], scale, &mut st[r]);
         }
         let shared = valid[..R].iter().copied().min().unwrap_or(0);
-        // SAFETY: outputs are 16 V floats; value rows below `valid[r]` as the caller promised.
-        unsafe {
-            let mut o: [[__m512; V]; R] = std::array::from_fn(|r| {
-                let op = st[r].o.as_ptr();
-                std::array::from_fn(|c| _mm512_mul_ps(_mm512_loadu_ps(op.add(16 * c)), alpha[r]))
-            });
-            for j in 0..shared {
-                let vp = vb.as_ptr().add(j * kv_dim);
-                let pj: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(p[r][j]));
-                for c in 0..V {
-                    let v = load16(vp.add(16 * c));
-                    for r in 0..R {
-                        o[r][c] = _mm512_fmadd_ps(pj[r], v, o[r][c]);
+        // The outputs 64 columns (4 registers) at a time, so that `R × 4` accumulators fit
+        // whatever the head width.
+        for c0 in (0..V).step_by(PV_REGS) {
+            // SAFETY: outputs are 16 V floats (V a multiple of PV_REGS); value rows below
+            // `valid[r]` as the caller promised.
+            unsafe {
+                let mut o: [[__m512; PV_REGS]; R] = std::array::from_fn(|r| {
+                    let op = st[r].o.as_ptr().add(16 * c0);
+                    std::array::from_fn(|c| {
+                        let x = _mm512_loadu_ps(op.add(16 * c));
+                        match alpha[r] {
+                            Some(a) => _mm512_mul_ps(x, a),
+                            None => x,
+                        }
+                    })
+                });
+                for j in 0..shared {
+                    let vp = vb.as_ptr().add(j * kv_dim + 16 * c0);
+                    let pj: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(p[r][j]));
+                    for c in 0..PV_REGS {
+                        let v = load16(vp.add(16 * c));
+                        for r in 0..R {
+                            o[r][c] = _mm512_fmadd_ps(pj[r], v, o[r][c]);
+                        }
                     }
                 }
-            }
-            for r in 0..R {
-                for j in shared..valid[r] {
-                    let vp = vb.as_ptr().add(j * kv_dim);
-                    let pj = _mm512_set1_ps(p[r][j]);
-                    for c in 0..V {
-                        o[r][c] = _mm512_fmadd_ps(pj, load16(vp.add(16 * c)), o[r][c]);
+                for r in 0..R {
+                    for j in shared..valid[r] {
+                        let vp = vb.as_ptr().add(j * kv_dim + 16 * c0);
+                        let pj = _mm512_set1_ps(p[r][j]);
+                        for c in 0..PV_REGS {
+                            o[r][c] = _mm512_fmadd_ps(pj, load16(vp.add(16 * c)), o[r][c]);
+                        }
                     }
-                }
-                let op = st[r].o.as_mut_ptr();
-                for c in 0..V {
-                    _mm512_storeu_ps(op.add(16 * c), o[r][c]);
+                    let op = st[r].o.as_mut_ptr().add(16 * c0);
+                    for c in 0..PV_REGS {
+                        _mm512_storeu_ps(op.add(16 * c), o[r][c]);
+                    }
                 }
             }
         }
@@ -634,7 +690,10 @@ mod avx512 {
         for c in (0..hd).step_by(16) {
             // SAFETY: c + 16 <= hd, inside `o` and every value row.
             unsafe {
-                let mut oc = _mm512_mul_ps(_mm512_loadu_ps(op.add(c)), alpha);
+                let mut oc = _mm512_loadu_ps(op.add(c));
+                if let Some(a) = alpha {
+                    oc = _mm512_mul_ps(oc, a);
+                }
                 for (j, &pj) in p.iter().enumerate().take(valid) {
                     let v = load16(vb.as_ptr().add(j * kv_dim + c));
                     oc = _mm512_fmadd_ps(_mm512_set1_ps(pj), v, oc);
@@ -778,6 +837,9 @@ mod tests {
             -88.0,
             -100.0,
         ]);
+        // The kernels skip `o · α` and `fma(l, α, p)` when the maximum stays, which is exact only
+        // because `α = exp(0)` is exactly 1.
+        assert_eq!(exp1(0.0).to_bits(), 1f32.to_bits());
         for &x in &xs {
             let got = exp1(x) as f64;
             let want = (x as f64).exp();
