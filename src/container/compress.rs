@@ -774,12 +774,7 @@ mod tests {
                 safetensors::tensor::TensorView::new(Dtype::BF16, vec![elems], &bytes).unwrap();
             safetensors::serialize_to_file(vec![("w", view)], &None, &path).unwrap();
             let ck = Checkpoint::open(dir.path()).unwrap();
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_len(4096)
-                .unwrap();
+            super::super::reader::tests::shrink_to(&path, 4096);
             let budget = Budget::new(READ_AHEAD_BYTES, TENSORS_AHEAD);
             let (to_coder, from_reader) = mpsc::channel();
             read_tensors(&ck, &budget, &to_coder);

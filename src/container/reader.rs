@@ -279,8 +279,19 @@ pub fn parse_dtype(name: &str) -> Option<Dtype> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Truncates the file at `path` to `len` bytes, keeping its inode, as `cp` over an existing
+    /// file does first.
+    pub(crate) fn shrink_to(path: &Path, len: u64) {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    }
 
     /// A file with two BF16 tensors of `elems` elements each, `a` then `b`.
     fn write_two_tensors(path: &Path, elems: usize) -> (Vec<u8>, Vec<u8>) {
@@ -321,13 +332,7 @@ mod tests {
         write_two_tensors(&path, 1 << 16);
         let f = SafetensorsFile::open(&path).unwrap();
         let opened = std::fs::metadata(&path).unwrap().len();
-        // As `cp` over the file does first: truncate, keep the same inode.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(4096)
-            .unwrap();
+        shrink_to(&path, 4096);
         let (start, end) = f.range("b").unwrap();
         for err in [
             f.read("b").unwrap_err(),

@@ -27,8 +27,8 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::codec::checksum::{xxh3_64, Xxh3};
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::stream::Slot;
 use crate::codec::runtime::{RuntimeMatrix, RuntimeView, Shape};

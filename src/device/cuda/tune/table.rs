@@ -14,7 +14,7 @@ use crate::device::DeviceError;
 /// Hex xxh3-64 of every embedded fatbin (family name and bytes, in order) and the nvcc version
 /// that built them: changes whenever a kernel, its compile flags or the compiler change.
 pub fn kernels_hash() -> String {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = crate::codec::checksum::Xxh3::new();
     for (family, bytes) in kernels::fatbins() {
         h.update(&(family.len() as u64).to_le_bytes());
         h.update(family.as_bytes());
