@@ -76,6 +76,34 @@ pub fn build(manifest: &Path) {
         .split_whitespace()
         .map(str::to_string)
         .collect();
+    // The build script reruns whenever a source file or the checkout's commit changes (build.rs:
+    // the binary records the commit it was built from), not only when a kernel does: unchanged
+    // kernels, compiler and flags reuse the fatbins of the last compile in OUT_DIR.
+    let key = kernels_key(&nvcc, &extra, &sources, &headers);
+    let key_path = out.join("kernels.key");
+    let table_path = out.join("cuda_kernels.rs");
+    let report_path = out.join("kernels-resource-usage.txt");
+    let fatbin_of = |src: &Path| {
+        out.join(format!(
+            "{}.fatbin",
+            src.file_stem().unwrap().to_string_lossy()
+        ))
+    };
+    let reusable = std::fs::read_to_string(&key_path).is_ok_and(|k| k == key)
+        && table_path.is_file()
+        && report_path.is_file()
+        && sources.iter().all(|s| fatbin_of(s).is_file());
+    if reusable {
+        finish(&nvcc, &out, &report_path);
+        eprintln!(
+            "kernels unchanged: reusing the {} fatbins in {}",
+            sources.len(),
+            out.display()
+        );
+        return;
+    }
+    // A compile that stops part way must not leave a key that vouches for it.
+    let _ = std::fs::remove_file(&key_path);
     let start = std::time::Instant::now();
     // One nvcc per file, all at once: nvcc's own front end is single-threaded.
     let jobs: Vec<_> = sources
@@ -125,23 +153,50 @@ pub fn build(manifest: &Path) {
         ));
     }
     table.push_str("];\n");
-    std::fs::write(out.join("cuda_kernels.rs"), table).expect("writing cuda_kernels.rs");
-    let report_path = out.join("kernels-resource-usage.txt");
+    std::fs::write(&table_path, table).expect("writing cuda_kernels.rs");
     std::fs::write(&report_path, &report).expect("writing the resource report");
-    // OUT_DIR is target/<profile>/build/<package>-<hash>/out.
-    if let Some(profile_dir) = out.ancestors().nth(3) {
-        let _ = std::fs::copy(&report_path, profile_dir.join("kernels-resource-usage.txt"));
-    }
-    println!("cargo:rustc-cfg=unweight_kernels");
-    println!(
-        "cargo:rustc-env=UNWEIGHT_NVCC_VERSION={}",
-        nvcc_version(&nvcc).unwrap_or_else(|| "unknown".into())
-    );
+    std::fs::write(&key_path, &key).expect("writing kernels.key");
+    finish(&nvcc, &out, &report_path);
     eprintln!(
         "compiled {} kernel files in {:.1} s",
         sources.len(),
         start.elapsed().as_secs_f64()
     );
+}
+
+/// What the kernels' build tells cargo and the profile directory, compiled now or reused.
+fn finish(nvcc: &Path, out: &Path, report_path: &Path) {
+    // OUT_DIR is target/<profile>/build/<package>-<hash>/out.
+    if let Some(profile_dir) = out.ancestors().nth(3) {
+        let _ = std::fs::copy(report_path, profile_dir.join("kernels-resource-usage.txt"));
+    }
+    println!("cargo:rustc-cfg=unweight_kernels");
+    println!(
+        "cargo:rustc-env=UNWEIGHT_NVCC_VERSION={}",
+        nvcc_version(nvcc).unwrap_or_else(|| "unknown".into())
+    );
+}
+
+/// Everything the fatbins depend on, as text: the compiler, the flags and a hash of every kernel
+/// source and header (names and contents). Equal keys mean the last compile's fatbins are what a
+/// new one would write.
+fn kernels_key(nvcc: &Path, extra: &[String], sources: &[PathBuf], headers: &[PathBuf]) -> String {
+    let mut files: Vec<&PathBuf> = sources.iter().chain(headers).collect();
+    files.sort();
+    let mut key = format!("{}\n{GENCODE}\n{extra:?}\n", nvcc.display());
+    for f in files {
+        let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display()));
+        key.push_str(&format!("{} {:016x}\n", f.display(), fnv1a64(&bytes)));
+    }
+    key
+}
+
+/// FNV-1a, 64 bits: a hash that is the same in every build of this script (std's hasher is not
+/// promised to be).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
@@ -246,6 +301,43 @@ mod tests {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         }
         p
+    }
+
+    #[test]
+    fn kernels_key_changes_with_any_kernel_file_the_compiler_or_the_flags() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (cu, cuh) = (tmp.path().join("a.cu"), tmp.path().join("common.cuh"));
+        std::fs::write(&cu, "__global__ void k() {}\n").unwrap();
+        std::fs::write(&cuh, "#define X 1\n").unwrap();
+        let nvcc = Path::new("/opt/cuda/bin/nvcc");
+        let key = |nvcc: &Path, extra: &[String]| {
+            kernels_key(
+                nvcc,
+                extra,
+                std::slice::from_ref(&cu),
+                std::slice::from_ref(&cuh),
+            )
+        };
+        let base = key(nvcc, &[]);
+        assert_eq!(key(nvcc, &[]), base, "same inputs, same key");
+        std::fs::write(&cuh, "#define X 2\n").unwrap();
+        let header_changed = key(nvcc, &[]);
+        assert_ne!(
+            header_changed, base,
+            "a header's contents are part of the key"
+        );
+        std::fs::write(&cu, "__global__ void k() { }\n").unwrap();
+        assert_ne!(
+            key(nvcc, &[]),
+            header_changed,
+            "a source's contents are part of the key"
+        );
+        let now = key(nvcc, &[]);
+        assert_ne!(key(Path::new("/usr/bin/nvcc"), &[]), now, "the compiler is");
+        assert_ne!(key(nvcc, &["-G".to_string()]), now, "the extra flags are");
+        // FNV-1a's published test vectors: the key must not depend on the build of the script.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 
     #[test]

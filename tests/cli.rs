@@ -109,6 +109,55 @@ macro_rules! uw {
     };
 }
 
+/// `git` in the checkout the tests run from; `None` outside one (a source tarball).
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn version_names_the_commit_the_binary_was_built_from() {
+    let r = uw!("--version").ok();
+    let Some(head) = git(&["rev-parse", "HEAD"]) else {
+        // Built outside a checkout: no commit to name.
+        assert_eq!(
+            r.stdout.trim(),
+            format!("unweight {}", env!("CARGO_PKG_VERSION"))
+        );
+        return;
+    };
+    // cargo rebuilt the binary for the tree as it is now (build.rs reruns on a commit and on any
+    // edit of these sources), so its commit is HEAD, dirty exactly when they differ from it.
+    let changed = git(&[
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "src",
+        "kernels",
+        "build.rs",
+        "build",
+        "Cargo.toml",
+        "Cargo.lock",
+    ])
+    .expect("git status");
+    let suffix = if changed.is_empty() { "" } else { "-dirty" };
+    assert_eq!(
+        r.stdout.trim(),
+        format!(
+            "unweight {} (commit {head}{suffix})",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+}
+
 fn s(p: &Path) -> String {
     p.display().to_string()
 }

@@ -359,22 +359,19 @@ pub(super) fn command_line(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// The commit of the code that runs: the one this binary was built from (build.rs; `-dirty` when
+/// its sources differed from that commit), so a binary kept aside and run later, or in another
+/// checkout, still names its own code. A binary built outside a git checkout knows none; then
+/// `UNWEIGHT_COMMIT` (scripts/gpu-check passes the bundle's), else `None`.
 pub(super) fn git_commit() -> Option<String> {
-    // A bundle run on another machine (scripts/gpu-check) has no checkout: it passes the commit
-    // the bundle was built from.
-    if let Ok(c) = std::env::var("UNWEIGHT_COMMIT") {
-        if !c.trim().is_empty() {
-            return Some(c.trim().to_string());
-        }
+    let built = env!("UNWEIGHT_BUILD_COMMIT");
+    if !built.is_empty() {
+        return Some(built.to_string());
     }
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let head = command_line("git", &["-C", dir, "rev-parse", "HEAD"])?;
-    let dirty = command_line(
-        "git",
-        &["-C", dir, "status", "--porcelain", "--untracked-files=no"],
-    )
-    .is_some_and(|s| !s.is_empty());
-    Some(if dirty { format!("{head}-dirty") } else { head })
+    std::env::var("UNWEIGHT_COMMIT")
+        .ok()
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
 }
 
 pub(super) fn machine(threads: usize) -> Value {

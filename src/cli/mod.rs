@@ -28,9 +28,19 @@ use crate::container::{self, CompressOptions};
 use crate::model::synth::{synth_checkpoint, SynthOptions};
 use crate::model::LlamaShape;
 
+/// `--version`: the package version and the commit the binary was built from (build.rs), so
+/// a bug report or a result names the code that ran.
+fn version_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| match env!("UNWEIGHT_BUILD_COMMIT") {
+        "" => env!("CARGO_PKG_VERSION").to_string(),
+        c => format!("{} (commit {c})", env!("CARGO_PKG_VERSION")),
+    })
+}
+
 /// Lossless BF16 compression of Llama checkpoints (and, later, serving them with Triton).
 #[derive(Parser, Debug)]
-#[command(name = "unweight", version, about)]
+#[command(name = "unweight", version = version_text(), about)]
 struct Cli {
     /// Worker threads (default: every core).
     #[arg(long, global = true, value_name = "N")]
