@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
-"""Prefill speed of Hugging Face transformers on the CPU, the reference `unweight bench decode
---prefill` is compared against. Run it with the reference venv's python (scripts/reference-env):
+"""Prefill timing of Hugging Face transformers on the CPU, the reference `unweight bench decode
+--prefill --hf-python PY` is compared against. The bench starts it with the reference venv's
+python (scripts/reference-env) and talks to it over stdin/stdout, so that its runs and ours
+alternate in the same minutes (a change in the machine's load hits both alike):
 
-    "$(scripts/reference-env)" scripts/hf_prefill.py --model DIR --lengths 128,512,2048 --threads 2
+    "$(scripts/reference-env)" scripts/hf_prefill.py --model DIR --threads 2
 
-For each dtype (float32, then bfloat16) and each prompt length, one forward pass over the prompt
-with the KV cache on and logits for the last position only (`logits_to_keep=1`, what prefill
-needs), after one untimed warm-up pass; best of --repeats. The prompt is the same pseudo-random
-token sequence `unweight bench decode --prefill` uses: token i = (i * 2654435761 + 17) % vocab.
-Prints one JSON object: torch_version, transformers_version, threads, and per dtype a map from
-prompt length to prefill tokens/s.
+It loads the model in float32 and in bfloat16, runs one untimed warm-up pass of each, and prints
+one JSON line: {"ready": true, "torch_version", "transformers_version", "threads"}. Then, for every
+line `DTYPE LENGTH` it reads (DTYPE float32 or bfloat16), it runs one forward pass over that
+prompt with the KV cache on and logits for the last position only (`logits_to_keep=1`, what
+prefill needs) and prints {"seconds": S}; a line it cannot serve gets {"error": "..."}. It exits
+at the end of its input. The prompt is the same pseudo-random token sequence `unweight bench
+decode --prefill` uses: token i = (i * 2654435761 + 17) % vocab.
 """
 import argparse
 import json
+import sys
 import time
 
 
@@ -20,12 +24,15 @@ def prompt(length, vocab):
     return [(i * 2654435761 + 17) % vocab for i in range(length)]
 
 
+def reply(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--lengths", required=True, help="comma-separated prompt lengths")
     ap.add_argument("--threads", type=int, required=True)
-    ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
 
     import torch
@@ -33,30 +40,34 @@ def main():
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    result = {
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "threads": args.threads,
-    }
+    models = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         model.eval()
-        vocab = model.config.vocab_size
-        speeds = {}
         with torch.inference_mode():
-            model(torch.tensor([prompt(16, vocab)]), use_cache=True, logits_to_keep=1)
-            for length in lengths:
-                ids = torch.tensor([prompt(length, vocab)])
-                best = float("inf")
-                for _ in range(args.repeats):
-                    t = time.perf_counter()
-                    model(ids, use_cache=True, logits_to_keep=1)
-                    best = min(best, time.perf_counter() - t)
-                speeds[str(length)] = length / best
-        result[name] = speeds
-        del model
-    print(json.dumps(result))
+            model(torch.tensor([prompt(16, model.config.vocab_size)]), use_cache=True,
+                  logits_to_keep=1)
+        models[name] = model
+    reply({
+        "ready": True,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "threads": args.threads,
+    })
+    for line in sys.stdin:
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or parts[0] not in models or not parts[1].isdigit() or int(parts[1]) < 1:
+            reply({"error": f"expected `float32|bfloat16 LENGTH`, got {line.strip()!r}"})
+            continue
+        model = models[parts[0]]
+        ids = torch.tensor([prompt(int(parts[1]), model.config.vocab_size)])
+        with torch.inference_mode():
+            t = time.perf_counter()
+            model(ids, use_cache=True, logits_to_keep=1)
+            seconds = time.perf_counter() - t
+        reply({"seconds": seconds})
 
 
 if __name__ == "__main__":

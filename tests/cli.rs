@@ -1533,3 +1533,123 @@ fn bench_load_persisted_computes_the_runtime_form_once_then_reads_it() {
     // --fresh only goes with the persisted path.
     uw!("bench", "load", &comp, "--path", "streamed", "--fresh").error_mentions(&["--fresh"]);
 }
+
+/// A stand-in for the reference Python: run as `PY scripts/hf_prefill.py --model DIR --threads
+/// N`, it speaks that script's protocol (a ready line, then one answer per request), logs every
+/// request to `log`, and takes a fixed 0.25 s per prefill, so the bench's arithmetic and the
+/// order of its requests can be checked without torch. `die_after` requests, it exits instead of
+/// answering (0: right after its ready line).
+fn fake_hf_python(dir: &Path, log: &Path, die_after: Option<usize>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let py = dir.join("fake-python");
+    let die = die_after.map_or(String::new(), |n| {
+        format!("[ \"$n\" -ge {n} ] && {{ echo 'Traceback: model on fire' >&2; exit 3; }}\n  ")
+    });
+    let script = format!(
+        "#!/bin/sh\n\
+         case \"$1\" in */scripts/hf_prefill.py) ;; *) echo \"unexpected script $1\" >&2; exit 9;; esac\n\
+         echo '{{\"ready\": true, \"torch_version\": \"fake\", \"transformers_version\": \"fake\", \"threads\": 2}}'\n\
+         n=0\n\
+         while read -r dtype len; do\n  {die}echo \"$dtype $len\" >> '{}'\n  n=$((n + 1))\n  echo '{{\"seconds\": 0.25}}'\n\
+         done\n",
+        log.display()
+    );
+    fs::write(&py, script).unwrap();
+    fs::set_permissions(&py, fs::Permissions::from_mode(0o755)).unwrap();
+    py
+}
+
+#[test]
+fn bench_prefill_alternates_its_runs_with_transformers_and_reports_both() {
+    let tmp = tempdir();
+    let (orig, comp) = tiny_pair(tmp.path());
+    let log = tmp.path().join("requests.log");
+    let py = fake_hf_python(tmp.path(), &log, None);
+    let out = tmp.path().join("decode.json");
+    uw!(
+        "bench",
+        "decode",
+        "--device",
+        "cpu",
+        "--model",
+        &orig,
+        "--compressed",
+        &comp,
+        "--batch",
+        "1",
+        "--tokens",
+        "2",
+        "--prefill",
+        "8,24",
+        "--hf-python",
+        &py,
+        "--out",
+        &out
+    )
+    .ok();
+    // Five repeats; in each, both lengths in order, each with f32 then BF16 after ours.
+    let requests: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let one_repeat = ["float32 8", "bfloat16 8", "float32 24", "bfloat16 24"];
+    let expected: Vec<String> = (0..5)
+        .flat_map(|_| one_repeat.iter().map(|s| s.to_string()))
+        .collect();
+    assert_eq!(requests, expected);
+    let doc: Value = serde_json::from_str(&fs::read_to_string(&out).unwrap()).unwrap();
+    let hf = &doc["hf_transformers_prefill"];
+    for dtype in ["float32", "bfloat16"] {
+        // 0.25 s per prefill: 8 and 24 tokens give 32 and 96 tokens/s.
+        assert_eq!(hf[dtype]["8"].as_f64(), Some(32.0), "{hf}");
+        assert_eq!(hf[dtype]["24"].as_f64(), Some(96.0), "{hf}");
+    }
+    assert_eq!(hf["repeats"], 5);
+    assert_eq!(hf["torch_version"], "fake");
+    assert!(hf.get("ready").is_none(), "{hf}");
+    // Ours: three weight forms per length, each timed as often.
+    let ours = doc["prefill"].as_array().unwrap();
+    assert_eq!(ours.len(), 6, "{ours:?}");
+    for row in ours {
+        assert_eq!(row["repeats"], 5, "{row}");
+        assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+}
+
+#[test]
+fn bench_prefill_names_a_reference_python_that_dies_and_its_stderr() {
+    let tmp = tempdir();
+    let (orig, comp) = tiny_pair(tmp.path());
+    for die_after in [0, 3] {
+        let log = tmp.path().join(format!("requests-{die_after}.log"));
+        let py = fake_hf_python(tmp.path(), &log, Some(die_after));
+        let r = uw!(
+            "bench",
+            "decode",
+            "--device",
+            "cpu",
+            "--model",
+            &orig,
+            "--compressed",
+            &comp,
+            "--batch",
+            "1",
+            "--tokens",
+            "2",
+            "--prefill",
+            "8",
+            "--hf-python",
+            &py
+        );
+        // The bench's progress lines come first on stderr; the error is the last thing said.
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        let error = &r.stderr[r.stderr.find("unweight: error:").expect(&r.stderr)..];
+        for needle in [
+            "scripts/hf_prefill.py: it exited",
+            "Traceback: model on fire",
+        ] {
+            assert!(error.contains(needle), "no `{needle}` in:\n{error}");
+        }
+    }
+}

@@ -14,6 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use super::bench_prefill::{measure_prefill, Form};
 use crate::container::{self, CompressOptions};
 use crate::device::cpu::{CpuBackend, CpuOptions};
 use crate::engine::{Engine, EngineOptions, Event, Request};
@@ -72,8 +73,8 @@ pub struct DecodeArgs {
     #[arg(long, value_delimiter = ',')]
     pub(super) prefill: Vec<usize>,
     /// CPU only, with --prefill: a Python with torch and transformers (`scripts/reference-env`)
-    /// to time Hugging Face transformers' prefill of the same prompts on the same threads, in
-    /// the same run (scripts/hf_prefill.py).
+    /// to time Hugging Face transformers' prefill (f32 and BF16) of the same prompts on the same
+    /// threads, its runs alternated with ours (scripts/hf_prefill.py).
     #[arg(long, requires = "prefill")]
     pub(super) hf_python: Option<PathBuf>,
     /// CPU only: also measure chunked prefill inside continuous batching: four streams decode
@@ -175,11 +176,26 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             temp.clone()
         }
     };
-    let result = measure_all(&a, &model, &compressed);
+    let forms: [Form<'_>; 3] = [
+        ("plain checkpoint, bf16", &model, WeightMode::Decoded),
+        (
+            "compressed, decoded at load",
+            &compressed,
+            WeightMode::Decoded,
+        ),
+        ("compressed, on the fly", &compressed, WeightMode::OnTheFly),
+    ];
+    let result = measure_all(&a, &forms).and_then(|rows| {
+        if a.prefill.is_empty() {
+            return Ok((rows, Vec::new(), None));
+        }
+        let (prefill, hf) = measure_prefill(&forms, &a.prefill, &model, a.hf_python.as_deref())?;
+        Ok((rows, prefill, hf))
+    });
     if a.compressed.is_none() {
         let _ = std::fs::remove_dir_all(&temp);
     }
-    let (rows, prefill) = result?;
+    let (rows, prefill, hf) = result?;
     let interference = match a.interference {
         Some(len) => measure_interference(&model, len, &a.prefill_chunks, &a.step_slowdowns)?,
         None => Vec::new(),
@@ -192,10 +208,6 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         super::bench_sampling::measure_sampling(&model, &a.batch, a.tokens, a.prompt_len)?
     } else {
         Vec::new()
-    };
-    let hf = match &a.hf_python {
-        Some(py) => Some(hf_prefill(py, &model, &a.prefill, &prefill)?),
-        None => None,
     };
     if let Some(out) = &a.out {
         let doc = json!({
@@ -217,29 +229,14 @@ pub fn run(a: DecodeArgs) -> Result<()> {
 }
 
 /// Decode rows and prefill rows of every configuration.
-fn measure_all(
-    a: &DecodeArgs,
-    model: &Path,
-    compressed: &Path,
-) -> Result<(Vec<Value>, Vec<Value>)> {
-    let configs: [(&str, &Path, WeightMode); 3] = [
-        ("plain checkpoint, bf16", model, WeightMode::Decoded),
-        (
-            "compressed, decoded at load",
-            compressed,
-            WeightMode::Decoded,
-        ),
-        ("compressed, on the fly", compressed, WeightMode::OnTheFly),
-    ];
+fn measure_all(a: &DecodeArgs, configs: &[Form<'_>]) -> Result<Vec<Value>> {
     let threads = rayon::current_num_threads();
     println!(
         "{:<30} {:>6} {:>10} {:>11} {:>9}   ({threads} threads, {} timed steps)",
         "weights", "batch", "tokens/s", "weights MiB", "load s", a.tokens
     );
     let mut rows = Vec::new();
-    let mut prefill_rows = Vec::new();
     let mut reference: Vec<Vec<Vec<u32>>> = Vec::new();
-    let mut prefill_reference: Vec<Vec<u32>> = Vec::new();
     for (ci, (name, dir, mode)) in configs.iter().enumerate() {
         let max_batch = *a.batch.iter().max().expect("checked non-empty");
         let t = Instant::now();
@@ -247,21 +244,9 @@ fn measure_all(
             max_sequences: max_batch,
             ..CpuOptions::default()
         };
-        let mut backend = CpuBackend::load(dir, *mode, &opts)
+        let backend = CpuBackend::load(dir, *mode, &opts)
             .with_context(|| format!("loading {}", dir.display()))?;
         let load_s = t.elapsed().as_secs_f64();
-        for (li, &len) in a.prefill.iter().enumerate() {
-            let (tps, bits) = measure_prefill(&mut backend, len)?;
-            println!("{name:<30} prefill of {len} tokens: {tps:.1} tokens/s");
-            if ci == 0 {
-                prefill_reference.push(bits);
-            } else if prefill_reference[li] != bits {
-                bail!("`{name}`: the logits after a {len}-token prefill differ from the plain checkpoint's");
-            }
-            prefill_rows.push(json!({
-                "weights": name, "mode": mode.as_str(), "prompt_len": len, "tokens_per_s": tps,
-            }));
-        }
         let mib = backend.weights().resident_bytes() as f64 / (1 << 20) as f64;
         let vocab = crate::device::Backend::config(&backend).vocab_size as u32;
         let eopts = EngineOptions {
@@ -284,7 +269,7 @@ fn measure_all(
         }
     }
     println!("all configurations generated identical tokens");
-    Ok((rows, prefill_rows))
+    Ok(rows)
 }
 
 /// The fixed pseudo-random prompt of `len` tokens number `salt` of the decode benchmarks
@@ -294,32 +279,6 @@ pub(super) fn bench_prompt(len: usize, salt: usize, vocab: u32) -> Vec<u32> {
     (0..len as u64)
         .map(|i| ((i * 2654435761 + salt as u64 * 40503 + 17) % u64::from(vocab)) as u32)
         .collect()
-}
-
-/// Timed runs per prefill length, ours and transformers' alike (the best counts): on a shared
-/// machine one run measures the neighbours as much as the code.
-const PREFILL_REPEATS: usize = 3;
-
-/// Prefills one prompt of `len` tokens into a fresh sequence, [`PREFILL_REPEATS`] times; returns
-/// the best tokens/s and the bits of the last position's logits (the same every time, checked).
-fn measure_prefill(backend: &mut CpuBackend, len: usize) -> Result<(f64, Vec<u32>)> {
-    use crate::device::Backend;
-    let vocab = backend.config().vocab_size as u32;
-    let prompt = bench_prompt(len, 0, vocab);
-    let mut best = f64::INFINITY;
-    let mut bits: Option<Vec<u32>> = None;
-    for _ in 0..PREFILL_REPEATS {
-        let (secs, logits) = timed_prefill(backend, &prompt, |l| l)
-            .with_context(|| format!("prefill of {len} tokens"))?;
-        best = best.min(secs);
-        let now: Vec<u32> = logits.iter().map(|v| v.to_bits()).collect();
-        match &bits {
-            Some(b) if *b != now => bail!("prefill of {len} tokens: repeats gave different logits"),
-            Some(_) => {}
-            None => bits = Some(now),
-        }
-    }
-    Ok((len as f64 / best, bits.unwrap_or_default()))
 }
 
 /// Prefills `prompt` into a fresh sequence (freed afterwards, whatever happens) and runs `then`
@@ -335,61 +294,6 @@ pub(super) fn timed_prefill<B: crate::device::Backend + ?Sized, T>(
     let secs = t.elapsed().as_secs_f64();
     backend.free_sequence(seq);
     Ok((secs, result?))
-}
-
-/// Runs scripts/hf_prefill.py with `python` on the same prompts and threads, prints its speeds
-/// next to ours (the plain checkpoint's) and returns its JSON.
-fn hf_prefill(python: &Path, model: &Path, lengths: &[usize], ours: &[Value]) -> Result<Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/hf_prefill.py");
-    let threads = rayon::current_num_threads();
-    let list: Vec<String> = lengths.iter().map(usize::to_string).collect();
-    eprintln!(
-        "bench: timing Hugging Face transformers' prefill ({})",
-        python.display()
-    );
-    let output = std::process::Command::new(python)
-        .arg(&script)
-        .arg("--model")
-        .arg(model)
-        .args([
-            "--lengths",
-            &list.join(","),
-            "--threads",
-            &threads.to_string(),
-            "--repeats",
-            &PREFILL_REPEATS.to_string(),
-        ])
-        .output()
-        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
-    if !output.status.success() {
-        bail!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let hf: Value = serde_json::from_slice(&output.stdout)
-        .with_context(|| format!("reading the output of {}", script.display()))?;
-    println!(
-        "{:<8} {:>14} {:>14} {:>14} {:>10}   (prefill tokens/s, {threads} threads)",
-        "prompt", "unweight bf16", "hf float32", "hf bfloat16", "ours/f32"
-    );
-    for &len in lengths {
-        let mine = ours
-            .iter()
-            .find(|r| r["prompt_len"] == len && r["mode"] == WeightMode::Decoded.as_str())
-            .and_then(|r| r["tokens_per_s"].as_f64());
-        let f32s = hf["float32"][len.to_string()].as_f64();
-        let bf16s = hf["bfloat16"][len.to_string()].as_f64();
-        let (Some(m), Some(f), Some(b)) = (mine, f32s, bf16s) else {
-            bail!(
-                "no prefill speed for {len} tokens in our rows or in {}",
-                script.display()
-            );
-        };
-        println!("{len:<8} {m:>14.1} {f:>14.1} {b:>14.1} {:>9.2}x", m / f);
-    }
-    Ok(hf)
 }
 
 /// Serves `batch` requests; returns decode tokens/s over the timed steps and every token.

@@ -9,6 +9,7 @@ mod bench_cuda;
 mod bench_decode;
 mod bench_kernels;
 mod bench_load;
+mod bench_prefill;
 mod bench_sampling;
 mod fetch;
 mod generate;
