@@ -29,6 +29,8 @@
 //!    runs. The script reruns when the commit or any source changes; kernels are only
 //!    recompiled when they change (`build/cuda.rs`).
 
+#[path = "build/commit.rs"]
+mod commit;
 #[path = "build/cuda.rs"]
 mod cuda;
 
@@ -53,7 +55,7 @@ fn main() {
     println!("cargo:rustc-link-arg-bin=unweight-triton-host=-rdynamic");
 
     cuda::build(&manifest);
-    build_commit(&manifest);
+    commit::build_commit(&manifest);
 
     let include = find_triton_include(&manifest);
     let functions = generate_bindings(&include);
@@ -227,58 +229,4 @@ fn generate_bindings(include: &Path) -> Vec<String> {
         backend_h.display()
     );
     functions
-}
-
-/// Tells the crate which commit it is built from (`UNWEIGHT_BUILD_COMMIT`: the commit, with
-/// `-dirty` when the sources that make the binary differ from it; empty when there is no git
-/// checkout, as in a Docker build context without `.git`), and tells cargo to rerun this script
-/// when that may change: a commit or checkout (HEAD, the branch's ref, packed refs) or an edit of
-/// those sources.
-fn build_commit(manifest: &Path) {
-    const SOURCES: [&str; 6] = [
-        "src",
-        "kernels",
-        "build.rs",
-        "build",
-        "Cargo.toml",
-        "Cargo.lock",
-    ];
-    let git = |args: &[&str]| -> Option<String> {
-        let out = std::process::Command::new("git")
-            .arg("-C")
-            .arg(manifest)
-            .args(args)
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    for s in SOURCES {
-        println!("cargo:rerun-if-changed={}", manifest.join(s).display());
-    }
-    let Some(head) = git(&["rev-parse", "HEAD"]) else {
-        println!("cargo:rustc-env=UNWEIGHT_BUILD_COMMIT=");
-        return;
-    };
-    // Paths inside the git directory (a worktree's HEAD is its own, its branch refs are the
-    // common directory's: `--git-path` knows which). A path that does not exist is not named:
-    // cargo would rerun the script at every build.
-    let mut watched = vec!["HEAD".to_string(), "packed-refs".to_string()];
-    if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        watched.push(r);
-    }
-    for w in watched {
-        if let Some(p) = git(&["rev-parse", "--git-path", &w]) {
-            let p = manifest.join(p);
-            if p.exists() {
-                println!("cargo:rerun-if-changed={}", p.display());
-            }
-        }
-    }
-    let mut status = vec!["status", "--porcelain", "--untracked-files=no", "--"];
-    status.extend(SOURCES);
-    let dirty = git(&status).is_none_or(|s| !s.is_empty());
-    let suffix = if dirty { "-dirty" } else { "" };
-    println!("cargo:rustc-env=UNWEIGHT_BUILD_COMMIT={head}{suffix}");
 }

@@ -25,6 +25,10 @@ use serde_json::{Map, Value};
 #[path = "../build/cuda.rs"]
 #[allow(dead_code)]
 mod build_cuda;
+// Its `git` runs the tests' git commands; the version test computes the commit on its own.
+#[path = "../build/commit.rs"]
+#[allow(dead_code)]
+mod build_commit;
 
 const BIN: &str = env!("CARGO_BIN_EXE_unweight");
 const INDEX: &str = "model.safetensors.index.json";
@@ -111,15 +115,7 @@ macro_rules! uw {
 
 /// `git` in the checkout the tests run from; `None` outside one (a source tarball).
 fn git(args: &[&str]) -> Option<String> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(env!("CARGO_MANIFEST_DIR"))
-        .args(args)
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    build_commit::git(Path::new(env!("CARGO_MANIFEST_DIR")), args)
 }
 
 #[test]
@@ -1559,6 +1555,34 @@ fn fake_hf_python(dir: &Path, log: &Path, die_after: Option<usize>) -> PathBuf {
     py
 }
 
+/// `bench decode` on the CPU of `orig` and its compressed `comp`, one short decode and the
+/// prefill of `lengths`, transformers' side played by `py`; `extra` arguments appended.
+fn bench_prefill(orig: &Path, comp: &Path, lengths: &str, py: &Path, extra: &[&OsStr]) -> Run {
+    let fixed = [
+        "bench",
+        "decode",
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--tokens",
+        "2",
+        "--prefill",
+    ];
+    let mut args: Vec<&OsStr> = fixed.iter().map(OsStr::new).collect();
+    args.push(OsStr::new(lengths));
+    args.extend([
+        OsStr::new("--model"),
+        orig.as_os_str(),
+        OsStr::new("--compressed"),
+        comp.as_os_str(),
+        OsStr::new("--hf-python"),
+        py.as_os_str(),
+    ]);
+    args.extend(extra);
+    run_unweight(&args)
+}
+
 #[test]
 fn bench_prefill_alternates_its_runs_with_transformers_and_reports_both() {
     let tmp = tempdir();
@@ -1566,25 +1590,12 @@ fn bench_prefill_alternates_its_runs_with_transformers_and_reports_both() {
     let log = tmp.path().join("requests.log");
     let py = fake_hf_python(tmp.path(), &log, None);
     let out = tmp.path().join("decode.json");
-    uw!(
-        "bench",
-        "decode",
-        "--device",
-        "cpu",
-        "--model",
+    bench_prefill(
         &orig,
-        "--compressed",
         &comp,
-        "--batch",
-        "1",
-        "--tokens",
-        "2",
-        "--prefill",
         "8,24",
-        "--hf-python",
         &py,
-        "--out",
-        &out
+        &["--out".as_ref(), out.as_os_str()],
     )
     .ok();
     // Five repeats; in each, both lengths in order, each with f32 then BF16 after ours.
@@ -1624,24 +1635,7 @@ fn bench_prefill_names_a_reference_python_that_dies_and_its_stderr() {
     for die_after in [0, 3] {
         let log = tmp.path().join(format!("requests-{die_after}.log"));
         let py = fake_hf_python(tmp.path(), &log, Some(die_after));
-        let r = uw!(
-            "bench",
-            "decode",
-            "--device",
-            "cpu",
-            "--model",
-            &orig,
-            "--compressed",
-            &comp,
-            "--batch",
-            "1",
-            "--tokens",
-            "2",
-            "--prefill",
-            "8",
-            "--hf-python",
-            &py
-        );
+        let r = bench_prefill(&orig, &comp, "8", &py, &[]);
         // The bench's progress lines come first on stderr; the error is the last thing said.
         assert_eq!(r.code, 2, "{}", r.stderr);
         let error = &r.stderr[r.stderr.find("unweight: error:").expect(&r.stderr)..];
