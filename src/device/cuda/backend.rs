@@ -29,11 +29,15 @@
 //! a batch that fills the GPU, the decode attention is split along the sequence
 //! (`sizing::decode_splits`, fixed per bucket). Prefill runs eagerly in chunks of at most
 //! `max_prefill_tokens`, its attention the tiled `attention_prefill` (kernels/attention.cu).
-//! Every buffer is allocated at construction.
+//! A fused step (`Backend::step`: prompt chunks of several sequences and a decode batch) runs
+//! eagerly as one pass over all their rows, each part's attention by its own kernel, the
+//! `lm_head` only on the rows whose logits are wanted (`fused`). Every buffer is allocated at
+//! construction.
 //!
 //! Here: the backend's state and the [`Backend`] contract. Its parts: `build` (plan, weights,
-//! buffers, graphs and KV cache made once), `forward` (the pass above, queued on the stream) and
-//! `choosing` (device argmax and sampling, a prompt's first token, launched and collected steps).
+//! buffers, graphs and KV cache made once), `forward` (the pass above, queued on the stream),
+//! `fused` (a fused step's row plan, checks and passes) and `choosing` (device argmax and
+//! sampling, a prompt's first token, launched and collected steps).
 
 use std::collections::HashMap;
 use std::path::Path;
