@@ -2548,6 +2548,182 @@ fn fused_step_sampled_chooses_the_tokens_of_step_logits() {
     println!("fused step_sampled: greedy ids = argmax, sampled ids = the host sampler's");
 }
 
+/// The CUDA backend as the engine sees it (fusing steps, sampling on the device), counting the
+/// calls: each fused step's (chunk lengths, decode rows), decode steps launched and left in
+/// flight, and any separate prefill or decode call.
+struct FusedCalls<'a> {
+    inner: &'a mut CudaBackend,
+    fused: Vec<(Vec<usize>, usize)>,
+    launched: usize,
+    in_flight: usize,
+    separate: usize,
+}
+
+impl Backend for FusedCalls<'_> {
+    forward_backend_to_inner!(without_prefill);
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.separate += 1;
+        self.inner.prefill(seq, tokens)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.separate += 1;
+        self.inner.prefill_sampled(seq, tokens, row)
+    }
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.separate += 1;
+        self.inner.decode(batch)
+    }
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        self.separate += 1;
+        self.inner.decode_argmax(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        self.inner.samples_on_device()
+    }
+    fn decode_sampled(
+        &mut self,
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.separate += 1;
+        self.inner.decode_sampled(batch, rows)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        self.launched += 1;
+        let launched = self.inner.launch_decode(batch, choice)?;
+        if launched == Launched::InFlight {
+            self.in_flight += 1;
+        }
+        Ok(launched)
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_decode()
+    }
+    fn fuses_steps(&self) -> bool {
+        self.inner.fuses_steps()
+    }
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.fused
+            .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
+        self.inner.step(chunks, batch)
+    }
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.fused
+            .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
+        self.inner.step_sampled(chunks, chunk_rows, batch, rows)
+    }
+}
+
+/// The engine on the CUDA backend: two streams (one greedy, one sampled) decoding when a
+/// 40-token prompt arrives, 16 prompt tokens a step. The two short prompts go as one fused step,
+/// each of the long prompt's three chunks as one fused step holding both decode rows, the
+/// decode-only steps as `launch_decode`s left in flight; no separate prefill or decode call; every
+/// request generates its `max_tokens` tokens (the engine checks each step's id count) and none
+/// fails. (Its tokens are not compared with another path: a fused row differs from the row alone
+/// by the products' rounding, which may flip a near tie; the rows themselves are compared in
+/// `fused_steps_give_each_row_the_separate_calls_logits`.)
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
+    use triton_unweight::engine::{Engine, EngineOptions, Event, Request, StopReason};
+    require_gpu();
+    let dir = synth("tiny", 73);
+    let mut b = gpu_backend(
+        &model(&dir),
+        CudaOptions {
+            max_sequences: 8,
+            max_context: Some(256),
+            plan: PlanSource::Compressed,
+            ..CudaOptions::default()
+        },
+    );
+    assert!(b.fuses_steps());
+    let calls = FusedCalls {
+        inner: &mut b,
+        fused: Vec::new(),
+        launched: 0,
+        in_flight: 0,
+        separate: 0,
+    };
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        max_step_slowdown: None,
+        ..EngineOptions::for_config(calls.config())
+    };
+    let mut e = Engine::new(calls, None, opts);
+    let mut sampled = Request::greedy(fused_prompt(6, 1, 1024), 8);
+    sampled.sampling = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: 7,
+        ..SamplingParams::default()
+    };
+    let want = [
+        (
+            e.add(Request::greedy(fused_prompt(9, 0, 1024), 8)).unwrap(),
+            8,
+        ),
+        (e.add(sampled).unwrap(), 8),
+    ];
+    let mut events = Vec::new();
+    events.extend(e.step().unwrap()); // both short prompts: one fused step
+    events.extend(e.step().unwrap()); // a decode-only step
+    let long = e
+        .add(Request::greedy(fused_prompt(40, 2, 1024), 3))
+        .unwrap();
+    while e.has_work() {
+        events.extend(e.step().unwrap());
+    }
+    assert!(e.take_failed().is_empty(), "no request failed");
+    let c = e.backend();
+    assert_eq!(c.fused[0], (vec![9, 6], 0));
+    assert_eq!(c.fused[1..4], [(vec![16], 2), (vec![16], 2), (vec![8], 2)]);
+    assert!(c.fused.iter().all(|(chunks, _)| !chunks.is_empty()));
+    assert_eq!(c.separate, 0, "no separate prefill or decode calls");
+    assert!(c.launched > 0 && c.in_flight == c.launched);
+    for (id, n) in want.into_iter().chain([(long, 3)]) {
+        let tokens = events
+            .iter()
+            .filter(
+                |ev| matches!(ev, Event::Token { id: i, token, .. } if *i == id && *token < 1024),
+            )
+            .count();
+        assert_eq!(tokens, n, "request {id:?}");
+        assert!(events.iter().any(|ev| matches!(
+            ev,
+            Event::Finished { id: i, reason: StopReason::MaxTokens, .. } if *i == id
+        )));
+    }
+    println!(
+        "{} fused steps, {} decode steps left in flight",
+        c.fused.len(),
+        c.in_flight
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // One device copy per (model, GPU), and the runtime form computed once per model.
 

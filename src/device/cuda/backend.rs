@@ -548,7 +548,9 @@ impl Backend for CudaBackend {
             )?)
         };
         self.fused_step(chunks, &wants, batch, |b, n| match &packed {
-            _ if n == 0 => Ok(Vec::new()),
+            // No row wanted (chunks that do not end their prompts): still one synchronisation,
+            // so that the step's faults are its own, before the sequences grow.
+            _ if n == 0 => b.ctx.sync().map(|()| Vec::new()),
             None => b.device_argmax(n),
             Some(p) => b.device_sample(p),
         })
