@@ -2381,6 +2381,93 @@ fn fused_twins(
     (logits, ids)
 }
 
+/// A fused `step` of one prompt chunk and no decode row runs the very products of `prefill` of
+/// that chunk (the same rows in the same passes: `max_prefill_tokens` 8 cuts both into passes of
+/// 8 rows), its attention's split rows made by `split_f32` from the f32 rows (the bits the
+/// kernel's own split output has), and the `lm_head` on the gathered last row: on a plan whose
+/// `lm_head` at 1 row is the fused GEMV (f32 input: the gathered row is the same f32 values;
+/// checked, not assumed), the logits are `prefill`'s bit for bit, and so is the next decode step
+/// (the keys and values stored are the same bits). With split and BF16 activations.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn a_fused_step_of_one_chunk_is_its_prefill_bit_for_bit() {
+    require_gpu();
+    let dir = synth_aligned(74);
+    let base = CudaOptions {
+        max_sequences: 8,
+        max_context: Some(256),
+        ..CudaOptions::default()
+    };
+    let shapes = gpu_backend(
+        &model(&dir),
+        CudaOptions {
+            plan: PlanSource::Baseline,
+            ..base.clone()
+        },
+    )
+    .shapes()
+    .clone();
+    let sms = cuda::probe().unwrap().multiprocessors as usize;
+    let (_, plan) = compressed_plans(&shapes, sms)
+        .into_iter()
+        .find(|(name, _)| *name == "chunked")
+        .unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for (split, max_prefill_tokens) in [(true, 512), (true, 8), (false, 512)] {
+        let opts = CudaOptions {
+            max_prefill_tokens,
+            split_activations: split,
+            plan: plan.clone(),
+            ..base.clone()
+        };
+        let mut a = gpu_backend(&model(&dir), opts.clone());
+        let mut b = gpu_backend(&model(&dir), opts);
+        let lm = shapes[&Role::LmHead];
+        assert!(
+            matches!(
+                a.plan().strategy(Role::LmHead, &lm, 1),
+                Strategy::Gemv { .. }
+            ),
+            "the test's premise: the lm_head of one row is the fused GEMV"
+        );
+        let what = format!("split {split}, max_prefill_tokens {max_prefill_tokens}");
+        let prompt = fused_prompt(40, 6, 1024);
+        let (sa, sb) = (a.new_sequence().unwrap(), b.new_sequence().unwrap());
+        a.prefill(sa, &prompt[..11]).unwrap();
+        b.prefill(sb, &prompt[..11]).unwrap();
+        let la = a.prefill(sa, &prompt[11..]).unwrap();
+        let lb = b
+            .step(
+                &[ChunkItem {
+                    seq: sb,
+                    tokens: &prompt[11..],
+                }],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(lb.rows(), 1, "{what}");
+        assert!(
+            bits(lb.row(0)) == bits(&la),
+            "{what}: step's row is not prefill's bits"
+        );
+        assert_eq!(b.sequence_len(sb).unwrap(), 40, "{what}");
+        let item = |seq| DecodeItem {
+            seq,
+            token: argmax(&la),
+            pos: 40,
+        };
+        let (da, db) = (
+            a.decode(&[item(sa)]).unwrap(),
+            b.decode(&[item(sb)]).unwrap(),
+        );
+        assert!(
+            bits(&db.data) == bits(&da.data),
+            "{what}: the next decode after the step is not the bits after prefill"
+        );
+        println!("{what}: a one-chunk fused step and the decode after it equal prefill's bits");
+    }
+}
+
 /// `step_sampled` chooses every wanted row's token on the device in the fused pass: with greedy
 /// rows, the argmax of `step`'s logits on a twin backend; with sampled, penalized and masked
 /// rows, the host sampler's token from them (both bit for bit: the twin runs the same pass, the
