@@ -1,4 +1,5 @@
-// Element-wise kernels: SwiGLU gating, adding split GEMM products, and device-side fills (poison
+// Element-wise kernels: SwiGLU gating, adding split GEMM products, splitting f32 rows and
+// gathering rows (a fused step's attention output and lm_head input), and device-side fills (poison
 // values for tests, N(0, sigma) BF16 weights for benchmarks that never touch the host). Rust
 // partner: src/device/cuda/kernels.rs.
 //
@@ -33,6 +34,38 @@ extern "C" __global__ void split_sum(const float* __restrict__ y, int split, int
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         out[i] = load_split(y, split, n, (int)(i / cols), cols, i % cols);
+    }
+}
+
+// out: BF16 split [2 x count] from x: f32 [count]: hi = bf16(x[i]) at out[i], lo = bf16(x[i] - hi)
+// at out[count + i], the bits `store_act` writes (device). A fused step's attention runs per
+// part of the pass (one prompt chunk's rows, the decode rows) with its f32 output only, and this
+// makes the o_proj GEMM's split input of all n rows at once: the parts cannot write their lo rows
+// themselves, whose place (row n + t) depends on the whole pass's n.
+extern "C" __global__ void split_f32(const float* __restrict__ x, unsigned long long count,
+                                     uint16_t* __restrict__ out) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < count;
+         i += (size_t)gridDim.x * blockDim.x)
+        store_split(out, out + count, i, x[i]);
+}
+
+// Gathers the `m` rows of a pass whose logits are wanted, for the lm_head product: output row r
+// is input row rows[r] (device, i32 [m], each < n). xb: BF16 [(split ? 2n : n) x h] (hi rows,
+// then lo rows n further); xf: f32 [n x h]. out_b: BF16 [(split ? 2m : m) x h] in the same layout
+// (lo rows m further); out_f: f32 [m x h]. Copies bits: the lm_head reads exactly the rows it
+// would read in place.
+extern "C" __global__ void gather_rows(const uint16_t* __restrict__ xb,
+                                       const float* __restrict__ xf, int split, int n, int h,
+                                       const int* __restrict__ rows, int m,
+                                       uint16_t* __restrict__ out_b, float* __restrict__ out_f) {
+    const size_t total = (size_t)m * h;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / h, c = i % h;
+        const size_t s = (size_t)rows[r];
+        out_b[i] = xb[s * h + c];
+        if (split) out_b[total + i] = xb[((size_t)n + s) * h + c];
+        out_f[i] = xf[s * h + c];
     }
 }
 

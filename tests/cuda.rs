@@ -15,8 +15,8 @@ use triton_unweight::device::cpu::{CpuBackend, CpuOptions};
 use triton_unweight::device::cuda::plan::{Plan, Role, RoleShapes, Storage, Strategy};
 use triton_unweight::device::cuda::{self, CudaBackend, CudaOptions, KernelHarness, PlanSource};
 use triton_unweight::device::{
-    load_backend, Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, DeviceKind,
-    Launched, LogitEdit, RowSampling, Selected, SeqId,
+    load_backend, Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError,
+    DeviceKind, Launched, LogitEdit, RowSampling, Selected, SeqId,
 };
 use triton_unweight::engine::sampler::{self, argmax};
 use triton_unweight::engine::{Sampler, SamplingParams};
@@ -2204,6 +2204,611 @@ fn launched_steps_collect_the_ids_of_synchronous_steps() {
         "{err}"
     );
     println!("6 launched steps collected the synchronous steps' ids");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused steps (`Backend::step`, `Backend::step_sampled`): prompt chunks and decode rows as one
+// forward pass.
+
+/// A prompt of `len` tokens, different for each `salt`.
+fn fused_prompt(len: usize, salt: usize, vocab: u32) -> Vec<u32> {
+    (0..len)
+        .map(|j| ((j * 7919 + salt * 104729 + 11) as u32) % vocab)
+        .collect()
+}
+
+/// The sequences of a fused-step test, made by the same calls on each backend: two decoding
+/// sequences (prompts of 5 and 23 tokens prefilled), a prompt of 40 tokens whose first 16 are
+/// prefilled (the step continues it) and a new empty sequence (the step starts its 9-token
+/// prompt). Returns (the decoding sequences with their lengths, the continued one, the new one).
+fn fused_setup(b: &mut dyn Backend, vocab: u32) -> (Vec<(SeqId, usize)>, SeqId, SeqId) {
+    let mut dec = Vec::new();
+    for (len, salt) in [(5, 0), (23, 1)] {
+        let s = b.new_sequence().unwrap();
+        b.prefill(s, &fused_prompt(len, salt, vocab)).unwrap();
+        dec.push((s, len));
+    }
+    let cont = b.new_sequence().unwrap();
+    b.prefill(cont, &fused_prompt(40, 2, vocab)[..16]).unwrap();
+    let fresh = b.new_sequence().unwrap();
+    (dec, cont, fresh)
+}
+
+/// A fused `step` (two prompt chunks, one continuing a prompt and one starting another, and two
+/// decode rows) gives each row the logits of the separate `prefill` and `decode` calls on a twin
+/// backend, and leaves the sequences as long as they leave theirs, with the same keys and values
+/// stored (the next decode step of all four sequences agrees too); on the raw-BF16 (baseline)
+/// plan and the compressed one, with split and BF16 activations, and past the work buffers' rows
+/// (`max_prefill_tokens` 8: the step's 35 rows run as 5 passes, a chunk cut between passes).
+///
+/// Standard: within tolerance, not bit for bit. The attention kernels give a row the same bits
+/// whatever else is in the launch, but the products do not: a fused pass multiplies all its rows
+/// at once (35 rows: cuBLAS on split activations), where a decode of 2 rows alone takes the
+/// GEMV on f32 activations, and cuBLAS may choose another algorithm for another row count. Each
+/// path is held to the CPU within 1e-4 (split activations) or 5e-2 (BF16 activations) by the
+/// tests above, so the fused and separate rows must agree within twice that.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn fused_steps_give_each_row_the_separate_calls_logits() {
+    require_gpu();
+    let dir = synth("tiny", 71);
+    let vocab = 1024u32;
+    for (plan, split, graphs, max_prefill_tokens, tol) in [
+        (PlanSource::Baseline, true, true, 512, 2e-4),
+        (PlanSource::Compressed, true, true, 512, 2e-4),
+        (PlanSource::Compressed, true, false, 8, 2e-4),
+        (PlanSource::Baseline, false, true, 512, 1e-1),
+    ] {
+        let opts = CudaOptions {
+            max_sequences: 8,
+            max_context: Some(256),
+            max_prefill_tokens,
+            split_activations: split,
+            graphs,
+            plan,
+            ..CudaOptions::default()
+        };
+        let mut a = gpu_backend(&model(&dir), opts.clone());
+        let mut b = gpu_backend(&model(&dir), opts);
+        let what = format!(
+            "{} (split {split}, graphs {graphs}, max_prefill_tokens {max_prefill_tokens})",
+            a.plan().source
+        );
+        let (dec_a, cont_a, fresh_a) = fused_setup(&mut a, vocab);
+        let (dec_b, cont_b, fresh_b) = fused_setup(&mut b, vocab);
+        let rest = fused_prompt(40, 2, vocab)[16..].to_vec();
+        let new = fused_prompt(9, 3, vocab);
+        let items = |dec: &[(SeqId, usize)]| -> Vec<DecodeItem> {
+            dec.iter()
+                .zip([17u32, 301])
+                .map(|(&(seq, pos), token)| DecodeItem { seq, token, pos })
+                .collect()
+        };
+        // Separately on a.
+        let mut want = vec![
+            a.prefill(cont_a, &rest).unwrap(),
+            a.prefill(fresh_a, &new).unwrap(),
+        ];
+        let la = a.decode(&items(&dec_a)).unwrap();
+        want.extend((0..2).map(|i| la.row(i).to_vec()));
+        // Fused on b.
+        let lb = b
+            .step(
+                &[
+                    ChunkItem {
+                        seq: cont_b,
+                        tokens: &rest,
+                    },
+                    ChunkItem {
+                        seq: fresh_b,
+                        tokens: &new,
+                    },
+                ],
+                &items(&dec_b),
+            )
+            .unwrap();
+        assert_eq!(lb.rows(), 4, "{what}");
+        let mut worst = 0f64;
+        for (i, w) in want.iter().enumerate() {
+            let e = rel(lb.row(i), w);
+            worst = worst.max(e);
+            assert!(e <= tol, "{what}: step row {i}: relative error {e}");
+        }
+        // Lengths, and the keys and values stored: the next decode step of all four agrees.
+        let seqs_a = [cont_a, fresh_a, dec_a[0].0, dec_a[1].0];
+        let seqs_b = [cont_b, fresh_b, dec_b[0].0, dec_b[1].0];
+        let lens = [40, 9, 6, 24];
+        for i in 0..4 {
+            assert_eq!(a.sequence_len(seqs_a[i]).unwrap(), lens[i], "{what}");
+            assert_eq!(
+                b.sequence_len(seqs_b[i]).unwrap(),
+                lens[i],
+                "{what}: seq {i}"
+            );
+        }
+        let next = |seqs: &[SeqId; 4]| -> Vec<DecodeItem> {
+            (0..4)
+                .map(|i| DecodeItem {
+                    seq: seqs[i],
+                    token: argmax(&want[i]),
+                    pos: lens[i],
+                })
+                .collect()
+        };
+        let (na, nb) = (
+            a.decode(&next(&seqs_a)).unwrap(),
+            b.decode(&next(&seqs_b)).unwrap(),
+        );
+        for i in 0..4 {
+            let e = rel(nb.row(i), na.row(i));
+            worst = worst.max(e);
+            assert!(e <= tol, "{what}: next decode row {i}: relative error {e}");
+        }
+        println!(
+            "{what}: fused step rows and the next decode within {worst:.3e} of separate calls"
+        );
+    }
+}
+
+/// The same fused step on twin backends: `step` on the first (its logits), `step_sampled` with
+/// `chunk_rows` and `rows` on the second (its ids). Chunks are (sequence, tokens).
+#[allow(clippy::type_complexity)]
+fn fused_twins(
+    (l, c): (&mut CudaBackend, &mut CudaBackend),
+    (ch_l, ch_c): (&[(SeqId, Vec<u32>)], &[(SeqId, Vec<u32>)]),
+    (dec_l, dec_c): (&[DecodeItem], &[DecodeItem]),
+    chunk_rows: &[Option<RowSampling>],
+    rows: &[RowSampling],
+) -> (triton_unweight::device::Logits, Vec<u32>) {
+    let items = |v: &[(SeqId, Vec<u32>)]| -> Vec<(SeqId, Vec<u32>)> { v.to_vec() };
+    let (vl, vc) = (items(ch_l), items(ch_c));
+    let il: Vec<ChunkItem<'_>> = vl
+        .iter()
+        .map(|(seq, t)| ChunkItem {
+            seq: *seq,
+            tokens: t,
+        })
+        .collect();
+    let ic: Vec<ChunkItem<'_>> = vc
+        .iter()
+        .map(|(seq, t)| ChunkItem {
+            seq: *seq,
+            tokens: t,
+        })
+        .collect();
+    let logits = l.step(&il, dec_l).unwrap();
+    let ids = c.step_sampled(&ic, chunk_rows, dec_c, rows).unwrap();
+    (logits, ids)
+}
+
+/// A fused `step` of one prompt chunk and no decode row runs the very products of `prefill` of
+/// that chunk (the same rows in the same passes: `max_prefill_tokens` 8 cuts both into passes of
+/// 8 rows), its attention's split rows made by `split_f32` from the f32 rows (the bits the
+/// kernel's own split output has), and the `lm_head` on the gathered last row: on a plan whose
+/// `lm_head` at 1 row is the fused GEMV (f32 input: the gathered row is the same f32 values;
+/// checked, not assumed), the logits are `prefill`'s bit for bit, and so is the next decode step
+/// (the keys and values stored are the same bits). With split and BF16 activations.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn a_fused_step_of_one_chunk_is_its_prefill_bit_for_bit() {
+    require_gpu();
+    let dir = synth_aligned(74);
+    let base = CudaOptions {
+        max_sequences: 8,
+        max_context: Some(256),
+        ..CudaOptions::default()
+    };
+    let shapes = gpu_backend(
+        &model(&dir),
+        CudaOptions {
+            plan: PlanSource::Baseline,
+            ..base.clone()
+        },
+    )
+    .shapes()
+    .clone();
+    let sms = cuda::probe().unwrap().multiprocessors as usize;
+    let (_, plan) = compressed_plans(&shapes, sms)
+        .into_iter()
+        .find(|(name, _)| *name == "chunked")
+        .unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for (split, max_prefill_tokens) in [(true, 512), (true, 8), (false, 512)] {
+        let opts = CudaOptions {
+            max_prefill_tokens,
+            split_activations: split,
+            plan: plan.clone(),
+            ..base.clone()
+        };
+        let mut a = gpu_backend(&model(&dir), opts.clone());
+        let mut b = gpu_backend(&model(&dir), opts);
+        let lm = shapes[&Role::LmHead];
+        assert!(
+            matches!(
+                a.plan().strategy(Role::LmHead, &lm, 1),
+                Strategy::Gemv { .. }
+            ),
+            "the test's premise: the lm_head of one row is the fused GEMV"
+        );
+        let what = format!("split {split}, max_prefill_tokens {max_prefill_tokens}");
+        let prompt = fused_prompt(40, 6, 1024);
+        let (sa, sb) = (a.new_sequence().unwrap(), b.new_sequence().unwrap());
+        a.prefill(sa, &prompt[..11]).unwrap();
+        b.prefill(sb, &prompt[..11]).unwrap();
+        let la = a.prefill(sa, &prompt[11..]).unwrap();
+        let lb = b
+            .step(
+                &[ChunkItem {
+                    seq: sb,
+                    tokens: &prompt[11..],
+                }],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(lb.rows(), 1, "{what}");
+        assert!(
+            bits(lb.row(0)) == bits(&la),
+            "{what}: step's row is not prefill's bits"
+        );
+        assert_eq!(b.sequence_len(sb).unwrap(), 40, "{what}");
+        let item = |seq| DecodeItem {
+            seq,
+            token: argmax(&la),
+            pos: 40,
+        };
+        let (da, db) = (
+            a.decode(&[item(sa)]).unwrap(),
+            b.decode(&[item(sb)]).unwrap(),
+        );
+        assert!(
+            bits(&db.data) == bits(&da.data),
+            "{what}: the next decode after the step is not the bits after prefill"
+        );
+        println!("{what}: a one-chunk fused step and the decode after it equal prefill's bits");
+    }
+}
+
+/// `step_sampled` chooses every wanted row's token on the device in the fused pass: with greedy
+/// rows, the argmax of `step`'s logits on a twin backend; with sampled, penalized and masked
+/// rows, the host sampler's token from them (both bit for bit: the twin runs the same pass, the
+/// same rows wanted, so its logits are the same bits). A chunk without a row wanted gives no id
+/// and still grows its sequence. A sequence twice in a step, or a token outside the vocabulary,
+/// is refused before anything runs, every sequence unchanged.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn fused_step_sampled_chooses_the_tokens_of_step_logits() {
+    require_gpu();
+    let dir = synth("tiny", 72);
+    let vocab = 1024u32;
+    let opts = CudaOptions {
+        max_sequences: 8,
+        max_context: Some(256),
+        plan: PlanSource::Compressed,
+        ..CudaOptions::default()
+    };
+    let mut l = gpu_backend(&model(&dir), opts.clone());
+    let mut c = gpu_backend(&model(&dir), opts);
+    let (dec_l, cont_l, fresh_l) = fused_setup(&mut l, vocab);
+    let (dec_c, cont_c, fresh_c) = fused_setup(&mut c, vocab);
+    let greedy = RowSampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 5,
+        position: 0,
+        edits: Vec::new(),
+    };
+    let rest = fused_prompt(40, 2, vocab)[16..].to_vec();
+    let new = fused_prompt(9, 3, vocab);
+    let chunks = |cont: SeqId, fresh: SeqId| vec![(cont, rest.clone()), (fresh, new.clone())];
+    let dec_items = |dec: &[(SeqId, usize)], tokens: &[u32]| -> Vec<DecodeItem> {
+        dec.iter()
+            .zip(tokens)
+            .map(|(&(seq, pos), &token)| DecodeItem { seq, token, pos })
+            .collect()
+    };
+    // Round 1: every row greedy (the argmax kernel).
+    let (logits, ids) = fused_twins(
+        (&mut l, &mut c),
+        (&chunks(cont_l, fresh_l), &chunks(cont_c, fresh_c)),
+        (
+            &dec_items(&dec_l, &[17, 301]),
+            &dec_items(&dec_c, &[17, 301]),
+        ),
+        &[Some(greedy.clone()), Some(greedy.clone())],
+        &[greedy.clone(), greedy.clone()],
+    );
+    let argmaxes: Vec<u32> = (0..4).map(|i| argmax(logits.row(i))).collect();
+    assert_eq!(ids, argmaxes, "greedy rows: the argmax of step's logits");
+    // Round 2: a new prompt and every earlier sequence decoding, sampled rows (the sampler).
+    let lens = [40usize, 9, 6, 24];
+    let order_l = [cont_l, fresh_l, dec_l[0].0, dec_l[1].0];
+    let order_c = [cont_c, fresh_c, dec_c[0].0, dec_c[1].0];
+    for i in 0..4 {
+        assert_eq!(l.sequence_len(order_l[i]).unwrap(), lens[i]);
+        assert_eq!(c.sequence_len(order_c[i]).unwrap(), lens[i]);
+    }
+    let (g_l, g_c) = (l.new_sequence().unwrap(), c.new_sequence().unwrap());
+    let prompt_g = fused_prompt(12, 4, vocab);
+    let sampled = |i: usize| RowSampling {
+        temperature: 0.8,
+        top_p: 0.95,
+        top_k: if i.is_multiple_of(2) { 40 } else { 0 },
+        seed: 100 + i as u64,
+        position: 7 + i as u64,
+        edits: if i == 1 {
+            vec![
+                (argmaxes[0], LogitEdit::Mask),
+                (3, LogitEdit::Subtract(0.5)),
+            ]
+        } else {
+            Vec::new()
+        },
+    };
+    let rows: Vec<RowSampling> = (1..5)
+        .map(|i| if i == 3 { greedy.clone() } else { sampled(i) })
+        .collect();
+    let pairs = |order: &[SeqId; 4]| -> Vec<(SeqId, usize)> {
+        (0..4).map(|i| (order[i], lens[i])).collect()
+    };
+    let (logits, ids) = fused_twins(
+        (&mut l, &mut c),
+        (&[(g_l, prompt_g.clone())], &[(g_c, prompt_g.clone())]),
+        (
+            &dec_items(&pairs(&order_l), &ids),
+            &dec_items(&pairs(&order_c), &ids),
+        ),
+        &[Some(sampled(0))],
+        &rows,
+    );
+    let mut want = vec![sampler::choose(logits.row(0), &sampled(0))];
+    want.extend((0..4).map(|i| sampler::choose(logits.row(i + 1), &rows[i])));
+    assert_eq!(
+        ids, want,
+        "sampled rows: the host sampler's tokens from step's logits"
+    );
+    assert_eq!(c.sequence_len(g_c).unwrap(), 12);
+    for i in 0..4 {
+        assert_eq!(c.sequence_len(order_c[i]).unwrap(), lens[i] + 1);
+    }
+    // Round 3: a chunk with no row wanted gives no id, and grows its sequence.
+    let h = c.new_sequence().unwrap();
+    let batch: Vec<DecodeItem> = (0..4)
+        .map(|i| DecodeItem {
+            seq: order_c[i],
+            token: ids[i + 1],
+            pos: lens[i] + 1,
+        })
+        .collect();
+    let short = fused_prompt(6, 5, vocab);
+    let got = c
+        .step_sampled(
+            &[ChunkItem {
+                seq: h,
+                tokens: &short,
+            }],
+            &[None],
+            &batch,
+            &vec![greedy.clone(); 4],
+        )
+        .unwrap();
+    assert_eq!(got.len(), 4);
+    assert!(got.iter().all(|&t| t < vocab));
+    assert_eq!(c.sequence_len(h).unwrap(), 6);
+    for i in 0..4 {
+        assert_eq!(c.sequence_len(order_c[i]).unwrap(), lens[i] + 2);
+    }
+    // Refused before anything runs: a sequence twice, a token outside the vocabulary.
+    let len_h = c.sequence_len(h).unwrap();
+    let err = c
+        .step_sampled(
+            &[ChunkItem {
+                seq: h,
+                tokens: &[1, 2],
+            }],
+            &[Some(greedy.clone())],
+            &[DecodeItem {
+                seq: h,
+                token: 1,
+                pos: len_h,
+            }],
+            std::slice::from_ref(&greedy),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    let err = c
+        .step(
+            &[ChunkItem {
+                seq: g_c,
+                tokens: &[1, vocab],
+            }],
+            &[DecodeItem {
+                seq: h,
+                token: 1,
+                pos: len_h,
+            }],
+        )
+        .unwrap_err();
+    assert!(matches!(err, DeviceError::BadToken { .. }), "{err}");
+    assert_eq!(c.sequence_len(h).unwrap(), len_h);
+    assert_eq!(c.sequence_len(g_c).unwrap(), 12);
+    println!("fused step_sampled: greedy ids = argmax, sampled ids = the host sampler's");
+}
+
+/// The CUDA backend as the engine sees it (fusing steps, sampling on the device), counting the
+/// calls: each fused step's (chunk lengths, decode rows), decode steps launched and left in
+/// flight, and any separate prefill or decode call.
+struct FusedCalls<'a> {
+    inner: &'a mut CudaBackend,
+    fused: Vec<(Vec<usize>, usize)>,
+    launched: usize,
+    in_flight: usize,
+    separate: usize,
+}
+
+impl Backend for FusedCalls<'_> {
+    forward_backend_to_inner!(without_prefill);
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.separate += 1;
+        self.inner.prefill(seq, tokens)
+    }
+    fn prefill_sampled(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        row: &RowSampling,
+    ) -> Result<u32, DeviceError> {
+        self.separate += 1;
+        self.inner.prefill_sampled(seq, tokens, row)
+    }
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.separate += 1;
+        self.inner.decode(batch)
+    }
+    fn decode_argmax(&mut self, batch: &[DecodeItem]) -> Result<Vec<u32>, DeviceError> {
+        self.separate += 1;
+        self.inner.decode_argmax(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        self.inner.samples_on_device()
+    }
+    fn decode_sampled(
+        &mut self,
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.separate += 1;
+        self.inner.decode_sampled(batch, rows)
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        self.launched += 1;
+        let launched = self.inner.launch_decode(batch, choice)?;
+        if launched == Launched::InFlight {
+            self.in_flight += 1;
+        }
+        Ok(launched)
+    }
+    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_decode()
+    }
+    fn fuses_steps(&self) -> bool {
+        self.inner.fuses_steps()
+    }
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.fused
+            .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
+        self.inner.step(chunks, batch)
+    }
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        self.fused
+            .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
+        self.inner.step_sampled(chunks, chunk_rows, batch, rows)
+    }
+}
+
+/// The engine on the CUDA backend: two streams (one greedy, one sampled) decoding when a
+/// 40-token prompt arrives, 16 prompt tokens a step. The two short prompts go as one fused step,
+/// each of the long prompt's three chunks as one fused step holding both decode rows, the
+/// decode-only steps as `launch_decode`s left in flight; no separate prefill or decode call; every
+/// request generates its `max_tokens` tokens (the engine checks each step's id count) and none
+/// fails. (Its tokens are not compared with another path: a fused row differs from the row alone
+/// by the products' rounding, which may flip a near tie; the rows themselves are compared in
+/// `fused_steps_give_each_row_the_separate_calls_logits`.)
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
+    use triton_unweight::engine::{Engine, EngineOptions, Event, Request, StopReason};
+    require_gpu();
+    let dir = synth("tiny", 73);
+    let mut b = gpu_backend(
+        &model(&dir),
+        CudaOptions {
+            max_sequences: 8,
+            max_context: Some(256),
+            plan: PlanSource::Compressed,
+            ..CudaOptions::default()
+        },
+    );
+    assert!(b.fuses_steps());
+    let calls = FusedCalls {
+        inner: &mut b,
+        fused: Vec::new(),
+        launched: 0,
+        in_flight: 0,
+        separate: 0,
+    };
+    let opts = EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        max_step_slowdown: None,
+        ..EngineOptions::for_config(calls.config())
+    };
+    let mut e = Engine::new(calls, None, opts);
+    let mut sampled = Request::greedy(fused_prompt(6, 1, 1024), 8);
+    sampled.sampling = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: 7,
+        ..SamplingParams::default()
+    };
+    let want = [
+        (
+            e.add(Request::greedy(fused_prompt(9, 0, 1024), 8)).unwrap(),
+            8,
+        ),
+        (e.add(sampled).unwrap(), 8),
+    ];
+    let mut events = Vec::new();
+    events.extend(e.step().unwrap()); // both short prompts: one fused step
+    events.extend(e.step().unwrap()); // a decode-only step
+    let long = e
+        .add(Request::greedy(fused_prompt(40, 2, 1024), 3))
+        .unwrap();
+    while e.has_work() {
+        events.extend(e.step().unwrap());
+    }
+    assert!(e.take_failed().is_empty(), "no request failed");
+    let c = e.backend();
+    assert_eq!(c.fused[0], (vec![9, 6], 0));
+    assert_eq!(c.fused[1..4], [(vec![16], 2), (vec![16], 2), (vec![8], 2)]);
+    assert!(c.fused.iter().all(|(chunks, _)| !chunks.is_empty()));
+    assert_eq!(c.separate, 0, "no separate prefill or decode calls");
+    assert!(c.launched > 0 && c.in_flight == c.launched);
+    for (id, n) in want.into_iter().chain([(long, 3)]) {
+        let tokens = events
+            .iter()
+            .filter(
+                |ev| matches!(ev, Event::Token { id: i, token, .. } if *i == id && *token < 1024),
+            )
+            .count();
+        assert_eq!(tokens, n, "request {id:?}");
+        assert!(events.iter().any(|ev| matches!(
+            ev,
+            Event::Finished { id: i, reason: StopReason::MaxTokens, .. } if *i == id
+        )));
+    }
+    println!(
+        "{} fused steps, {} decode steps left in flight",
+        c.fused.len(),
+        c.in_flight
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

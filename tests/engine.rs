@@ -310,7 +310,9 @@ impl Backend for StepLog {
 fn a_fusing_engine_runs_chunks_and_decode_rows_in_one_call_per_step() {
     // Two streams decoding when a 40-token prompt arrives, 16 prompt tokens per step: each of
     // the three admission steps is one call holding the chunk and both decode rows, and every
-    // request generates what it generates alone.
+    // request generates what it generates alone. A step with no prompt chunk is not a `step`
+    // call: it is the plain decode step (`launch_decode`, left in flight on a device and its
+    // graph replayed there), as on a backend that does not fuse.
     let long: Vec<u32> = (0..40u32).map(|i| (i * 53 + 11) % 700).collect();
     let alone = |p: &[u32], n: usize| {
         let mut e = engine(false);
@@ -340,16 +342,27 @@ fn a_fusing_engine_runs_chunks_and_decode_rows_in_one_call_per_step() {
         }
     };
     take(e.step().unwrap()); // both short prompts: 9 + 6 tokens in one call
-    take(e.step().unwrap()); // one decode step
+    take(e.step().unwrap()); // one decode step (launch_decode, not step)
     let l = e.add(Request::greedy(long.clone(), 3)).unwrap();
+    let mut steps = 2;
     while e.has_work() {
         take(e.step().unwrap());
+        steps += 1;
     }
     let calls = &e.backend().calls;
     assert_eq!(calls[0], (vec![9, 6], 0));
-    assert_eq!(calls[1], (vec![], 2));
-    assert_eq!(calls[2..5], [(vec![16], 2), (vec![16], 2), (vec![8], 2)]);
-    assert_eq!(e.backend().decodes, 0, "no separate decode calls");
+    assert_eq!(calls[1..4], [(vec![16], 2), (vec![16], 2), (vec![8], 2)]);
+    assert!(
+        calls.iter().all(|(chunks, _)| !chunks.is_empty()),
+        "decode-only steps are not step calls: {calls:?}"
+    );
+    // One backend call per engine step: the decode-only steps' (launch_decode's default, a
+    // `decode`) and the fused ones', never both in one step.
+    assert_eq!(
+        e.backend().decodes + calls.len(),
+        steps,
+        "one call per step"
+    );
     assert_eq!(got[&a], alone(&PROMPT, 8));
     assert_eq!(got[&c], alone(&PROMPT[3..], 8));
     assert_eq!(got[&l], alone(&long, 3));

@@ -451,10 +451,11 @@ pub trait Backend: Send {
     }
 
     /// Whether [`Backend::step`] runs prompt chunks and decode rows through the model in one
-    /// pass. The engine then schedules them as one step (one weight read for every row, so a
-    /// prompt being admitted costs the running streams its chunk's compute, not a step of its
-    /// own); otherwise it keeps separate [`Backend::prefill`] and [`Backend::decode_argmax`]
-    /// calls.
+    /// pass. The engine then schedules a step that has prompt chunks as one step (one weight
+    /// read for every row, so a prompt being admitted costs the running streams its chunk's
+    /// compute, not a step of its own); otherwise it keeps separate [`Backend::prefill`] and
+    /// [`Backend::decode_argmax`] calls. A step without chunks is a plain
+    /// [`Backend::launch_decode`] either way (a device keeps its graph and its overlap).
     fn fuses_steps(&self) -> bool {
         false
     }

@@ -621,7 +621,10 @@ impl<B: Backend> Engine<B> {
         }
 
         self.preempt_for_decode(&mut admitted, &mut queued);
-        if fused {
+        // A step with no prompt chunk is a plain decode step on every backend: launched (left
+        // in flight on a device, its CUDA graph replayed) and collected below, as without
+        // fusing; only a step with chunks needs the fused pass.
+        if fused && !queued.is_empty() {
             return self.fused_step(queued, events).map(|()| None);
         }
         if self.running.is_empty() {

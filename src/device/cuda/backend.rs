@@ -29,11 +29,15 @@
 //! a batch that fills the GPU, the decode attention is split along the sequence
 //! (`sizing::decode_splits`, fixed per bucket). Prefill runs eagerly in chunks of at most
 //! `max_prefill_tokens`, its attention the tiled `attention_prefill` (kernels/attention.cu).
-//! Every buffer is allocated at construction.
+//! A fused step (`Backend::step`: prompt chunks of several sequences and a decode batch) runs
+//! eagerly as one pass over all their rows, each part's attention by its own kernel, the
+//! `lm_head` only on the rows whose logits are wanted (`fused`). Every buffer is allocated at
+//! construction.
 //!
 //! Here: the backend's state and the [`Backend`] contract. Its parts: `build` (plan, weights,
-//! buffers, graphs and KV cache made once), `forward` (the pass above, queued on the stream) and
-//! `choosing` (device argmax and sampling, a prompt's first token, launched and collected steps).
+//! buffers, graphs and KV cache made once), `forward` (the pass above, queued on the stream),
+//! `fused` (a fused step's row plan, checks and passes) and `choosing` (device argmax and
+//! sampling, a prompt's first token, launched and collected steps).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -41,7 +45,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::driver::{
-    Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, PinnedBuf, Staging,
+    Context, Cublas, DevBuf, Event, GpuError, GpuResult, Graph, IdsDownload, PinnedBuf, Staging,
 };
 use super::kernels::{AttnSplit, Kernels, PagedKv, Product, ATTN_MAX_HEAD_DIM};
 use super::kv::{self as paged, KvCache};
@@ -55,14 +59,15 @@ use super::sizing::{decode_buckets, decode_inputs, decode_splits, kv_plan, pick_
 mod build;
 mod choosing;
 mod forward;
+mod fused;
 pub use super::sizing::{role_shapes, WorkBuffers};
 use super::stream::stream_weights_persisted;
 use super::tbe3::{multiprocessors, Tbe3Kernels};
 use super::weights::{device_weights, upload_linear, LayerW, UploadSink, Weights, WeightsKey};
 use crate::container::Checkpoint;
 use crate::device::{
-    Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, FaultKind, KvCapacity, Launched,
-    Logits, RowSampling, SeqId,
+    Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, FaultKind, KvCapacity,
+    Launched, Logits, RowSampling, SeqId,
 };
 use crate::model::weights::{LlamaWeights, WeightError};
 use crate::model::LlamaConfig;
@@ -122,6 +127,8 @@ struct Bufs {
     logits: DevBuf,
     /// i32 ids of a decode step's rows (the device argmax's or sampler's output).
     ids: DevBuf,
+    /// i32 rows of a fused step's pass whose logits are wanted (`gather_rows`' indices).
+    gather: DevBuf,
     /// The device sampler's per-row records (its edits go into `logits_raw`).
     sample_rows: DevBuf,
     /// The split decode attention's partials: (max, sum) and accumulators.
@@ -140,6 +147,31 @@ enum Want {
     Last,
     /// Every row (decode).
     All,
+    /// The `rows` rows listed in `bufs.gather` (a fused step's pass), into rows `out0..` of
+    /// `bufs.logits`.
+    Gathered {
+        /// How many.
+        rows: usize,
+        /// The first output row.
+        out0: usize,
+    },
+}
+
+/// How a pass's attention runs.
+#[derive(Clone, Copy)]
+enum Attend<'a> {
+    /// Every row its own sequence's token (a decode batch): the per-token kernel, split along
+    /// the sequence as `sizing::decode_splits` says for the pass's rows.
+    Decode,
+    /// Every row a token of one prompt chunk: the tiled prefill kernel.
+    Prefill,
+    /// A fused step's pass: the tiled kernel over each `prefill` part (first row, rows: one
+    /// sequence each), the per-token kernel in `splits` over the `decode` rows.
+    Mixed {
+        prefill: &'a [(usize, usize)],
+        decode: Option<(usize, usize)>,
+        splits: usize,
+    },
 }
 
 /// The CUDA backend.
@@ -174,6 +206,9 @@ pub struct CudaBackend {
     step_timed: bool,
     /// Events around the token choice (argmax or sampler kernel) after a step.
     choice_events: (Event, Event),
+    /// Pinned memory the chosen ids come back to, copied asynchronously right after the
+    /// choosing kernel, with the event a collection waits for.
+    host_ids: IdsDownload,
     ctx: Arc<Context>,
     opts: CudaOptions,
     cap: usize,
@@ -438,6 +473,87 @@ impl Backend for CudaBackend {
         }
         let packed = sample::pack(rows, self.cfg.vocab_size, self.edit_capacity())?;
         self.decode_choosing(batch, |b| b.device_sample(&packed))
+    }
+
+    /// True for every plan and option: a step with prompt chunks runs as one forward pass over
+    /// all its rows (`fused`); one without runs as the decode step (its graph).
+    fn fuses_steps(&self) -> bool {
+        true
+    }
+
+    /// Prompt chunks and decode rows as one pass (several, in order, past `cap` rows), all or
+    /// nothing; only the wanted rows' logits are computed and copied back. Without chunks, the
+    /// decode step ([`Backend::decode`]) itself.
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<Logits, DeviceError> {
+        if chunks.is_empty() {
+            return self.decode(batch);
+        }
+        let vocab = self.cfg.vocab_size;
+        let wants = vec![true; chunks.len()];
+        let data = self.fused_step(chunks, &wants, batch, |b, rows| b.copy_logits(rows))?;
+        Ok(Logits { vocab, data })
+    }
+
+    /// [`Backend::step`]'s pass, then every wanted row's token chosen on the device in one
+    /// launch (the argmax kernel when every row is greedy without edits, the sampler otherwise,
+    /// its records packed and checked before anything runs): only the ids come back. Without
+    /// chunks, the decode step's own choosing path (its graph).
+    fn step_sampled(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        chunk_rows: &[Option<RowSampling>],
+        batch: &[DecodeItem],
+        rows: &[RowSampling],
+    ) -> Result<Vec<u32>, DeviceError> {
+        if chunk_rows.len() != chunks.len() || rows.len() != batch.len() {
+            return Err(DeviceError::Invalid(format!(
+                "step_sampled: {} chunk rows for {} chunks and {} sampling rows for a batch of {}",
+                chunk_rows.len(),
+                chunks.len(),
+                rows.len(),
+                batch.len()
+            )));
+        }
+        let all: Vec<RowSampling> = chunk_rows.iter().flatten().chain(rows).cloned().collect();
+        let greedy = all.iter().all(|r| r.is_greedy() && r.edits.is_empty());
+        if chunks.is_empty() {
+            return if greedy {
+                // The argmax path checks nothing of the records: as prefill_sampled, here.
+                for r in rows {
+                    r.validate().map_err(|e| {
+                        DeviceError::Invalid(format!("sampling of a decode row: {e}"))
+                    })?;
+                }
+                self.decode_argmax(batch)
+            } else {
+                self.decode_sampled(batch, rows)
+            };
+        }
+        let wants: Vec<bool> = chunk_rows.iter().map(Option::is_some).collect();
+        let packed = if greedy {
+            for r in &all {
+                r.validate()
+                    .map_err(|e| DeviceError::Invalid(format!("sampling of a step's row: {e}")))?;
+            }
+            None
+        } else {
+            Some(sample::pack(
+                &all,
+                self.cfg.vocab_size,
+                self.edit_capacity(),
+            )?)
+        };
+        self.fused_step(chunks, &wants, batch, |b, n| match &packed {
+            // No row wanted (chunks that do not end their prompts): still one synchronisation,
+            // so that the step's faults are its own, before the sequences grow.
+            _ if n == 0 => b.ctx.sync().map(|()| Vec::new()),
+            None => b.device_argmax(n),
+            Some(p) => b.device_sample(p),
+        })
     }
 }
 

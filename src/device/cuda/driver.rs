@@ -441,6 +441,115 @@ impl Drop for PinnedBuf {
     }
 }
 
+/// A step's token ids on their way back: page-locked host memory the ids are copied into
+/// asynchronously, queued on the stream right after the kernel that chose them, and an event
+/// recorded after the copy. [`IdsDownload::wait`] waits for that event only (not the whole
+/// stream), so a step left in flight costs one synchronisation, at its collection, and the host
+/// never reads the memory while the copy may still write it.
+pub struct IdsDownload {
+    ctx: Arc<Context>,
+    ptr: *mut i32,
+    len: usize,
+    done: Event,
+    /// Ids a queued copy brings (0: none queued since the last wait).
+    queued: usize,
+}
+
+// SAFETY: owned page-locked memory like a Box<[i32]>; written by the device only between a
+// `queue` and the `wait` after it, read by the host only after that wait (both &mut self).
+unsafe impl Send for IdsDownload {}
+
+impl IdsDownload {
+    /// Room for `len` ids.
+    pub fn new(ctx: &Arc<Context>, len: usize) -> GpuResult<Self> {
+        ctx.bind()?;
+        let done = Event::new(ctx)?;
+        // SAFETY: allocation of 4 len bytes of host memory, zeroed below before any read.
+        let ptr = ck(
+            unsafe { cu::malloc_host(4 * len.max(1), 0) },
+            "cuMemAllocHost",
+        )? as *mut i32;
+        // SAFETY: `ptr` points at len.max(1) i32 just allocated.
+        unsafe { std::ptr::write_bytes(ptr, 0, len.max(1)) };
+        Ok(Self {
+            ctx: ctx.clone(),
+            ptr,
+            len,
+            done,
+            queued: 0,
+        })
+    }
+
+    /// Queues the copy of `n` i32 from device address `src` (which holds them once the stream's
+    /// earlier work is done) and the event after it; returns without waiting.
+    pub fn queue(&mut self, src: u64, n: usize) -> GpuResult<()> {
+        if n > self.len {
+            return Err(GpuError::invalid(format!(
+                "download of {n} ids into room for {}",
+                self.len
+            )));
+        }
+        self.ctx.bind()?;
+        // A copy still queued writes the same memory: never two at once (the backend waits for
+        // each step's ids before the next step; this only guards a misuse).
+        if self.queued > 0 {
+            self.wait_event()?;
+        }
+        self.queued = 0;
+        if n > 0 {
+            // SAFETY: `n` i32 fit the allocation; `src` holds n i32 (the caller's); the host
+            // reads the memory only after `wait`, which waits for the event recorded below,
+            // after this copy on the same stream; Drop waits for the stream before freeing.
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(self.ptr, n);
+                ck(
+                    cu::memcpy_dtoh_async(dst, src, self.ctx.stream),
+                    "cuMemcpyDtoHAsync",
+                )?;
+            }
+        }
+        self.done.record()?;
+        self.queued = n;
+        Ok(())
+    }
+
+    fn wait_event(&self) -> GpuResult<()> {
+        // SAFETY: the event is live and was recorded on this context's stream.
+        ck(
+            unsafe { cu::event::synchronize(self.done.ev) },
+            "cuEventSynchronize",
+        )
+    }
+
+    /// Waits for the last queued copy (its event: the work queued before it, not what came
+    /// after) and returns its `n` ids; an error when no copy of at least `n` ids was queued.
+    pub fn wait(&mut self, n: usize) -> GpuResult<Vec<i32>> {
+        if n > self.queued {
+            return Err(GpuError::invalid(format!(
+                "{n} ids asked for, {} queued",
+                self.queued
+            )));
+        }
+        self.ctx.bind()?;
+        self.wait_event()?;
+        self.queued = 0;
+        // SAFETY: the copy into the first n i32 is complete (its event is); nothing else
+        // writes the memory until the next `queue` (&mut self).
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr, n) }.to_vec())
+    }
+}
+
+impl Drop for IdsDownload {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemAllocHost and freed once, after pending copies finish.
+        unsafe {
+            let _ = cu::ctx::set_current(self.ctx.ctx);
+            let _ = cu::stream::synchronize(self.ctx.stream);
+            let _ = cu::free_host(self.ptr as *mut c_void);
+        }
+    }
+}
+
 /// Page-locked host memory that a step's inputs go up from without waiting: each
 /// [`Staging::upload`] copies its data into the next free region and queues the copy to the
 /// device on the stream, so the step's kernels (stream-ordered after it) start without the host

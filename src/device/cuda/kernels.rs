@@ -25,6 +25,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("attention", "attention_prefill"),
     ("elementwise", "silu_mul"),
     ("elementwise", "split_sum"),
+    ("elementwise", "split_f32"),
+    ("elementwise", "gather_rows"),
     ("elementwise", "fill_f32"),
     ("elementwise", "fill_u16"),
     ("elementwise", "fill_normal_bf16"),
@@ -230,6 +232,8 @@ pub struct Kernels {
     attention_prefill: Kernel,
     silu_mul: Kernel,
     split_sum: Kernel,
+    split_f32: Kernel,
+    gather_rows: Kernel,
     fill_f32: Kernel,
     fill_u16: Kernel,
     fill_normal: Kernel,
@@ -284,6 +288,8 @@ impl Kernels {
             attention_prefill: get("attention_prefill")?,
             silu_mul: get("silu_mul")?,
             split_sum: get("split_sum")?,
+            split_f32: get("split_f32")?,
+            gather_rows: get("gather_rows")?,
             fill_f32: get("fill_f32")?,
             fill_u16: get("fill_u16")?,
             fill_normal: get("fill_normal_bf16")?,
@@ -571,6 +577,56 @@ impl Kernels {
         unsafe {
             self.split_sum
                 .launch(&self.ctx, (blocks_for(n * cols), 1, 1), THREADS, &args)
+        }
+    }
+
+    /// `out` (BF16 `2 x count`) = `x` (f32 `count`) as split BF16: hi rows then lo rows, the bits
+    /// the attention kernels write for a split output. A fused step's attention writes each
+    /// part's f32 output (`out_f32`) only, since a part's lo rows lie `n` rows of the whole
+    /// pass further; this makes the split rows of the whole pass from them.
+    pub fn split_f32(&self, x: u64, count: usize, out: u64) -> GpuResult<()> {
+        let args = [Arg::P(x), Arg::U(count as u64), Arg::P(out)];
+        // SAFETY: matches split_f32(const float*, unsigned long long, u16*); `x` holds `count`
+        // f32 and `out` 2 count u16 (the caller's).
+        unsafe {
+            self.split_f32
+                .launch(&self.ctx, (blocks_for(count), 1, 1), THREADS, &args)
+        }
+    }
+
+    /// Copies rows `rows[r]` (i32 `m` on the device, each < `n`) of a pass's normed activations
+    /// (`xb` BF16 `(split ? 2n : n) x h`, `xf` f32 `n x h`) to rows `r` of `out_b` (BF16
+    /// `(split ? 2m : m) x h`, lo rows `m` further) and `out_f` (f32 `m x h`): the lm_head's
+    /// input of the rows whose logits a fused step wants.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather_rows(
+        &self,
+        xb: u64,
+        xf: u64,
+        split: bool,
+        n: usize,
+        h: usize,
+        rows: u64,
+        m: usize,
+        out_b: u64,
+        out_f: u64,
+    ) -> GpuResult<()> {
+        let args = [
+            Arg::P(xb),
+            Arg::P(xf),
+            Arg::I(split as i32),
+            Arg::I(i32_of(n, "n")?),
+            Arg::I(i32_of(h, "hidden")?),
+            Arg::P(rows),
+            Arg::I(i32_of(m, "m")?),
+            Arg::P(out_b),
+            Arg::P(out_f),
+        ];
+        // SAFETY: matches gather_rows(const u16*, const float*, int, int, int, const int*, int,
+        // u16*, float*); extents the caller's (documented above).
+        unsafe {
+            self.gather_rows
+                .launch(&self.ctx, (blocks_for(m * h), 1, 1), THREADS, &args)
         }
     }
 

@@ -93,6 +93,8 @@ pub struct WorkBuffers {
     pub logits: usize,
     /// See [`WorkBuffers::logits_raw`].
     pub ids: usize,
+    /// The rows of a fused step's pass whose logits are wanted (i32, at most one per sequence).
+    pub gather: usize,
     /// The device sampler's per-row records (`sample::SampleRow`, 48 bytes each). Its logit
     /// edits (8 bytes each, at most one per token id and row) go into `logits_raw`, which is
     /// exactly `8 × rows × vocab` bytes and dead once a step's logits are final.
@@ -144,6 +146,7 @@ impl WorkBuffers {
             logits_raw: 4 * 2 * lcap * v,
             logits: 4 * lcap * v,
             ids: 4 * lcap,
+            gather: 4 * lcap,
             sample_rows: std::mem::size_of::<super::sample::SampleRow>() * lcap,
             attn_ml: 4 * 2 * attn_split_rows(lcap) * cfg.num_attention_heads,
             attn_acc: 4 * attn_split_rows(lcap) * cfg.num_attention_heads * cfg.head_dim,
@@ -175,6 +178,7 @@ impl WorkBuffers {
             logits_raw,
             logits,
             ids,
+            gather,
             sample_rows,
             attn_ml,
             attn_acc,
@@ -200,6 +204,7 @@ impl WorkBuffers {
             + logits_raw
             + logits
             + ids
+            + gather
             + sample_rows
             + attn_ml
             + attn_acc

@@ -412,6 +412,7 @@ impl CudaBackend {
             logits_raw: buf(wb.logits_raw)?,
             logits: buf(wb.logits)?,
             ids: buf(wb.ids)?,
+            gather: buf(wb.gather)?,
             sample_rows: buf(wb.sample_rows)?,
             attn_ml: buf(wb.attn_ml)?,
             attn_acc: buf(wb.attn_acc)?,
@@ -447,6 +448,7 @@ impl CudaBackend {
         let buckets = decode_buckets(max_sequences);
         let step_events = (Event::new(&ctx)?, Event::new(&ctx)?);
         let choice_events = (Event::new(&ctx)?, Event::new(&ctx)?);
+        let host_ids = IdsDownload::new(&ctx, lcap)?;
         let staging = Staging::new(&ctx, STAGING_BYTES)?;
         Ok(Self {
             cfg,
@@ -468,6 +470,7 @@ impl CudaBackend {
             step_events,
             step_timed: false,
             choice_events,
+            host_ids,
             ctx,
             opts: opts.clone(),
             cap,

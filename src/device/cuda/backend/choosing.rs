@@ -249,8 +249,8 @@ impl CudaBackend {
         self.finish_argmax(rows, t)
     }
 
-    /// Queues the argmax kernel over the first `rows` rows of the logits buffer (no wait);
-    /// returns when it was queued.
+    /// Queues the argmax kernel over the first `rows` rows of the logits buffer and the ids'
+    /// copy back (no wait); returns when it was queued.
     pub(super) fn queue_argmax(&mut self, rows: usize) -> GpuResult<Instant> {
         self.ctx.bind()?;
         let vocab = self.cfg.vocab_size;
@@ -259,6 +259,7 @@ impl CudaBackend {
         self.k
             .argmax_rows(self.bufs.logits.ptr(), rows, vocab, self.bufs.ids.ptr())?;
         self.choice_events.1.record()?;
+        self.host_ids.queue(self.bufs.ids.ptr(), rows)?;
         Ok(t)
     }
 
@@ -269,18 +270,18 @@ impl CudaBackend {
         ids_in_vocab(ids, self.cfg.vocab_size, "argmax")
     }
 
-    /// The ids of a queued choosing kernel (queued at `t`) back on the host: the step's one
-    /// synchronisation. Returns them with the time from `t` to the ids on the host and the
-    /// kernel's device time (`choice_events`), after settling the step's own time.
+    /// The ids of a queued choosing kernel (queued at `t`, its ids' copy with it) back on the
+    /// host: the step's one synchronisation, on the copy's event. Returns them with the time
+    /// from `t` to the ids on the host and the kernel's device time (`choice_events`), after
+    /// settling the step's own time (its events are complete by then: no further wait).
     pub(super) fn finish_choice(
         &mut self,
         rows: usize,
         t: Instant,
     ) -> GpuResult<(Vec<i32>, f64, f64)> {
         self.ctx.bind()?;
-        let mut ids = vec![0i32; rows];
-        // The step's one synchronisation: the ids back (the step and the kernel done).
-        self.bufs.ids.download(&mut ids)?;
+        // The step's one synchronisation: the ids' copy done (the step and the kernel too).
+        let ids = self.host_ids.wait(rows)?;
         let host_ms = t.elapsed().as_secs_f64() * 1e3;
         self.settle_step_time()?;
         let gpu_ms = self.choice_events.0.elapsed_ms(&self.choice_events.1)? as f64;
@@ -324,6 +325,7 @@ impl CudaBackend {
             self.bufs.ids.ptr(),
         )?;
         self.choice_events.1.record()?;
+        self.host_ids.queue(self.bufs.ids.ptr(), rows)?;
         Ok(t)
     }
 

@@ -26,8 +26,21 @@ impl CudaBackend {
         })
     }
 
-    /// Queues one pass over `n` tokens whose ids, positions and slots are in the input buffers.
+    /// Queues one pass over `n` tokens whose ids, positions and slots are in the input buffers:
+    /// a decode batch (`Want::All`: the per-token attention) or a prompt chunk (the tiled one).
     pub(super) fn enqueue(&self, n: usize, want: Want) -> GpuResult<()> {
+        let attend = if want == Want::All {
+            Attend::Decode
+        } else {
+            Attend::Prefill
+        };
+        self.enqueue_pass(n, attend, want)
+    }
+
+    /// Queues one pass over `n` tokens whose ids, positions and slots are in the input buffers
+    /// (and, for `Want::Gathered`, the wanted rows in `bufs.gather`), its attention as `attend`
+    /// says.
+    pub(super) fn enqueue_pass(&self, n: usize, attend: Attend<'_>, want: Want) -> GpuResult<()> {
         let c = &self.cfg;
         let (h, im, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (heads, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -93,8 +106,8 @@ impl CudaBackend {
                 kvh,
                 hd,
             )?;
-            if want == Want::All {
-                k.attention(
+            match attend {
+                Attend::Decode => k.attention(
                     b.q.ptr(),
                     paged(l),
                     b.pos.ptr(),
@@ -107,11 +120,10 @@ impl CudaBackend {
                     kvh,
                     hd,
                     split,
-                )?;
-            } else {
+                )?,
                 // A prompt chunk: one sequence, so the tiled kernel shares each key tile among
                 // its queries.
-                k.attention_prefill(
+                Attend::Prefill => k.attention_prefill(
                     b.q.ptr(),
                     paged(l),
                     b.pos.ptr(),
@@ -123,7 +135,70 @@ impl CudaBackend {
                     heads,
                     kvh,
                     hd,
-                )?;
+                )?,
+                Attend::Mixed {
+                    prefill,
+                    decode,
+                    splits,
+                } => {
+                    // Each part's rows from row r0: its queries, positions, slots and outputs
+                    // offset by r0 rows, its own row count as the kernel's n. The kernels put a
+                    // split output's lo row n (their n) rows after its hi row, which is not where
+                    // the pass's lo rows are, so the parts write hi and f32 rows only and
+                    // `split_f32` makes the pass's hi and lo rows from the f32 ones (the same
+                    // bits the kernels' split output has).
+                    let at = |r0: usize| {
+                        let r0 = r0 as u64;
+                        let qd64 = qd as u64;
+                        (
+                            b.q.ptr() + 4 * r0 * qd64,
+                            b.pos.ptr() + 4 * r0,
+                            b.slot.ptr() + 4 * r0,
+                            b.ab.ptr() + 2 * r0 * qd64,
+                            b.af.ptr() + 4 * r0 * qd64,
+                        )
+                    };
+                    for &(r0, rows) in prefill {
+                        let (q, pos, slot, ab, af) = at(r0);
+                        k.attention_prefill(
+                            q,
+                            paged(l),
+                            pos,
+                            slot,
+                            ab,
+                            false,
+                            Some(af),
+                            rows,
+                            heads,
+                            kvh,
+                            hd,
+                        )?;
+                    }
+                    if let Some((r0, rows)) = decode {
+                        let (q, pos, slot, ab, af) = at(r0);
+                        k.attention(
+                            q,
+                            paged(l),
+                            pos,
+                            slot,
+                            ab,
+                            false,
+                            Some(af),
+                            rows,
+                            heads,
+                            kvh,
+                            hd,
+                            AttnSplit {
+                                splits,
+                                part_ml: b.attn_ml.ptr(),
+                                part_acc: b.attn_acc.ptr(),
+                            },
+                        )?;
+                    }
+                    if s {
+                        k.split_f32(b.af.ptr(), n * qd, b.ab.ptr())?;
+                    }
+                }
             }
             let o = self.product(Role::O, &lw.o, input(b.ab.ptr(), b.af.ptr(), qd), b.y.ptr())?;
             k.rmsnorm_residual(
@@ -166,7 +241,7 @@ impl CudaBackend {
             eps,
         )?;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        let (x, m) = match want {
+        let (x, m, out0) = match want {
             // Row n-1 (and its lo row 2n-1, n rows further): BF16 rows n*h elements apart.
             Want::Last => (
                 Input {
@@ -177,11 +252,40 @@ impl CudaBackend {
                     n: 1,
                 },
                 1,
+                0,
             ),
-            _ => (input(b.xb.ptr(), b.xf.ptr(), h), n),
+            // The wanted rows gathered into buffers the last layer is done with: BF16 rows (hi,
+            // then lo m rows further) into y (f32 2 cap x h: room for 2 m BF16 rows many times
+            // over) and f32 rows into x (cap x h: the residual stream, read for the last time by
+            // the final norm above).
+            Want::Gathered { rows: m, out0 } => {
+                k.gather_rows(
+                    b.xb.ptr(),
+                    b.xf.ptr(),
+                    s,
+                    n,
+                    h,
+                    b.gather.ptr(),
+                    m,
+                    b.y.ptr(),
+                    b.x.ptr(),
+                )?;
+                (
+                    Input {
+                        bf16: b.y.ptr(),
+                        ldb: h,
+                        bf16_rows: if s { 2 * m } else { m },
+                        f32: b.x.ptr(),
+                        n: m,
+                    },
+                    m,
+                    out0,
+                )
+            }
+            _ => (input(b.xb.ptr(), b.xf.ptr(), h), n, 0),
         };
         let logits = self.product(Role::LmHead, head, x, b.logits_raw.ptr())?;
-        k.split_sum(logits, m, vocab, b.logits.ptr())
+        k.split_sum(logits, m, vocab, b.logits.ptr() + 4 * (out0 * vocab) as u64)
     }
 
     /// Queues a pass's inputs through the staging memory, without waiting.
