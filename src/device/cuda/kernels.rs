@@ -20,7 +20,11 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("embed", "embed_gather_bf16"),
     ("norm", "rmsnorm_residual"),
     ("rope", "rope_qkv_store"),
-    ("attention", "attention"),
+    ("attention", "attention_decode_h1"),
+    ("attention", "attention_decode_h2"),
+    ("attention", "attention_decode_h4"),
+    ("attention", "attention_decode_h8"),
+    ("attention", "attention_per_head"),
     ("attention", "attention_combine"),
     ("attention", "attention_prefill"),
     ("elementwise", "silu_mul"),
@@ -86,7 +90,8 @@ const ROPE_THREADS: u32 = 128;
 
 /// The arguments `attention` and `attention_prefill` (kernels/attention.cu) share, in their
 /// order, after checking the head shape both kernels need (`what` names the kernel in the
-/// error): `head_dim` a multiple of 32 up to [`ATTN_MAX_HEAD_DIM`], KV heads dividing heads.
+/// error): `head_dim` a multiple of 32 up to [`ATTN_MAX_HEAD_DIM`], KV heads dividing heads (at
+/// least one of each).
 fn attention_args(
     what: &str,
     q: u64,
@@ -99,6 +104,7 @@ fn attention_args(
     if head_dim == 0
         || !head_dim.is_multiple_of(32)
         || head_dim > ATTN_MAX_HEAD_DIM
+        || heads == 0
         || kv_heads == 0
         || !heads.is_multiple_of(kv_heads)
     {
@@ -138,8 +144,34 @@ const ARGMAX_THREADS: u32 = 1024;
 /// Threads per block of the sampling kernel (kernels/sample.cu's SAMPLE_THREADS: its reductions
 /// and scans assume exactly this many).
 const SAMPLE_THREADS: u32 = 1024;
-/// Threads per block of the attention kernel (kernels/attention.cu's ATTN_WARPS * 32).
+/// Threads per block of `attention_per_head`, `attention_combine` and `attention_prefill`
+/// (kernels/attention.cu's ATTN_WARPS * 32).
 const ATTN_THREADS: u32 = 256;
+/// Threads per block of the decode attention `attention_decode_h*` (kernels/attention.cu's
+/// DEC_THREADS).
+const DECODE_THREADS: u32 = 128;
+/// Most query heads one block of the decode attention computes (its largest entry point,
+/// `attention_decode_h8`).
+pub const DECODE_MAX_HEADS_PER_BLOCK: usize = 8;
+
+/// Query heads per block of the decode attention for a GQA group of `group` query heads per KV
+/// head: the smallest of 1, 2, 4, 8 that holds the group, 8 for larger groups (which then take
+/// `ceil(group / 8)` blocks per KV head). Picks the entry point `attention_decode_h{G}`; the
+/// kernel derives the same G from its own entry point.
+pub fn decode_heads_per_block(group: usize) -> usize {
+    group
+        .max(1)
+        .next_power_of_two()
+        .min(DECODE_MAX_HEADS_PER_BLOCK)
+}
+
+/// Blocks per (token, split) of the decode attention: `kv_heads × ceil(group / G)` with G from
+/// [`decode_heads_per_block`] (`kv_heads` when a group fits one block, as for every Llama).
+pub fn decode_blocks_per_row(heads: usize, kv_heads: usize) -> usize {
+    let kvh = kv_heads.max(1);
+    let group = (heads / kvh).max(1);
+    kvh * group.div_ceil(decode_heads_per_block(group))
+}
 /// Largest head dimension the attention kernel takes.
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 /// Fewest positions one split of the attention takes (kernels/attention.cu's ATTN_MIN_CHUNK).
@@ -225,7 +257,9 @@ pub struct Kernels {
     embed: Kernel,
     rmsnorm: Kernel,
     rope: Kernel,
-    attention: Kernel,
+    /// `attention_decode_h{1,2,4,8}`, in that order.
+    attention_decode: [Kernel; 4],
+    attention_per_head: Kernel,
     attention_combine: Kernel,
     attention_prefill: Kernel,
     silu_mul: Kernel,
@@ -279,7 +313,13 @@ impl Kernels {
             embed: get("embed_gather_bf16")?,
             rmsnorm: get("rmsnorm_residual")?,
             rope: get("rope_qkv_store")?,
-            attention: get("attention")?,
+            attention_decode: [
+                get("attention_decode_h1")?,
+                get("attention_decode_h2")?,
+                get("attention_decode_h4")?,
+                get("attention_decode_h8")?,
+            ],
+            attention_per_head: get("attention_per_head")?,
             attention_combine: get("attention_combine")?,
             attention_prefill: get("attention_prefill")?,
             silu_mul: get("silu_mul")?,
@@ -404,7 +444,9 @@ impl Kernels {
     /// hd`, and f32 `n x heads x hd` unrounded into `out_f32` when given. With `split.splits > 1`
     /// each (token, head) is computed in that many ranges of positions ([`split_range`]) into
     /// the partials, then merged by `attention_combine`. `head_dim` must be a multiple of 32
-    /// and at most [`ATTN_MAX_HEAD_DIM`].
+    /// and at most [`ATTN_MAX_HEAD_DIM`]. The decode kernel `attention_decode_h*`: one block per
+    /// (token, KV head, split) computes all the query heads of its KV head
+    /// ([`decode_heads_per_block`]), so each key and value row is read once per step.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -430,6 +472,71 @@ impl Kernels {
             n,
             (heads, kv_heads, head_dim),
         )?;
+        let g = decode_heads_per_block(heads / kv_heads);
+        let kernel = &self.attention_decode[g.trailing_zeros() as usize];
+        let blocks = decode_blocks_per_row(heads, kv_heads);
+        self.split_attention(
+            kernel,
+            (blocks, DECODE_THREADS),
+            common,
+            (out, out_split, out_f32),
+            (n, heads, head_dim),
+            split,
+        )
+    }
+
+    /// [`Kernels::attention`] by the first decode kernel, `attention_per_head`: one block of 8
+    /// warps per (token, query head, split), every query head re-reading its KV head's rows, 2
+    /// bytes per lane per load. Same arguments, same results within f32 rounding. Only `unweight
+    /// bench attention` runs it, as the baseline the decode kernel is measured against side by
+    /// side (and the GPU tests, which hold it to the same reference).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_per_head(
+        &self,
+        q: u64,
+        kv: PagedKv,
+        pos: u64,
+        slot: u64,
+        out: u64,
+        out_split: bool,
+        out_f32: Option<u64>,
+        n: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        split: AttnSplit,
+    ) -> GpuResult<()> {
+        let common = attention_args(
+            "attention",
+            q,
+            kv,
+            (pos, slot),
+            (out, out_split, out_f32),
+            n,
+            (heads, kv_heads, head_dim),
+        )?;
+        self.split_attention(
+            &self.attention_per_head,
+            (heads, ATTN_THREADS),
+            common,
+            (out, out_split, out_f32),
+            (n, heads, head_dim),
+            split,
+        )
+    }
+
+    /// Launches a decode attention kernel (`blocks` per token and split, `threads` each) with
+    /// `common` ([`attention_args`]) and the split arguments, then `attention_combine` when the
+    /// attention is split.
+    fn split_attention(
+        &self,
+        kernel: &Kernel,
+        (blocks, threads): (usize, u32),
+        common: [Arg; 15],
+        (out, out_split, out_f32): (u64, bool, Option<u64>),
+        (n, heads, head_dim): (usize, usize, usize),
+        split: AttnSplit,
+    ) -> GpuResult<()> {
         if split.splits == 0
             || split.splits > 65535
             || (split.splits > 1 && (split.part_ml == 0 || split.part_acc == 0))
@@ -451,16 +558,14 @@ impl Kernels {
             )));
         }
         let grid = (
-            i32_of(heads, "heads")? as u32,
+            i32_of(blocks, "attention blocks per token")? as u32,
             i32_of(n, "n")? as u32,
             split.splits as u32,
         );
-        // SAFETY: matches attention's parameters; head_dim and the partials checked above;
+        // SAFETY: `kernel` is attention_per_head or attention_decode_h*, whose parameters are
+        // `common` then (splits, part_ml, part_acc); head_dim and the partials checked above;
         // extents (cache, table, partials for n x heads x splits) the caller's.
-        unsafe {
-            self.attention
-                .launch(&self.ctx, grid, ATTN_THREADS, &args)?
-        };
+        unsafe { kernel.launch(&self.ctx, grid, threads, &args)? };
         if split.splits == 1 {
             return Ok(());
         }
