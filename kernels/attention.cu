@@ -196,17 +196,19 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 // so a warp holds 32 / SUB rows at once and the block NS = 4 x 32 / SUB "streams" (hd 128: 16
 // lanes per row, 8 streams; hd 64: 8 lanes, 16 streams). Lane c of a stream holds elements
 // 8c..8c+7 of its heads' queries (registers), accumulators and of the rows it loads.
-// Split range [begin, end) as attention_per_head's (split_chunk). Stream s walks begin + s, begin + s +
-// NS, ... in ascending order, loading U positions at once (U x 32 bytes of K and V per lane in
-// flight; U = 8 for G <= 2, else 4), then folds them in one by one in that order: per head,
-// score = (the lane's sequential 8-term f32 dot product, summed over the SUB lanes by an xor
-// butterfly: every lane gets the same bits) x scale, and the online-softmax update of
-// attention_per_head (a corr of exactly 1 when the max does not move is skipped: the same values).
+// Split range [begin, end) as attention_per_head's (split_chunk). Stream s walks begin + s,
+// begin + s + NS, ... in ascending order, loading U positions at once (U x 32 bytes of K and V
+// per lane in flight; U = 8 for G <= 2, else 4), then folds them in one by one in that order:
+// per head, score = (the lane's sequential 8-term f32 dot product, summed over the SUB lanes by
+// an xor butterfly: every lane gets the same bits) x scale, and the online-softmax update of
+// attention_per_head (a corr of exactly 1 when the max does not move is skipped: the same
+// values).
 // At the end every stream's (max, sum, accumulator) per head goes to shared memory and is merged
 // over the streams 0..NS-1 in order as attention_per_head's warps are; the output or the
 // partials (`attention_combine`'s input, per query head) are written as attention_per_head's.
-// Arguments and layouts as attention_per_head's. `sizing::tests::decode_streams_model_equals_the_softmax`
-// is this kernel's order of operations in Rust, checked against f64 on the CPU.
+// Arguments and layouts as attention_per_head's.
+// `sizing::tests::decode_streams_model_equals_the_softmax` is this kernel's order of operations
+// in Rust, checked against f64 on the CPU.
 #define DEC_WARPS 4
 #define DEC_THREADS (DEC_WARPS * 32)
 // Largest NS x head_dim over head_dim = 32..256 (NS x head_dim <= 4 x 32 / SUB x 8 SUB).
