@@ -88,7 +88,7 @@ const NORM_THREADS: u32 = 1024;
 /// Threads of a RoPE block; each token gets [`rope_blocks`] of them.
 const ROPE_THREADS: u32 = 128;
 
-/// The arguments `attention` and `attention_prefill` (kernels/attention.cu) share, in their
+/// The arguments the attention kernels (kernels/attention.cu) share, in their
 /// order, after checking the head shape both kernels need (`what` names the kernel in the
 /// error): `head_dim` a multiple of 32 up to [`ATTN_MAX_HEAD_DIM`], KV heads dividing heads (at
 /// least one of each).
@@ -788,6 +788,44 @@ mod tests {
         let b = rope_blocks(0, 4, 64) as usize;
         assert!(b * ROPE_THREADS as usize >= 4 * 64);
         assert_eq!(rope_blocks(0, 0, 0), 1);
+    }
+
+    #[test]
+    fn decode_blocks_cover_every_query_head_once() {
+        // (heads, kv_heads) -> heads per block, blocks per row: Llama-3.1-8B, 70B, SmolLM2, MHA,
+        // MQA with 32 heads (four blocks of 8 per KV head), a group of 12 (8 + 4).
+        for (heads, kvh, g, blocks) in [
+            (32usize, 8usize, 4usize, 8usize),
+            (64, 8, 8, 8),
+            (9, 3, 4, 3),
+            (16, 16, 1, 16),
+            (32, 1, 8, 4),
+            (24, 2, 8, 4),
+            (4, 2, 2, 2),
+        ] {
+            let group = heads / kvh;
+            assert_eq!(decode_heads_per_block(group), g, "{heads}/{kvh}");
+            assert_eq!(decode_blocks_per_row(heads, kvh), blocks, "{heads}/{kvh}");
+            // The kernel's split of blockIdx.x: every query head exactly once, in its KV head.
+            let mut seen = vec![0u32; heads];
+            let chunks = group.div_ceil(g);
+            for x in 0..blocks {
+                let (kh, hc) = (x / chunks, x % chunks);
+                let h0 = kh * group + hc * g;
+                let gn = g.min(group - hc * g);
+                for (h, n) in seen.iter_mut().enumerate().skip(h0).take(gn) {
+                    assert_eq!(h / group, kh);
+                    *n += 1;
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{heads}/{kvh}: {seen:?}");
+        }
+        // The entry points exist for exactly the G the host picks.
+        for group in 1..=40 {
+            let g = decode_heads_per_block(group);
+            let name = format!("attention_decode_h{g}");
+            assert!(KERNELS.iter().any(|(_, n)| *n == name), "{name}");
+        }
     }
 
     /// A sequential model of `attention_prefill` (kernels/attention.cu) for one query: key tiles
