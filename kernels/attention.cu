@@ -187,7 +187,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 // query head of that KV head (up to G of them: a group larger than 8 takes ceil(group / 8)
 // blocks per KV head), so each key and value row is read from memory once per step, in 16-byte
 // loads. Entry points attention_decode_h{1,2,4,8}: G = 1, 2, 4, 8 heads per block (the host
-// picks the smallest G that holds the group, at most 8: `decode_heads_per_block` in kernels.rs;
+// picks the smallest G that holds the group, at most 8: `heads_per_block` in kernels.rs;
 // a group of 3 runs in G = 4 with one slot idle).
 // grid: (kv_heads x ceil(group / G), n, splits); block: DEC_THREADS = 128 threads (4 warps);
 //   static shared memory: G x (DEC_SPAN + 64) floats (G = 4: 17 KB, G = 8: 34 KB).
@@ -458,21 +458,35 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 // Prefill attention, tiled through shared memory (flash style, causal, CUDA cores in f32): the
 // queries of one prompt chunk, every token in the same slot (one sequence: the host's contract),
 // over the paged BF16 cache.
-// grid: (ceil(n / PF_QTILE), heads); block: ATTN_THREADS (8 warps); static shared memory:
-//   2 x PF_KTILE x (head_dim + 2) BF16 (16.5 KB at head_dim 128, 33 KB at 256).
-// Block (x, h) takes the PF_QTILE queries t0 = x PF_QTILE .. (PF_QROWS per warp) of head h. It
-// walks the key tiles [k0, k0 + PF_KTILE) of the slot from position 0 up to its last query's
-// position; each tile's keys and values (two KV blocks) are loaded once into shared memory for
-// all its queries (the per-query kernel reads them once per query). Per tile and query, lane j
-// computes the score of key k0 + j (a sequential f32 dot product over head_dim; -inf past the
-// query's position), the warp takes the tile's max and sum (online softmax), and each lane adds
-// p_j v_j to its head_dim/32 output elements, key by key. A query skips the tiles past its
-// position, so its result depends only on its position and the cache: the same whatever chunk or
-// tile it is in (chunked prefill = whole prefill, bit for bit, on the attention's part).
-// Arguments as attention_per_head's (no splits).
-#define PF_QROWS 2
-#define PF_QTILE (ATTN_WARPS * PF_QROWS)
+// A block takes PF_ROWS = 32 (query, head) rows: the G query heads h0 .. h0 + G - 1 of one KV
+// head (G = heads_per_block(group), as the decode kernel's; a group of 3 in G = 4 with one head
+// idle, a group above 8 in ceil(group / 8) blocks per KV head) for QT = 32 / G consecutive
+// queries t0 = x QT ..; row rr = qi G + g is query t0 + qi, head h0 + g; warp w holds rows
+// 4w .. 4w + 3 (PF_ROWS_PER_WARP).
+// grid: (ceil(n / QT), kv_heads x ceil(group / G)); block: ATTN_THREADS (8 warps), at most 128
+//   registers (2 blocks per SM); dynamic shared memory (kernels.rs prefill_smem): 32 x head_dim
+//   f32 (the rows' queries) + 2 x PF_KTILE x (head_dim + 2) BF16 = 256 (head_dim + 1) bytes
+//   (32.3 KB at head_dim 128, 64.3 KB at 256: the host raises the kernel's limit at load).
+// The block's queries go to shared memory once. It walks the key tiles [k0, k0 + PF_KTILE) of the
+// slot from position 0 up to its last query's position; each tile's keys and values (two KV
+// blocks) are loaded once into shared memory for all its rows: every query head of the group
+// and every query of the tile. Per tile, lane j computes the scores of key k0 + j for the warp's
+// 4 rows (a sequential f32 dot product over head_dim per row, each key word read once for the 4
+// rows, the queries read as broadcast float4s); then per row (skipped when the tile is past its
+// query's position) -inf past the query's position, the warp takes the tile's max and sum
+// (online softmax), and each lane adds p_j v_j to its head_dim/32 output elements, key by key.
+// A row's operations, and their order, depend only on its query, its position and the cache:
+// the same whatever chunk, tile or block it is in (chunked prefill = whole prefill, bit for bit,
+// on the attention's part). Arguments as attention_per_head's (no splits).
+#define PF_ROWS_PER_WARP 4
+#define PF_ROWS (ATTN_WARPS * PF_ROWS_PER_WARP)
 #define PF_KTILE 32
+
+// Query heads per block of the decode and prefill kernels for a group of `group` query heads per
+// KV head: the smallest power of two that holds it, at most 8 (kernels.rs heads_per_block).
+UW_DEVICE int heads_per_block(int group) {
+    return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+}
 
 template <int E>
 UW_DEVICE void prefill_body(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
@@ -480,31 +494,49 @@ UW_DEVICE void prefill_body(const float* __restrict__ q, const uint16_t* __restr
                             int max_blocks, const int* __restrict__ pos,
                             const int* __restrict__ slot, uint16_t* __restrict__ out,
                             float* __restrict__ out_f32, int split, int n, int heads,
-                            int kv_heads, float scale, uint16_t* sk, uint16_t* sv) {
+                            int kv_heads, float scale, float* sq, uint16_t* sk, uint16_t* sv) {
     constexpr int head_dim = 32 * E;
     constexpr int stride = head_dim + 2;  // BF16 per shared row: lane j's words fall in bank j
     constexpr int words = head_dim / 2;   // u32 (BF16 pairs) per row
-    const int h = blockIdx.y, t0 = blockIdx.x * PF_QTILE;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    constexpr int RW = PF_ROWS_PER_WARP;
     const int group = heads / kv_heads;
+    const int G = heads_per_block(group);
+    const int QT = PF_ROWS / G;  // queries per block
+    const int hchunks = (group + G - 1) / G;
+    const int kh = blockIdx.y / hchunks, hc = blockIdx.y % hchunks;
+    const int h0 = kh * group + hc * G;    // first query head of this block
+    const int gn = min(G, group - hc * G);  // query heads of this block (the rest idle)
+    const int t0 = blockIdx.x * QT;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const size_t kvd = (size_t)kv_heads * head_dim;
-    const size_t head_off = (size_t)(h / group) * head_dim;
+    const size_t head_off = (size_t)kh * head_dim;
     const int sl = slot[t0];
     int last = 0;
-    for (int i = 0; i < PF_QTILE && t0 + i < n; ++i) last = max(last, pos[t0 + i]);
-    int qt[PF_QROWS], pr[PF_QROWS];
-    float m[PF_QROWS], l[PF_QROWS], acc[PF_QROWS][E];
+    for (int i = 0; i < QT && t0 + i < n; ++i) last = max(last, pos[t0 + i]);
+    // The rows' queries (zeros for idle rows), read by the first tile's sync.
+    for (int i = threadIdx.x; i < PF_ROWS * head_dim; i += blockDim.x) {
+        const int rr = i / head_dim, e = i % head_dim;
+        const int t = t0 + rr / G, g = rr % G;
+        sq[i] = (t < n && g < gn) ? q[((size_t)t * heads + h0 + g) * head_dim + e] : 0.0f;
+    }
+    int pr[RW];
+    float m[RW], l[RW], pe[RW], acc[RW][E];
 #pragma unroll
-    for (int r = 0; r < PF_QROWS; ++r) {
-        qt[r] = t0 + warp * PF_QROWS + r;
-        pr[r] = qt[r] < n ? pos[qt[r]] : -1;  // -1: no query (past the chunk's end)
+    for (int r = 0; r < RW; ++r) {
+        const int rr = warp * RW + r;
+        const int t = t0 + rr / G, g = rr % G;
+        pr[r] = (t < n && g < gn) ? pos[t] : -1;  // -1: no row (past the chunk, idle head)
         m[r] = -INFINITY;
         l[r] = 0.0f;
+        pe[r] = 0.0f;
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
     }
+    int wlast = -1;  // the warp's last visible position
+#pragma unroll
+    for (int r = 0; r < RW; ++r) wlast = max(wlast, pr[r]);
     for (int k0 = 0; k0 <= last; k0 += PF_KTILE) {
-        __syncthreads();  // every warp is done with the previous tile
+        __syncthreads();  // every warp is done with the previous tile (and sq is written)
         for (int i = threadIdx.x; i < PF_KTILE * words; i += blockDim.x) {
             const int j = i / words, c = i % words, p = k0 + j;
             uint32_t kw = 0, vw = 0;
@@ -517,43 +549,63 @@ UW_DEVICE void prefill_body(const float* __restrict__ q, const uint16_t* __restr
             reinterpret_cast<uint32_t*>(sv + j * stride)[c] = vw;
         }
         __syncthreads();
+        if (k0 > wlast) continue;  // warp-uniform: no row of this warp sees the tile
+        // Lane j's dot products with key k0 + j for the warp's rows: element order 0, 1, ...
+        float dot[RW];
 #pragma unroll
-        for (int r = 0; r < PF_QROWS; ++r) {
-            if (k0 > pr[r]) continue;  // warp-uniform: no key of this tile is visible
-            const float* qr = q + ((size_t)qt[r] * heads + h) * head_dim;
-            float s = -INFINITY;
-            if (k0 + lane <= pr[r]) {
-                const uint32_t* kr = reinterpret_cast<const uint32_t*>(sk + lane * stride);
-                float dot = 0.0f;
-#pragma unroll 8
-                for (int c = 0; c < words; ++c) {
-                    const uint32_t w = kr[c];
-                    dot += qr[2 * c] * __uint_as_float(w << 16);
-                    dot += qr[2 * c + 1] * __uint_as_float(w & 0xffff0000u);
-                }
-                s = dot * scale;
+        for (int r = 0; r < RW; ++r) dot[r] = 0.0f;
+        const uint32_t* kr = reinterpret_cast<const uint32_t*>(sk + lane * stride);
+        const float4* q4 = reinterpret_cast<const float4*>(sq + (size_t)warp * RW * head_dim);
+#pragma unroll 4
+        for (int c4 = 0; c4 < head_dim / 4; ++c4) {
+            const uint32_t w0 = kr[2 * c4], w1 = kr[2 * c4 + 1];
+            const float k0v = __uint_as_float(w0 << 16), k1v = __uint_as_float(w0 & 0xffff0000u);
+            const float k2v = __uint_as_float(w1 << 16), k3v = __uint_as_float(w1 & 0xffff0000u);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const float4 qq = q4[r * (head_dim / 4) + c4];
+                dot[r] += qq.x * k0v;
+                dot[r] += qq.y * k1v;
+                dot[r] += qq.z * k2v;
+                dot[r] += qq.w * k3v;
             }
+        }
+#pragma unroll
+        for (int r = 0; r < RW; ++r) {
+            if (k0 > pr[r]) continue;  // warp-uniform: no key of this tile is visible
+            const float s = k0 + lane <= pr[r] ? dot[r] * scale : -INFINITY;
             const float mn = fmaxf(m[r], warp_max(s));  // finite: key k0 is visible
-            const float pe = expf(s - mn);
+            pe[r] = expf(s - mn);
             const float corr = expf(m[r] - mn);
-            l[r] = l[r] * corr + warp_sum(pe);
+            l[r] = l[r] * corr + warp_sum(pe[r]);
 #pragma unroll
             for (int e = 0; e < E; ++e) acc[r][e] *= corr;
-            for (int j = 0; j < PF_KTILE; ++j) {
-                const float pj = __shfl_sync(0xffffffffu, pe, j);
-                if (k0 + j > pr[r]) break;  // warp-uniform
-                const uint16_t* vr = sv + j * stride;
-#pragma unroll
-                for (int e = 0; e < E; ++e) acc[r][e] += pj * bf16_to_f32(vr[lane + 32 * e]);
-            }
             m[r] = mn;
+        }
+        // p_j v_j, key by key, for every row that sees key k0 + j (a row past the tile keeps a
+        // stale pe, never added: k0 + j > its position).
+        for (int j = 0; j < PF_KTILE; ++j) {
+            if (k0 + j > wlast) break;  // warp-uniform
+            const uint16_t* vr = sv + j * stride;
+            float v[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) v[e] = bf16_to_f32(vr[lane + 32 * e]);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const float pj = __shfl_sync(0xffffffffu, pe[r], j);
+                if (k0 + j <= pr[r]) {
+#pragma unroll
+                    for (int e = 0; e < E; ++e) acc[r][e] += pj * v[e];
+                }
+            }
         }
     }
     const size_t qd = (size_t)heads * head_dim;
 #pragma unroll
-    for (int r = 0; r < PF_QROWS; ++r) {
+    for (int r = 0; r < RW; ++r) {
         if (pr[r] < 0) continue;
-        const int t = qt[r];
+        const int rr = warp * RW + r;
+        const int t = t0 + rr / G, h = h0 + rr % G;
         uint16_t* hi = out + (size_t)t * qd + (size_t)h * head_dim;
         uint16_t* lo = split ? out + ((size_t)n + t) * qd + (size_t)h * head_dim : nullptr;
         float* f = out_f32 ? out_f32 + (size_t)t * qd + (size_t)h * head_dim : nullptr;
@@ -562,19 +614,22 @@ UW_DEVICE void prefill_body(const float* __restrict__ q, const uint16_t* __restr
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32, 2)
     attention_prefill(const float* __restrict__ q, const uint16_t* __restrict__ k_cache,
                       const uint16_t* __restrict__ v_cache, const int* __restrict__ table,
                       int max_blocks, const int* __restrict__ pos, const int* __restrict__ slot,
                       uint16_t* __restrict__ out, int split, int n, int heads, int kv_heads,
                       int head_dim, float scale, float* __restrict__ out_f32) {
-    // Sized for the largest head; 4-byte aligned rows (stride even).
-    __shared__ __align__(16) uint16_t sk[PF_KTILE * (ATTN_MAX_HEAD_DIM + 2)];
-    __shared__ __align__(16) uint16_t sv[PF_KTILE * (ATTN_MAX_HEAD_DIM + 2)];
+    // Dynamic: PF_ROWS x head_dim f32, then keys and values, PF_KTILE x (head_dim + 2) BF16 each
+    // (4-byte aligned rows: the stride is even).
+    extern __shared__ __align__(16) unsigned char pf_smem[];
+    float* sq = reinterpret_cast<float*>(pf_smem);
+    uint16_t* sk = reinterpret_cast<uint16_t*>(pf_smem + (size_t)PF_ROWS * head_dim * 4);
+    uint16_t* sv = sk + PF_KTILE * (head_dim + 2);
 #define UW_PF_CASE(E)                                                                          \
     case E:                                                                                    \
         prefill_body<E>(q, k_cache, v_cache, table, max_blocks, pos, slot, out, out_f32,       \
-                        split, n, heads, kv_heads, scale, sk, sv);                             \
+                        split, n, heads, kv_heads, scale, sq, sk, sv);                         \
         break;
     switch (head_dim / 32) {
         UW_PF_CASE(1)

@@ -535,17 +535,23 @@ fn kernel_decode_attention_every_group_and_length_up_to_8k() {
 }
 
 /// The tiled prefill attention: a chunk of one sequence's queries at consecutive positions
-/// (after earlier cached positions), against f64 over the widened BF16 cache; the same queries in
-/// other chunks give the same bits (a query depends only on its position), and the per-query
-/// kernel agrees within f32 rounding.
+/// (after earlier cached positions), at several GQA groups, against f64 over the widened BF16
+/// cache; the same queries in other chunks give the same bits (a query depends only on its
+/// position).
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
     require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(5);
-    for hd in [64usize, 96, 128] {
-        let (heads, kvh, slots, max_ctx) = (6, 2, 2, 200usize);
+    // GQA groups 1, 3 (blocks of 4 heads, one idle), 4, 8 and 16 (two blocks per KV head): the
+    // block's (query, head) rows and its query tile differ with each.
+    let shapes = [(4usize, 4usize), (6, 2), (8, 2), (16, 2), (16, 1)];
+    for (hd, (heads, kvh)) in [64usize, 96, 128]
+        .into_iter()
+        .flat_map(|hd| shapes.map(|s| (hd, s)))
+    {
+        let (slots, max_ctx) = (2, 200usize);
         let kvd = kvh * hd;
         let max_blocks = max_ctx.div_ceil(KV_BLOCK);
         let table = scrambled_table(slots, max_blocks);
@@ -553,8 +559,8 @@ fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
         let bf = |v: Vec<f32>| v.into_iter().map(f32_to_bf16).collect::<Vec<u16>>();
         let kc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
         let vc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
-        // 53 queries at positions 37..90 of slot 1: several query tiles (16), the last one
-        // partial, key tiles (32) partly visible.
+        // 53 queries at positions 37..90 of slot 1: several query tiles (32 / G queries: 4 to
+        // 32), the last one partial, key tiles (32) partly visible.
         let (p0, n) = (37usize, 53usize);
         let pos: Vec<i32> = (p0..p0 + n).map(|p| p as i32).collect();
         let slot = vec![1i32; n];
@@ -585,7 +591,7 @@ fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
                             split_value(&out, n, t, heads * hd, head * hd + d, out_split) as f64;
                         assert!(
                             (got - want).abs() <= attention_tolerance(want, out_split),
-                            "hd {hd} t {t} head {head} d {d}: {got} vs {want}"
+                            "hd {hd} heads {heads}/{kvh} t {t} head {head} d {d}: {got} vs {want}"
                         );
                     }
                 }
@@ -611,7 +617,7 @@ fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
                         assert_eq!(
                             part[t * w + i],
                             out[(c0 + t) * w + i],
-                            "hd {hd} chunk at {c0}: token {t} element {i}"
+                            "hd {hd} heads {heads}/{kvh} chunk at {c0}: token {t} element {i}"
                         );
                         if out_split {
                             assert_eq!(part[(m + t) * w + i], out[(n + c0 + t) * w + i]);

@@ -150,34 +150,43 @@ const ATTN_THREADS: u32 = 256;
 /// Threads per block of the decode attention `attention_decode_h*` (kernels/attention.cu's
 /// DEC_THREADS).
 const DECODE_THREADS: u32 = 128;
-/// Most query heads one block of the decode attention computes (its largest entry point,
-/// `attention_decode_h8`).
-pub const DECODE_MAX_HEADS_PER_BLOCK: usize = 8;
-
-/// Query heads per block of the decode attention for a GQA group of `group` query heads per KV
-/// head: the smallest of 1, 2, 4, 8 that holds the group, 8 for larger groups (which then take
-/// `ceil(group / 8)` blocks per KV head). Picks the entry point `attention_decode_h{G}`; the
-/// kernel derives the same G from its own entry point.
-pub fn decode_heads_per_block(group: usize) -> usize {
-    group
-        .max(1)
-        .next_power_of_two()
-        .min(DECODE_MAX_HEADS_PER_BLOCK)
-}
-
-/// Blocks per (token, split) of the decode attention: `kv_heads × ceil(group / G)` with G from
-/// [`decode_heads_per_block`] (`kv_heads` when a group fits one block, as for every Llama).
-pub fn decode_blocks_per_row(heads: usize, kv_heads: usize) -> usize {
-    let kvh = kv_heads.max(1);
-    let group = (heads / kvh).max(1);
-    kvh * group.div_ceil(decode_heads_per_block(group))
-}
-/// Largest head dimension the attention kernel takes.
+/// Largest head dimension the attention kernels take.
 pub const ATTN_MAX_HEAD_DIM: usize = 256;
 /// Fewest positions one split of the attention takes (kernels/attention.cu's ATTN_MIN_CHUNK).
 pub const ATTN_MIN_CHUNK: usize = 64;
-/// Queries per block of the tiled prefill attention (kernels/attention.cu's PF_QTILE).
-pub const PREFILL_QUERY_TILE: usize = 16;
+
+/// Most query heads one block of the decode or prefill attention computes (the decode kernel's
+/// largest entry point, `attention_decode_h8`).
+pub const MAX_HEADS_PER_BLOCK: usize = 8;
+
+/// Query heads per block of the decode and prefill attention for a GQA group of `group` query
+/// heads per KV head: the smallest of 1, 2, 4, 8 that holds the group, 8 for larger groups
+/// (which then take `ceil(group / 8)` blocks per KV head). Picks the decode entry point
+/// `attention_decode_h{G}`; kernels/attention.cu's `heads_per_block` is the same rule.
+pub fn heads_per_block(group: usize) -> usize {
+    group.max(1).next_power_of_two().min(MAX_HEADS_PER_BLOCK)
+}
+
+/// Blocks per KV-head set of the decode attention (per token and split) and of the prefill
+/// attention (per query tile): `kv_heads × ceil(group / G)` with G from [`heads_per_block`]
+/// (`kv_heads` when a group fits one block, as for every Llama).
+pub fn blocks_per_row(heads: usize, kv_heads: usize) -> usize {
+    let kvh = kv_heads.max(1);
+    let group = (heads / kvh).max(1);
+    kvh * group.div_ceil(heads_per_block(group))
+}
+
+/// (query, head) rows per block of the tiled prefill attention (kernels/attention.cu's
+/// PF_ROWS): `PREFILL_ROWS / G` queries of G heads.
+pub const PREFILL_ROWS: usize = 32;
+/// Key positions per shared-memory tile of the prefill attention (PF_KTILE).
+const PREFILL_KEY_TILE: usize = 32;
+
+/// Dynamic shared memory of `attention_prefill` at `head_dim`: the block's rows' f32 queries,
+/// then a tile of BF16 keys and one of values, rows padded to `head_dim + 2`.
+pub fn prefill_smem(head_dim: usize) -> usize {
+    PREFILL_ROWS * head_dim * 4 + 2 * PREFILL_KEY_TILE * (head_dim + 2) * 2
+}
 
 /// The positions split `z` of `splits` attends to, for a query at position `pos`: the in-kernel
 /// rule of kernels/attention.cu (`split_chunk`) in Rust. Chunks are whole KV blocks of at least
@@ -321,7 +330,11 @@ impl Kernels {
             ],
             attention_per_head: get("attention_per_head")?,
             attention_combine: get("attention_combine")?,
-            attention_prefill: get("attention_prefill")?,
+            attention_prefill: {
+                let k = get("attention_prefill")?;
+                k.allow_dynamic_smem(prefill_smem(ATTN_MAX_HEAD_DIM))?;
+                k
+            },
             silu_mul: get("silu_mul")?,
             split_sum: get("split_sum")?,
             fill_f32: get("fill_f32")?,
@@ -446,7 +459,7 @@ impl Kernels {
     /// the partials, then merged by `attention_combine`. `head_dim` must be a multiple of 32
     /// and at most [`ATTN_MAX_HEAD_DIM`]. The decode kernel `attention_decode_h*`: one block per
     /// (token, KV head, split) computes all the query heads of its KV head
-    /// ([`decode_heads_per_block`]), so each key and value row is read once per step.
+    /// ([`heads_per_block`]), so each key and value row is read once per step.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -472,9 +485,9 @@ impl Kernels {
             n,
             (heads, kv_heads, head_dim),
         )?;
-        let g = decode_heads_per_block(heads / kv_heads);
+        let g = heads_per_block(heads / kv_heads);
         let kernel = &self.attention_decode[g.trailing_zeros() as usize];
-        let blocks = decode_blocks_per_row(heads, kv_heads);
+        let blocks = blocks_per_row(heads, kv_heads);
         self.split_attention(
             kernel,
             (blocks, DECODE_THREADS),
@@ -592,8 +605,10 @@ impl Kernels {
     /// The tiled (flash-style, causal) attention of a prompt chunk: `n` query tokens (q f32 `n x
     /// heads x hd`) of ONE sequence (every `slot[t]` equal: the caller's contract) over
     /// positions `0..=pos[t]` of the paged cache `kv`, each key tile loaded once into shared
-    /// memory for 16 queries; outputs as [`Kernels::attention`]'s. A query's result depends only
-    /// on its position and the cache, not on the chunk it is in.
+    /// memory for [`PREFILL_ROWS`] (query, head) rows: all the query heads of a KV head
+    /// ([`heads_per_block`]) for `PREFILL_ROWS / G` queries; outputs as
+    /// [`Kernels::attention`]'s. A query's result depends only on its position and the cache,
+    /// not on the chunk it is in.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_prefill(
         &self,
@@ -623,16 +638,19 @@ impl Kernels {
             n,
             (heads, kv_heads, head_dim),
         )?;
+        let queries = PREFILL_ROWS / heads_per_block(heads / kv_heads);
         let grid = (
-            i32_of(n.div_ceil(PREFILL_QUERY_TILE), "query tiles")? as u32,
-            heads as u32,
+            i32_of(n.div_ceil(queries), "query tiles")? as u32,
+            blocks_per_row(heads, kv_heads) as u32,
             1,
         );
-        // SAFETY: matches attention_prefill's parameters; head_dim checked above; extents (n
-        // tokens of one slot, their cache positions reserved) the caller's.
+        let smem = prefill_smem(head_dim) as u32;
+        // SAFETY: matches attention_prefill's parameters; head_dim checked above, so `smem` is
+        // within the prefill_smem(ATTN_MAX_HEAD_DIM) allowed at load; extents (n tokens of one
+        // slot, their cache positions reserved) the caller's.
         unsafe {
             self.attention_prefill
-                .launch(&self.ctx, grid, ATTN_THREADS, &args)
+                .launch_smem(&self.ctx, grid, ATTN_THREADS, smem, &args)
         }
     }
 
@@ -804,8 +822,8 @@ mod tests {
             (4, 2, 2, 2),
         ] {
             let group = heads / kvh;
-            assert_eq!(decode_heads_per_block(group), g, "{heads}/{kvh}");
-            assert_eq!(decode_blocks_per_row(heads, kvh), blocks, "{heads}/{kvh}");
+            assert_eq!(heads_per_block(group), g, "{heads}/{kvh}");
+            assert_eq!(blocks_per_row(heads, kvh), blocks, "{heads}/{kvh}");
             // The kernel's split of blockIdx.x: every query head exactly once, in its KV head.
             let mut seen = vec![0u32; heads];
             let chunks = group.div_ceil(g);
@@ -820,9 +838,33 @@ mod tests {
             }
             assert!(seen.iter().all(|&c| c == 1), "{heads}/{kvh}: {seen:?}");
         }
+        // The prefill grid (query tiles x blocks_per_row) covers every (query, head) once, as
+        // the kernel maps blockIdx and rows, for chunks that end mid-tile.
+        for (heads, kvh) in [(32usize, 8usize), (9, 3), (6, 6), (32, 1), (24, 2)] {
+            let group = heads / kvh;
+            let g = heads_per_block(group);
+            let (qt, chunks) = (PREFILL_ROWS / g, group.div_ceil(g));
+            for n in [1usize, 7, qt, qt + 1, 53] {
+                let mut seen = vec![0u32; n * heads];
+                for x in 0..n.div_ceil(qt) {
+                    for y in 0..blocks_per_row(heads, kvh) {
+                        let (kh, hc) = (y / chunks, y % chunks);
+                        let (h0, gn) = (kh * group + hc * g, g.min(group - hc * g));
+                        for rr in 0..PREFILL_ROWS {
+                            let (t, gi) = (x * qt + rr / g, rr % g);
+                            if t < n && gi < gn {
+                                seen[t * heads + h0 + gi] += 1;
+                            }
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{heads}/{kvh} n {n}");
+            }
+        }
+        assert_eq!(prefill_smem(128), 33024);
         // The entry points exist for exactly the G the host picks.
         for group in 1..=40 {
-            let g = decode_heads_per_block(group);
+            let g = heads_per_block(group);
             let name = format!("attention_decode_h{g}");
             assert!(KERNELS.iter().any(|(_, n)| *n == name), "{name}");
         }

@@ -232,7 +232,7 @@ pub(crate) const ATTN_SPLIT_MAX_BATCH: usize = 16;
 /// Splits along the sequence of the decode attention of a batch bucket of `bucket` rows, for a
 /// model of `heads` query heads and `kv_heads` KV heads on a device of `sms` multiprocessors,
 /// with sequences of at most `max_context` positions. The decode kernel runs one block of 4 warps
-/// per (row, KV head, split) ([`decode_blocks_per_row`] per row and split); once a bucket has at
+/// per (row, KV head, split) ([`blocks_per_row`] per row and split); once a bucket has at
 /// least `sms` of them it fills the GPU without splitting: then 1. Below that, enough splits for
 /// about two blocks per multiprocessor (`ceil(2 sms / blocks)`; the kernel's registers leave room
 /// for two to three resident), at most [`ATTN_MAX_SPLITS`], never more than `max_context` has
@@ -242,7 +242,7 @@ pub(crate) const ATTN_SPLIT_MAX_BATCH: usize = 16;
 /// ([`super::kernels::split_range`]).
 ///
 /// [`ATTN_MIN_CHUNK`]: super::kernels::ATTN_MIN_CHUNK
-/// [`decode_blocks_per_row`]: super::kernels::decode_blocks_per_row
+/// [`blocks_per_row`]: super::kernels::blocks_per_row
 pub(crate) fn decode_splits(
     bucket: usize,
     heads: usize,
@@ -250,7 +250,7 @@ pub(crate) fn decode_splits(
     sms: usize,
     max_context: usize,
 ) -> usize {
-    let blocks = bucket.max(1) * super::kernels::decode_blocks_per_row(heads, kv_heads);
+    let blocks = bucket.max(1) * super::kernels::blocks_per_row(heads, kv_heads);
     if bucket > ATTN_SPLIT_MAX_BATCH || blocks >= sms {
         return 1;
     }
