@@ -198,11 +198,11 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 // 8c..8c+7 of its heads' queries (registers), accumulators and of the rows it loads.
 // Split range [begin, end) as attention_per_head's (split_chunk). Stream s walks begin + s,
 // begin + s + NS, ... in ascending order, loading U positions at once (U x 32 bytes of K and V
-// per lane in flight; U = 8 for G <= 2, else 4), then folds them in one by one in that order:
-// per head, score = (the lane's sequential 8-term f32 dot product, summed over the SUB lanes by
-// an xor butterfly: every lane gets the same bits) x scale, and the online-softmax update of
-// attention_per_head (a corr of exactly 1 when the max does not move is skipped: the same
-// values).
+// per lane in flight; U = 8 for G <= 4, 4 for G = 8 whose registers are full), then folds them
+// in one by one in that order: per head, score = (the lane's sequential 8-term f32 dot product,
+// summed over the SUB lanes by an xor butterfly: every lane gets the same bits) x scale, and the
+// online-softmax update of attention_per_head (a corr of exactly 1 when the max does not move
+// is skipped: the same values).
 // At the end every stream's (max, sum, accumulator) per head goes to shared memory and is merged
 // over the streams 0..NS-1 in order as attention_per_head's warps are; the output or the
 // partials (`attention_combine`'s input, per query head) are written as attention_per_head's.
@@ -249,7 +249,7 @@ UW_DEVICE void decode_body(const float* __restrict__ q, const uint16_t* __restri
                            float* sm_l) {
     using S = DecShape<E>;
     constexpr int hd = S::head_dim, C = S::chunks, SUB = S::sub, NS = S::streams;
-    constexpr int U = G <= 2 ? 8 : 4;
+    constexpr int U = G <= 4 ? 8 : 4;
     const int group = heads / kv_heads;
     const int hchunks = (group + G - 1) / G;
     const int kh = blockIdx.x / hchunks, hc = blockIdx.x % hchunks;
