@@ -208,7 +208,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 // partials (`attention_combine`'s input, per query head) are written as attention_per_head's.
 // Arguments and layouts as attention_per_head's.
 // `sizing::tests::decode_streams_model_equals_the_softmax` is this kernel's order of operations
-// in Rust, checked against f64 on the CPU.
+// in Rust, and `kernels::tests::decode_kernel_transcribed_equals_the_softmax` this code thread by
+// thread (every address and index), both checked against f64 on the CPU: keep them in step.
 #define DEC_WARPS 4
 #define DEC_THREADS (DEC_WARPS * 32)
 // Largest NS x head_dim over head_dim = 32..256 (NS x head_dim <= 4 x 32 / SUB x 8 SUB).

@@ -88,9 +88,8 @@ const NORM_THREADS: u32 = 1024;
 /// Threads of a RoPE block; each token gets [`rope_blocks`] of them.
 const ROPE_THREADS: u32 = 128;
 
-/// The arguments the attention kernels (kernels/attention.cu) share, in their
-/// order, after checking the head shape both kernels need (`what` names the kernel in the
-/// error): `head_dim` a multiple of 32 up to [`ATTN_MAX_HEAD_DIM`], KV heads dividing heads (at
+/// The arguments the attention kernels (kernels/attention.cu) share, in their order, after
+/// checking the head shape they all need (`what` names the kernel in the error): `head_dim` a multiple of 32 up to [`ATTN_MAX_HEAD_DIM`], KV heads dividing heads (at
 /// least one of each).
 fn attention_args(
     what: &str,
@@ -867,6 +866,243 @@ mod tests {
             let g = heads_per_block(group);
             let name = format!("attention_decode_h{g}");
             assert!(KERNELS.iter().any(|(_, n)| *n == name), "{name}");
+        }
+    }
+
+    /// `attention_decode_h*` + `attention_combine` (kernels/attention.cu) transcribed thread by
+    /// thread: the block's 128 threads as arrays, the xor butterfly as lane swaps, every address
+    /// as the kernel computes it (head mapping, 16-byte chunk columns, the block table, the
+    /// partial records, the output row), over a paged cache through a scrambled table, at groups
+    /// 3 (G = 4, one idle head) and 16 (two blocks per KV head), head_dim 96 (idle lanes) and
+    /// 128, unsplit and in 5 splits with empty ones. Checked against f64 softmax: the kernel's
+    /// index arithmetic, exercised without a GPU.
+    #[test]
+    fn decode_kernel_transcribed_equals_the_softmax() {
+        const KB: usize = 16;
+        let mut r = 0x9e3779b9u64;
+        let mut rand = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let bf = |x: f32| f32::from_bits(x.to_bits() & 0xffff_0000);
+        for (hd, heads, kvh) in [(96usize, 6usize, 2usize), (128, 16, 1), (128, 8, 2)] {
+            let (slots, max_blocks) = (2usize, 9usize);
+            let kvd = kvh * hd;
+            let nblk = slots * max_blocks;
+            let table: Vec<usize> = (0..nblk).map(|i| (i * 7 + 3) % nblk).collect();
+            let kc: Vec<f32> = (0..nblk * KB * kvd).map(|_| bf(rand())).collect();
+            let vc: Vec<f32> = (0..nblk * KB * kvd).map(|_| bf(rand())).collect();
+            let pos = [0usize, 16, 140, 63];
+            let slot = [1usize, 0, 1, 0];
+            let n = pos.len();
+            let q: Vec<f32> = (0..n * heads * hd).map(|_| 2.0 * rand()).collect();
+            let scale = 1.0 / (hd as f32).sqrt();
+            let group = heads / kvh;
+            let gm = heads_per_block(group);
+            let hchunks = group.div_ceil(gm);
+            let u_n = if gm <= 4 { 8 } else { 4 };
+            let cn = hd / 8;
+            let sub = cn.next_power_of_two().max(4);
+            let ns = 4 * 32 / sub;
+            for splits in [1usize, 5] {
+                let parts = n * heads * splits;
+                let (mut part_ml, mut part_acc) =
+                    (vec![f32::NAN; 2 * parts], vec![f32::NAN; parts * hd]);
+                let mut out = vec![f32::NAN; n * heads * hd];
+                for t in 0..n {
+                    for x in 0..blocks_per_row(heads, kvh) {
+                        for z in 0..splits {
+                            let (kh, hc) = (x / hchunks, x % hchunks);
+                            let h0 = kh * group + hc * gm;
+                            let gn = gm.min(group - hc * gm);
+                            let range = split_range(pos[t], splits, z);
+                            let (begin, end) = (range.start, range.end);
+                            if begin >= end {
+                                for i in 0..gn * hd {
+                                    let part = (t * heads + h0 + i / hd) * splits + z;
+                                    part_acc[part * hd + i % hd] = 0.0;
+                                    if i % hd == 0 {
+                                        part_ml[2 * part] = f32::NEG_INFINITY;
+                                        part_ml[2 * part + 1] = 0.0;
+                                    }
+                                }
+                                continue;
+                            }
+                            // Per thread (128): c, stream, q, m, l, acc.
+                            let th: Vec<(usize, usize)> = (0..128)
+                                .map(|tid| {
+                                    ((tid % 32) % sub, (tid / 32) * (32 / sub) + (tid % 32) / sub)
+                                })
+                                .collect();
+                            let mut qv = vec![[[0f32; 8]; 8]; 128];
+                            let mut acc = vec![[[0f32; 8]; 8]; 128];
+                            let mut m = vec![[f32::NEG_INFINITY; 8]; 128];
+                            let mut l = vec![[0f32; 8]; 128];
+                            for (tid, &(c, _)) in th.iter().enumerate() {
+                                for g in 0..gm {
+                                    if g < gn && c < cn {
+                                        for i in 0..8 {
+                                            qv[tid][g][i] =
+                                                q[(t * heads + h0 + g) * hd + c * 8 + i];
+                                        }
+                                    }
+                                }
+                            }
+                            let col = |c: usize| kh * hd + c * 8;
+                            let mut base = begin;
+                            while base < end {
+                                for u in 0..u_n {
+                                    let mut kx = vec![[0f32; 8]; 128];
+                                    let mut vx = vec![[0f32; 8]; 128];
+                                    for (tid, &(c, st)) in th.iter().enumerate() {
+                                        let j = base + u * ns + st;
+                                        if j < end && c < cn {
+                                            let b = table[slot[t] * max_blocks + j / KB];
+                                            let row = (b * KB + j % KB) * kvd + col(c);
+                                            kx[tid].copy_from_slice(&kc[row..row + 8]);
+                                            vx[tid].copy_from_slice(&vc[row..row + 8]);
+                                        }
+                                    }
+                                    let mut s = vec![[0f32; 8]; 128];
+                                    for g in 0..gm {
+                                        let mut d: Vec<f32> = (0..128)
+                                            .map(|tid| {
+                                                (0..8).fold(0f32, |a, i| {
+                                                    qv[tid][g][i].mul_add(kx[tid][i], a)
+                                                })
+                                            })
+                                            .collect();
+                                        let mut o = sub / 2;
+                                        while o > 0 {
+                                            d = (0..128).map(|tid| d[tid] + d[tid ^ o]).collect();
+                                            o /= 2;
+                                        }
+                                        for tid in 0..128 {
+                                            s[tid][g] = d[tid] * scale;
+                                        }
+                                    }
+                                    for (tid, &(_, st)) in th.iter().enumerate() {
+                                        if base + u * ns + st >= end {
+                                            continue;
+                                        }
+                                        for g in 0..gm {
+                                            let sg = s[tid][g];
+                                            if sg > m[tid][g] {
+                                                let corr = (m[tid][g] - sg).exp();
+                                                l[tid][g] *= corr;
+                                                for a in acc[tid][g].iter_mut() {
+                                                    *a *= corr;
+                                                }
+                                                m[tid][g] = sg;
+                                            }
+                                            let pe = (sg - m[tid][g]).exp();
+                                            l[tid][g] += pe;
+                                            for i in 0..8 {
+                                                acc[tid][g][i] =
+                                                    pe.mul_add(vx[tid][i], acc[tid][g][i]);
+                                            }
+                                        }
+                                    }
+                                }
+                                base += ns * u_n;
+                            }
+                            // Shared memory, then the merge over the streams.
+                            let mut sm_m = vec![f32::NAN; 32 * gm];
+                            let mut sm_l = vec![f32::NAN; 32 * gm];
+                            let mut sm_acc = vec![f32::NAN; 1024 * gm];
+                            for (tid, &(c, st)) in th.iter().enumerate() {
+                                for g in 0..gm {
+                                    if c == 0 {
+                                        sm_m[st * gm + g] = m[tid][g];
+                                        sm_l[st * gm + g] = l[tid][g];
+                                    }
+                                    if c < cn {
+                                        for i in 0..8 {
+                                            sm_acc[(st * gm + g) * hd + c * 8 + i] = acc[tid][g][i];
+                                        }
+                                    }
+                                }
+                            }
+                            for i in 0..gn * hd {
+                                let (g, d) = (i / hd, i % hd);
+                                let h = h0 + g;
+                                let mx = (0..ns)
+                                    .fold(f32::NEG_INFINITY, |a, st| a.max(sm_m[st * gm + g]));
+                                let (mut total, mut o) = (0f32, 0f32);
+                                for st in 0..ns {
+                                    let w = (sm_m[st * gm + g] - mx).exp();
+                                    total = sm_l[st * gm + g].mul_add(w, total);
+                                    o = sm_acc[(st * gm + g) * hd + d].mul_add(w, o);
+                                }
+                                if splits > 1 {
+                                    let part = (t * heads + h) * splits + z;
+                                    part_acc[part * hd + d] = o;
+                                    if d == 0 {
+                                        part_ml[2 * part] = mx;
+                                        part_ml[2 * part + 1] = total;
+                                    }
+                                } else {
+                                    out[(t * heads + h) * hd + d] = o / total;
+                                }
+                            }
+                        }
+                    }
+                }
+                if splits > 1 {
+                    // attention_combine.
+                    for t in 0..n {
+                        for h in 0..heads {
+                            let first = (t * heads + h) * splits;
+                            let mx = (0..splits)
+                                .fold(f32::NEG_INFINITY, |a, z| a.max(part_ml[2 * (first + z)]));
+                            let mut total = 0f32;
+                            for z in 0..splits {
+                                total += part_ml[2 * (first + z) + 1]
+                                    * (part_ml[2 * (first + z)] - mx).exp();
+                            }
+                            for d in 0..hd {
+                                let mut o = 0f32;
+                                for z in 0..splits {
+                                    o += part_acc[(first + z) * hd + d]
+                                        * (part_ml[2 * (first + z)] - mx).exp();
+                                }
+                                out[(t * heads + h) * hd + d] = o / total;
+                            }
+                        }
+                    }
+                }
+                for t in 0..n {
+                    for h in 0..heads {
+                        let g = h / group;
+                        let at = |j: usize, d: usize| {
+                            (table[slot[t] * max_blocks + j / KB] * KB + j % KB) * kvd + g * hd + d
+                        };
+                        let qa = &q[(t * heads + h) * hd..][..hd];
+                        let sc: Vec<f64> = (0..=pos[t])
+                            .map(|j| {
+                                (0..hd)
+                                    .map(|d| qa[d] as f64 * kc[at(j, d)] as f64)
+                                    .sum::<f64>()
+                                    * scale as f64
+                            })
+                            .collect();
+                        let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let zs: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                        for d in 0..hd {
+                            let want: f64 = (0..=pos[t])
+                                .map(|j| (sc[j] - mx).exp() / zs * vc[at(j, d)] as f64)
+                                .sum();
+                            let got = out[(t * heads + h) * hd + d] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * want.abs().max(1e-2),
+                                "hd {hd} heads {heads}/{kvh} splits {splits} t {t} h {h} d {d}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
