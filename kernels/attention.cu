@@ -479,6 +479,8 @@ extern "C" __global__ void __launch_bounds__(ATTN_WARPS * 32)
 // A row's operations, and their order, depend only on its query, its position and the cache:
 // the same whatever chunk, tile or block it is in (chunked prefill = whole prefill, bit for bit,
 // on the attention's part). Arguments as attention_per_head's (no splits).
+// `kernels::tests::prefill_kernel_transcribed_equals_the_softmax` is this code warp by warp and
+// lane by lane (every address and index) in Rust, checked against f64 on the CPU: keep in step.
 #define PF_ROWS_PER_WARP 4
 #define PF_ROWS (ATTN_WARPS * PF_ROWS_PER_WARP)
 #define PF_KTILE 32

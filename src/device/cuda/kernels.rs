@@ -1106,6 +1106,251 @@ mod tests {
         }
     }
 
+    /// `attention_prefill` (kernels/attention.cu) transcribed warp by warp and lane by lane:
+    /// the block's (query, head) rows, the queries in "shared memory", the key/value tiles, every
+    /// address as the kernel computes it, over a scrambled paged cache, at groups 1, 3 (G = 4,
+    /// one idle head), 4 and 16 (two blocks per KV head), head_dim 64 and 96. Checked against
+    /// f64 softmax, and a chunk's rows split into chunks of 7 give the same bits.
+    #[test]
+    #[allow(clippy::needless_range_loop)] // indices as the kernel's threads and lanes use them
+    fn prefill_kernel_transcribed_equals_the_softmax() {
+        const KB: usize = 16;
+        const KT: usize = 32;
+        let mut r = 0x2545f491u64;
+        let mut rand = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let bf = |x: f32| f32::from_bits(x.to_bits() & 0xffff_0000);
+        let warp_sum = |v: &[f32]| {
+            let mut v = v.to_vec();
+            let mut o = 16;
+            while o > 0 {
+                v = (0..32).map(|l| v[l] + v[l ^ o]).collect();
+                o /= 2;
+            }
+            v[0]
+        };
+        #[allow(clippy::too_many_arguments)]
+        fn run(
+            q: &[f32],
+            (kc, vc): (&[f32], &[f32]),
+            (table, max_blocks): (&[usize], usize),
+            pos: &[usize],
+            slot: &[usize],
+            (heads, kvh, hd): (usize, usize, usize),
+            warp_sum: &dyn Fn(&[f32]) -> f32,
+        ) -> Vec<f32> {
+            let n = pos.len();
+            let e_n = hd / 32;
+            let kvd = kvh * hd;
+            let scale = 1.0 / (hd as f32).sqrt();
+            let group = heads / kvh;
+            let g_n = heads_per_block(group);
+            let qt = PREFILL_ROWS / g_n;
+            let hchunks = group.div_ceil(g_n);
+            let mut out = vec![f32::NAN; n * heads * hd];
+            for x in 0..n.div_ceil(qt) {
+                for y in 0..blocks_per_row(heads, kvh) {
+                    let (kh, hc) = (y / hchunks, y % hchunks);
+                    let h0 = kh * group + hc * g_n;
+                    let gn = g_n.min(group - hc * g_n);
+                    let t0 = x * qt;
+                    let sl = slot[t0];
+                    let last = (t0..(t0 + qt).min(n)).map(|t| pos[t]).max().unwrap();
+                    let sq: Vec<f32> = (0..PREFILL_ROWS * hd)
+                        .map(|i| {
+                            let (rr, e) = (i / hd, i % hd);
+                            let (t, g) = (t0 + rr / g_n, rr % g_n);
+                            if t < n && g < gn {
+                                q[(t * heads + h0 + g) * hd + e]
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    for w in 0..8 {
+                        let rows: Vec<(usize, usize, Option<usize>)> = (0..4)
+                            .map(|rw| {
+                                let rr = w * 4 + rw;
+                                let (t, g) = (t0 + rr / g_n, rr % g_n);
+                                (rr, t, (t < n && g < gn).then(|| pos[t]))
+                            })
+                            .collect();
+                        let wlast = rows.iter().filter_map(|r| r.2).max();
+                        let mut m = [f32::NEG_INFINITY; 4];
+                        let mut l = [0f32; 4];
+                        let mut pe = [[0f32; 32]; 4];
+                        let mut acc = vec![[[0f32; 8]; 32]; 4];
+                        let mut k0 = 0;
+                        while k0 <= last {
+                            let tile = |pool: &[f32], j: usize, e: usize| {
+                                let p = k0 + j;
+                                if p > last {
+                                    return 0.0;
+                                }
+                                let b = table[sl * max_blocks + p / KB];
+                                pool[(b * KB + p % KB) * kvd + kh * hd + e]
+                            };
+                            let Some(wl) = wlast.filter(|&wl| k0 <= wl) else {
+                                k0 += KT;
+                                continue;
+                            };
+                            let mut dot = [[0f32; 32]; 4];
+                            for lane in 0..32 {
+                                for c4 in 0..hd / 4 {
+                                    let kv: Vec<f32> =
+                                        (0..4).map(|i| tile(kc, lane, 4 * c4 + i)).collect();
+                                    for (rw, row) in rows.iter().enumerate() {
+                                        let qq = &sq[row.0 * hd + 4 * c4..][..4];
+                                        for i in 0..4 {
+                                            dot[rw][lane] = qq[i].mul_add(kv[i], dot[rw][lane]);
+                                        }
+                                    }
+                                }
+                            }
+                            for (rw, row) in rows.iter().enumerate() {
+                                let Some(pr) = row.2.filter(|&pr| k0 <= pr) else {
+                                    continue;
+                                };
+                                let s: Vec<f32> = (0..32)
+                                    .map(|lane| {
+                                        if k0 + lane <= pr {
+                                            dot[rw][lane] * scale
+                                        } else {
+                                            f32::NEG_INFINITY
+                                        }
+                                    })
+                                    .collect();
+                                let mn =
+                                    m[rw].max(s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)));
+                                for lane in 0..32 {
+                                    pe[rw][lane] = (s[lane] - mn).exp();
+                                }
+                                let corr = (m[rw] - mn).exp();
+                                l[rw] = l[rw] * corr + warp_sum(&pe[rw]);
+                                for a in acc[rw].iter_mut().flatten() {
+                                    *a *= corr;
+                                }
+                                m[rw] = mn;
+                            }
+                            for j in 0..KT {
+                                if k0 + j > wl {
+                                    break;
+                                }
+                                for lane in 0..32 {
+                                    for e in 0..e_n {
+                                        let v = tile(vc, j, lane + 32 * e);
+                                        for (rw, row) in rows.iter().enumerate() {
+                                            if row.2.is_some_and(|pr| k0 + j <= pr) {
+                                                acc[rw][lane][e] =
+                                                    pe[rw][j].mul_add(v, acc[rw][lane][e]);
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                            k0 += KT;
+                        }
+                        for (rw, row) in rows.iter().enumerate() {
+                            if row.2.is_none() {
+                                continue;
+                            }
+                            let (t, h) = (row.1, h0 + row.0 % g_n);
+                            for lane in 0..32 {
+                                for e in 0..e_n {
+                                    out[(t * heads + h) * hd + lane + 32 * e] =
+                                        acc[rw][lane][e] / l[rw];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        }
+        for (hd, heads, kvh) in [
+            (64usize, 4usize, 4usize),
+            (96, 6, 2),
+            (64, 8, 2),
+            (64, 16, 1),
+        ] {
+            let (slots, max_blocks) = (2usize, 7usize);
+            let kvd = kvh * hd;
+            let nblk = slots * max_blocks;
+            let table: Vec<usize> = (0..nblk).map(|i| (i * 5 + 3) % nblk).collect();
+            let kc: Vec<f32> = (0..nblk * KB * kvd).map(|_| bf(rand())).collect();
+            let vc: Vec<f32> = (0..nblk * KB * kvd).map(|_| bf(rand())).collect();
+            // 45 queries at positions 30..75 of slot 1: partial query and key tiles.
+            let (p0, n) = (30usize, 45usize);
+            let pos: Vec<usize> = (p0..p0 + n).collect();
+            let slot = vec![1usize; n];
+            let q: Vec<f32> = (0..n * heads * hd).map(|_| 2.0 * rand()).collect();
+            let dims = (heads, kvh, hd);
+            let out = run(
+                &q,
+                (&kc, &vc),
+                (&table, max_blocks),
+                &pos,
+                &slot,
+                dims,
+                &warp_sum,
+            );
+            let group = heads / kvh;
+            for t in 0..n {
+                for h in 0..heads {
+                    let at = |j: usize, d: usize| {
+                        (table[max_blocks + j / KB] * KB + j % KB) * kvd + (h / group) * hd + d
+                    };
+                    let qa = &q[(t * heads + h) * hd..][..hd];
+                    let sc: Vec<f64> = (0..=pos[t])
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| qa[d] as f64 * kc[at(j, d)] as f64)
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let zs: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = (0..=pos[t])
+                            .map(|j| (sc[j] - mx).exp() / zs * vc[at(j, d)] as f64)
+                            .sum();
+                        let got = out[(t * heads + h) * hd + d] as f64;
+                        // f32 rounding (as prefill_tiles_model_equals_the_softmax's bound).
+                        assert!(
+                            (got - want).abs() <= 1e-5 * want.abs().max(0.1),
+                            "hd {hd} heads {heads}/{kvh} t {t} h {h} d {d}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+            let w = heads * hd;
+            for c0 in (0..n).step_by(7) {
+                let c1 = (c0 + 7).min(n);
+                let part = run(
+                    &q[c0 * w..c1 * w],
+                    (&kc, &vc),
+                    (&table, max_blocks),
+                    &pos[c0..c1],
+                    &slot[c0..c1],
+                    dims,
+                    &warp_sum,
+                );
+                for (i, (a, b)) in part.iter().zip(&out[c0 * w..c1 * w]).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "hd {hd} heads {heads}/{kvh} chunk {c0} at {i}"
+                    );
+                }
+            }
+        }
+    }
+
     /// A sequential model of `attention_prefill` (kernels/attention.cu) for one query: key tiles
     /// of 32 from position 0, the tiles past the query's position skipped, lane j's score a
     /// sequential dot product (-inf past the position), the tile's max and sum, then p_j v_j
