@@ -395,6 +395,9 @@ fn kernel_rope_rotates_and_stores_the_cache() {
     }
 }
 
+/// Both decode kernels (the engine's `attention`, one block per KV head, and the benchmark's
+/// baseline `attention_per_head`) on a few slots at mixed lengths, every split count, split and
+/// plain outputs, against f64 over the widened BF16 cache.
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_attention_gqa_paged_split_and_unsplit() {
@@ -417,8 +420,90 @@ fn kernel_attention_gqa_paged_split_and_unsplit() {
         let n = pos.len();
         let q = rand_f32(&mut r, n * heads * hd, 1.0);
         let scale = 1.0 / (hd as f64).sqrt();
-        for splits in [1usize, 2, 5, 16] {
-            for out_split in [true, false] {
+        for per_head in [false, true] {
+            for splits in [1usize, 2, 5, 16] {
+                for out_split in [true, false] {
+                    let run = if per_head {
+                        KernelHarness::attention_per_head
+                    } else {
+                        KernelHarness::attention
+                    };
+                    let out = run(
+                        &h,
+                        &q,
+                        (&kc, &vc),
+                        (&table, max_blocks),
+                        &pos,
+                        &slot,
+                        (heads, kvh, hd),
+                        out_split,
+                        splits,
+                    )
+                    .unwrap();
+                    for t in 0..n {
+                        for head in 0..heads {
+                            let g = head / (heads / kvh);
+                            let at = |j: usize, d: usize| {
+                                paged_row(&table, max_blocks, slot[t] as usize, j, kvd) + g * hd + d
+                            };
+                            let qa = &q[(t * heads + head) * hd..][..hd];
+                            let wants =
+                                reference_attention(qa, (&kc, &vc), at, pos[t] as usize, scale);
+                            for (d, &want) in wants.iter().enumerate() {
+                                let got =
+                                    split_value(&out, n, t, heads * hd, head * hd + d, out_split)
+                                        as f64;
+                                assert!(
+                                    (got - want).abs() <= attention_tolerance(want, out_split),
+                                    "per_head {per_head} hd {hd} splits {splits} t {t} head {head} d {d}: {got} vs {want}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The engine's decode attention (one block per (token, KV head, split) computing every query
+/// head of the group) at GQA groups 1, 3 (a block of 4 heads with one idle), 4, 8 and 16 (two
+/// blocks per KV head), head_dim 64 and 128, lengths 1, around block boundaries (16, 17), a split
+/// chunk (64), a few hundred and 8k, unsplit and in 7 and 32 splits (the engine's count at batch
+/// 1 on a 132-SM GPU), against f64 over the widened BF16 cache through a scrambled table.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn kernel_decode_attention_every_group_and_length_up_to_8k() {
+    require_gpu();
+    let h = KernelHarness::new().unwrap();
+    let mut r = rng(6);
+    let bf = |v: Vec<f32>| v.into_iter().map(f32_to_bf16).collect::<Vec<u16>>();
+    let (slots, max_ctx) = (3usize, 8192usize);
+    let max_blocks = max_ctx.div_ceil(KV_BLOCK);
+    let table = scrambled_table(slots, max_blocks);
+    let pool = slots * max_blocks;
+    let pos = [0i32, 15, 16, 17, 63, 64, 300, 8191];
+    let slot = [2i32, 0, 1, 2, 0, 1, 2, 0];
+    let n = pos.len();
+    for hd in [64usize, 128] {
+        for (heads, kvh) in [(2usize, 2usize), (6, 2), (4, 1), (8, 1), (16, 1)] {
+            let kvd = kvh * hd;
+            let kc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+            let vc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
+            let q = rand_f32(&mut r, n * heads * hd, 1.0);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let wants: Vec<Vec<f64>> = (0..n * heads)
+                .map(|i| {
+                    let (t, head) = (i / heads, i % heads);
+                    let g = head / (heads / kvh);
+                    let at = |j: usize, d: usize| {
+                        paged_row(&table, max_blocks, slot[t] as usize, j, kvd) + g * hd + d
+                    };
+                    let qa = &q[(t * heads + head) * hd..][..hd];
+                    reference_attention(qa, (&kc, &vc), at, pos[t] as usize, scale)
+                })
+                .collect();
+            for (splits, out_split) in [(1usize, true), (7, true), (32, true), (32, false)] {
                 let out = h
                     .attention(
                         &q,
@@ -433,18 +518,13 @@ fn kernel_attention_gqa_paged_split_and_unsplit() {
                     .unwrap();
                 for t in 0..n {
                     for head in 0..heads {
-                        let g = head / (heads / kvh);
-                        let at = |j: usize, d: usize| {
-                            paged_row(&table, max_blocks, slot[t] as usize, j, kvd) + g * hd + d
-                        };
-                        let qa = &q[(t * heads + head) * hd..][..hd];
-                        let wants = reference_attention(qa, (&kc, &vc), at, pos[t] as usize, scale);
-                        for (d, &want) in wants.iter().enumerate() {
+                        for (d, &want) in wants[t * heads + head].iter().enumerate() {
                             let got = split_value(&out, n, t, heads * hd, head * hd + d, out_split)
                                 as f64;
                             assert!(
                                 (got - want).abs() <= attention_tolerance(want, out_split),
-                                "hd {hd} splits {splits} t {t} head {head} d {d}: {got} vs {want}"
+                                "hd {hd} heads {heads}/{kvh} splits {splits} pos {} head {head} d {d}: {got} vs {want}",
+                                pos[t]
                             );
                         }
                     }
@@ -455,17 +535,23 @@ fn kernel_attention_gqa_paged_split_and_unsplit() {
 }
 
 /// The tiled prefill attention: a chunk of one sequence's queries at consecutive positions
-/// (after earlier cached positions), against f64 over the widened BF16 cache; the same queries in
-/// other chunks give the same bits (a query depends only on its position), and the per-query
-/// kernel agrees within f32 rounding.
+/// (after earlier cached positions), at several GQA groups, against f64 over the widened BF16
+/// cache; the same queries in other chunks give the same bits (a query depends only on its
+/// position).
 #[test]
 #[ignore = "needs a GPU: run by scripts/gpu-check"]
 fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
     require_gpu();
     let h = KernelHarness::new().unwrap();
     let mut r = rng(5);
-    for hd in [64usize, 96, 128] {
-        let (heads, kvh, slots, max_ctx) = (6, 2, 2, 200usize);
+    // GQA groups 1, 3 (blocks of 4 heads, one idle), 4, 8 and 16 (two blocks per KV head): the
+    // block's (query, head) rows and its query tile differ with each.
+    let shapes = [(4usize, 4usize), (6, 2), (8, 2), (16, 2), (16, 1)];
+    for (hd, (heads, kvh)) in [64usize, 96, 128]
+        .into_iter()
+        .flat_map(|hd| shapes.map(|s| (hd, s)))
+    {
+        let (slots, max_ctx) = (2, 200usize);
         let kvd = kvh * hd;
         let max_blocks = max_ctx.div_ceil(KV_BLOCK);
         let table = scrambled_table(slots, max_blocks);
@@ -473,8 +559,8 @@ fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
         let bf = |v: Vec<f32>| v.into_iter().map(f32_to_bf16).collect::<Vec<u16>>();
         let kc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
         let vc = bf(rand_f32(&mut r, pool * KV_BLOCK * kvd, 1.0));
-        // 53 queries at positions 37..90 of slot 1: several query tiles (16), the last one
-        // partial, key tiles (32) partly visible.
+        // 53 queries at positions 37..90 of slot 1: several query tiles (32 / G queries: 4 to
+        // 32), the last one partial, key tiles (32) partly visible.
         let (p0, n) = (37usize, 53usize);
         let pos: Vec<i32> = (p0..p0 + n).map(|p| p as i32).collect();
         let slot = vec![1i32; n];
@@ -505,7 +591,7 @@ fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
                             split_value(&out, n, t, heads * hd, head * hd + d, out_split) as f64;
                         assert!(
                             (got - want).abs() <= attention_tolerance(want, out_split),
-                            "hd {hd} t {t} head {head} d {d}: {got} vs {want}"
+                            "hd {hd} heads {heads}/{kvh} t {t} head {head} d {d}: {got} vs {want}"
                         );
                     }
                 }
@@ -531,7 +617,7 @@ fn kernel_prefill_attention_tiled_causal_over_the_paged_cache() {
                         assert_eq!(
                             part[t * w + i],
                             out[(c0 + t) * w + i],
-                            "hd {hd} chunk at {c0}: token {t} element {i}"
+                            "hd {hd} heads {heads}/{kvh} chunk at {c0}: token {t} element {i}"
                         );
                         if out_split {
                             assert_eq!(part[(m + t) * w + i], out[(n + c0 + t) * w + i]);

@@ -1,18 +1,20 @@
 //! `unweight bench attention`: the decode attention over the paged BF16 KV cache
-//! (kernels/attention.cu) as the engine runs it, split along the sequence by the engine's rule
-//! (`sizing::decode_splits`) next to the unsplit kernel, in one run on one device, for a model's
-//! head shape, at several contexts and batch sizes.
+//! (kernels/attention.cu) as the engine runs it (`attention_decode_h*`, one block per KV head,
+//! split along the sequence by the engine's rule `sizing::decode_splits`) next to the first
+//! decode kernel (`attention_per_head`, one block per query head, same splits), in one run on
+//! one device, for a model's head shape, at several contexts and batch sizes.
 //!
 //! Per (context, batch): every row at the last position of a `context`-token sequence, the
 //! sequences' blocks interleaved in the pool (block `j` of sequence `i` is block `j × batch +
 //! i`, as a busy cache hands them out). Each timing is a CUDA graph of `--launches` attentions
 //! rotating among copies of the cache totalling more than 2× L2 (so repeats do not read L2),
 //! replayed `--repeats` times; the median per attention is reported with the KV bytes it reads
-//! (`batch × context × 2 × kv_dim × 2`: each KV head's keys and values once; the query heads of
-//! a group share them through L2), that over the time, and that as a fraction of the
-//! device-to-device copy bandwidth measured in the same run (the goal: at least 70% at
-//! batch 1 and 8k context). The split and unsplit outputs are compared (f32, largest relative
-//! difference), as a check that both ran the same attention.
+//! (`batch × context × 2 × kv_dim × 2`: each KV head's keys and values once; the decode kernel
+//! reads them once, the per-head kernel once per query head of a group, the repeats mostly from
+//! L2), that over the time, and that as a fraction of the device-to-device copy bandwidth
+//! measured in the same run (the goal: at least 70% at batch 1 and 8k context). The two
+//! kernels' outputs are compared (f32, largest relative difference), as a check that both ran
+//! the same attention.
 
 use std::path::PathBuf;
 
@@ -125,7 +127,7 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
     let q = DevBuf::new(&ctx, 4 * max_batch * heads * hd)?;
     k.fill_f32(q.ptr(), max_batch * heads * hd, 0.03)?;
     let out = DevBuf::new(&ctx, 2 * 2 * max_batch * heads * hd)?;
-    let (f_split, f_one) = (
+    let (f_new, f_old) = (
         DevBuf::new(&ctx, 4 * max_batch * heads * hd)?,
         DevBuf::new(&ctx, 4 * max_batch * heads * hd)?,
     );
@@ -139,10 +141,10 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
         "context",
         "batch",
         "splits",
-        "split ms",
+        "decode ms",
         "GB/s",
         "%copy",
-        "1-way ms",
+        "head ms",
         "GB/s",
         "%copy",
         "speedup",
@@ -176,47 +178,63 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
                 .collect::<GpuResult<_>>()?;
             let pos = DevBuf::from_host(&ctx, &vec![(context - 1) as i32; batch])?;
             let slot = DevBuf::from_host(&ctx, &(0..batch as i32).collect::<Vec<i32>>())?;
-            let splits = decode_splits(batch, heads, sms, context);
-            let run = |split: AttnSplit, f: u64, i: usize| {
-                k.attention(
-                    q.ptr(),
-                    PagedKv {
-                        keys: kc.ptr(),
-                        values: vc.ptr(),
-                        table: tables[i % copies].ptr(),
-                        max_blocks: per_seq,
-                    },
-                    pos.ptr(),
-                    slot.ptr(),
-                    out.ptr(),
-                    true,
-                    Some(f),
-                    batch,
-                    heads,
-                    kvh,
-                    hd,
-                    split,
-                )
-            };
+            let splits = decode_splits(batch, heads, kvh, sms, context);
             let split = AttnSplit {
                 splits,
                 part_ml: ml.ptr(),
                 part_acc: acc.ptr(),
             };
-            let ms_split = time(&ctx, a.launches, a.repeats, |i| {
-                run(split, f_split.ptr(), i)
-            })?;
-            let ms_one = time(&ctx, a.launches, a.repeats, |i| {
-                run(AttnSplit::NONE, f_one.ptr(), i)
-            })?;
+            // `per_head`: the first decode kernel (the baseline), else the engine's.
+            let run = |per_head: bool, f: u64, i: usize| {
+                let kv = PagedKv {
+                    keys: kc.ptr(),
+                    values: vc.ptr(),
+                    table: tables[i % copies].ptr(),
+                    max_blocks: per_seq,
+                };
+                let (p, s, o) = (pos.ptr(), slot.ptr(), out.ptr());
+                if per_head {
+                    k.attention_per_head(
+                        q.ptr(),
+                        kv,
+                        p,
+                        s,
+                        o,
+                        true,
+                        Some(f),
+                        batch,
+                        heads,
+                        kvh,
+                        hd,
+                        split,
+                    )
+                } else {
+                    k.attention(
+                        q.ptr(),
+                        kv,
+                        p,
+                        s,
+                        o,
+                        true,
+                        Some(f),
+                        batch,
+                        heads,
+                        kvh,
+                        hd,
+                        split,
+                    )
+                }
+            };
+            let ms_new = time(&ctx, a.launches, a.repeats, |i| run(false, f_new.ptr(), i))?;
+            let ms_old = time(&ctx, a.launches, a.repeats, |i| run(true, f_old.ptr(), i))?;
             // Both outputs of copy 0, compared.
-            run(split, f_split.ptr(), 0)?;
-            run(AttnSplit::NONE, f_one.ptr(), 0)?;
+            run(false, f_new.ptr(), 0)?;
+            run(true, f_old.ptr(), 0)?;
             ctx.sync()?;
             let n = batch * heads * hd;
             let (mut x, mut y) = (vec![0f32; n], vec![0f32; n]);
-            f_split.download(&mut x[..])?;
-            f_one.download(&mut y[..])?;
+            f_new.download(&mut x[..])?;
+            f_old.download(&mut y[..])?;
             let diff = x
                 .iter()
                 .zip(&y)
@@ -225,21 +243,21 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
             let gbps = |ms: f64| kv_bytes as f64 / (ms * 1e-3) / 1e9;
             let frac = |ms: f64| gbps(ms) * 1e9 / copy_bw;
             println!(
-                "{context:>7} {batch:>5} {splits:>6} | {ms_split:>9.4} {:>8.0} {:>5.1}% | {ms_one:>9.4} {:>8.0} {:>5.1}% | {:>6.2}x {diff:>9.2e}",
-                gbps(ms_split),
-                100.0 * frac(ms_split),
-                gbps(ms_one),
-                100.0 * frac(ms_one),
-                ms_one / ms_split
+                "{context:>7} {batch:>5} {splits:>6} | {ms_new:>9.4} {:>8.0} {:>5.1}% | {ms_old:>9.4} {:>8.0} {:>5.1}% | {:>6.2}x {diff:>9.2e}",
+                gbps(ms_new),
+                100.0 * frac(ms_new),
+                gbps(ms_old),
+                100.0 * frac(ms_old),
+                ms_old / ms_new
             );
             rows.push(json!({
                 "context": context, "batch": batch, "splits": splits,
                 "kv_bytes": kv_bytes, "cache_copies": copies,
-                "split_ms": ms_split, "split_gbps": gbps(ms_split),
-                "split_fraction_of_copy_bandwidth": frac(ms_split),
-                "unsplit_ms": ms_one, "unsplit_gbps": gbps(ms_one),
-                "unsplit_fraction_of_copy_bandwidth": frac(ms_one),
-                "speedup_of_split": ms_one / ms_split,
+                "decode_ms": ms_new, "decode_gbps": gbps(ms_new),
+                "decode_fraction_of_copy_bandwidth": frac(ms_new),
+                "per_head_ms": ms_old, "per_head_gbps": gbps(ms_old),
+                "per_head_fraction_of_copy_bandwidth": frac(ms_old),
+                "speedup_over_per_head": ms_old / ms_new,
                 "max_relative_difference": diff,
             }));
         }
@@ -251,6 +269,7 @@ pub fn run(a: &AttentionArgs) -> Result<()> {
             "shape": a.shape,
             "heads": heads, "kv_heads": kvh, "head_dim": hd,
             "cache": "paged BF16, blocks of 16, sequences' blocks interleaved; N(0, 1) keys and values, queries 0.03",
+            "kernels": "decode: attention_decode_h* (the engine's: one block per KV head and split); per_head: attention_per_head (the first decode kernel, one block per query head and split, kept as this baseline); both at the engine's splits, each followed by attention_combine when split",
             "kv_bytes_note": "batch x context x 2 (K and V) x kv_dim x 2 bytes: each KV head once",
             "timing": format!("CUDA graph of {} attentions rotating cache copies (> 2x L2), median of {} replays", a.launches, a.repeats),
             "copy_bandwidth_gbps": copy_bw / 1e9,

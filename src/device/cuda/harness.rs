@@ -23,6 +23,15 @@ pub struct KernelHarness {
 
 type R<T> = Result<T, DeviceError>;
 
+/// Which attention kernel [`KernelHarness::paged_attention`] runs.
+#[derive(Clone, Copy)]
+enum Which {
+    /// A decode attention in `splits` splits: the engine's, or `attention_per_head`.
+    Decode { splits: usize, per_head: bool },
+    /// `attention_prefill`.
+    Prefill,
+}
+
 impl KernelHarness {
     /// Opens device 0 and loads the kernels.
     pub fn new() -> R<Self> {
@@ -192,7 +201,32 @@ impl KernelHarness {
         out_split: bool,
         splits: usize,
     ) -> R<Vec<u16>> {
-        self.paged_attention(q, pools, table, pos, slot, dims, out_split, Some(splits))
+        let which = Which::Decode {
+            splits,
+            per_head: false,
+        };
+        self.paged_attention(q, pools, table, pos, slot, dims, out_split, which)
+    }
+
+    /// [`KernelHarness::attention`] by the first decode kernel, `attention_per_head` (the
+    /// benchmark's baseline).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_per_head(
+        &self,
+        q: &[f32],
+        pools: (&[u16], &[u16]),
+        table: (&[i32], usize),
+        pos: &[i32],
+        slot: &[i32],
+        dims: (usize, usize, usize),
+        out_split: bool,
+        splits: usize,
+    ) -> R<Vec<u16>> {
+        let which = Which::Decode {
+            splits,
+            per_head: true,
+        };
+        self.paged_attention(q, pools, table, pos, slot, dims, out_split, which)
     }
 
     /// `attention_prefill` of `n` query tokens of one slot over paged BF16 key and value pools,
@@ -208,11 +242,11 @@ impl KernelHarness {
         dims: (usize, usize, usize),
         out_split: bool,
     ) -> R<Vec<u16>> {
-        self.paged_attention(q, pools, table, pos, slot, dims, out_split, None)
+        self.paged_attention(q, pools, table, pos, slot, dims, out_split, Which::Prefill)
     }
 
-    /// The two attention kernels over the same uploaded inputs: `attention` in `splits` splits,
-    /// or `attention_prefill` for `None`; the BF16 output checked against the f32 one.
+    /// The attention kernels over the same uploaded inputs: a decode attention in `splits`
+    /// splits, or `attention_prefill`; the BF16 output checked against the f32 one.
     #[allow(clippy::too_many_arguments)]
     fn paged_attention(
         &self,
@@ -223,7 +257,7 @@ impl KernelHarness {
         slot: &[i32],
         (heads, kv_heads, head_dim): (usize, usize, usize),
         out_split: bool,
-        splits: Option<usize>,
+        which: Which,
     ) -> R<Vec<u16>> {
         let n = pos.len();
         let (qb, kb, vb) = (self.up(q)?, self.up(k_pool)?, self.up(v_pool)?);
@@ -238,26 +272,33 @@ impl KernelHarness {
             max_blocks,
         };
         // The split partials live until the output is read back (the launch is asynchronous).
-        let parts = match splits {
-            Some(splits) => {
+        let parts = match which {
+            Which::Decode { splits, per_head } => {
                 let parts = n * heads * splits;
                 Some((
                     splits,
+                    per_head,
                     self.poison_f32(2 * parts)?,
                     self.poison_f32(parts * head_dim)?,
                 ))
             }
-            None => None,
+            Which::Prefill => None,
         };
         let (pp, sp, op, fp) = (pb.ptr(), sb.ptr(), out.ptr(), Some(outf.ptr()));
         let what = match &parts {
-            Some((splits, ml, acc)) => {
+            Some((splits, per_head, ml, acc)) => {
                 let split = AttnSplit {
                     splits: *splits,
                     part_ml: ml.ptr(),
                     part_acc: acc.ptr(),
                 };
-                self.k.attention(
+                let launch = if *per_head {
+                    Kernels::attention_per_head
+                } else {
+                    Kernels::attention
+                };
+                launch(
+                    &self.k,
                     qb.ptr(),
                     kv,
                     pp,
@@ -271,7 +312,11 @@ impl KernelHarness {
                     head_dim,
                     split,
                 )?;
-                "attention"
+                if *per_head {
+                    "attention_per_head"
+                } else {
+                    "attention"
+                }
             }
             None => {
                 self.k.attention_prefill(

@@ -100,7 +100,7 @@ pub struct WorkBuffers {
     /// exactly `8 × rows × vocab` bytes and dead once a step's logits are final.
     pub sample_rows: usize,
     /// The decode attention's split partials (f32 (max, sum) and head_dim-wide accumulators)
-    /// for the largest split batch (`attn_split_rows`: 16 rows × 16 splits at most).
+    /// for the largest split batch (`attn_split_rows`: 16 rows × 32 splits at most).
     pub attn_ml: usize,
     /// See [`WorkBuffers::attn_ml`].
     pub attn_acc: usize,
@@ -230,23 +230,32 @@ pub(crate) fn pick_bucket(buckets: &[usize], n: usize) -> Option<usize> {
 }
 
 /// Most splits of one decode attention (per token and head).
-pub(crate) const ATTN_MAX_SPLITS: usize = 16;
+pub(crate) const ATTN_MAX_SPLITS: usize = 32;
 /// Largest decode batch whose attention is split along the sequence.
 pub(crate) const ATTN_SPLIT_MAX_BATCH: usize = 16;
 
 /// Splits along the sequence of the decode attention of a batch bucket of `bucket` rows, for a
-/// model of `heads` query heads on a device of `sms` multiprocessors, with sequences of at most
-/// `max_context` positions. One block per (row, head) fills the GPU once there are at least
-/// `sms` of them: then 1 (today's kernel alone). Below that, enough splits for about two blocks
-/// per multiprocessor (`ceil(2 sms / (bucket × heads))`), at most [`ATTN_MAX_SPLITS`], never
-/// more than `max_context` has [`ATTN_MIN_CHUNK`]-position chunks (a split shorter than that
-/// costs more than it saves), and none past [`ATTN_SPLIT_MAX_BATCH`] rows. Fixed per bucket, so
-/// the bucket's CUDA graph bakes it in; each split's positions come from the row's position
-/// in-kernel ([`super::kernels::split_range`]).
+/// model of `heads` query heads and `kv_heads` KV heads on a device of `sms` multiprocessors,
+/// with sequences of at most `max_context` positions. The decode kernel runs one block of 4 warps
+/// per (row, KV head, split) ([`blocks_per_row`] per row and split); once a bucket has at
+/// least `sms` of them it fills the GPU without splitting: then 1. Below that, enough splits for
+/// about two blocks per multiprocessor (`ceil(2 sms / blocks)`; the kernel's registers leave room
+/// for two to three resident), at most [`ATTN_MAX_SPLITS`], never more than `max_context` has
+/// [`ATTN_MIN_CHUNK`]-position chunks (a split shorter than that costs more than it saves), and
+/// none past [`ATTN_SPLIT_MAX_BATCH`] rows. Fixed per bucket, so the bucket's CUDA graph bakes it
+/// in; each split's positions come from the row's position in-kernel
+/// ([`super::kernels::split_range`]).
 ///
 /// [`ATTN_MIN_CHUNK`]: super::kernels::ATTN_MIN_CHUNK
-pub(crate) fn decode_splits(bucket: usize, heads: usize, sms: usize, max_context: usize) -> usize {
-    let blocks = bucket.max(1) * heads.max(1);
+/// [`blocks_per_row`]: super::kernels::blocks_per_row
+pub(crate) fn decode_splits(
+    bucket: usize,
+    heads: usize,
+    kv_heads: usize,
+    sms: usize,
+    max_context: usize,
+) -> usize {
+    let blocks = bucket.max(1) * super::kernels::blocks_per_row(heads, kv_heads);
     if bucket > ATTN_SPLIT_MAX_BATCH || blocks >= sms {
         return 1;
     }
@@ -467,21 +476,37 @@ mod tests {
 
     #[test]
     fn decode_splits_fill_the_gpu_at_small_batches_only() {
-        // Llama-3.1-8B (32 heads) on an H200 (132 SMs), 8k context: batch 1 gets
-        // ceil(264 / 32) = 9 splits, batch 2 5, batch 4 3 (128 blocks < 132), batch 8 none.
-        let s = |b| decode_splits(b, 32, 132, 8192);
-        assert_eq!((s(1), s(2), s(4), s(8), s(128)), (9, 5, 3, 1, 1));
-        // SmolLM2 (9 heads): capped at ATTN_MAX_SPLITS; never past ATTN_SPLIT_MAX_BATCH rows.
-        assert_eq!(decode_splits(1, 9, 132, 8192), ATTN_MAX_SPLITS);
-        assert_eq!(decode_splits(ATTN_SPLIT_MAX_BATCH + 1, 1, 10_000, 8192), 1);
+        // Llama-3.1-8B (32 heads, 8 KV heads: one block per KV head) on an H200 (132 SMs), 8k
+        // context: batch 1 gets min(ceil(264 / 8), 32) = 32 splits, batch 2 17, batch 4 9,
+        // batch 8 5, batch 16 3 (128 blocks < 132), batch 17 and beyond none.
+        let s = |b| decode_splits(b, 32, 8, 132, 8192);
+        assert_eq!(
+            (s(1), s(2), s(4), s(8), s(16), s(17), s(128)),
+            (32, 17, 9, 5, 3, 1, 1)
+        );
+        // Llama-3.1-70B (64 / 8: group 8, one block per KV head): as 8B.
+        assert_eq!(decode_splits(1, 64, 8, 132, 8192), 32);
+        // SmolLM2 (9 / 3: group 3 in blocks of 4 heads): capped at ATTN_MAX_SPLITS; never past
+        // ATTN_SPLIT_MAX_BATCH rows.
+        assert_eq!(decode_splits(1, 9, 3, 132, 8192), ATTN_MAX_SPLITS);
+        assert_eq!(
+            decode_splits(ATTN_SPLIT_MAX_BATCH + 1, 1, 1, 10_000, 8192),
+            1
+        );
+        // A group of 16 takes two blocks per KV head: 8 rows x 4 KV heads x 2 = 64 blocks,
+        // ceil(264 / 64) = 5 splits, where a group of 8 (32 blocks) gets 9.
+        assert_eq!(decode_splits(8, 64, 4, 132, 8192), 5);
+        assert_eq!(decode_splits(8, 32, 4, 132, 8192), 9);
+        // Enough blocks without splitting: none.
+        assert_eq!(decode_splits(2, 128, 128, 132, 8192), 1);
         // A short context has few 64-position chunks to split into.
-        assert_eq!(decode_splits(1, 4, 132, 128), 2);
-        assert_eq!(decode_splits(1, 4, 132, 64), 1);
+        assert_eq!(decode_splits(1, 4, 4, 132, 128), 2);
+        assert_eq!(decode_splits(1, 4, 4, 132, 64), 1);
         // The partials hold every split bucket's rows × splits.
         for max_seq in [1usize, 5, 16, 64] {
             for b in decode_buckets(max_seq) {
-                for heads in [1usize, 9, 32] {
-                    let z = decode_splits(b, heads, 132, 8192);
+                for (heads, kvh) in [(1usize, 1usize), (9, 3), (32, 8), (64, 8), (32, 1)] {
+                    let z = decode_splits(b, heads, kvh, 132, 8192);
                     assert!(z == 1 || b * z <= attn_split_rows(max_seq), "{max_seq} {b}");
                 }
             }
@@ -571,6 +596,131 @@ mod tests {
                     );
                     if splits == 1 {
                         assert_eq!(got.to_bits(), want.to_bits(), "one split is today's path");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A sequential model of the decode kernel `attention_decode_h*` (kernels/attention.cu) for
+    /// one query head, in its order of operations: a row of head_dim = 8 C elements taken by SUB
+    /// lanes (the power of two >= C, at least 4), lane c's 8-term dot product (fused
+    /// multiply-adds, as nvcc contracts them) summed over the lanes by an xor butterfly; NS = 4 x
+    /// 32 / SUB streams, stream s taking begin + s, begin + s + NS, ... with the online softmax
+    /// (rescaled only when the max moves); the streams merged in order, then the splits as
+    /// `attention_combine` does. At head_dim 64, 96 (idle lanes) and 128, every length and split
+    /// count must give f64 softmax(q K^T / sqrt(d)) V within f32 rounding.
+    #[test]
+    fn decode_streams_model_equals_the_softmax() {
+        use crate::device::cuda::kernels::split_range;
+        type Part = (f32, f32, Vec<f32>);
+        fn merge(parts: &[Part]) -> Part {
+            let mx = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.0));
+            let d = parts[0].2.len();
+            if mx == f32::NEG_INFINITY {
+                return (mx, 0.0, vec![0.0; d]);
+            }
+            let mut total = 0f32;
+            let mut acc = vec![0f32; d];
+            for p in parts {
+                let w = (p.0 - mx).exp();
+                total = p.1.mul_add(w, total);
+                for (a, &x) in acc.iter_mut().zip(&p.2) {
+                    *a = x.mul_add(w, *a);
+                }
+            }
+            (mx, total, acc)
+        }
+        /// The score of position j as the kernel's lanes compute it.
+        fn score(q: &[f32], krow: &[f32], scale: f32) -> f32 {
+            let d = q.len();
+            let chunks = d / 8;
+            let sub = chunks.next_power_of_two().max(4);
+            let mut lanes: Vec<f32> = (0..sub)
+                .map(|c| {
+                    if c >= chunks {
+                        return 0.0;
+                    }
+                    (0..8).fold(0f32, |a, i| q[8 * c + i].mul_add(krow[8 * c + i], a))
+                })
+                .collect();
+            let mut o = sub / 2;
+            while o > 0 {
+                lanes = (0..sub).map(|c| lanes[c] + lanes[c ^ o]).collect();
+                o /= 2;
+            }
+            assert!(lanes.iter().all(|&x| x.to_bits() == lanes[0].to_bits()));
+            lanes[0] * scale
+        }
+        fn block(q: &[f32], k: &[f32], v: &[f32], range: std::ops::Range<usize>) -> Part {
+            let d = q.len();
+            let scale = 1.0 / (d as f32).sqrt();
+            if range.is_empty() {
+                return (f32::NEG_INFINITY, 0.0, vec![0.0; d]);
+            }
+            let ns = 4 * 32 / (d / 8).next_power_of_two().max(4);
+            let mut streams = vec![(f32::NEG_INFINITY, 0f32, vec![0f32; d]); ns];
+            for (st, (m, l, acc)) in streams.iter_mut().enumerate() {
+                let mut j = range.start + st;
+                while j < range.end {
+                    let s = score(q, &k[j * d..(j + 1) * d], scale);
+                    if s > *m {
+                        let corr = (*m - s).exp();
+                        *l *= corr;
+                        for a in acc.iter_mut() {
+                            *a *= corr;
+                        }
+                        *m = s;
+                    }
+                    let pe = (s - *m).exp();
+                    *l += pe;
+                    for (e, a) in acc.iter_mut().enumerate() {
+                        *a = pe.mul_add(v[j * d + e], *a);
+                    }
+                    j += ns;
+                }
+            }
+            merge(&streams)
+        }
+        let mut r = 0x5851f42du64;
+        let mut rand = || {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let n = 1100;
+        for d in [64usize, 96, 128] {
+            // Keys and values BF16-exact (the cache's), as the kernel widens them.
+            let bf = |x: f32| f32::from_bits(x.to_bits() & 0xffff_0000);
+            let q: Vec<f32> = (0..d).map(|_| 3.0 * rand()).collect();
+            let k: Vec<f32> = (0..n * d).map(|_| bf(rand())).collect();
+            let v: Vec<f32> = (0..n * d).map(|_| bf(rand())).collect();
+            for pos in [0usize, 1, 15, 16, 17, 63, 64, 127, 300, 1099] {
+                let sc: Vec<f64> = (0..=pos)
+                    .map(|j| {
+                        (0..d)
+                            .map(|e| q[e] as f64 * k[j * d + e] as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                for splits in [1usize, 2, 5, 16, 32] {
+                    let parts: Vec<Part> = (0..splits)
+                        .map(|zz| block(&q, &k, &v, split_range(pos, splits, zz)))
+                        .collect();
+                    let (_, l, acc) = merge(&parts);
+                    for e in 0..d {
+                        let want: f64 = (0..=pos)
+                            .map(|j| (sc[j] - mx).exp() / z * v[j * d + e] as f64)
+                            .sum();
+                        let got = (acc[e] / l) as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * want.abs().max(1e-2),
+                            "d {d} pos {pos} splits {splits} e {e}: {got} vs {want}"
+                        );
                     }
                 }
             }

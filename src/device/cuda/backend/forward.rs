@@ -65,7 +65,7 @@ impl CudaBackend {
         // sequence (fixed per bucket: the graph bakes it in); prefill chunks take the tiled
         // kernel instead.
         let split = AttnSplit {
-            splits: decode_splits(n, heads, self.sms, self.kv.max_context),
+            splits: decode_splits(n, heads, kvh, self.sms, self.kv.max_context),
             part_ml: b.attn_ml.ptr(),
             part_acc: b.attn_acc.ptr(),
         };

@@ -240,6 +240,7 @@ impl CudaBackend {
         let splits = decode_splits(
             bucket,
             self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
             self.sms,
             self.kv.max_context,
         );
