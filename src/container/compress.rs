@@ -3,11 +3,13 @@
 //! A three-stage pipeline, tensor by tensor in storage order. A reader thread maps each tensor's
 //! pages in with one call (the input is memory-mapped; no copy of it is ever made) and hashes
 //! and counts its values piece by piece while each piece is in the cache (a large tensor's
-//! second half mapped in and counted by a helper thread meanwhile). The calling thread
-//! codes it from those counts, into reused buffers (a large tensor with all cores; small
-//! tensors several at a time, one per thread, so the many small tensors of a checkpoint never
-//! wake the pool for one each). A writer thread writes the coded parts where they were coded,
-//! hashing them as it goes, and unmaps the input pages. Reading, coding and writing overlap.
+//! second half mapped in and counted by a helper thread meanwhile). The calling thread hands
+//! each tensor, as soon as it is read, to a task of the pool that codes it from those counts
+//! into reused buffers (a large tensor's chunks spread over the pool; a small tensor is coded
+//! by the one thread that took it) and sends it on as soon as it is coded: no tensor waits for
+//! a group of others to be read or coded. A writer thread puts the coded tensors back in
+//! storage order and writes the parts where they were coded, hashing them as it goes, and
+//! unmaps the input pages. Reading, coding and writing overlap.
 //! docs/format.md §4.4 has the measurements behind each choice.
 //!
 //! Memory is bounded: the input mapped but not yet written stays within
@@ -27,8 +29,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
-
-use rayon::prelude::*;
 
 use super::checkpoint::{Checkpoint, TensorEntry, INDEX_FILE};
 use super::meta::{
@@ -131,58 +131,67 @@ pub fn compress_dir(
     let budget = Budget::new(READ_AHEAD_BYTES, TENSORS_AHEAD);
     let pools = Pools::new();
     let (to_coder, from_reader) = mpsc::channel::<Result<ReadTensor, ContainerError>>();
-    let (to_writer, from_coder) = mpsc::channel::<ToWriter>();
+    let (to_writer, from_coder) = mpsc::channel::<(usize, ToWriter)>();
     let result = std::thread::scope(|scope| {
         let (ck, budget, pools) = (&ck, &budget, &pools);
-        let reader = scope.spawn(move || read_tensors(ck, budget, &to_coder));
+        let reader = std::thread::Builder::new()
+            .name("uw-read".into())
+            .spawn_scoped(scope, move || read_tensors(ck, budget, &to_coder))
+            .expect("spawn");
         let out_dir = out.path();
-        let writer = scope.spawn(move || {
-            let r = write_tensors(ck, out_dir, budget, from_coder, pools);
-            if r.is_err() {
-                budget.close();
-            }
-            r
-        });
-        let coded = (|| -> Result<(), ContainerError> {
+        let writer = std::thread::Builder::new()
+            .name("uw-write".into())
+            .spawn_scoped(scope, move || {
+                let r = write_tensors(ck, out_dir, budget, from_coder, pools);
+                if r.is_err() {
+                    budget.close();
+                }
+                r
+            })
+            .expect("spawn");
+        // Every tensor is coded by a task of the pool as soon as it is read (a large one
+        // spreading its chunks over the pool, a small one on the thread that took it), and sent
+        // to the writer as soon as it is coded; the writer puts them back in order.
+        let failed = std::sync::Mutex::new(None);
+        let coded = rayon::in_place_scope(|s| -> Result<(), ContainerError> {
+            let mut seq = 0;
             for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
-                let entries: Vec<&TensorEntry> =
-                    ck.entries().iter().filter(|e| e.file == fi).collect();
-                for group in small_tensor_groups(&entries) {
-                    bar.set_message(group[0].name.clone());
-                    let mut inputs = Vec::with_capacity(group.len());
-                    for _ in group {
-                        inputs.push(
-                            from_reader
-                                .recv()
-                                .map_err(|_| stopped(file.path(), "reader"))??,
-                        );
-                    }
-                    let code = |(entry, read): (&&TensorEntry, _)| {
-                        compress_tensor(file.path(), entry, read, opts.params, pools)
-                    };
-                    // Small tensors are coded side by side, one per thread: each alone is too
-                    // little work to spread over the pool.
-                    let coded: Vec<_> = if group.len() == 1 {
-                        group.iter().zip(inputs).map(code).collect()
-                    } else {
-                        group.par_iter().zip(inputs).map(code).collect()
-                    };
-                    for (entry, c) in group.iter().zip(coded) {
-                        let (stored, msg) = c?;
-                        bar.inc(entry.original_bytes() as u64);
-                        weight_map.insert(entry.name.clone(), fname.clone());
-                        report.stored_bytes.push(stored);
-                        to_writer
-                            .send(msg)
-                            .map_err(|_| stopped(file.path(), "writer"))?;
-                    }
+                for entry in ck.entries().iter().filter(|e| e.file == fi) {
+                    let read = from_reader
+                        .recv()
+                        .map_err(|_| stopped(file.path(), "reader"))??;
+                    bar.set_message(entry.name.clone());
+                    weight_map.insert(entry.name.clone(), fname.clone());
+                    let (to_writer, failed, bar) = (to_writer.clone(), &failed, &bar);
+                    let n = seq;
+                    s.spawn(move |_| {
+                        match compress_tensor(file.path(), entry, read, opts.params, pools) {
+                            Ok(msg) => {
+                                bar.inc(entry.original_bytes() as u64);
+                                // A writer gone has its own error.
+                                let _ = to_writer.send((n, msg));
+                            }
+                            Err(e) => {
+                                let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                                f.get_or_insert(e);
+                                budget.close();
+                            }
+                        }
+                    });
+                    seq += 1;
                 }
                 to_writer
-                    .send(ToWriter::FileEnd)
+                    .send((seq, ToWriter::FileEnd))
                     .map_err(|_| stopped(file.path(), "writer"))?;
+                seq += 1;
             }
             Ok(())
-        })();
+        });
+        // A task's error explains a reader that stopped because the budget closed.
+        let coded = match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => coded,
+        };
         if coded.is_err() {
             budget.close();
         }
@@ -190,10 +199,10 @@ pub fn compress_dir(
         let written = writer.join().expect("the writer thread does not panic");
         reader.join().expect("the reader thread does not panic");
         // The writer's own error explains a coder that stopped because the writer stopped.
-        let metas = written?;
-        coded.map(|()| metas)
+        let written = written?;
+        coded.map(|()| written)
     });
-    report.tensors = result?;
+    (report.tensors, report.stored_bytes) = result?;
     bar.finish_and_clear();
     if ck.is_sharded() {
         let stored: u64 = report.stored_bytes.iter().sum();
@@ -429,37 +438,9 @@ fn stopped(path: &Path, stage: &str) -> ContainerError {
 /// the writer writes a large tensor (SmolLM2's 54 MiB embedding takes it ~20 ms), the reader
 /// and coder go on through the small tensors after it instead of waiting (8 ahead: coding
 /// stalled there; 16: 1.45–1.50 → 1.69–1.72 GB/s on the synthetic SmolLM2, load 2; 32 and 64
-/// gained nothing more under load and cost 10 and 45 MiB more peak RSS).
+/// gained nothing more under load and cost 10 and 45 MiB more peak RSS). It also bounds the
+/// tensors being coded at once: a task is only started for a tensor the reader was let read.
 const TENSORS_AHEAD: usize = 2 * READ_AHEAD_TENSORS;
-
-/// Tensors of at most this many bytes are small: coded several at a time, one per thread.
-const SMALL_TENSOR_BYTES: usize = 4 << 20;
-
-/// The most small tensors coded at a time (at most the tensors the reader may hold): eight,
-/// so the pool waits for a group's slowest tensor half as often as with four (SmolLM2 1.01–1.43
-/// → 1.37–1.54 GB/s in alternated runs, load 4, the synthetic unchanged).
-const SMALL_TENSOR_GROUP: usize = READ_AHEAD_TENSORS;
-
-/// A file's entries in order, cut into groups: runs of up to [`SMALL_TENSOR_GROUP`] small
-/// tensors, and every larger tensor alone.
-fn small_tensor_groups<'a, 'e>(entries: &'a [&'e TensorEntry]) -> Vec<&'a [&'e TensorEntry]> {
-    let mut groups = Vec::new();
-    let mut start = 0;
-    while start < entries.len() {
-        let mut end = start + 1;
-        if entries[start].original_bytes() <= SMALL_TENSOR_BYTES {
-            while end < entries.len()
-                && end - start < SMALL_TENSOR_GROUP
-                && entries[end].original_bytes() <= SMALL_TENSOR_BYTES
-            {
-                end += 1;
-            }
-        }
-        groups.push(&entries[start..end]);
-        start = end;
-    }
-    groups
-}
 
 /// Bytes hashed and (BF16) counted at a time: a piece stays in the core's cache (a quarter of a
 /// MiB, next to the quarter MiB of value counts, in a 1 MiB L2) between the two.
@@ -565,26 +546,58 @@ fn read_tensors<'a>(
     }
 }
 
+/// The coder's messages, numbered as they were read, back in that order: the tasks of the pool
+/// finish them in any order.
+struct InOrder<'a> {
+    from_coder: mpsc::Receiver<(usize, ToWriter<'a>)>,
+    early: BTreeMap<usize, ToWriter<'a>>,
+    next: usize,
+}
+
+impl<'a> InOrder<'a> {
+    /// The next message in order; `None` once the coder stopped before sending it.
+    fn next(&mut self) -> Option<ToWriter<'a>> {
+        let msg = match self.early.remove(&self.next) {
+            Some(m) => m,
+            None => loop {
+                let (i, m) = self.from_coder.recv().ok()?;
+                if i == self.next {
+                    break m;
+                }
+                self.early.insert(i, m);
+            },
+        };
+        self.next += 1;
+        Some(msg)
+    }
+}
+
 /// The writer stage: the output files, one after the other, from the coder's parts, and their
 /// metadata (the parts checksums hashed from the bytes as they are written); gives each
 /// tensor's budget and input pages back and its buffers to their pools once written. Returns
-/// the metadata of every tensor, in order.
+/// the metadata and the stored bytes of every tensor, in order.
 fn write_tensors(
     ck: &Checkpoint,
     out_dir: &Path,
     budget: &Budget,
-    from_coder: mpsc::Receiver<ToWriter<'_>>,
+    from_coder: mpsc::Receiver<(usize, ToWriter<'_>)>,
     pools: &Pools,
-) -> Result<Vec<TensorMeta>, ContainerError> {
+) -> Result<(Vec<TensorMeta>, Vec<u64>), ContainerError> {
     let mut all = Vec::new();
+    let mut stored_bytes = Vec::new();
+    let mut from_coder = InOrder {
+        from_coder,
+        early: BTreeMap::new(),
+        next: 0,
+    };
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let reserve = header_bound(ck, fi, file.user_meta());
         let mut writer = SafetensorsWriter::create(&out_dir.join(fname), reserve)?;
         let mut metas = Vec::new();
         loop {
-            let Ok(msg) = from_coder.recv() else {
+            let Some(msg) = from_coder.next() else {
                 // The coder stopped; it reports why.
-                return Ok(all);
+                return Ok((all, stored_bytes));
             };
             match msg {
                 ToWriter::Tensor {
@@ -592,6 +605,7 @@ fn write_tensors(
                     parts,
                     input,
                 } => {
+                    stored_bytes.push(parts.iter().map(|p| p.bytes.len() as u64).sum());
                     let mut hash = codec::checksum::Xxh3::new();
                     for p in parts {
                         p.bytes.with_slices(|slices| {
@@ -628,17 +642,17 @@ fn write_tensors(
             }
         }
     }
-    Ok(all)
+    Ok((all, stored_bytes))
 }
 
-/// Encodes (or keeps raw) one tensor; returns its stored bytes and what the writer gets.
+/// Encodes (or keeps raw) one tensor; returns what the writer gets.
 fn compress_tensor<'a>(
     path: &Path,
     entry: &TensorEntry,
     read: ReadTensor<'a>,
     params: Params,
     pools: &Pools,
-) -> Result<(u64, ToWriter<'a>), ContainerError> {
+) -> Result<ToWriter<'a>, ContainerError> {
     let (name, dtype, shape) = (entry.name.as_str(), entry.dtype, entry.shape.as_slice());
     let ReadTensor {
         bytes,
@@ -721,13 +735,12 @@ fn compress_tensor<'a>(
                 parts,
                 input,
             };
-            return Ok((stored as u64, msg));
+            return Ok(msg);
         }
         for part in parts {
             pools.give(part);
         }
     }
-    let stored = bytes.len() as u64;
     let part = Part {
         name: name.to_string(),
         dtype,
@@ -739,7 +752,7 @@ fn compress_tensor<'a>(
         parts: vec![part],
         input,
     };
-    Ok((stored, msg))
+    Ok(msg)
 }
 
 /// A byte-counting progress bar on stderr, hidden unless asked for and stderr is a terminal.
