@@ -416,14 +416,17 @@ impl Pools {
 
 /// What the coder hands the writer.
 enum ToWriter<'a> {
-    /// One input tensor: its metadata (for an `exp-rans` tensor without the parts checksum,
-    /// which the writer computes as it writes the parts, while each is in the cache), its stored
+    /// One input tensor: its metadata (without the input's checksum, which comes with it, and
+    /// for an `exp-rans` tensor without the parts checksum, which the writer computes as it
+    /// writes the parts, while each is in the cache), its stored
     /// tensors (three parts, or the tensor raw), and where the input tensor lies (file index and
     /// byte range), whose pages and read-ahead budget are given back once it is written.
     Tensor {
         meta: Box<TensorMeta>,
         parts: Vec<Part<'a>>,
         input: (usize, usize, usize),
+        /// The input tensor's checksum, for `meta` (the reader may still be hashing).
+        checksum: Checksum,
     },
     /// The current file is complete; the next tensors go to the next file.
     FileEnd,
@@ -454,17 +457,37 @@ const SPLIT_READ_BYTES: usize = 16 << 20;
 struct ReadTensor<'a> {
     bytes: &'a [u8],
     input: (usize, usize, usize),
-    checksum: u64,
+    checksum: Checksum,
     stats: Option<TensorStats>,
+}
+
+/// An input tensor's checksum (XXH3 of its bytes): known when it is handed on, or, for a
+/// tensor read by two threads, sent by the reader once it has hashed the second half. The
+/// coder needs only the counts: coding starts while the reader hashes, and only the writer
+/// waits for the checksum.
+enum Checksum {
+    Ready(u64),
+    Later(mpsc::Receiver<u64>),
+}
+
+impl Checksum {
+    /// The checksum; `None` if the reader stopped before sending it.
+    fn get(self) -> Option<u64> {
+        match self {
+            Self::Ready(c) => Some(c),
+            Self::Later(r) => r.recv().ok(),
+        }
+    }
 }
 
 /// The reader stage: every tensor of the plain checkpoint, in order, once the budget admits it:
 /// maps its pages in (one `MADV_POPULATE_READ` per tensor, which reads them from the file if
 /// they are not cached) and hashes and counts them piece by piece. A BF16 tensor of at least
 /// [`SPLIT_READ_BYTES`] is read by two threads: a helper maps in and counts its second half
-/// while this thread maps in, hashes and counts the first, then hashes the second (the hash is
-/// one stream). The first tensor of a checkpoint (SmolLM2's 54 MiB embedding) is otherwise
-/// read by one thread while the coders wait for it.
+/// while this thread maps in, hashes and counts the first; the tensor is handed on with the
+/// counts, and this thread then hashes the second half (the hash is one stream) while it is
+/// coded, and sends the checksum after it (see [`Checksum`]). The first tensor of a checkpoint
+/// (SmolLM2's 54 MiB embedding) is otherwise read by one thread while the coders wait for it.
 ///
 /// The bytes are not copied: the coder codes them where they are mapped, and a tensor stored as
 /// it is is written from there. Reading into buffers instead (`pread`, as `decompress` and
@@ -492,6 +515,8 @@ fn read_tensors<'a>(
             let bytes = sf.bytes_at(start..end);
             let bf16 = entry.dtype == Dtype::BF16;
             let mut hash = codec::checksum::Xxh3::new();
+            // Bytes left to hash once the tensor is handed on.
+            let mut unhashed: &[u8] = &[];
             if bf16 && bytes.len() >= SPLIT_READ_BYTES {
                 // The second half is mapped in and counted by a helper thread while this one maps
                 // in, hashes and counts the first, then hashes the second.
@@ -519,7 +544,7 @@ fn read_tensors<'a>(
                     let _ = to_coder.send(Err(e));
                     return;
                 }
-                hash.update(second);
+                unhashed = second;
                 counts.absorb(theirs);
             } else {
                 if let Err(e) = sf.populate(start, end) {
@@ -533,14 +558,25 @@ fn read_tensors<'a>(
                     }
                 }
             }
+            let (checksum, later) = if unhashed.is_empty() {
+                (Checksum::Ready(hash.digest()), None)
+            } else {
+                let (tx, rx) = mpsc::channel();
+                (Checksum::Later(rx), Some(tx))
+            };
             let read = ReadTensor {
                 bytes,
                 input: (fi, start, end),
-                checksum: hash.digest(),
+                checksum,
                 stats: bf16.then(|| counts.take()),
             };
             if to_coder.send(Ok(read)).is_err() {
                 return;
+            }
+            if let Some(tx) = later {
+                hash.update(unhashed);
+                // A coder or writer gone has its own error.
+                let _ = tx.send(hash.digest());
             }
         }
     }
@@ -604,7 +640,12 @@ fn write_tensors(
                     mut meta,
                     parts,
                     input,
+                    checksum,
                 } => {
+                    let checksum = checksum
+                        .get()
+                        .ok_or_else(|| stopped(file.path(), "reader"))?;
+                    meta.checksum = meta::checksum_string(checksum);
                     stored_bytes.push(parts.iter().map(|p| p.bytes.len() as u64).sum());
                     let mut hash = codec::checksum::Xxh3::new();
                     for p in parts {
@@ -666,7 +707,8 @@ fn compress_tensor<'a>(
         shape: shape.to_vec(),
         encoding: Encoding::Raw,
         original_bytes: bytes.len() as u64,
-        checksum: meta::checksum_string(checksum),
+        // The writer fills it in (see `Checksum`).
+        checksum: String::new(),
         exponent_entropy_bits: None,
         value_entropy_bits: None,
         rans: None,
@@ -734,6 +776,7 @@ fn compress_tensor<'a>(
                 meta: Box::new(m),
                 parts,
                 input,
+                checksum,
             };
             return Ok(msg);
         }
@@ -751,6 +794,7 @@ fn compress_tensor<'a>(
         meta: Box::new(m),
         parts: vec![part],
         input,
+        checksum,
     };
     Ok(msg)
 }
