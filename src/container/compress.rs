@@ -394,6 +394,12 @@ struct Pools {
 }
 
 impl Pools {
+    /// Frees the spare buffers of more than `max_bytes` (see [`BufferPool::free_larger_than`]).
+    fn free_larger_than(&self, max_bytes: usize) {
+        self.raw.free_larger_than(max_bytes);
+        self.words.free_larger_than(max_bytes);
+    }
+
     fn new() -> Self {
         let bytes = READ_AHEAD_BYTES as usize;
         Self {
@@ -626,6 +632,18 @@ fn write_tensors(
         early: BTreeMap::new(),
         next: 0,
     };
+    // The largest tensor from each one on, in storage order: once a tensor is written, spare
+    // buffers more than twice the largest still to come (a tensor of `b` bytes codes into at
+    // most about `b` bytes of words and `b / 2` of raw plane) are never needed again, and are
+    // freed by this thread while the others work rather than all at the end.
+    let sizes: Vec<usize> = (0..ck.files().len())
+        .flat_map(|fi| ck.entries().iter().filter(move |e| e.file == fi))
+        .map(|e| e.original_bytes())
+        .collect();
+    let mut largest_from = vec![0; sizes.len() + 1];
+    for i in (0..sizes.len()).rev() {
+        largest_from[i] = largest_from[i + 1].max(sizes[i]);
+    }
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let reserve = header_bound(ck, fi, file.user_meta());
         let mut writer = SafetensorsWriter::create(&out_dir.join(fname), reserve)?;
@@ -664,6 +682,7 @@ fn write_tensors(
                     let (f, start, end) = input;
                     ck.files()[f].release(start, end);
                     budget.release((end - start) as u64);
+                    pools.free_larger_than(2 * largest_from[stored_bytes.len()]);
                 }
                 ToWriter::FileEnd => {
                     let mut user_meta = file.user_meta().clone();
