@@ -153,6 +153,10 @@ pub fn compress_dir(
         // spreading its chunks over the pool, a small one on the thread that took it), and sent
         // to the writer as soon as it is coded; the writer puts them back in order.
         let failed = std::sync::Mutex::new(None);
+        // Called on a thread of a pool (`install`), this thread would wait for the reader while
+        // its tasks sat in its own queue, forever in a pool of one thread: it codes each tensor
+        // itself instead (its chunks still spread over the pool).
+        let on_worker = rayon::current_thread_index().is_some();
         let coded = rayon::in_place_scope(|s| -> Result<(), ContainerError> {
             let mut seq = 0;
             for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
@@ -164,7 +168,7 @@ pub fn compress_dir(
                     weight_map.insert(entry.name.clone(), fname.clone());
                     let (to_writer, failed, bar) = (to_writer.clone(), &failed, &bar);
                     let n = seq;
-                    s.spawn(move |_| {
+                    let task = move || {
                         match compress_tensor(file.path(), entry, read, opts.params, pools) {
                             Ok(msg) => {
                                 bar.inc(entry.original_bytes() as u64);
@@ -177,7 +181,12 @@ pub fn compress_dir(
                                 budget.close();
                             }
                         }
-                    });
+                    };
+                    if on_worker {
+                        task();
+                    } else {
+                        s.spawn(move |_| task());
+                    }
                     seq += 1;
                 }
                 to_writer
@@ -836,6 +845,60 @@ pub(super) fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `compress_dir` called on the only thread of a pool finishes (its tasks would otherwise
+    /// wait in the queue of the thread that waits for them) and writes what it writes anywhere
+    /// else, byte for byte.
+    #[test]
+    fn compress_on_the_only_thread_of_a_pool_finishes_with_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        fs::create_dir(&input).unwrap();
+        let elems = 3 << 16;
+        let bytes: Vec<u8> = (0..elems)
+            .flat_map(|i: u32| {
+                crate::model::synth::f32_to_bf16(((i % 977) as f32 - 488.0) * 1e-4).to_le_bytes()
+            })
+            .collect();
+        // More tensors than the reader may hold: it must wait for the writer.
+        let names: Vec<String> = (0..TENSORS_AHEAD + 4).map(|i| format!("t{i:02}")).collect();
+        let views: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let v =
+                    safetensors::tensor::TensorView::new(Dtype::BF16, vec![3 << 8, 1 << 8], &bytes)
+                        .unwrap();
+                (n.clone(), v)
+            })
+            .collect();
+        let file = input.join(super::super::checkpoint::SINGLE_FILE);
+        safetensors::serialize_to_file(views, &None, &file).unwrap();
+        let opts = CompressOptions {
+            progress: false,
+            ..Default::default()
+        };
+        let out = |name: &str| dir.path().join(name);
+        compress_dir(&input, &out("free"), &opts).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let (done, finished) = mpsc::channel();
+        let (input2, out2, opts2) = (input.clone(), out("pool"), opts.clone());
+        std::thread::spawn(move || {
+            let r = pool.install(|| compress_dir(&input2, &out2, &opts2).map(|_| ()));
+            let _ = done.send(r.map_err(|e| e.to_string()));
+        });
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("compress on a one-thread pool finishes within a minute")
+            .unwrap();
+        let name = super::super::checkpoint::SINGLE_FILE;
+        assert_eq!(
+            fs::read(out("free").join(name)).unwrap(),
+            fs::read(out("pool").join(name)).unwrap()
+        );
+    }
 
     /// The reader stage reports a checkpoint file that shrank after it was opened as an error
     /// naming the file, for the coder to end `compress` with, instead of a SIGBUS on the mapped
