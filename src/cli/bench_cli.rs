@@ -2,14 +2,19 @@
 //! next to ZipNN's compress and decompress calls on the same tensors' bytes, in one run.
 //!
 //! For every plain BF16 checkpoint given (and all-MiniLM-L6-v2, rounded to BF16 and written as
-//! one, with `--minilm`) it times, best of `--repeats`: `compress` with format version 2's
-//! parameters and with version 1's, and `decompress` of each result; the repeats of the codecs
-//! are interleaved, so a change of load on a shared machine hits them alike. The input is read from the
-//! page cache after the first repeat and the output goes to the page cache (no fsync), the same
-//! for every repeat and every format. ZipNN gets the concatenation of the checkpoint's tensor
-//! bytes in memory (`scripts/zipnn_bench.py`): no file I/O at all on its side, so the comparison
-//! leans its way. GB/s are bytes of BF16 tensors per second. The load average before and after
-//! the run is recorded: on a shared machine the numbers are only as good as that.
+//! one, with `--minilm`) it times `compress` with format version 2's parameters and with
+//! version 1's, and `decompress` of each result. Every codec, ZipNN included, follows one
+//! stopping rule: runs go on in rounds until each codec has run at least `--repeats` times and
+//! spent at least `--min-seconds` in its timed calls (a 30 ms job run five times measures the
+//! scheduler more than the job on a shared machine). Within a round the codecs take turns
+//! (version 2, version 1, ZipNN), every codec runs once per round, so every codec gets the same
+//! number of runs and a change of load hits them alike. The best and the median of each codec's
+//! runs are reported, with the number of runs. The input is read from the page cache after the
+//! first run and the output goes to the page cache (no fsync), the same for every run and every
+//! format. ZipNN gets the concatenation of the checkpoint's tensor bytes in memory
+//! (`scripts/zipnn_bench.py`, one run per round): no file I/O at all on its side, so the
+//! comparison leans its way. GB/s are bytes of BF16 tensors per second. The load average before
+//! and after the run is recorded: on a shared machine the numbers are only as good as that.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,9 +37,14 @@ pub struct CliArgs {
     /// checkpoint made from it.
     #[arg(long)]
     minilm: Option<PathBuf>,
-    /// Timed repeats per measurement (the best is reported).
+    /// Fewest timed runs of each codec (every codec, ZipNN included, runs the same number of
+    /// times; see `--min-seconds`).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Fewest seconds each codec spends in its timed runs: rounds go on until every codec has
+    /// both this and `--repeats` runs.
+    #[arg(long, default_value_t = 1.0)]
+    min_seconds: f64,
     /// Python of a venv with zipnn (see scripts/bench-env); without it ZipNN is not run.
     #[arg(long)]
     zipnn_python: Option<PathBuf>,
@@ -49,6 +59,9 @@ pub struct CliArgs {
 /// Runs `bench cli`.
 pub fn run(args: &CliArgs) -> Result<()> {
     let repeats = args.repeats.max(1);
+    if !(args.min_seconds >= 0.0 && args.min_seconds.is_finite()) {
+        bail!("--min-seconds must be a finite number of seconds, at least 0");
+    }
     let threads = rayon::current_num_threads();
     let work = args
         .work_dir
@@ -80,9 +93,13 @@ fn measure_all(args: &CliArgs, repeats: usize, threads: usize, work: &Path) -> R
     }
     let load_before = loadavg();
     println!(
-        "{:<44} {:>8} {:>7} {:>10} {:>10}   (GB/s of BF16, {threads} threads, best of {repeats}, load {load_before})",
-        "checkpoint / codec", "MiB", "ratio", "compress", "decompress"
+        "{:<44} {:>8} {:>7} {:>10} {:>10}   (GB/s of BF16, {threads} threads, best of at least {repeats} runs and {} s per codec, load {load_before})",
+        "checkpoint / codec", "MiB", "ratio", "compress", "decompress", args.min_seconds
     );
+    let rule = Rule {
+        runs: repeats,
+        seconds: args.min_seconds,
+    };
     let mut results = Vec::new();
     for (name, dir) in &models {
         let bytes = tensor_bytes(dir)?;
@@ -93,33 +110,32 @@ fn measure_all(args: &CliArgs, repeats: usize, threads: usize, work: &Path) -> R
             .enumerate()
             .map(|(i, &p)| Run::new(p, work.join(format!("f{i}"))))
             .collect();
-        let mut zipnn: Option<Value> = None;
-        // Repeats are interleaved (v2, v1, ZipNN, v2, ...) so that a change in the machine's
-        // load hits every codec alike.
-        for _ in 0..repeats {
+        let mut zipnn = ZipnnRuns::default();
+        // Rounds of interleaved runs (v2, v1, ZipNN, v2, ...) so that a change in the machine's
+        // load hits every codec alike; every codec runs once per round, until each has met the
+        // rule (ZipNN's decompress, timed in the same call as its compress, included).
+        loop {
             for run in &mut runs {
                 run.compress(dir)?;
             }
             if let Some(py) = &args.zipnn_python {
-                let z = super::bench::measure_zipnn(py, &bytes, threads, 1)?;
-                zipnn = Some(match zipnn {
-                    None => z,
-                    Some(mut best) => {
-                        for f in ["compress_gbps", "decompress_gbps"] {
-                            if z[f].as_f64() > best[f].as_f64() {
-                                best[f] = z[f].clone();
-                            }
-                        }
-                        best
-                    }
-                });
+                zipnn.add(super::bench::measure_zipnn(py, &bytes, threads, 1)?, total)?;
+            }
+            let zipnn_done = args.zipnn_python.is_none()
+                || (rule.met(&zipnn.compress) && rule.met(&zipnn.decompress));
+            if zipnn_done && runs.iter().all(|r| rule.met(&r.compress_s)) {
+                break;
             }
         }
-        for _ in 0..repeats {
+        loop {
             for run in &mut runs {
                 run.decompress()?;
             }
+            if runs.iter().all(|r| rule.met(&r.decompress_s)) {
+                break;
+            }
         }
+        let zipnn = zipnn.result(total);
         let original = tensor_bytes(dir)?;
         let [v2, v1] = [&runs[0], &runs[1]].map(|r| r.result(total));
         for run in &runs {
@@ -140,10 +156,10 @@ fn measure_all(args: &CliArgs, repeats: usize, threads: usize, work: &Path) -> R
             "unweight_format_v1": v1,
             "decompress_v2_over_v1": ratio(&v2, &v1, "decompress_gbps"),
         });
-        if let Some(mut z) = zipnn {
-            z["repeats"] = json!(repeats);
+        if let Some(z) = zipnn {
             print_row(&format!("{name}: zipnn (in memory)"), total, &z);
             row["compress_speedup_vs_zipnn"] = ratio(&v2, &z, "compress_gbps");
+            row["compress_speedup_vs_zipnn_median"] = ratio(&v2, &z, "compress_gbps_median");
             row["decompress_speedup_vs_zipnn"] = ratio(&v2, &z, "decompress_gbps");
             row["zipnn"] = z;
         }
@@ -158,7 +174,9 @@ fn measure_all(args: &CliArgs, repeats: usize, threads: usize, work: &Path) -> R
     if let Some(out) = &args.out {
         let doc = json!({
             "benchmark": "cli",
-            "repeats": repeats,
+            "min_runs": repeats,
+            "min_seconds": args.min_seconds,
+            "rule": "every codec (unweight v2, v1 and ZipNN) runs once per round, in turn, until each has at least min_runs runs and min_seconds in its timed calls; best and median reported",
             "load_average_before": load_before,
             "load_average_after": load_after,
             "results": results,
@@ -199,13 +217,102 @@ fn tensor_bytes(dir: &Path) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// One format's `compress` and `decompress` runs (directory in, directory out), best times.
+/// When a codec has run enough: at least `runs` timed runs and `seconds` of them in all.
+struct Rule {
+    runs: usize,
+    seconds: f64,
+}
+
+impl Rule {
+    fn met(&self, times: &[f64]) -> bool {
+        times.len() >= self.runs && times.iter().sum::<f64>() >= self.seconds
+    }
+}
+
+/// The fastest of `times` and their median (the mean of the middle two of an even count).
+fn best_and_median(times: &[f64]) -> (f64, f64) {
+    let mut t = times.to_vec();
+    t.sort_by(f64::total_cmp);
+    let n = t.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let median = if n % 2 == 1 {
+        t[n / 2]
+    } else {
+        (t[n / 2 - 1] + t[n / 2]) / 2.0
+    };
+    (t[0], median)
+}
+
+/// The timing fields of one direction of a codec: GB/s of the best and the median run, their
+/// seconds, the number of runs and the seconds of all of them.
+fn timing(direction: &str, times: &[f64], total: usize) -> Vec<(String, Value)> {
+    let (best, median) = best_and_median(times);
+    vec![
+        (
+            format!("{direction}_gbps"),
+            json!(total as f64 / best / 1e9),
+        ),
+        (
+            format!("{direction}_gbps_median"),
+            json!(total as f64 / median / 1e9),
+        ),
+        (format!("{direction}_seconds"), json!(best)),
+        (format!("{direction}_runs"), json!(times.len())),
+        (
+            format!("{direction}_seconds_total"),
+            json!(times.iter().sum::<f64>()),
+        ),
+    ]
+}
+
+/// ZipNN's runs: one compress and one decompress per call of `scripts/zipnn_bench.py`.
+#[derive(Default)]
+struct ZipnnRuns {
+    first: Option<Value>,
+    compress: Vec<f64>,
+    decompress: Vec<f64>,
+}
+
+impl ZipnnRuns {
+    /// Adds one call's result (one run: its GB/s are of that run).
+    fn add(&mut self, z: Value, total: usize) -> Result<()> {
+        for (field, times) in [
+            ("compress_gbps", &mut self.compress),
+            ("decompress_gbps", &mut self.decompress),
+        ] {
+            let gbps = z[field]
+                .as_f64()
+                .filter(|g| *g > 0.0)
+                .with_context(|| format!("zipnn benchmark result without {field}: {z}"))?;
+            times.push(total as f64 / gbps / 1e9);
+        }
+        self.first.get_or_insert(z);
+        Ok(())
+    }
+
+    /// The first call's result with the timing fields of all runs; `None` if ZipNN never ran.
+    fn result(&self, total: usize) -> Option<Value> {
+        let mut z = self.first.clone()?;
+        for (k, v) in timing("compress", &self.compress, total)
+            .into_iter()
+            .chain(timing("decompress", &self.decompress, total))
+        {
+            z[k] = v;
+        }
+        Some(z)
+    }
+}
+
+/// One format's `compress` and `decompress` runs (directory in, directory out): every run's
+/// seconds.
 struct Run {
     params: Params,
     comp: PathBuf,
     back: PathBuf,
-    best_c: f64,
-    best_d: f64,
+    compress_s: Vec<f64>,
+    decompress_s: Vec<f64>,
     stored: u64,
 }
 
@@ -215,8 +322,8 @@ impl Run {
             params,
             comp: dir.join("compressed"),
             back: dir.join("decompressed"),
-            best_c: f64::INFINITY,
-            best_d: f64::INFINITY,
+            compress_s: Vec::new(),
+            decompress_s: Vec::new(),
             stored: 0,
         }
     }
@@ -232,7 +339,7 @@ impl Run {
         let t = Instant::now();
         let r = container::compress_dir(dir, &self.comp, &opts)
             .with_context(|| format!("compressing {}", dir.display()))?;
-        self.best_c = self.best_c.min(t.elapsed().as_secs_f64());
+        self.compress_s.push(t.elapsed().as_secs_f64());
         self.stored = r.stored_bytes.iter().sum();
         Ok(())
     }
@@ -243,14 +350,14 @@ impl Run {
         let t = Instant::now();
         container::decompress_dir(&self.comp, &self.back, true, false)
             .with_context(|| format!("decompressing {}", self.comp.display()))?;
-        self.best_d = self.best_d.min(t.elapsed().as_secs_f64());
+        self.decompress_s.push(t.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// The results; `total` is the checkpoint's tensor bytes.
     fn result(&self, total: usize) -> Value {
         let p = self.params;
-        json!({
+        let mut r = json!({
             "params": {
                 "chunk_elems": p.chunk_elems,
                 "prob_bits": p.prob_bits,
@@ -258,11 +365,14 @@ impl Run {
             },
             "compressed_bytes": self.stored,
             "ratio": self.stored as f64 / total as f64,
-            "compress_gbps": total as f64 / self.best_c / 1e9,
-            "decompress_gbps": total as f64 / self.best_d / 1e9,
-            "compress_seconds": self.best_c,
-            "decompress_seconds": self.best_d,
-        })
+        });
+        for (k, v) in timing("compress", &self.compress_s, total)
+            .into_iter()
+            .chain(timing("decompress", &self.decompress_s, total))
+        {
+            r[k] = v;
+        }
+        r
     }
 }
 
@@ -300,4 +410,31 @@ fn minilm_checkpoint(path: &Path, dir: &Path) -> Result<()> {
     }
     w.finish(&meta)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule_wants_both_the_runs_and_the_seconds() {
+        let rule = Rule {
+            runs: 3,
+            seconds: 1.0,
+        };
+        assert!(!rule.met(&[0.6, 0.6]), "enough seconds, too few runs");
+        assert!(
+            !rule.met(&[0.1, 0.1, 0.1, 0.1]),
+            "enough runs, too few seconds"
+        );
+        assert!(rule.met(&[0.4, 0.4, 0.4]));
+    }
+
+    #[test]
+    fn best_and_median_of_odd_and_even_counts() {
+        assert_eq!(best_and_median(&[3.0, 1.0, 2.0]), (1.0, 2.0));
+        assert_eq!(best_and_median(&[4.0, 1.0, 3.0, 2.0]), (1.0, 2.5));
+        let (b, m) = best_and_median(&[]);
+        assert!(b.is_nan() && m.is_nan());
+    }
 }

@@ -3,11 +3,13 @@
 //! A three-stage pipeline, tensor by tensor in storage order. A reader thread maps each tensor's
 //! pages in with one call (the input is memory-mapped; no copy of it is ever made) and hashes
 //! and counts its values piece by piece while each piece is in the cache (a large tensor's
-//! second half mapped in and counted by a helper thread meanwhile). The calling thread
-//! codes it from those counts, into reused buffers (a large tensor with all cores; small
-//! tensors several at a time, one per thread, so the many small tensors of a checkpoint never
-//! wake the pool for one each). A writer thread writes the coded parts where they were coded,
-//! hashing them as it goes, and unmaps the input pages. Reading, coding and writing overlap.
+//! second half mapped in and counted by a helper thread meanwhile). The calling thread hands
+//! each tensor, as soon as it is read, to a task of the pool that codes it from those counts
+//! into reused buffers (a large tensor's chunks spread over the pool; a small tensor is coded
+//! by the one thread that took it) and sends it on as soon as it is coded: no tensor waits for
+//! a group of others to be read or coded. A writer thread puts the coded tensors back in
+//! storage order and writes the parts where they were coded, hashing them as it goes, and
+//! unmaps the input pages. Reading, coding and writing overlap.
 //! docs/format.md §4.4 has the measurements behind each choice.
 //!
 //! Memory is bounded: the input mapped but not yet written stays within
@@ -27,8 +29,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use safetensors::Dtype;
-
-use rayon::prelude::*;
 
 use super::checkpoint::{Checkpoint, TensorEntry, INDEX_FILE};
 use super::meta::{
@@ -131,58 +131,76 @@ pub fn compress_dir(
     let budget = Budget::new(READ_AHEAD_BYTES, TENSORS_AHEAD);
     let pools = Pools::new();
     let (to_coder, from_reader) = mpsc::channel::<Result<ReadTensor, ContainerError>>();
-    let (to_writer, from_coder) = mpsc::channel::<ToWriter>();
+    let (to_writer, from_coder) = mpsc::channel::<(usize, ToWriter)>();
     let result = std::thread::scope(|scope| {
         let (ck, budget, pools) = (&ck, &budget, &pools);
-        let reader = scope.spawn(move || read_tensors(ck, budget, &to_coder));
+        let reader = std::thread::Builder::new()
+            .name("uw-read".into())
+            .spawn_scoped(scope, move || read_tensors(ck, budget, &to_coder))
+            .expect("spawn");
         let out_dir = out.path();
-        let writer = scope.spawn(move || {
-            let r = write_tensors(ck, out_dir, budget, from_coder, pools);
-            if r.is_err() {
-                budget.close();
-            }
-            r
-        });
-        let coded = (|| -> Result<(), ContainerError> {
+        let writer = std::thread::Builder::new()
+            .name("uw-write".into())
+            .spawn_scoped(scope, move || {
+                let r = write_tensors(ck, out_dir, budget, from_coder, pools);
+                if r.is_err() {
+                    budget.close();
+                }
+                r
+            })
+            .expect("spawn");
+        // Every tensor is coded by a task of the pool as soon as it is read (a large one
+        // spreading its chunks over the pool, a small one on the thread that took it), and sent
+        // to the writer as soon as it is coded; the writer puts them back in order.
+        let failed = std::sync::Mutex::new(None);
+        // Called on a thread of a pool (`install`), this thread would wait for the reader while
+        // its tasks sat in its own queue, forever in a pool of one thread: it codes each tensor
+        // itself instead (its chunks still spread over the pool).
+        let on_worker = rayon::current_thread_index().is_some();
+        let coded = rayon::in_place_scope(|s| -> Result<(), ContainerError> {
+            let mut seq = 0;
             for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
-                let entries: Vec<&TensorEntry> =
-                    ck.entries().iter().filter(|e| e.file == fi).collect();
-                for group in small_tensor_groups(&entries) {
-                    bar.set_message(group[0].name.clone());
-                    let mut inputs = Vec::with_capacity(group.len());
-                    for _ in group {
-                        inputs.push(
-                            from_reader
-                                .recv()
-                                .map_err(|_| stopped(file.path(), "reader"))??,
-                        );
-                    }
-                    let code = |(entry, read): (&&TensorEntry, _)| {
-                        compress_tensor(file.path(), entry, read, opts.params, pools)
+                for entry in ck.entries().iter().filter(|e| e.file == fi) {
+                    let read = from_reader
+                        .recv()
+                        .map_err(|_| stopped(file.path(), "reader"))??;
+                    bar.set_message(entry.name.clone());
+                    weight_map.insert(entry.name.clone(), fname.clone());
+                    let (to_writer, failed, bar) = (to_writer.clone(), &failed, &bar);
+                    let n = seq;
+                    let task = move || {
+                        match compress_tensor(file.path(), entry, read, opts.params, pools) {
+                            Ok(msg) => {
+                                bar.inc(entry.original_bytes() as u64);
+                                // A writer gone has its own error.
+                                let _ = to_writer.send((n, msg));
+                            }
+                            Err(e) => {
+                                let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+                                f.get_or_insert(e);
+                                budget.close();
+                            }
+                        }
                     };
-                    // Small tensors are coded side by side, one per thread: each alone is too
-                    // little work to spread over the pool.
-                    let coded: Vec<_> = if group.len() == 1 {
-                        group.iter().zip(inputs).map(code).collect()
+                    if on_worker {
+                        task();
                     } else {
-                        group.par_iter().zip(inputs).map(code).collect()
-                    };
-                    for (entry, c) in group.iter().zip(coded) {
-                        let (stored, msg) = c?;
-                        bar.inc(entry.original_bytes() as u64);
-                        weight_map.insert(entry.name.clone(), fname.clone());
-                        report.stored_bytes.push(stored);
-                        to_writer
-                            .send(msg)
-                            .map_err(|_| stopped(file.path(), "writer"))?;
+                        s.spawn(move |_| task());
                     }
+                    seq += 1;
                 }
                 to_writer
-                    .send(ToWriter::FileEnd)
+                    .send((seq, ToWriter::FileEnd))
                     .map_err(|_| stopped(file.path(), "writer"))?;
+                seq += 1;
             }
             Ok(())
-        })();
+        });
+        // A task's error explains a reader that stopped because the budget closed.
+        let coded = match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(e) => Err(e),
+            None => coded,
+        };
         if coded.is_err() {
             budget.close();
         }
@@ -190,10 +208,10 @@ pub fn compress_dir(
         let written = writer.join().expect("the writer thread does not panic");
         reader.join().expect("the reader thread does not panic");
         // The writer's own error explains a coder that stopped because the writer stopped.
-        let metas = written?;
-        coded.map(|()| metas)
+        let written = written?;
+        coded.map(|()| written)
     });
-    report.tensors = result?;
+    (report.tensors, report.stored_bytes) = result?;
     bar.finish_and_clear();
     if ck.is_sharded() {
         let stored: u64 = report.stored_bytes.iter().sum();
@@ -385,6 +403,12 @@ struct Pools {
 }
 
 impl Pools {
+    /// Frees the spare buffers of more than `max_bytes` (see [`BufferPool::free_larger_than`]).
+    fn free_larger_than(&self, max_bytes: usize) {
+        self.raw.free_larger_than(max_bytes);
+        self.words.free_larger_than(max_bytes);
+    }
+
     fn new() -> Self {
         let bytes = READ_AHEAD_BYTES as usize;
         Self {
@@ -407,14 +431,17 @@ impl Pools {
 
 /// What the coder hands the writer.
 enum ToWriter<'a> {
-    /// One input tensor: its metadata (for an `exp-rans` tensor without the parts checksum,
-    /// which the writer computes as it writes the parts, while each is in the cache), its stored
+    /// One input tensor: its metadata (without the input's checksum, which comes with it, and
+    /// for an `exp-rans` tensor without the parts checksum, which the writer computes as it
+    /// writes the parts, while each is in the cache), its stored
     /// tensors (three parts, or the tensor raw), and where the input tensor lies (file index and
     /// byte range), whose pages and read-ahead budget are given back once it is written.
     Tensor {
         meta: Box<TensorMeta>,
         parts: Vec<Part<'a>>,
         input: (usize, usize, usize),
+        /// The input tensor's checksum, for `meta` (the reader may still be hashing).
+        checksum: Checksum,
     },
     /// The current file is complete; the next tensors go to the next file.
     FileEnd,
@@ -429,37 +456,9 @@ fn stopped(path: &Path, stage: &str) -> ContainerError {
 /// the writer writes a large tensor (SmolLM2's 54 MiB embedding takes it ~20 ms), the reader
 /// and coder go on through the small tensors after it instead of waiting (8 ahead: coding
 /// stalled there; 16: 1.45–1.50 → 1.69–1.72 GB/s on the synthetic SmolLM2, load 2; 32 and 64
-/// gained nothing more under load and cost 10 and 45 MiB more peak RSS).
+/// gained nothing more under load and cost 10 and 45 MiB more peak RSS). It also bounds the
+/// tensors being coded at once: a task is only started for a tensor the reader was let read.
 const TENSORS_AHEAD: usize = 2 * READ_AHEAD_TENSORS;
-
-/// Tensors of at most this many bytes are small: coded several at a time, one per thread.
-const SMALL_TENSOR_BYTES: usize = 4 << 20;
-
-/// The most small tensors coded at a time (at most the tensors the reader may hold): eight,
-/// so the pool waits for a group's slowest tensor half as often as with four (SmolLM2 1.01–1.43
-/// → 1.37–1.54 GB/s in alternated runs, load 4, the synthetic unchanged).
-const SMALL_TENSOR_GROUP: usize = READ_AHEAD_TENSORS;
-
-/// A file's entries in order, cut into groups: runs of up to [`SMALL_TENSOR_GROUP`] small
-/// tensors, and every larger tensor alone.
-fn small_tensor_groups<'a, 'e>(entries: &'a [&'e TensorEntry]) -> Vec<&'a [&'e TensorEntry]> {
-    let mut groups = Vec::new();
-    let mut start = 0;
-    while start < entries.len() {
-        let mut end = start + 1;
-        if entries[start].original_bytes() <= SMALL_TENSOR_BYTES {
-            while end < entries.len()
-                && end - start < SMALL_TENSOR_GROUP
-                && entries[end].original_bytes() <= SMALL_TENSOR_BYTES
-            {
-                end += 1;
-            }
-        }
-        groups.push(&entries[start..end]);
-        start = end;
-    }
-    groups
-}
 
 /// Bytes hashed and (BF16) counted at a time: a piece stays in the core's cache (a quarter of a
 /// MiB, next to the quarter MiB of value counts, in a 1 MiB L2) between the two.
@@ -473,17 +472,37 @@ const SPLIT_READ_BYTES: usize = 16 << 20;
 struct ReadTensor<'a> {
     bytes: &'a [u8],
     input: (usize, usize, usize),
-    checksum: u64,
+    checksum: Checksum,
     stats: Option<TensorStats>,
+}
+
+/// An input tensor's checksum (XXH3 of its bytes): known when it is handed on, or, for a
+/// tensor read by two threads, sent by the reader once it has hashed the second half. The
+/// coder needs only the counts: coding starts while the reader hashes, and only the writer
+/// waits for the checksum.
+enum Checksum {
+    Ready(u64),
+    Later(mpsc::Receiver<u64>),
+}
+
+impl Checksum {
+    /// The checksum; `None` if the reader stopped before sending it.
+    fn get(self) -> Option<u64> {
+        match self {
+            Self::Ready(c) => Some(c),
+            Self::Later(r) => r.recv().ok(),
+        }
+    }
 }
 
 /// The reader stage: every tensor of the plain checkpoint, in order, once the budget admits it:
 /// maps its pages in (one `MADV_POPULATE_READ` per tensor, which reads them from the file if
 /// they are not cached) and hashes and counts them piece by piece. A BF16 tensor of at least
 /// [`SPLIT_READ_BYTES`] is read by two threads: a helper maps in and counts its second half
-/// while this thread maps in, hashes and counts the first, then hashes the second (the hash is
-/// one stream). The first tensor of a checkpoint (SmolLM2's 54 MiB embedding) is otherwise
-/// read by one thread while the coders wait for it.
+/// while this thread maps in, hashes and counts the first; the tensor is handed on with the
+/// counts, and this thread then hashes the second half (the hash is one stream) while it is
+/// coded, and sends the checksum after it (see [`Checksum`]). The first tensor of a checkpoint
+/// (SmolLM2's 54 MiB embedding) is otherwise read by one thread while the coders wait for it.
 ///
 /// The bytes are not copied: the coder codes them where they are mapped, and a tensor stored as
 /// it is is written from there. Reading into buffers instead (`pread`, as `decompress` and
@@ -511,6 +530,8 @@ fn read_tensors<'a>(
             let bytes = sf.bytes_at(start..end);
             let bf16 = entry.dtype == Dtype::BF16;
             let mut hash = codec::checksum::Xxh3::new();
+            // Bytes left to hash once the tensor is handed on.
+            let mut unhashed: &[u8] = &[];
             if bf16 && bytes.len() >= SPLIT_READ_BYTES {
                 // The second half is mapped in and counted by a helper thread while this one maps
                 // in, hashes and counts the first, then hashes the second.
@@ -538,7 +559,7 @@ fn read_tensors<'a>(
                     let _ = to_coder.send(Err(e));
                     return;
                 }
-                hash.update(second);
+                unhashed = second;
                 counts.absorb(theirs);
             } else {
                 if let Err(e) = sf.populate(start, end) {
@@ -552,46 +573,107 @@ fn read_tensors<'a>(
                     }
                 }
             }
+            let (checksum, later) = if unhashed.is_empty() {
+                (Checksum::Ready(hash.digest()), None)
+            } else {
+                let (tx, rx) = mpsc::channel();
+                (Checksum::Later(rx), Some(tx))
+            };
             let read = ReadTensor {
                 bytes,
                 input: (fi, start, end),
-                checksum: hash.digest(),
+                checksum,
                 stats: bf16.then(|| counts.take()),
             };
             if to_coder.send(Ok(read)).is_err() {
                 return;
             }
+            if let Some(tx) = later {
+                hash.update(unhashed);
+                // A coder or writer gone has its own error.
+                let _ = tx.send(hash.digest());
+            }
         }
+    }
+}
+
+/// The coder's messages, numbered as they were read, back in that order: the tasks of the pool
+/// finish them in any order.
+struct InOrder<'a> {
+    from_coder: mpsc::Receiver<(usize, ToWriter<'a>)>,
+    early: BTreeMap<usize, ToWriter<'a>>,
+    next: usize,
+}
+
+impl<'a> InOrder<'a> {
+    /// The next message in order; `None` once the coder stopped before sending it.
+    fn next(&mut self) -> Option<ToWriter<'a>> {
+        let msg = match self.early.remove(&self.next) {
+            Some(m) => m,
+            None => loop {
+                let (i, m) = self.from_coder.recv().ok()?;
+                if i == self.next {
+                    break m;
+                }
+                self.early.insert(i, m);
+            },
+        };
+        self.next += 1;
+        Some(msg)
     }
 }
 
 /// The writer stage: the output files, one after the other, from the coder's parts, and their
 /// metadata (the parts checksums hashed from the bytes as they are written); gives each
 /// tensor's budget and input pages back and its buffers to their pools once written. Returns
-/// the metadata of every tensor, in order.
+/// the metadata and the stored bytes of every tensor, in order.
 fn write_tensors(
     ck: &Checkpoint,
     out_dir: &Path,
     budget: &Budget,
-    from_coder: mpsc::Receiver<ToWriter<'_>>,
+    from_coder: mpsc::Receiver<(usize, ToWriter<'_>)>,
     pools: &Pools,
-) -> Result<Vec<TensorMeta>, ContainerError> {
+) -> Result<(Vec<TensorMeta>, Vec<u64>), ContainerError> {
     let mut all = Vec::new();
+    let mut stored_bytes = Vec::new();
+    let mut from_coder = InOrder {
+        from_coder,
+        early: BTreeMap::new(),
+        next: 0,
+    };
+    // The largest tensor from each one on, in storage order: once a tensor is written, spare
+    // buffers more than twice the largest still to come (a tensor of `b` bytes codes into at
+    // most about `b` bytes of words and `b / 2` of raw plane) are never needed again, and are
+    // freed by this thread while the others work rather than all at the end.
+    let sizes: Vec<usize> = (0..ck.files().len())
+        .flat_map(|fi| ck.entries().iter().filter(move |e| e.file == fi))
+        .map(|e| e.original_bytes())
+        .collect();
+    let mut largest_from = vec![0; sizes.len() + 1];
+    for i in (0..sizes.len()).rev() {
+        largest_from[i] = largest_from[i + 1].max(sizes[i]);
+    }
     for (fi, (file, fname)) in ck.files().iter().zip(ck.file_names()).enumerate() {
         let reserve = header_bound(ck, fi, file.user_meta());
         let mut writer = SafetensorsWriter::create(&out_dir.join(fname), reserve)?;
         let mut metas = Vec::new();
         loop {
-            let Ok(msg) = from_coder.recv() else {
+            let Some(msg) = from_coder.next() else {
                 // The coder stopped; it reports why.
-                return Ok(all);
+                return Ok((all, stored_bytes));
             };
             match msg {
                 ToWriter::Tensor {
                     mut meta,
                     parts,
                     input,
+                    checksum,
                 } => {
+                    let checksum = checksum
+                        .get()
+                        .ok_or_else(|| stopped(file.path(), "reader"))?;
+                    meta.checksum = meta::checksum_string(checksum);
+                    stored_bytes.push(parts.iter().map(|p| p.bytes.len() as u64).sum());
                     let mut hash = codec::checksum::Xxh3::new();
                     for p in parts {
                         p.bytes.with_slices(|slices| {
@@ -609,6 +691,7 @@ fn write_tensors(
                     let (f, start, end) = input;
                     ck.files()[f].release(start, end);
                     budget.release((end - start) as u64);
+                    pools.free_larger_than(2 * largest_from[stored_bytes.len()]);
                 }
                 ToWriter::FileEnd => {
                     let mut user_meta = file.user_meta().clone();
@@ -628,17 +711,17 @@ fn write_tensors(
             }
         }
     }
-    Ok(all)
+    Ok((all, stored_bytes))
 }
 
-/// Encodes (or keeps raw) one tensor; returns its stored bytes and what the writer gets.
+/// Encodes (or keeps raw) one tensor; returns what the writer gets.
 fn compress_tensor<'a>(
     path: &Path,
     entry: &TensorEntry,
     read: ReadTensor<'a>,
     params: Params,
     pools: &Pools,
-) -> Result<(u64, ToWriter<'a>), ContainerError> {
+) -> Result<ToWriter<'a>, ContainerError> {
     let (name, dtype, shape) = (entry.name.as_str(), entry.dtype, entry.shape.as_slice());
     let ReadTensor {
         bytes,
@@ -652,7 +735,8 @@ fn compress_tensor<'a>(
         shape: shape.to_vec(),
         encoding: Encoding::Raw,
         original_bytes: bytes.len() as u64,
-        checksum: meta::checksum_string(checksum),
+        // The writer fills it in (see `Checksum`).
+        checksum: String::new(),
         exponent_entropy_bits: None,
         value_entropy_bits: None,
         rans: None,
@@ -720,14 +804,14 @@ fn compress_tensor<'a>(
                 meta: Box::new(m),
                 parts,
                 input,
+                checksum,
             };
-            return Ok((stored as u64, msg));
+            return Ok(msg);
         }
         for part in parts {
             pools.give(part);
         }
     }
-    let stored = bytes.len() as u64;
     let part = Part {
         name: name.to_string(),
         dtype,
@@ -738,8 +822,9 @@ fn compress_tensor<'a>(
         meta: Box::new(m),
         parts: vec![part],
         input,
+        checksum,
     };
-    Ok((stored, msg))
+    Ok(msg)
 }
 
 /// A byte-counting progress bar on stderr, hidden unless asked for and stderr is a terminal.
@@ -760,6 +845,60 @@ pub(super) fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `compress_dir` called on the only thread of a pool finishes (its tasks would otherwise
+    /// wait in the queue of the thread that waits for them) and writes what it writes anywhere
+    /// else, byte for byte.
+    #[test]
+    fn compress_on_the_only_thread_of_a_pool_finishes_with_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        fs::create_dir(&input).unwrap();
+        let elems = 3 << 16;
+        let bytes: Vec<u8> = (0..elems)
+            .flat_map(|i: u32| {
+                crate::model::synth::f32_to_bf16(((i % 977) as f32 - 488.0) * 1e-4).to_le_bytes()
+            })
+            .collect();
+        // More tensors than the reader may hold: it must wait for the writer.
+        let names: Vec<String> = (0..TENSORS_AHEAD + 4).map(|i| format!("t{i:02}")).collect();
+        let views: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let v =
+                    safetensors::tensor::TensorView::new(Dtype::BF16, vec![3 << 8, 1 << 8], &bytes)
+                        .unwrap();
+                (n.clone(), v)
+            })
+            .collect();
+        let file = input.join(super::super::checkpoint::SINGLE_FILE);
+        safetensors::serialize_to_file(views, &None, &file).unwrap();
+        let opts = CompressOptions {
+            progress: false,
+            ..Default::default()
+        };
+        let out = |name: &str| dir.path().join(name);
+        compress_dir(&input, &out("free"), &opts).unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let (done, finished) = mpsc::channel();
+        let (input2, out2, opts2) = (input.clone(), out("pool"), opts.clone());
+        std::thread::spawn(move || {
+            let r = pool.install(|| compress_dir(&input2, &out2, &opts2).map(|_| ()));
+            let _ = done.send(r.map_err(|e| e.to_string()));
+        });
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("compress on a one-thread pool finishes within a minute")
+            .unwrap();
+        let name = super::super::checkpoint::SINGLE_FILE;
+        assert_eq!(
+            fs::read(out("free").join(name)).unwrap(),
+            fs::read(out("pool").join(name)).unwrap()
+        );
+    }
 
     /// The reader stage reports a checkpoint file that shrank after it was opened as an error
     /// naming the file, for the coder to end `compress` with, instead of a SIGBUS on the mapped

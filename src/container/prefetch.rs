@@ -163,6 +163,21 @@ impl<T> BufferPool<T> {
             .count();
         spare.truncate(keep);
     }
+
+    /// Frees the spare buffers of more than `max_bytes` bytes, outside the lock: a pipeline
+    /// that knows no tensor still to come needs one that large frees it while the other stages
+    /// work, instead of keeping it to the end, where freeing it was a serial step.
+    pub fn free_larger_than(&self, max_bytes: usize) {
+        let larger: Vec<Vec<T>> = {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            let (larger, keep) = std::mem::take(&mut *spare)
+                .into_iter()
+                .partition(|b| b.capacity() * std::mem::size_of::<T>() > max_bytes);
+            *spare = keep;
+            larger
+        };
+        drop(larger);
+    }
 }
 
 /// One read of the [`read_ahead`] stage: byte ranges of its files, concatenated into one
@@ -344,6 +359,19 @@ mod tests {
         pool.give(Vec::with_capacity(500));
         assert_eq!(pool.take(1).capacity(), 600);
         assert_eq!(pool.take(1).capacity(), 1);
+    }
+
+    #[test]
+    fn freeing_the_larger_spares_keeps_the_smaller_ones() {
+        let pool: BufferPool<u16> = BufferPool::new(4, 1 << 20);
+        for cap in [10, 100, 1000] {
+            pool.give(Vec::with_capacity(cap));
+        }
+        // 20, 200 and 2,000 bytes: the last is over the limit.
+        pool.free_larger_than(200);
+        assert_eq!(pool.take(500).capacity(), 500, "the 1,000 went: a new one");
+        assert_eq!(pool.take(50).capacity(), 100);
+        assert_eq!(pool.take(1).capacity(), 10);
     }
 
     #[test]
