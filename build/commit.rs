@@ -30,7 +30,8 @@ pub fn git(dir: &Path, args: &[&str]) -> Option<String> {
 /// `HEAD`, with `-dirty` when [`SOURCES`] differ from it; `None` outside a git checkout.
 pub fn describe(dir: &Path) -> Option<String> {
     let head = git(dir, &["rev-parse", "HEAD"])?;
-    let mut status = vec!["status", "--porcelain", "--untracked-files=no", "--"];
+    // Untracked files count: a new module is compiled in by a `mod` line before it is added.
+    let mut status = vec!["status", "--porcelain", "--untracked-files=normal", "--"];
     status.extend(SOURCES);
     let dirty = git(dir, &status).is_none_or(|s| !s.is_empty());
     Some(if dirty { format!("{head}-dirty") } else { head })
@@ -52,7 +53,13 @@ pub fn build_commit(manifest: &Path) {
     // Paths inside the git directory (a worktree's HEAD is its own, its branch refs are the
     // common directory's: `--git-path` knows which). A path that does not exist is not named:
     // cargo would rerun the script at every build.
-    let mut watched = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    // HEAD's reflog is appended by every commit, checkout and reset, also when the branch's ref
+    // is packed (a fresh clone, `git gc`) and its loose file only appears with the commit.
+    let mut watched = vec![
+        "HEAD".to_string(),
+        "logs/HEAD".to_string(),
+        "packed-refs".to_string(),
+    ];
     if let Some(r) = git(manifest, &["symbolic-ref", "-q", "HEAD"]) {
         watched.push(r);
     }

@@ -36,6 +36,8 @@ pub fn build(manifest: &Path) {
         "CUDA_HOME",
         "UNWEIGHT_NVCC_FLAGS",
         "UNWEIGHT_REQUIRE_NVCC",
+        "NVCC_PREPEND_FLAGS",
+        "NVCC_APPEND_FLAGS",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -79,7 +81,16 @@ pub fn build(manifest: &Path) {
     // The build script reruns whenever a source file or the checkout's commit changes (build.rs:
     // the binary records the commit it was built from), not only when a kernel does: unchanged
     // kernels, compiler and flags reuse the fatbins of the last compile in OUT_DIR.
-    let key = kernels_key(&nvcc, &extra, &sources, &headers);
+    let flags = compile_flags(&extra);
+    let version = nvcc_version(&nvcc).unwrap_or_else(|| "unknown".into());
+    // What else decides the fatbins: the compiler's version (a new toolkit at the same path),
+    // the flags nvcc itself adds from the environment, and every argument it is given.
+    let mut context = vec![version.clone()];
+    for var in ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"] {
+        context.push(format!("{var}={}", env::var(var).unwrap_or_default()));
+    }
+    context.extend(flags.iter().cloned());
+    let key = kernels_key(&nvcc, &context, &sources, &headers);
     let key_path = out.join("kernels.key");
     let table_path = out.join("cuda_kernels.rs");
     let report_path = out.join("kernels-resource-usage.txt");
@@ -94,7 +105,7 @@ pub fn build(manifest: &Path) {
         && report_path.is_file()
         && sources.iter().all(|s| fatbin_of(s).is_file());
     if reusable {
-        finish(&nvcc, &out, &report_path);
+        finish(&version, &out, &report_path);
         eprintln!(
             "kernels unchanged: reusing the {} fatbins in {}",
             sources.len(),
@@ -112,19 +123,7 @@ pub fn build(manifest: &Path) {
             let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
             let fatbin = out.join(format!("{stem}.fatbin"));
             let mut cmd = Command::new(&nvcc);
-            cmd.arg(GENCODE)
-                .args([
-                    "-O3",
-                    "-lineinfo",
-                    "--std=c++17",
-                    "-Xptxas",
-                    "-v",
-                    "-fatbin",
-                ])
-                .args(&extra)
-                .arg("-o")
-                .arg(&fatbin)
-                .arg(src);
+            cmd.args(&flags).arg("-o").arg(&fatbin).arg(src);
             let handle = std::thread::spawn(move || cmd.output());
             (stem, src.clone(), fatbin, handle)
         })
@@ -156,7 +155,7 @@ pub fn build(manifest: &Path) {
     std::fs::write(&table_path, table).expect("writing cuda_kernels.rs");
     std::fs::write(&report_path, &report).expect("writing the resource report");
     std::fs::write(&key_path, &key).expect("writing kernels.key");
-    finish(&nvcc, &out, &report_path);
+    finish(&version, &out, &report_path);
     eprintln!(
         "compiled {} kernel files in {:.1} s",
         sources.len(),
@@ -165,25 +164,47 @@ pub fn build(manifest: &Path) {
 }
 
 /// What the kernels' build tells cargo and the profile directory, compiled now or reused.
-fn finish(nvcc: &Path, out: &Path, report_path: &Path) {
+fn finish(version: &str, out: &Path, report_path: &Path) {
     // OUT_DIR is target/<profile>/build/<package>-<hash>/out.
     if let Some(profile_dir) = out.ancestors().nth(3) {
         let _ = std::fs::copy(report_path, profile_dir.join("kernels-resource-usage.txt"));
     }
     println!("cargo:rustc-cfg=unweight_kernels");
-    println!(
-        "cargo:rustc-env=UNWEIGHT_NVCC_VERSION={}",
-        nvcc_version(nvcc).unwrap_or_else(|| "unknown".into())
-    );
+    println!("cargo:rustc-env=UNWEIGHT_NVCC_VERSION={version}");
 }
 
-/// Everything the fatbins depend on, as text: the compiler, the flags and a hash of every kernel
-/// source and header (names and contents). Equal keys mean the last compile's fatbins are what a
-/// new one would write.
-fn kernels_key(nvcc: &Path, extra: &[String], sources: &[PathBuf], headers: &[PathBuf]) -> String {
+/// nvcc's arguments before `-o`, the same for every kernel file: the target, the fixed flags
+/// (ptxas's resource report included), then `UNWEIGHT_NVCC_FLAGS`.
+fn compile_flags(extra: &[String]) -> Vec<String> {
+    let fixed = [
+        GENCODE,
+        "-O3",
+        "-lineinfo",
+        "--std=c++17",
+        "-Xptxas",
+        "-v",
+        "-fatbin",
+    ];
+    fixed
+        .iter()
+        .map(|f| f.to_string())
+        .chain(extra.iter().cloned())
+        .collect()
+}
+
+/// Everything the fatbins depend on, as text: the compiler's path, `context` (its version, the
+/// flags it reads from the environment, its arguments) and a hash of every kernel source and
+/// header (names and contents). Equal keys mean the last compile's fatbins are what a new one
+/// would write.
+fn kernels_key(
+    nvcc: &Path,
+    context: &[String],
+    sources: &[PathBuf],
+    headers: &[PathBuf],
+) -> String {
     let mut files: Vec<&PathBuf> = sources.iter().chain(headers).collect();
     files.sort();
-    let mut key = format!("{}\n{GENCODE}\n{extra:?}\n", nvcc.display());
+    let mut key = format!("{}\n{context:?}\n", nvcc.display());
     for f in files {
         let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("reading {}: {e}", f.display()));
         key.push_str(&format!("{} {:016x}\n", f.display(), fnv1a64(&bytes)));
@@ -310,10 +331,10 @@ mod tests {
         std::fs::write(&cu, "__global__ void k() {}\n").unwrap();
         std::fs::write(&cuh, "#define X 1\n").unwrap();
         let nvcc = Path::new("/opt/cuda/bin/nvcc");
-        let key = |nvcc: &Path, extra: &[String]| {
+        let key = |nvcc: &Path, context: &[String]| {
             kernels_key(
                 nvcc,
-                extra,
+                context,
                 std::slice::from_ref(&cu),
                 std::slice::from_ref(&cuh),
             )
@@ -334,7 +355,18 @@ mod tests {
         );
         let now = key(nvcc, &[]);
         assert_ne!(key(Path::new("/usr/bin/nvcc"), &[]), now, "the compiler is");
-        assert_ne!(key(nvcc, &["-G".to_string()]), now, "the extra flags are");
+        assert_ne!(key(nvcc, &["-G".to_string()]), now, "the flags are");
+        let release = |v: &str| vec![format!("Cuda compilation tools, release {v}")];
+        assert_ne!(
+            key(nvcc, &release("13.1")),
+            key(nvcc, &release("13.0")),
+            "the compiler's version is"
+        );
+        // Every fixed flag is in the arguments the key sees, so editing one recompiles.
+        let flags = compile_flags(&["-DX".to_string()]);
+        for f in ["-O3", "-lineinfo", "--std=c++17", "-fatbin", GENCODE, "-DX"] {
+            assert!(flags.iter().any(|g| g == f), "{f} missing from {flags:?}");
+        }
         // FNV-1a's published test vectors: the key must not depend on the build of the script.
         assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);

@@ -134,7 +134,7 @@ fn version_names_the_commit_the_binary_was_built_from() {
     let changed = git(&[
         "status",
         "--porcelain",
-        "--untracked-files=no",
+        "--untracked-files=normal",
         "--",
         "src",
         "kernels",

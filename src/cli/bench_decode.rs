@@ -74,7 +74,9 @@ pub struct DecodeArgs {
     pub(super) prefill: Vec<usize>,
     /// CPU only, with --prefill: a Python with torch and transformers (`scripts/reference-env`)
     /// to time Hugging Face transformers' prefill (f32 and BF16) of the same prompts on the same
-    /// threads, its runs alternated with ours (scripts/hf_prefill.py).
+    /// threads, its runs alternated with ours (scripts/hf_prefill.py, which keeps both dtypes
+    /// loaded for the whole run: about 6 bytes per parameter next to our forms, fine for the
+    /// test models, not for an 8B model on a small machine).
     #[arg(long, requires = "prefill")]
     pub(super) hf_python: Option<PathBuf>,
     /// CPU only: also measure chunked prefill inside continuous batching: four streams decode

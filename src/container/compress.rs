@@ -134,14 +134,21 @@ pub fn compress_dir(
     let (to_writer, from_coder) = mpsc::channel::<(usize, ToWriter)>();
     let result = std::thread::scope(|scope| {
         let (ck, budget, pools) = (&ck, &budget, &pools);
+        // A panic in any stage closes the budget, so that the others stop instead of waiting for
+        // room the panicked one will never give back; the panic then surfaces.
+        let _close = CloseOnPanic(budget);
         let reader = std::thread::Builder::new()
             .name("uw-read".into())
-            .spawn_scoped(scope, move || read_tensors(ck, budget, &to_coder))
+            .spawn_scoped(scope, move || {
+                let _close = CloseOnPanic(budget);
+                read_tensors(ck, budget, &to_coder)
+            })
             .expect("spawn");
         let out_dir = out.path();
         let writer = std::thread::Builder::new()
             .name("uw-write".into())
             .spawn_scoped(scope, move || {
+                let _close = CloseOnPanic(budget);
                 let r = write_tensors(ck, out_dir, budget, from_coder, pools);
                 if r.is_err() {
                     budget.close();
@@ -169,6 +176,7 @@ pub fn compress_dir(
                     let (to_writer, failed, bar) = (to_writer.clone(), &failed, &bar);
                     let n = seq;
                     let task = move || {
+                        let _close = CloseOnPanic(budget);
                         match compress_tensor(file.path(), entry, read, opts.params, pools) {
                             Ok(msg) => {
                                 bar.inc(entry.original_bytes() as u64);
@@ -491,6 +499,20 @@ impl Checksum {
         match self {
             Self::Ready(c) => Some(c),
             Self::Later(r) => r.recv().ok(),
+        }
+    }
+}
+
+/// Closes the budget when the thread holding it unwinds from a panic: a stage that panics
+/// never gives its tensors' room back, and the reader would wait for it forever, with every
+/// other stage waiting on the reader. Closed, the reader stops, the channels close, every stage
+/// ends and the panic surfaces where the threads are joined.
+struct CloseOnPanic<'a>(&'a Budget);
+
+impl Drop for CloseOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.close();
         }
     }
 }
@@ -925,5 +947,37 @@ mod tests {
             assert!(msg.contains(&path.display().to_string()), "{msg}");
             assert!(msg.contains("shrank"), "{msg}");
         }
+    }
+
+    #[test]
+    fn a_panicking_stage_closes_the_budget_the_reader_waits_on() {
+        let budget = Budget::new(1 << 20, 1);
+        assert!(budget.acquire(1), "the first tensor is always admitted");
+        std::thread::scope(|s| {
+            // The reader waits for room the panicking stage holds and will never give back.
+            let reader = s.spawn(|| budget.acquire(1));
+            let stage = s.spawn(|| {
+                let _close = CloseOnPanic(&budget);
+                panic!("a coding stage fails");
+            });
+            assert!(stage.join().is_err());
+            assert!(
+                !reader.join().unwrap(),
+                "the reader stops instead of waiting forever"
+            );
+        });
+        // A stage that ends normally leaves the budget open.
+        let budget = Budget::new(1 << 20, 1);
+        drop(CloseOnPanic(&budget));
+        assert!(budget.acquire(1));
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| budget.acquire(1));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            budget.release(1);
+            assert!(
+                reader.join().unwrap(),
+                "room given back admits the next tensor"
+            );
+        });
     }
 }
