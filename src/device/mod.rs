@@ -50,6 +50,57 @@ pub struct ChunkItem<'a> {
     pub tokens: &'a [u32],
 }
 
+/// The checks every backend makes on a fused step ([`Backend::step`]) before anything runs, so
+/// that a bad step changes nothing and every backend refuses it with the same error: every chunk
+/// non-empty, every sequence live (`len_of` knows it) and in the step once, decode rows at their
+/// sequence's length, room for the new positions within `max_context`, every token below
+/// `vocab`. Returns each sequence's (length before the step, length after it), chunks first,
+/// then the decode rows, in order.
+pub(crate) fn check_step(
+    chunks: &[ChunkItem<'_>],
+    batch: &[DecodeItem],
+    vocab: usize,
+    max_context: usize,
+    len_of: impl Fn(SeqId) -> Result<usize, DeviceError>,
+) -> Result<Vec<(SeqId, usize, usize)>, DeviceError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut lens = Vec::with_capacity(chunks.len() + batch.len());
+    let rows = chunks.iter().map(|c| (c.seq, c.tokens, None)).chain(
+        batch
+            .iter()
+            .map(|it| (it.seq, std::slice::from_ref(&it.token), Some(it.pos))),
+    );
+    for (seq, tokens, pos) in rows {
+        if tokens.is_empty() {
+            return Err(DeviceError::Invalid(
+                "prefill of an empty token list".into(),
+            ));
+        }
+        let len = len_of(seq)?;
+        if !seen.insert(seq) {
+            return Err(DeviceError::Invalid(format!(
+                "sequence {seq:?} appears twice in one step"
+            )));
+        }
+        if let Some(pos) = pos.filter(|&p| p != len) {
+            return Err(DeviceError::BadPosition { seq, len, pos });
+        }
+        let want = len + tokens.len();
+        if want > max_context {
+            return Err(DeviceError::ContextFull {
+                seq,
+                want,
+                max: max_context,
+            });
+        }
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(DeviceError::BadToken { token, vocab });
+        }
+        lens.push((seq, len, want));
+    }
+    Ok(lens)
+}
+
 /// Logits of a step: one row of `vocab` f32 values per sequence, in request order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Logits {
@@ -655,4 +706,94 @@ pub fn backend_on(
     };
     let b = cpu::CpuBackend::new(cfg, weights, cpu_opts);
     Ok((Box::new(b), Selected::Cpu { fallback }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sequences 0..4 live with lengths 5, 0, 7, 7; vocabulary 100; contexts of 10.
+    fn check(
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<Vec<(SeqId, usize, usize)>, DeviceError> {
+        let lens = [5, 0, 7, 7];
+        check_step(chunks, batch, 100, 10, |s| {
+            lens.get(s.0 as usize)
+                .copied()
+                .ok_or(DeviceError::UnknownSequence(s))
+        })
+    }
+
+    fn chunk(seq: u32, tokens: &[u32]) -> ChunkItem<'_> {
+        ChunkItem {
+            seq: SeqId(seq),
+            tokens,
+        }
+    }
+
+    fn row(seq: u32, token: u32, pos: usize) -> DecodeItem {
+        DecodeItem {
+            seq: SeqId(seq),
+            token,
+            pos,
+        }
+    }
+
+    #[test]
+    fn check_step_gives_each_sequences_lengths_and_refuses_what_does_not_fit() {
+        let lens = check(&[chunk(1, &[1, 2, 3]), chunk(0, &[4])], &[row(2, 9, 7)]).unwrap();
+        assert_eq!(
+            lens,
+            vec![(SeqId(1), 0, 3), (SeqId(0), 5, 6), (SeqId(2), 7, 8)]
+        );
+        assert_eq!(check(&[], &[]).unwrap(), vec![]);
+
+        let invalid = |r: Result<_, DeviceError>, needle: &str| match r {
+            Err(DeviceError::Invalid(m)) => assert!(m.contains(needle), "{m}"),
+            other => panic!("expected Invalid({needle}), got {other:?}"),
+        };
+        invalid(check(&[chunk(1, &[])], &[]), "empty token list");
+        invalid(check(&[chunk(1, &[1])], &[row(1, 1, 0)]), "appears twice");
+        invalid(
+            check(&[chunk(0, &[1]), chunk(0, &[2])], &[]),
+            "appears twice",
+        );
+        assert!(matches!(
+            check(&[], &[row(9, 1, 0)]),
+            Err(DeviceError::UnknownSequence(SeqId(9)))
+        ));
+        assert!(matches!(
+            check(&[], &[row(2, 1, 6)]),
+            Err(DeviceError::BadPosition {
+                seq: SeqId(2),
+                len: 7,
+                pos: 6
+            })
+        ));
+        // 5 + 6 = 11 positions in a context of 10; 7 + 3 = 10 fits exactly.
+        assert!(matches!(
+            check(&[chunk(0, &[1; 6])], &[]),
+            Err(DeviceError::ContextFull {
+                seq: SeqId(0),
+                want: 11,
+                max: 10
+            })
+        ));
+        assert!(check(&[chunk(3, &[1; 3])], &[]).is_ok());
+        assert!(matches!(
+            check(&[chunk(1, &[1, 100])], &[]),
+            Err(DeviceError::BadToken {
+                token: 100,
+                vocab: 100
+            })
+        ));
+        assert!(matches!(
+            check(&[], &[row(3, 100, 7)]),
+            Err(DeviceError::BadToken {
+                token: 100,
+                vocab: 100
+            })
+        ));
+    }
 }

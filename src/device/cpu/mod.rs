@@ -134,27 +134,6 @@ impl CpuBackend {
         self.kernel
     }
 
-    fn check_token(&self, token: u32) -> Result<(), DeviceError> {
-        if token as usize >= self.cfg.vocab_size {
-            return Err(DeviceError::BadToken {
-                token,
-                vocab: self.cfg.vocab_size,
-            });
-        }
-        Ok(())
-    }
-
-    fn check_room(&self, seq: SeqId, want: usize) -> Result<(), DeviceError> {
-        if want > self.kv.max_context() {
-            return Err(DeviceError::ContextFull {
-                seq,
-                want,
-                max: self.kv.max_context(),
-            });
-        }
-        Ok(())
-    }
-
     /// Runs `items` through the model, appending their keys and values, and returns the logits
     /// of the items listed in `want`. Blocks for the new positions are reserved first, all or
     /// nothing ([`DeviceError::KvFull`] when they are not free); on any error every touched
@@ -310,56 +289,22 @@ impl Backend for CpuBackend {
         batch: &[DecodeItem],
     ) -> Result<Logits, DeviceError> {
         let vocab = self.cfg.vocab_size;
-        let mut seen = std::collections::HashSet::new();
+        let lens = super::check_step(chunks, batch, vocab, self.kv.max_context(), |seq| {
+            self.kv.len(seq)
+        })?;
         let mut items = Vec::new();
         let mut want = Vec::with_capacity(chunks.len() + batch.len());
-        for c in chunks {
-            if c.tokens.is_empty() {
-                return Err(DeviceError::Invalid(
-                    "prefill of an empty token list".into(),
-                ));
-            }
-            let len = self.kv.len(c.seq)?;
-            if !seen.insert(c.seq) {
-                return Err(DeviceError::Invalid(format!(
-                    "sequence {:?} appears twice in one step",
-                    c.seq
-                )));
-            }
-            self.check_room(c.seq, len + c.tokens.len())?;
-            for (i, &token) in c.tokens.iter().enumerate() {
-                self.check_token(token)?;
-                items.push(Item {
-                    seq: c.seq,
-                    token,
-                    pos: len + i,
-                });
-            }
+        let rows = chunks
+            .iter()
+            .map(|c| c.tokens)
+            .chain(batch.iter().map(|it| std::slice::from_ref(&it.token)));
+        for (tokens, &(seq, len, _)) in rows.zip(&lens) {
+            items.extend(tokens.iter().enumerate().map(|(i, &token)| Item {
+                seq,
+                token,
+                pos: len + i,
+            }));
             want.push(items.len() - 1);
-        }
-        for it in batch {
-            let len = self.kv.len(it.seq)?;
-            if !seen.insert(it.seq) {
-                return Err(DeviceError::Invalid(format!(
-                    "sequence {:?} appears twice in one decode batch",
-                    it.seq
-                )));
-            }
-            if it.pos != len {
-                return Err(DeviceError::BadPosition {
-                    seq: it.seq,
-                    len,
-                    pos: it.pos,
-                });
-            }
-            self.check_room(it.seq, len + 1)?;
-            self.check_token(it.token)?;
-            want.push(items.len());
-            items.push(Item {
-                seq: it.seq,
-                token: it.token,
-                pos: it.pos,
-            });
         }
         if items.is_empty() {
             return Ok(Logits {

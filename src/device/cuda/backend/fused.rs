@@ -127,55 +127,21 @@ struct Grown {
 }
 
 impl CudaBackend {
-    /// The checks of a fused step, before anything runs (as `prefill` and `decode` check theirs):
-    /// every chunk non-empty, every sequence live and in the step once, decode rows at their
-    /// sequence's length, room in every context, every token in the vocabulary. Returns each
-    /// sequence's (length, length after the step), chunks first.
+    /// The checks of a fused step, before anything runs ([`crate::device::check_step`], the
+    /// CPU backend's too). Returns each sequence's (length, length after the step), chunks
+    /// first.
     fn check_step(
         &self,
         chunks: &[ChunkItem<'_>],
         batch: &[DecodeItem],
     ) -> Result<Grown, DeviceError> {
-        let mut seen = std::collections::HashSet::new();
-        let mut lens = Vec::with_capacity(chunks.len() + batch.len());
-        for c in chunks {
-            if c.tokens.is_empty() {
-                return Err(DeviceError::Invalid(
-                    "prefill of an empty token list".into(),
-                ));
-            }
-            let len = self.kv.len(c.seq)?;
-            if !seen.insert(c.seq) {
-                return Err(DeviceError::Invalid(format!(
-                    "sequence {:?} appears twice in one step",
-                    c.seq
-                )));
-            }
-            self.check_room(c.seq, len + c.tokens.len())?;
-            for &t in c.tokens {
-                self.check_token(t)?;
-            }
-            lens.push((c.seq, len, len + c.tokens.len()));
-        }
-        for it in batch {
-            let len = self.kv.len(it.seq)?;
-            if !seen.insert(it.seq) {
-                return Err(DeviceError::Invalid(format!(
-                    "sequence {:?} appears twice in one step",
-                    it.seq
-                )));
-            }
-            if it.pos != len {
-                return Err(DeviceError::BadPosition {
-                    seq: it.seq,
-                    len,
-                    pos: it.pos,
-                });
-            }
-            self.check_room(it.seq, len + 1)?;
-            self.check_token(it.token)?;
-            lens.push((it.seq, len, len + 1));
-        }
+        let lens = crate::device::check_step(
+            chunks,
+            batch,
+            self.cfg.vocab_size,
+            self.kv.max_context,
+            |seq| self.kv.len(seq),
+        )?;
         Ok(Grown { lens })
     }
 
