@@ -57,10 +57,11 @@ pub(super) fn measure_prefill(
         Some(py) => Some(HfPrefill::start(py, model, threads)?),
         None => None,
     };
-    let vocab = forms
+    let vocab = backends
         .first()
-        .map(|_| backends[0].config().vocab_size as u32)
-        .context("no weight form to measure")?;
+        .context("no weight form to measure")?
+        .config()
+        .vocab_size as u32;
     // best[form][length] seconds; the logits' bits of each (form, length).
     let mut best = vec![vec![f64::INFINITY; lengths.len()]; forms.len()];
     let mut hf_best = vec![vec![f64::INFINITY; lengths.len()]; HF_DTYPES.len()];

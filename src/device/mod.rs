@@ -50,6 +50,23 @@ pub struct ChunkItem<'a> {
     pub tokens: &'a [u32],
 }
 
+/// [`Backend::step_sampled`]'s first check, every backend's: one (optional) sampling record per
+/// chunk and one per decode row.
+pub(crate) fn check_sampling_rows(
+    chunks: usize,
+    chunk_rows: usize,
+    batch: usize,
+    rows: usize,
+) -> Result<(), DeviceError> {
+    if chunk_rows != chunks || rows != batch {
+        return Err(DeviceError::Invalid(format!(
+            "step_sampled: {chunk_rows} chunk rows for {chunks} chunks and {rows} sampling rows \
+             for a batch of {batch}"
+        )));
+    }
+    Ok(())
+}
+
 /// The checks every backend makes on a fused step ([`Backend::step`]) before anything runs, so
 /// that a bad step changes nothing and every backend refuses it with the same error: every chunk
 /// non-empty, every sequence live (`len_of` knows it) and in the step once, decode rows at their
@@ -430,15 +447,7 @@ pub trait Backend: Send {
                     .into(),
             ));
         }
-        if chunk_rows.len() != chunks.len() || rows.len() != batch.len() {
-            return Err(DeviceError::Invalid(format!(
-                "step_sampled: {} chunk rows for {} chunks and {} sampling rows for a batch of {}",
-                chunk_rows.len(),
-                chunks.len(),
-                rows.len(),
-                batch.len()
-            )));
-        }
+        check_sampling_rows(chunks.len(), chunk_rows.len(), batch.len(), rows.len())?;
         let mut ids = Vec::with_capacity(chunks.len() + batch.len());
         for (c, row) in chunks.iter().zip(chunk_rows) {
             match row {

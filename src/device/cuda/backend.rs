@@ -509,15 +509,12 @@ impl Backend for CudaBackend {
         batch: &[DecodeItem],
         rows: &[RowSampling],
     ) -> Result<Vec<u32>, DeviceError> {
-        if chunk_rows.len() != chunks.len() || rows.len() != batch.len() {
-            return Err(DeviceError::Invalid(format!(
-                "step_sampled: {} chunk rows for {} chunks and {} sampling rows for a batch of {}",
-                chunk_rows.len(),
-                chunks.len(),
-                rows.len(),
-                batch.len()
-            )));
-        }
+        crate::device::check_sampling_rows(
+            chunks.len(),
+            chunk_rows.len(),
+            batch.len(),
+            rows.len(),
+        )?;
         let all: Vec<RowSampling> = chunk_rows.iter().flatten().chain(rows).cloned().collect();
         let greedy = all.iter().all(|r| r.is_greedy() && r.edits.is_empty());
         if chunks.is_empty() {
