@@ -16,7 +16,7 @@ use triton_unweight::device::cuda::plan::{Plan, Role, RoleShapes, Storage, Strat
 use triton_unweight::device::cuda::{self, CudaBackend, CudaOptions, KernelHarness, PlanSource};
 use triton_unweight::device::{
     load_backend, Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError,
-    DeviceKind, Launched, LogitEdit, RowSampling, Selected, SeqId,
+    DeviceKind, Launched, LogitEdit, RowSampling, Selected, SeqId, StepChoice,
 };
 use triton_unweight::engine::sampler::{self, argmax};
 use triton_unweight::engine::{Sampler, SamplingParams};
@@ -2020,8 +2020,8 @@ impl Backend for SamplePath<'_> {
             DecodeChoice::Logits => DecodeOutput::Logits(self.inner.decode(batch)?),
         }))
     }
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
-        self.inner.collect_decode()
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_step()
     }
     fn decode(
         &mut self,
@@ -2203,7 +2203,7 @@ fn prefill_sampled_chooses_the_host_samplers_first_token() {
     println!("{checked} first tokens chosen on the device equal the host sampler's");
 }
 
-/// `launch_decode` + `collect_decode` (the step left in flight, one wait at the collection) give
+/// `launch_decode` + `collect_step` (the step left in flight, one wait at the collection) give
 /// the ids of the synchronous `decode_argmax` / `decode_sampled` on twin sequences, step after
 /// step, and grow the sequences the same way; while a step is in flight, a prefill and a second
 /// launch are refused and change nothing; a collection with nothing in flight is refused.
@@ -2272,7 +2272,7 @@ fn launched_steps_collect_the_ids_of_synchronous_steps() {
             assert!(err.to_string().contains("in flight"), "{err}");
             assert_eq!(b.sequence_len(s).unwrap(), piped[0].2, "not grown yet");
         }
-        let got = match b.collect_decode().unwrap() {
+        let got = match b.collect_step().unwrap() {
             DecodeOutput::Ids(ids) => ids,
             other => panic!("ids expected, got {other:?}"),
         };
@@ -2284,11 +2284,8 @@ fn launched_steps_collect_the_ids_of_synchronous_steps() {
             }
         }
     }
-    let err = b.collect_decode().unwrap_err();
-    assert!(
-        err.to_string().contains("no decode step is in flight"),
-        "{err}"
-    );
+    let err = b.collect_step().unwrap_err();
+    assert!(err.to_string().contains("no step is in flight"), "{err}");
     println!("6 launched steps collected the synchronous steps' ids");
 }
 
@@ -2722,11 +2719,13 @@ fn fused_step_sampled_chooses_the_tokens_of_step_logits() {
 }
 
 /// The CUDA backend as the engine sees it (fusing steps, sampling on the device), counting the
-/// calls: each fused step's (chunk lengths, decode rows), decode steps launched and left in
-/// flight, and any separate prefill or decode call.
+/// calls: each fused step launched (chunk lengths, decode rows) and how many were left in
+/// flight, decode steps launched and left in flight, and any separate prefill, decode or
+/// synchronous fused call.
 struct FusedCalls<'a> {
     inner: &'a mut CudaBackend,
     fused: Vec<(Vec<usize>, usize)>,
+    fused_in_flight: usize,
     launched: usize,
     in_flight: usize,
     separate: usize,
@@ -2781,8 +2780,8 @@ impl Backend for FusedCalls<'_> {
         }
         Ok(launched)
     }
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
-        self.inner.collect_decode()
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_step()
     }
     fn fuses_steps(&self) -> bool {
         self.inner.fuses_steps()
@@ -2792,8 +2791,7 @@ impl Backend for FusedCalls<'_> {
         chunks: &[ChunkItem<'_>],
         batch: &[DecodeItem],
     ) -> Result<triton_unweight::device::Logits, DeviceError> {
-        self.fused
-            .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
+        self.separate += 1;
         self.inner.step(chunks, batch)
     }
     fn step_sampled(
@@ -2803,16 +2801,30 @@ impl Backend for FusedCalls<'_> {
         batch: &[DecodeItem],
         rows: &[RowSampling],
     ) -> Result<Vec<u32>, DeviceError> {
+        self.separate += 1;
+        self.inner.step_sampled(chunks, chunk_rows, batch, rows)
+    }
+    fn launch_step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+        choice: StepChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
         self.fused
             .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
-        self.inner.step_sampled(chunks, chunk_rows, batch, rows)
+        let launched = self.inner.launch_step(chunks, batch, choice)?;
+        if launched == Launched::InFlight {
+            self.fused_in_flight += 1;
+        }
+        Ok(launched)
     }
 }
 
 /// The engine on the CUDA backend: two streams (one greedy, one sampled) decoding when a
 /// 40-token prompt arrives, 16 prompt tokens a step. The two short prompts go as one fused step,
-/// each of the long prompt's three chunks as one fused step holding both decode rows, the
-/// decode-only steps as `launch_decode`s left in flight; no separate prefill or decode call; every
+/// each of the long prompt's three chunks as one fused step holding both decode rows, every
+/// fused step a `launch_step` left in flight, the decode-only steps `launch_decode`s left in
+/// flight; no separate prefill, decode or synchronous fused call; every
 /// request generates its `max_tokens` tokens (the engine checks each step's id count) and none
 /// fails. (Its tokens are not compared with another path: a fused row differs from the row alone
 /// by the products' rounding, which may flip a near tie; the rows themselves are compared in
@@ -2836,6 +2848,7 @@ fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
     let calls = FusedCalls {
         inner: &mut b,
         fused: Vec::new(),
+        fused_in_flight: 0,
         launched: 0,
         in_flight: 0,
         separate: 0,
@@ -2875,7 +2888,12 @@ fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
     assert_eq!(c.fused[0], (vec![9, 6], 0));
     assert_eq!(c.fused[1..4], [(vec![16], 2), (vec![16], 2), (vec![8], 2)]);
     assert!(c.fused.iter().all(|(chunks, _)| !chunks.is_empty()));
-    assert_eq!(c.separate, 0, "no separate prefill or decode calls");
+    assert_eq!(
+        c.fused_in_flight,
+        c.fused.len(),
+        "every fused step left in flight"
+    );
+    assert_eq!(c.separate, 0, "no separate prefill, decode or step calls");
     assert!(c.launched > 0 && c.in_flight == c.launched);
     for (id, n) in want.into_iter().chain([(long, 3)]) {
         let tokens = events
@@ -2891,9 +2909,8 @@ fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
         )));
     }
     println!(
-        "{} fused steps, {} decode steps left in flight",
-        c.fused.len(),
-        c.in_flight
+        "{} fused steps and {} decode steps left in flight",
+        c.fused_in_flight, c.in_flight
     );
 }
 
