@@ -383,9 +383,10 @@ impl<B: Backend> Engine<B> {
     /// [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
     /// prompts being prefilled, then the first chunks of newly admitted ones (a prompt whose
     /// last chunk ran yields its first token); and decodes all other running ones in one batch
-    /// (one token each). The step's wall time calibrates the pacing. It is
-    /// [`Engine::begin_step`] then [`Engine::finish_step`]: a caller that has host work to do
-    /// while the device runs the decode batch calls the two itself.
+    /// (one token each); on a backend that [`fuses_steps`](Backend::fuses_steps), a step with
+    /// prompt chunks runs them and the decode batch as one fused step. The step's wall time
+    /// calibrates the pacing. It is [`Engine::begin_step`] then [`Engine::finish_step`]: a
+    /// caller that has host work to do while the device runs the step calls the two itself.
     ///
     /// KV-cache policy: a request is admitted only when the cache has free blocks for its prompt
     /// above a reserve for the running sequences ([`scheduler`]). When the running sequences
@@ -405,11 +406,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The first half of [`Engine::step`]: everything up to the launch of the decode batch
-    /// ([`Backend::launch_decode`]), which a device backend leaves running. The caller may then
-    /// do host work ([`Engine::add`], [`Engine::cancel`], reading [`Engine::stats`] and
-    /// [`Engine::load`], sending the previous step's responses) and must call
-    /// [`Engine::finish_step`] before the next `begin_step`. A cancellation made in between
-    /// takes effect at the next step, as one made before it: the step's token is still
+    /// ([`Backend::launch_decode`]) or of the fused step of prompt chunks and decode rows
+    /// ([`Backend::launch_step`]), which a device backend leaves running. No sequence is touched
+    /// again until [`Engine::finish_step`] collected it. The caller may then do host work
+    /// ([`Engine::add`], [`Engine::cancel`], reading [`Engine::stats`] and [`Engine::load`],
+    /// sending the previous step's responses) and must call `finish_step` before the next
+    /// `begin_step`. A cancellation made in between takes effect at the next step, as one made
+    /// before it: the step's tokens (a running request's, a prompt's first) are still
     /// produced. Errors as `step`'s (the prefill's, or the launch's); then there is nothing to
     /// finish.
     pub fn begin_step(&mut self) -> Result<(), EngineError> {
@@ -438,9 +441,11 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// The second half of [`Engine::step`]: waits for the decode batch [`Engine::begin_step`]
-    /// launched, accepts its tokens and returns the step's events. The time from `begin_step`
-    /// calibrates the pacing. Errors as `step`'s.
+    /// The second half of [`Engine::step`]: waits for the step [`Engine::begin_step`] launched
+    /// (a decode batch or a fused step), applies its prompt chunks, accepts its tokens and
+    /// returns the step's events. The time from `begin_step` calibrates the pacing. Errors as
+    /// `step`'s: on an error at the collection every request of the step is dropped, as on one
+    /// at the launch.
     pub fn finish_step(&mut self) -> Result<Vec<Event>, EngineError> {
         let Some(Staged {
             mut events,
@@ -483,7 +488,7 @@ impl<B: Backend> Engine<B> {
 
     /// Whether the step begun is still running on the device ([`Launched::InFlight`]), so that
     /// [`Engine::finish_step`] would wait for it; false when its launch ran it whole (a
-    /// synchronous backend) or it has no decode batch: then finishing it costs only host work,
+    /// synchronous backend) or it launched nothing: then finishing it costs only host work,
     /// and a caller with responses to send gains nothing by waiting.
     pub fn waits_on_device(&self) -> bool {
         matches!(
