@@ -16,7 +16,7 @@ use triton_unweight::device::cuda::plan::{Plan, Role, RoleShapes, Storage, Strat
 use triton_unweight::device::cuda::{self, CudaBackend, CudaOptions, KernelHarness, PlanSource};
 use triton_unweight::device::{
     load_backend, Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError,
-    DeviceKind, Launched, LogitEdit, RowSampling, Selected, SeqId,
+    DeviceKind, Launched, LogitEdit, RowSampling, Selected, SeqId, StepChoice,
 };
 use triton_unweight::engine::sampler::{self, argmax};
 use triton_unweight::engine::{Sampler, SamplingParams};
@@ -2020,8 +2020,8 @@ impl Backend for SamplePath<'_> {
             DecodeChoice::Logits => DecodeOutput::Logits(self.inner.decode(batch)?),
         }))
     }
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
-        self.inner.collect_decode()
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_step()
     }
     fn decode(
         &mut self,
@@ -2203,7 +2203,7 @@ fn prefill_sampled_chooses_the_host_samplers_first_token() {
     println!("{checked} first tokens chosen on the device equal the host sampler's");
 }
 
-/// `launch_decode` + `collect_decode` (the step left in flight, one wait at the collection) give
+/// `launch_decode` + `collect_step` (the step left in flight, one wait at the collection) give
 /// the ids of the synchronous `decode_argmax` / `decode_sampled` on twin sequences, step after
 /// step, and grow the sequences the same way; while a step is in flight, a prefill and a second
 /// launch are refused and change nothing; a collection with nothing in flight is refused.
@@ -2272,7 +2272,7 @@ fn launched_steps_collect_the_ids_of_synchronous_steps() {
             assert!(err.to_string().contains("in flight"), "{err}");
             assert_eq!(b.sequence_len(s).unwrap(), piped[0].2, "not grown yet");
         }
-        let got = match b.collect_decode().unwrap() {
+        let got = match b.collect_step().unwrap() {
             DecodeOutput::Ids(ids) => ids,
             other => panic!("ids expected, got {other:?}"),
         };
@@ -2284,11 +2284,8 @@ fn launched_steps_collect_the_ids_of_synchronous_steps() {
             }
         }
     }
-    let err = b.collect_decode().unwrap_err();
-    assert!(
-        err.to_string().contains("no decode step is in flight"),
-        "{err}"
-    );
+    let err = b.collect_step().unwrap_err();
+    assert!(err.to_string().contains("no step is in flight"), "{err}");
     println!("6 launched steps collected the synchronous steps' ids");
 }
 
@@ -2722,11 +2719,13 @@ fn fused_step_sampled_chooses_the_tokens_of_step_logits() {
 }
 
 /// The CUDA backend as the engine sees it (fusing steps, sampling on the device), counting the
-/// calls: each fused step's (chunk lengths, decode rows), decode steps launched and left in
-/// flight, and any separate prefill or decode call.
+/// calls: each fused step launched (chunk lengths, decode rows) and how many were left in
+/// flight, decode steps launched and left in flight, and any separate prefill, decode or
+/// synchronous fused call.
 struct FusedCalls<'a> {
     inner: &'a mut CudaBackend,
     fused: Vec<(Vec<usize>, usize)>,
+    fused_in_flight: usize,
     launched: usize,
     in_flight: usize,
     separate: usize,
@@ -2781,8 +2780,8 @@ impl Backend for FusedCalls<'_> {
         }
         Ok(launched)
     }
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
-        self.inner.collect_decode()
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
+        self.inner.collect_step()
     }
     fn fuses_steps(&self) -> bool {
         self.inner.fuses_steps()
@@ -2792,8 +2791,7 @@ impl Backend for FusedCalls<'_> {
         chunks: &[ChunkItem<'_>],
         batch: &[DecodeItem],
     ) -> Result<triton_unweight::device::Logits, DeviceError> {
-        self.fused
-            .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
+        self.separate += 1;
         self.inner.step(chunks, batch)
     }
     fn step_sampled(
@@ -2803,16 +2801,30 @@ impl Backend for FusedCalls<'_> {
         batch: &[DecodeItem],
         rows: &[RowSampling],
     ) -> Result<Vec<u32>, DeviceError> {
+        self.separate += 1;
+        self.inner.step_sampled(chunks, chunk_rows, batch, rows)
+    }
+    fn launch_step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+        choice: StepChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
         self.fused
             .push((chunks.iter().map(|c| c.tokens.len()).collect(), batch.len()));
-        self.inner.step_sampled(chunks, chunk_rows, batch, rows)
+        let launched = self.inner.launch_step(chunks, batch, choice)?;
+        if launched == Launched::InFlight {
+            self.fused_in_flight += 1;
+        }
+        Ok(launched)
     }
 }
 
 /// The engine on the CUDA backend: two streams (one greedy, one sampled) decoding when a
 /// 40-token prompt arrives, 16 prompt tokens a step. The two short prompts go as one fused step,
-/// each of the long prompt's three chunks as one fused step holding both decode rows, the
-/// decode-only steps as `launch_decode`s left in flight; no separate prefill or decode call; every
+/// each of the long prompt's three chunks as one fused step holding both decode rows, every
+/// fused step a `launch_step` left in flight, the decode-only steps `launch_decode`s left in
+/// flight; no separate prefill, decode or synchronous fused call; every
 /// request generates its `max_tokens` tokens (the engine checks each step's id count) and none
 /// fails. (Its tokens are not compared with another path: a fused row differs from the row alone
 /// by the products' rounding, which may flip a near tie; the rows themselves are compared in
@@ -2836,6 +2848,7 @@ fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
     let calls = FusedCalls {
         inner: &mut b,
         fused: Vec::new(),
+        fused_in_flight: 0,
         launched: 0,
         in_flight: 0,
         separate: 0,
@@ -2875,7 +2888,12 @@ fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
     assert_eq!(c.fused[0], (vec![9, 6], 0));
     assert_eq!(c.fused[1..4], [(vec![16], 2), (vec![16], 2), (vec![8], 2)]);
     assert!(c.fused.iter().all(|(chunks, _)| !chunks.is_empty()));
-    assert_eq!(c.separate, 0, "no separate prefill or decode calls");
+    assert_eq!(
+        c.fused_in_flight,
+        c.fused.len(),
+        "every fused step left in flight"
+    );
+    assert_eq!(c.separate, 0, "no separate prefill, decode or step calls");
     assert!(c.launched > 0 && c.in_flight == c.launched);
     for (id, n) in want.into_iter().chain([(long, 3)]) {
         let tokens = events
@@ -2891,9 +2909,344 @@ fn engine_on_cuda_fuses_prompt_chunks_with_the_running_streams() {
         )));
     }
     println!(
-        "{} fused steps, {} decode steps left in flight",
+        "{} fused steps and {} decode steps left in flight",
+        c.fused_in_flight, c.in_flight
+    );
+}
+
+/// `launch_step` on `b` (which must leave it in flight), checks that nothing changed while it is
+/// in flight (every sequence of the step as long as before; a prefill, a step and a second
+/// launch refused), then its collection: the ids.
+fn launch_and_collect_fused(
+    b: &mut CudaBackend,
+    chunks: &[(SeqId, Vec<u32>)],
+    chunk_rows: &[Option<RowSampling>],
+    batch: &[DecodeItem],
+    rows: &[RowSampling],
+) -> Vec<u32> {
+    let items: Vec<ChunkItem<'_>> = chunks
+        .iter()
+        .map(|(seq, tokens)| ChunkItem { seq: *seq, tokens })
+        .collect();
+    let seqs: Vec<SeqId> = chunks
+        .iter()
+        .map(|c| c.0)
+        .chain(batch.iter().map(|it| it.seq))
+        .collect();
+    let before: Vec<usize> = seqs.iter().map(|&s| b.sequence_len(s).unwrap()).collect();
+    let choice = StepChoice::Sampled {
+        chunks: chunk_rows,
+        rows,
+    };
+    assert_eq!(
+        b.launch_step(&items, batch, choice).unwrap(),
+        Launched::InFlight
+    );
+    let after: Vec<usize> = seqs.iter().map(|&s| b.sequence_len(s).unwrap()).collect();
+    assert_eq!(after, before, "no sequence grows before the collection");
+    let err = b.prefill(seqs[0], &[1]).unwrap_err();
+    assert!(err.to_string().contains("in flight"), "{err}");
+    let err = b.step(&items, batch).unwrap_err();
+    assert!(err.to_string().contains("in flight"), "{err}");
+    let err = b.launch_step(&items, batch, choice).unwrap_err();
+    assert!(err.to_string().contains("in flight"), "{err}");
+    match b.collect_step().unwrap() {
+        DecodeOutput::Ids(ids) => ids,
+        other => panic!("ids expected, got {other:?}"),
+    }
+}
+
+/// A fused step left in flight (`launch_step` + `collect_step`) collects the ids the
+/// synchronous path gives on a twin backend: greedy rows the argmax of `step`'s logits, sampled,
+/// penalized and masked rows `sampler::choose` of them (bit for bit: the same pass, the same rows
+/// wanted); in one pass and in passes of 8 rows (`max_prefill_tokens` 8: 35 rows, a chunk cut
+/// between passes, every pass queued before the one wait). While it is in flight no sequence
+/// grows and a prefill, a step and a second launch are refused; after the collection every
+/// sequence has grown as on the twin. A step of one chunk that wants no token (no choosing
+/// kernel: the collection waits on the step's event) gives no id and grows its sequence; a step
+/// refused at its launch (a sequence twice) leaves nothing in flight and every sequence as it
+/// was; a collection with nothing in flight is refused.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn a_fused_step_left_in_flight_collects_the_ids_of_the_synchronous_step() {
+    require_gpu();
+    let dir = synth("tiny", 74);
+    let vocab = 1024u32;
+    for max_prefill_tokens in [512, 8] {
+        let opts = CudaOptions {
+            max_sequences: 8,
+            max_context: Some(256),
+            max_prefill_tokens,
+            plan: PlanSource::Compressed,
+            ..CudaOptions::default()
+        };
+        let mut l = gpu_backend(&model(&dir), opts.clone());
+        let mut c = gpu_backend(&model(&dir), opts);
+        let (dec_l, cont_l, fresh_l) = fused_setup(&mut l, vocab);
+        let (dec_c, cont_c, fresh_c) = fused_setup(&mut c, vocab);
+        let rest = fused_prompt(40, 2, vocab)[16..].to_vec();
+        let new = fused_prompt(9, 3, vocab);
+        let dec_items = |dec: &[(SeqId, usize)], tokens: &[u32]| -> Vec<DecodeItem> {
+            dec.iter()
+                .zip(tokens)
+                .map(|(&(seq, pos), &token)| DecodeItem { seq, token, pos })
+                .collect()
+        };
+        let greedy = RowSampling {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 5,
+            position: 0,
+            edits: Vec::new(),
+        };
+        let sampled = |i: usize| RowSampling {
+            temperature: 0.8,
+            top_p: 0.95,
+            top_k: if i.is_multiple_of(2) { 40 } else { 0 },
+            seed: 200 + i as u64,
+            position: 3 + i as u64,
+            edits: if i == 1 {
+                vec![(5, LogitEdit::Mask), (3, LogitEdit::Subtract(0.5))]
+            } else {
+                Vec::new()
+            },
+        };
+        let what = format!("max_prefill_tokens {max_prefill_tokens}");
+        // Round 1: greedy rows (the argmax kernel); round 2: sampled rows (the sampler).
+        let mut tokens = vec![17u32, 301];
+        let mut lens = [40usize, 9, 6, 24];
+        let order_l = [cont_l, fresh_l, dec_l[0].0, dec_l[1].0];
+        let order_c = [cont_c, fresh_c, dec_c[0].0, dec_c[1].0];
+        for round in 0..2 {
+            let (chunk_rows, rows): (Vec<Option<RowSampling>>, Vec<RowSampling>) = if round == 0 {
+                (vec![Some(greedy.clone()); 2], vec![greedy.clone(); 2])
+            } else {
+                (
+                    vec![Some(sampled(0)), Some(sampled(1))],
+                    vec![sampled(2), greedy.clone()],
+                )
+            };
+            let (ch_l, ch_c, dl, dc) = if round == 0 {
+                (
+                    vec![(cont_l, rest.clone()), (fresh_l, new.clone())],
+                    vec![(cont_c, rest.clone()), (fresh_c, new.clone())],
+                    dec_items(&dec_l, &tokens),
+                    dec_items(&dec_c, &tokens),
+                )
+            } else {
+                // The two prompts now decode too; the two other sequences get a new chunk each.
+                let more = fused_prompt(11, 4, vocab);
+                let pairs = |o: &[SeqId; 4]| -> Vec<(SeqId, usize)> {
+                    (0..2).map(|i| (o[i], lens[i])).collect()
+                };
+                (
+                    vec![(order_l[2], more.clone()), (order_l[3], more[..5].to_vec())],
+                    vec![(order_c[2], more.clone()), (order_c[3], more[..5].to_vec())],
+                    dec_items(&pairs(&order_l), &tokens),
+                    dec_items(&pairs(&order_c), &tokens),
+                )
+            };
+            let items: Vec<ChunkItem<'_>> = ch_l
+                .iter()
+                .map(|(seq, t)| ChunkItem {
+                    seq: *seq,
+                    tokens: t,
+                })
+                .collect();
+            let logits = l.step(&items, &dl).unwrap();
+            let all: Vec<RowSampling> = chunk_rows.iter().flatten().chain(&rows).cloned().collect();
+            let want: Vec<u32> = (0..4)
+                .map(|i| sampler::choose(logits.row(i), &all[i]))
+                .collect();
+            if round == 0 {
+                let argmaxes: Vec<u32> = (0..4).map(|i| argmax(logits.row(i))).collect();
+                assert_eq!(want, argmaxes, "{what}: greedy is the argmax");
+            }
+            let got = launch_and_collect_fused(&mut c, &ch_c, &chunk_rows, &dc, &rows);
+            assert_eq!(got, want, "{what}, round {round}");
+            let grown: Vec<(usize, usize)> = if round == 0 {
+                vec![(0, 40), (1, 9), (2, 6), (3, 24)]
+            } else {
+                vec![(2, 6 + 11), (3, 24 + 5), (0, 41), (1, 10)]
+            };
+            for (i, len) in grown {
+                assert_eq!(l.sequence_len(order_l[i]).unwrap(), len, "{what}");
+                assert_eq!(c.sequence_len(order_c[i]).unwrap(), len, "{what}: seq {i}");
+                lens[i] = len;
+            }
+            tokens = want[..2].to_vec();
+        }
+        // A chunk that wants no token, alone: no id, its sequence grown.
+        let h = c.new_sequence().unwrap();
+        let short = fused_prompt(6, 5, vocab);
+        let got = launch_and_collect_fused(&mut c, &[(h, short.clone())], &[None], &[], &[]);
+        assert!(got.is_empty(), "{what}: {got:?}");
+        assert_eq!(c.sequence_len(h).unwrap(), 6);
+        // Refused at the launch: nothing in flight, nothing changed.
+        let twice = [ChunkItem {
+            seq: h,
+            tokens: &[1, 2],
+        }];
+        let row = [DecodeItem {
+            seq: h,
+            token: 1,
+            pos: 6,
+        }];
+        let choice = StepChoice::Sampled {
+            chunks: &[Some(greedy.clone())],
+            rows: std::slice::from_ref(&greedy),
+        };
+        let err = c.launch_step(&twice, &row, choice).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        assert_eq!(c.sequence_len(h).unwrap(), 6);
+        let err = c.collect_step().unwrap_err();
+        assert!(err.to_string().contains("no step is in flight"), "{err}");
+        println!("{what}: fused steps left in flight collect the synchronous step's ids");
+    }
+}
+
+/// The CUDA backend with every step run synchronously: each launch is collected at once and
+/// returned as `Launched::Done`, as a backend that never leaves a step in flight.
+struct Synchronous<'a> {
+    inner: &'a mut CudaBackend,
+}
+
+impl Backend for Synchronous<'_> {
+    forward_backend_to_inner!();
+    fn decode(
+        &mut self,
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.inner.decode(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        self.inner.samples_on_device()
+    }
+    fn fuses_steps(&self) -> bool {
+        self.inner.fuses_steps()
+    }
+    fn launch_decode(
+        &mut self,
+        batch: &[DecodeItem],
+        choice: DecodeChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        match self.inner.launch_decode(batch, choice)? {
+            Launched::InFlight => self.inner.collect_step().map(Launched::Done),
+            done => Ok(done),
+        }
+    }
+    fn launch_step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+        choice: StepChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        match self.inner.launch_step(chunks, batch, choice)? {
+            Launched::InFlight => self.inner.collect_step().map(Launched::Done),
+            done => Ok(done),
+        }
+    }
+}
+
+/// The engine on twin CUDA backends, one stepping synchronously (`Synchronous`), the other
+/// split into `begin_step` / `finish_step` with every step (fused or decode-only) left in flight
+/// and host work done while it runs: a request added, a cancellation, counters read. The same
+/// events, step for step (the same passes on twin backends: the same bits); every fused step of
+/// the second was left in flight, and no synchronous call was made.
+#[test]
+#[ignore = "needs a GPU: run by scripts/gpu-check"]
+fn engine_on_cuda_with_fused_steps_in_flight_gives_the_synchronous_events() {
+    use triton_unweight::engine::{Engine, EngineOptions, Request};
+    require_gpu();
+    let dir = synth("tiny", 75);
+    let opts = CudaOptions {
+        max_sequences: 8,
+        max_context: Some(256),
+        plan: PlanSource::Compressed,
+        ..CudaOptions::default()
+    };
+    let mut a = gpu_backend(&model(&dir), opts.clone());
+    let mut b = gpu_backend(&model(&dir), opts);
+    let eopts = |c: &LlamaConfig| EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: 16,
+        max_step_slowdown: None,
+        ..EngineOptions::for_config(c)
+    };
+    let sync = Synchronous { inner: &mut a };
+    let o = eopts(sync.config());
+    let mut plain = Engine::new(sync, None, o);
+    let calls = FusedCalls {
+        inner: &mut b,
+        fused: Vec::new(),
+        fused_in_flight: 0,
+        launched: 0,
+        in_flight: 0,
+        separate: 0,
+    };
+    let o = eopts(calls.config());
+    let mut e = Engine::new(calls, None, o);
+    let mut sampled = Request::greedy(fused_prompt(6, 1, 1024), 10);
+    sampled.sampling = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: 7,
+        ..SamplingParams::default()
+    };
+    let requests = [
+        Request::greedy(fused_prompt(9, 0, 1024), 10),
+        sampled,
+        Request::greedy(fused_prompt(40, 2, 1024), 6),
+    ];
+    let mut ids = Vec::new();
+    for r in &requests {
+        plain.add(r.clone()).unwrap();
+        ids.push(e.add(r.clone()).unwrap());
+    }
+    let late = Request::greedy(fused_prompt(21, 3, 1024), 4);
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    let mut step = 0;
+    while plain.has_work() || e.has_work() {
+        step += 1;
+        want.push(plain.step().unwrap());
+        let launches = e.backend().fused.len() + e.backend().launched;
+        e.begin_step().unwrap();
+        if e.backend().fused.len() + e.backend().launched > launches {
+            assert!(e.waits_on_device(), "step {step} left in flight");
+        }
+        let _ = (e.stats(), e.load(), e.kv_usage());
+        if step == 2 {
+            e.add(late.clone()).unwrap();
+            plain.add(late.clone()).unwrap();
+        }
+        if step == 4 {
+            assert!(e.cancel(ids[0]));
+            assert!(plain.cancel(ids[0]));
+        }
+        got.push(e.finish_step().unwrap());
+    }
+    assert_eq!(got, want);
+    assert!(e.take_failed().is_empty() && plain.take_failed().is_empty());
+    let c = e.backend();
+    assert!(c.fused.len() >= 3, "fused steps: {:?}", c.fused);
+    assert!(
+        c.fused
+            .iter()
+            .any(|(chunks, rows)| !chunks.is_empty() && *rows > 0),
+        "a fused step with decode rows: {:?}",
+        c.fused
+    );
+    assert_eq!(
+        c.fused_in_flight,
         c.fused.len(),
-        c.in_flight
+        "every fused step in flight"
+    );
+    assert_eq!(c.in_flight, c.launched, "every decode step in flight");
+    assert_eq!(c.separate, 0, "no synchronous call");
+    println!(
+        "{step} steps: {} fused and {} decode steps left in flight gave the synchronous events",
+        c.fused_in_flight, c.in_flight
     );
 }
 

@@ -17,7 +17,7 @@ use triton_unweight::container::{self, Checkpoint, CompressOptions};
 use triton_unweight::device::cpu::{CpuBackend, CpuOptions, KV_BLOCK_TOKENS};
 use triton_unweight::device::{
     Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, Launched, LogitEdit,
-    RowSampling, SeqId,
+    RowSampling, SeqId, StepChoice,
 };
 use triton_unweight::engine::{
     sampler, Detokenizer, Engine, EngineOptions, Event, Request, RequestId, SamplingParams,
@@ -2029,17 +2029,37 @@ fn host_sampling_backends_refuse_the_device_choosing_calls() {
     assert_eq!(b.sequence_len(s).unwrap(), 0);
 }
 
-/// A CPU backend whose decode steps are left "in flight": `launch_decode` only records the batch
-/// (and the launch, with the step number, in `log`) and `collect_decode` runs it on the inner
-/// backend, as a device would between its launch and its synchronisation. `fail_launch` /
-/// `fail_collect` make the launch or the collection of that step (1-based) fail.
+/// A CPU backend whose steps are left "in flight": `launch_decode` and (with `fused`)
+/// `launch_step` only record the step (and the launch in `log`), and `collect_step` runs it on
+/// the inner backend, as a device would between its launch and its synchronisation. Every call
+/// that runs the model or touches a sequence panics while a step is in flight (the backend
+/// contract), so the engine is seen to wait for the collection before it touches one.
+/// `fail_launch` / `fail_collect` make the launch or the collection of that launch (1-based,
+/// decode and fused launches counted together) fail, changing nothing. With `device_sampling`
+/// it claims to sample on the device: a fused step's ids are chosen at the collection by
+/// `sampler::choose` from the inner step's logits.
 struct Pipelined {
     inner: CpuBackend,
-    held: Option<(Vec<DecodeItem>, Option<Vec<RowSampling>>, bool)>,
+    held: Option<Held>,
     log: Vec<String>,
     launches: usize,
     fail_launch: Option<usize>,
     fail_collect: Option<usize>,
+    fused: bool,
+    device_sampling: bool,
+}
+
+/// A step `Pipelined` holds until its collection.
+enum Held {
+    /// A decode batch, its sampling records (`None`: argmax) and whether logits are wanted.
+    Decode(Vec<DecodeItem>, Option<Vec<RowSampling>>, bool),
+    /// A fused step's chunks (sequence, tokens), decode batch and sampling records (`None`:
+    /// logits).
+    Fused(
+        Vec<(SeqId, Vec<u32>)>,
+        Vec<DecodeItem>,
+        Option<(Vec<Option<RowSampling>>, Vec<RowSampling>)>,
+    ),
 }
 
 fn pipelined() -> Pipelined {
@@ -2050,54 +2070,152 @@ fn pipelined() -> Pipelined {
         launches: 0,
         fail_launch: None,
         fail_collect: None,
+        fused: false,
+        device_sampling: false,
+    }
+}
+
+impl Pipelined {
+    /// The backend contract: nothing but the collection runs the model or touches a sequence
+    /// while a step is in flight.
+    fn idle(&self, what: &str) {
+        assert!(self.held.is_none(), "{what} while a step is in flight");
+    }
+
+    /// Counts a launch; the injected launch failure.
+    fn launch(&mut self, what: String) -> Result<(), DeviceError> {
+        self.idle("a launch");
+        self.launches += 1;
+        if self.fail_launch == Some(self.launches) {
+            return Err(DeviceError::Invalid("injected launch failure".into()));
+        }
+        self.log.push(what);
+        Ok(())
     }
 }
 
 impl Backend for Pipelined {
-    forward_backend_to_inner!();
+    fn config(&self) -> &triton_unweight::model::LlamaConfig {
+        self.inner.config()
+    }
+    fn kv_capacity(&self) -> triton_unweight::device::KvCapacity {
+        self.inner.kv_capacity()
+    }
+    fn kv_usage(&self) -> triton_unweight::device::KvUsage {
+        self.inner.kv_usage()
+    }
+    fn weight_memory(&self) -> triton_unweight::device::WeightMemory {
+        self.inner.weight_memory()
+    }
+    fn new_sequence(&mut self) -> Result<SeqId, DeviceError> {
+        self.idle("new_sequence");
+        self.inner.new_sequence()
+    }
+    fn free_sequence(&mut self, seq: SeqId) {
+        self.idle("free_sequence");
+        self.inner.free_sequence(seq)
+    }
+    fn sequence_len(&self, seq: SeqId) -> Result<usize, DeviceError> {
+        self.idle("sequence_len");
+        self.inner.sequence_len(seq)
+    }
+    fn prefill(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, DeviceError> {
+        self.idle("prefill");
+        self.inner.prefill(seq, tokens)
+    }
     fn decode(
         &mut self,
         batch: &[DecodeItem],
     ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.idle("decode");
         self.log.push("decode".into());
         self.inner.decode(batch)
+    }
+    fn samples_on_device(&self) -> bool {
+        self.device_sampling
+    }
+    fn fuses_steps(&self) -> bool {
+        self.fused
+    }
+    fn step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<triton_unweight::device::Logits, DeviceError> {
+        self.idle("step");
+        self.log.push("step".into());
+        self.inner.step(chunks, batch)
     }
     fn launch_decode(
         &mut self,
         batch: &[DecodeItem],
         choice: DecodeChoice<'_>,
     ) -> Result<Launched, DeviceError> {
-        assert!(self.held.is_none(), "a launch while a step is in flight");
-        self.launches += 1;
-        if self.fail_launch == Some(self.launches) {
-            return Err(DeviceError::Invalid("injected launch failure".into()));
-        }
-        self.log.push(format!("launch {} rows", batch.len()));
+        self.launch(format!("launch {} rows", batch.len()))?;
         let (rows, logits) = match choice {
             DecodeChoice::Argmax => (None, false),
             DecodeChoice::Sampled(r) => (Some(r.to_vec()), false),
             DecodeChoice::Logits => (None, true),
         };
-        self.held = Some((batch.to_vec(), rows, logits));
+        self.held = Some(Held::Decode(batch.to_vec(), rows, logits));
         Ok(Launched::InFlight)
     }
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
-        let (batch, rows, logits) = self.held.take().expect("a step in flight");
+    fn launch_step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+        choice: StepChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        let lens: Vec<usize> = chunks.iter().map(|c| c.tokens.len()).collect();
+        self.launch(format!("launch_step {lens:?} + {} rows", batch.len()))?;
+        let chunks = chunks.iter().map(|c| (c.seq, c.tokens.to_vec())).collect();
+        let records = match choice {
+            StepChoice::Sampled { chunks, rows } => Some((chunks.to_vec(), rows.to_vec())),
+            StepChoice::Logits => None,
+        };
+        self.held = Some(Held::Fused(chunks, batch.to_vec(), records));
+        Ok(Launched::InFlight)
+    }
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
+        let held = self.held.take().expect("a step in flight");
         self.log.push("collect".into());
         if self.fail_collect == Some(self.launches) {
             return Err(DeviceError::Invalid("injected collect failure".into()));
         }
-        let out = self.inner.decode(&batch)?;
-        Ok(match (rows, logits) {
-            (_, true) => DecodeOutput::Logits(out),
-            (Some(rows), _) => DecodeOutput::Ids(
-                rows.iter()
+        match held {
+            Held::Decode(batch, rows, logits) => {
+                let out = self.inner.decode(&batch)?;
+                Ok(match (rows, logits) {
+                    (_, true) => DecodeOutput::Logits(out),
+                    (Some(rows), _) => DecodeOutput::Ids(
+                        rows.iter()
+                            .enumerate()
+                            .map(|(i, r)| sampler::choose(out.row(i), r))
+                            .collect(),
+                    ),
+                    (None, _) => {
+                        DecodeOutput::Ids((0..batch.len()).map(|i| argmax(out.row(i))).collect())
+                    }
+                })
+            }
+            Held::Fused(chunks, batch, records) => {
+                let items: Vec<ChunkItem<'_>> = chunks
+                    .iter()
+                    .map(|(seq, tokens)| ChunkItem { seq: *seq, tokens })
+                    .collect();
+                let out = self.inner.step(&items, &batch)?;
+                let Some((chunk_rows, rows)) = records else {
+                    return Ok(DecodeOutput::Logits(out));
+                };
+                let chosen = chunk_rows
+                    .iter()
                     .enumerate()
-                    .map(|(i, r)| sampler::choose(out.row(i), r))
-                    .collect(),
-            ),
-            (None, _) => DecodeOutput::Ids((0..batch.len()).map(|i| argmax(out.row(i))).collect()),
-        })
+                    .filter_map(|(i, r)| r.as_ref().map(|r| sampler::choose(out.row(i), r)));
+                let decoded = (rows.iter().enumerate())
+                    .map(|(j, r)| sampler::choose(out.row(chunks.len() + j), r));
+                Ok(DecodeOutput::Ids(chosen.chain(decoded).collect()))
+            }
+        }
     }
 }
 
@@ -2299,4 +2417,214 @@ fn a_failed_launch_or_collection_drops_the_running_requests_and_the_engine_goes_
         .to_string()
         .contains("in flight"));
     e.finish_step().unwrap();
+}
+
+/// A `Pipelined` backend that fuses steps: every step with prompt chunks is one `launch_step`
+/// left in flight (with `device_sampling`, its ids chosen at the collection).
+fn fused_pipelined(device_sampling: bool) -> Pipelined {
+    Pipelined {
+        fused: true,
+        device_sampling,
+        ..pipelined()
+    }
+}
+
+/// Prompts in chunks of at most `chunk` tokens a step, no pacing (so that the schedule depends
+/// on nothing measured), no end-of-sequence token.
+fn chunked_opts(b: &dyn Backend, chunk: usize) -> EngineOptions {
+    EngineOptions {
+        eos_token_ids: Vec::new(),
+        max_prefill_tokens: chunk,
+        max_step_slowdown: None,
+        ..EngineOptions::for_config(b.config())
+    }
+}
+
+/// The CPU engine with `chunked_opts`: its fused steps run synchronously (`launch_step`'s
+/// default, `Launched::Done`).
+fn chunked_engine(chunk: usize) -> Engine<CpuBackend> {
+    let b = backend(tiny().0, WeightMode::Decoded);
+    let o = chunked_opts(&b, chunk);
+    Engine::new(b, None, o)
+}
+
+/// Whether a `Pipelined` log line is a fused step's launch holding decode rows.
+fn fused_with_rows(line: &str) -> bool {
+    line.starts_with("launch_step") && !line.ends_with("+ 0 rows")
+}
+
+/// Fused steps (prompt chunks of 4 tokens with the running streams' decode rows) left in
+/// flight, split into `begin_step` / `finish_step` with a request added while one is in flight,
+/// give exactly the events of the CPU engine's synchronous fused steps, whether the ids come
+/// back chosen "on the device" or the logits are sampled on the host; every step was launched,
+/// then collected, one at a time, and no synchronous step, prefill or decode ran.
+#[test]
+fn fused_steps_left_in_flight_give_the_events_of_synchronous_steps() {
+    let late = Request {
+        sampling: SamplingParams {
+            temperature: 1.1,
+            seed: 4,
+            ..SamplingParams::default()
+        },
+        ..Request::greedy(PROMPT[..6].to_vec(), 4)
+    };
+    for device_sampling in [false, true] {
+        let mut plain = chunked_engine(4);
+        let b = fused_pipelined(device_sampling);
+        let o = chunked_opts(&b, 4);
+        let mut e = Engine::new(b, None, o);
+        for r in pipelined_requests() {
+            plain.add(r.clone()).unwrap();
+            e.add(r).unwrap();
+        }
+        let (mut want, mut got) = (Vec::new(), Vec::new());
+        let mut step = 0;
+        while plain.has_work() || e.has_work() {
+            step += 1;
+            want.push(plain.step().unwrap());
+            e.begin_step().unwrap();
+            assert!(e.waits_on_device(), "step {step} left in flight");
+            if step == 4 {
+                // Host work while a fused step runs: a request arrives.
+                assert!(fused_with_rows(e.backend().log.last().unwrap()));
+                e.add(late.clone()).unwrap();
+                plain.add(late.clone()).unwrap();
+            }
+            got.push(e.finish_step().unwrap());
+        }
+        assert_eq!(got, want, "device_sampling {device_sampling}");
+        let log = &e.backend().log;
+        let fused = log.iter().filter(|l| fused_with_rows(l)).count();
+        assert!(fused >= 3, "fused steps with decode rows: {log:?}");
+        assert!(
+            !log.iter().any(|l| ["step", "decode"].contains(&l.as_str())),
+            "no synchronous call: {log:?}"
+        );
+        for pair in log.chunks(2) {
+            assert!(
+                pair[0].starts_with("launch") && pair[1] == "collect",
+                "{log:?}"
+            );
+        }
+    }
+}
+
+/// While a fused step is in flight the engine touches no sequence (the backend panics
+/// otherwise) and serves host work: counters, load, a new request, and cancellations, of a
+/// running request (a decode row of the step) and of a prompt whose chunk is in the step. They
+/// take effect at the next step, exactly as ones made right after a synchronous step: the
+/// step's tokens are still produced (the running request's token, the prompt's first token),
+/// and both end `Cancelled` with the next step.
+#[test]
+fn a_cancellation_while_a_fused_step_is_in_flight_takes_effect_at_the_next_step() {
+    let mut plain = chunked_engine(4);
+    let b = fused_pipelined(true);
+    let o = chunked_opts(&b, 4);
+    let mut e = Engine::new(b, None, o);
+    let mut ids = Vec::new();
+    for r in pipelined_requests() {
+        plain.add(r.clone()).unwrap();
+        ids.push(e.add(r).unwrap());
+    }
+    let (mut want, mut got) = (Vec::new(), Vec::new());
+    // Until the step that decodes request 0 and carries the last chunk of request 1's prompt
+    // (9 + 8 prompt tokens, 4 a step: step 5, with the first chunk of request 2's).
+    for _ in 0..4 {
+        want.push(plain.step().unwrap());
+        got.push(e.step().unwrap());
+    }
+    want.push(plain.step().unwrap());
+    assert!(plain.cancel(ids[0]) && plain.cancel(ids[1]));
+    e.begin_step().unwrap();
+    assert_eq!(
+        e.backend().log.last().unwrap(),
+        "launch_step [1, 3] + 1 rows",
+        "request 1's last chunk and request 2's first with request 0's decode row"
+    );
+    let stats = e.stats();
+    assert_eq!(e.load(), (0, 3));
+    assert!(e.kv_usage().sequences == 3 && e.has_work());
+    assert!(e.cancel(ids[0]) && e.cancel(ids[1]));
+    assert!(!e.cancel(ids[1]), "cancelled once");
+    let late = Request::greedy(PROMPT[..5].to_vec(), 3);
+    plain.add(late.clone()).unwrap();
+    e.add(late).unwrap();
+    assert_eq!(e.stats(), stats, "nothing counted before the collection");
+    got.push(e.finish_step().unwrap());
+    while plain.has_work() || e.has_work() {
+        want.push(plain.step().unwrap());
+        got.push(e.step().unwrap());
+    }
+    assert_eq!(got, want);
+    let token_of = |evs: &[Event], id| {
+        evs.iter()
+            .any(|ev| matches!(ev, Event::Token { id: i, .. } if *i == id))
+    };
+    assert!(token_of(&got[4], ids[0]) && token_of(&got[4], ids[1]));
+    for &id in &ids[..2] {
+        assert!(got[5].contains(&Event::Finished {
+            id,
+            reason: StopReason::Cancelled,
+            text_delta: String::new(),
+        }));
+        assert!(!token_of(&got[5], id), "not in the next step");
+    }
+}
+
+/// A fused step whose launch, or whose collection, fails fails its step as a whole: the running
+/// request (its decode row) and the prompt whose chunk was in the step are dropped (listed by
+/// `take_failed`, their KV slots freed), and nothing of the step is applied; the prompt that was
+/// not in the step keeps its place and generates exactly what it would alone.
+#[test]
+fn a_failed_fused_launch_or_collection_drops_the_steps_requests_and_the_engine_goes_on() {
+    let long: Vec<u32> = PROMPT.iter().chain(&PROMPT[..3]).copied().collect();
+    let waiting = Request::greedy(PROMPT[2..7].to_vec(), 5);
+    let alone = {
+        let mut plain = chunked_engine(8);
+        plain.add(waiting.clone()).unwrap();
+        all_events(&mut plain).concat()
+    };
+    for at_launch in [true, false] {
+        let mut b = fused_pipelined(true);
+        // Launches: 1 the first prompt whole, 2 its decode, 3 the fused step that fails.
+        if at_launch {
+            b.fail_launch = Some(3);
+        } else {
+            b.fail_collect = Some(3);
+        }
+        let o = chunked_opts(&b, 8);
+        let mut e = Engine::new(b, None, o);
+        let first = e.add(Request::greedy(PROMPT[..5].to_vec(), 6)).unwrap();
+        e.step().unwrap();
+        e.step().unwrap();
+        let second = e.add(Request::greedy(long.clone(), 4)).unwrap();
+        let third = e.add(waiting.clone()).unwrap();
+        let err = if at_launch {
+            e.begin_step().unwrap_err()
+        } else {
+            e.begin_step().unwrap();
+            assert_eq!(e.backend().log.last().unwrap(), "launch_step [8] + 1 rows");
+            e.finish_step().unwrap_err()
+        };
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert!(!e.step_in_flight());
+        let mut failed = e.take_failed();
+        failed.sort();
+        assert_eq!(failed, vec![first, second], "at_launch {at_launch}");
+        assert_eq!(e.kv_usage().sequences, 0, "their slots were freed");
+        assert_eq!(e.load(), (1, 0), "the third request still waits");
+        let events: Vec<Event> = all_events(&mut e).concat();
+        assert!(events.iter().all(|ev| matches!(ev,
+            Event::Token { id, .. } | Event::Finished { id, .. } if *id == third)));
+        // Its events but for the request's id.
+        let tokens = |evs: &[Event]| -> Vec<(Option<u32>, Option<StopReason>)> {
+            evs.iter()
+                .map(|ev| match ev {
+                    Event::Token { token, .. } => (Some(*token), None),
+                    Event::Finished { reason, .. } => (None, Some(*reason)),
+                })
+                .collect()
+        };
+        assert_eq!(tokens(&events), tokens(&alone), "what it generates alone");
+    }
 }

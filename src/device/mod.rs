@@ -171,7 +171,23 @@ pub enum DecodeChoice<'a> {
     Logits,
 }
 
-/// What a decode step brought back: ids (one per row) or logits.
+/// What a fused step launched with [`Backend::launch_step`] is to bring back.
+#[derive(Clone, Copy, Debug)]
+pub enum StepChoice<'a> {
+    /// The ids [`Backend::step_sampled`] gives for these records: `chunks[i]` for chunk `i`
+    /// (`None`: no token wanted), `rows[j]` for decode item `j` (only on a backend that
+    /// [`samples_on_device`](Backend::samples_on_device)).
+    Sampled {
+        /// One per chunk.
+        chunks: &'a [Option<RowSampling>],
+        /// One per decode item.
+        rows: &'a [RowSampling],
+    },
+    /// The logits [`Backend::step`] gives: one row per chunk, then one per decode item.
+    Logits,
+}
+
+/// What a step brought back: ids (one per row chosen) or logits.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DecodeOutput {
     /// One id per row, in order.
@@ -180,13 +196,13 @@ pub enum DecodeOutput {
     Logits(Logits),
 }
 
-/// Where a decode step stands after [`Backend::launch_decode`].
+/// Where a step stands after [`Backend::launch_decode`] or [`Backend::launch_step`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Launched {
     /// It ran to completion inside the launch (the default: a backend whose every call is
     /// synchronous, the CPU); there is nothing to collect.
     Done(DecodeOutput),
-    /// It runs on the device; [`Backend::collect_decode`] waits for it and brings its output.
+    /// It runs on the device; [`Backend::collect_step`] waits for it and brings its output.
     InFlight,
 }
 
@@ -466,16 +482,17 @@ pub trait Backend: Send {
     /// Starts a decode step of `batch` that brings back what `choice` says, without waiting for
     /// it where the backend can: [`Launched::InFlight`] means the step runs on the device while
     /// the caller does host work, and its output (with any error the step meets) comes from
-    /// [`Backend::collect_decode`]. Validation errors come from the launch, before anything
+    /// [`Backend::collect_step`]. Validation errors come from the launch, before anything
     /// runs. The same effect on the sequences and the same tokens as the synchronous call
     /// `choice` names.
     ///
-    /// Contract while a step is in flight: the next call that runs the model or touches a
-    /// sequence (`prefill*`, `decode*`, `step*`, `launch_decode`, `new_sequence`,
-    /// `free_sequence`, `sequence_len`) must be `collect_decode`; only the read-only queries
-    /// (`config`, `kv_capacity`, `kv_usage`, `weight_memory`, `samples_on_device`,
-    /// `fuses_steps`, `context_lost`) may come in between, and they see the sequences as they
-    /// were before the step.
+    /// Contract while a step is in flight (this one or [`Backend::launch_step`]'s): the next
+    /// call that runs the model or touches a sequence (`prefill*`, `decode*`, `step*`,
+    /// `launch_*`, `new_sequence`, `free_sequence`, `sequence_len`) must be `collect_step`;
+    /// only the read-only queries (`config`, `kv_capacity`, `kv_usage`, `weight_memory`,
+    /// `samples_on_device`, `fuses_steps`, `context_lost`) may come in between, and they see
+    /// the sequences as they were before the step (`kv_usage` may count the blocks the step
+    /// reserved).
     ///
     /// Why: the engine thread prepares the next step's host work (responses, admission,
     /// cancellations, metrics) while the device runs this one. The default runs the whole step
@@ -492,12 +509,40 @@ pub trait Backend: Send {
         }))
     }
 
-    /// Waits for the step [`Backend::launch_decode`] left in flight and returns its output; the
-    /// sequences are one token longer then. On an error they are as they were before the step.
-    /// The default (no step is ever left in flight) refuses.
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+    /// [`Backend::launch_decode`] for a fused step ([`Backend::step`]: prompt chunks and decode
+    /// rows): starts it, bringing back what `choice` says ([`Backend::step_sampled`]'s ids or
+    /// `step`'s logits), without waiting for it where the backend can; its output, or the
+    /// error it meets, comes from [`Backend::collect_step`]. The same contract while it is in
+    /// flight as `launch_decode`'s, and the same effect on the sequences and the same output as
+    /// the synchronous call `choice` names (all or nothing on a backend that
+    /// [`fuses_steps`](Backend::fuses_steps): on an error, at the launch or the collection,
+    /// every sequence is as it was before the step).
+    ///
+    /// Why: a step that admits a prompt is as long as a decode step or longer; the engine's
+    /// host work overlaps it as it overlaps a decode step. The default runs the synchronous
+    /// call here ([`Launched::Done`]).
+    fn launch_step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+        choice: StepChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        Ok(Launched::Done(match choice {
+            StepChoice::Sampled {
+                chunks: chunk_rows,
+                rows,
+            } => DecodeOutput::Ids(self.step_sampled(chunks, chunk_rows, batch, rows)?),
+            StepChoice::Logits => DecodeOutput::Logits(self.step(chunks, batch)?),
+        }))
+    }
+
+    /// Waits for the step [`Backend::launch_decode`] or [`Backend::launch_step`] left in
+    /// flight and returns its output; the sequences hold the step's tokens then. On an error
+    /// they are as they were before the step. The default (no step is ever left in flight)
+    /// refuses.
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
         Err(DeviceError::Invalid(
-            "collect_decode: no decode step is in flight".into(),
+            "collect_step: no step is in flight".into(),
         ))
     }
 
@@ -608,8 +653,16 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     ) -> Result<Launched, DeviceError> {
         (**self).launch_decode(batch, choice)
     }
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
-        (**self).collect_decode()
+    fn launch_step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+        choice: StepChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        (**self).launch_step(chunks, batch, choice)
+    }
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
+        (**self).collect_step()
     }
     fn context_lost(&self) -> Option<DeviceError> {
         (**self).context_lost()

@@ -37,7 +37,7 @@ pub use sequence::{Sequence, SequenceState, StopReason};
 
 use crate::device::{
     Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, KvUsage, Launched,
-    LogitEdit, Logits, RowSampling,
+    LogitEdit, Logits, RowSampling, StepChoice,
 };
 use crate::model::LlamaConfig;
 
@@ -83,7 +83,7 @@ pub enum Event {
     },
 }
 
-/// What a decode step brought back from the backend.
+/// What a step's decode rows brought back from the backend.
 enum StepOutput {
     /// Every row's token, chosen by the backend: the greedy ids ([`Backend::decode_argmax`],
     /// all rows [`Sequence::argmax_suffices`]) or the device sampler's
@@ -99,30 +99,56 @@ struct Staged {
     events: Vec<Event>,
     /// When it began (the pacer's step time).
     start: Instant,
-    /// Its decode batch, launched; `None` when it has none (or ran it fused).
-    decode: Option<PendingDecode>,
+    /// Its launched step (a decode batch, or a fused step); `None` when it has none.
+    launched: Option<PendingStep>,
 }
 
-/// A decode batch launched by [`Backend::launch_decode`], to be finished.
-struct PendingDecode {
+/// A step launched by [`Backend::launch_decode`] or [`Backend::launch_step`], to be finished.
+/// Nothing of it touches a sequence before it is finished: its prompts stay in `prefilling`,
+/// its decode rows in `running`, and only cancellations (which mark them) come in between.
+struct PendingStep {
     launched: Launched,
-    /// Rows of the batch: the running sequences, in order.
-    rows: usize,
     /// The synchronous call the launch stands for (for errors).
     what: &'static str,
-    /// Prompts whose last chunk ran in this step: they join `running` after the decode.
+    /// A fused step's prompt chunks, in order (none for a decode step).
+    chunks: Vec<QueuedChunk>,
+    /// Its decode rows: the running sequences, in order (the last rows of its output).
+    rows: usize,
+    /// Prompts whose last chunk ran before the launch (a backend that does not fuse steps):
+    /// they join `running` after the decode.
     admitted: Vec<Sequence>,
 }
 
-/// A backend's ids for a decode batch of `rows`, or an error naming the call (`what`) when it
-/// returned another number of them.
-fn checked_ids(ids: Vec<u32>, rows: usize, what: &str) -> Result<StepOutput, DeviceError> {
-    if ids.len() == rows {
-        Ok(StepOutput::Tokens(ids))
+/// A prompt chunk of a fused step: the sequence `id` (in `prefilling`) is prefilled up to `to`
+/// once the step is back; `wants`: its last row yields the prompt's first token.
+struct QueuedChunk {
+    id: RequestId,
+    to: usize,
+    wants: bool,
+}
+
+/// A step's output if it holds what the step of `chunks` and `rows` decode rows should bring
+/// back: one id per chunk that wants one and per decode row, or one row of logits per chunk
+/// and per decode row; an error naming the call (`what`) otherwise.
+fn checked(
+    out: DecodeOutput,
+    chunks: &[QueuedChunk],
+    rows: usize,
+    what: &str,
+) -> Result<DecodeOutput, DeviceError> {
+    let (got, want, kind) = match &out {
+        DecodeOutput::Ids(ids) => (
+            ids.len(),
+            chunks.iter().filter(|c| c.wants).count() + rows,
+            "ids",
+        ),
+        DecodeOutput::Logits(logits) => (logits.rows(), chunks.len() + rows, "rows of logits"),
+    };
+    if got == want {
+        Ok(out)
     } else {
         Err(DeviceError::Invalid(format!(
-            "{what} returned {} ids for a batch of {rows}",
-            ids.len()
+            "{what} returned {got} {kind} for a batch of {want}"
         )))
     }
 }
@@ -326,8 +352,8 @@ impl<B: Backend> Engine<B> {
         }
         let admitted = match &mut self.staged {
             Some(Staged {
-                decode: Some(d), ..
-            }) => &mut d.admitted[..],
+                launched: Some(p), ..
+            }) => &mut p.admitted[..],
             _ => &mut [],
         };
         match self
@@ -357,9 +383,10 @@ impl<B: Backend> Engine<B> {
     /// [`EngineOptions::max_step_slowdown`] allows, [`pacing`]), the next chunks of the
     /// prompts being prefilled, then the first chunks of newly admitted ones (a prompt whose
     /// last chunk ran yields its first token); and decodes all other running ones in one batch
-    /// (one token each). The step's wall time calibrates the pacing. It is
-    /// [`Engine::begin_step`] then [`Engine::finish_step`]: a caller that has host work to do
-    /// while the device runs the decode batch calls the two itself.
+    /// (one token each); on a backend that [`fuses_steps`](Backend::fuses_steps), a step with
+    /// prompt chunks runs them and the decode batch as one fused step. The step's wall time
+    /// calibrates the pacing. It is [`Engine::begin_step`] then [`Engine::finish_step`]: a
+    /// caller that has host work to do while the device runs the step calls the two itself.
     ///
     /// KV-cache policy: a request is admitted only when the cache has free blocks for its prompt
     /// above a reserve for the running sequences ([`scheduler`]). When the running sequences
@@ -379,11 +406,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The first half of [`Engine::step`]: everything up to the launch of the decode batch
-    /// ([`Backend::launch_decode`]), which a device backend leaves running. The caller may then
-    /// do host work ([`Engine::add`], [`Engine::cancel`], reading [`Engine::stats`] and
-    /// [`Engine::load`], sending the previous step's responses) and must call
-    /// [`Engine::finish_step`] before the next `begin_step`. A cancellation made in between
-    /// takes effect at the next step, as one made before it: the step's token is still
+    /// ([`Backend::launch_decode`]) or of the fused step of prompt chunks and decode rows
+    /// ([`Backend::launch_step`]), which a device backend leaves running. No sequence is touched
+    /// again until [`Engine::finish_step`] collected it. The caller may then do host work
+    /// ([`Engine::add`], [`Engine::cancel`], reading [`Engine::stats`] and [`Engine::load`],
+    /// sending the previous step's responses) and must call `finish_step` before the next
+    /// `begin_step`. A cancellation made in between takes effect at the next step, as one made
+    /// before it: the step's tokens (a running request's, a prompt's first) are still
     /// produced. Errors as `step`'s (the prefill's, or the launch's); then there is nothing to
     /// finish.
     pub fn begin_step(&mut self) -> Result<(), EngineError> {
@@ -396,11 +425,11 @@ impl<B: Backend> Engine<B> {
         let start = Instant::now();
         self.step_work = (0, 0, false);
         match self.step_into(&mut events) {
-            Ok(decode) => {
+            Ok(launched) => {
                 self.staged = Some(Staged {
                     events,
                     start,
-                    decode,
+                    launched,
                 });
                 Ok(())
             }
@@ -412,22 +441,24 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// The second half of [`Engine::step`]: waits for the decode batch [`Engine::begin_step`]
-    /// launched, accepts its tokens and returns the step's events. The time from `begin_step`
-    /// calibrates the pacing. Errors as `step`'s.
+    /// The second half of [`Engine::step`]: waits for the step [`Engine::begin_step`] launched
+    /// (a decode batch or a fused step), applies its prompt chunks, accepts its tokens and
+    /// returns the step's events. The time from `begin_step` calibrates the pacing. Errors as
+    /// `step`'s: on an error at the collection every request of the step is dropped, as on one
+    /// at the launch.
     pub fn finish_step(&mut self) -> Result<Vec<Event>, EngineError> {
         let Some(Staged {
             mut events,
             start,
-            decode,
+            launched,
         }) = self.staged.take()
         else {
             return Err(EngineError::StepOrder(
                 "finish_step without a step begun: begin_step first",
             ));
         };
-        let result = match decode {
-            Some(d) => self.finish_decode(d, &mut events),
+        let result = match launched {
+            Some(p) => self.finish_launched(p, &mut events),
             None => Ok(()),
         };
         match result {
@@ -457,13 +488,13 @@ impl<B: Backend> Engine<B> {
 
     /// Whether the step begun is still running on the device ([`Launched::InFlight`]), so that
     /// [`Engine::finish_step`] would wait for it; false when its launch ran it whole (a
-    /// synchronous backend) or it has no decode batch: then finishing it costs only host work,
+    /// synchronous backend) or it launched nothing: then finishing it costs only host work,
     /// and a caller with responses to send gains nothing by waiting.
     pub fn waits_on_device(&self) -> bool {
         matches!(
             &self.staged,
             Some(Staged {
-                decode: Some(PendingDecode {
+                launched: Some(PendingStep {
                     launched: Launched::InFlight,
                     ..
                 }),
@@ -477,13 +508,13 @@ impl<B: Backend> Engine<B> {
     fn admitted_in_flight(&self) -> &[Sequence] {
         match &self.staged {
             Some(Staged {
-                decode: Some(d), ..
-            }) => &d.admitted,
+                launched: Some(p), ..
+            }) => &p.admitted,
             _ => &[],
         }
     }
 
-    fn step_into(&mut self, events: &mut Vec<Event>) -> Result<Option<PendingDecode>, EngineError> {
+    fn step_into(&mut self, events: &mut Vec<Event>) -> Result<Option<PendingStep>, EngineError> {
         events.append(&mut self.pending);
         let (cancelled, running): (Vec<Sequence>, Vec<Sequence>) =
             std::mem::take(&mut self.running)
@@ -623,9 +654,9 @@ impl<B: Backend> Engine<B> {
         self.preempt_for_decode(&mut admitted, &mut queued);
         // A step with no prompt chunk is a plain decode step on every backend: launched (left
         // in flight on a device, its CUDA graph replayed) and collected below, as without
-        // fusing; only a step with chunks needs the fused pass.
+        // fusing; only a step with chunks needs the fused pass (launched too).
         if fused && !queued.is_empty() {
-            return self.fused_step(queued, events).map(|()| None);
+            return self.launch_fused(queued).map(Some);
         }
         if self.running.is_empty() {
             self.running.extend(admitted);
@@ -646,64 +677,141 @@ impl<B: Backend> Engine<B> {
             (DecodeChoice::Logits, "decode")
         };
         match self.backend.launch_decode(&batch, choice) {
-            Ok(launched) => Ok(Some(PendingDecode {
+            Ok(launched) => Ok(Some(PendingStep {
                 launched,
-                rows: batch.len(),
                 what,
+                chunks: Vec::new(),
+                rows: batch.len(),
                 admitted,
             })),
             Err(e) => {
-                self.fail_decode(admitted);
+                self.fail_step(&[], admitted);
                 Err(e.into())
             }
         }
     }
 
-    /// A decode step failed: every running sequence is dropped (its slot freed, its id listed
-    /// for [`Engine::take_failed`]); the prompts admitted in this step run from the next one.
-    fn fail_decode(&mut self, admitted: Vec<Sequence>) {
-        for s in std::mem::take(&mut self.running) {
-            self.backend.free_sequence(s.seq_id().expect("running"));
+    /// A step failed (at its launch or its collection): every sequence in it is dropped (its
+    /// slot freed, its id listed for [`Engine::take_failed`]): the running ones and the prompts
+    /// of its `chunks`; the prompts admitted before its launch run from the next step, and the
+    /// prompts not in it keep their place.
+    fn fail_step(&mut self, chunks: &[QueuedChunk], admitted: Vec<Sequence>) {
+        let (dropped, kept): (Vec<Sequence>, Vec<Sequence>) = std::mem::take(&mut self.prefilling)
+            .into_iter()
+            .partition(|s| chunks.iter().any(|c| c.id == s.id));
+        self.prefilling = kept;
+        for s in dropped.into_iter().chain(std::mem::take(&mut self.running)) {
+            self.backend
+                .free_sequence(s.seq_id().expect("holds a slot"));
             self.failed.push(s.id);
         }
         self.running = admitted;
     }
 
-    /// The end of a step's decode: its output (collected from the device when it was left in
-    /// flight), each running sequence's token accepted, and the prompts admitted in the step
-    /// joining the running ones.
-    fn finish_decode(
+    /// The end of a launched step: its output (collected from the device when it was left in
+    /// flight), then, for a fused step, its prompts' chunks applied (a prompt now complete
+    /// yields its first token and decodes from the next step), then each running sequence's
+    /// token accepted, and the prompts admitted in the step joining the running ones. On an
+    /// error the step's sequences are dropped ([`Engine::fail_step`]).
+    fn finish_launched(
         &mut self,
-        d: PendingDecode,
+        p: PendingStep,
         events: &mut Vec<Event>,
     ) -> Result<(), EngineError> {
-        let out = match d.launched {
+        let PendingStep {
+            launched,
+            what,
+            chunks,
+            rows,
+            mut admitted,
+        } = p;
+        let out = match launched {
             Launched::Done(out) => Ok(out),
-            Launched::InFlight => self.backend.collect_decode(),
+            Launched::InFlight => self.backend.collect_step(),
         };
-        let out = out.and_then(|out| match out {
-            DecodeOutput::Ids(ids) => checked_ids(ids, d.rows, d.what),
-            DecodeOutput::Logits(logits) if logits.rows() == d.rows => {
-                Ok(StepOutput::Logits(logits))
-            }
-            DecodeOutput::Logits(logits) => Err(DeviceError::Invalid(format!(
-                "{} returned {} rows of logits for a batch of {}",
-                d.what,
-                logits.rows(),
-                d.rows
-            ))),
-        });
-        let out = match out {
+        let out = match out.and_then(|out| checked(out, &chunks, rows, what)) {
             Ok(out) => out,
             Err(e) => {
-                self.fail_decode(d.admitted);
+                self.fail_step(&chunks, admitted);
                 return Err(e.into());
             }
         };
-        self.stats.decode_tokens += d.rows as u64;
-        let result = self.accept_decoded(out, events);
-        self.running.extend(d.admitted);
-        result
+        // Where each chunk's prompt is in `prefilling` (nothing moved it while the step ran).
+        let at: Vec<usize> = chunks
+            .iter()
+            .map(|c| {
+                self.prefilling
+                    .iter()
+                    .position(|s| s.id == c.id)
+                    .expect("a fused step's prompts stay in prefilling until it is finished")
+            })
+            .collect();
+        // The first tokens of the prompts now complete (`first[i]` for `prefilling[i]`), and the
+        // decode rows' output: the last `rows` rows.
+        let mut first: Vec<Option<u32>> = vec![None; self.prefilling.len()];
+        let decode = match out {
+            DecodeOutput::Ids(mut ids) => {
+                let decode = ids.split_off(ids.len() - rows);
+                let mut ids = ids.into_iter();
+                for (_, &i) in chunks.iter().zip(&at).filter(|(c, _)| c.wants) {
+                    first[i] = ids.next();
+                }
+                StepOutput::Tokens(decode)
+            }
+            DecodeOutput::Logits(mut logits) => {
+                let vocab = logits.vocab;
+                let decode = Logits {
+                    vocab,
+                    data: logits.data.split_off(chunks.len() * vocab),
+                };
+                for (row, (c, &i)) in chunks.iter().zip(&at).enumerate() {
+                    if c.wants {
+                        first[i] = Some(self.sample(&self.prefilling[i], logits.row(row)));
+                    }
+                }
+                StepOutput::Logits(decode)
+            }
+        };
+        let mut failure = None;
+        if !chunks.is_empty() {
+            // The prompts' chunks: advance them.
+            for (c, &i) in chunks.iter().zip(&at) {
+                let s = &mut self.prefilling[i];
+                self.stats.prefill_tokens += (c.to - s.prefilled) as u64;
+                s.prefilled = c.to;
+            }
+            let mut still = Vec::with_capacity(self.prefilling.len());
+            for (i, mut s) in std::mem::take(&mut self.prefilling).into_iter().enumerate() {
+                if !s.prefill_done() {
+                    still.push(s);
+                    continue;
+                }
+                if !s.output.is_empty() {
+                    // Recomputed after a preemption: its last token is fed by the next decode.
+                    admitted.push(s);
+                    continue;
+                }
+                let token = first[i].expect("a prompt completes only in a step that ran its chunk");
+                match self.accept(&mut s, token, events) {
+                    Ok(true) => admitted.push(s),
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.backend
+                            .free_sequence(s.seq_id().expect("holds a slot"));
+                        self.failed.push(s.id);
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            self.prefilling = still;
+        }
+        self.stats.decode_tokens += rows as u64;
+        let result = self.accept_decoded(decode, events);
+        self.running.extend(admitted);
+        match failure {
+            Some(e) => Err(e),
+            None => result,
+        }
     }
 
     /// The decode rows of the running sequences, in order.
@@ -754,153 +862,83 @@ impl<B: Backend> Engine<B> {
 
     /// The rest of a step on a backend that [`fuses_steps`](Backend::fuses_steps): the queued
     /// prompt chunks (sequences in `prefilling`) and the running sequences' decode rows go to
-    /// the device as one [`Backend::step`]; a prompt whose last chunk ran yields its first
-    /// token (it decodes from the next step), then every running sequence its next one. On an
-    /// error every sequence of the step is dropped (its slot freed, its id listed for
-    /// [`Engine::take_failed`]); the prompts not in it keep their place.
-    fn fused_step(
+    /// the device as one [`Backend::launch_step`], left in flight where the backend can, and
+    /// are finished by [`Engine::finish_launched`] (a prompt whose last chunk ran yields its
+    /// first token and decodes from the next step, every running sequence its next token). On
+    /// an error at the launch every sequence of the step is dropped ([`Engine::fail_step`]).
+    fn launch_fused(
         &mut self,
         queued: Vec<(RequestId, usize)>,
-        events: &mut Vec<Event>,
-    ) -> Result<(), EngineError> {
-        let mut parts: Vec<(usize, Vec<u32>, usize, usize)> = Vec::with_capacity(queued.len());
-        for (id, chunk) in &queued {
+    ) -> Result<PendingStep, EngineError> {
+        let mut parts: Vec<(usize, Vec<u32>, QueuedChunk)> = Vec::with_capacity(queued.len());
+        for (id, chunk) in queued {
             let i = self
                 .prefilling
                 .iter()
-                .position(|s| s.id == *id)
+                .position(|s| s.id == id)
                 .expect("queued chunks belong to prompts being prefilled");
             let s = &self.prefilling[i];
-            parts.push((i, s.prefill_tokens(), s.prefilled, s.prefilled + chunk));
+            let tokens = s.prefill_tokens();
+            let to = s.prefilled + chunk;
+            // A token for each chunk that ends its prompt (not for one recomputed after a
+            // preemption).
+            let wants = to == tokens.len() && s.output.is_empty();
+            parts.push((i, tokens, QueuedChunk { id, to, wants }));
         }
         let chunks: Vec<ChunkItem<'_>> = parts
             .iter()
-            .map(|(i, tokens, from, to)| ChunkItem {
-                seq: self.prefilling[*i]
-                    .seq_id()
-                    .expect("a sequence being prefilled holds a handle"),
-                tokens: &tokens[*from..*to],
+            .map(|(i, tokens, c)| {
+                let s = &self.prefilling[*i];
+                ChunkItem {
+                    seq: s
+                        .seq_id()
+                        .expect("a sequence being prefilled holds a handle"),
+                    tokens: &tokens[s.prefilled..c.to],
+                }
             })
             .collect();
         let batch = self.decode_batch();
-        if chunks.is_empty() && batch.is_empty() {
-            return Ok(());
-        }
         self.step_work.0 = parts
             .iter()
-            .map(|(_, _, from, to)| self.cost.chunk(*from, to - from))
+            .map(|(i, _, c)| {
+                let from = self.prefilling[*i].prefilled;
+                self.cost.chunk(from, c.to - from)
+            })
             .sum();
         self.step_work.1 = batch.len();
-        // Only the ids come back from a backend that samples where the logits are: a token for
-        // each chunk that ends its prompt (not for one recomputed after a preemption), and one
-        // per decode row.
-        let wants: Vec<bool> = parts
-            .iter()
-            .map(|(i, tokens, _, to)| *to == tokens.len() && self.prefilling[*i].output.is_empty())
-            .collect();
-        let result = if self.backend.samples_on_device() {
-            let chunk_rows: Vec<Option<RowSampling>> = parts
+        // Only the ids come back from a backend that samples where the logits are: one for
+        // each chunk that wants a token, and one per decode row.
+        let chunk_rows: Vec<Option<RowSampling>>;
+        let rows: Vec<RowSampling>;
+        let (choice, what) = if self.backend.samples_on_device() {
+            chunk_rows = parts
                 .iter()
-                .zip(&wants)
-                .map(|((i, ..), &w)| w.then(|| self.row_sampling(&self.prefilling[*i])))
+                .map(|(i, _, c)| c.wants.then(|| self.row_sampling(&self.prefilling[*i])))
                 .collect();
-            let rows: Vec<RowSampling> =
-                self.running.iter().map(|s| self.row_sampling(s)).collect();
-            let wanted = wants.iter().filter(|&&w| w).count();
-            self.backend
-                .step_sampled(&chunks, &chunk_rows, &batch, &rows)
-                .and_then(|ids| checked_ids(ids, wanted + batch.len(), "step_sampled"))
+            rows = self.running.iter().map(|s| self.row_sampling(s)).collect();
+            let choice = StepChoice::Sampled {
+                chunks: &chunk_rows,
+                rows: &rows,
+            };
+            (choice, "step_sampled")
         } else {
-            self.backend.step(&chunks, &batch).map(StepOutput::Logits)
+            (StepChoice::Logits, "step")
         };
-        let out = match result {
-            Ok(out) => out,
-            Err(e) => {
-                let ids: Vec<RequestId> = queued.iter().map(|q| q.0).collect();
-                let (dropped, kept): (Vec<Sequence>, Vec<Sequence>) =
-                    std::mem::take(&mut self.prefilling)
-                        .into_iter()
-                        .partition(|s| ids.contains(&s.id));
-                self.prefilling = kept;
-                for s in dropped.into_iter().chain(std::mem::take(&mut self.running)) {
-                    self.backend
-                        .free_sequence(s.seq_id().expect("holds a slot"));
-                    self.failed.push(s.id);
-                }
-                return Err(e.into());
-            }
-        };
+        let launched = self.backend.launch_step(&chunks, &batch, choice);
         drop(chunks);
-        // The first tokens of the prompts now complete (`first[i]` for `prefilling[i]`), and the
-        // decode rows' output.
-        let mut first: Vec<Option<u32>> = vec![None; self.prefilling.len()];
-        let decode = match out {
-            StepOutput::Tokens(mut ids) => {
-                let decode = ids.split_off(ids.len() - batch.len());
-                let mut ids = ids.into_iter();
-                for ((i, ..), _) in parts.iter().zip(&wants).filter(|(_, &w)| w) {
-                    first[*i] = ids.next();
-                }
-                StepOutput::Tokens(decode)
+        let chunks: Vec<QueuedChunk> = parts.into_iter().map(|(_, _, c)| c).collect();
+        match launched {
+            Ok(launched) => Ok(PendingStep {
+                launched,
+                what,
+                chunks,
+                rows: batch.len(),
+                admitted: Vec::new(),
+            }),
+            Err(e) => {
+                self.fail_step(&chunks, Vec::new());
+                Err(e.into())
             }
-            StepOutput::Logits(mut logits) => {
-                let vocab = logits.vocab;
-                let decode = Logits {
-                    vocab,
-                    data: logits.data.split_off(parts.len() * vocab),
-                };
-                for (row, ((i, ..), _)) in parts.iter().zip(&wants).enumerate() {
-                    if wants[row] {
-                        let token = self.sample(
-                            &self.prefilling[*i],
-                            &logits.data[row * vocab..(row + 1) * vocab],
-                        );
-                        first[*i] = Some(token);
-                    }
-                }
-                StepOutput::Logits(decode)
-            }
-        };
-        // The prompts' chunks: advance them.
-        for (i, _, _, to) in parts {
-            let s = &mut self.prefilling[i];
-            self.stats.prefill_tokens += (to - s.prefilled) as u64;
-            s.prefilled = to;
-        }
-        let mut admitted = Vec::new();
-        let mut still = Vec::with_capacity(self.prefilling.len());
-        let mut failure = None;
-        for (i, mut s) in std::mem::take(&mut self.prefilling).into_iter().enumerate() {
-            if !s.prefill_done() {
-                still.push(s);
-                continue;
-            }
-            if !s.output.is_empty() {
-                // Recomputed after a preemption: its last token is fed by the next decode.
-                admitted.push(s);
-                continue;
-            }
-            let token = first[i].expect("a prompt completes only in a step that ran its chunk");
-            match self.accept(&mut s, token, events) {
-                Ok(true) => admitted.push(s),
-                Ok(false) => {}
-                Err(e) => {
-                    self.backend
-                        .free_sequence(s.seq_id().expect("holds a slot"));
-                    self.failed.push(s.id);
-                    failure.get_or_insert(e);
-                }
-            }
-        }
-        self.prefilling = still;
-        if !batch.is_empty() {
-            self.stats.decode_tokens += batch.len() as u64;
-        }
-        let result = self.accept_decoded(decode, events);
-        self.running.extend(admitted);
-        match failure {
-            Some(e) => Err(e),
-            None => result,
         }
     }
 

@@ -5,7 +5,7 @@
 //! channel ([`Worker::submit`]). The thread admits them between engine steps, polls each live
 //! request's cancellation flag once per step, runs each step as [`Engine::begin_step`] and
 //! [`Engine::finish_step`] and turns its events into responses; step N's responses and metrics
-//! go out after step N+1 was begun, so on a device that leaves the decode in flight they overlap
+//! go out after step N+1 was begun, so on a device that leaves the step in flight they overlap
 //! it (docs/triton.md, "Host work while the device runs"). Every request leaves through [`finish_with`] or [`Pending::finish`] after exactly
 //! one FINAL response. A panic during a turn is caught: every request the thread holds ends
 //! with an INTERNAL error and the engine is rebuilt ([`EngineFactory`]); if it cannot be, new
@@ -298,8 +298,8 @@ impl Serving<'_> {
     /// One round, pipelined with the device: take what arrived (sleeping only when there is
     /// nothing to compute); finish the step in flight (the one wait for the device); admit
     /// what arrived and poll cancellations (they change the next step's batch, so they come
-    /// between the collection and the next launch); begin the next step (its decode batch left
-    /// running on a device backend, [`Engine::begin_step`]); then, while it runs, publish the
+    /// between the collection and the next launch); begin the next step (its decode batch or
+    /// fused step left running on a device backend, [`Engine::begin_step`]); then, while it runs, publish the
     /// finished step's metrics and send its responses. A failed launch is handled after those
     /// responses went out. A step begun with nothing left running on the device (every step
     /// of a synchronous backend such as the CPU) is finished and answered in the same turn, so
@@ -335,7 +335,7 @@ impl Serving<'_> {
             responded = false;
         }
         // A step with nothing running on the device (a synchronous backend, whose launch ran
-        // it: the CPU; or a step without a decode batch) is finished now, so its responses do
+        // it: the CPU; or a step that launched nothing) is finished now, so its responses do
         // not wait for the next step.
         let waits = self.engine.as_ref().is_some_and(Engine::waits_on_device);
         if !waits {

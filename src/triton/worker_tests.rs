@@ -30,7 +30,7 @@ struct Faults {
     /// Calls made on a dead backend (a worker that keeps stepping a dead context shows here).
     calls_after_death: AtomicUsize,
     /// Decode steps are left in flight, as a device's: `launch_decode` holds the batch and
-    /// `collect_decode` runs it (faults and panics surface there, at the synchronisation).
+    /// `collect_step` runs it (faults and panics surface there, at the synchronisation).
     pipelined: AtomicBool,
     /// Each launch and collection of a pipelined step (each decode step of a synchronous one),
     /// with the number of responses the mock server had received from every request then.
@@ -226,7 +226,7 @@ impl Backend for Fake {
         Ok(Launched::InFlight)
     }
 
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
         let batch = self.held.take().expect("a step in flight");
         self.faults
             .order

@@ -67,7 +67,7 @@ use super::weights::{device_weights, upload_linear, LayerW, UploadSink, Weights,
 use crate::container::Checkpoint;
 use crate::device::{
     Backend, ChunkItem, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, FaultKind, KvCapacity,
-    Launched, Logits, RowSampling, SeqId,
+    Launched, Logits, RowSampling, SeqId, StepChoice,
 };
 use crate::model::weights::{LlamaWeights, WeightError};
 use crate::model::LlamaConfig;
@@ -220,7 +220,8 @@ pub struct CudaBackend {
     /// or a step that failed before its logits were complete): what
     /// [`CudaBackend::argmax_last_step`] may read.
     logit_rows: usize,
-    /// The decode step [`Backend::launch_decode`] left running, to be collected.
+    /// The step [`Backend::launch_decode`] or [`Backend::launch_step`] left running, to be
+    /// collected.
     in_flight: Option<choosing::InFlight>,
 }
 
@@ -448,7 +449,7 @@ impl Backend for CudaBackend {
         self.launch_choosing(batch, choice)
     }
 
-    fn collect_decode(&mut self) -> Result<DecodeOutput, DeviceError> {
+    fn collect_step(&mut self) -> Result<DecodeOutput, DeviceError> {
         self.collect_choosing()
     }
 
@@ -482,8 +483,8 @@ impl Backend for CudaBackend {
     }
 
     /// Prompt chunks and decode rows as one pass (several, in order, past `cap` rows), all or
-    /// nothing; only the wanted rows' logits are computed and copied back. Without chunks, the
-    /// decode step ([`Backend::decode`]) itself.
+    /// nothing; only the wanted rows' logits are computed and copied back (synchronously).
+    /// Without chunks, the decode step ([`Backend::decode`]) itself.
     fn step(
         &mut self,
         chunks: &[ChunkItem<'_>],
@@ -493,15 +494,12 @@ impl Backend for CudaBackend {
             return self.decode(batch);
         }
         let vocab = self.cfg.vocab_size;
-        let wants = vec![true; chunks.len()];
-        let data = self.fused_step(chunks, &wants, batch, |b, rows| b.copy_logits(rows))?;
+        let data = self.fused_logits(chunks, batch)?;
         Ok(Logits { vocab, data })
     }
 
-    /// [`Backend::step`]'s pass, then every wanted row's token chosen on the device in one
-    /// launch (the argmax kernel when every row is greedy without edits, the sampler otherwise,
-    /// its records packed and checked before anything runs): only the ids come back. Without
-    /// chunks, the decode step's own choosing path (its graph).
+    /// [`Backend::launch_step`], then its collection: the same pass, choice and one
+    /// synchronisation as a step left in flight.
     fn step_sampled(
         &mut self,
         chunks: &[ChunkItem<'_>],
@@ -509,6 +507,42 @@ impl Backend for CudaBackend {
         batch: &[DecodeItem],
         rows: &[RowSampling],
     ) -> Result<Vec<u32>, DeviceError> {
+        let choice = StepChoice::Sampled {
+            chunks: chunk_rows,
+            rows,
+        };
+        let out = match self.launch_step(chunks, batch, choice)? {
+            Launched::Done(out) => out,
+            Launched::InFlight => self.collect_step()?,
+        };
+        match out {
+            DecodeOutput::Ids(ids) => Ok(ids),
+            DecodeOutput::Logits(_) => Err(DeviceError::cuda(
+                "step_sampled: the step brought back logits, not ids".into(),
+            )),
+        }
+    }
+
+    /// Ids are left in flight: [`Backend::step`]'s pass (every pass of it), then every wanted
+    /// row's token chosen on the device in one launch (the argmax kernel when every row is
+    /// greedy without edits, the sampler otherwise, its records packed and checked before
+    /// anything runs), only the ids coming back at the collection. Without chunks, the decode
+    /// step's own launch (its graph). Logits run synchronously ([`Backend::step`]).
+    fn launch_step(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+        choice: StepChoice<'_>,
+    ) -> Result<Launched, DeviceError> {
+        let StepChoice::Sampled {
+            chunks: chunk_rows,
+            rows,
+        } = choice
+        else {
+            return Ok(Launched::Done(DecodeOutput::Logits(
+                self.step(chunks, batch)?,
+            )));
+        };
         crate::device::check_sampling_rows(
             chunks.len(),
             chunk_rows.len(),
@@ -517,25 +551,23 @@ impl Backend for CudaBackend {
         )?;
         let all: Vec<RowSampling> = chunk_rows.iter().flatten().chain(rows).cloned().collect();
         let greedy = all.iter().all(|r| r.is_greedy() && r.edits.is_empty());
-        if chunks.is_empty() {
-            return if greedy {
-                // The argmax path checks nothing of the records: as prefill_sampled, here.
-                for r in rows {
-                    r.validate().map_err(|e| {
-                        DeviceError::Invalid(format!("sampling of a decode row: {e}"))
-                    })?;
-                }
-                self.decode_argmax(batch)
-            } else {
-                self.decode_sampled(batch, rows)
-            };
-        }
-        let wants: Vec<bool> = chunk_rows.iter().map(Option::is_some).collect();
-        let packed = if greedy {
+        if greedy {
+            // The argmax path checks nothing of the records: as prefill_sampled, here.
             for r in &all {
                 r.validate()
                     .map_err(|e| DeviceError::Invalid(format!("sampling of a step's row: {e}")))?;
             }
+        }
+        if chunks.is_empty() {
+            let choice = if greedy {
+                DecodeChoice::Argmax
+            } else {
+                DecodeChoice::Sampled(rows)
+            };
+            return self.launch_choosing(batch, choice);
+        }
+        let wants: Vec<bool> = chunk_rows.iter().map(Option::is_some).collect();
+        let packed = if greedy {
             None
         } else {
             Some(sample::pack(
@@ -544,13 +576,7 @@ impl Backend for CudaBackend {
                 self.edit_capacity(),
             )?)
         };
-        self.fused_step(chunks, &wants, batch, |b, n| match &packed {
-            // No row wanted (chunks that do not end their prompts): still one synchronisation,
-            // so that the step's faults are its own, before the sequences grow.
-            _ if n == 0 => b.ctx.sync().map(|()| Vec::new()),
-            None => b.device_argmax(n),
-            Some(p) => b.device_sample(p),
-        })
+        self.launch_fused(chunks, &wants, batch, packed.as_ref())
     }
 }
 

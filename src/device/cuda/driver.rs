@@ -481,7 +481,9 @@ impl IdsDownload {
     }
 
     /// Queues the copy of `n` i32 from device address `src` (which holds them once the stream's
-    /// earlier work is done) and the event after it; returns without waiting.
+    /// earlier work is done) and the event after it; returns without waiting. With `n` = 0 only
+    /// the event is recorded: `wait(0)` then waits for the work queued before it (a fused step
+    /// that brings back no id).
     pub fn queue(&mut self, src: u64, n: usize) -> GpuResult<()> {
         if n > self.len {
             return Err(GpuError::invalid(format!(

@@ -1,41 +1,63 @@
 //! The token-choosing paths of [`CudaBackend`] beyond the synchronous decode calls: a prompt's
-//! first token chosen on the device ([`Backend::prefill_sampled`]), and a decode step split
-//! into its launch and its collection ([`Backend::launch_decode`], [`Backend::collect_decode`])
-//! so the engine thread works while the device runs the step; and the argmax and sampler
-//! kernels' queueing and collection that every choosing path shares. Kept apart from the
-//! forward pass (`forward.rs`) so that the two change independently.
+//! first token chosen on the device ([`Backend::prefill_sampled`]), and a step split into its
+//! launch and its collection ([`Backend::launch_decode`], [`Backend::collect_step`]; a fused
+//! step's launch, in `fused.rs`, leaves its collection here too) so the engine thread works
+//! while the device runs the step; and the argmax and sampler kernels' queueing and collection
+//! that every choosing path shares. Kept apart from the forward pass (`forward.rs`) so that the
+//! two change independently.
 
 use std::time::Instant;
 
-use super::{ids_in_vocab, sample, CudaBackend, GpuResult};
+use super::{ids_in_vocab, sample, CudaBackend, GpuResult, StepTiming};
 use crate::device::{
     Backend, DecodeChoice, DecodeItem, DecodeOutput, DeviceError, Launched, RowSampling, SeqId,
 };
 
-/// A decode step launched and not collected: what to wait for and what to apply then.
+/// A step launched and not collected (a decode step's, or a fused step's): what to wait for and
+/// what to apply then.
 pub(super) struct InFlight {
-    /// The batch's sequences and their new lengths, set once the ids are back.
-    lens: Vec<(SeqId, usize)>,
-    /// Which kernel chooses (true: the sampler), and when it was queued.
-    sampled: bool,
+    /// Each sequence of the step: its length before the step (what an error truncates it back
+    /// to) and after it (set once the ids are back).
+    lens: Vec<(SeqId, usize, usize)>,
+    /// Ids coming back (fixed at the launch: a sequence freed meanwhile still has its row).
+    rows: usize,
+    /// What chooses them.
+    chooser: Chooser,
+    /// When the choosing kernel (or the event of a step with no row wanted) was queued.
     queued: Instant,
+    /// The timing to put back once collected: a fused step leaves the last decode step's
+    /// [`StepTiming`] as it was; `None` for a decode step, which records its own.
+    keep_timing: Option<StepTiming>,
+}
+
+/// What chooses the ids of a step in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Chooser {
+    /// The argmax kernel.
+    Argmax,
+    /// The sampler kernel.
+    Sampler,
+    /// Nothing: no row wanted (a fused step of chunks that do not end their prompts); only the
+    /// event after the step is waited for, so that its faults are its own.
+    Nothing,
 }
 
 impl InFlight {
     /// Drops a freed sequence from the step's bookkeeping, so its collection neither sets nor
     /// truncates the length of a handle that is no longer live.
     pub(super) fn forget(&mut self, seq: SeqId) {
-        self.lens.retain(|&(s, _)| s != seq);
+        self.lens.retain(|&(s, _, _)| s != seq);
     }
 }
 
 impl CudaBackend {
-    /// The backend contract of [`Backend::launch_decode`]: while a step is in flight, nothing
-    /// but its collection runs the model (`what` names the call refused).
+    /// The backend contract of [`Backend::launch_decode`] and [`Backend::launch_step`]: while
+    /// a step is in flight, nothing but its collection runs the model (`what` names the call
+    /// refused).
     pub(super) fn refuse_in_flight(&self, what: &str) -> Result<(), DeviceError> {
         if self.in_flight.is_some() {
             return Err(DeviceError::Invalid(format!(
-                "{what} while a decode step is in flight: collect_decode first"
+                "{what} while a step is in flight: collect_step first"
             )));
         }
         Ok(())
@@ -162,40 +184,72 @@ impl CudaBackend {
             self.release_batch(batch);
         }
         let queued = self.on_fault(r.map_err(DeviceError::from))?;
-        self.in_flight = Some(InFlight {
-            lens: batch.iter().map(|it| (it.seq, it.pos + 1)).collect(),
-            sampled: packed.is_some(),
-            queued,
-        });
+        let chooser = if packed.is_some() {
+            Chooser::Sampler
+        } else {
+            Chooser::Argmax
+        };
+        let lens = batch
+            .iter()
+            .map(|it| (it.seq, it.pos, it.pos + 1))
+            .collect();
+        self.hold_in_flight(lens, batch.len(), chooser, queued, None);
         Ok(Launched::InFlight)
     }
 
-    /// [`Backend::collect_decode`]: the step's one synchronisation (its ids copied back, which
-    /// waits for the step and the choosing kernel), then the sequences one token longer. On an
-    /// error they are as they were (and a fatal fault is reported, [`CudaBackend::on_fault`]).
-    /// The timing's `argmax_ms` / `sample_ms` run from the choosing kernel's launch to the ids
-    /// on the host, so they include the host work done meanwhile.
+    /// Leaves a launched step's collection to [`CudaBackend::collect_choosing`]: its sequences
+    /// (length before, after), its `rows` ids and what chooses them, queued at `queued`.
+    pub(super) fn hold_in_flight(
+        &mut self,
+        lens: Vec<(SeqId, usize, usize)>,
+        rows: usize,
+        chooser: Chooser,
+        queued: Instant,
+        keep_timing: Option<StepTiming>,
+    ) {
+        self.in_flight = Some(InFlight {
+            lens,
+            rows,
+            chooser,
+            queued,
+            keep_timing,
+        });
+    }
+
+    /// [`Backend::collect_step`]: the step's one synchronisation (its ids copied back, which
+    /// waits for the step and the choosing kernel; for a step with no row wanted, the event
+    /// after it), then the sequences at their new lengths. On an error they are as they were
+    /// (the blocks the launch reserved given back, and a fatal fault reported,
+    /// [`CudaBackend::on_fault`]). The timing's `argmax_ms` / `sample_ms` run from the choosing
+    /// kernel's launch to the ids on the host, so they include the host work done meanwhile; a
+    /// fused step's collection puts the last decode step's timing back.
     pub(super) fn collect_choosing(&mut self) -> Result<DecodeOutput, DeviceError> {
         let Some(f) = self.in_flight.take() else {
             return Err(DeviceError::Invalid(
-                "collect_decode: no decode step is in flight".into(),
+                "collect_step: no step is in flight".into(),
             ));
         };
-        let rows = f.lens.len();
-        let r = if f.sampled {
-            self.finish_sample(rows, f.queued)
-        } else {
-            self.finish_argmax(rows, f.queued)
+        let r = match f.chooser {
+            Chooser::Sampler => self.finish_sample(f.rows, f.queued),
+            Chooser::Argmax => self.finish_argmax(f.rows, f.queued),
+            Chooser::Nothing => self
+                .ctx
+                .bind()
+                .and_then(|()| self.host_ids.wait(0))
+                .map(|_| Vec::new()),
         };
+        if let Some(t) = f.keep_timing {
+            self.timing = t;
+        }
         if r.is_err() {
             // The step's reservations given back: each sequence as it was before the launch.
-            for &(seq, len) in &f.lens {
-                self.kv.truncate(seq, len - 1);
+            for &(seq, from, _) in &f.lens {
+                self.kv.truncate(seq, from);
             }
         }
         let ids = self.on_fault(r.map_err(DeviceError::from))?;
-        for (seq, len) in f.lens {
-            self.kv.set_len(seq, len);
+        for (seq, _, to) in f.lens {
+            self.kv.set_len(seq, to);
         }
         Ok(DecodeOutput::Ids(ids))
     }

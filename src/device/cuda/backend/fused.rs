@@ -14,7 +14,15 @@
 //! `max_prefill_tokens`) runs as several passes of at most `cap` rows, in order (a chunk cut
 //! between two passes attends, in the second, to the keys the first stored); it is still all or
 //! nothing: the sequences' lengths change only once the step's output is back.
+//!
+//! A step that brings back ids ([`Backend::step_sampled`], [`Backend::launch_step`]) is left in
+//! flight: every pass and the choosing kernel are queued, the ids' copy goes into pinned memory
+//! with an event, and the collection ([`Backend::collect_step`]) waits on that event, the step's
+//! one synchronisation; `step_sampled` is that launch and its collection at once. A step that
+//! brings back logits ([`Backend::step`]) runs synchronously: only a backend that does not
+//! sample on the device is asked for them.
 
+use super::choosing::Chooser;
 use super::*;
 use crate::device::ChunkItem;
 
@@ -233,17 +241,15 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// [`Backend::step`] and [`Backend::step_sampled`]: the checks, the blocks, the passes, then
-    /// `finish` (the output back: logits or ids, the one synchronisation), then the sequences'
-    /// new lengths; on an error, the sequences as they were (and a fatal fault reported). The
-    /// timing of the last decode step is left as it was. `wants[i]`: chunk `i` wants a row.
-    pub(super) fn fused_step<T>(
+    /// The start of every fused step: refused while a step is in flight, the checks, then the
+    /// KV blocks of every new position (all or nothing). Returns what the step changes and its
+    /// output rows (`wants[i]`: chunk `i` wants a row; every decode row does).
+    fn begin_fused(
         &mut self,
         chunks: &[ChunkItem<'_>],
         wants: &[bool],
         batch: &[DecodeItem],
-        finish: impl FnOnce(&mut Self, usize) -> GpuResult<T>,
-    ) -> Result<T, DeviceError> {
+    ) -> Result<(Grown, usize), DeviceError> {
         self.refuse_in_flight("step")?;
         let grown = self.check_step(chunks, batch)?;
         let rows = wants.iter().filter(|&&w| w).count() + batch.len();
@@ -256,11 +262,24 @@ impl CudaBackend {
             )));
         }
         self.reserve_step(&grown)?;
-        let timing = self.timing;
+        Ok((grown, rows))
+    }
+
+    /// [`Backend::step`]: the checks, the blocks, the passes, then every chunk's and decode
+    /// row's logits copied back (one synchronisation, the copy's), then the sequences' new
+    /// lengths; on an error, the sequences as they were (and a fatal fault reported). It runs
+    /// synchronously: the engine asks for logits only from a backend that does not sample on
+    /// the device, which this one does.
+    pub(super) fn fused_logits(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        batch: &[DecodeItem],
+    ) -> Result<Vec<f32>, DeviceError> {
+        let wants = vec![true; chunks.len()];
+        let (grown, rows) = self.begin_fused(chunks, &wants, batch)?;
         let r = self
-            .enqueue_step(chunks, wants, batch, &grown)
-            .and_then(|()| finish(self, rows));
-        self.timing = timing;
+            .enqueue_step(chunks, &wants, batch, &grown)
+            .and_then(|()| self.copy_logits(rows));
         self.logit_rows = 0;
         if r.is_err() {
             self.release_step(&grown.lens);
@@ -270,6 +289,47 @@ impl CudaBackend {
             self.kv.set_len(seq, to);
         }
         Ok(out)
+    }
+
+    /// [`Backend::launch_step`] for ids: the checks, the blocks, every pass (all of them, a
+    /// step past `cap` rows included: they are queued in order on the stream, their inputs
+    /// going up from pinned staging memory), then the choosing kernel over the wanted rows
+    /// (`packed`: the sampler's records; `None`: the argmax kernel) and the ids' copy into
+    /// pinned memory with its event, or, with no row wanted, the event alone. Nothing is
+    /// waited for (but the staging memory's wrap, which waits for the stream when a step's
+    /// inputs overrun it): the step is [`Launched::InFlight`] until
+    /// [`CudaBackend::collect_choosing`], which waits on the event, sets the sequences' new
+    /// lengths, or on an error gives their blocks back. An error at the launch leaves every
+    /// sequence as it was. The timing of the last decode step is left as it was.
+    pub(super) fn launch_fused(
+        &mut self,
+        chunks: &[ChunkItem<'_>],
+        wants: &[bool],
+        batch: &[DecodeItem],
+        packed: Option<&sample::Packed>,
+    ) -> Result<Launched, DeviceError> {
+        let (grown, rows) = self.begin_fused(chunks, wants, batch)?;
+        let timing = self.timing;
+        let r = self
+            .enqueue_step(chunks, wants, batch, &grown)
+            .and_then(|()| match packed {
+                // No row wanted (chunks that do not end their prompts): still one
+                // synchronisation at the collection, so that the step's faults are its own,
+                // before the sequences grow.
+                _ if rows == 0 => self
+                    .host_ids
+                    .queue(self.bufs.ids.ptr(), 0)
+                    .map(|()| (Chooser::Nothing, Instant::now())),
+                None => self.queue_argmax(rows).map(|t| (Chooser::Argmax, t)),
+                Some(p) => self.queue_sample(p).map(|t| (Chooser::Sampler, t)),
+            });
+        self.logit_rows = 0;
+        if r.is_err() {
+            self.release_step(&grown.lens);
+        }
+        let (chooser, queued) = self.on_fault(r.map_err(DeviceError::from))?;
+        self.hold_in_flight(grown.lens, rows, chooser, queued, Some(timing));
+        Ok(Launched::InFlight)
     }
 }
 
