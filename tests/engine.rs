@@ -141,6 +141,11 @@ fn compressed_and_plain_checkpoints_give_bit_identical_logits() {
     );
     // Not a degenerate model: the logits vary and the greedy tokens are not all one.
     assert!(ra.1.iter().any(|&t| t != ra.1[0]), "{:?}", ra.1);
+    // A prompt long enough for the products split by tokens (on the fly: groups of chunks
+    // decoded into scratch, the embedding gathered by chunk).
+    let long: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 1000).collect();
+    let la = greedy_run(&mut a, &long, 3);
+    same_run(&la, &greedy_run(&mut c, &long, 3), "long prompt, on the fly");
 }
 
 #[test]

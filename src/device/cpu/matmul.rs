@@ -1,15 +1,24 @@
 //! Matrix products `y = x · Wᵀ` over the two weight forms, parallel over output rows, or over
-//! tokens for a prompt's product over plain weights.
+//! tokens for a prompt's product.
 //!
 //! Plain BF16 weights are read in place. A prompt's product (at least [`TOKEN_SPLIT_MIN`]
 //! tokens) gives each task a range of tokens and all the rows, so each writes its own rows of the
 //! output in place; fewer tokens (decode) split the rows, computed by row and transposed into
-//! the output. Compressed weights are decoded chunk by chunk inside
-//! the product: each worker owns a range of chunks, decodes them one at a time into a small
-//! rolling buffer, and runs the row kernel on every row that lies whole in its range; the (at
-//! most two) rows cut by its range boundaries are returned as fragments, joined afterwards and
-//! run through the same kernel. Every row's dot product therefore sees one contiguous BF16 row,
-//! exactly as with decoded weights, and the results are bit-identical (see [`super::kernel`]).
+//! the output.
+//!
+//! Compressed weights are decoded chunk by chunk inside the product. A prompt decodes a group of
+//! chunks (one per thread, in parallel) into a scratch buffer and runs the same token-split
+//! product over the rows lying whole in it, so each chunk is decoded once per product and its
+//! rows are reused by every token from cache; the piece of a row cut by the group's end stays at
+//! the front of the buffer for the next group. The scratch of a running product is one group of
+//! chunks plus one row (at the default chunk of 2^20 elements and 2 threads: 4 MiB; two are kept
+//! for the next products), never the whole decoded matrix when it spans more chunks (a matrix of
+//! one chunk is decoded whole, as it is in decode steps). A decode step instead gives each worker a
+//! range of chunks, decoded one at a time into a small rolling buffer, and runs the row kernel on
+//! every row that lies whole in its range; the (at most two) rows cut by its range boundaries are
+//! returned as fragments, joined afterwards and run through the same kernel. Every row's dot
+//! product therefore sees one contiguous BF16 row, exactly as with decoded weights, and the
+//! results are bit-identical (see [`super::kernel`]).
 
 use rayon::prelude::*;
 
@@ -38,6 +47,11 @@ const BLOCK_TOKENS: usize = 4;
 /// arithmetic per weight hides. Decode steps (few tokens) are bound by reading the weights once
 /// and keep the split by rows.
 const TOKEN_SPLIT_MIN: usize = 64;
+
+/// Decoded bytes a prompt's product over compressed weights decodes at least per group of
+/// chunks (see [`on_the_fly_by_tokens`]): each group ends in one parallel product over the
+/// prompt's tokens, so tiny groups would pay more for starting tasks than they compute.
+const MIN_SCRATCH_BYTES: usize = 4 << 20;
 
 /// Tokens of the smallest task of the split by tokens.
 const MIN_TASK_TOKENS: usize = 16;
@@ -156,6 +170,31 @@ impl Pass<'_> {
     }
 }
 
+/// `out_i = x · W_iᵀ` for several matrices over the same input (q, k and v; gate and up). Over
+/// compressed weights the products run side by side, so that the chunks of different matrices
+/// decode on different threads (decoding one chunk is sequential: a matrix of one chunk would
+/// otherwise leave every other thread idle while it decodes); each product's bits are those of
+/// [`matmul`] alone. Over decoded weights they run one after the other.
+pub fn matmuls(
+    kind: KernelKind,
+    products: Vec<(&Matrix, &mut [f32])>,
+    x: &[f32],
+    n: usize,
+) -> Result<(), DeviceError> {
+    if products
+        .iter()
+        .all(|(w, _)| matches!(w.data, MatrixData::Compressed(_)))
+    {
+        products
+            .into_par_iter()
+            .try_for_each(|(w, out)| matmul(kind, w, x, n, out))
+    } else {
+        products
+            .into_iter()
+            .try_for_each(|(w, out)| matmul(kind, w, x, n, out))
+    }
+}
+
 /// `out (n × rows) = x (n × cols) · Wᵀ`.
 pub fn matmul(
     kind: KernelKind,
@@ -169,18 +208,7 @@ pub fn matmul(
     let threads = rayon::current_num_threads();
     match &w.data {
         MatrixData::Bf16(bytes) if n >= TOKEN_SPLIT_MIN => {
-            // Tasks of whole register groups of tokens, each writing its rows of `out`.
-            let per_task = n
-                .div_ceil(threads * TASKS_PER_THREAD)
-                .max(MIN_TASK_TOKENS)
-                .next_multiple_of(BLOCK_TOKENS);
-            out.par_chunks_mut(per_task * w.rows)
-                .enumerate()
-                .for_each(|(i, o)| {
-                    let (t0, nt) = (i * per_task, o.len() / w.rows);
-                    let xs = &x[t0 * w.cols..(t0 + nt) * w.cols];
-                    product_rows(kind, bytes, w.cols, xs, nt, o, Layout::by_token(w.rows));
-                });
+            by_tokens(kind, bytes, w.cols, 0, x, n, out);
             Ok(())
         }
         MatrixData::Bf16(bytes) => {
@@ -205,6 +233,9 @@ pub fn matmul(
             transpose(&yt, w.rows, n, out);
             Ok(())
         }
+        MatrixData::Compressed(m) if n >= TOKEN_SPLIT_MIN => {
+            on_the_fly_by_tokens(kind, w, m, x, n, out)
+        }
         MatrixData::Compressed(m) => {
             let mut yt = vec![0f32; w.rows * n];
             on_the_fly(kind, w, m, x, n, &mut yt)?;
@@ -212,6 +243,36 @@ pub fn matmul(
             Ok(())
         }
     }
+}
+
+/// The products of the consecutive weight rows `first_row..` held in `rows` (BF16, `cols`
+/// elements each) with all `n` tokens of `x`, written into their columns of `out` (`n × R`, `R`
+/// = `out.len() / n`): tasks of whole register groups of tokens in parallel, each writing its
+/// own rows of `out` in place.
+fn by_tokens(
+    kind: KernelKind,
+    rows: &[u8],
+    cols: usize,
+    first_row: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    let all_rows = out.len() / n;
+    debug_assert!(first_row + rows.len() / (2 * cols) <= all_rows);
+    let per_task = n
+        .div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD)
+        .max(MIN_TASK_TOKENS)
+        .next_multiple_of(BLOCK_TOKENS);
+    out.par_chunks_mut(per_task * all_rows)
+        .enumerate()
+        .for_each(|(i, o)| {
+            let (t0, nt) = (i * per_task, o.len() / all_rows);
+            let xs = &x[t0 * cols..(t0 + nt) * cols];
+            // Row `first_row + r` of token `t` is at `o[first_row + r + t * all_rows]`.
+            let o = &mut o[first_row..];
+            product_rows(kind, rows, cols, xs, nt, o, Layout::by_token(all_rows));
+        });
 }
 
 /// `out (n × rows) = ytᵀ`, in tiles of 16 × 16 so that both sides stay in cache lines (a
@@ -301,6 +362,110 @@ fn on_the_fly(
         Some((row, _)) => Err(broken(w, row)),
         None => Ok(()),
     }
+}
+
+/// `out (n × rows) = x · Wᵀ` for a prompt over compressed weights: the chunks are decoded in
+/// groups (one chunk per thread at a time, in parallel, or more when chunks are small) into one
+/// scratch buffer, and the rows lying whole in it go through the same token-split product as
+/// decoded weights ([`by_tokens`]), so every decoded row is read by every token from cache and
+/// decoded once per call. The piece of a row cut by a group's end stays at the front of the
+/// buffer and is completed by the next group. The scratch holds at most one group of chunks
+/// plus one row ([`scratch_chunks`]), never the whole decoded matrix when it spans more chunks.
+fn on_the_fly_by_tokens(
+    kind: KernelKind,
+    w: &Matrix,
+    m: &CompressedMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<(), DeviceError> {
+    let (k, ce, chunks) = (w.cols, m.chunk_elems, m.chunks());
+    let group = scratch_chunks(ce, rayon::current_num_threads()).min(chunks.max(1));
+    let need = 2 * ((group * ce).min(m.len) + k);
+    let mut buf = take_scratch(need);
+    let result = products_over_groups(kind, w, m, x, n, out, group, &mut buf[..need]);
+    keep_scratch(buf);
+    result
+}
+
+/// Scratch buffers of [`on_the_fly_by_tokens`] kept for the next products (at most
+/// [`SCRATCH_KEPT`]): allocating and zeroing megabytes per product cost more than a short
+/// prompt's product over a small matrix.
+static SCRATCH: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// Buffers [`SCRATCH`] keeps: enough for the products that run side by side ([`matmuls`]) to
+/// reuse theirs, few enough that what stays allocated is a few groups of chunks.
+const SCRATCH_KEPT: usize = 2;
+
+/// A kept scratch buffer (or a new one) of at least `len` bytes.
+fn take_scratch(len: usize) -> Vec<u8> {
+    let kept = SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let mut buf = kept.unwrap_or_default();
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    buf
+}
+
+/// Returns a buffer of [`take_scratch`] for the next product, unless enough are kept.
+fn keep_scratch(buf: Vec<u8>) {
+    let mut kept = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    if kept.len() < SCRATCH_KEPT {
+        kept.push(buf);
+    }
+}
+
+/// The loop of [`on_the_fly_by_tokens`] over groups of `group` chunks, decoded into `buf`.
+#[allow(clippy::too_many_arguments)]
+fn products_over_groups(
+    kind: KernelKind,
+    w: &Matrix,
+    m: &CompressedMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    group: usize,
+    buf: &mut [u8],
+) -> Result<(), DeviceError> {
+    let (k, ce, chunks) = (w.cols, m.chunk_elems, m.chunks());
+    // `buf[..2 * carry]` holds elements `done..done + carry`, the start of row `done / k`.
+    let (mut done, mut carry) = (0, 0);
+    for g0 in (0..chunks).step_by(group) {
+        let g1 = (g0 + group).min(chunks);
+        let e0 = m.chunk_range(g0).start;
+        let e1 = m.chunk_range(g1 - 1).end;
+        if done + carry != e0 {
+            return Err(broken(w, done / k));
+        }
+        buf[2 * carry..2 * (carry + e1 - e0)]
+            .par_chunks_mut(2 * ce)
+            .enumerate()
+            .try_for_each(|(i, b)| m.decode_chunk(g0 + i, b))
+            .map_err(|source| WeightError::Codec {
+                tensor: w.name.clone(),
+                source,
+            })?;
+        let held = carry + e1 - e0;
+        let whole = held / k;
+        if whole > 0 {
+            by_tokens(kind, &buf[..2 * whole * k], k, done / k, x, n, out);
+        }
+        buf.copy_within(2 * whole * k..2 * held, 0);
+        (done, carry) = (done + whole * k, held - whole * k);
+    }
+    match carry {
+        0 if done == w.rows * k => Ok(()),
+        _ => Err(broken(w, done / k)),
+    }
+}
+
+/// Chunks one group of [`on_the_fly_by_tokens`] decodes into its scratch: one per thread, or
+/// as many as fill [`MIN_SCRATCH_BYTES`] when chunks are small (fewer, longer parallel products).
+fn scratch_chunks(chunk_elems: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    (MIN_SCRATCH_BYTES / (2 * chunk_elems).max(1))
+        .max(1)
+        .next_multiple_of(threads)
 }
 
 fn broken(w: &Matrix, row: usize) -> DeviceError {
@@ -503,9 +668,9 @@ mod tests {
                 cols,
                 data: MatrixData::Compressed(cm),
             };
-            // One token (decode), several (register blocks plus a remainder) and a prompt split
-            // by tokens on the plain side (by rows on the compressed side).
-            for (n, kind) in [1, 6, 13, TOKEN_SPLIT_MIN + 6]
+            // One token (decode), several (register blocks plus a remainder), and prompts split
+            // by tokens (partial register groups, several tasks, a short last task).
+            for (n, kind) in [1, 6, 13, TOKEN_SPLIT_MIN + 6, 4 * TOKEN_SPLIT_MIN + 5]
                 .into_iter()
                 .flat_map(|n| [(n, KernelKind::Portable), (n, KernelKind::detect())])
             {
@@ -522,6 +687,100 @@ mod tests {
                 );
                 for r in [0, rows - 1] {
                     assert_eq!(comp.row(r).unwrap(), plain.row(r).unwrap());
+                }
+            }
+        }
+    }
+
+    /// A compressed matrix and its plain twin.
+    fn twins(rows: usize, cols: usize, chunk: usize) -> (Matrix, Matrix) {
+        let bytes = matrix(rows, cols, (rows * cols + chunk) as u64);
+        let params = Params {
+            chunk_elems: chunk,
+            ..Params::default()
+        };
+        let cm = CompressedMatrix::from_encoded(&codec::encode(&bytes, params).unwrap());
+        let plain = Matrix {
+            name: "w".into(),
+            rows,
+            cols,
+            data: MatrixData::Bf16(bytes),
+        };
+        let comp = Matrix {
+            name: "w".into(),
+            rows,
+            cols,
+            data: MatrixData::Compressed(cm),
+        };
+        (plain, comp)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|f| f.to_bits()).collect()
+    }
+
+    #[test]
+    fn prompt_products_on_the_fly_fit_one_group_of_chunks_and_a_row() {
+        // Groups of one to three chunks: rows cut by a group's end (carried to the next group),
+        // rows longer than a group, a group ending on a row boundary. The scratch is exactly one
+        // group plus one row, so a product that needed more would fail on its bounds.
+        let n = TOKEN_SPLIT_MIN + 7;
+        for (rows, cols, chunk) in [(37, 100, 96), (5, 700, 256), (40, 40, 32), (12, 64, 128)] {
+            let (plain, comp) = twins(rows, cols, chunk);
+            let MatrixData::Compressed(m) = &comp.data else {
+                unreachable!()
+            };
+            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(cols as u64);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let kind = KernelKind::detect();
+            let mut want = vec![0f32; n * rows];
+            matmul(kind, &plain, &x, n, &mut want).unwrap();
+            for group in 1..=3 {
+                let mut scratch = vec![0u8; 2 * ((group * chunk).min(m.len) + cols)];
+                let mut got = vec![f32::NAN; n * rows];
+                products_over_groups(kind, &comp, m, &x, n, &mut got, group, &mut scratch).unwrap();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{rows}x{cols} chunk {chunk} group {group}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn side_by_side_products_equal_single_products_bitwise() {
+        // q, k and v shapes over one input, compressed (run side by side) and plain, for a
+        // decode step and a prompt.
+        let cols = 96;
+        let shapes = [(64, 96, 1024), (24, 96, 512), (24, 96, 4096)];
+        let pairs: Vec<(Matrix, Matrix)> =
+            shapes.iter().map(|&(r, c, ch)| twins(r, c, ch)).collect();
+        for n in [1, 5, TOKEN_SPLIT_MIN + 1] {
+            let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            let kind = KernelKind::detect();
+            let alone: Vec<Vec<f32>> = pairs
+                .iter()
+                .map(|(p, _)| {
+                    let mut o = vec![0f32; n * p.rows];
+                    matmul(kind, p, &x, n, &mut o).unwrap();
+                    o
+                })
+                .collect();
+            for compressed in [false, true] {
+                let mut outs: Vec<Vec<f32>> = pairs
+                    .iter()
+                    .map(|(p, _)| vec![f32::NAN; n * p.rows])
+                    .collect();
+                let products = pairs
+                    .iter()
+                    .map(|(p, c)| if compressed { c } else { p })
+                    .zip(outs.iter_mut().map(|o| &mut o[..]))
+                    .collect();
+                matmuls(kind, products, &x, n).unwrap();
+                for (i, (got, want)) in outs.iter().zip(&alone).enumerate() {
+                    assert_eq!(bits(got), bits(want), "matrix {i}, n {n}, {compressed}");
                 }
             }
         }

@@ -14,6 +14,7 @@
 //! the arithmetic (see `kernel` and `attn`).
 
 mod attn;
+mod embed;
 mod kernel;
 mod kv;
 mod matmul;
@@ -31,7 +32,7 @@ use super::{
     Backend, ChunkItem, DecodeItem, DeviceError, KvCapacity, KvUsage, Logits, SeqId, WeightMemory,
 };
 use crate::container::Checkpoint;
-use crate::model::weights::{bf16_to_f32, LlamaWeights, WeightError, WeightMode};
+use crate::model::weights::{LlamaWeights, WeightError, WeightMode};
 use crate::model::LlamaConfig;
 
 /// Settings of a [`CpuBackend`].
@@ -174,12 +175,8 @@ impl CpuBackend {
         let kind = self.kernel;
         let w = &self.weights;
         let mut x = vec![0f32; n * h];
-        for (it, xr) in items.iter().zip(x.chunks_exact_mut(h)) {
-            let row = w.embed_tokens.row(it.token as usize)?;
-            for (o, b) in xr.iter_mut().zip(row.chunks_exact(2)) {
-                *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-            }
-        }
+        let ids: Vec<usize> = items.iter().map(|it| it.token as usize).collect();
+        embed::gather(&w.embed_tokens, &ids, &mut x)?;
         let ropes: Vec<(Vec<f32>, Vec<f32>)> = items
             .iter()
             .map(|it| ops::rope_table(&self.inv_freq, it.pos))
@@ -190,9 +187,12 @@ impl CpuBackend {
         let (mut gate, mut up) = (vec![0f32; n * im], vec![0f32; n * im]);
         for (l, lw) in w.layers.iter().enumerate() {
             ops::rmsnorm(&x, &lw.input_norm, eps, &mut xn);
-            matmul::matmul(kind, &lw.q_proj, &xn, n, &mut q)?;
-            matmul::matmul(kind, &lw.k_proj, &xn, n, &mut k)?;
-            matmul::matmul(kind, &lw.v_proj, &xn, n, &mut v)?;
+            let qkv = vec![
+                (&lw.q_proj, &mut q[..]),
+                (&lw.k_proj, &mut k[..]),
+                (&lw.v_proj, &mut v[..]),
+            ];
+            matmul::matmuls(kind, qkv, &xn, n)?;
             for (i, (cos, sin)) in ropes.iter().enumerate() {
                 ops::rope(&mut q[i * qd..(i + 1) * qd], hd, cos, sin);
                 ops::rope(&mut k[i * kvd..(i + 1) * kvd], hd, cos, sin);
@@ -214,8 +214,8 @@ impl CpuBackend {
             matmul::matmul(kind, &lw.o_proj, &att, n, &mut o)?;
             ops::add(&mut x, &o);
             ops::rmsnorm(&x, &lw.post_attention_norm, eps, &mut xn);
-            matmul::matmul(kind, &lw.gate_proj, &xn, n, &mut gate)?;
-            matmul::matmul(kind, &lw.up_proj, &xn, n, &mut up)?;
+            let gate_up = vec![(&lw.gate_proj, &mut gate[..]), (&lw.up_proj, &mut up[..])];
+            matmul::matmuls(kind, gate_up, &xn, n)?;
             ops::silu_mul(&mut gate, &up);
             matmul::matmul(kind, &lw.down_proj, &gate, n, &mut o)?;
             ops::add(&mut x, &o);
