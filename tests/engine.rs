@@ -145,7 +145,11 @@ fn compressed_and_plain_checkpoints_give_bit_identical_logits() {
     // decoded into scratch, the embedding gathered by chunk).
     let long: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 1000).collect();
     let la = greedy_run(&mut a, &long, 3);
-    same_run(&la, &greedy_run(&mut c, &long, 3), "long prompt, on the fly");
+    same_run(
+        &la,
+        &greedy_run(&mut c, &long, 3),
+        "long prompt, on the fly",
+    );
 }
 
 #[test]
