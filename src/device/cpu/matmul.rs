@@ -649,25 +649,7 @@ mod tests {
             (3, 5, 32),
             (40, 40, 32),
         ] {
-            let bytes = matrix(rows, cols, (rows * cols) as u64);
-            let params = Params {
-                chunk_elems: chunk,
-                ..Params::default()
-            };
-            let enc = codec::encode(&bytes, params).unwrap();
-            let cm = CompressedMatrix::from_encoded(&enc);
-            let plain = Matrix {
-                name: "w".into(),
-                rows,
-                cols,
-                data: MatrixData::Bf16(bytes),
-            };
-            let comp = Matrix {
-                name: "w".into(),
-                rows,
-                cols,
-                data: MatrixData::Compressed(cm),
-            };
+            let (plain, comp) = twins(rows, cols, chunk);
             // One token (decode), several (register blocks plus a remainder), and prompts split
             // by tokens (partial register groups, several tasks, a short last task).
             for (n, kind) in [1, 6, 13, TOKEN_SPLIT_MIN + 6, 4 * TOKEN_SPLIT_MIN + 5]
@@ -679,7 +661,6 @@ mod tests {
                 let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
                 matmul(kind, &plain, &x, n, &mut a).unwrap();
                 matmul(kind, &comp, &x, n, &mut b).unwrap();
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(
                     bits(&a),
                     bits(&b),
