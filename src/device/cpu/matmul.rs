@@ -11,9 +11,10 @@
 //! product over the rows lying whole in it, so each chunk is decoded once per product and its
 //! rows are reused by every token from cache; the piece of a row cut by the group's end stays at
 //! the front of the buffer for the next group. The scratch of a running product is one group of
-//! chunks plus one row (at the default chunk of 2^20 elements and 2 threads: 4 MiB; two are kept
-//! for the next products), never the whole decoded matrix when it spans more chunks (a matrix of
-//! one chunk is decoded whole, as it is in decode steps). A decode step instead gives each worker a
+//! chunks plus one row: one chunk per thread, at least [`MIN_SCRATCH_BYTES`] (at the default chunk
+//! of 2^20 elements, 4 MiB on 2 threads, 32 MiB on 16; two buffers are kept for the next
+//! products), never more than the decoded matrix (a matrix of one chunk is decoded whole, as it
+//! is in decode steps). A decode step instead gives each worker a
 //! range of chunks, decoded one at a time into a small rolling buffer, and runs the row kernel on
 //! every row that lies whole in its range; the (at most two) rows cut by its range boundaries are
 //! returned as fragments, joined afterwards and run through the same kernel. Every row's dot
@@ -205,6 +206,11 @@ pub fn matmul(
 ) -> Result<(), DeviceError> {
     assert_eq!(x.len(), n * w.cols, "{}: input is not n × cols", w.name);
     assert_eq!(out.len(), n * w.rows, "{}: output is not n × rows", w.name);
+    if w.rows == 0 || w.cols == 0 || n == 0 {
+        // Empty sums (and no rows to split into tasks or chunks of rows).
+        out.fill(0.0);
+        return Ok(());
+    }
     let threads = rayon::current_num_threads();
     match &w.data {
         MatrixData::Bf16(bytes) if n >= TOKEN_SPLIT_MIN => {
@@ -669,6 +675,24 @@ mod tests {
                 for r in [0, rows - 1] {
                     assert_eq!(comp.row(r).unwrap(), plain.row(r).unwrap());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_products_are_zeros_not_panics() {
+        // No rows (nothing to split into tasks) and no columns (empty sums), decode and prompt.
+        for (rows, cols) in [(0, 8), (8, 0)] {
+            let w = Matrix {
+                name: "w".into(),
+                rows,
+                cols,
+                data: MatrixData::Bf16(Vec::new()),
+            };
+            for n in [1, TOKEN_SPLIT_MIN] {
+                let mut out = vec![f32::NAN; n * rows];
+                matmul(KernelKind::detect(), &w, &vec![1.0; n * cols], n, &mut out).unwrap();
+                assert!(out.iter().all(|&v| v == 0.0), "{rows}x{cols} n {n}");
             }
         }
     }

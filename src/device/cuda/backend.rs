@@ -534,6 +534,8 @@ impl Backend for CudaBackend {
         batch: &[DecodeItem],
         choice: StepChoice<'_>,
     ) -> Result<Launched, DeviceError> {
+        // The contract first: a bad record in flight is refused as a call in flight.
+        self.refuse_in_flight("launch_step")?;
         let StepChoice::Sampled {
             chunks: chunk_rows,
             rows,

@@ -263,6 +263,8 @@ impl CudaBackend {
     /// and checks they agree. An error when no decode step's logits are there (none yet, or a
     /// prefill or a failed step came after).
     pub fn argmax_last_step(&mut self) -> Result<Vec<u32>, DeviceError> {
+        // In flight, the ids' download belongs to that step (its collection would miss them).
+        self.refuse_in_flight("argmax_last_step")?;
         if self.logit_rows == 0 {
             return Err(DeviceError::Invalid(
                 "argmax_last_step: no decode step's logits on the device".into(),
@@ -279,6 +281,7 @@ impl CudaBackend {
     /// no longer the step's: a second call (or `argmax_last_step`) is an error until the next
     /// decode step.
     pub fn sample_last_step(&mut self, rows: &[RowSampling]) -> Result<Vec<u32>, DeviceError> {
+        self.refuse_in_flight("sample_last_step")?;
         if self.logit_rows == 0 {
             return Err(DeviceError::Invalid(
                 "sample_last_step: no decode step's logits on the device".into(),
