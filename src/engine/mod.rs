@@ -676,16 +676,31 @@ impl<B: Backend> Engine<B> {
         } else {
             (DecodeChoice::Logits, "decode")
         };
-        match self.backend.launch_decode(&batch, choice) {
-            Ok(launched) => Ok(Some(PendingStep {
+        let launched = self.backend.launch_decode(&batch, choice);
+        self.pending_or_fail(launched, what, Vec::new(), batch.len(), admitted)
+            .map(Some)
+    }
+
+    /// A launch's result as the step to finish, or, on an error at the launch, the step's
+    /// sequences dropped ([`Engine::fail_step`]) and the error.
+    fn pending_or_fail(
+        &mut self,
+        launched: Result<Launched, DeviceError>,
+        what: &'static str,
+        chunks: Vec<QueuedChunk>,
+        rows: usize,
+        admitted: Vec<Sequence>,
+    ) -> Result<PendingStep, EngineError> {
+        match launched {
+            Ok(launched) => Ok(PendingStep {
                 launched,
                 what,
-                chunks: Vec::new(),
-                rows: batch.len(),
+                chunks,
+                rows,
                 admitted,
-            })),
+            }),
             Err(e) => {
-                self.fail_step(&[], admitted);
+                self.fail_step(&chunks, admitted);
                 Err(e.into())
             }
         }
@@ -927,19 +942,7 @@ impl<B: Backend> Engine<B> {
         let launched = self.backend.launch_step(&chunks, &batch, choice);
         drop(chunks);
         let chunks: Vec<QueuedChunk> = parts.into_iter().map(|(_, _, c)| c).collect();
-        match launched {
-            Ok(launched) => Ok(PendingStep {
-                launched,
-                what,
-                chunks,
-                rows: batch.len(),
-                admitted: Vec::new(),
-            }),
-            Err(e) => {
-                self.fail_step(&chunks, Vec::new());
-                Err(e.into())
-            }
-        }
+        self.pending_or_fail(launched, what, chunks, batch.len(), Vec::new())
     }
 
     /// Prefills the next `chunk` tokens of `s`'s [`Sequence::prefill_tokens`] into its KV cache.
